@@ -1,0 +1,568 @@
+//! The admin plane's SQLite store (schema.sql). Every mutation runs in one transaction that also
+//! bumps the sync version, so sidecars see either all of a change or none of it.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rand::TryRngCore;
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+use crate::core::key::{Environment, KeyHash};
+use crate::core::sync::{SyncKey, SyncPayload, SyncService};
+
+const SCHEMA: &str = include_str!("../../schema.sql");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone)]
+pub struct NewService {
+    pub name: String,
+    pub environment: Environment,
+    pub description: Option<String>,
+    pub contact_email: Option<String>,
+    pub is_trusted: bool,
+    pub scopes: Vec<String>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_per_hour: Option<u32>,
+    pub allowed_ips: Vec<String>,
+}
+
+/// A validated change; `None` leaves a field alone, `Some(None)` clears a nullable one.
+#[derive(Debug, Clone, Default)]
+pub struct ServicePatch {
+    pub scopes: Option<Vec<String>>,
+    pub rate_limit_per_minute: Option<Option<u32>>,
+    pub rate_limit_per_hour: Option<Option<u32>>,
+    pub allowed_ips: Option<Vec<String>>,
+    pub description: Option<Option<String>>,
+    pub contact_email: Option<Option<String>>,
+    pub is_trusted: Option<bool>,
+    pub disabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub display_prefix: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+impl KeyRecord {
+    pub fn is_active(&self, now: i64) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceRecord {
+    pub id: String,
+    pub name: String,
+    pub environment: Environment,
+    pub description: Option<String>,
+    pub contact_email: Option<String>,
+    pub is_trusted: bool,
+    pub scopes: Vec<String>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_per_hour: Option<u32>,
+    pub allowed_ips: Vec<String>,
+    pub disabled: bool,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub keys: Vec<KeyRecord>,
+}
+
+/// What is stored of a new key: its hash and display prefix, never the key.
+#[derive(Debug, Clone)]
+pub struct StoredKey {
+    pub hash: KeyHash,
+    pub display_prefix: String,
+}
+
+/// What admin and sync authentication need to know about a presented key.
+#[derive(Debug, Clone)]
+pub struct KeyOwner {
+    pub service_id: String,
+    pub key_id: String,
+    pub scopes: Vec<String>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    epoch: String,
+}
+
+fn json_list(s: &str) -> StoreResult<Vec<String>> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn to_json(v: &[String]) -> String {
+    serde_json::to_string(v).expect("string list serialises")
+}
+
+const SERVICE_COLS: &str =
+    "id, name, environment, description, contact_email, is_trusted, scopes, \
+     rate_limit_per_minute, rate_limit_per_hour, allowed_ips, disabled, created_at, updated_at";
+
+struct RawService {
+    rec: ServiceRecord,
+    scopes_json: String,
+    ips_json: String,
+    env: String,
+}
+
+fn raw_service(r: &Row<'_>) -> rusqlite::Result<RawService> {
+    Ok(RawService {
+        rec: ServiceRecord {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            environment: Environment::Live,
+            description: r.get(3)?,
+            contact_email: r.get(4)?,
+            is_trusted: r.get(5)?,
+            scopes: vec![],
+            rate_limit_per_minute: r.get(7)?,
+            rate_limit_per_hour: r.get(8)?,
+            allowed_ips: vec![],
+            disabled: r.get(10)?,
+            created_at: r.get(11)?,
+            updated_at: r.get(12)?,
+            keys: vec![],
+        },
+        env: r.get(2)?,
+        scopes_json: r.get(6)?,
+        ips_json: r.get(9)?,
+    })
+}
+
+fn finish(raw: RawService) -> StoreResult<ServiceRecord> {
+    let mut rec = raw.rec;
+    rec.environment = Environment::parse(&raw.env)
+        .ok_or_else(|| StoreError::Corrupt(format!("environment {:?}", raw.env)))?;
+    rec.scopes = json_list(&raw.scopes_json)?;
+    rec.allowed_ips = json_list(&raw.ips_json)?;
+    Ok(rec)
+}
+
+fn load_keys(conn: &Connection, service_id: &str) -> StoreResult<Vec<KeyRecord>> {
+    let mut st = conn.prepare_cached(
+        "SELECT id, display_prefix, created_at, expires_at, revoked_at, last_used_at
+         FROM api_keys WHERE service_id = ?1 ORDER BY created_at, rowid",
+    )?;
+    let rows = st.query_map([service_id], |r| {
+        Ok(KeyRecord {
+            id: r.get(0)?,
+            display_prefix: r.get(1)?,
+            created_at: r.get(2)?,
+            expires_at: r.get(3)?,
+            revoked_at: r.get(4)?,
+            last_used_at: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn load_service(conn: &Connection, id: &str) -> StoreResult<ServiceRecord> {
+    let raw = conn
+        .query_row(
+            &format!("SELECT {SERVICE_COLS} FROM services WHERE id = ?1"),
+            [id],
+            raw_service,
+        )
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
+    let mut rec = finish(raw)?;
+    rec.keys = load_keys(conn, &rec.id)?;
+    Ok(rec)
+}
+
+fn bump_version(tx: &Transaction<'_>) -> StoreResult<u64> {
+    let v: i64 = tx.query_row(
+        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE name = 'version' RETURNING CAST(value AS INTEGER)",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(v as u64)
+}
+
+fn touch_service(tx: &Transaction<'_>, id: &str, now: i64) -> StoreResult<u64> {
+    let v = bump_version(tx)?;
+    let n = tx.execute(
+        "UPDATE services SET version = ?1, updated_at = ?2 WHERE id = ?3",
+        params![v as i64, now, id],
+    )?;
+    if n == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(v)
+}
+
+fn insert_key(
+    tx: &Transaction<'_>,
+    service_id: &str,
+    key_id: &str,
+    key: &StoredKey,
+    now: i64,
+) -> StoreResult<()> {
+    tx.execute(
+        "INSERT INTO api_keys (id, service_id, hash, display_prefix, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![key_id, service_id, &key.hash.0[..], key.display_prefix, now],
+    )?;
+    Ok(())
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+    )
+}
+
+/// Outcome of a rotation: the new key's record and when each old key stops.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub service: ServiceRecord,
+    pub ended: Vec<(String, i64)>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> StoreResult<Store> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode: a committed transaction survives a process crash (kill -9); only
+        // an OS crash can lose the last commits.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let epoch: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE name = 'epoch'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let epoch = match epoch {
+            Some(e) => e,
+            None => {
+                let mut b = [0u8; 12];
+                rand::rngs::OsRng
+                    .try_fill_bytes(&mut b)
+                    .expect("OS CSPRNG unavailable");
+                let e: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                conn.execute("INSERT INTO meta (name, value) VALUES ('epoch', ?1)", [&e])?;
+                e
+            }
+        };
+        Ok(Store {
+            conn: Mutex::new(conn),
+            epoch,
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back on drop), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub fn version(&self) -> StoreResult<u64> {
+        let v: i64 = self.conn().query_row(
+            "SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'version'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(v as u64)
+    }
+
+    /// Creates a service with its first key. Returns the record and the new sync version.
+    pub fn create_service(
+        &self,
+        id: &str,
+        s: &NewService,
+        key_id: &str,
+        key: &StoredKey,
+        now: i64,
+    ) -> StoreResult<(ServiceRecord, u64)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let v = bump_version(&tx)?;
+        let r = tx.execute(
+            &format!("INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12)"),
+            params![
+                id,
+                s.name,
+                s.environment.as_str(),
+                s.description,
+                s.contact_email,
+                s.is_trusted,
+                to_json(&s.scopes),
+                s.rate_limit_per_minute,
+                s.rate_limit_per_hour,
+                to_json(&s.allowed_ips),
+                now,
+                v as i64
+            ],
+        );
+        if let Err(e) = r {
+            return Err(if is_unique_violation(&e) {
+                StoreError::Conflict(format!("a service named {:?} already exists", s.name))
+            } else {
+                e.into()
+            });
+        }
+        insert_key(&tx, id, key_id, key, now)?;
+        let rec = load_service(&tx, id)?;
+        tx.commit()?;
+        Ok((rec, v))
+    }
+
+    pub fn get_service(&self, id: &str) -> StoreResult<ServiceRecord> {
+        load_service(&self.conn(), id)
+    }
+
+    /// A page of services in creation order, after the service `after` (a cursor).
+    pub fn list_services(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+    ) -> StoreResult<(Vec<ServiceRecord>, bool)> {
+        let conn = self.conn();
+        let after_rowid: i64 = match after {
+            None => 0,
+            Some(id) => conn
+                .query_row("SELECT rowid FROM services WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .optional()?
+                .ok_or(StoreError::NotFound)?,
+        };
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {SERVICE_COLS} FROM services WHERE rowid > ?1 ORDER BY rowid LIMIT ?2"
+        ))?;
+        let raws: Vec<RawService> = st
+            .query_map(params![after_rowid, limit as i64 + 1], raw_service)?
+            .collect::<Result<_, _>>()?;
+        let more = raws.len() > limit as usize;
+        let mut out = Vec::with_capacity(raws.len().min(limit as usize));
+        for raw in raws.into_iter().take(limit as usize) {
+            let mut rec = finish(raw)?;
+            rec.keys = load_keys(&conn, &rec.id)?;
+            out.push(rec);
+        }
+        Ok((out, more))
+    }
+
+    pub fn patch_service(
+        &self,
+        id: &str,
+        p: &ServicePatch,
+        now: i64,
+    ) -> StoreResult<(ServiceRecord, u64)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let cur = load_service(&tx, id)?;
+        let scopes = p.scopes.clone().unwrap_or(cur.scopes);
+        let ips = p.allowed_ips.clone().unwrap_or(cur.allowed_ips);
+        tx.execute(
+            "UPDATE services SET scopes = ?1, rate_limit_per_minute = ?2, rate_limit_per_hour = ?3,
+                 allowed_ips = ?4, description = ?5, contact_email = ?6, is_trusted = ?7, disabled = ?8
+             WHERE id = ?9",
+            params![
+                to_json(&scopes),
+                p.rate_limit_per_minute.unwrap_or(cur.rate_limit_per_minute),
+                p.rate_limit_per_hour.unwrap_or(cur.rate_limit_per_hour),
+                to_json(&ips),
+                p.description.clone().unwrap_or(cur.description),
+                p.contact_email.clone().unwrap_or(cur.contact_email),
+                p.is_trusted.unwrap_or(cur.is_trusted),
+                p.disabled.unwrap_or(cur.disabled),
+                id
+            ],
+        )?;
+        let v = touch_service(&tx, id, now)?;
+        let rec = load_service(&tx, id)?;
+        tx.commit()?;
+        Ok((rec, v))
+    }
+
+    /// Adds a key and cuts every active key's life to `now + grace_secs` (0 ends them now).
+    pub fn rotate(
+        &self,
+        id: &str,
+        key_id: &str,
+        key: &StoredKey,
+        grace_secs: u64,
+        max_active: u32,
+        now: i64,
+    ) -> StoreResult<(Rotation, u64)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let cur = load_service(&tx, id)?;
+        if cur.disabled {
+            return Err(StoreError::Conflict(
+                "the service is disabled; enable it before rotating".into(),
+            ));
+        }
+        let active: Vec<&KeyRecord> = cur.keys.iter().filter(|k| k.is_active(now)).collect();
+        if active.len() >= max_active as usize {
+            return Err(StoreError::Conflict(format!(
+                "the service already has {} active keys (limit {max_active}); revoke one or rotate with a shorter grace",
+                active.len()
+            )));
+        }
+        let end = now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX));
+        let mut ended = Vec::with_capacity(active.len());
+        for k in &active {
+            let new_end = k.expires_at.map_or(end, |e| e.min(end));
+            tx.execute(
+                "UPDATE api_keys SET expires_at = ?1 WHERE id = ?2",
+                params![new_end, k.id],
+            )?;
+            ended.push((k.id.clone(), new_end));
+        }
+        insert_key(&tx, id, key_id, key, now)?;
+        let v = touch_service(&tx, id, now)?;
+        let service = load_service(&tx, id)?;
+        tx.commit()?;
+        Ok((Rotation { service, ended }, v))
+    }
+
+    pub fn revoke_key(&self, id: &str, key_id: &str, now: i64) -> StoreResult<(KeyRecord, u64)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2 AND service_id = ?3",
+            params![now, key_id, id],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        let v = touch_service(&tx, id, now)?;
+        let key = load_keys(&tx, id)?
+            .into_iter()
+            .find(|k| k.id == key_id)
+            .ok_or(StoreError::NotFound)?;
+        tx.commit()?;
+        Ok((key, v))
+    }
+
+    /// Finds the service behind a presented key, if the key may still authenticate now, and
+    /// records that it was used (at most once a minute per key, to keep writes rare).
+    pub fn key_owner(&self, hash: &KeyHash, now: i64) -> StoreResult<Option<KeyOwner>> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT k.id, k.service_id, s.scopes, k.last_used_at FROM api_keys k JOIN services s ON s.id = k.service_id
+                 WHERE k.hash = ?1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > ?2)
+                   AND s.disabled = 0",
+                params![&hash.0[..], now],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<i64>>(3)?)),
+            )
+            .optional()?;
+        let Some((key_id, service_id, scopes, last)) = row else {
+            return Ok(None);
+        };
+        if last.is_none_or(|l| now - l >= 60) {
+            conn.execute(
+                "UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2",
+                params![now, key_id],
+            )?;
+        }
+        Ok(Some(KeyOwner {
+            service_id,
+            key_id,
+            scopes: json_list(&scopes)?,
+        }))
+    }
+
+    /// What a sidecar at (`epoch`, `after`) needs: the services changed since, or everything.
+    pub fn sync_payload(
+        &self,
+        epoch: Option<&str>,
+        after: Option<u64>,
+        now: i64,
+    ) -> StoreResult<SyncPayload> {
+        let mut conn = self.conn();
+        // One read transaction, so the version and the rows agree.
+        let tx = conn.transaction()?;
+        let version: i64 = tx.query_row(
+            "SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'version'",
+            [],
+            |r| r.get(0),
+        )?;
+        let version = version as u64;
+        let since = match (epoch, after) {
+            (Some(e), Some(a)) if e == self.epoch && a <= version => Some(a),
+            _ => None,
+        };
+        let mut services = Vec::new();
+        {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {SERVICE_COLS} FROM services WHERE version > ?1 ORDER BY rowid"
+            ))?;
+            let raws: Vec<RawService> = st
+                .query_map([since.unwrap_or(0) as i64], raw_service)?
+                .collect::<Result<_, _>>()?;
+            let mut kst = tx.prepare_cached(
+                "SELECT id, hash, expires_at FROM api_keys
+                 WHERE service_id = ?1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2)
+                 ORDER BY rowid",
+            )?;
+            for raw in raws {
+                let rec = finish(raw)?;
+                let keys = kst
+                    .query_map(params![rec.id, now], |r| {
+                        let hash: Vec<u8> = r.get(1)?;
+                        Ok((r.get::<_, String>(0)?, hash, r.get::<_, Option<i64>>(2)?))
+                    })?
+                    .map(|row| {
+                        let (key_id, hash, expires_at) = row?;
+                        let hash: [u8; 32] = hash.try_into().map_err(|_| {
+                            StoreError::Corrupt(format!("hash length of key {key_id}"))
+                        })?;
+                        Ok(SyncKey {
+                            key_id,
+                            hash: KeyHash(hash).to_hex(),
+                            expires_at,
+                        })
+                    })
+                    .collect::<StoreResult<Vec<_>>>()?;
+                services.push(SyncService {
+                    service_id: rec.id,
+                    service_name: rec.name,
+                    environment: rec.environment,
+                    scopes: rec.scopes,
+                    disabled: rec.disabled,
+                    rate_limit_per_minute: rec.rate_limit_per_minute,
+                    rate_limit_per_hour: rec.rate_limit_per_hour,
+                    allowed_ips: rec.allowed_ips,
+                    keys,
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(SyncPayload {
+            epoch: self.epoch.clone(),
+            version,
+            full: since.is_none(),
+            services,
+        })
+    }
+}

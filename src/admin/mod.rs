@@ -1,0 +1,206 @@
+//! The admin plane: an axum HTTP API over the SQLite store. Handlers are thin: validate, call
+//! the store on a blocking thread, publish the new sync version, answer.
+
+pub mod auth;
+pub mod db;
+pub mod error;
+pub mod extract;
+pub mod model;
+pub mod services;
+pub mod sync;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::watch;
+
+use crate::config::AdminConfig;
+use crate::core::clock::SharedClock;
+use db::{Store, StoreError, StoreResult};
+use error::ApiError;
+
+pub struct Inner {
+    pub store: Arc<Store>,
+    pub cfg: AdminConfig,
+    pub clock: SharedClock,
+    pub admin_key_hash: blake3::Hash,
+    /// The latest committed sync version; long polls wait on it.
+    pub versions: watch::Sender<u64>,
+    /// Flips to true at shutdown so long polls end at once.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub type AppState = Arc<Inner>;
+
+impl Inner {
+    /// Runs a store call on the blocking pool (SQLite is synchronous).
+    pub async fn db<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> StoreResult<T> + Send + 'static,
+    {
+        self.db_named("resource", f).await
+    }
+
+    /// Same, naming the thing a NotFound refers to.
+    pub async fn db_named<T, F>(&self, what: &'static str, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> StoreResult<T> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e: StoreError| ApiError::from_store(e, what))
+    }
+
+    /// Wakes long-polling sidecars after a commit.
+    pub fn published(&self, version: u64) {
+        self.versions.send_if_modified(|v| {
+            if version > *v {
+                *v = version;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/auth/admin/services",
+            post(services::create).get(services::list),
+        )
+        .route(
+            "/auth/admin/services/{id}",
+            get(services::show)
+                .patch(services::patch)
+                .delete(services::disable),
+        )
+        .route("/auth/admin/services/{id}/rotate", post(services::rotate))
+        .route(
+            "/auth/admin/services/{id}/keys/{key_id}/revoke",
+            post(services::revoke),
+        )
+        .route("/v1/sync", get(sync::sync))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            )
+        })
+        .with_state(state)
+}
+
+/// A running admin plane on its own thread and runtime, so it can be stopped and restarted
+/// independently (tests, `permiso dev`).
+pub struct AdminHandle {
+    pub addr: SocketAddr,
+    stop: Option<watch::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AdminHandle {
+    /// Stops accepting, ends long polls, waits for in-flight requests, closes the database.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AdminHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn build_state(
+    cfg: AdminConfig,
+    clock: SharedClock,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<AppState> {
+    let store = Store::open(&cfg.database)
+        .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cfg.database.display()))?;
+    let version = store.version()?;
+    Ok(Arc::new(Inner {
+        admin_key_hash: blake3::hash(cfg.admin_api_key.expose().as_bytes()),
+        store: Arc::new(store),
+        cfg,
+        clock,
+        versions: watch::channel(version).0,
+        shutdown,
+    }))
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cfg: AdminConfig,
+    clock: SharedClock,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let state = build_state(cfg, clock, shutdown.clone())?;
+    tracing::info!(addr = %listener.local_addr()?, epoch = state.store.epoch(), "admin plane listening");
+    let mut stop = shutdown;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// Binds `cfg.listen` (port 0 picks one) and serves on a dedicated thread.
+pub fn start(cfg: AdminConfig, clock: SharedClock) -> anyhow::Result<AdminHandle> {
+    let std_listener = std::net::TcpListener::bind(cfg.listen)?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let (tx, rx) = watch::channel(false);
+    // Open the database here so errors surface to the caller, not in the thread.
+    drop(
+        Store::open(&cfg.database)
+            .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cfg.database.display()))?,
+    );
+    let thread = std::thread::Builder::new()
+        .name("permiso-admin".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                if let Err(e) = serve(listener, cfg, clock, rx).await {
+                    tracing::error!(error = %e, "admin plane stopped with an error");
+                }
+            });
+        })?;
+    Ok(AdminHandle {
+        addr,
+        stop: Some(tx),
+        thread: Some(thread),
+    })
+}

@@ -1,0 +1,370 @@
+//! Admin API request and response bodies, and the validation that turns a request into a
+//! store command. Validation completes before anything is written.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::admin::db::{KeyRecord, NewService, ServicePatch, ServiceRecord};
+use crate::admin::error::ApiError;
+use crate::core::key::Environment;
+use crate::core::scope::ScopeSet;
+use crate::core::snapshot::parse_cidr;
+
+pub const MAX_NAME_LEN: usize = 100;
+pub const MAX_DESCRIPTION_LEN: usize = 1000;
+pub const MAX_ALLOWED_IPS: usize = 100;
+pub const MAX_RATE_LIMIT: u32 = 10_000_000;
+
+/// `Some(None)` for an explicit `null`, `None` when the field is absent.
+fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    pub service_name: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub environment: Option<Environment>,
+    pub description: Option<String>,
+    pub is_trusted: Option<bool>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_per_hour: Option<u32>,
+    pub allowed_ips: Option<Vec<String>>,
+    pub contact_email: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchService {
+    pub scopes: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub rate_limit_per_minute: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub rate_limit_per_hour: Option<Option<u32>>,
+    pub allowed_ips: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub contact_email: Option<Option<String>>,
+    pub is_trusted: Option<bool>,
+    pub disabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rotate {
+    pub grace_seconds: Option<u64>,
+}
+
+fn validate_name(name: &str) -> Result<String, ApiError> {
+    let n = name.trim();
+    if n.is_empty() || n.len() > MAX_NAME_LEN {
+        return Err(ApiError::bad_request(format!(
+            "service_name must be 1 to {MAX_NAME_LEN} characters"
+        )));
+    }
+    // It travels in the X-Permiso-Service-Name header, so keep it to plain ASCII.
+    if !n
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b' ' | b'_' | b'-' | b'.'))
+    {
+        return Err(ApiError::bad_request(
+            "service_name may contain only letters, digits, space, '_', '-' and '.'",
+        ));
+    }
+    Ok(n.to_string())
+}
+
+fn validate_scopes(scopes: &[String]) -> Result<Vec<String>, ApiError> {
+    ScopeSet::parse(scopes)
+        .map(|s| s.to_strings())
+        .map_err(|e| ApiError::bad_request(format!("scopes: {e}")))
+}
+
+fn validate_limit(field: &str, v: Option<u32>) -> Result<Option<u32>, ApiError> {
+    match v {
+        Some(0) => Err(ApiError::bad_request(format!(
+            "{field} must be at least 1 (omit it or use null for no limit)"
+        ))),
+        Some(n) if n > MAX_RATE_LIMIT => Err(ApiError::bad_request(format!(
+            "{field} must be at most {MAX_RATE_LIMIT}"
+        ))),
+        other => Ok(other),
+    }
+}
+
+fn validate_ips(ips: &[String]) -> Result<Vec<String>, ApiError> {
+    if ips.len() > MAX_ALLOWED_IPS {
+        return Err(ApiError::bad_request(format!(
+            "allowed_ips: at most {MAX_ALLOWED_IPS} entries"
+        )));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(ips.len());
+    for ip in ips {
+        let net = parse_cidr(ip.trim()).ok_or_else(|| {
+            ApiError::bad_request(format!("allowed_ips: {ip:?} is not an IP address or CIDR"))
+        })?;
+        let s = net.to_string();
+        if out.contains(&s) {
+            return Err(ApiError::bad_request(format!(
+                "allowed_ips: {ip:?} is listed twice"
+            )));
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn validate_description(d: Option<String>) -> Result<Option<String>, ApiError> {
+    match d {
+        Some(d) if d.chars().count() > MAX_DESCRIPTION_LEN => Err(ApiError::bad_request(format!(
+            "description must be at most {MAX_DESCRIPTION_LEN} characters"
+        ))),
+        other => Ok(other),
+    }
+}
+
+fn validate_email(e: Option<String>) -> Result<Option<String>, ApiError> {
+    match e {
+        None => Ok(None),
+        Some(e) => {
+            let ok = e.len() <= 254
+                && !e.chars().any(|c| c.is_whitespace() || c.is_control())
+                && e.split_once('@')
+                    .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.contains('@'));
+            if ok {
+                Ok(Some(e))
+            } else {
+                Err(ApiError::bad_request(
+                    "contact_email is not an email address",
+                ))
+            }
+        }
+    }
+}
+
+impl CreateService {
+    pub fn validate(self) -> Result<NewService, ApiError> {
+        Ok(NewService {
+            name: validate_name(&self.service_name)?,
+            environment: self.environment.unwrap_or(Environment::Live),
+            description: validate_description(self.description)?,
+            contact_email: validate_email(self.contact_email)?,
+            is_trusted: self.is_trusted.unwrap_or(false),
+            scopes: validate_scopes(&self.scopes)?,
+            rate_limit_per_minute: validate_limit(
+                "rate_limit_per_minute",
+                self.rate_limit_per_minute,
+            )?,
+            rate_limit_per_hour: validate_limit("rate_limit_per_hour", self.rate_limit_per_hour)?,
+            allowed_ips: validate_ips(self.allowed_ips.as_deref().unwrap_or(&[]))?,
+        })
+    }
+}
+
+impl PatchService {
+    pub fn validate(self) -> Result<ServicePatch, ApiError> {
+        let p = ServicePatch {
+            scopes: self.scopes.as_deref().map(validate_scopes).transpose()?,
+            rate_limit_per_minute: self
+                .rate_limit_per_minute
+                .map(|v| validate_limit("rate_limit_per_minute", v))
+                .transpose()?,
+            rate_limit_per_hour: self
+                .rate_limit_per_hour
+                .map(|v| validate_limit("rate_limit_per_hour", v))
+                .transpose()?,
+            allowed_ips: self.allowed_ips.as_deref().map(validate_ips).transpose()?,
+            description: self.description.map(validate_description).transpose()?,
+            contact_email: self.contact_email.map(validate_email).transpose()?,
+            is_trusted: self.is_trusted,
+            disabled: self.disabled,
+        };
+        let empty = p.scopes.is_none()
+            && p.rate_limit_per_minute.is_none()
+            && p.rate_limit_per_hour.is_none()
+            && p.allowed_ips.is_none()
+            && p.description.is_none()
+            && p.contact_email.is_none()
+            && p.is_trusted.is_none()
+            && p.disabled.is_none();
+        if empty {
+            return Err(ApiError::bad_request("the patch changes nothing"));
+        }
+        Ok(p)
+    }
+}
+
+pub fn rfc3339(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| secs.to_string())
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyView {
+    pub key_id: String,
+    pub prefix: String,
+    /// active | grace | expired | revoked
+    pub status: &'static str,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    pub last_used_at: Option<String>,
+}
+
+impl KeyView {
+    pub fn of(k: &KeyRecord, now: i64) -> KeyView {
+        let status = match (k.revoked_at, k.expires_at) {
+            (Some(_), _) => "revoked",
+            (None, Some(e)) if e <= now => "expired",
+            (None, Some(_)) => "grace",
+            (None, None) => "active",
+        };
+        KeyView {
+            key_id: k.id.clone(),
+            prefix: k.display_prefix.clone(),
+            status,
+            created_at: rfc3339(k.created_at),
+            expires_at: k.expires_at.map(rfc3339),
+            revoked_at: k.revoked_at.map(rfc3339),
+            last_used_at: k.last_used_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    pub service_id: String,
+    pub service_name: String,
+    pub environment: Environment,
+    pub description: Option<String>,
+    pub contact_email: Option<String>,
+    pub is_trusted: bool,
+    pub scopes: Vec<String>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_per_hour: Option<u32>,
+    pub allowed_ips: Vec<String>,
+    pub disabled: bool,
+    pub created_at: String,
+    pub updated_at: String,
+    pub keys: Vec<KeyView>,
+}
+
+impl ServiceView {
+    pub fn of(s: ServiceRecord, now: i64) -> ServiceView {
+        ServiceView {
+            keys: s.keys.iter().map(|k| KeyView::of(k, now)).collect(),
+            service_id: s.id,
+            service_name: s.name,
+            environment: s.environment,
+            description: s.description,
+            contact_email: s.contact_email,
+            is_trusted: s.is_trusted,
+            scopes: s.scopes,
+            rate_limit_per_minute: s.rate_limit_per_minute,
+            rate_limit_per_hour: s.rate_limit_per_hour,
+            allowed_ips: s.allowed_ips,
+            disabled: s.disabled,
+            created_at: rfc3339(s.created_at),
+            updated_at: rfc3339(s.updated_at),
+        }
+    }
+}
+
+/// 201 body of a create: the service plus its first key, shown this once.
+#[derive(Debug, Serialize)]
+pub struct Created {
+    #[serde(flatten)]
+    pub service: ServiceView,
+    pub api_key: String,
+    pub key_id: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndedKey {
+    pub key_id: String,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Rotated {
+    pub service_id: String,
+    pub api_key: String,
+    pub key_id: String,
+    /// When the previously active keys stop working (the latest of them).
+    pub old_keys_expire_at: Option<String>,
+    pub old_keys: Vec<EndedKey>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Page {
+    pub services: Vec<ServiceView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncParams {
+    pub after: Option<u64>,
+    pub epoch: Option<String>,
+    pub wait: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(json: &str) -> Result<NewService, ApiError> {
+        serde_json::from_str::<CreateService>(json)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?
+            .validate()
+    }
+
+    #[test]
+    fn create_validation() {
+        let ok = create(r#"{"service_name":" Billing Service ","scopes":["user:read"],"allowed_ips":["10.1.2.3/8","192.168.0.1"]}"#).unwrap();
+        assert_eq!(ok.name, "Billing Service");
+        assert_eq!(ok.environment, Environment::Live);
+        assert_eq!(ok.allowed_ips, vec!["10.0.0.0/8", "192.168.0.1/32"]);
+        for bad in [
+            r#"{"service_name":""}"#,
+            r#"{"service_name":"   "}"#,
+            r#"{"service_name":"x","scopes":["a::b"]}"#,
+            r#"{"service_name":"x","scopes":["a:b","a:b"]}"#,
+            r#"{"service_name":"x","allowed_ips":["10.0.0.0/33"]}"#,
+            r#"{"service_name":"x","rate_limit_per_minute":0}"#,
+            r#"{"service_name":"x","rate_limit_per_minute":-1}"#,
+            r#"{"service_name":"x","environment":"prod"}"#,
+            r#"{"service_name":"x","contact_email":"nope"}"#,
+            r#"{"service_name":"x","surprise":1}"#,
+            r#"{"service_name":"x\ny"}"#,
+            r#"{"scopes":[]}"#,
+        ] {
+            assert!(create(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn patch_distinguishes_null_from_absent() {
+        let p: PatchService = serde_json::from_str(r#"{"rate_limit_per_minute":null}"#).unwrap();
+        assert_eq!(p.validate().unwrap().rate_limit_per_minute, Some(None));
+        let p: PatchService = serde_json::from_str(r#"{"disabled":true}"#).unwrap();
+        assert_eq!(p.validate().unwrap().rate_limit_per_minute, None);
+        let p: PatchService = serde_json::from_str(r#"{}"#).unwrap();
+        assert!(p.validate().is_err());
+    }
+}

@@ -1,0 +1,408 @@
+//! Configuration in two layers: `file::*` mirrors config.toml with serde defaults; `Config`
+//! types are validated once (addresses resolved, scopes and routes parsed) and are what the
+//! program uses. Bad config is an error, never a panic.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::core::key::{Environment, Secret};
+use crate::core::routes::{Access, Route, RouteTable};
+use crate::core::scope::Scope;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The file as written. Every field documents its default.
+pub mod file {
+    use serde::Deserialize;
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct FileConfig {
+        #[serde(default)]
+        pub admin_plane: AdminPlane,
+        pub sidecar: Option<Sidecar>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct AdminPlane {
+        /// Default "127.0.0.1:8000".
+        pub listen: String,
+        /// SQLite file. Default "permiso.db".
+        pub database: String,
+        /// How long old keys keep working after a rotation. Default 604800 (7 days).
+        pub rotation_grace_seconds: u64,
+        /// Largest accepted request body. Default 65536.
+        pub max_body_bytes: usize,
+        /// Upper bound on `wait` for `/v1/sync` long polls. Default 30.
+        pub sync_max_wait_seconds: u64,
+        /// Active (unexpired, unrevoked) keys one service may hold. Default 10.
+        pub max_active_keys_per_service: u32,
+    }
+
+    impl Default for AdminPlane {
+        fn default() -> Self {
+            AdminPlane {
+                listen: "127.0.0.1:8000".into(),
+                database: "permiso.db".into(),
+                rotation_grace_seconds: 7 * 24 * 3600,
+                max_body_bytes: 64 * 1024,
+                sync_max_wait_seconds: 30,
+                max_active_keys_per_service: 10,
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Sidecar {
+        /// Where callers connect. Default "127.0.0.1:9001".
+        #[serde(default = "default_sidecar_listen")]
+        pub listen: String,
+        /// The protected service, host:port, plain HTTP. Required.
+        pub upstream: String,
+        /// Which keys this sidecar accepts: "live" or "test". Default "live".
+        #[serde(default = "default_env")]
+        pub environment: String,
+        /// Where the last applied snapshot is kept. Default "permiso-snapshot.json".
+        #[serde(default = "default_snapshot_file")]
+        pub snapshot_file: String,
+        /// Proxy worker threads. Default 1.
+        #[serde(default = "default_threads")]
+        pub threads: usize,
+        /// Seconds to let in-flight requests finish on SIGTERM. Default 10.
+        #[serde(default = "default_grace")]
+        pub shutdown_grace_seconds: u64,
+        pub sync: Sync,
+        #[serde(default)]
+        pub routes: Vec<Route>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Sync {
+        /// Admin plane base URL. Required.
+        pub admin_url: String,
+        /// Environment variable holding the sidecar's key (needs `sync:read`).
+        /// Default "PERMISO_SYNC_KEY". Ignored when `credential_file` is set.
+        #[serde(default = "default_credential_env")]
+        pub credential_env: String,
+        /// File holding the key (first line). Default: none.
+        pub credential_file: Option<String>,
+        /// Long-poll duration asked of the admin plane. Default 25.
+        #[serde(default = "default_wait")]
+        pub wait_seconds: u64,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Route {
+        /// Path prefix, matched on segment boundaries. Required.
+        pub prefix: String,
+        /// Methods; default: any.
+        #[serde(default)]
+        pub methods: Vec<String>,
+        /// Scopes all required. Default none (then `public` must be true).
+        #[serde(default)]
+        pub scopes: Vec<String>,
+        /// Forward without authentication. Default false.
+        #[serde(default)]
+        pub public: bool,
+    }
+
+    fn default_sidecar_listen() -> String {
+        "127.0.0.1:9001".into()
+    }
+    fn default_env() -> String {
+        "live".into()
+    }
+    fn default_snapshot_file() -> String {
+        "permiso-snapshot.json".into()
+    }
+    fn default_threads() -> usize {
+        1
+    }
+    fn default_grace() -> u64 {
+        10
+    }
+    fn default_credential_env() -> String {
+        "PERMISO_SYNC_KEY".into()
+    }
+    fn default_wait() -> u64 {
+        25
+    }
+}
+
+/// Validated admin plane settings.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub database: PathBuf,
+    pub rotation_grace: Duration,
+    pub max_body_bytes: usize,
+    pub sync_max_wait: Duration,
+    pub max_active_keys_per_service: u32,
+    pub admin_api_key: Secret,
+}
+
+/// Validated sidecar settings.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+    pub environment: Environment,
+    pub snapshot_file: PathBuf,
+    pub threads: usize,
+    pub shutdown_grace: Duration,
+    pub admin_url: String,
+    pub sync_credential: Secret,
+    pub sync_wait: Duration,
+    pub routes: RouteTable,
+}
+
+pub const MIN_ADMIN_KEY_LEN: usize = 24;
+
+pub fn load_file(path: &Path) -> Result<file::FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_file(&text, path)
+}
+
+pub fn parse_file(text: &str, path: &Path) -> Result<file::FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(e),
+    })
+}
+
+fn resolve(field: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
+    addr.to_socket_addrs()
+        .map_err(|e| invalid(field, format!("{addr:?}: {e}")))?
+        .next()
+        .ok_or_else(|| invalid(field, format!("{addr:?} resolves to nothing")))
+}
+
+impl AdminConfig {
+    pub fn from_file(
+        f: &file::AdminPlane,
+        admin_api_key: Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let key = admin_api_key.ok_or_else(|| {
+            invalid(
+                "PERMISO_ADMIN_API_KEY",
+                "must be set: the admin plane refuses to run without an admin key",
+            )
+        })?;
+        if key.len() < MIN_ADMIN_KEY_LEN {
+            return Err(invalid(
+                "PERMISO_ADMIN_API_KEY",
+                format!("must be at least {MIN_ADMIN_KEY_LEN} characters"),
+            ));
+        }
+        if f.max_body_bytes < 1024 {
+            return Err(invalid(
+                "admin_plane.max_body_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if f.sync_max_wait_seconds == 0 || f.sync_max_wait_seconds > 300 {
+            return Err(invalid(
+                "admin_plane.sync_max_wait_seconds",
+                "must be 1..=300",
+            ));
+        }
+        if f.max_active_keys_per_service == 0 {
+            return Err(invalid(
+                "admin_plane.max_active_keys_per_service",
+                "must be at least 1",
+            ));
+        }
+        Ok(AdminConfig {
+            listen: resolve("admin_plane.listen", &f.listen)?,
+            database: PathBuf::from(&f.database),
+            rotation_grace: Duration::from_secs(f.rotation_grace_seconds),
+            max_body_bytes: f.max_body_bytes,
+            sync_max_wait: Duration::from_secs(f.sync_max_wait_seconds),
+            max_active_keys_per_service: f.max_active_keys_per_service,
+            admin_api_key: Secret::new(key),
+        })
+    }
+}
+
+/// Reads the sidecar's sync key from its file or environment variable.
+pub fn read_sync_credential(s: &file::Sync) -> Result<Secret, ConfigError> {
+    let value = match &s.credential_file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| invalid("sidecar.sync.credential_file", format!("{p}: {e}")))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        None => std::env::var(&s.credential_env).map_err(|_| {
+            invalid(
+                "sidecar.sync.credential_env",
+                format!("environment variable {} is not set", s.credential_env),
+            )
+        })?,
+    };
+    if value.is_empty() {
+        return Err(invalid("sidecar.sync", "the sync credential is empty"));
+    }
+    Ok(Secret::new(value))
+}
+
+fn build_routes(routes: &[file::Route]) -> Result<RouteTable, ConfigError> {
+    let mut out = Vec::with_capacity(routes.len());
+    for (i, r) in routes.iter().enumerate() {
+        let field = format!("sidecar.routes[{i}]");
+        if !r.prefix.starts_with('/') {
+            return Err(invalid(
+                field,
+                format!("prefix {:?} must start with '/'", r.prefix),
+            ));
+        }
+        crate::core::routes::check_path(&r.prefix)
+            .map_err(|e| invalid(&field, format!("prefix {:?}: {e:?}", r.prefix)))?;
+        let methods: Vec<String> = r.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+        if let Some(m) = methods
+            .iter()
+            .find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            return Err(invalid(
+                &field,
+                format!("method {m:?} is not a method name"),
+            ));
+        }
+        let access = match (r.public, r.scopes.is_empty()) {
+            (true, true) => Access::Public,
+            (true, false) => return Err(invalid(field, "a public route cannot require scopes")),
+            (false, true) => {
+                return Err(invalid(
+                    field,
+                    "a protected route needs at least one scope (or public = true)",
+                ))
+            }
+            (false, false) => Access::Scopes(
+                r.scopes
+                    .iter()
+                    .map(|s| Scope::parse(s).map_err(|e| invalid(&field, e.to_string())))
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+        out.push(Route::new(methods, r.prefix.clone(), access));
+    }
+    Ok(RouteTable::new(out))
+}
+
+impl SidecarConfig {
+    /// `credential` is passed in so tests and `permiso dev` can hand one over directly.
+    pub fn from_file(f: &file::Sidecar, credential: Secret) -> Result<Self, ConfigError> {
+        let environment = Environment::parse(&f.environment)
+            .ok_or_else(|| invalid("sidecar.environment", "must be \"live\" or \"test\""))?;
+        if f.threads == 0 || f.threads > 256 {
+            return Err(invalid("sidecar.threads", "must be 1..=256"));
+        }
+        if !(f.sync.admin_url.starts_with("http://") || f.sync.admin_url.starts_with("https://")) {
+            return Err(invalid(
+                "sidecar.sync.admin_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if f.sync.wait_seconds == 0 || f.sync.wait_seconds > 300 {
+            return Err(invalid("sidecar.sync.wait_seconds", "must be 1..=300"));
+        }
+        if f.routes.is_empty() {
+            return Err(invalid(
+                "sidecar.routes",
+                "no routes: every request would be denied",
+            ));
+        }
+        Ok(SidecarConfig {
+            listen: resolve("sidecar.listen", &f.listen)?,
+            upstream: resolve("sidecar.upstream", &f.upstream)?,
+            environment,
+            snapshot_file: PathBuf::from(&f.snapshot_file),
+            threads: f.threads,
+            shutdown_grace: Duration::from_secs(f.shutdown_grace_seconds),
+            admin_url: f.sync.admin_url.trim_end_matches('/').to_string(),
+            sync_credential: credential,
+            sync_wait: Duration::from_secs(f.sync.wait_seconds),
+            routes: build_routes(&f.routes)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_toml_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"));
+        let f = load_file(path).unwrap();
+        AdminConfig::from_file(&f.admin_plane, Some("x".repeat(32))).unwrap();
+        assert_eq!(f.admin_plane.rotation_grace_seconds, 604_800);
+        let sc =
+            SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap();
+        assert!(sc.routes.find("GET", "/health").is_some());
+        assert!(sc.routes.find("GET", "/api/v1/trades").is_some());
+    }
+
+    fn sidecar(extra: &str) -> Result<SidecarConfig, ConfigError> {
+        let text = format!(
+            "[sidecar]\nupstream = \"127.0.0.1:8001\"\n[sidecar.sync]\nadmin_url = \"http://127.0.0.1:8000\"\n{extra}"
+        );
+        let f = parse_file(&text, Path::new("t.toml"))?;
+        SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into()))
+    }
+
+    #[test]
+    fn bad_configs_are_errors() {
+        assert!(sidecar("").is_err(), "no routes");
+        assert!(
+            sidecar("[[sidecar.routes]]\nprefix = \"/x\"\n").is_err(),
+            "no scopes, not public"
+        );
+        assert!(sidecar(
+            "[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nscopes = [\"a:b\"]\n"
+        )
+        .is_err());
+        assert!(sidecar("[[sidecar.routes]]\nprefix = \"x\"\npublic = true\n").is_err());
+        assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\nscopes = [\"a::b\"]\n").is_err());
+        assert!(
+            sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nbogus = 1\n").is_err()
+        );
+        assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n").is_ok());
+        assert!(AdminConfig::from_file(&file::AdminPlane::default(), None).is_err());
+        assert!(
+            AdminConfig::from_file(&file::AdminPlane::default(), Some("short".into())).is_err()
+        );
+    }
+}

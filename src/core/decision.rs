@@ -1,0 +1,374 @@
+//! The whole allow/deny decision for one request, as a checklist of pure steps:
+//! route → authenticate → authorize → rate-limit. Each returns `Result<_, Denial>`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::core::denial::{BadRequest, Denial, InvalidToken};
+use crate::core::key::{self, Environment};
+use crate::core::ratelimit::RateStatus;
+use crate::core::routes::{check_path, Access, Route, RouteTable};
+use crate::core::snapshot::{ServiceEntry, Snapshot};
+
+/// What the proxy extracted from the request; borrowed, nothing copied.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authorization: Authorization<'a>,
+    pub client_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authorization<'a> {
+    Absent,
+    One(&'a [u8]),
+    Several,
+}
+
+/// Who is calling, once authenticated.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub service: Arc<ServiceEntry>,
+    pub key_id: Arc<str>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// A public route: forward without identity.
+    Public,
+    Allowed {
+        principal: Principal,
+        rate: RateStatus,
+    },
+}
+
+/// The Bearer token in an Authorization header, if the scheme is Bearer.
+pub fn bearer_token(auth: Authorization<'_>) -> Result<Option<&str>, Denial> {
+    let raw = match auth {
+        Authorization::Absent => return Ok(None),
+        Authorization::Several => {
+            return Err(Denial::BadRequest(BadRequest::DuplicateAuthorization))
+        }
+        Authorization::One(raw) => raw,
+    };
+    let text = std::str::from_utf8(raw)
+        .ok()
+        .filter(|t| t.is_ascii())
+        .ok_or(Denial::BadRequest(BadRequest::AuthorizationNotAscii))?;
+    let (scheme, rest) = text.split_once(' ').unwrap_or((text, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        // Another scheme (Basic, ...) is "no usable credential" per RFC 6750 §3.1.
+        return Ok(None);
+    }
+    let token = rest.trim_matches(' ');
+    if token.is_empty() {
+        return Err(Denial::InvalidToken(InvalidToken::Malformed));
+    }
+    Ok(Some(token))
+}
+
+/// Checks the key against the snapshot and the sidecar's clock (grace ends hold offline too).
+pub fn authenticate(
+    snapshot: &Snapshot,
+    environment: Environment,
+    token: &str,
+    now_secs: i64,
+) -> Result<Principal, Denial> {
+    let parsed = key::parse(token).map_err(|e| Denial::InvalidToken(e.into()))?;
+    if parsed.environment != environment {
+        return Err(Denial::InvalidToken(InvalidToken::WrongEnvironment));
+    }
+    let entry = snapshot
+        .lookup(&parsed.hash())
+        .ok_or(Denial::InvalidToken(InvalidToken::Unknown))?;
+    if entry.expires_at.is_some_and(|end| now_secs >= end) {
+        return Err(Denial::InvalidToken(InvalidToken::GraceEnded));
+    }
+    if entry.service.disabled {
+        return Err(Denial::InvalidToken(InvalidToken::ServiceDisabled));
+    }
+    Ok(Principal {
+        service: entry.service.clone(),
+        key_id: entry.key_id.clone(),
+    })
+}
+
+/// Source address first (the service may not call from there at all), then scopes.
+pub fn authorize(
+    principal: &Principal,
+    route: &Route,
+    client_ip: Option<IpAddr>,
+) -> Result<(), Denial> {
+    if !principal.service.ip_allowed(client_ip) {
+        return Err(Denial::IpNotAllowed);
+    }
+    if let Access::Scopes(needed) = &route.access {
+        if !principal.service.scopes.allows_all(needed) {
+            return Err(Denial::InsufficientScope {
+                required: route.scope_attr.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn rate_limit(principal: &Principal, now_nanos: u64) -> Result<RateStatus, Denial> {
+    let s = &principal.service;
+    if s.limits.is_unlimited() {
+        return Ok(RateStatus { tightest: None });
+    }
+    s.limiter
+        .check(&s.limits, now_nanos)
+        .map_err(Denial::RateLimited)
+}
+
+/// The checklist. `snapshot` is None before the first sync: protected routes fail closed.
+pub fn decide(
+    routes: &RouteTable,
+    snapshot: Option<&Snapshot>,
+    environment: Environment,
+    req: &RequestFacts<'_>,
+    now_nanos: u64,
+) -> Result<Verdict, Denial> {
+    check_path(req.path).map_err(|e| Denial::BadRequest(BadRequest::Path(e)))?;
+    let route = routes.find(req.method, req.path).ok_or(Denial::NoRoute)?;
+    if route.access == Access::Public {
+        return Ok(Verdict::Public);
+    }
+    let token = bearer_token(req.authorization)?.ok_or(Denial::MissingCredential)?;
+    let snapshot = snapshot.ok_or(Denial::NoSnapshot)?;
+    let principal = authenticate(
+        snapshot,
+        environment,
+        token,
+        (now_nanos / 1_000_000_000) as i64,
+    )?;
+    authorize(&principal, route, req.client_ip)?;
+    let rate = rate_limit(&principal, now_nanos)?;
+    Ok(Verdict::Allowed { principal, rate })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::key::NewKey;
+    use crate::core::scope::Scope;
+    use crate::core::snapshot::tests::{service, sync_key};
+    use crate::core::sync::SyncPayload;
+
+    const NOW: u64 = 1_800_000_000 * 1_000_000_000;
+
+    struct Fixture {
+        routes: RouteTable,
+        snap: Snapshot,
+        key: NewKey,
+        other_env_key: NewKey,
+    }
+
+    fn fixture(tweak: impl FnOnce(&mut crate::core::sync::SyncService)) -> Fixture {
+        let key = key::generate(Environment::Live);
+        let other_env_key = key::generate(Environment::Test);
+        let mut s = service("srv_a", &["trade:*"], vec![sync_key("key_1", &key)]);
+        tweak(&mut s);
+        let payload = SyncPayload {
+            epoch: "e".into(),
+            version: 1,
+            full: true,
+            services: vec![s],
+        };
+        let routes = RouteTable::new(vec![
+            Route::new(vec![], "/health".into(), Access::Public),
+            Route::new(
+                vec![],
+                "/api/v1/trades".into(),
+                Access::Scopes(vec![Scope::parse("trade:open").unwrap()]),
+            ),
+            Route::new(
+                vec![],
+                "/api/v1/account".into(),
+                Access::Scopes(vec![Scope::parse("account:read").unwrap()]),
+            ),
+        ]);
+        Fixture {
+            routes,
+            snap: Snapshot::from_full(&payload, Environment::Live, None).unwrap(),
+            key,
+            other_env_key,
+        }
+    }
+
+    fn run(
+        f: &Fixture,
+        path: &str,
+        auth: Option<String>,
+        ip: &str,
+        now: u64,
+    ) -> Result<Verdict, Denial> {
+        let header = auth.map(|a| a.into_bytes());
+        let facts = RequestFacts {
+            method: "GET",
+            path,
+            authorization: match &header {
+                Some(h) => Authorization::One(h),
+                None => Authorization::Absent,
+            },
+            client_ip: Some(ip.parse().unwrap()),
+        };
+        decide(&f.routes, Some(&f.snap), Environment::Live, &facts, now)
+    }
+
+    fn bearer(k: &NewKey) -> Option<String> {
+        Some(format!("Bearer {}", k.secret.expose()))
+    }
+
+    #[test]
+    fn allowed_with_identity() {
+        let f = fixture(|_| {});
+        match run(&f, "/api/v1/trades/1", bearer(&f.key), "127.0.0.1", NOW).unwrap() {
+            Verdict::Allowed { principal, .. } => {
+                assert_eq!(&*principal.key_id, "key_1");
+                assert_eq!(&*principal.service.id, "srv_a");
+            }
+            v => panic!("{v:?}"),
+        }
+        assert!(matches!(
+            run(&f, "/health", None, "127.0.0.1", NOW),
+            Ok(Verdict::Public)
+        ));
+    }
+
+    #[test]
+    fn each_denial_in_order() {
+        let f = fixture(|_| {});
+        let d = |p: &str, a: Option<String>| run(&f, p, a, "127.0.0.1", NOW).unwrap_err();
+        assert_eq!(d("/nope", bearer(&f.key)), Denial::NoRoute);
+        assert_eq!(d("/api/v1/trades", None), Denial::MissingCredential);
+        assert_eq!(
+            d("/api/v1/trades", Some("Basic Zm9vOmJhcg==".into())),
+            Denial::MissingCredential
+        );
+        assert_eq!(
+            d("/api/v1/trades", Some("Bearer ".into())),
+            Denial::InvalidToken(InvalidToken::Malformed)
+        );
+        assert_eq!(
+            d("/api/v1/trades", Some("Bearer svc_live_xyz".into())),
+            Denial::InvalidToken(InvalidToken::Malformed)
+        );
+        let mut typo = f.key.secret.expose().to_string();
+        let last = typo.pop().unwrap();
+        typo.push(if last == 'A' { 'B' } else { 'A' });
+        assert_eq!(
+            d("/api/v1/trades", Some(format!("Bearer {typo}"))),
+            Denial::InvalidToken(InvalidToken::BadChecksum)
+        );
+        assert_eq!(
+            d("/api/v1/trades", bearer(&f.other_env_key)),
+            Denial::InvalidToken(InvalidToken::WrongEnvironment)
+        );
+        let stranger = key::generate(Environment::Live);
+        assert_eq!(
+            d("/api/v1/trades", bearer(&stranger)),
+            Denial::InvalidToken(InvalidToken::Unknown)
+        );
+        assert_eq!(
+            d("/api/v1/account", bearer(&f.key)),
+            Denial::InsufficientScope {
+                required: "account:read".into()
+            }
+        );
+        assert!(matches!(
+            d("/health/../api/v1/trades", None),
+            Denial::BadRequest(_)
+        ));
+    }
+
+    #[test]
+    fn grace_end_is_judged_by_the_clock() {
+        let end = (NOW / 1_000_000_000) as i64 + 10;
+        let f = fixture(|s| s.keys[0].expires_at = Some(end));
+        assert!(run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).is_ok());
+        let later = NOW + 10 * 1_000_000_000;
+        assert_eq!(
+            run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", later).unwrap_err(),
+            Denial::InvalidToken(InvalidToken::GraceEnded)
+        );
+    }
+
+    #[test]
+    fn disabled_ip_and_rate() {
+        let f = fixture(|s| s.disabled = true);
+        assert_eq!(
+            run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).unwrap_err(),
+            Denial::InvalidToken(InvalidToken::ServiceDisabled)
+        );
+        let f = fixture(|s| s.allowed_ips = vec!["10.0.0.0/8".into()]);
+        assert_eq!(
+            run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).unwrap_err(),
+            Denial::IpNotAllowed
+        );
+        assert!(run(&f, "/api/v1/trades", bearer(&f.key), "10.9.9.9", NOW).is_ok());
+        let f = fixture(|s| s.rate_limit_per_minute = Some(1));
+        assert!(run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).is_ok());
+        assert!(matches!(
+            run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).unwrap_err(),
+            Denial::RateLimited(_)
+        ));
+        // A scope denial does not consume the rate limit.
+        let f = fixture(|s| s.rate_limit_per_minute = Some(1));
+        for _ in 0..5 {
+            assert!(matches!(
+                run(&f, "/api/v1/account", bearer(&f.key), "127.0.0.1", NOW).unwrap_err(),
+                Denial::InsufficientScope { .. }
+            ));
+        }
+        assert!(run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).is_ok());
+    }
+
+    #[test]
+    fn no_snapshot_fails_closed_but_public_routes_work() {
+        let f = fixture(|_| {});
+        let h = bearer(&f.key).unwrap().into_bytes();
+        let facts = RequestFacts {
+            method: "GET",
+            path: "/api/v1/trades",
+            authorization: Authorization::One(&h),
+            client_ip: None,
+        };
+        assert_eq!(
+            decide(&f.routes, None, Environment::Live, &facts, NOW).unwrap_err(),
+            Denial::NoSnapshot
+        );
+        let public = RequestFacts {
+            path: "/health",
+            ..facts
+        };
+        assert!(decide(&f.routes, None, Environment::Live, &public, NOW).is_ok());
+    }
+
+    #[test]
+    fn authorization_header_parsing() {
+        assert_eq!(bearer_token(Authorization::Absent), Ok(None));
+        assert_eq!(
+            bearer_token(Authorization::One(b"bearer abc")),
+            Ok(Some("abc"))
+        );
+        assert_eq!(
+            bearer_token(Authorization::One(b"BEARER  abc ")),
+            Ok(Some("abc"))
+        );
+        assert_eq!(
+            bearer_token(Authorization::One(b"Bearer")),
+            Err(Denial::InvalidToken(InvalidToken::Malformed))
+        );
+        assert!(matches!(
+            bearer_token(Authorization::One(b"Bearer \xff\xfe")),
+            Err(Denial::BadRequest(_))
+        ));
+        assert!(matches!(
+            bearer_token(Authorization::Several),
+            Err(Denial::BadRequest(_))
+        ));
+    }
+}

@@ -1,0 +1,241 @@
+//! Every way the sidecar refuses a request, and the one place that turns a refusal into status,
+//! headers and body. Callers see the RFC error code and a generic description; the precise
+//! reason goes to the log only (`Denial::reason`).
+
+use crate::core::key::KeyError;
+use crate::core::ratelimit::Exceeded;
+use crate::core::routes::PathError;
+
+/// Why a presented credential is not accepted. All of these look the same to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidToken {
+    Malformed,
+    BadChecksum,
+    WrongEnvironment,
+    /// Unknown or revoked: the snapshot does not hold it.
+    Unknown,
+    /// A rotated key whose grace window has ended.
+    GraceEnded,
+    ServiceDisabled,
+}
+
+impl From<KeyError> for InvalidToken {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Malformed => InvalidToken::Malformed,
+            KeyError::BadChecksum => InvalidToken::BadChecksum,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// No Bearer credential at all (RFC 6750 §3.1: no error code).
+    MissingCredential,
+    InvalidToken(InvalidToken),
+    /// The `scope` attribute lists what the route needs.
+    InsufficientScope {
+        required: String,
+    },
+    IpNotAllowed,
+    RateLimited(Exceeded),
+    NoRoute,
+    BadRequest(BadRequest),
+    /// No snapshot yet (never synced, no snapshot file): fail closed.
+    NoSnapshot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadRequest {
+    Path(PathError),
+    DuplicateAuthorization,
+    AuthorizationNotAscii,
+}
+
+/// What goes on the wire for a denial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenialResponse {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+const REALM: &str = "Bearer realm=\"permiso\"";
+
+fn body(error: &str, description: &str) -> String {
+    serde_json::json!({ "error": error, "error_description": description }).to_string()
+}
+
+impl Denial {
+    /// The precise reason, for logs and metrics only. Static, low-cardinality strings.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denial::MissingCredential => "missing_credential",
+            Denial::InvalidToken(t) => match t {
+                InvalidToken::Malformed => "malformed_key",
+                InvalidToken::BadChecksum => "bad_checksum",
+                InvalidToken::WrongEnvironment => "wrong_environment",
+                InvalidToken::Unknown => "unknown_or_revoked_key",
+                InvalidToken::GraceEnded => "grace_ended",
+                InvalidToken::ServiceDisabled => "service_disabled",
+            },
+            Denial::InsufficientScope { .. } => "insufficient_scope",
+            Denial::IpNotAllowed => "ip_not_allowed",
+            Denial::RateLimited(e) => match e.window {
+                crate::core::ratelimit::Window::Minute => "rate_limited_minute",
+                crate::core::ratelimit::Window::Hour => "rate_limited_hour",
+            },
+            Denial::NoRoute => "no_route",
+            Denial::BadRequest(b) => match b {
+                BadRequest::Path(_) => "unsafe_path",
+                BadRequest::DuplicateAuthorization => "duplicate_authorization",
+                BadRequest::AuthorizationNotAscii => "authorization_not_ascii",
+            },
+            Denial::NoSnapshot => "no_snapshot",
+        }
+    }
+
+    pub fn response(&self) -> DenialResponse {
+        match self {
+            Denial::MissingCredential => DenialResponse {
+                status: 401,
+                headers: vec![("WWW-Authenticate", REALM.to_string())],
+                body: body("unauthorized", "A Bearer credential is required"),
+            },
+            Denial::InvalidToken(_) => {
+                let d = "The access token is invalid, expired or revoked";
+                DenialResponse {
+                    status: 401,
+                    headers: vec![(
+                        "WWW-Authenticate",
+                        format!("{REALM}, error=\"invalid_token\", error_description=\"{d}\""),
+                    )],
+                    body: body("invalid_token", d),
+                }
+            }
+            Denial::InsufficientScope { required } => DenialResponse {
+                status: 403,
+                headers: vec![(
+                    "WWW-Authenticate",
+                    format!("{REALM}, error=\"insufficient_scope\", scope=\"{required}\""),
+                )],
+                body: body(
+                    "insufficient_scope",
+                    &format!("This route requires the scope(s): {required}"),
+                ),
+            },
+            Denial::IpNotAllowed => DenialResponse {
+                status: 403,
+                headers: vec![],
+                body: body(
+                    "access_denied",
+                    "Calls from this address are not allowed for this service",
+                ),
+            },
+            Denial::RateLimited(e) => DenialResponse {
+                status: 429,
+                headers: vec![
+                    ("Retry-After", e.retry_after_secs.to_string()),
+                    ("RateLimit-Policy", e.limits.policy_header()),
+                    ("RateLimit", e.ratelimit_header()),
+                ],
+                body: body(
+                    "rate_limited",
+                    &format!("Rate limit exceeded; retry after {} s", e.retry_after_secs),
+                ),
+            },
+            Denial::NoRoute => DenialResponse {
+                status: 403,
+                headers: vec![],
+                body: body("access_denied", "No route allows this method and path"),
+            },
+            Denial::BadRequest(_) => DenialResponse {
+                status: 400,
+                headers: vec![],
+                body: body("invalid_request", "The request is malformed"),
+            },
+            Denial::NoSnapshot => DenialResponse {
+                status: 503,
+                headers: vec![("Retry-After", "1".to_string())],
+                body: body(
+                    "temporarily_unavailable",
+                    "The sidecar has no key state yet; try again shortly",
+                ),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::ratelimit::{Limits, Window};
+
+    fn header<'a>(r: &'a DenialResponse, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn missing_credential_has_no_error_code() {
+        let r = Denial::MissingCredential.response();
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            header(&r, "WWW-Authenticate"),
+            Some("Bearer realm=\"permiso\"")
+        );
+    }
+
+    #[test]
+    fn invalid_token_reasons_are_indistinguishable_on_the_wire() {
+        let all = [
+            InvalidToken::Malformed,
+            InvalidToken::BadChecksum,
+            InvalidToken::WrongEnvironment,
+            InvalidToken::Unknown,
+            InvalidToken::GraceEnded,
+            InvalidToken::ServiceDisabled,
+        ];
+        let first = Denial::InvalidToken(all[0]).response();
+        assert!(header(&first, "WWW-Authenticate")
+            .unwrap()
+            .contains("error=\"invalid_token\""));
+        for t in all {
+            assert_eq!(Denial::InvalidToken(t).response(), first);
+        }
+        let reasons: std::collections::HashSet<_> = all
+            .iter()
+            .map(|t| Denial::InvalidToken(*t).reason())
+            .collect();
+        assert_eq!(reasons.len(), all.len());
+    }
+
+    #[test]
+    fn scope_and_rate_limit_headers() {
+        let r = Denial::InsufficientScope {
+            required: "trade:open".into(),
+        }
+        .response();
+        assert_eq!(r.status, 403);
+        assert!(header(&r, "WWW-Authenticate")
+            .unwrap()
+            .ends_with("scope=\"trade:open\""));
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["error"], "insufficient_scope");
+        let e = Exceeded {
+            window: Window::Minute,
+            retry_after_secs: 12,
+            limits: Limits {
+                per_minute: Some(5),
+                per_hour: None,
+            },
+        };
+        let r = Denial::RateLimited(e).response();
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r, "Retry-After"), Some("12"));
+        assert_eq!(header(&r, "RateLimit-Policy"), Some("\"minute\";q=5;w=60"));
+        assert_eq!(header(&r, "RateLimit"), Some("\"minute\";r=0;t=12"));
+    }
+}

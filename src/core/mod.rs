@@ -1,0 +1,14 @@
+//! Pure auth logic: key format, scopes, routes, rate limits, snapshots and the allow/deny
+//! decision. Nothing here does I/O or knows about pingora or axum, so it is unit-tested and
+//! benchmarked directly.
+
+pub mod clock;
+pub mod decision;
+pub mod denial;
+pub mod ids;
+pub mod key;
+pub mod ratelimit;
+pub mod routes;
+pub mod scope;
+pub mod snapshot;
+pub mod sync;

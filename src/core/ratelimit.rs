@@ -1,0 +1,337 @@
+//! Per-service rate limits: a per-minute and a per-hour quota checked together with GCRA (the
+//! algorithm governor uses), lock-free on atomics.
+//!
+//! Why not two governor limiters: governor checks one quota at a time and cannot undo a
+//! consumed cell, so a request the hour limit refuses would still use up minute capacity. The
+//! issue requires that a request denied by one limit consumes neither; here both quotas are
+//! judged first and only then committed.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    Minute,
+    Hour,
+}
+
+impl Window {
+    pub fn name(self) -> &'static str {
+        match self {
+            Window::Minute => "minute",
+            Window::Hour => "hour",
+        }
+    }
+
+    pub fn seconds(self) -> u64 {
+        match self {
+            Window::Minute => 60,
+            Window::Hour => 3600,
+        }
+    }
+}
+
+/// The limits of one service. `None` means unlimited for that window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub per_minute: Option<u32>,
+    pub per_hour: Option<u32>,
+}
+
+impl Limits {
+    pub fn is_unlimited(&self) -> bool {
+        self.per_minute.is_none() && self.per_hour.is_none()
+    }
+
+    fn quota(&self, w: Window) -> Option<u32> {
+        match w {
+            Window::Minute => self.per_minute,
+            Window::Hour => self.per_hour,
+        }
+    }
+
+    /// `RateLimit-Policy` value (draft-ietf-httpapi-ratelimit-headers):
+    /// `"minute";q=60;w=60, "hour";q=1000;w=3600`.
+    pub fn policy_header(&self) -> String {
+        let mut out = String::new();
+        for w in [Window::Minute, Window::Hour] {
+            if let Some(q) = self.quota(w) {
+                if !out.is_empty() {
+                    out.push_str(", ");
+                }
+                let _ = write!(out, "\"{}\";q={};w={}", w.name(), q, w.seconds());
+            }
+        }
+        out
+    }
+}
+
+/// The state of one window after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowStatus {
+    pub window: Window,
+    pub remaining: u64,
+    /// Seconds until the quota is whole again.
+    pub reset_secs: u64,
+}
+
+/// What a successful check leaves: the tightest window, for the `RateLimit` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateStatus {
+    pub tightest: Option<WindowStatus>,
+}
+
+impl RateStatus {
+    /// `RateLimit` value: `"minute";r=59;t=1`. None when the service is unlimited.
+    pub fn header(&self) -> Option<String> {
+        self.tightest.map(|s| {
+            format!(
+                "\"{}\";r={};t={}",
+                s.window.name(),
+                s.remaining,
+                s.reset_secs
+            )
+        })
+    }
+}
+
+/// A refusal: which window, and when to come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exceeded {
+    pub window: Window,
+    pub retry_after_secs: u64,
+    pub limits: Limits,
+}
+
+impl Exceeded {
+    pub fn ratelimit_header(&self) -> String {
+        format!("\"{}\";r=0;t={}", self.window.name(), self.retry_after_secs)
+    }
+}
+
+/// The theoretical arrival times of the two windows, in clock nanoseconds. Lives as long as the
+/// service's limits stay the same, across snapshot swaps.
+#[derive(Debug, Default)]
+pub struct LimiterState {
+    minute_tat: AtomicU64,
+    hour_tat: AtomicU64,
+}
+
+struct Plan {
+    new_tat: u64,
+    status: WindowStatus,
+}
+
+/// GCRA for one window: emission interval `t = window / quota`; a request fits when the new
+/// theoretical arrival time is at most one window ahead of now (a full quota may burst).
+fn plan(tat: u64, now: u64, quota: u32, window: Window) -> Result<Plan, u64> {
+    let window_ns = window.seconds() * NANOS_PER_SEC;
+    let t = window_ns / quota.max(1) as u64;
+    let new_tat = tat.max(now) + t;
+    if new_tat - now > window_ns {
+        // Wait until new_tat - window <= now.
+        return Err(new_tat - window_ns - now);
+    }
+    let ahead = new_tat - now;
+    Ok(Plan {
+        new_tat,
+        status: WindowStatus {
+            window,
+            remaining: (window_ns - ahead) / t,
+            reset_secs: ahead.div_ceil(NANOS_PER_SEC),
+        },
+    })
+}
+
+fn cell(state: &LimiterState, w: Window) -> &AtomicU64 {
+    match w {
+        Window::Minute => &state.minute_tat,
+        Window::Hour => &state.hour_tat,
+    }
+}
+
+impl LimiterState {
+    /// Checks both windows and consumes one request from each only if both allow it.
+    pub fn check(&self, limits: &Limits, now: u64) -> Result<RateStatus, Exceeded> {
+        let windows: [(Window, Option<u32>); 2] = [
+            (Window::Minute, limits.per_minute),
+            (Window::Hour, limits.per_hour),
+        ];
+        'retry: loop {
+            let mut plans: [Option<(u64, Plan)>; 2] = [None, None];
+            let mut refused: Option<Exceeded> = None;
+            for (i, (w, q)) in windows.iter().enumerate() {
+                let Some(q) = q else { continue };
+                let old = cell(self, *w).load(Ordering::Acquire);
+                match plan(old, now, *q, *w) {
+                    Ok(p) => plans[i] = Some((old, p)),
+                    Err(wait) => {
+                        let secs = wait.div_ceil(NANOS_PER_SEC).max(1);
+                        if refused.is_none_or(|r| secs > r.retry_after_secs) {
+                            refused = Some(Exceeded {
+                                window: *w,
+                                retry_after_secs: secs,
+                                limits: *limits,
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(r) = refused {
+                return Err(r);
+            }
+            // Commit in order; if a later window moved under us, give back what we took and
+            // judge again, so a refusal never leaves anything consumed.
+            for i in 0..2 {
+                let Some((old, p)) = &plans[i] else { continue };
+                let c = cell(self, windows[i].0);
+                if c.compare_exchange(*old, p.new_tat, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    for (j, (w, q)) in windows.iter().enumerate().take(i) {
+                        if plans[j].is_some() {
+                            give_back(cell(self, *w), *w, *q);
+                        }
+                    }
+                    continue 'retry;
+                }
+            }
+            let tightest = plans
+                .iter()
+                .flatten()
+                .map(|(_, p)| p.status)
+                .min_by_key(|s| s.remaining);
+            return Ok(RateStatus { tightest });
+        }
+    }
+}
+
+/// Undo one request's worth of a window. Subtracting the emission interval is exact when the
+/// window was busy and errs on the strict side (forgets idle credit) when it was idle.
+fn give_back(c: &AtomicU64, w: Window, quota: Option<u32>) {
+    let t = w.seconds() * NANOS_PER_SEC / quota.unwrap_or(1).max(1) as u64;
+    let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+        Some(v.saturating_sub(t))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = NANOS_PER_SEC;
+    const T0: u64 = 1_700_000_000 * S;
+
+    #[test]
+    fn minute_quota_allows_burst_then_refuses_then_recovers() {
+        let l = Limits {
+            per_minute: Some(3),
+            per_hour: None,
+        };
+        let st = LimiterState::default();
+        let r: Vec<_> = (0..3).map(|_| st.check(&l, T0).unwrap()).collect();
+        assert_eq!(r[0].tightest.unwrap().remaining, 2);
+        assert_eq!(r[2].tightest.unwrap().remaining, 0);
+        let e = st.check(&l, T0).unwrap_err();
+        assert_eq!(e.window, Window::Minute);
+        assert_eq!(e.retry_after_secs, 20);
+        // One emission interval later, exactly one more fits.
+        st.check(&l, T0 + 20 * S).unwrap();
+        assert!(st.check(&l, T0 + 20 * S).is_err());
+        // After a whole window the full quota is back.
+        for _ in 0..3 {
+            st.check(&l, T0 + 80 * S).unwrap();
+        }
+    }
+
+    #[test]
+    fn refusal_by_hour_does_not_consume_minute_and_vice_versa() {
+        let l = Limits {
+            per_minute: Some(2),
+            per_hour: Some(2),
+        };
+        let st = LimiterState::default();
+        st.check(&l, T0).unwrap();
+        st.check(&l, T0).unwrap();
+        // Both exhausted now; hour refusal is the longer wait.
+        let e = st.check(&l, T0).unwrap_err();
+        assert_eq!(e.window, Window::Hour);
+        let minute_before = st.minute_tat.load(Ordering::SeqCst);
+        for _ in 0..100 {
+            assert!(st.check(&l, T0 + 61 * S).is_err());
+        }
+        assert_eq!(st.minute_tat.load(Ordering::SeqCst), minute_before);
+
+        let l2 = Limits {
+            per_minute: Some(1),
+            per_hour: Some(100),
+        };
+        let st2 = LimiterState::default();
+        st2.check(&l2, T0).unwrap();
+        let hour_before = st2.hour_tat.load(Ordering::SeqCst);
+        for _ in 0..50 {
+            assert_eq!(st2.check(&l2, T0).unwrap_err().window, Window::Minute);
+        }
+        assert_eq!(st2.hour_tat.load(Ordering::SeqCst), hour_before);
+    }
+
+    #[test]
+    fn unlimited_never_refuses_and_reports_nothing() {
+        let l = Limits::default();
+        let st = LimiterState::default();
+        for _ in 0..10_000 {
+            assert_eq!(st.check(&l, T0).unwrap().header(), None);
+        }
+    }
+
+    #[test]
+    fn headers() {
+        let l = Limits {
+            per_minute: Some(60),
+            per_hour: Some(1000),
+        };
+        assert_eq!(
+            l.policy_header(),
+            "\"minute\";q=60;w=60, \"hour\";q=1000;w=3600"
+        );
+        let st = LimiterState::default();
+        let s = st.check(&l, T0).unwrap();
+        assert_eq!(s.header().unwrap(), "\"minute\";r=59;t=1");
+        let e = Exceeded {
+            window: Window::Hour,
+            retry_after_secs: 7,
+            limits: l,
+        };
+        assert_eq!(e.ratelimit_header(), "\"hour\";r=0;t=7");
+    }
+
+    #[test]
+    fn concurrent_checks_never_exceed_quota() {
+        use std::sync::Arc;
+        let l = Limits {
+            per_minute: Some(500),
+            per_hour: Some(700),
+        };
+        let st = Arc::new(LimiterState::default());
+        let allowed = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let st = st.clone();
+                let allowed = allowed.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        if st.check(&l, T0).is_ok() {
+                            allowed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(allowed.load(Ordering::SeqCst), 500);
+    }
+}

@@ -1,0 +1,472 @@
+//! The sidecar's immutable view of every key and service policy. A new snapshot is built off
+//! the request path from a sync payload and swapped in whole; requests only ever read one.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::core::key::{Environment, KeyHash};
+use crate::core::ratelimit::{LimiterState, Limits};
+use crate::core::scope::{ScopeError, ScopeSet};
+use crate::core::sync::{SyncKey, SyncPayload, SyncService};
+
+/// Why a payload was refused; the previous snapshot stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("service {service}: {source}")]
+    Scope {
+        service: String,
+        #[source]
+        source: ScopeError,
+    },
+    #[error("service {service}: invalid CIDR {cidr:?}")]
+    Cidr { service: String, cidr: String },
+    #[error("service {service}: key {key_id} has an invalid hash")]
+    Hash { service: String, key_id: String },
+    #[error("key hash appears twice (key {key_id})")]
+    DuplicateKey { key_id: String },
+    #[error("service id {0} appears twice")]
+    DuplicateService(String),
+    #[error("delta for epoch {got} cannot apply to a snapshot of epoch {have}")]
+    EpochMismatch { have: String, got: String },
+    #[error("delta to version {got} does not advance version {have}")]
+    Stale { have: u64, got: u64 },
+    #[error("a delta needs a snapshot to apply to")]
+    DeltaWithoutBase,
+    #[error("service {service}: a header value must be visible ASCII")]
+    HeaderUnsafe { service: String },
+}
+
+/// A service's policy, shared by all its keys.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+    pub environment: Environment,
+    pub scopes: ScopeSet,
+    /// `X-Permiso-Scopes` value, built once.
+    pub scopes_header: String,
+    pub disabled: bool,
+    pub allowed_ips: Vec<IpNet>,
+    pub limits: Limits,
+    pub limiter: Arc<LimiterState>,
+    /// Kept so the snapshot can be written back out and deltas can drop replaced keys.
+    pub keys: Vec<SyncKey>,
+}
+
+impl ServiceEntry {
+    pub fn ip_allowed(&self, ip: Option<IpAddr>) -> bool {
+        if self.allowed_ips.is_empty() {
+            return true;
+        }
+        // Fail closed: a restricted service with no known peer address is refused.
+        let Some(ip) = ip else { return false };
+        let ip = match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        self.allowed_ips.iter().any(|net| net.contains(&ip))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    pub key_id: Arc<str>,
+    pub service: Arc<ServiceEntry>,
+    pub expires_at: Option<i64>,
+}
+
+/// blake3 output is already uniformly random, so its first eight bytes are a perfect hash;
+/// SipHash over it again would only cost time. Lookups use attacker-chosen keys but their
+/// hashes are unpredictable, and only admins insert.
+#[derive(Default)]
+pub struct KeyHashHasher(u64);
+
+impl Hasher for KeyHashHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // KeyHash hashes as one 32-byte array write (plus a length prefix for slices; arrays
+        // have none). Fold in anything else so the hasher stays correct if that changes.
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+        }
+    }
+}
+
+type KeyMap = HashMap<KeyHash, KeyEntry, BuildHasherDefault<KeyHashHasher>>;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub epoch: String,
+    pub version: u64,
+    pub environment: Environment,
+    services: HashMap<Arc<str>, Arc<ServiceEntry>>,
+    keys: KeyMap,
+}
+
+fn header_safe(s: &str) -> bool {
+    s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+fn build_service(
+    s: &SyncService,
+    previous: Option<&Arc<ServiceEntry>>,
+) -> Result<Arc<ServiceEntry>, SnapshotError> {
+    let scopes = ScopeSet::parse(&s.scopes).map_err(|source| SnapshotError::Scope {
+        service: s.service_id.clone(),
+        source,
+    })?;
+    let mut allowed_ips = Vec::with_capacity(s.allowed_ips.len());
+    for c in &s.allowed_ips {
+        let net = parse_cidr(c).ok_or_else(|| SnapshotError::Cidr {
+            service: s.service_id.clone(),
+            cidr: c.clone(),
+        })?;
+        allowed_ips.push(net);
+    }
+    if !header_safe(&s.service_id) || !header_safe(&s.service_name) {
+        return Err(SnapshotError::HeaderUnsafe {
+            service: s.service_id.clone(),
+        });
+    }
+    for k in &s.keys {
+        if KeyHash::from_hex(&k.hash).is_none() || !header_safe(&k.key_id) {
+            return Err(SnapshotError::Hash {
+                service: s.service_id.clone(),
+                key_id: k.key_id.clone(),
+            });
+        }
+    }
+    let limits = Limits {
+        per_minute: s.rate_limit_per_minute,
+        per_hour: s.rate_limit_per_hour,
+    };
+    // Rate-limit state survives syncs while the limits stay the same; new limits start fresh.
+    let limiter = match previous {
+        Some(p) if p.limits == limits => p.limiter.clone(),
+        _ => Arc::new(LimiterState::default()),
+    };
+    Ok(Arc::new(ServiceEntry {
+        id: Arc::from(s.service_id.as_str()),
+        name: Arc::from(s.service_name.as_str()),
+        environment: s.environment,
+        scopes_header: scopes.joined(),
+        scopes,
+        disabled: s.disabled,
+        allowed_ips,
+        limits,
+        limiter,
+        keys: s.keys.clone(),
+    }))
+}
+
+/// Accepts `10.0.0.0/8` and a bare address (`10.1.2.3`, meaning /32 or /128).
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
+}
+
+impl Snapshot {
+    pub fn empty(environment: Environment, epoch: String, version: u64) -> Snapshot {
+        Snapshot {
+            epoch,
+            version,
+            environment,
+            services: HashMap::new(),
+            keys: KeyMap::default(),
+        }
+    }
+
+    /// Builds the whole snapshot from a full payload, keeping only this sidecar's environment.
+    /// `previous` only lends rate-limit state.
+    pub fn from_full(
+        payload: &SyncPayload,
+        environment: Environment,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, SnapshotError> {
+        let mut snap = Snapshot::empty(environment, payload.epoch.clone(), payload.version);
+        snap.upsert_all(&payload.services, previous)?;
+        Ok(snap)
+    }
+
+    /// A new snapshot with the delta's services replaced. `self` is untouched.
+    pub fn apply_delta(&self, payload: &SyncPayload) -> Result<Snapshot, SnapshotError> {
+        if payload.epoch != self.epoch {
+            return Err(SnapshotError::EpochMismatch {
+                have: self.epoch.clone(),
+                got: payload.epoch.clone(),
+            });
+        }
+        if payload.version < self.version {
+            return Err(SnapshotError::Stale {
+                have: self.version,
+                got: payload.version,
+            });
+        }
+        let mut next = Snapshot {
+            epoch: self.epoch.clone(),
+            version: payload.version,
+            environment: self.environment,
+            services: self.services.clone(),
+            keys: self.keys.clone(),
+        };
+        next.upsert_all(&payload.services, Some(self))?;
+        Ok(next)
+    }
+
+    fn upsert_all(
+        &mut self,
+        services: &[SyncService],
+        previous: Option<&Snapshot>,
+    ) -> Result<(), SnapshotError> {
+        let mut seen = std::collections::HashSet::new();
+        for s in services {
+            if !seen.insert(s.service_id.as_str()) {
+                return Err(SnapshotError::DuplicateService(s.service_id.clone()));
+            }
+            // Drop whatever this service had before; its new key list is complete.
+            if let Some(old) = self.services.remove(s.service_id.as_str()) {
+                for k in &old.keys {
+                    if let Some(h) = KeyHash::from_hex(&k.hash) {
+                        self.keys.remove(&h);
+                    }
+                }
+            }
+            if s.environment != self.environment {
+                continue;
+            }
+            let prev = previous.and_then(|p| p.services.get(s.service_id.as_str()));
+            let entry = build_service(s, prev)?;
+            for k in &s.keys {
+                let hash = KeyHash::from_hex(&k.hash).expect("validated in build_service");
+                let ke = KeyEntry {
+                    key_id: Arc::from(k.key_id.as_str()),
+                    service: entry.clone(),
+                    expires_at: k.expires_at,
+                };
+                if self.keys.insert(hash, ke).is_some() {
+                    return Err(SnapshotError::DuplicateKey {
+                        key_id: k.key_id.clone(),
+                    });
+                }
+            }
+            self.services.insert(entry.id.clone(), entry);
+        }
+        Ok(())
+    }
+
+    pub fn lookup(&self, hash: &KeyHash) -> Option<&KeyEntry> {
+        self.keys.get(hash)
+    }
+
+    pub fn service(&self, id: &str) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(id)
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// The full payload this snapshot was built from (this environment's part), for the
+    /// snapshot file.
+    pub fn to_payload(&self) -> SyncPayload {
+        let mut services: Vec<SyncService> = self
+            .services
+            .values()
+            .map(|s| SyncService {
+                service_id: s.id.to_string(),
+                service_name: s.name.to_string(),
+                environment: s.environment,
+                scopes: s.scopes.to_strings(),
+                disabled: s.disabled,
+                rate_limit_per_minute: s.limits.per_minute,
+                rate_limit_per_hour: s.limits.per_hour,
+                allowed_ips: s.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                keys: s.keys.clone(),
+            })
+            .collect();
+        services.sort_by(|a, b| a.service_id.cmp(&b.service_id));
+        SyncPayload {
+            epoch: self.epoch.clone(),
+            version: self.version,
+            full: true,
+            services,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::core::key;
+
+    pub fn service(id: &str, scopes: &[&str], keys: Vec<SyncKey>) -> SyncService {
+        SyncService {
+            service_id: id.into(),
+            service_name: format!("name-{id}"),
+            environment: Environment::Live,
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            disabled: false,
+            rate_limit_per_minute: None,
+            rate_limit_per_hour: None,
+            allowed_ips: vec![],
+            keys,
+        }
+    }
+
+    pub fn sync_key(id: &str, k: &key::NewKey) -> SyncKey {
+        SyncKey {
+            key_id: id.into(),
+            hash: k.hash.to_hex(),
+            expires_at: None,
+        }
+    }
+
+    fn payload(version: u64, full: bool, services: Vec<SyncService>) -> SyncPayload {
+        SyncPayload {
+            epoch: "e1".into(),
+            version,
+            full,
+            services,
+        }
+    }
+
+    #[test]
+    fn full_then_delta_replaces_service_keys_and_keeps_others() {
+        let k1 = key::generate(Environment::Live);
+        let k2 = key::generate(Environment::Live);
+        let k3 = key::generate(Environment::Live);
+        let full = payload(
+            3,
+            true,
+            vec![
+                service("srv_a", &["a:read"], vec![sync_key("key_1", &k1)]),
+                service("srv_b", &["b:read"], vec![sync_key("key_2", &k2)]),
+            ],
+        );
+        let s1 = Snapshot::from_full(&full, Environment::Live, None).unwrap();
+        assert_eq!(s1.key_count(), 2);
+        assert_eq!(&*s1.lookup(&k1.hash).unwrap().key_id, "key_1");
+
+        // srv_a rotated: key_1 gone (revoked), key_3 new, scopes changed.
+        let delta = payload(
+            4,
+            false,
+            vec![service("srv_a", &["a:*"], vec![sync_key("key_3", &k3)])],
+        );
+        let s2 = s1.apply_delta(&delta).unwrap();
+        assert!(s2.lookup(&k1.hash).is_none());
+        assert!(s2.lookup(&k2.hash).is_some());
+        let e3 = s2.lookup(&k3.hash).unwrap();
+        assert!(e3.service.scopes.allows("a:write"));
+        assert_eq!(s2.version, 4);
+        // The old snapshot is untouched.
+        assert!(s1.lookup(&k1.hash).is_some());
+        // Round trip through the file format.
+        let again = Snapshot::from_full(&s2.to_payload(), Environment::Live, None).unwrap();
+        assert_eq!(again.key_count(), 2);
+        assert_eq!(again.to_payload(), s2.to_payload());
+    }
+
+    #[test]
+    fn invalid_payloads_are_refused_whole() {
+        let k1 = key::generate(Environment::Live);
+        let mut bad = service("srv_b", &["b:read"], vec![]);
+        bad.allowed_ips = vec!["10.0.0.0/33".into()];
+        let p = payload(
+            1,
+            true,
+            vec![
+                service("srv_a", &["a:r"], vec![sync_key("key_1", &k1)]),
+                bad,
+            ],
+        );
+        assert!(matches!(
+            Snapshot::from_full(&p, Environment::Live, None),
+            Err(SnapshotError::Cidr { .. })
+        ));
+        let mut badhash = service("srv_c", &[], vec![sync_key("key_x", &k1)]);
+        badhash.keys[0].hash = "nothex".into();
+        assert!(
+            Snapshot::from_full(&payload(1, true, vec![badhash]), Environment::Live, None).is_err()
+        );
+        let dup = payload(
+            1,
+            true,
+            vec![
+                service("srv_a", &[], vec![sync_key("key_1", &k1)]),
+                service("srv_b", &[], vec![sync_key("key_2", &k1)]),
+            ],
+        );
+        assert!(matches!(
+            Snapshot::from_full(&dup, Environment::Live, None),
+            Err(SnapshotError::DuplicateKey { .. })
+        ));
+        let base = Snapshot::from_full(&payload(5, true, vec![]), Environment::Live, None).unwrap();
+        let mut other_epoch = payload(6, false, vec![]);
+        other_epoch.epoch = "e2".into();
+        assert!(base.apply_delta(&other_epoch).is_err());
+        assert!(base.apply_delta(&payload(4, false, vec![])).is_err());
+    }
+
+    #[test]
+    fn other_environment_is_dropped() {
+        let k = key::generate(Environment::Test);
+        let mut s = service("srv_t", &[], vec![sync_key("key_t", &k)]);
+        s.environment = Environment::Test;
+        let snap =
+            Snapshot::from_full(&payload(1, true, vec![s]), Environment::Live, None).unwrap();
+        assert_eq!(snap.key_count(), 0);
+    }
+
+    #[test]
+    fn limiter_state_survives_unchanged_limits_only() {
+        let mut s = service("srv_a", &[], vec![]);
+        s.rate_limit_per_minute = Some(10);
+        let a = Snapshot::from_full(&payload(1, true, vec![s.clone()]), Environment::Live, None)
+            .unwrap();
+        let b = a.apply_delta(&payload(2, false, vec![s.clone()])).unwrap();
+        assert!(Arc::ptr_eq(
+            &a.service("srv_a").unwrap().limiter,
+            &b.service("srv_a").unwrap().limiter
+        ));
+        s.rate_limit_per_minute = Some(20);
+        let c = b.apply_delta(&payload(3, false, vec![s])).unwrap();
+        assert!(!Arc::ptr_eq(
+            &b.service("srv_a").unwrap().limiter,
+            &c.service("srv_a").unwrap().limiter
+        ));
+    }
+
+    #[test]
+    fn ip_rules() {
+        let mut s = service("srv_a", &[], vec![]);
+        s.allowed_ips = vec!["10.0.0.0/8".into(), "192.168.1.7".into()];
+        let snap =
+            Snapshot::from_full(&payload(1, true, vec![s]), Environment::Live, None).unwrap();
+        let e = snap.service("srv_a").unwrap();
+        assert!(e.ip_allowed(Some("10.2.3.4".parse().unwrap())));
+        assert!(e.ip_allowed(Some("::ffff:10.2.3.4".parse().unwrap())));
+        assert!(e.ip_allowed(Some("192.168.1.7".parse().unwrap())));
+        assert!(!e.ip_allowed(Some("192.168.1.8".parse().unwrap())));
+        assert!(!e.ip_allowed(Some("127.0.0.1".parse().unwrap())));
+        assert!(!e.ip_allowed(None));
+    }
+}

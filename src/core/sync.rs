@@ -1,0 +1,43 @@
+//! The wire format sidecars pull from `GET /v1/sync`, also the format of the snapshot file.
+//! It carries key hashes and policies, never keys.
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::key::Environment;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncPayload {
+    /// Identifies the admin plane's database; versions are only comparable within one epoch.
+    pub epoch: String,
+    /// The version this payload brings the receiver to.
+    pub version: u64,
+    /// True: `services` is everything. False: `services` replaces just those services.
+    pub full: bool,
+    pub services: Vec<SyncService>,
+}
+
+/// One service with its whole policy and every key that may still authenticate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncService {
+    pub service_id: String,
+    pub service_name: String,
+    pub environment: Environment,
+    pub scopes: Vec<String>,
+    pub disabled: bool,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_per_hour: Option<u32>,
+    pub allowed_ips: Vec<String>,
+    pub keys: Vec<SyncKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncKey {
+    pub key_id: String,
+    /// Lower-case hex blake3 of the key.
+    pub hash: String,
+    /// Unix seconds after which the key no longer works (end of a rotation grace window).
+    pub expires_at: Option<i64>,
+}

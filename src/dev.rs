@@ -1,0 +1,319 @@
+//! `permiso dev`: the admin plane (temporary SQLite file), the demo MT5 API and a sidecar in
+//! one process, with copy-paste curl lines. `--self-test` runs that walkthrough itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::TryRngCore;
+use serde_json::{json, Value};
+
+use crate::config::{self, AdminConfig, SidecarConfig};
+use crate::core::clock::{SharedClock, SystemClock};
+use crate::core::key::Secret;
+
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Admin plane port.
+    #[arg(long, default_value_t = 8000)]
+    pub admin_port: u16,
+    /// Demo MT5 API port.
+    #[arg(long, default_value_t = 8001)]
+    pub upstream_port: u16,
+    /// Sidecar port.
+    #[arg(long, default_value_t = 9001)]
+    pub sidecar_port: u16,
+    /// Run the walkthrough (create, call, 401/403, rotate, revoke) and exit.
+    #[arg(long)]
+    pub self_test: bool,
+}
+
+const SHIPPED_CONFIG: &str = include_str!("../config.toml");
+
+fn random_admin_key() -> String {
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut b)
+        .expect("OS CSPRNG unavailable");
+    format!("adm_{}", URL_SAFE_NO_PAD.encode(b))
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir() -> anyhow::Result<TempDir> {
+    let mut b = [0u8; 6];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut b)
+        .expect("OS CSPRNG unavailable");
+    let p = std::env::temp_dir().join(format!(
+        "permiso-dev-{}-{}",
+        std::process::id(),
+        URL_SAFE_NO_PAD.encode(b)
+    ));
+    std::fs::create_dir_all(&p)?;
+    Ok(TempDir(p))
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn sidecar_config(
+    dir: &Path,
+    args: &DevArgs,
+    admin: SocketAddr,
+    credential: Secret,
+) -> anyhow::Result<SidecarConfig> {
+    let mut file = config::parse_file(SHIPPED_CONFIG, Path::new("config.toml"))?;
+    let sc = file
+        .sidecar
+        .as_mut()
+        .context("shipped config.toml has no [sidecar]")?;
+    sc.listen = local(args.sidecar_port).to_string();
+    sc.upstream = local(args.upstream_port).to_string();
+    sc.snapshot_file = dir.join("snapshot.json").display().to_string();
+    sc.sync.admin_url = format!("http://{admin}");
+    Ok(SidecarConfig::from_file(sc, credential)?)
+}
+
+pub fn run(args: DevArgs) -> anyhow::Result<()> {
+    let dir = temp_dir()?;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let admin_key = random_admin_key();
+    let file = config::parse_file(SHIPPED_CONFIG, Path::new("config.toml"))?;
+    let mut admin_file = file.admin_plane;
+    admin_file.listen = local(args.admin_port).to_string();
+    admin_file.database = dir.0.join("permiso.db").display().to_string();
+    let admin_cfg = AdminConfig::from_file(&admin_file, Some(admin_key.clone()))?;
+    let admin = crate::admin::start(admin_cfg, clock.clone())
+        .with_context(|| format!("starting the admin plane on port {}", args.admin_port))?;
+    let admin_url = format!("http://{}", admin.addr);
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let upstream_addr = local(args.upstream_port);
+    let upstream_listener = std::net::TcpListener::bind(upstream_addr)
+        .with_context(|| format!("binding the demo MT5 API on {upstream_addr}"))?;
+    upstream_listener.set_nonblocking(true)?;
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(upstream_listener).expect("listener");
+        let _ = axum::serve(l, crate::demo_upstream::router()).await;
+    });
+
+    let http = reqwest::Client::new();
+    let sync_key = rt.block_on(async {
+        let r = http
+            .post(format!("{admin_url}/auth/admin/services"))
+            .header("X-Admin-Api-Key", &admin_key)
+            .json(
+                &json!({"service_name": "permiso-sidecar-mt5", "scopes": ["sync:read"],
+                          "description": "the MT5 sidecar's sync credential"}),
+            )
+            .send()
+            .await?;
+        let v: Value = r.error_for_status()?.json().await?;
+        anyhow::Ok(v["api_key"].as_str().context("no api_key")?.to_string())
+    })?;
+    let sidecar_cfg = sidecar_config(&dir.0, &args, admin.addr, Secret::new(sync_key))?;
+    let sidecar = crate::sidecar::start(sidecar_cfg, clock)?;
+    let sidecar_url = format!("http://{}", sidecar.addr);
+
+    print_banner(&admin_url, &sidecar_url, &admin_key, upstream_addr);
+
+    let result = if args.self_test {
+        rt.block_on(self_test(&http, &admin_url, &sidecar_url, &admin_key))
+    } else {
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        Ok(())
+    };
+    drop(sidecar);
+    admin.stop();
+    drop(rt);
+    drop(dir);
+    result
+}
+
+fn print_banner(admin: &str, sidecar: &str, admin_key: &str, upstream: SocketAddr) {
+    println!(
+        r#"
+Permiso dev is running (Ctrl-C stops it; all state is temporary).
+
+  admin plane   {admin}
+  demo MT5 API  http://{upstream}   (protected; call it through the sidecar)
+  sidecar       {sidecar}
+
+export ADMIN_KEY='{admin_key}'
+
+# 1. Create a service account; the key is shown only in this response.
+curl -s -X POST {admin}/auth/admin/services -H "X-Admin-Api-Key: $ADMIN_KEY" \
+  -H 'Content-Type: application/json' \
+  -d '{{"service_name":"trading-dashboard","scopes":["trade:read","account:read","market:data"]}}'
+export KEY=<api_key from the response>; export SID=<service_id from the response>
+
+# 2. Call the MT5 API through the sidecar: 200, with the caller identified upstream.
+curl -s {sidecar}/api/v1/trades -H "Authorization: Bearer $KEY"
+
+# 3. Denials: no key -> 401; missing scope trade:open -> 403; unknown route -> 403.
+curl -si {sidecar}/api/v1/trades
+curl -si -X POST {sidecar}/api/v1/trades -H "Authorization: Bearer $KEY"
+
+# 4. Rotate: a new key; the old one keeps working for the grace window (7 days by default).
+curl -s -X POST {admin}/auth/admin/services/$SID/rotate -H "X-Admin-Api-Key: $ADMIN_KEY"
+
+# 5. Revoke a key by id (GET {admin}/auth/admin/services/$SID lists them): it stops at once.
+curl -s -X POST {admin}/auth/admin/services/$SID/keys/<key_id>/revoke -H "X-Admin-Api-Key: $ADMIN_KEY"
+"#
+    );
+}
+
+async fn expect(step: &str, resp: reqwest::Response, status: u16) -> anyhow::Result<Value> {
+    let got = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if got != status {
+        bail!("{step}: expected {status}, got {got}: {body}");
+    }
+    println!("ok  {step}: {got}");
+    Ok(body)
+}
+
+async fn self_test(
+    http: &reqwest::Client,
+    admin: &str,
+    sidecar: &str,
+    admin_key: &str,
+) -> anyhow::Result<()> {
+    let created = expect(
+        "create service",
+        http.post(format!("{admin}/auth/admin/services"))
+            .header("X-Admin-Api-Key", admin_key)
+            .json(&json!({"service_name": "trading-dashboard", "scopes": ["trade:read", "account:read", "market:data"]}))
+            .send()
+            .await?,
+        201,
+    )
+    .await?;
+    let key = created["api_key"].as_str().context("api_key")?.to_string();
+    let sid = created["service_id"]
+        .as_str()
+        .context("service_id")?
+        .to_string();
+    let old_key_id = created["key_id"].as_str().context("key_id")?.to_string();
+    let trades = format!("{sidecar}/api/v1/trades");
+
+    // The new key reaches the sidecar through the long poll.
+    let start = Instant::now();
+    loop {
+        let r = http.get(&trades).bearer_auth(&key).send().await?;
+        if r.status() == 200 {
+            println!(
+                "ok  call with the new key: 200 after {} ms",
+                start.elapsed().as_millis()
+            );
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(2) {
+            bail!(
+                "the sidecar did not accept the new key within 2 s (last status {})",
+                r.status()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    expect("no key", http.get(&trades).send().await?, 401).await?;
+    expect(
+        "missing scope trade:open",
+        http.post(&trades).bearer_auth(&key).send().await?,
+        403,
+    )
+    .await?;
+    expect(
+        "unknown route",
+        http.get(format!("{sidecar}/internal"))
+            .bearer_auth(&key)
+            .send()
+            .await?,
+        403,
+    )
+    .await?;
+    let rotated = expect(
+        "rotate",
+        http.post(format!("{admin}/auth/admin/services/{sid}/rotate"))
+            .header("X-Admin-Api-Key", admin_key)
+            .send()
+            .await?,
+        200,
+    )
+    .await?;
+    let new_key = rotated["api_key"].as_str().context("api_key")?.to_string();
+    println!("    old key works until {}", rotated["old_keys_expire_at"]);
+    let start = Instant::now();
+    while http
+        .get(&trades)
+        .bearer_auth(&new_key)
+        .send()
+        .await?
+        .status()
+        != 200
+    {
+        if start.elapsed() > Duration::from_secs(2) {
+            bail!("rotated key not accepted within 2 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    expect(
+        "old key during grace",
+        http.get(&trades).bearer_auth(&key).send().await?,
+        200,
+    )
+    .await?;
+    expect(
+        "new key",
+        http.get(&trades).bearer_auth(&new_key).send().await?,
+        200,
+    )
+    .await?;
+    expect(
+        "revoke old key",
+        http.post(format!(
+            "{admin}/auth/admin/services/{sid}/keys/{old_key_id}/revoke"
+        ))
+        .header("X-Admin-Api-Key", admin_key)
+        .send()
+        .await?,
+        200,
+    )
+    .await?;
+    let start = Instant::now();
+    loop {
+        if http.get(&trades).bearer_auth(&key).send().await?.status() == 401 {
+            println!(
+                "ok  revoked key refused after {} ms",
+                start.elapsed().as_millis()
+            );
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(1) {
+            bail!("revoked key still accepted after 1 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    expect(
+        "new key still works",
+        http.get(&trades).bearer_auth(&new_key).send().await?,
+        200,
+    )
+    .await?;
+    println!("self-test passed");
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! The `permiso` binary: `admin`, `sidecar` and `dev`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use permiso::config::{self, AdminConfig, SidecarConfig};
+use permiso::core::clock::SystemClock;
+
+#[derive(Parser)]
+#[command(name = "permiso", version, about = "Service-to-service auth gateway")]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the admin plane (needs PERMISO_ADMIN_API_KEY).
+    Admin {
+        /// Config file; its [admin_plane] section is used. Defaults apply without one.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides admin_plane.listen.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Overrides admin_plane.database.
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Run a sidecar in front of one service.
+    Sidecar {
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Admin plane + demo MT5 service + sidecar in one process, with a walkthrough.
+    Dev(permiso::dev::DevArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    permiso::telemetry::init(cli.log_json);
+    match cli.command {
+        Command::Admin {
+            config,
+            listen,
+            database,
+        } => {
+            let mut file = match &config {
+                Some(p) => config::load_file(p)?,
+                None => Default::default(),
+            };
+            if let Some(l) = listen {
+                file.admin_plane.listen = l;
+            }
+            if let Some(d) = database {
+                file.admin_plane.database = d;
+            }
+            let cfg = AdminConfig::from_file(
+                &file.admin_plane,
+                std::env::var("PERMISO_ADMIN_API_KEY").ok(),
+            )?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(cfg.listen)
+                    .await
+                    .with_context(|| format!("binding {}", cfg.listen))?;
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    let _ = tx.send(true);
+                });
+                permiso::admin::serve(listener, cfg, Arc::new(SystemClock), rx).await
+            })
+        }
+        Command::Sidecar { config } => {
+            let file = config::load_file(&config)?;
+            let sc = file
+                .sidecar
+                .as_ref()
+                .with_context(|| format!("{} has no [sidecar] section", config.display()))?;
+            let credential = config::read_sync_credential(&sc.sync)?;
+            let cfg = SidecarConfig::from_file(sc, credential)?;
+            permiso::sidecar::run(cfg, Arc::new(SystemClock))
+        }
+        Command::Dev(args) => permiso::dev::run(args),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

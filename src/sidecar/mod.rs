@@ -1,0 +1,178 @@
+//! The sidecar: a pingora reverse proxy in front of one service, enforcing the key snapshot
+//! that `sync_client` keeps current. `start` runs it on background threads (tests, `permiso
+//! dev`); `run` runs it in the foreground with pingora's signal handling.
+
+pub mod proxy;
+pub mod snapshot_file;
+pub mod sync_client;
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use pingora::prelude::HttpPeer;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use tokio::sync::watch;
+
+use crate::config::SidecarConfig;
+use crate::core::clock::SharedClock;
+use crate::core::snapshot::Snapshot;
+use proxy::{Shared, SidecarProxy};
+use sync_client::SyncClient;
+
+/// Loads the snapshot file, if any. A bad file is refused with a log line and the sidecar
+/// starts without a snapshot (failing closed until the first sync) rather than trusting it.
+fn initial_snapshot(cfg: &SidecarConfig) -> Option<Arc<Snapshot>> {
+    match snapshot_file::load(&cfg.snapshot_file, cfg.environment) {
+        Ok(Some(s)) => {
+            tracing::info!(path = %cfg.snapshot_file.display(), version = s.version, keys = s.key_count(), "loaded snapshot file");
+            Some(Arc::new(s))
+        }
+        Ok(None) => {
+            tracing::warn!(path = %cfg.snapshot_file.display(), "no snapshot file; protected routes answer 503 until the first sync");
+            None
+        }
+        Err(e) => {
+            tracing::error!(path = %cfg.snapshot_file.display(), error = %e, "refusing snapshot file; protected routes answer 503 until the first sync");
+            None
+        }
+    }
+}
+
+struct Parts {
+    server: Server,
+    sync: SyncClient,
+}
+
+fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
+    let current = Arc::new(ArcSwapOption::new(initial_snapshot(cfg)));
+    let shared = Arc::new(Shared {
+        snapshot: current.clone(),
+        routes: cfg.routes.clone(),
+        environment: cfg.environment,
+        peer: HttpPeer::new(cfg.upstream, false, String::new()),
+        clock,
+    });
+    let conf = ServerConf {
+        threads: cfg.threads,
+        grace_period_seconds: Some(cfg.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(2),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut service = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        SidecarProxy { shared },
+        "permiso sidecar",
+    );
+    service.add_tcp(&cfg.listen.to_string());
+    server.add_service(service);
+    let sync = SyncClient {
+        admin_url: cfg.admin_url.clone(),
+        credential: cfg.sync_credential.clone(),
+        wait: cfg.sync_wait,
+        environment: cfg.environment,
+        snapshot_file: cfg.snapshot_file.clone(),
+        current,
+    };
+    Parts { server, sync }
+}
+
+fn spawn_sync(
+    sync: SyncClient,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("permiso-sync".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(sync.run(stop));
+        })
+}
+
+/// Runs in the foreground until SIGTERM (graceful) or SIGINT (fast).
+pub fn run(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<()> {
+    let Parts { server, sync } = build(&cfg, clock);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sync_thread = spawn_sync(sync, stop_rx)?;
+    tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, environment = %cfg.environment, routes = cfg.routes.len(), "sidecar starting");
+    server.run(RunArgs::default());
+    let _ = stop_tx.send(true);
+    let _ = sync_thread.join();
+    Ok(())
+}
+
+/// Lets a handle stop an in-process sidecar the way SIGINT stops a standalone one.
+struct WatchSignal(watch::Receiver<bool>);
+
+#[async_trait]
+impl ShutdownSignalWatch for WatchSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// A sidecar running on background threads.
+pub struct SidecarHandle {
+    pub addr: SocketAddr,
+    proxy_stop: watch::Sender<bool>,
+    sync_stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl SidecarHandle {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for SidecarHandle {
+    fn drop(&mut self) {
+        let _ = self.sync_stop.send(true);
+        let _ = self.proxy_stop.send(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the proxy and the sync loop, and returns once the listener accepts connections.
+pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHandle> {
+    let Parts { server, sync } = build(&cfg, clock);
+    let (sync_stop, sync_rx) = watch::channel(false);
+    let (proxy_stop, proxy_rx) = watch::channel(false);
+    let mut threads = vec![spawn_sync(sync, sync_rx)?];
+    threads.push(
+        std::thread::Builder::new()
+            .name("permiso-sidecar".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(WatchSignal(proxy_rx)),
+                });
+            })?,
+    );
+    let handle = SidecarHandle {
+        addr: cfg.listen,
+        proxy_stop,
+        sync_stop,
+        threads,
+    };
+    // pingora retries a busy port for 30 s and never reports failure: check readiness here.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&cfg.listen, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            anyhow::bail!("sidecar did not start listening on {}", cfg.listen);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(handle)
+}

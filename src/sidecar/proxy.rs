@@ -1,0 +1,199 @@
+//! The pingora shell around `core::decision`: extract request facts, decide, then either write
+//! the denial (keeping the connection) or forward with identity headers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::Result;
+
+use crate::core::clock::SharedClock;
+use crate::core::decision::{decide, Authorization, RequestFacts, Verdict};
+use crate::core::denial::Denial;
+use crate::core::key::{Environment, KEY_FAMILY_PREFIX};
+use crate::core::routes::RouteTable;
+use crate::core::snapshot::Snapshot;
+
+pub const HEADER_PREFIX: &str = "x-permiso-";
+
+pub struct Shared {
+    pub snapshot: Arc<ArcSwapOption<Snapshot>>,
+    pub routes: RouteTable,
+    pub environment: Environment,
+    pub peer: HttpPeer,
+    pub clock: SharedClock,
+}
+
+pub struct SidecarProxy {
+    pub shared: Arc<Shared>,
+}
+
+pub struct Ctx {
+    start: Instant,
+    verdict: Option<Verdict>,
+    denial: Option<&'static str>,
+}
+
+async fn write_denial(session: &mut Session, denial: &Denial) -> Result<()> {
+    let r = denial.response();
+    let mut h = ResponseHeader::build(r.status, Some(4 + r.headers.len()))?;
+    h.insert_header("Content-Type", "application/json")?;
+    h.insert_header("Content-Length", r.body.len().to_string())?;
+    h.insert_header("Cache-Control", "no-store")?;
+    for (name, value) in r.headers {
+        h.insert_header(name, value)?;
+    }
+    session.write_response_header(Box::new(h), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(r.body)), true)
+        .await?;
+    Ok(())
+}
+
+fn is_permiso_key(auth: Option<&http::HeaderValue>) -> bool {
+    auth.and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .is_some_and(|(_, t)| t.trim_start().starts_with(KEY_FAMILY_PREFIX))
+}
+
+#[async_trait]
+impl ProxyHttp for SidecarProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            verdict: None,
+            denial: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let shared = &self.shared;
+        let snapshot = shared.snapshot.load();
+        let decision = {
+            let req = session.req_header();
+            let mut auth_values = req.headers.get_all(http::header::AUTHORIZATION).iter();
+            let authorization = match (auth_values.next(), auth_values.next()) {
+                (None, _) => Authorization::Absent,
+                (Some(v), None) => Authorization::One(v.as_bytes()),
+                (Some(_), Some(_)) => Authorization::Several,
+            };
+            let facts = RequestFacts {
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                authorization,
+                client_ip: session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.ip()),
+            };
+            decide(
+                &shared.routes,
+                snapshot.as_deref(),
+                shared.environment,
+                &facts,
+                shared.clock.now_nanos(),
+            )
+        };
+        match decision {
+            Ok(v) => {
+                ctx.verdict = Some(v);
+                Ok(false)
+            }
+            Err(denial) => {
+                ctx.denial = Some(denial.reason());
+                write_denial(session, &denial).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(self.shared.peer.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Callers must never be able to claim an identity: drop every incoming X-Permiso-*.
+        let forged: Vec<http::HeaderName> = upstream
+            .headers
+            .keys()
+            .filter(|n| n.as_str().starts_with(HEADER_PREFIX))
+            .cloned()
+            .collect();
+        for name in forged {
+            upstream.remove_header(&name);
+        }
+        match &ctx.verdict {
+            Some(Verdict::Allowed { principal, .. }) => {
+                upstream.remove_header(&http::header::AUTHORIZATION);
+                let s = &principal.service;
+                upstream.insert_header("X-Permiso-Service-Id", &*s.id)?;
+                upstream.insert_header("X-Permiso-Service-Name", &*s.name)?;
+                upstream.insert_header("X-Permiso-Scopes", s.scopes_header.as_str())?;
+                upstream.insert_header("X-Permiso-Key-Id", &*principal.key_id)?;
+                upstream.insert_header("X-Permiso-Environment", s.environment.as_str())?;
+            }
+            Some(Verdict::Public) => {
+                // A Permiso key sent to a public route still must not leak upstream.
+                if is_permiso_key(upstream.headers.get(http::header::AUTHORIZATION)) {
+                    upstream.remove_header(&http::header::AUTHORIZATION);
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(Verdict::Allowed { principal, rate }) = &ctx.verdict {
+            if let Some(value) = rate.header() {
+                response
+                    .insert_header("RateLimit-Policy", principal.service.limits.policy_header())?;
+                response.insert_header("RateLimit", value)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        let (decision, service_id, key_id) = match (&ctx.verdict, ctx.denial) {
+            (_, Some(reason)) => (reason, None, None),
+            (Some(Verdict::Allowed { principal, .. }), None) => (
+                "allowed",
+                Some(principal.service.id.clone()),
+                Some(principal.key_id.clone()),
+            ),
+            (Some(Verdict::Public), None) => ("public", None, None),
+            (None, None) => ("none", None, None),
+        };
+        tracing::info!(
+            target: "permiso::access",
+            method = %req.method,
+            path = req.uri.path(),
+            status,
+            decision,
+            service_id = service_id.as_deref(),
+            key_id = key_id.as_deref(),
+            latency_us = ctx.start.elapsed().as_micros() as u64,
+            error = error.map(|e| e.to_string()),
+        );
+    }
+}

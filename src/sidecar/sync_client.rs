@@ -1,0 +1,127 @@
+//! Keeps the sidecar's snapshot current: long-polls the admin plane, builds each new snapshot
+//! off the request path, swaps it in whole, then writes it to disk. On failure it keeps the
+//! snapshot it has and retries with capped, jittered backoff.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use rand::Rng;
+use tokio::sync::watch;
+
+use crate::core::key::{Environment, Secret};
+use crate::core::snapshot::{Snapshot, SnapshotError};
+use crate::core::sync::SyncPayload;
+use crate::sidecar::snapshot_file;
+
+pub struct SyncClient {
+    pub admin_url: String,
+    pub credential: Secret,
+    pub wait: Duration,
+    pub environment: Environment,
+    pub snapshot_file: PathBuf,
+    pub current: Arc<ArcSwapOption<Snapshot>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("admin plane answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("payload refused: {0}")]
+    Invalid(#[from] SnapshotError),
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+impl SyncClient {
+    async fn fetch(&self, http: &reqwest::Client) -> Result<SyncPayload, SyncError> {
+        let mut url = format!("{}/v1/sync?wait={}", self.admin_url, self.wait.as_secs());
+        if let Some(s) = self.current.load().as_ref() {
+            url.push_str(&format!("&after={}&epoch={}", s.version, s.epoch));
+        }
+        let resp = http
+            .get(url)
+            .bearer_auth(self.credential.expose())
+            .timeout(self.wait + Duration::from_secs(10))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(SyncError::Status(resp.status()));
+        }
+        Ok(resp.json::<SyncPayload>().await?)
+    }
+
+    /// Builds and swaps in the next snapshot. Returns whether anything changed.
+    fn apply(&self, payload: &SyncPayload) -> Result<bool, SnapshotError> {
+        let current = self.current.load_full();
+        let next = match (&current, payload.full) {
+            (Some(cur), false) if payload.services.is_empty() && payload.version == cur.version => {
+                return Ok(false)
+            }
+            (Some(cur), false) => cur.apply_delta(payload)?,
+            (None, false) => return Err(SnapshotError::DeltaWithoutBase),
+            (cur, true) => Snapshot::from_full(payload, self.environment, cur.as_deref())?,
+        };
+        tracing::info!(
+            version = next.version,
+            full = payload.full,
+            changed_services = payload.services.len(),
+            keys = next.key_count(),
+            "snapshot applied"
+        );
+        self.current.store(Some(Arc::new(next)));
+        Ok(true)
+    }
+
+    fn persist(&self) {
+        if let Some(s) = self.current.load_full() {
+            if let Err(e) = snapshot_file::write(&self.snapshot_file, &s) {
+                tracing::error!(path = %self.snapshot_file.display(), error = %e, "could not write snapshot file");
+            }
+        }
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .expect("http client");
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let outcome = tokio::select! {
+                r = self.fetch(&http) => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            let failed = match outcome.and_then(|p| self.apply(&p).map_err(SyncError::from)) {
+                Ok(changed) => {
+                    backoff = MIN_BACKOFF;
+                    if changed {
+                        self.persist();
+                    }
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "sync failed; serving from the last snapshot");
+                    true
+                }
+            };
+            if failed {
+                let jitter = rand::rng().random_range(0.5..1.0);
+                let pause = backoff.mul_f64(jitter);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    }
+}
