@@ -421,7 +421,9 @@ impl Store {
             ));
         }
         let active: Vec<&KeyRecord> = cur.keys.iter().filter(|k| k.is_active(now)).collect();
-        if active.len() >= max_active as usize {
+        // grace 0 ends every old key now, so it never adds to the count: a leaked key can
+        // always be replaced.
+        if grace_secs > 0 && active.len() >= max_active as usize {
             return Err(StoreError::Conflict(format!(
                 "the service already has {} active keys (limit {max_active}); revoke one or rotate with a shorter grace",
                 active.len()

@@ -39,7 +39,31 @@ pub struct Ctx {
     denial: Option<&'static str>,
 }
 
+/// Request bodies up to this size are read and discarded before a denial, so the connection
+/// stays usable; larger or chunked bodies get the denial and a closed connection instead of
+/// making us read what an unauthenticated caller sends.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn drain_small_body(session: &mut Session) {
+    if session.is_body_done() {
+        return;
+    }
+    let small = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= DRAIN_LIMIT);
+    if small {
+        // On error or timeout pingora closes the connection after the response: still correct.
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, session.drain_request_body()).await;
+    }
+}
+
 async fn write_denial(session: &mut Session, denial: &Denial) -> Result<()> {
+    drain_small_body(session).await;
     let r = denial.response();
     let mut h = ResponseHeader::build(r.status, Some(4 + r.headers.len()))?;
     h.insert_header("Content-Type", "application/json")?;

@@ -1,1 +1,8 @@
+//! Integration tests: real HTTP over loopback against a real admin plane (SQLite file), a
+//! pingora sidecar and an upstream. One test binary, one module per area.
 
+mod admin_api;
+mod common;
+mod resilience;
+mod rotation;
+mod sidecar_auth;

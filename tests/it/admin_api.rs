@@ -1,0 +1,488 @@
+//! The admin API: authentication, bad input (4xx, JSON body, nothing written), listing, sync.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::common::{Harness, ADMIN_KEY};
+
+fn sync_version(h: &Harness) -> u64 {
+    let r = h
+        .http
+        .get(h.admin_url("/v1/sync"))
+        .bearer_auth(&h.sync_key)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Value>().unwrap()["version"].as_u64().unwrap()
+}
+
+fn raw(
+    h: &Harness,
+    method: Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, Value) {
+    let mut rb = h
+        .http
+        .request(method, h.admin_url(path))
+        .header("X-Admin-Api-Key", ADMIN_KEY)
+        .body(body);
+    if let Some(ct) = content_type {
+        rb = rb.header("Content-Type", ct);
+    }
+    let r = rb.send().unwrap();
+    (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn bad_input_gets_its_4xx_and_writes_nothing() {
+    let h = Harness::start();
+    let existing = h.create(json!({"service_name": "existing", "scopes": ["a:b"]}));
+    let before = h.list_all();
+    let version_before = sync_version(&h);
+    let svc_path = format!("/auth/admin/services/{}", existing.service_id);
+    let json_ct = Some("application/json");
+    let cases: Vec<(&str, Method, String, Option<&str>, Vec<u8>, u16)> = vec![
+        (
+            "malformed JSON",
+            Method::POST,
+            "/auth/admin/services".into(),
+            json_ct,
+            b"{\"service_name\":".to_vec(),
+            400,
+        ),
+        (
+            "unknown field",
+            Method::POST,
+            "/auth/admin/services".into(),
+            json_ct,
+            br#"{"service_name":"x","admin":true}"#.to_vec(),
+            400,
+        ),
+        (
+            "bad scope",
+            Method::POST,
+            "/auth/admin/services".into(),
+            json_ct,
+            br#"{"service_name":"x","scopes":["trade::open"]}"#.to_vec(),
+            400,
+        ),
+        (
+            "bad CIDR",
+            Method::POST,
+            "/auth/admin/services".into(),
+            json_ct,
+            br#"{"service_name":"x","allowed_ips":["10.0.0.0/40"]}"#.to_vec(),
+            400,
+        ),
+        (
+            "empty name",
+            Method::POST,
+            "/auth/admin/services".into(),
+            json_ct,
+            br#"{"service_name":"  "}"#.to_vec(),
+            400,
+        ),
+        (
+            "duplicate name",
+            Method::POST,
+            "/auth/admin/services".into(),
+            json_ct,
+            br#"{"service_name":"EXISTING"}"#.to_vec(),
+            409,
+        ),
+        (
+            "bad environment",
+            Method::POST,
+            "/auth/admin/services".into(),
+            json_ct,
+            br#"{"service_name":"x","environment":"prod"}"#.to_vec(),
+            400,
+        ),
+        (
+            "zero rate limit",
+            Method::POST,
+            "/auth/admin/services".into(),
+            json_ct,
+            br#"{"service_name":"x","rate_limit_per_minute":0}"#.to_vec(),
+            400,
+        ),
+        (
+            "wrong content type",
+            Method::POST,
+            "/auth/admin/services".into(),
+            Some("text/plain"),
+            br#"{"service_name":"x"}"#.to_vec(),
+            415,
+        ),
+        (
+            "no content type",
+            Method::POST,
+            "/auth/admin/services".into(),
+            None,
+            br#"{"service_name":"x"}"#.to_vec(),
+            415,
+        ),
+        (
+            "body too large",
+            Method::POST,
+            "/auth/admin/services".into(),
+            json_ct,
+            format!(
+                r#"{{"service_name":"x","description":"{}"}}"#,
+                "d".repeat(10_000)
+            )
+            .into_bytes(),
+            413,
+        ),
+        (
+            "unknown service",
+            Method::GET,
+            "/auth/admin/services/srv_doesnotexist".into(),
+            None,
+            vec![],
+            404,
+        ),
+        (
+            "not an id",
+            Method::GET,
+            "/auth/admin/services/..%2f..".into(),
+            None,
+            vec![],
+            404,
+        ),
+        (
+            "patch unknown service",
+            Method::PATCH,
+            "/auth/admin/services/srv_nope".into(),
+            json_ct,
+            br#"{"disabled":true}"#.to_vec(),
+            404,
+        ),
+        (
+            "patch bad scope",
+            Method::PATCH,
+            svc_path.clone(),
+            json_ct,
+            br#"{"scopes":["*"]}"#.to_vec(),
+            400,
+        ),
+        (
+            "patch unknown field",
+            Method::PATCH,
+            svc_path.clone(),
+            json_ct,
+            br#"{"service_name":"renamed"}"#.to_vec(),
+            400,
+        ),
+        (
+            "patch nothing",
+            Method::PATCH,
+            svc_path.clone(),
+            json_ct,
+            b"{}".to_vec(),
+            400,
+        ),
+        (
+            "rotate bad body",
+            Method::POST,
+            format!("{svc_path}/rotate"),
+            json_ct,
+            br#"{"grace_seconds":-1}"#.to_vec(),
+            400,
+        ),
+        (
+            "rotate unknown field",
+            Method::POST,
+            format!("{svc_path}/rotate"),
+            json_ct,
+            br#"{"grace":5}"#.to_vec(),
+            400,
+        ),
+        (
+            "rotate unknown service",
+            Method::POST,
+            "/auth/admin/services/srv_nope/rotate".into(),
+            None,
+            vec![],
+            404,
+        ),
+        (
+            "revoke unknown key",
+            Method::POST,
+            format!("{svc_path}/keys/key_nope/revoke"),
+            None,
+            vec![],
+            404,
+        ),
+        (
+            "revoke another service's key",
+            Method::POST,
+            format!(
+                "/auth/admin/services/srv_other/keys/{}/revoke",
+                existing.key_id
+            ),
+            None,
+            vec![],
+            404,
+        ),
+        (
+            "delete unknown",
+            Method::DELETE,
+            "/auth/admin/services/srv_nope".into(),
+            None,
+            vec![],
+            404,
+        ),
+        (
+            "bad list limit",
+            Method::GET,
+            "/auth/admin/services?limit=0".into(),
+            None,
+            vec![],
+            400,
+        ),
+        (
+            "bad list param",
+            Method::GET,
+            "/auth/admin/services?limit=abc".into(),
+            None,
+            vec![],
+            400,
+        ),
+        (
+            "unknown endpoint",
+            Method::GET,
+            "/auth/admin/nothing".into(),
+            None,
+            vec![],
+            404,
+        ),
+        (
+            "wrong method",
+            Method::PUT,
+            "/auth/admin/services".into(),
+            None,
+            vec![],
+            405,
+        ),
+    ];
+    for (name, method, path, ct, body, want) in cases {
+        let (got, v) = raw(&h, method, &path, ct, body);
+        assert_eq!(got, want, "{name}: {v}");
+        assert!(
+            v["error"].is_string() && v["error_description"].is_string(),
+            "{name}: body {v}"
+        );
+    }
+    assert_eq!(
+        h.list_all(),
+        before,
+        "a refused request changed the database"
+    );
+    assert_eq!(sync_version(&h), version_before);
+}
+
+#[test]
+fn admin_authentication() {
+    let h = Harness::start();
+    let list = |key: Option<(&str, &str)>| {
+        let mut rb = h.http.get(h.admin_url("/auth/admin/services"));
+        if let Some((name, value)) = key {
+            rb = rb.header(name, value);
+        }
+        let r = rb.send().unwrap();
+        let www = r.headers().get("www-authenticate").is_some();
+        (r.status().as_u16(), www, r.json::<Value>().unwrap())
+    };
+    let (s, www, v) = list(None);
+    assert_eq!((s, www), (401, true));
+    assert_eq!(v["error"], "unauthorized");
+    assert_eq!(
+        list(Some(("X-Admin-Api-Key", "wrong-key-wrong-key-wrong"))).0,
+        401
+    );
+    assert_eq!(
+        list(Some(("X-Admin-Api-Key", &ADMIN_KEY[..ADMIN_KEY.len() - 1]))).0,
+        401
+    );
+    assert_eq!(list(Some(("X-Admin-Api-Key", ADMIN_KEY))).0, 200);
+
+    // A service key holding admin:* is an admin; one without is refused; a garbage bearer is 401.
+    let admin_svc = h.create(json!({"service_name": "ops-bot", "scopes": ["admin:*"]}));
+    let plain = h.create(json!({"service_name": "plain", "scopes": ["trade:read"]}));
+    let bearer = |k: &str| format!("Bearer {k}");
+    assert_eq!(
+        list(Some(("Authorization", &bearer(&admin_svc.api_key)))).0,
+        200
+    );
+    assert_eq!(
+        list(Some(("Authorization", &bearer(&plain.api_key)))).0,
+        403
+    );
+    assert_eq!(
+        list(Some(("Authorization", "Bearer svc_live_garbage"))).0,
+        401
+    );
+
+    // The admin service key can act: create through it.
+    let r = h
+        .http
+        .post(h.admin_url("/auth/admin/services"))
+        .bearer_auth(&admin_svc.api_key)
+        .json(&json!({"service_name": "made-by-bot"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // Once its service is disabled, its key is no longer an admin.
+    let (s, _) = h.admin_req(
+        Method::DELETE,
+        &format!("/auth/admin/services/{}", admin_svc.service_id),
+        None,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(
+        list(Some(("Authorization", &bearer(&admin_svc.api_key)))).0,
+        401
+    );
+}
+
+#[test]
+fn listing_paginates_and_never_shows_secrets() {
+    let h = Harness::start();
+    let mut keys = vec![];
+    for i in 0..5 {
+        keys.push(
+            h.create(json!({"service_name": format!("svc-{i}"), "scopes": ["x:y"]}))
+                .api_key,
+        );
+    }
+    let mut seen = vec![];
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/auth/admin/services?limit=2&cursor={c}"),
+            None => "/auth/admin/services?limit=2".to_string(),
+        };
+        let (s, v) = h.admin_req(Method::GET, &path, None);
+        assert_eq!(s, 200);
+        let text = v.to_string();
+        for k in &keys {
+            assert!(!text.contains(k.as_str()), "a key leaked into a listing");
+        }
+        assert!(!text.contains(&h.sync_key));
+        for svc in v["services"].as_array().unwrap() {
+            seen.push(svc["service_name"].as_str().unwrap().to_string());
+            let key = &svc["keys"][0];
+            assert!(key["prefix"].as_str().unwrap().starts_with("svc_live_"));
+            assert_eq!(key["prefix"].as_str().unwrap().len(), 13);
+            assert!(key["created_at"].is_string());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        vec!["sidecar-sync", "svc-0", "svc-1", "svc-2", "svc-3", "svc-4"]
+    );
+}
+
+#[test]
+fn sync_endpoint_scopes_deltas_long_polls_and_carries_no_keys() {
+    let h = Harness::start();
+    // Needs sync:read (or the admin key); admin:* alone is not enough.
+    let admin_svc = h.create(json!({"service_name": "ops", "scopes": ["admin:*"]}));
+    let r = h
+        .http
+        .get(h.admin_url("/v1/sync"))
+        .bearer_auth(&admin_svc.api_key)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        h.http.get(h.admin_url("/v1/sync")).send().unwrap().status(),
+        401
+    );
+    let r = h
+        .http
+        .get(h.admin_url("/v1/sync"))
+        .header("X-Admin-Api-Key", ADMIN_KEY)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let full: Value = h
+        .http
+        .get(h.admin_url("/v1/sync"))
+        .bearer_auth(&h.sync_key)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(full["full"], true);
+    let text = full.to_string();
+    assert!(
+        !text.contains(&admin_svc.api_key) && !text.contains(&h.sync_key),
+        "sync payload carries a key"
+    );
+    let epoch = full["epoch"].as_str().unwrap().to_string();
+    let version = full["version"].as_u64().unwrap();
+
+    // Up to date: an empty delta.
+    let url = |after: u64, wait: u64| {
+        h.admin_url(&format!("/v1/sync?after={after}&epoch={epoch}&wait={wait}"))
+    };
+    let d: Value = h
+        .http
+        .get(url(version, 0))
+        .bearer_auth(&h.sync_key)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        (d["full"].as_bool(), d["services"].as_array().unwrap().len()),
+        (Some(false), 0)
+    );
+    // Another epoch (a different database): full.
+    let f: Value = h
+        .http
+        .get(h.admin_url(&format!("/v1/sync?after={version}&epoch=other")))
+        .bearer_auth(&h.sync_key)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(f["full"], true);
+
+    // A long poll returns as soon as something changes, with just that service.
+    let client = h.http.clone();
+    let sync_key = h.sync_key.clone();
+    let poll_url = url(version, 5);
+    let started = Instant::now();
+    let poll = std::thread::spawn(move || {
+        let v: Value = client
+            .get(poll_url)
+            .bearer_auth(sync_key)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        (v, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let created = h.create(json!({"service_name": "late", "scopes": ["q:r"]}));
+    let (delta, took) = poll.join().unwrap();
+    assert!(took < Duration::from_secs(2), "long poll took {took:?}");
+    assert_eq!(delta["full"], false);
+    let services = delta["services"].as_array().unwrap();
+    assert_eq!(services.len(), 1);
+    assert_eq!(services[0]["service_id"], created.service_id.as_str());
+    assert_eq!(services[0]["keys"][0]["hash"].as_str().unwrap().len(), 64);
+}

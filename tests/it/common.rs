@@ -1,0 +1,320 @@
+//! Starts real servers on loopback for one test: the admin plane (SQLite file in a temp dir),
+//! a small echo upstream, and a sidecar in front of it, all sharing one manual clock.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use permiso::admin::{self, AdminHandle};
+use permiso::config::{self, AdminConfig, SidecarConfig};
+use permiso::core::clock::{ManualClock, SharedClock};
+use permiso::core::key::Secret;
+use permiso::sidecar::{self, SidecarHandle};
+use reqwest::blocking::{Client, Response};
+use serde_json::{json, Value};
+
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
+
+pub const ROUTES: &str = r#"
+[[sidecar.routes]]
+prefix = "/health"
+public = true
+
+[[sidecar.routes]]
+methods = ["GET"]
+prefix = "/api/v1/trades"
+scopes = ["trade:read"]
+
+[[sidecar.routes]]
+methods = ["POST"]
+prefix = "/api/v1/trades"
+scopes = ["trade:open"]
+
+[[sidecar.routes]]
+prefix = "/api/v1/account"
+scopes = ["account:read"]
+"#;
+
+pub fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// An upstream that answers every request with what it received, as JSON.
+pub struct EchoUpstream {
+    pub addr: SocketAddr,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl EchoUpstream {
+    pub fn start() -> EchoUpstream {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                let app = axum::Router::new().fallback(
+                    |method: axum::http::Method,
+                     uri: axum::http::Uri,
+                     headers: axum::http::HeaderMap| async move {
+                        let mut h = serde_json::Map::new();
+                        for (k, v) in headers.iter() {
+                            h.insert(
+                                k.as_str().to_string(),
+                                json!(String::from_utf8_lossy(v.as_bytes())),
+                            );
+                        }
+                        axum::Json(
+                            json!({"method": method.as_str(), "path": uri.path(), "headers": h}),
+                        )
+                    },
+                );
+                axum::serve(l, app).await.unwrap();
+            });
+        });
+        EchoUpstream {
+            addr,
+            _thread: thread,
+        }
+    }
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub clock: ManualClock,
+    pub admin: Option<AdminHandle>,
+    pub admin_addr: SocketAddr,
+    pub upstream: EchoUpstream,
+    pub sidecar: Option<SidecarHandle>,
+    pub sidecar_addr: SocketAddr,
+    pub sync_key: String,
+    pub http: Client,
+}
+
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub service_id: String,
+    pub api_key: String,
+    pub key_id: String,
+}
+
+impl Harness {
+    pub fn start() -> Harness {
+        Self::start_with(ROUTES)
+    }
+
+    pub fn start_with(routes: &str) -> Harness {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::starting_now();
+        let http = Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let admin = start_admin(
+            &dir.path().join("permiso.db"),
+            "127.0.0.1:0".parse().unwrap(),
+            &clock,
+        );
+        let admin_addr = admin.addr;
+        let upstream = EchoUpstream::start();
+        let mut h = Harness {
+            dir,
+            clock,
+            admin: Some(admin),
+            admin_addr,
+            upstream,
+            sidecar: None,
+            sidecar_addr: free_port(),
+            sync_key: String::new(),
+            http,
+        };
+        let sync = h.create(json!({"service_name": "sidecar-sync", "scopes": ["sync:read"]}));
+        h.sync_key = sync.api_key;
+        h.start_sidecar(routes);
+        h.wait_synced();
+        h
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("permiso.db")
+    }
+
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.dir.path().join("snapshot.json")
+    }
+
+    pub fn sidecar_config(&self, routes: &str) -> SidecarConfig {
+        let text = format!(
+            "[sidecar]\nlisten = \"{}\"\nupstream = \"{}\"\nsnapshot_file = \"{}\"\n[sidecar.sync]\nadmin_url = \"http://{}\"\nwait_seconds = 5\n{}",
+            self.sidecar_addr,
+            self.upstream.addr,
+            self.snapshot_path().display(),
+            self.admin_addr,
+            routes
+        );
+        let f = config::parse_file(&text, std::path::Path::new("test.toml")).unwrap();
+        SidecarConfig::from_file(
+            f.sidecar.as_ref().unwrap(),
+            Secret::new(self.sync_key.clone()),
+        )
+        .unwrap()
+    }
+
+    pub fn start_sidecar(&mut self, routes: &str) {
+        let cfg = self.sidecar_config(routes);
+        let clock: SharedClock = Arc::new(self.clock.clone());
+        self.sidecar = Some(sidecar::start(cfg, clock).expect("sidecar starts"));
+    }
+
+    pub fn stop_sidecar(&mut self) {
+        if let Some(s) = self.sidecar.take() {
+            s.stop();
+        }
+    }
+
+    pub fn stop_admin(&mut self) {
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+    }
+
+    /// Restarts the admin plane on the same address and database.
+    pub fn restart_admin(&mut self) {
+        self.stop_admin();
+        self.admin = Some(start_admin(&self.db_path(), self.admin_addr, &self.clock));
+    }
+
+    /// Waits until the sidecar has applied the admin plane's current version.
+    pub fn wait_synced(&self) {
+        let started = Instant::now();
+        while !self.snapshot_path().exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "sidecar never wrote a snapshot"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
+    }
+
+    pub fn sidecar_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.sidecar_addr, path)
+    }
+
+    pub fn admin_req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(method, self.admin_url(path))
+            .header("X-Admin-Api-Key", ADMIN_KEY);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    pub fn create(&self, body: Value) -> Created {
+        let (status, v) = self.admin_req(reqwest::Method::POST, "/auth/admin/services", Some(body));
+        assert_eq!(status, 201, "create failed: {v}");
+        Created {
+            service_id: v["service_id"].as_str().unwrap().to_string(),
+            api_key: v["api_key"].as_str().unwrap().to_string(),
+            key_id: v["key_id"].as_str().unwrap().to_string(),
+        }
+    }
+
+    pub fn get(&self, path: &str, key: Option<&str>) -> Response {
+        let mut rb = self.http.get(self.sidecar_url(path));
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        rb.send().unwrap()
+    }
+
+    /// Polls the sidecar until `path` answers `status` for `key`; returns how long it took.
+    pub fn wait_for_status(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        status: u16,
+        within: Duration,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            let got = self.get(path, key).status().as_u16();
+            if got == status {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < within,
+                "{path} still answers {got}, not {status}, after {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn clock_secs(&self) -> u64 {
+        use permiso::core::clock::Clock;
+        self.clock.now_secs() as u64
+    }
+
+    pub fn list_all(&self) -> Value {
+        let (s, v) = self.admin_req(reqwest::Method::GET, "/auth/admin/services?limit=200", None);
+        assert_eq!(s, 200);
+        v
+    }
+}
+
+pub fn start_admin(db: &std::path::Path, listen: SocketAddr, clock: &ManualClock) -> AdminHandle {
+    let mut f = config::file::AdminPlane::default();
+    f.listen = listen.to_string();
+    f.database = db.display().to_string();
+    f.max_body_bytes = 4096;
+    let cfg = AdminConfig::from_file(&f, Some(ADMIN_KEY.to_string())).unwrap();
+    let clock: SharedClock = Arc::new(clock.clone());
+    // The previous instance may take a moment to release the port.
+    let started = Instant::now();
+    loop {
+        match admin::start(cfg.clone(), clock.clone()) {
+            Ok(h) => return h,
+            Err(e) if started.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("admin plane did not start: {e}"),
+        }
+    }
+}
+
+pub fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Test-captured logs; `RUST_LOG=debug cargo test ...` shows them for a failing test.
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}

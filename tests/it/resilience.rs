@@ -1,0 +1,83 @@
+//! The sidecar without its admin plane: keeps serving, restarts from its snapshot file, fails
+//! closed with nothing, and catches up by itself when the admin plane returns.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::{Harness, ROUTES};
+
+#[test]
+fn sidecar_serves_from_memory_and_file_while_the_admin_plane_is_down() {
+    let mut h = Harness::start();
+    let svc = h.create(json!({"service_name": "steady", "scopes": ["trade:read"]}));
+    h.wait_for_status(
+        "/api/v1/trades",
+        Some(&svc.api_key),
+        200,
+        Duration::from_secs(1),
+    );
+
+    h.stop_admin();
+    for _ in 0..20 {
+        assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
+    }
+
+    // Restart the sidecar with the admin plane still down: it serves from its snapshot file.
+    h.stop_sidecar();
+    h.start_sidecar(ROUTES);
+    assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
+    assert_eq!(h.get("/api/v1/trades", None).status(), 401);
+
+    // The admin plane returns: the sidecar catches up without being told.
+    h.restart_admin();
+    let later = h.create(json!({"service_name": "after-outage", "scopes": ["trade:read"]}));
+    let took = h.wait_for_status(
+        "/api/v1/trades",
+        Some(&later.api_key),
+        200,
+        Duration::from_secs(15),
+    );
+    eprintln!("sidecar caught up {took:?} after the admin plane returned");
+}
+
+#[test]
+fn no_snapshot_and_no_admin_plane_fails_closed() {
+    let mut h = Harness::start();
+    let svc = h.create(json!({"service_name": "orphan", "scopes": ["trade:read"]}));
+    h.wait_for_status(
+        "/api/v1/trades",
+        Some(&svc.api_key),
+        200,
+        Duration::from_secs(1),
+    );
+    h.stop_sidecar();
+    h.stop_admin();
+    std::fs::remove_file(h.snapshot_path()).unwrap();
+    h.start_sidecar(ROUTES);
+    let r = h.get("/api/v1/trades", Some(&svc.api_key));
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers().get("retry-after").unwrap(), "1");
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["error"], "temporarily_unavailable");
+    // Public routes do not need key state.
+    assert_eq!(h.get("/health", None).status(), 200);
+}
+
+#[test]
+fn a_corrupt_snapshot_file_is_refused_not_half_applied() {
+    let mut h = Harness::start();
+    let svc = h.create(json!({"service_name": "corrupt", "scopes": ["trade:read"]}));
+    h.wait_for_status(
+        "/api/v1/trades",
+        Some(&svc.api_key),
+        200,
+        Duration::from_secs(1),
+    );
+    h.stop_sidecar();
+    h.stop_admin();
+    let text = std::fs::read_to_string(h.snapshot_path()).unwrap();
+    std::fs::write(h.snapshot_path(), &text[..text.len() * 2 / 3]).unwrap();
+    h.start_sidecar(ROUTES);
+    assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 503);
+}
