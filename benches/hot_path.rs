@@ -1,1 +1,101 @@
-fn main() {}
+//! Criterion benchmarks of the request path's pure pieces: key parse + checksum, hash +
+//! snapshot lookup, scope check, rate-limit check and the whole decision, on snapshots of
+//! 10k and 100k keys (`PERMISO_BENCH_1M=1` adds 1M).
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use permiso::core::decision::{decide, Authorization, RequestFacts};
+use permiso::core::key::{self, Environment};
+use permiso::core::ratelimit::{LimiterState, Limits};
+use permiso::core::routes::{Access, Route, RouteTable};
+use permiso::core::scope::{Scope, ScopeSet};
+use permiso::core::snapshot::Snapshot;
+use permiso::core::sync::{SyncKey, SyncPayload, SyncService};
+
+/// A snapshot of `n` keys over n/10 services, and one valid key in it.
+fn snapshot(n: usize) -> (Snapshot, String) {
+    let mut probe = None;
+    let services = (0..n / 10)
+        .map(|s| {
+            let keys = (0..10)
+                .map(|k| {
+                    let nk = key::generate(Environment::Live);
+                    if probe.is_none() {
+                        probe = Some(nk.secret.expose().to_string());
+                    }
+                    SyncKey { key_id: format!("key_{s}_{k}"), hash: nk.hash.to_hex(), expires_at: None }
+                })
+                .collect();
+            SyncService {
+                service_id: format!("srv_{s}"),
+                service_name: format!("service-{s}"),
+                environment: Environment::Live,
+                scopes: vec!["trade:read".into(), "account:*".into()],
+                disabled: false,
+                rate_limit_per_minute: None,
+                rate_limit_per_hour: None,
+                allowed_ips: vec![],
+                keys,
+            }
+        })
+        .collect();
+    let payload = SyncPayload { epoch: "bench".into(), version: 1, full: true, services };
+    (Snapshot::from_full(&payload, Environment::Live, None).unwrap(), probe.unwrap())
+}
+
+fn sizes() -> Vec<usize> {
+    let mut v = vec![10_000, 100_000];
+    if std::env::var_os("PERMISO_BENCH_1M").is_some() {
+        v.push(1_000_000);
+    }
+    v
+}
+
+fn benches(c: &mut Criterion) {
+    let k = key::generate(Environment::Live);
+    let text = k.secret.expose().to_string();
+    c.bench_function("key parse + checksum", |b| b.iter(|| key::parse(black_box(&text)).unwrap()));
+
+    let scopes = ScopeSet::parse(&["trade:read", "account:*", "market:data"]).unwrap();
+    c.bench_function("scope check (wildcard)", |b| b.iter(|| scopes.allows(black_box("account:balance"))));
+
+    let limits = Limits { per_minute: Some(u32::MAX), per_hour: Some(u32::MAX) };
+    let state = LimiterState::default();
+    let mut now = 1_800_000_000_000_000_000u64;
+    c.bench_function("rate-limit check (two windows)", |b| {
+        b.iter(|| {
+            now += 1;
+            state.check(black_box(&limits), now).unwrap()
+        })
+    });
+
+    let routes = RouteTable::new(vec![
+        Route::new(vec![], "/health".into(), Access::Public),
+        Route::new(vec!["GET".into()], "/api/v1/trades".into(), Access::Scopes(vec![Scope::parse("trade:read").unwrap()])),
+        Route::new(vec![], "/api/v1/account".into(), Access::Scopes(vec![Scope::parse("account:read").unwrap()])),
+    ]);
+    let mut group = c.benchmark_group("snapshot");
+    for n in sizes() {
+        let (snap, probe) = snapshot(n);
+        group.bench_with_input(BenchmarkId::new("hash + lookup", n), &n, |b, _| {
+            b.iter(|| snap.lookup(&key::KeyHash::of(black_box(&probe))).is_some())
+        });
+        let header = format!("Bearer {probe}").into_bytes();
+        group.bench_with_input(BenchmarkId::new("whole decision (allow)", n), &n, |b, _| {
+            b.iter(|| {
+                let facts = RequestFacts {
+                    method: "GET",
+                    path: "/api/v1/trades/42",
+                    authorization: Authorization::One(black_box(&header)),
+                    client_ip: Some([127, 0, 0, 1].into()),
+                };
+                decide(&routes, Some(&snap), Environment::Live, &facts, 1_800_000_000_000_000_000).is_ok()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(hot_path, benches);
+criterion_main!(hot_path);

@@ -96,6 +96,23 @@ pub enum PathError {
     Backslash,
 }
 
+/// "." or "..", with any dot possibly percent-encoded as %2e. No allocation.
+fn is_dot_segment(seg: &str) -> bool {
+    let b = seg.as_bytes();
+    let (mut i, mut dots) = (0, 0);
+    while i < b.len() {
+        if b[i] == b'.' {
+            i += 1;
+        } else if b.len() - i >= 3 && b[i..i + 3].eq_ignore_ascii_case(b"%2e") {
+            i += 3;
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
+}
+
 /// Accepts only paths whose meaning cannot change under an upstream's normalisation.
 pub fn check_path(path: &str) -> Result<(), PathError> {
     if !path.starts_with('/') {
@@ -112,14 +129,8 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
     if lower_has("%2f") || lower_has("%5c") {
         return Err(PathError::EncodedSeparator);
     }
-    for seg in path.split('/') {
-        let decoded_dots = seg.len() <= 9 && {
-            let d = seg.replace("%2e", ".").replace("%2E", ".");
-            d == "." || d == ".."
-        };
-        if decoded_dots {
-            return Err(PathError::DotSegment);
-        }
+    if path.split('/').any(is_dot_segment) {
+        return Err(PathError::DotSegment);
     }
     Ok(())
 }
@@ -205,5 +216,9 @@ mod tests {
         assert_eq!(check_path("/api/v1/trades/1.5"), Ok(()));
         assert_eq!(check_path("/api/v1/market/EURUSD"), Ok(()));
         assert_eq!(check_path("/files/...hidden"), Ok(()));
+        assert_eq!(check_path("/files/..."), Ok(()));
+        assert_eq!(check_path("/a/.%2E/b"), Err(PathError::DotSegment));
+        assert_eq!(check_path("/a/%2e"), Err(PathError::DotSegment));
+        assert_eq!(check_path("/a/%2ex"), Ok(()));
     }
 }
