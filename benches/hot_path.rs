@@ -24,7 +24,11 @@ fn snapshot(n: usize) -> (Snapshot, String) {
                     if probe.is_none() {
                         probe = Some(nk.secret.expose().to_string());
                     }
-                    SyncKey { key_id: format!("key_{s}_{k}"), hash: nk.hash.to_hex(), expires_at: None }
+                    SyncKey {
+                        key_id: format!("key_{s}_{k}"),
+                        hash: nk.hash.to_hex(),
+                        expires_at: None,
+                    }
                 })
                 .collect();
             SyncService {
@@ -40,8 +44,16 @@ fn snapshot(n: usize) -> (Snapshot, String) {
             }
         })
         .collect();
-    let payload = SyncPayload { epoch: "bench".into(), version: 1, full: true, services };
-    (Snapshot::from_full(&payload, Environment::Live, None).unwrap(), probe.unwrap())
+    let payload = SyncPayload {
+        epoch: "bench".into(),
+        version: 1,
+        full: true,
+        services,
+    };
+    (
+        Snapshot::from_full(&payload, Environment::Live, None).unwrap(),
+        probe.unwrap(),
+    )
 }
 
 fn sizes() -> Vec<usize> {
@@ -55,12 +67,19 @@ fn sizes() -> Vec<usize> {
 fn benches(c: &mut Criterion) {
     let k = key::generate(Environment::Live);
     let text = k.secret.expose().to_string();
-    c.bench_function("key parse + checksum", |b| b.iter(|| key::parse(black_box(&text)).unwrap()));
+    c.bench_function("key parse + checksum", |b| {
+        b.iter(|| key::parse(black_box(&text)).unwrap())
+    });
 
     let scopes = ScopeSet::parse(&["trade:read", "account:*", "market:data"]).unwrap();
-    c.bench_function("scope check (wildcard)", |b| b.iter(|| scopes.allows(black_box("account:balance"))));
+    c.bench_function("scope check (wildcard)", |b| {
+        b.iter(|| scopes.allows(black_box("account:balance")))
+    });
 
-    let limits = Limits { per_minute: Some(u32::MAX), per_hour: Some(u32::MAX) };
+    let limits = Limits {
+        per_minute: Some(u32::MAX),
+        per_hour: Some(u32::MAX),
+    };
     let state = LimiterState::default();
     let mut now = 1_800_000_000_000_000_000u64;
     c.bench_function("rate-limit check (two windows)", |b| {
@@ -72,8 +91,16 @@ fn benches(c: &mut Criterion) {
 
     let routes = RouteTable::new(vec![
         Route::new(vec![], "/health".into(), Access::Public),
-        Route::new(vec!["GET".into()], "/api/v1/trades".into(), Access::Scopes(vec![Scope::parse("trade:read").unwrap()])),
-        Route::new(vec![], "/api/v1/account".into(), Access::Scopes(vec![Scope::parse("account:read").unwrap()])),
+        Route::new(
+            vec!["GET".into()],
+            "/api/v1/trades".into(),
+            Access::Scopes(vec![Scope::parse("trade:read").unwrap()]),
+        ),
+        Route::new(
+            vec![],
+            "/api/v1/account".into(),
+            Access::Scopes(vec![Scope::parse("account:read").unwrap()]),
+        ),
     ]);
     let mut group = c.benchmark_group("snapshot");
     for n in sizes() {
@@ -90,7 +117,14 @@ fn benches(c: &mut Criterion) {
                     authorization: Authorization::One(black_box(&header)),
                     client_ip: Some([127, 0, 0, 1].into()),
                 };
-                decide(&routes, Some(&snap), Environment::Live, &facts, 1_800_000_000_000_000_000).is_ok()
+                decide(
+                    &routes,
+                    Some(&snap),
+                    Environment::Live,
+                    &facts,
+                    1_800_000_000_000_000_000,
+                )
+                .is_ok()
             })
         });
     }

@@ -168,13 +168,13 @@ impl ProxyHttp for SidecarProxy {
                 upstream.insert_header("X-Permiso-Key-Id", &*principal.key_id)?;
                 upstream.insert_header("X-Permiso-Environment", s.environment.as_str())?;
             }
-            Some(Verdict::Public) => {
-                // A Permiso key sent to a public route still must not leak upstream.
-                if is_permiso_key(upstream.headers.get(http::header::AUTHORIZATION)) {
-                    upstream.remove_header(&http::header::AUTHORIZATION);
-                }
+            // A Permiso key sent to a public route still must not leak upstream.
+            Some(Verdict::Public)
+                if is_permiso_key(upstream.headers.get(http::header::AUTHORIZATION)) =>
+            {
+                upstream.remove_header(&http::header::AUTHORIZATION);
             }
-            None => {}
+            Some(Verdict::Public) | None => {}
         }
         Ok(())
     }

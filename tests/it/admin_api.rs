@@ -45,7 +45,8 @@ fn bad_input_gets_its_4xx_and_writes_nothing() {
     let version_before = sync_version(&h);
     let svc_path = format!("/auth/admin/services/{}", existing.service_id);
     let json_ct = Some("application/json");
-    let cases: Vec<(&str, Method, String, Option<&str>, Vec<u8>, u16)> = vec![
+    type Case<'a> = (&'a str, Method, String, Option<&'a str>, Vec<u8>, u16);
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             Method::POST,

@@ -282,10 +282,12 @@ impl Harness {
 }
 
 pub fn start_admin(db: &std::path::Path, listen: SocketAddr, clock: &ManualClock) -> AdminHandle {
-    let mut f = config::file::AdminPlane::default();
-    f.listen = listen.to_string();
-    f.database = db.display().to_string();
-    f.max_body_bytes = 4096;
+    let f = config::file::AdminPlane {
+        listen: listen.to_string(),
+        database: db.display().to_string(),
+        max_body_bytes: 4096,
+        ..Default::default()
+    };
     let cfg = AdminConfig::from_file(&f, Some(ADMIN_KEY.to_string())).unwrap();
     let clock: SharedClock = Arc::new(clock.clone());
     // The previous instance may take a moment to release the port.
