@@ -6,6 +6,7 @@ pub mod clock;
 pub mod decision;
 pub mod denial;
 pub mod ids;
+pub mod jwt;
 pub mod key;
 pub mod ratelimit;
 pub mod routes;
