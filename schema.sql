@@ -1,5 +1,7 @@
 -- Permiso admin plane schema (SQLite, WAL). Applied at startup; every statement is idempotent.
--- Secrets are never stored: api_keys.hash is the blake3 hash of the key.
+-- Secrets are never stored in clear: credentials.hash is the blake3 hash of an API key or a
+-- client secret; signing_keys.private_sealed is sealed with a key-encryption key kept outside
+-- the database.
 
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
@@ -22,6 +24,7 @@ CREATE TABLE IF NOT EXISTS services (
     rate_limit_per_hour   INTEGER CHECK (rate_limit_per_hour > 0),
     allowed_ips           TEXT NOT NULL,            -- JSON array of CIDRs; empty = anywhere
     disabled              INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1)),
+    access_token_lifetime INTEGER NOT NULL DEFAULT 3600 CHECK (access_token_lifetime BETWEEN 60 AND 86400),
     created_at            INTEGER NOT NULL,         -- unix seconds
     updated_at            INTEGER NOT NULL,
     version               INTEGER NOT NULL          -- meta.version of the last change
@@ -29,9 +32,12 @@ CREATE TABLE IF NOT EXISTS services (
 
 CREATE INDEX IF NOT EXISTS services_by_version ON services (version);
 
-CREATE TABLE IF NOT EXISTS api_keys (
+-- API keys (kind 'api_key') and OAuth2 client secrets (kind 'client_secret') share one
+-- lifecycle: issue, rotate with a grace window, revoke.
+CREATE TABLE IF NOT EXISTS credentials (
     id             TEXT PRIMARY KEY,
     service_id     TEXT NOT NULL REFERENCES services (id),
+    kind           TEXT NOT NULL CHECK (kind IN ('api_key', 'client_secret')),
     hash           BLOB NOT NULL UNIQUE CHECK (length(hash) = 32),
     display_prefix TEXT NOT NULL,
     created_at     INTEGER NOT NULL,
@@ -40,4 +46,20 @@ CREATE TABLE IF NOT EXISTS api_keys (
     last_used_at   INTEGER
 ) STRICT;
 
-CREATE INDEX IF NOT EXISTS api_keys_by_service ON api_keys (service_id);
+CREATE INDEX IF NOT EXISTS credentials_by_service ON credentials (service_id, kind);
+
+-- Ed25519 keys that sign access tokens. A key is published (JWKS, sync) from creation and
+-- signs from activates_at; it stays published until the last token it signed has expired.
+CREATE TABLE IF NOT EXISTS signing_keys (
+    kid            TEXT PRIMARY KEY,
+    public_x       TEXT NOT NULL,                   -- base64url Ed25519 public key
+    private_sealed BLOB NOT NULL,                   -- XChaCha20-Poly1305(nonce || ciphertext) of PKCS#8
+    created_at     INTEGER NOT NULL,
+    activates_at   INTEGER NOT NULL
+) STRICT;
+
+-- Revoked access tokens, kept only until the token would have expired anyway.
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    jti        TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+) STRICT;

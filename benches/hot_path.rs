@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use permiso::core::decision::{decide, Authorization, RequestFacts};
+use permiso::core::decision::{decide, Authorization, RequestFacts, TokenPolicy};
 use permiso::core::key::{self, Environment};
 use permiso::core::ratelimit::{LimiterState, Limits};
 use permiso::core::routes::{Access, Route, RouteTable};
@@ -49,6 +49,7 @@ fn snapshot(n: usize) -> (Snapshot, String) {
         version: 1,
         full: true,
         services,
+        ..Default::default()
     };
     (
         Snapshot::from_full(&payload, Environment::Live, None).unwrap(),
@@ -123,6 +124,7 @@ fn benches(c: &mut Criterion) {
                     Environment::Live,
                     &facts,
                     1_800_000_000_000_000_000,
+                    &TokenPolicy { audience: "permiso", leeway_secs: 30, cache: None },
                 )
                 .is_ok()
             })

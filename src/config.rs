@@ -62,6 +62,17 @@ pub mod file {
         pub sync_max_wait_seconds: u64,
         /// Active (unexpired, unrevoked) keys one service may hold. Default 10.
         pub max_active_keys_per_service: u32,
+        /// `iss` of minted access tokens. Default "http://<listen>".
+        pub issuer: Option<String>,
+        /// `aud` of minted access tokens; sidecars must be configured with the same. Default "permiso".
+        pub token_audience: String,
+        /// After a signing-key rotation, how long the new key is published before it signs
+        /// (lets JWKS caches pick it up). Default 300.
+        pub signing_key_publish_delay_seconds: u64,
+        /// Token endpoint requests per minute from one source address. Default 600.
+        pub token_requests_per_minute_per_ip: u32,
+        /// Token endpoint requests per minute for one client_id. Default 120.
+        pub token_requests_per_minute_per_client: u32,
     }
 
     impl Default for AdminPlane {
@@ -73,6 +84,11 @@ pub mod file {
                 max_body_bytes: 64 * 1024,
                 sync_max_wait_seconds: 30,
                 max_active_keys_per_service: 10,
+                issuer: None,
+                token_audience: "permiso".into(),
+                signing_key_publish_delay_seconds: 300,
+                token_requests_per_minute_per_ip: 600,
+                token_requests_per_minute_per_client: 120,
             }
         }
     }
@@ -99,7 +115,34 @@ pub mod file {
         pub shutdown_grace_seconds: u64,
         pub sync: Sync,
         #[serde(default)]
+        pub tokens: Tokens,
+        #[serde(default)]
         pub routes: Vec<Route>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Tokens {
+        /// The `aud` this sidecar accepts; must match the admin plane's token_audience.
+        /// Default "permiso".
+        pub audience: String,
+        /// Clock skew tolerated on `exp`/`nbf`, seconds. Default 30.
+        pub leeway_seconds: u64,
+        /// Verified tokens remembered (by hash, never past their exp). Default 10000.
+        pub cache_entries: usize,
+        /// A token with an unknown `kid` triggers an early sync at most this often. Default 5000.
+        pub early_sync_min_interval_ms: u64,
+    }
+
+    impl Default for Tokens {
+        fn default() -> Self {
+            Tokens {
+                audience: "permiso".into(),
+                leeway_seconds: 30,
+                cache_entries: 10_000,
+                early_sync_min_interval_ms: 5_000,
+            }
+        }
     }
 
     #[derive(Debug, Deserialize)]
@@ -167,6 +210,13 @@ pub struct AdminConfig {
     pub sync_max_wait: Duration,
     pub max_active_keys_per_service: u32,
     pub admin_api_key: Secret,
+    pub issuer: String,
+    pub token_audience: String,
+    pub signing_key_publish_delay: Duration,
+    pub token_rate_per_ip: std::num::NonZeroU32,
+    pub token_rate_per_client: std::num::NonZeroU32,
+    /// From PERMISO_SIGNING_KEK; None means the `<database>.kek` file.
+    pub signing_kek: Option<Secret>,
 }
 
 /// Validated sidecar settings.
@@ -182,6 +232,16 @@ pub struct SidecarConfig {
     pub sync_credential: Secret,
     pub sync_wait: Duration,
     pub routes: RouteTable,
+    pub tokens: TokenSettings,
+}
+
+/// How a sidecar checks JWT access tokens.
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    pub audience: String,
+    pub leeway_secs: i64,
+    pub cache_entries: usize,
+    pub early_sync_min_interval: Duration,
 }
 
 pub const MIN_ADMIN_KEY_LEN: usize = 24;
@@ -243,8 +303,28 @@ impl AdminConfig {
                 "must be at least 1",
             ));
         }
+        let listen = resolve("admin_plane.listen", &f.listen)?;
+        let issuer = f.issuer.clone().unwrap_or_else(|| format!("http://{listen}"));
+        if issuer.is_empty() || issuer.ends_with('/') {
+            return Err(invalid("admin_plane.issuer", "must be a URL without a trailing '/'"));
+        }
+        if f.token_audience.is_empty() {
+            return Err(invalid("admin_plane.token_audience", "must not be empty"));
+        }
+        let rate = |field: &str, v: u32| {
+            std::num::NonZeroU32::new(v).ok_or_else(|| invalid(field, "must be at least 1"))
+        };
         Ok(AdminConfig {
-            listen: resolve("admin_plane.listen", &f.listen)?,
+            token_rate_per_ip: rate("admin_plane.token_requests_per_minute_per_ip", f.token_requests_per_minute_per_ip)?,
+            token_rate_per_client: rate(
+                "admin_plane.token_requests_per_minute_per_client",
+                f.token_requests_per_minute_per_client,
+            )?,
+            issuer,
+            token_audience: f.token_audience.clone(),
+            signing_key_publish_delay: Duration::from_secs(f.signing_key_publish_delay_seconds),
+            signing_kek: None,
+            listen,
             database: PathBuf::from(&f.database),
             rotation_grace: Duration::from_secs(f.rotation_grace_seconds),
             max_body_bytes: f.max_body_bytes,
@@ -355,6 +435,21 @@ impl SidecarConfig {
             sync_credential: credential,
             sync_wait: Duration::from_secs(f.sync.wait_seconds),
             routes: build_routes(&f.routes)?,
+            tokens: {
+                let t = &f.tokens;
+                if t.audience.is_empty() {
+                    return Err(invalid("sidecar.tokens.audience", "must not be empty"));
+                }
+                if t.leeway_seconds > 300 {
+                    return Err(invalid("sidecar.tokens.leeway_seconds", "must be at most 300"));
+                }
+                TokenSettings {
+                    audience: t.audience.clone(),
+                    leeway_secs: t.leeway_seconds as i64,
+                    cache_entries: t.cache_entries,
+                    early_sync_min_interval: Duration::from_millis(t.early_sync_min_interval_ms),
+                }
+            },
         })
     }
 }

@@ -41,6 +41,25 @@ enum Command {
     },
     /// Admin plane + demo MT5 service + sidecar in one process, with a walkthrough.
     Dev(permiso::dev::DevArgs),
+    /// Manage the access-token signing keys through the admin API.
+    SigningKeys {
+        #[command(subcommand)]
+        action: SigningKeysAction,
+        /// Admin plane base URL.
+        #[arg(long, env = "PERMISO_ADMIN_URL", default_value = "http://127.0.0.1:8000")]
+        admin_url: String,
+        /// The admin key.
+        #[arg(long, env = "PERMISO_ADMIN_API_KEY", hide_env_values = true)]
+        admin_key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SigningKeysAction {
+    /// List keys: which signs, which are published.
+    List,
+    /// Publish a new key now; it signs after admin_plane.signing_key_publish_delay_seconds.
+    Rotate,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,6 +109,29 @@ fn main() -> anyhow::Result<()> {
             permiso::sidecar::run(cfg, Arc::new(SystemClock))
         }
         Command::Dev(args) => permiso::dev::run(args),
+        Command::SigningKeys { action, admin_url, admin_key } => {
+            let (method, path) = match action {
+                SigningKeysAction::List => (reqwest::Method::GET, "/auth/admin/signing-keys"),
+                SigningKeysAction::Rotate => (reqwest::Method::POST, "/auth/admin/signing-keys/rotate"),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let url = format!("{}{}", admin_url.trim_end_matches('/'), path);
+                let resp = reqwest::Client::new()
+                    .request(method, &url)
+                    .header("X-Admin-Api-Key", admin_key)
+                    .send()
+                    .await
+                    .with_context(|| format!("calling {url}"))?;
+                let status = resp.status();
+                let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                if !status.is_success() {
+                    anyhow::bail!("admin plane answered {status}");
+                }
+                Ok(())
+            })
+        }
     }
 }
 

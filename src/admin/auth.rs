@@ -2,7 +2,7 @@
 //! through its blake3 hash) or a service key whose service holds the scope the endpoint needs.
 
 use axum::extract::FromRequestParts;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::http::request::Parts;
 
 use crate::admin::error::ApiError;
@@ -29,12 +29,13 @@ impl std::fmt::Display for Actor {
     }
 }
 
-async fn authenticate(
-    parts: &Parts,
+/// The admin key, or a service key (Bearer) whose service holds `needed_scope`.
+pub async fn authenticate(
+    headers: &HeaderMap,
     state: &AppState,
     needed_scope: &str,
 ) -> Result<Actor, ApiError> {
-    let admin_headers: Vec<_> = parts.headers.get_all(ADMIN_KEY_HEADER).iter().collect();
+    let admin_headers: Vec<_> = headers.get_all(ADMIN_KEY_HEADER).iter().collect();
     if !admin_headers.is_empty() {
         let presented = match admin_headers.as_slice() {
             [one] => one.as_bytes(),
@@ -46,8 +47,7 @@ async fn authenticate(
         }
         return Err(deny("wrong admin key"));
     }
-    let auth: Vec<_> = parts
-        .headers
+    let auth: Vec<_> = headers
         .get_all(header::AUTHORIZATION)
         .iter()
         .collect();
@@ -96,7 +96,7 @@ impl FromRequestParts<AppState> for Admin {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        authenticate(parts, state, "admin:*").await.map(Admin)
+        authenticate(&parts.headers, state, "admin:*").await.map(Admin)
     }
 }
 
@@ -110,7 +110,7 @@ impl FromRequestParts<AppState> for SyncReader {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        authenticate(parts, state, "sync:read")
+        authenticate(&parts.headers, state, "sync:read")
             .await
             .map(SyncReader)
     }

@@ -8,7 +8,7 @@ use rand::TryRngCore;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::core::key::{Environment, KeyHash};
-use crate::core::sync::{SyncKey, SyncPayload, SyncService};
+use crate::core::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
 
 const SCHEMA: &str = include_str!("../../schema.sql");
 
@@ -37,6 +37,30 @@ pub struct NewService {
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
     pub allowed_ips: Vec<String>,
+    pub access_token_lifetime: u32,
+}
+
+/// The two credential kinds share one lifecycle (issue, rotate with grace, revoke).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    ApiKey,
+    ClientSecret,
+}
+
+impl CredentialKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::ApiKey => "api_key",
+            CredentialKind::ClientSecret => "client_secret",
+        }
+    }
+
+    pub fn noun(self) -> &'static str {
+        match self {
+            CredentialKind::ApiKey => "keys",
+            CredentialKind::ClientSecret => "client secrets",
+        }
+    }
 }
 
 /// A validated change; `None` leaves a field alone, `Some(None)` clears a nullable one.
@@ -50,6 +74,7 @@ pub struct ServicePatch {
     pub contact_email: Option<Option<String>>,
     pub is_trusted: Option<bool>,
     pub disabled: Option<bool>,
+    pub access_token_lifetime: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,9 +106,11 @@ pub struct ServiceRecord {
     pub rate_limit_per_hour: Option<u32>,
     pub allowed_ips: Vec<String>,
     pub disabled: bool,
+    pub access_token_lifetime: u32,
     pub created_at: i64,
     pub updated_at: i64,
     pub keys: Vec<KeyRecord>,
+    pub secrets: Vec<KeyRecord>,
 }
 
 /// What is stored of a new key: its hash and display prefix, never the key.
@@ -91,6 +118,12 @@ pub struct ServiceRecord {
 pub struct StoredKey {
     pub hash: KeyHash,
     pub display_prefix: String,
+}
+
+impl StoredKey {
+    pub fn of(k: &crate::core::key::NewKey) -> StoredKey {
+        StoredKey { hash: k.hash, display_prefix: k.display_prefix.clone() }
+    }
 }
 
 /// What admin and sync authentication need to know about a presented key.
@@ -116,7 +149,8 @@ fn to_json(v: &[String]) -> String {
 
 const SERVICE_COLS: &str =
     "id, name, environment, description, contact_email, is_trusted, scopes, \
-     rate_limit_per_minute, rate_limit_per_hour, allowed_ips, disabled, created_at, updated_at";
+     rate_limit_per_minute, rate_limit_per_hour, allowed_ips, disabled, created_at, updated_at, \
+     access_token_lifetime";
 
 struct RawService {
     rec: ServiceRecord,
@@ -141,7 +175,9 @@ fn raw_service(r: &Row<'_>) -> rusqlite::Result<RawService> {
             disabled: r.get(10)?,
             created_at: r.get(11)?,
             updated_at: r.get(12)?,
+            access_token_lifetime: r.get(13)?,
             keys: vec![],
+            secrets: vec![],
         },
         env: r.get(2)?,
         scopes_json: r.get(6)?,
@@ -158,12 +194,12 @@ fn finish(raw: RawService) -> StoreResult<ServiceRecord> {
     Ok(rec)
 }
 
-fn load_keys(conn: &Connection, service_id: &str) -> StoreResult<Vec<KeyRecord>> {
+fn load_keys(conn: &Connection, service_id: &str, kind: CredentialKind) -> StoreResult<Vec<KeyRecord>> {
     let mut st = conn.prepare_cached(
         "SELECT id, display_prefix, created_at, expires_at, revoked_at, last_used_at
-         FROM api_keys WHERE service_id = ?1 ORDER BY created_at, rowid",
+         FROM credentials WHERE service_id = ?1 AND kind = ?2 ORDER BY created_at, rowid",
     )?;
-    let rows = st.query_map([service_id], |r| {
+    let rows = st.query_map([service_id, kind.as_str()], |r| {
         Ok(KeyRecord {
             id: r.get(0)?,
             display_prefix: r.get(1)?,
@@ -186,7 +222,8 @@ fn load_service(conn: &Connection, id: &str) -> StoreResult<ServiceRecord> {
         .optional()?
         .ok_or(StoreError::NotFound)?;
     let mut rec = finish(raw)?;
-    rec.keys = load_keys(conn, &rec.id)?;
+    rec.keys = load_keys(conn, &rec.id, CredentialKind::ApiKey)?;
+    rec.secrets = load_keys(conn, &rec.id, CredentialKind::ClientSecret)?;
     Ok(rec)
 }
 
@@ -211,16 +248,18 @@ fn touch_service(tx: &Transaction<'_>, id: &str, now: i64) -> StoreResult<u64> {
     Ok(v)
 }
 
-fn insert_key(
+fn insert_credential(
     tx: &Transaction<'_>,
     service_id: &str,
-    key_id: &str,
+    kind: CredentialKind,
+    id: &str,
     key: &StoredKey,
     now: i64,
 ) -> StoreResult<()> {
     tx.execute(
-        "INSERT INTO api_keys (id, service_id, hash, display_prefix, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![key_id, service_id, &key.hash.0[..], key.display_prefix, now],
+        "INSERT INTO credentials (id, service_id, kind, hash, display_prefix, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id, service_id, kind.as_str(), &key.hash.0[..], key.display_prefix, now],
     )?;
     Ok(())
 }
@@ -237,6 +276,56 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 pub struct Rotation {
     pub service: ServiceRecord,
     pub ended: Vec<(String, i64)>,
+}
+
+/// What the token endpoint needs to know about an authenticated client.
+#[derive(Debug, Clone)]
+pub struct ClientRecord {
+    pub service_id: String,
+    pub scopes: Vec<String>,
+    pub disabled: bool,
+    pub allowed_ips: Vec<String>,
+    pub access_token_lifetime: u32,
+}
+
+/// What introspection reports about an API key.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub service_id: String,
+    pub scopes: Vec<String>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// A signing key as stored: the private part is sealed.
+#[derive(Debug, Clone)]
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub public_x: String,
+    pub private_sealed: Vec<u8>,
+    pub created_at: i64,
+    pub activates_at: i64,
+}
+
+fn read_version(conn: &Connection) -> StoreResult<u64> {
+    let v: i64 = conn.query_row(
+        "SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'version'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(v as u64)
+}
+
+fn owner_of(conn: &Connection, hash: &KeyHash, kind: CredentialKind, now: i64) -> StoreResult<Option<(String, String, Option<i64>)>> {
+    Ok(conn
+        .query_row(
+            "SELECT k.id, k.service_id, k.last_used_at FROM credentials k JOIN services s ON s.id = k.service_id
+             WHERE k.hash = ?1 AND k.kind = ?2 AND k.revoked_at IS NULL
+               AND (k.expires_at IS NULL OR k.expires_at > ?3) AND s.disabled = 0",
+            params![&hash.0[..], kind.as_str(), now],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?)
 }
 
 impl Store {
@@ -283,28 +372,24 @@ impl Store {
     }
 
     pub fn version(&self) -> StoreResult<u64> {
-        let v: i64 = self.conn().query_row(
-            "SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'version'",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(v as u64)
+        read_version(&self.conn())
     }
 
-    /// Creates a service with its first key. Returns the record and the new sync version.
+    /// Creates a service with its first API key and client secret. Returns the record and the
+    /// new sync version.
     pub fn create_service(
         &self,
         id: &str,
         s: &NewService,
-        key_id: &str,
-        key: &StoredKey,
+        key: (&str, &StoredKey),
+        secret: (&str, &StoredKey),
         now: i64,
     ) -> StoreResult<(ServiceRecord, u64)> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let v = bump_version(&tx)?;
         let r = tx.execute(
-            &format!("INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12)"),
+            &format!("INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12,?13)"),
             params![
                 id,
                 s.name,
@@ -317,6 +402,7 @@ impl Store {
                 s.rate_limit_per_hour,
                 to_json(&s.allowed_ips),
                 now,
+                s.access_token_lifetime,
                 v as i64
             ],
         );
@@ -327,7 +413,8 @@ impl Store {
                 e.into()
             });
         }
-        insert_key(&tx, id, key_id, key, now)?;
+        insert_credential(&tx, id, CredentialKind::ApiKey, key.0, key.1, now)?;
+        insert_credential(&tx, id, CredentialKind::ClientSecret, secret.0, secret.1, now)?;
         let rec = load_service(&tx, id)?;
         tx.commit()?;
         Ok((rec, v))
@@ -338,43 +425,29 @@ impl Store {
     }
 
     /// A page of services in creation order, after the service `after` (a cursor).
-    pub fn list_services(
-        &self,
-        limit: u32,
-        after: Option<&str>,
-    ) -> StoreResult<(Vec<ServiceRecord>, bool)> {
+    pub fn list_services(&self, limit: u32, after: Option<&str>) -> StoreResult<(Vec<ServiceRecord>, bool)> {
         let conn = self.conn();
         let after_rowid: i64 = match after {
             None => 0,
             Some(id) => conn
-                .query_row("SELECT rowid FROM services WHERE id = ?1", [id], |r| {
-                    r.get(0)
-                })
+                .query_row("SELECT rowid FROM services WHERE id = ?1", [id], |r| r.get(0))
                 .optional()?
                 .ok_or(StoreError::NotFound)?,
         };
-        let mut st = conn.prepare_cached(&format!(
-            "SELECT {SERVICE_COLS} FROM services WHERE rowid > ?1 ORDER BY rowid LIMIT ?2"
-        ))?;
-        let raws: Vec<RawService> = st
-            .query_map(params![after_rowid, limit as i64 + 1], raw_service)?
+        let ids: Vec<String> = conn
+            .prepare_cached("SELECT id FROM services WHERE rowid > ?1 ORDER BY rowid LIMIT ?2")?
+            .query_map(params![after_rowid, limit as i64 + 1], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        let more = raws.len() > limit as usize;
-        let mut out = Vec::with_capacity(raws.len().min(limit as usize));
-        for raw in raws.into_iter().take(limit as usize) {
-            let mut rec = finish(raw)?;
-            rec.keys = load_keys(&conn, &rec.id)?;
-            out.push(rec);
-        }
+        let more = ids.len() > limit as usize;
+        let out = ids
+            .iter()
+            .take(limit as usize)
+            .map(|id| load_service(&conn, id))
+            .collect::<StoreResult<Vec<_>>>()?;
         Ok((out, more))
     }
 
-    pub fn patch_service(
-        &self,
-        id: &str,
-        p: &ServicePatch,
-        now: i64,
-    ) -> StoreResult<(ServiceRecord, u64)> {
+    pub fn patch_service(&self, id: &str, p: &ServicePatch, now: i64) -> StoreResult<(ServiceRecord, u64)> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let cur = load_service(&tx, id)?;
@@ -382,8 +455,9 @@ impl Store {
         let ips = p.allowed_ips.clone().unwrap_or(cur.allowed_ips);
         tx.execute(
             "UPDATE services SET scopes = ?1, rate_limit_per_minute = ?2, rate_limit_per_hour = ?3,
-                 allowed_ips = ?4, description = ?5, contact_email = ?6, is_trusted = ?7, disabled = ?8
-             WHERE id = ?9",
+                 allowed_ips = ?4, description = ?5, contact_email = ?6, is_trusted = ?7, disabled = ?8,
+                 access_token_lifetime = ?9
+             WHERE id = ?10",
             params![
                 to_json(&scopes),
                 p.rate_limit_per_minute.unwrap_or(cur.rate_limit_per_minute),
@@ -393,6 +467,7 @@ impl Store {
                 p.contact_email.clone().unwrap_or(cur.contact_email),
                 p.is_trusted.unwrap_or(cur.is_trusted),
                 p.disabled.unwrap_or(cur.disabled),
+                p.access_token_lifetime.unwrap_or(cur.access_token_lifetime),
                 id
             ],
         )?;
@@ -402,11 +477,14 @@ impl Store {
         Ok((rec, v))
     }
 
-    /// Adds a key and cuts every active key's life to `now + grace_secs` (0 ends them now).
+    /// Adds a credential of `kind` and cuts every active one's life to `now + grace_secs`
+    /// (0 ends them now).
+    #[allow(clippy::too_many_arguments)]
     pub fn rotate(
         &self,
         id: &str,
-        key_id: &str,
+        kind: CredentialKind,
+        new_id: &str,
         key: &StoredKey,
         grace_secs: u64,
         max_active: u32,
@@ -416,30 +494,30 @@ impl Store {
         let tx = conn.transaction()?;
         let cur = load_service(&tx, id)?;
         if cur.disabled {
-            return Err(StoreError::Conflict(
-                "the service is disabled; enable it before rotating".into(),
-            ));
+            return Err(StoreError::Conflict("the service is disabled; enable it before rotating".into()));
         }
-        let active: Vec<&KeyRecord> = cur.keys.iter().filter(|k| k.is_active(now)).collect();
-        // grace 0 ends every old key now, so it never adds to the count: a leaked key can
-        // always be replaced.
+        let existing = match kind {
+            CredentialKind::ApiKey => &cur.keys,
+            CredentialKind::ClientSecret => &cur.secrets,
+        };
+        let active: Vec<&KeyRecord> = existing.iter().filter(|k| k.is_active(now)).collect();
+        // grace 0 ends every old credential now, so it never adds to the count: a leaked one
+        // can always be replaced.
         if grace_secs > 0 && active.len() >= max_active as usize {
             return Err(StoreError::Conflict(format!(
-                "the service already has {} active keys (limit {max_active}); revoke one or rotate with a shorter grace",
-                active.len()
+                "the service already has {} active {} (limit {max_active}); revoke one or rotate with grace_seconds 0",
+                active.len(),
+                kind.noun()
             )));
         }
         let end = now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX));
         let mut ended = Vec::with_capacity(active.len());
         for k in &active {
             let new_end = k.expires_at.map_or(end, |e| e.min(end));
-            tx.execute(
-                "UPDATE api_keys SET expires_at = ?1 WHERE id = ?2",
-                params![new_end, k.id],
-            )?;
+            tx.execute("UPDATE credentials SET expires_at = ?1 WHERE id = ?2", params![new_end, k.id])?;
             ended.push((k.id.clone(), new_end));
         }
-        insert_key(&tx, id, key_id, key, now)?;
+        insert_credential(&tx, id, kind, new_id, key, now)?;
         let v = touch_service(&tx, id, now)?;
         let service = load_service(&tx, id)?;
         tx.commit()?;
@@ -450,14 +528,15 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let n = tx.execute(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2 AND service_id = ?3",
+            "UPDATE credentials SET revoked_at = COALESCE(revoked_at, ?1)
+             WHERE id = ?2 AND service_id = ?3 AND kind = 'api_key'",
             params![now, key_id, id],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound);
         }
         let v = touch_service(&tx, id, now)?;
-        let key = load_keys(&tx, id)?
+        let key = load_keys(&tx, id, CredentialKind::ApiKey)?
             .into_iter()
             .find(|k| k.id == key_id)
             .ok_or(StoreError::NotFound)?;
@@ -465,70 +544,183 @@ impl Store {
         Ok((key, v))
     }
 
-    /// Finds the service behind a presented key, if the key may still authenticate now, and
-    /// records that it was used (at most once a minute per key, to keep writes rare).
-    pub fn key_owner(&self, hash: &KeyHash, now: i64) -> StoreResult<Option<KeyOwner>> {
-        let conn = self.conn();
-        let row = conn
+    /// Revokes the API key with this hash if it belongs to `owner` (any owner when None).
+    /// Returns the new sync version when something was revoked.
+    pub fn revoke_key_by_hash(&self, hash: &KeyHash, owner: Option<&str>, now: i64) -> StoreResult<Option<u64>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let service: Option<String> = tx
             .query_row(
-                "SELECT k.id, k.service_id, s.scopes, k.last_used_at FROM api_keys k JOIN services s ON s.id = k.service_id
-                 WHERE k.hash = ?1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > ?2)
-                   AND s.disabled = 0",
-                params![&hash.0[..], now],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<i64>>(3)?)),
+                "SELECT service_id FROM credentials WHERE hash = ?1 AND kind = 'api_key' AND revoked_at IS NULL",
+                params![&hash.0[..]],
+                |r| r.get(0),
             )
             .optional()?;
-        let Some((key_id, service_id, scopes, last)) = row else {
+        let Some(service) = service.filter(|s| owner.is_none_or(|o| o == s)) else {
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE credentials SET revoked_at = ?1 WHERE hash = ?2 AND kind = 'api_key'",
+            params![now, &hash.0[..]],
+        )?;
+        let v = touch_service(&tx, &service, now)?;
+        tx.commit()?;
+        Ok(Some(v))
+    }
+
+    /// Finds the service behind a presented API key, if the key may still authenticate now,
+    /// and records that it was used (at most once a minute per key, to keep writes rare).
+    pub fn key_owner(&self, hash: &KeyHash, now: i64) -> StoreResult<Option<KeyOwner>> {
+        let conn = self.conn();
+        let Some((key_id, service_id, last)) = owner_of(&conn, hash, CredentialKind::ApiKey, now)? else {
             return Ok(None);
         };
         if last.is_none_or(|l| now - l >= 60) {
-            conn.execute(
-                "UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2",
-                params![now, key_id],
-            )?;
+            conn.execute("UPDATE credentials SET last_used_at = ?1 WHERE id = ?2", params![now, key_id])?;
         }
-        Ok(Some(KeyOwner {
-            service_id,
-            key_id,
-            scopes: json_list(&scopes)?,
+        let scopes: String = conn.query_row("SELECT scopes FROM services WHERE id = ?1", [&service_id], |r| r.get(0))?;
+        Ok(Some(KeyOwner { service_id, key_id, scopes: json_list(&scopes)? }))
+    }
+
+    /// For introspection: the API key's service and times, if it is usable now.
+    pub fn key_info(&self, hash: &KeyHash, now: i64) -> StoreResult<Option<KeyInfo>> {
+        let conn = self.conn();
+        let Some((key_id, service_id, _)) = owner_of(&conn, hash, CredentialKind::ApiKey, now)? else {
+            return Ok(None);
+        };
+        let (created_at, expires_at): (i64, Option<i64>) = conn.query_row(
+            "SELECT created_at, expires_at FROM credentials WHERE id = ?1",
+            [&key_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let scopes: String = conn.query_row("SELECT scopes FROM services WHERE id = ?1", [&service_id], |r| r.get(0))?;
+        Ok(Some(KeyInfo { service_id, scopes: json_list(&scopes)?, created_at, expires_at }))
+    }
+
+    /// Checks a client secret for `client_id`. Disabled clients are returned (the caller
+    /// decides what to answer); unknown ids, wrong, revoked or expired secrets are None.
+    pub fn authenticate_client(&self, client_id: &str, secret_hash: &KeyHash, now: i64) -> StoreResult<Option<ClientRecord>> {
+        let conn = self.conn();
+        let found: Option<String> = conn
+            .query_row(
+                "SELECT id FROM credentials WHERE hash = ?1 AND kind = 'client_secret' AND service_id = ?2
+                   AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?3)",
+                params![&secret_hash.0[..], client_id, now],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(secret_id) = found else { return Ok(None) };
+        conn.execute(
+            "UPDATE credentials SET last_used_at = ?1 WHERE id = ?2 AND (last_used_at IS NULL OR last_used_at <= ?1 - 60)",
+            params![now, secret_id],
+        )?;
+        let rec = load_service(&conn, client_id)?;
+        Ok(Some(ClientRecord {
+            service_id: rec.id,
+            scopes: rec.scopes,
+            disabled: rec.disabled,
+            allowed_ips: rec.allowed_ips,
+            access_token_lifetime: rec.access_token_lifetime,
         }))
     }
 
-    /// What a sidecar at (`epoch`, `after`) needs: the services changed since, or everything.
+    /// Whether the service exists and is enabled (introspection of a JWT checks this).
+    pub fn service_enabled(&self, id: &str) -> StoreResult<bool> {
+        Ok(self
+            .conn()
+            .query_row("SELECT disabled FROM services WHERE id = ?1", [id], |r| r.get::<_, bool>(0))
+            .optional()?
+            .is_some_and(|disabled| !disabled))
+    }
+
+    pub fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(
+            "SELECT kid, public_x, private_sealed, created_at, activates_at FROM signing_keys ORDER BY activates_at, rowid",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(SigningKeyRow {
+                kid: r.get(0)?,
+                public_x: r.get(1)?,
+                private_sealed: r.get(2)?,
+                created_at: r.get(3)?,
+                activates_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Adds a signing key; it is published (sync, JWKS) at once and signs from `activates_at`.
+    pub fn add_signing_key(&self, row: &SigningKeyRow) -> StoreResult<u64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO signing_keys (kid, public_x, private_sealed, created_at, activates_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![row.kid, row.public_x, row.private_sealed, row.created_at, row.activates_at],
+        )?;
+        let v = bump_version(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Adds `jti` to the deny list until `expires_at`. Returns the new version, or None if it
+    /// was already there.
+    pub fn revoke_token(&self, jti: &str, expires_at: i64, now: i64) -> StoreResult<Option<u64>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM revoked_tokens WHERE expires_at <= ?1", [now])?;
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?1, ?2)",
+            params![jti, expires_at],
+        )?;
+        if n == 0 {
+            tx.commit()?;
+            return Ok(None);
+        }
+        let v = bump_version(&tx)?;
+        tx.commit()?;
+        Ok(Some(v))
+    }
+
+    pub fn token_revoked(&self, jti: &str) -> StoreResult<bool> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM revoked_tokens WHERE jti = ?1", [jti], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// What a sidecar at (`epoch`, `after`) needs: the services changed since, or everything;
+    /// and always the whole published key set and deny list (both small).
     pub fn sync_payload(
         &self,
         epoch: Option<&str>,
         after: Option<u64>,
         now: i64,
+        published: &dyn Fn(&[SigningKeyRow], i64) -> Vec<SyncSigningKey>,
     ) -> StoreResult<SyncPayload> {
         let mut conn = self.conn();
         // One read transaction, so the version and the rows agree.
         let tx = conn.transaction()?;
-        let version: i64 = tx.query_row(
-            "SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'version'",
-            [],
-            |r| r.get(0),
-        )?;
-        let version = version as u64;
+        let version = read_version(&tx)?;
         let since = match (epoch, after) {
             (Some(e), Some(a)) if e == self.epoch && a <= version => Some(a),
             _ => None,
         };
         let mut services = Vec::new();
         {
-            let mut st = tx.prepare_cached(&format!(
-                "SELECT {SERVICE_COLS} FROM services WHERE version > ?1 ORDER BY rowid"
-            ))?;
-            let raws: Vec<RawService> = st
-                .query_map([since.unwrap_or(0) as i64], raw_service)?
+            let ids: Vec<String> = tx
+                .prepare_cached("SELECT id FROM services WHERE version > ?1 ORDER BY rowid")?
+                .query_map([since.unwrap_or(0) as i64], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             let mut kst = tx.prepare_cached(
-                "SELECT id, hash, expires_at FROM api_keys
-                 WHERE service_id = ?1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2)
+                "SELECT id, hash, expires_at FROM credentials
+                 WHERE service_id = ?1 AND kind = 'api_key' AND revoked_at IS NULL
+                   AND (expires_at IS NULL OR expires_at > ?2)
                  ORDER BY rowid",
             )?;
-            for raw in raws {
-                let rec = finish(raw)?;
+            for id in ids {
+                let rec = load_service(&tx, &id)?;
                 let keys = kst
                     .query_map(params![rec.id, now], |r| {
                         let hash: Vec<u8> = r.get(1)?;
@@ -536,14 +728,10 @@ impl Store {
                     })?
                     .map(|row| {
                         let (key_id, hash, expires_at) = row?;
-                        let hash: [u8; 32] = hash.try_into().map_err(|_| {
-                            StoreError::Corrupt(format!("hash length of key {key_id}"))
-                        })?;
-                        Ok(SyncKey {
-                            key_id,
-                            hash: KeyHash(hash).to_hex(),
-                            expires_at,
-                        })
+                        let hash: [u8; 32] = hash
+                            .try_into()
+                            .map_err(|_| StoreError::Corrupt(format!("hash length of key {key_id}")))?;
+                        Ok(SyncKey { key_id, hash: KeyHash(hash).to_hex(), expires_at })
                     })
                     .collect::<StoreResult<Vec<_>>>()?;
                 services.push(SyncService {
@@ -559,12 +747,31 @@ impl Store {
                 });
             }
         }
+        let signing: Vec<SigningKeyRow> = tx
+            .prepare_cached("SELECT kid, public_x, x'', created_at, activates_at FROM signing_keys ORDER BY activates_at, rowid")?
+            .query_map([], |r| {
+                Ok(SigningKeyRow {
+                    kid: r.get(0)?,
+                    public_x: r.get(1)?,
+                    private_sealed: vec![],
+                    created_at: r.get(3)?,
+                    activates_at: r.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let revoked_tokens = tx
+            .prepare_cached("SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > ?1 ORDER BY jti")?
+            .query_map([now], |r| Ok(SyncRevokedToken { jti: r.get(0)?, expires_at: r.get(1)? }))?
+            .collect::<Result<_, _>>()?;
         tx.commit()?;
         Ok(SyncPayload {
             epoch: self.epoch.clone(),
             version,
             full: since.is_none(),
             services,
+            issuer: String::new(),
+            signing_keys: published(&signing, now),
+            revoked_tokens,
         })
     }
 }

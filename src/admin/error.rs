@@ -10,6 +10,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub description: String,
+    /// `WWW-Authenticate` for a 401; the admin API's Bearer challenge unless set.
+    pub challenge: Option<&'static str>,
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -18,7 +21,24 @@ impl ApiError {
             status,
             code,
             description: description.into(),
+            challenge: None,
+            retry_after: None,
         }
+    }
+
+    pub fn with_challenge(mut self, challenge: &'static str) -> Self {
+        self.challenge = Some(challenge);
+        self
+    }
+
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests; slow down",
+        );
+        e.retry_after = Some(retry_after_secs.max(1));
+        e
     }
 
     pub fn bad_request(description: impl Into<String>) -> Self {
@@ -65,13 +85,16 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({ "error": self.code, "error_description": self.description });
         let mut resp = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"permiso-admin\""),
-            );
+            let challenge = self.challenge.unwrap_or("Bearer realm=\"permiso-admin\"");
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
+        if let Some(s) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp.headers_mut()
+            .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
         resp
     }
 }

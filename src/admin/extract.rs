@@ -69,3 +69,41 @@ fn too_large(limit: usize) -> ApiError {
         format!("request body exceeds {limit} bytes"),
     )
 }
+
+/// An `application/x-www-form-urlencoded` body (RFC 6749 endpoints). A parameter sent twice is
+/// an `invalid_request` (§3.2); empty values count as absent (§3.1).
+pub struct FormBody(pub std::collections::HashMap<String, String>);
+
+impl FromRequest<AppState> for FormBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.cfg.max_body_bytes;
+        let is_form = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|ct| ct.split(';').next().unwrap_or("").trim())
+            .is_some_and(|e| e.eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+        if !is_form {
+            return Err(ApiError::bad_request("Content-Type must be application/x-www-form-urlencoded"));
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+            if e.into_inner().is::<LengthLimitError>() {
+                too_large(limit)
+            } else {
+                ApiError::bad_request("could not read the request body")
+            }
+        })?;
+        let mut out = std::collections::HashMap::new();
+        for (k, v) in form_urlencoded::parse(&bytes) {
+            if v.is_empty() {
+                continue;
+            }
+            if out.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(ApiError::bad_request(format!("parameter {k:?} is repeated")));
+            }
+        }
+        Ok(FormBody(out))
+    }
+}

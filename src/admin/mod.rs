@@ -6,11 +6,17 @@ pub mod db;
 pub mod error;
 pub mod extract;
 pub mod model;
+pub mod oauth;
 pub mod services;
+pub mod signing;
+pub mod signing_keys;
 pub mod sync;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -31,6 +37,11 @@ pub struct Inner {
     pub versions: watch::Sender<u64>,
     /// Flips to true at shutdown so long polls end at once.
     pub shutdown: watch::Receiver<bool>,
+    pub kek: signing::Kek,
+    pub keyring: ArcSwap<signing::KeyRing>,
+    /// Token endpoint throttles against secret guessing.
+    pub ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    pub client_limiter: DefaultKeyedRateLimiter<String>,
 }
 
 pub type AppState = Arc<Inner>;
@@ -143,14 +154,27 @@ fn build_state(
 ) -> anyhow::Result<AppState> {
     let store = Store::open(&cfg.database)
         .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cfg.database.display()))?;
+    let kek = signing::Kek::load(&cfg.database, cfg.signing_kek.as_ref().map(|s| s.expose()))?;
+    let mut ring = signing::KeyRing::load(&store, &kek)?;
+    if ring.signer_at(clock.now_secs()).is_none() {
+        // First start: a key that signs at once (nothing can have cached an older JWKS).
+        let now = clock.now_secs();
+        let (kid, _) = signing::add_key(&store, &kek, now, now)?;
+        tracing::info!(kid = %kid, "created the first token signing key");
+        ring = signing::KeyRing::load(&store, &kek)?;
+    }
     let version = store.version()?;
     Ok(Arc::new(Inner {
         admin_key_hash: blake3::hash(cfg.admin_api_key.expose().as_bytes()),
+        ip_limiter: RateLimiter::keyed(Quota::per_minute(cfg.token_rate_per_ip)),
+        client_limiter: RateLimiter::keyed(Quota::per_minute(cfg.token_rate_per_client)),
         store: Arc::new(store),
         cfg,
         clock,
         versions: watch::channel(version).0,
         shutdown,
+        kek,
+        keyring: ArcSwap::from_pointee(ring),
     }))
 }
 
@@ -164,7 +188,7 @@ pub async fn serve(
     let state = build_state(cfg, clock, shutdown.clone())?;
     tracing::info!(addr = %listener.local_addr()?, epoch = state.store.epoch(), "admin plane listening");
     let mut stop = shutdown;
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
         })

@@ -37,6 +37,8 @@ pub struct CreateService {
     pub rate_limit_per_hour: Option<u32>,
     pub allowed_ips: Option<Vec<String>>,
     pub contact_email: Option<String>,
+    /// Seconds; default 3600, 60..=86400.
+    pub access_token_lifetime: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +56,7 @@ pub struct PatchService {
     pub contact_email: Option<Option<String>>,
     pub is_trusted: Option<bool>,
     pub disabled: Option<bool>,
+    pub access_token_lifetime: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +124,18 @@ fn validate_ips(ips: &[String]) -> Result<Vec<String>, ApiError> {
     Ok(out)
 }
 
+pub const DEFAULT_TOKEN_LIFETIME: u32 = 3600;
+pub const MAX_TOKEN_LIFETIME: u32 = 86_400;
+
+fn validate_lifetime(v: Option<u32>) -> Result<Option<u32>, ApiError> {
+    match v {
+        Some(n) if !(60..=MAX_TOKEN_LIFETIME).contains(&n) => Err(ApiError::bad_request(format!(
+            "access_token_lifetime must be 60..={MAX_TOKEN_LIFETIME} seconds"
+        ))),
+        other => Ok(other),
+    }
+}
+
 fn validate_description(d: Option<String>) -> Result<Option<String>, ApiError> {
     match d {
         Some(d) if d.chars().count() > MAX_DESCRIPTION_LEN => Err(ApiError::bad_request(format!(
@@ -164,6 +179,7 @@ impl CreateService {
             )?,
             rate_limit_per_hour: validate_limit("rate_limit_per_hour", self.rate_limit_per_hour)?,
             allowed_ips: validate_ips(self.allowed_ips.as_deref().unwrap_or(&[]))?,
+            access_token_lifetime: validate_lifetime(self.access_token_lifetime)?.unwrap_or(DEFAULT_TOKEN_LIFETIME),
         })
     }
 }
@@ -185,6 +201,7 @@ impl PatchService {
             contact_email: self.contact_email.map(validate_email).transpose()?,
             is_trusted: self.is_trusted,
             disabled: self.disabled,
+            access_token_lifetime: validate_lifetime(self.access_token_lifetime)?,
         };
         let empty = p.scopes.is_none()
             && p.rate_limit_per_minute.is_none()
@@ -193,7 +210,8 @@ impl PatchService {
             && p.description.is_none()
             && p.contact_email.is_none()
             && p.is_trusted.is_none()
-            && p.disabled.is_none();
+            && p.disabled.is_none()
+            && p.access_token_lifetime.is_none();
         if empty {
             return Err(ApiError::bad_request("the patch changes nothing"));
         }
@@ -252,15 +270,22 @@ pub struct ServiceView {
     pub rate_limit_per_hour: Option<u32>,
     pub allowed_ips: Vec<String>,
     pub disabled: bool,
+    /// The OAuth2 client id: the service id.
+    pub client_id: String,
+    pub access_token_lifetime: u32,
     pub created_at: String,
     pub updated_at: String,
     pub keys: Vec<KeyView>,
+    pub client_secrets: Vec<KeyView>,
 }
 
 impl ServiceView {
     pub fn of(s: ServiceRecord, now: i64) -> ServiceView {
         ServiceView {
             keys: s.keys.iter().map(|k| KeyView::of(k, now)).collect(),
+            client_secrets: s.secrets.iter().map(|k| KeyView::of(k, now)).collect(),
+            client_id: s.id.clone(),
+            access_token_lifetime: s.access_token_lifetime,
             service_id: s.id,
             service_name: s.name,
             environment: s.environment,
@@ -278,13 +303,15 @@ impl ServiceView {
     }
 }
 
-/// 201 body of a create: the service plus its first key, shown this once.
+/// 201 body of a create: the service plus its first key and client secret, shown this once.
 #[derive(Debug, Serialize)]
 pub struct Created {
     #[serde(flatten)]
     pub service: ServiceView,
     pub api_key: String,
     pub key_id: String,
+    pub client_secret: String,
+    pub client_secret_id: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -301,6 +328,16 @@ pub struct Rotated {
     /// When the previously active keys stop working (the latest of them).
     pub old_keys_expire_at: Option<String>,
     pub old_keys: Vec<EndedKey>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SecretRotated {
+    pub service_id: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub client_secret_id: String,
+    pub old_secrets_expire_at: Option<String>,
+    pub old_secrets: Vec<EndedKey>,
 }
 
 #[derive(Debug, Serialize)]

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use crate::admin::auth::Admin;
-use crate::admin::db::StoredKey;
+use crate::admin::db::{CredentialKind, StoredKey};
 use crate::admin::error::ApiError;
 use crate::admin::extract::JsonBody;
 use crate::admin::model::*;
@@ -30,15 +30,15 @@ pub async fn create(
     let id = ids::new_service_id();
     let key_id = ids::new_key_id();
     let key = key::generate(new.environment);
+    let secret_id = ids::new_secret_id();
+    let secret = key::generate_client_secret();
     let now = st.clock.now_secs();
     let (rec, version) = {
-        let (id, key_id, new) = (id.clone(), key_id.clone(), new.clone());
-        let stored = StoredKey {
-            hash: key.hash,
-            display_prefix: key.display_prefix.clone(),
-        };
+        let (id, key_id, secret_id, new) = (id.clone(), key_id.clone(), secret_id.clone(), new.clone());
+        let stored = StoredKey::of(&key);
+        let stored_secret = StoredKey::of(&secret);
         st.db_named("service", move |s| {
-            s.create_service(&id, &new, &key_id, &stored, now)
+            s.create_service(&id, &new, (&key_id, &stored), (&secret_id, &stored_secret), now)
         })
         .await?
     };
@@ -50,6 +50,8 @@ pub async fn create(
             service: ServiceView::of(rec, now),
             api_key: key.secret.expose().to_string(),
             key_id,
+            client_secret: secret.secret.expose().to_string(),
+            client_secret_id: secret_id,
         }),
     ))
 }
@@ -140,6 +142,61 @@ pub async fn disable(
     Ok(Json(ServiceView::of(rec, now)))
 }
 
+/// Validates the optional rotate body and returns the grace period in seconds.
+fn grace_of(st: &AppState, body: Option<Rotate>) -> Result<u64, ApiError> {
+    let grace = body
+        .unwrap_or_default()
+        .grace_seconds
+        .unwrap_or(st.cfg.rotation_grace.as_secs());
+    if grace > 365 * 24 * 3600 {
+        return Err(ApiError::bad_request("grace_seconds must be at most one year"));
+    }
+    Ok(grace)
+}
+
+/// Issues a new credential of `kind` and ends the active ones after the grace period.
+async fn rotate_credential(
+    st: &AppState,
+    id: String,
+    kind: CredentialKind,
+    grace: u64,
+) -> Result<(crate::admin::db::Rotation, key::NewKey, String), ApiError> {
+    let now = st.clock.now_secs();
+    let (new, new_id) = match kind {
+        CredentialKind::ApiKey => {
+            let environment = st
+                .db_named("service", {
+                    let id = id.clone();
+                    move |s| s.get_service(&id)
+                })
+                .await?
+                .environment;
+            (key::generate(environment), ids::new_key_id())
+        }
+        CredentialKind::ClientSecret => (key::generate_client_secret(), ids::new_secret_id()),
+    };
+    let max_active = st.cfg.max_active_keys_per_service;
+    let stored = StoredKey::of(&new);
+    let (rotation, version) = {
+        let new_id = new_id.clone();
+        st.db_named("service", move |s| s.rotate(&id, kind, &new_id, &stored, grace, max_active, now))
+            .await?
+    };
+    st.published(version);
+    Ok((rotation, new, new_id))
+}
+
+fn ended(rotation: &crate::admin::db::Rotation) -> (Option<String>, Vec<EndedKey>) {
+    (
+        rotation.ended.iter().map(|(_, e)| *e).max().map(rfc3339),
+        rotation
+            .ended
+            .iter()
+            .map(|(key_id, e)| EndedKey { key_id: key_id.clone(), expires_at: rfc3339(*e) })
+            .collect(),
+    )
+}
+
 pub async fn rotate(
     State(st): State<AppState>,
     Admin(actor): Admin,
@@ -147,52 +204,37 @@ pub async fn rotate(
     JsonBody(body): JsonBody<Rotate, true>,
 ) -> Result<Json<Rotated>, ApiError> {
     let id = service_id(id)?;
-    let grace = body
-        .unwrap_or_default()
-        .grace_seconds
-        .unwrap_or(st.cfg.rotation_grace.as_secs());
-    if grace > 365 * 24 * 3600 {
-        return Err(ApiError::bad_request(
-            "grace_seconds must be at most one year",
-        ));
-    }
-    let now = st.clock.now_secs();
-    let environment = st
-        .db_named("service", {
-            let id = id.clone();
-            move |s| s.get_service(&id)
-        })
-        .await?
-        .environment;
-    let key = key::generate(environment);
-    let key_id = ids::new_key_id();
-    let max_active = st.cfg.max_active_keys_per_service;
-    let (rotation, version) = {
-        let (id, key_id) = (id.clone(), key_id.clone());
-        let stored = StoredKey {
-            hash: key.hash,
-            display_prefix: key.display_prefix.clone(),
-        };
-        st.db_named("service", move |s| {
-            s.rotate(&id, &key_id, &stored, grace, max_active, now)
-        })
-        .await?
-    };
-    st.published(version);
-    tracing::info!(%actor, service_id = %id, key_id = %key_id, key_prefix = %key.display_prefix, grace, version, "service key rotated");
+    let grace = grace_of(&st, body)?;
+    let (rotation, key, key_id) = rotate_credential(&st, id.clone(), CredentialKind::ApiKey, grace).await?;
+    tracing::info!(%actor, service_id = %id, key_id = %key_id, key_prefix = %key.display_prefix, grace, "service key rotated");
+    let (old_keys_expire_at, old_keys) = ended(&rotation);
     Ok(Json(Rotated {
         service_id: rotation.service.id,
         api_key: key.secret.expose().to_string(),
         key_id,
-        old_keys_expire_at: rotation.ended.iter().map(|(_, e)| *e).max().map(rfc3339),
-        old_keys: rotation
-            .ended
-            .into_iter()
-            .map(|(key_id, e)| EndedKey {
-                key_id,
-                expires_at: rfc3339(e),
-            })
-            .collect(),
+        old_keys_expire_at,
+        old_keys,
+    }))
+}
+
+pub async fn rotate_secret(
+    State(st): State<AppState>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<Rotate, true>,
+) -> Result<Json<SecretRotated>, ApiError> {
+    let id = service_id(id)?;
+    let grace = grace_of(&st, body)?;
+    let (rotation, secret, secret_id) = rotate_credential(&st, id.clone(), CredentialKind::ClientSecret, grace).await?;
+    tracing::info!(%actor, service_id = %id, secret_id = %secret_id, grace, "client secret rotated");
+    let (old_secrets_expire_at, old_secrets) = ended(&rotation);
+    Ok(Json(SecretRotated {
+        client_id: rotation.service.id.clone(),
+        service_id: rotation.service.id,
+        client_secret: secret.secret.expose().to_string(),
+        client_secret_id: secret_id,
+        old_secrets_expire_at,
+        old_secrets,
     }))
 }
 

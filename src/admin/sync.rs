@@ -33,9 +33,15 @@ pub async fn sync(
     }
     let now = st.clock.now_secs();
     let (epoch, after) = (q.epoch, q.after);
-    let payload = st
-        .db(move |s| s.sync_payload(epoch.as_deref(), after, now))
+    let max_lifetime = i64::from(crate::admin::model::MAX_TOKEN_LIFETIME);
+    let mut payload = st
+        .db(move |s| {
+            s.sync_payload(epoch.as_deref(), after, now, &|rows, now| {
+                crate::admin::signing::published(rows, now, max_lifetime)
+            })
+        })
         .await?;
+    payload.issuer = st.cfg.issuer.clone();
     tracing::debug!(%actor, version = payload.version, full = payload.full, services = payload.services.len(), "sync served");
     Ok(Json(payload))
 }

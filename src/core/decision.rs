@@ -1,11 +1,15 @@
 //! The whole allow/deny decision for one request, as a checklist of pure steps:
-//! route → authenticate → authorize → rate-limit. Each returns `Result<_, Denial>`.
+//! route → authenticate (API key or JWT) → authorize → rate-limit. Each returns
+//! `Result<_, Denial>`.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::core::denial::{BadRequest, Denial, InvalidToken};
+use crate::core::jwt::{self, Expectations, JwtError};
 use crate::core::key::{self, Environment};
+use crate::core::scope::ScopeSet;
+use crate::core::token_cache::{TokenCache, VerifiedToken};
 use crate::core::ratelimit::RateStatus;
 use crate::core::routes::{check_path, Access, Route, RouteTable};
 use crate::core::snapshot::{ServiceEntry, Snapshot};
@@ -26,11 +30,44 @@ pub enum Authorization<'a> {
     Several,
 }
 
+/// How the caller proved who it is.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    ApiKey { key_id: Arc<str> },
+    AccessToken(Arc<VerifiedToken>),
+}
+
 /// Who is calling, once authenticated.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub service: Arc<ServiceEntry>,
-    pub key_id: Arc<str>,
+    pub credential: Credential,
+}
+
+impl Principal {
+    /// An API key acts with its service's scopes; a token with the scopes it was granted.
+    pub fn scopes_header(&self) -> &str {
+        match &self.credential {
+            Credential::ApiKey { .. } => &self.service.scopes_header,
+            Credential::AccessToken(t) => &t.scopes_header,
+        }
+    }
+
+    /// Key id or token id, for headers and logs.
+    pub fn credential_id(&self) -> &str {
+        match &self.credential {
+            Credential::ApiKey { key_id } => key_id,
+            Credential::AccessToken(t) => &t.jti,
+        }
+    }
+}
+
+/// How this sidecar checks access tokens.
+#[derive(Clone, Copy)]
+pub struct TokenPolicy<'a> {
+    pub audience: &'a str,
+    pub leeway_secs: i64,
+    pub cache: Option<&'a TokenCache>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,8 +127,80 @@ pub fn authenticate(
     }
     Ok(Principal {
         service: entry.service.clone(),
-        key_id: entry.key_id.clone(),
+        credential: Credential::ApiKey { key_id: entry.key_id.clone() },
     })
+}
+
+fn jwt_denial(e: JwtError) -> Denial {
+    Denial::InvalidToken(InvalidToken::Jwt(e))
+}
+
+/// Verifies an access token locally (cache first), then finds its client in the snapshot.
+pub fn authenticate_token(
+    snapshot: &Snapshot,
+    environment: Environment,
+    token: &str,
+    policy: &TokenPolicy<'_>,
+    now_secs: i64,
+) -> Result<Principal, Denial> {
+    let tokens = &snapshot.tokens;
+    let cache_key = policy.cache.map(|_| TokenCache::key(token));
+    let cached = match (policy.cache, &cache_key) {
+        (Some(c), Some(k)) => c.get(k),
+        _ => None,
+    };
+    let verified = match cached {
+        Some(v) => {
+            // Re-judge what can change after verification: keys, issuer, time.
+            if v.iss != tokens.issuer {
+                return Err(jwt_denial(JwtError::WrongIssuer));
+            }
+            if !tokens.keys.contains(&v.kid) {
+                return Err(jwt_denial(JwtError::UnknownKid));
+            }
+            if now_secs >= v.exp.saturating_add(policy.leeway_secs) {
+                return Err(jwt_denial(JwtError::Expired));
+            }
+            if now_secs < v.nbf.saturating_sub(policy.leeway_secs) {
+                return Err(jwt_denial(JwtError::NotYetValid));
+            }
+            v
+        }
+        None => {
+            let want = Expectations { issuer: &tokens.issuer, audience: policy.audience, leeway_secs: policy.leeway_secs };
+            let c = jwt::verify(token, &tokens.keys, &want, now_secs).map_err(jwt_denial)?;
+            let scope_list: Vec<&str> = c.scope.split(' ').filter(|s| !s.is_empty()).collect();
+            let scopes = ScopeSet::parse(&scope_list).map_err(|_| jwt_denial(JwtError::Malformed))?;
+            let kid = jwt::kid_of(token).unwrap_or_default();
+            let v = Arc::new(VerifiedToken {
+                iss: c.iss,
+                kid,
+                client_id: Arc::from(c.client_id.as_str()),
+                jti: Arc::from(c.jti.as_str()),
+                exp: c.exp,
+                nbf: c.nbf,
+                scopes_header: scopes.joined(),
+                scopes,
+            });
+            if let (Some(cache), Some(k)) = (policy.cache, cache_key) {
+                cache.insert(k, v.clone());
+            }
+            v
+        }
+    };
+    if tokens.revoked.contains(&*verified.jti) {
+        return Err(jwt_denial(JwtError::Revoked));
+    }
+    let service = snapshot
+        .service(&verified.client_id)
+        .ok_or(Denial::InvalidToken(InvalidToken::UnknownClient))?;
+    if service.environment != environment {
+        return Err(Denial::InvalidToken(InvalidToken::WrongEnvironment));
+    }
+    if service.disabled {
+        return Err(Denial::InvalidToken(InvalidToken::ServiceDisabled));
+    }
+    Ok(Principal { service: service.clone(), credential: Credential::AccessToken(verified) })
 }
 
 /// Source address first (the service may not call from there at all), then scopes.
@@ -130,6 +239,7 @@ pub fn decide(
     environment: Environment,
     req: &RequestFacts<'_>,
     now_nanos: u64,
+    tokens: &TokenPolicy<'_>,
 ) -> Result<Verdict, Denial> {
     check_path(req.path).map_err(|e| Denial::BadRequest(BadRequest::Path(e)))?;
     let route = routes.find(req.method, req.path).ok_or(Denial::NoRoute)?;
@@ -138,12 +248,12 @@ pub fn decide(
     }
     let token = bearer_token(req.authorization)?.ok_or(Denial::MissingCredential)?;
     let snapshot = snapshot.ok_or(Denial::NoSnapshot)?;
-    let principal = authenticate(
-        snapshot,
-        environment,
-        token,
-        (now_nanos / 1_000_000_000) as i64,
-    )?;
+    let now_secs = (now_nanos / 1_000_000_000) as i64;
+    let principal = if jwt::looks_like_jwt(token) {
+        authenticate_token(snapshot, environment, token, tokens, now_secs)?
+    } else {
+        authenticate(snapshot, environment, token, now_secs)?
+    };
     authorize(&principal, route, req.client_ip)?;
     let rate = rate_limit(&principal, now_nanos)?;
     Ok(Verdict::Allowed { principal, rate })
@@ -176,6 +286,7 @@ mod tests {
             version: 1,
             full: true,
             services: vec![s],
+            ..Default::default()
         };
         let routes = RouteTable::new(vec![
             Route::new(vec![], "/health".into(), Access::Public),
@@ -215,8 +326,10 @@ mod tests {
             },
             client_ip: Some(ip.parse().unwrap()),
         };
-        decide(&f.routes, Some(&f.snap), Environment::Live, &facts, now)
+        decide(&f.routes, Some(&f.snap), Environment::Live, &facts, now, &NO_TOKENS)
     }
+
+    const NO_TOKENS: TokenPolicy<'static> = TokenPolicy { audience: "permiso", leeway_secs: 30, cache: None };
 
     fn bearer(k: &NewKey) -> Option<String> {
         Some(format!("Bearer {}", k.secret.expose()))
@@ -227,7 +340,7 @@ mod tests {
         let f = fixture(|_| {});
         match run(&f, "/api/v1/trades/1", bearer(&f.key), "127.0.0.1", NOW).unwrap() {
             Verdict::Allowed { principal, .. } => {
-                assert_eq!(&*principal.key_id, "key_1");
+                assert_eq!(principal.credential_id(), "key_1");
                 assert_eq!(&*principal.service.id, "srv_a");
             }
             v => panic!("{v:?}"),
@@ -337,14 +450,14 @@ mod tests {
             client_ip: None,
         };
         assert_eq!(
-            decide(&f.routes, None, Environment::Live, &facts, NOW).unwrap_err(),
+            decide(&f.routes, None, Environment::Live, &facts, NOW, &NO_TOKENS).unwrap_err(),
             Denial::NoSnapshot
         );
         let public = RequestFacts {
             path: "/health",
             ..facts
         };
-        assert!(decide(&f.routes, None, Environment::Live, &public, NOW).is_ok());
+        assert!(decide(&f.routes, None, Environment::Live, &public, NOW, &NO_TOKENS).is_ok());
     }
 
     #[test]

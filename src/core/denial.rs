@@ -2,6 +2,7 @@
 //! headers and body. Callers see the RFC error code and a generic description; the precise
 //! reason goes to the log only (`Denial::reason`).
 
+use crate::core::jwt::JwtError;
 use crate::core::key::KeyError;
 use crate::core::ratelimit::Exceeded;
 use crate::core::routes::PathError;
@@ -17,6 +18,10 @@ pub enum InvalidToken {
     /// A rotated key whose grace window has ended.
     GraceEnded,
     ServiceDisabled,
+    /// An access token (JWT) that failed verification or was revoked.
+    Jwt(JwtError),
+    /// A valid token whose client no longer exists in the snapshot.
+    UnknownClient,
 }
 
 impl From<KeyError> for InvalidToken {
@@ -78,6 +83,8 @@ impl Denial {
                 InvalidToken::Unknown => "unknown_or_revoked_key",
                 InvalidToken::GraceEnded => "grace_ended",
                 InvalidToken::ServiceDisabled => "service_disabled",
+                InvalidToken::Jwt(e) => e.reason(),
+                InvalidToken::UnknownClient => "jwt_unknown_client",
             },
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::IpNotAllowed => "ip_not_allowed",
@@ -197,6 +204,8 @@ mod tests {
             InvalidToken::Unknown,
             InvalidToken::GraceEnded,
             InvalidToken::ServiceDisabled,
+            InvalidToken::Jwt(JwtError::Expired),
+            InvalidToken::UnknownClient,
         ];
         let first = Denial::InvalidToken(all[0]).response();
         assert!(header(&first, "WWW-Authenticate")

@@ -7,6 +7,7 @@ use rand::TryRngCore;
 
 pub const SERVICE_ID_PREFIX: &str = "srv_";
 pub const KEY_ID_PREFIX: &str = "key_";
+pub const SECRET_ID_PREFIX: &str = "sec_";
 
 fn random_id(prefix: &str, bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
@@ -27,6 +28,16 @@ pub fn new_service_id() -> String {
 /// `key_` + 96 random bits.
 pub fn new_key_id() -> String {
     random_id(KEY_ID_PREFIX, 12)
+}
+
+/// `sec_` + 96 random bits: the id of a client secret.
+pub fn new_secret_id() -> String {
+    random_id(SECRET_ID_PREFIX, 12)
+}
+
+/// A token id (`jti`): 128 random bits.
+pub fn new_jti() -> String {
+    random_id("", 16)
 }
 
 /// Whether `s` could be an id we issued with `prefix`; used to answer 404 without a lookup.

@@ -26,7 +26,7 @@ pub struct AccessClaims {
 }
 
 /// Why a JWT was refused. Logged; the caller only ever sees `invalid_token`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {
     #[error("not a JWS compact token")]
     Malformed,
@@ -155,6 +155,11 @@ pub struct Expectations<'a> {
 /// Cheap shape test used to route a bearer credential to JWT or API-key checking.
 pub fn looks_like_jwt(token: &str) -> bool {
     token.starts_with("eyJ") && token.bytes().filter(|&b| b == b'.').count() == 2
+}
+
+/// The `kid` of a token's header, if it parses.
+pub fn kid_of(token: &str) -> Option<String> {
+    jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid)
 }
 
 /// Verifies signature and claims. `now` is unix seconds from the injected clock.

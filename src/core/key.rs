@@ -172,6 +172,23 @@ pub fn generate(environment: Environment) -> NewKey {
     }
 }
 
+/// Client secrets: `pcs_` and 256 random bits. They are high-entropy, so a fast hash (blake3)
+/// is the right storage, as for API keys. No checksum: they only ever go to the token endpoint.
+pub const CLIENT_SECRET_PREFIX: &str = "pcs_";
+
+pub fn generate_client_secret() -> NewKey {
+    let mut raw = [0u8; SECRET_BYTES];
+    rand::rngs::OsRng.try_fill_bytes(&mut raw).expect("OS CSPRNG unavailable");
+    let mut text = String::with_capacity(CLIENT_SECRET_PREFIX.len() + BODY_LEN);
+    text.push_str(CLIENT_SECRET_PREFIX);
+    URL_SAFE_NO_PAD.encode_string(raw, &mut text);
+    NewKey {
+        hash: KeyHash::of(&text),
+        display_prefix: text.chars().take(CLIENT_SECRET_PREFIX.len() + DISPLAY_BODY_CHARS).collect(),
+        secret: Secret::new(text),
+    }
+}
+
 /// `svc_live_AbCd`: enough to recognise a key in a listing, far too little to guess it.
 pub fn display_prefix(key: &str) -> String {
     key.chars().take(PREFIX_LEN + DISPLAY_BODY_CHARS).collect()

@@ -13,3 +13,4 @@ pub mod routes;
 pub mod scope;
 pub mod snapshot;
 pub mod sync;
+pub mod token_cache;

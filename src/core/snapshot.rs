@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use crate::core::jwt::KeySet;
 use crate::core::key::{Environment, KeyHash};
 use crate::core::ratelimit::{LimiterState, Limits};
 use crate::core::scope::{ScopeError, ScopeSet};
-use crate::core::sync::{SyncKey, SyncPayload, SyncService};
+use crate::core::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
 
 /// Why a payload was refused; the previous snapshot stays in force.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,38 @@ pub enum SnapshotError {
     DeltaWithoutBase,
     #[error("service {service}: a header value must be visible ASCII")]
     HeaderUnsafe { service: String },
+    #[error("signing key {0} is not a valid Ed25519 public key")]
+    SigningKey(String),
+}
+
+/// What the snapshot knows about access tokens: who issues them, with which keys, and which
+/// were revoked.
+#[derive(Debug, Clone, Default)]
+pub struct TokenState {
+    pub issuer: String,
+    pub keys: KeySet,
+    pub revoked: std::collections::HashSet<String>,
+    /// Kept for writing the snapshot back out.
+    signing_keys: Vec<SyncSigningKey>,
+    revoked_list: Vec<SyncRevokedToken>,
+}
+
+impl TokenState {
+    fn from_payload(p: &SyncPayload) -> Result<TokenState, SnapshotError> {
+        let mut keys = KeySet::default();
+        for k in &p.signing_keys {
+            if !keys.insert(&k.kid, &k.x) {
+                return Err(SnapshotError::SigningKey(k.kid.clone()));
+            }
+        }
+        Ok(TokenState {
+            issuer: p.issuer.clone(),
+            keys,
+            revoked: p.revoked_tokens.iter().map(|r| r.jti.clone()).collect(),
+            signing_keys: p.signing_keys.clone(),
+            revoked_list: p.revoked_tokens.clone(),
+        })
+    }
 }
 
 /// A service's policy, shared by all its keys.
@@ -113,6 +146,7 @@ pub struct Snapshot {
     pub environment: Environment,
     services: HashMap<Arc<str>, Arc<ServiceEntry>>,
     keys: KeyMap,
+    pub tokens: TokenState,
 }
 
 fn header_safe(s: &str) -> bool {
@@ -187,6 +221,7 @@ impl Snapshot {
             environment,
             services: HashMap::new(),
             keys: KeyMap::default(),
+            tokens: TokenState::default(),
         }
     }
 
@@ -198,6 +233,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, SnapshotError> {
         let mut snap = Snapshot::empty(environment, payload.epoch.clone(), payload.version);
+        snap.tokens = TokenState::from_payload(payload)?;
         snap.upsert_all(&payload.services, previous)?;
         Ok(snap)
     }
@@ -222,6 +258,7 @@ impl Snapshot {
             environment: self.environment,
             services: self.services.clone(),
             keys: self.keys.clone(),
+            tokens: TokenState::from_payload(payload)?,
         };
         next.upsert_all(&payload.services, Some(self))?;
         Ok(next)
@@ -308,6 +345,9 @@ impl Snapshot {
             version: self.version,
             full: true,
             services,
+            issuer: self.tokens.issuer.clone(),
+            signing_keys: self.tokens.signing_keys.clone(),
+            revoked_tokens: self.tokens.revoked_list.clone(),
         }
     }
 }
@@ -345,6 +385,7 @@ pub(crate) mod tests {
             version,
             full,
             services,
+            ..Default::default()
         }
     }
 

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::key::Environment;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncPayload {
     /// Identifies the admin plane's database; versions are only comparable within one epoch.
@@ -15,6 +15,32 @@ pub struct SyncPayload {
     /// True: `services` is everything. False: `services` replaces just those services.
     pub full: bool,
     pub services: Vec<SyncService>,
+    /// `iss` of the access tokens this admin plane mints.
+    #[serde(default)]
+    pub issuer: String,
+    /// Every published token-verification key (always complete, also in deltas).
+    #[serde(default)]
+    pub signing_keys: Vec<SyncSigningKey>,
+    /// Every revoked, not yet expired access token (always complete, also in deltas).
+    #[serde(default)]
+    pub revoked_tokens: Vec<SyncRevokedToken>,
+}
+
+/// An Ed25519 verification key, as in its JWK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSigningKey {
+    pub kid: String,
+    /// base64url of the 32-byte public key.
+    pub x: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRevokedToken {
+    pub jti: String,
+    /// The token's own `exp`: the entry is useless after it.
+    pub expires_at: i64,
 }
 
 /// One service with its whole policy and every key that may still authenticate.

@@ -20,8 +20,9 @@ use tokio::sync::watch;
 use crate::config::SidecarConfig;
 use crate::core::clock::SharedClock;
 use crate::core::snapshot::Snapshot;
+use crate::core::token_cache::TokenCache;
 use proxy::{Shared, SidecarProxy};
-use sync_client::SyncClient;
+use sync_client::{EarlySync, SyncClient};
 
 /// Loads the snapshot file, if any. A bad file is refused with a log line and the sidecar
 /// starts without a snapshot (failing closed until the first sync) rather than trusting it.
@@ -49,12 +50,17 @@ struct Parts {
 
 fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
     let current = Arc::new(ArcSwapOption::new(initial_snapshot(cfg)));
+    let token_cache = Arc::new(TokenCache::new(cfg.tokens.cache_entries));
+    let early = Arc::new(EarlySync::new(cfg.tokens.early_sync_min_interval));
     let shared = Arc::new(Shared {
         snapshot: current.clone(),
         routes: cfg.routes.clone(),
         environment: cfg.environment,
         peer: HttpPeer::new(cfg.upstream, false, String::new()),
         clock,
+        tokens: cfg.tokens.clone(),
+        token_cache: token_cache.clone(),
+        early_sync: early.clone(),
     });
     let conf = ServerConf {
         threads: cfg.threads,
@@ -78,6 +84,8 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
         environment: cfg.environment,
         snapshot_file: cfg.snapshot_file.clone(),
         current,
+        token_cache,
+        early,
     };
     Parts { server, sync }
 }

@@ -13,8 +13,12 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::Result;
 
 use crate::core::clock::SharedClock;
-use crate::core::decision::{decide, Authorization, RequestFacts, Verdict};
-use crate::core::denial::Denial;
+use crate::config::TokenSettings;
+use crate::core::decision::{decide, Authorization, Credential, RequestFacts, TokenPolicy, Verdict};
+use crate::core::denial::{Denial, InvalidToken};
+use crate::core::jwt::JwtError;
+use crate::core::token_cache::TokenCache;
+use crate::sidecar::sync_client::EarlySync;
 use crate::core::key::{Environment, KEY_FAMILY_PREFIX};
 use crate::core::routes::RouteTable;
 use crate::core::snapshot::Snapshot;
@@ -27,6 +31,9 @@ pub struct Shared {
     pub environment: Environment,
     pub peer: HttpPeer,
     pub clock: SharedClock,
+    pub tokens: TokenSettings,
+    pub token_cache: Arc<TokenCache>,
+    pub early_sync: Arc<EarlySync>,
 }
 
 pub struct SidecarProxy {
@@ -117,12 +124,18 @@ impl ProxyHttp for SidecarProxy {
                     .and_then(|a| a.as_inet())
                     .map(|a| a.ip()),
             };
+            let tokens = TokenPolicy {
+                audience: &shared.tokens.audience,
+                leeway_secs: shared.tokens.leeway_secs,
+                cache: Some(&shared.token_cache),
+            };
             decide(
                 &shared.routes,
                 snapshot.as_deref(),
                 shared.environment,
                 &facts,
                 shared.clock.now_nanos(),
+                &tokens,
             )
         };
         match decision {
@@ -131,6 +144,10 @@ impl ProxyHttp for SidecarProxy {
                 Ok(false)
             }
             Err(denial) => {
+                if denial == Denial::InvalidToken(InvalidToken::Jwt(JwtError::UnknownKid)) {
+                    // Maybe a key published since our last sync: fetch now (rate-limited).
+                    shared.early_sync.request();
+                }
                 ctx.denial = Some(denial.reason());
                 write_denial(session, &denial).await?;
                 Ok(true)
@@ -164,8 +181,11 @@ impl ProxyHttp for SidecarProxy {
                 let s = &principal.service;
                 upstream.insert_header("X-Permiso-Service-Id", &*s.id)?;
                 upstream.insert_header("X-Permiso-Service-Name", &*s.name)?;
-                upstream.insert_header("X-Permiso-Scopes", s.scopes_header.as_str())?;
-                upstream.insert_header("X-Permiso-Key-Id", &*principal.key_id)?;
+                upstream.insert_header("X-Permiso-Scopes", principal.scopes_header())?;
+                match &principal.credential {
+                    Credential::ApiKey { key_id } => upstream.insert_header("X-Permiso-Key-Id", &**key_id)?,
+                    Credential::AccessToken(t) => upstream.insert_header("X-Permiso-Token-Id", &*t.jti)?,
+                }
                 upstream.insert_header("X-Permiso-Environment", s.environment.as_str())?;
             }
             // A Permiso key sent to a public route still must not leak upstream.
@@ -203,7 +223,7 @@ impl ProxyHttp for SidecarProxy {
             (Some(Verdict::Allowed { principal, .. }), None) => (
                 "allowed",
                 Some(principal.service.id.clone()),
-                Some(principal.key_id.clone()),
+                Some(principal.credential_id().to_string()),
             ),
             (Some(Verdict::Public), None) => ("public", None, None),
             (None, None) => ("none", None, None),

@@ -76,6 +76,7 @@ mod tests {
             version: 7,
             full: true,
             services: vec![service("srv_a", &["a:b"], vec![sync_key("key_1", &k)])],
+            ..Default::default()
         };
         let snap = Snapshot::from_full(&payload, Environment::Live, None).unwrap();
         write(&path, &snap).unwrap();

@@ -3,8 +3,9 @@
 //! snapshot it has and retries with capped, jittered backoff.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use rand::Rng;
@@ -13,7 +14,43 @@ use tokio::sync::watch;
 use crate::core::key::{Environment, Secret};
 use crate::core::snapshot::{Snapshot, SnapshotError};
 use crate::core::sync::SyncPayload;
+use crate::core::token_cache::TokenCache;
 use crate::sidecar::snapshot_file;
+
+/// Lets the request path ask for a sync now (a token names a kid we do not know), at most once
+/// per interval, without blocking: one atomic compare-exchange and a notify.
+pub struct EarlySync {
+    notify: tokio::sync::Notify,
+    base: Instant,
+    last_ms: AtomicU64,
+    min_interval_ms: u64,
+}
+
+impl EarlySync {
+    pub fn new(min_interval: Duration) -> EarlySync {
+        EarlySync {
+            notify: tokio::sync::Notify::new(),
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            min_interval_ms: min_interval.as_millis().max(1) as u64,
+        }
+    }
+
+    /// Returns whether this call triggered a sync.
+    pub fn request(&self) -> bool {
+        // +min so the very first request is never suppressed.
+        let now = self.base.elapsed().as_millis() as u64 + self.min_interval_ms;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < self.min_interval_ms {
+            return false;
+        }
+        if self.last_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return false;
+        }
+        self.notify.notify_one();
+        true
+    }
+}
 
 pub struct SyncClient {
     pub admin_url: String,
@@ -22,6 +59,8 @@ pub struct SyncClient {
     pub environment: Environment,
     pub snapshot_file: PathBuf,
     pub current: Arc<ArcSwapOption<Snapshot>>,
+    pub token_cache: Arc<TokenCache>,
+    pub early: Arc<EarlySync>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,15 +77,15 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 impl SyncClient {
-    async fn fetch(&self, http: &reqwest::Client) -> Result<SyncPayload, SyncError> {
-        let mut url = format!("{}/v1/sync?wait={}", self.admin_url, self.wait.as_secs());
+    async fn fetch(&self, http: &reqwest::Client, wait: Duration) -> Result<SyncPayload, SyncError> {
+        let mut url = format!("{}/v1/sync?wait={}", self.admin_url, wait.as_secs());
         if let Some(s) = self.current.load().as_ref() {
             url.push_str(&format!("&after={}&epoch={}", s.version, s.epoch));
         }
         let resp = http
             .get(url)
             .bearer_auth(self.credential.expose())
-            .timeout(self.wait + Duration::from_secs(10))
+            .timeout(wait + Duration::from_secs(10))
             .send()
             .await?;
         if !resp.status().is_success() {
@@ -73,6 +112,10 @@ impl SyncClient {
             keys = next.key_count(),
             "snapshot applied"
         );
+        let revoked_changed = current.as_ref().is_none_or(|c| c.tokens.revoked != next.tokens.revoked);
+        if revoked_changed {
+            self.token_cache.evict_revoked(&next.tokens.revoked);
+        }
         self.current.store(Some(Arc::new(next)));
         Ok(true)
     }
@@ -92,14 +135,21 @@ impl SyncClient {
             .build()
             .expect("http client");
         let mut backoff = MIN_BACKOFF;
+        let mut wait = self.wait;
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let outcome = tokio::select! {
-                r = self.fetch(&http) => r,
+                r = self.fetch(&http, wait) => r,
+                _ = self.early.notify.notified() => {
+                    tracing::info!("unknown token signing key: syncing early");
+                    wait = Duration::ZERO;
+                    continue;
+                }
                 _ = shutdown.wait_for(|s| *s) => return,
             };
+            wait = self.wait;
             let failed = match outcome.and_then(|p| self.apply(&p).map_err(SyncError::from)) {
                 Ok(changed) => {
                     backoff = MIN_BACKOFF;
@@ -119,6 +169,7 @@ impl SyncClient {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
+                    _ = self.early.notify.notified() => {}
                     _ = shutdown.wait_for(|s| *s) => return,
                 }
             }

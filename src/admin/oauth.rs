@@ -1,0 +1,379 @@
+//! OAuth2 on the admin plane: the client credentials grant (RFC 6749 §4.4) minting RFC 9068
+//! JWTs, JWKS (RFC 7517), server metadata (RFC 8414), introspection (RFC 7662) and revocation
+//! (RFC 7009).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+
+use crate::admin::auth::{self, Actor};
+use crate::admin::error::ApiError;
+use crate::admin::extract::FormBody;
+use crate::admin::model::MAX_TOKEN_LIFETIME;
+use crate::admin::AppState;
+use crate::core::ids;
+use crate::core::jwt::{self, AccessClaims, Expectations};
+use crate::core::key::{self, KeyHash};
+use crate::core::scope::{Scope, ScopeSet};
+use crate::core::snapshot::parse_cidr;
+
+const BASIC_CHALLENGE: &str = "Basic realm=\"permiso\"";
+
+fn oauth_error(status: StatusCode, code: &'static str, description: impl Into<String>) -> ApiError {
+    ApiError::new(status, code, description)
+}
+
+fn invalid_request(d: impl Into<String>) -> ApiError {
+    oauth_error(StatusCode::BAD_REQUEST, "invalid_request", d)
+}
+
+fn invalid_client() -> ApiError {
+    oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed").with_challenge(BASIC_CHALLENGE)
+}
+
+/// Client credentials as presented, by one method only (RFC 6749 §2.3).
+struct ClientCredentials {
+    client_id: String,
+    secret: String,
+}
+
+fn form_decode(s: &str) -> Option<String> {
+    // RFC 6749 §2.3.1: Basic credentials are form-urlencoded before base64.
+    let wrapped = format!("v={s}");
+    form_urlencoded::parse(wrapped.as_bytes()).next().map(|(_, v)| v.into_owned())
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Result<Option<ClientCredentials>, ApiError> {
+    let Some(v) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
+    let v = v.to_str().map_err(|_| invalid_client())?;
+    let Some((scheme, rest)) = v.split_once(' ') else { return Ok(None) };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Ok(None);
+    }
+    let decoded = STANDARD.decode(rest.trim()).map_err(|_| invalid_client())?;
+    let text = String::from_utf8(decoded).map_err(|_| invalid_client())?;
+    let (id, secret) = text.split_once(':').ok_or_else(invalid_client)?;
+    Ok(Some(ClientCredentials {
+        client_id: form_decode(id).ok_or_else(invalid_client)?,
+        secret: form_decode(secret).ok_or_else(invalid_client)?,
+    }))
+}
+
+fn client_credentials(headers: &HeaderMap, form: &HashMap<String, String>) -> Result<Option<ClientCredentials>, ApiError> {
+    let basic = basic_credentials(headers)?;
+    let post = form.get("client_secret").map(|secret| ClientCredentials {
+        client_id: form.get("client_id").cloned().unwrap_or_default(),
+        secret: secret.clone(),
+    });
+    match (basic, post) {
+        (Some(_), Some(_)) => Err(invalid_request("use one client authentication method, not both")),
+        (Some(b), None) => {
+            if form.get("client_id").is_some_and(|id| *id != b.client_id) {
+                return Err(invalid_request("client_id in the body differs from the authenticated client"));
+            }
+            Ok(Some(b))
+        }
+        (None, p) => Ok(p),
+    }
+}
+
+fn throttle<K: std::hash::Hash + Eq + Clone>(limiter: &governor::DefaultKeyedRateLimiter<K>, key: &K) -> Result<(), ApiError> {
+    use governor::clock::{Clock, DefaultClock};
+    limiter.check_key(key).map_err(|not_until| {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        ApiError::rate_limited(wait.as_secs() + 1)
+    })
+}
+
+/// A client whose secret checked out.
+struct AuthenticatedClient {
+    service_id: String,
+    record: crate::admin::db::ClientRecord,
+}
+
+async fn authenticate_client(st: &AppState, c: ClientCredentials) -> Result<AuthenticatedClient, ApiError> {
+    if !ids::looks_like_id(&c.client_id, ids::SERVICE_ID_PREFIX) || c.secret.len() > 256 {
+        tracing::warn!("token endpoint: malformed client credentials");
+        return Err(invalid_client());
+    }
+    throttle(&st.client_limiter, &c.client_id)?;
+    let hash = KeyHash::of(&c.secret);
+    let now = st.clock.now_secs();
+    let id = c.client_id.clone();
+    match st.db(move |s| s.authenticate_client(&id, &hash, now)).await? {
+        Some(record) => Ok(AuthenticatedClient { service_id: c.client_id, record }),
+        None => {
+            tracing::warn!(client_id = %c.client_id, "token endpoint: client authentication failed");
+            Err(invalid_client())
+        }
+    }
+}
+
+fn ip_allowed(allowed: &[String], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    allowed.is_empty() || allowed.iter().filter_map(|c| parse_cidr(c)).any(|n| n.contains(&ip))
+}
+
+/// The requested scope must be a subset of what the client holds; none requested means all.
+fn granted_scope(requested: Option<&String>, held: &ScopeSet) -> Result<String, ApiError> {
+    let Some(req) = requested else { return Ok(held.joined()) };
+    let mut out: Vec<Scope> = Vec::new();
+    for s in req.split(' ').filter(|s| !s.is_empty()) {
+        let scope = Scope::parse(s).map_err(|_| {
+            oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", format!("{s:?} is not a valid scope"))
+        })?;
+        if !held.allows(scope.as_str()) {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                format!("the client may not request {s:?}"),
+            ));
+        }
+        if !out.contains(&scope) {
+            out.push(scope);
+        }
+    }
+    Ok(crate::core::scope::join(&out))
+}
+
+async fn issue(st: AppState, peer: SocketAddr, headers: HeaderMap, form: HashMap<String, String>, grant_required: bool) -> Result<Response, ApiError> {
+    throttle(&st.ip_limiter, &peer.ip())?;
+    match form.get("grant_type").map(String::as_str) {
+        None if grant_required => return Err(invalid_request("grant_type is required")),
+        None | Some("client_credentials") => {}
+        Some(other) => {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                format!("grant_type {other:?} is not supported; use client_credentials"),
+            ))
+        }
+    }
+    let creds = client_credentials(&headers, &form)?.ok_or_else(invalid_client)?;
+    let client = authenticate_client(&st, creds).await?;
+    if client.record.disabled {
+        return Err(oauth_error(StatusCode::BAD_REQUEST, "unauthorized_client", "the client is disabled"));
+    }
+    if !ip_allowed(&client.record.allowed_ips, peer.ip()) {
+        tracing::warn!(client_id = %client.service_id, ip = %peer.ip(), "token refused: address not allowed");
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            "the client may not request tokens from this address",
+        ));
+    }
+    let held = ScopeSet::parse(&client.record.scopes).map_err(ApiError::internal)?;
+    let scope = granted_scope(form.get("scope"), &held)?;
+    let now = st.clock.now_secs();
+    let lifetime = i64::from(client.record.access_token_lifetime);
+    let claims = AccessClaims {
+        iss: st.cfg.issuer.clone(),
+        sub: client.service_id.clone(),
+        aud: st.cfg.token_audience.clone(),
+        exp: now + lifetime,
+        iat: now,
+        nbf: now,
+        jti: ids::new_jti(),
+        client_id: client.service_id.clone(),
+        scope: scope.clone(),
+    };
+    let ring = st.keyring.load();
+    let signer = ring.signer_at(now).ok_or_else(|| ApiError::internal("no active signing key"))?;
+    let token = signer.sign(&claims).map_err(ApiError::internal)?;
+    tracing::info!(client_id = %client.service_id, jti = %claims.jti, kid = %signer.kid, scope = %scope, "access token issued");
+    let mut resp = Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": lifetime,
+        "scope": scope,
+    }))
+    .into_response();
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    Ok(resp)
+}
+
+/// `POST /oauth/token`.
+pub async fn token(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    FormBody(form): FormBody,
+) -> Result<Response, ApiError> {
+    issue(st, peer, headers, form, true).await
+}
+
+/// `POST /auth/service-token`: the same grant for clients written against the seed documents,
+/// where `grant_type` may be omitted.
+pub async fn service_token(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    FormBody(form): FormBody,
+) -> Result<Response, ApiError> {
+    issue(st, peer, headers, form, false).await
+}
+
+/// `GET /.well-known/jwks.json`.
+pub async fn jwks(State(st): State<AppState>) -> Response {
+    let now = st.clock.now_secs();
+    let keys: Vec<Value> = st
+        .keyring
+        .load()
+        .published(now, i64::from(MAX_TOKEN_LIFETIME))
+        .into_iter()
+        .map(|k| json!({"kty": "OKP", "crv": "Ed25519", "x": k.x, "kid": k.kid, "alg": "EdDSA", "use": "sig"}))
+        .collect();
+    let mut resp = Json(json!({ "keys": keys })).into_response();
+    // Verifiers may cache the set for as long as a new key waits before it signs.
+    let max_age = st.cfg.signing_key_publish_delay.as_secs();
+    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={max_age}")) {
+        resp.headers_mut().insert(header::CACHE_CONTROL, v);
+    }
+    resp
+}
+
+/// `GET /.well-known/oauth-authorization-server`.
+pub async fn metadata(State(st): State<AppState>) -> Json<Value> {
+    let iss = &st.cfg.issuer;
+    let methods = ["client_secret_basic", "client_secret_post"];
+    Json(json!({
+        "issuer": iss,
+        "token_endpoint": format!("{iss}/oauth/token"),
+        "jwks_uri": format!("{iss}/.well-known/jwks.json"),
+        "introspection_endpoint": format!("{iss}/oauth/introspect"),
+        "revocation_endpoint": format!("{iss}/oauth/revoke"),
+        "grant_types_supported": ["client_credentials"],
+        "response_types_supported": [],
+        "token_endpoint_auth_methods_supported": methods,
+        "introspection_endpoint_auth_methods_supported": methods,
+        "revocation_endpoint_auth_methods_supported": methods,
+        "access_token_signing_alg_values_supported": ["EdDSA"],
+    }))
+}
+
+/// Who is calling introspection or revocation.
+enum Caller {
+    Admin,
+    Client(String),
+}
+
+/// A client (Basic or post), a service key holding `bearer_scope` (Bearer), or the admin key.
+async fn caller(st: &AppState, headers: &HeaderMap, form: &HashMap<String, String>, bearer_scope: &str) -> Result<Caller, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+    if headers.contains_key(auth::ADMIN_KEY_HEADER) || bearer {
+        return match auth::authenticate(headers, st, bearer_scope).await? {
+            Actor::AdminKey => Ok(Caller::Admin),
+            Actor::Service { service_id, .. } => Ok(Caller::Client(service_id)),
+        };
+    }
+    let creds = client_credentials(headers, form)?.ok_or_else(invalid_client)?;
+    let client = authenticate_client(st, creds).await?;
+    if client.record.disabled {
+        return Err(invalid_client());
+    }
+    Ok(Caller::Client(client.service_id))
+}
+
+/// Verifies one of our JWTs as the admin plane sees it now (published keys, revocation).
+async fn active_claims(st: &AppState, token: &str) -> Result<Option<AccessClaims>, ApiError> {
+    let now = st.clock.now_secs();
+    let keys = st.keyring.load().verifier(now, i64::from(MAX_TOKEN_LIFETIME));
+    let want = Expectations { issuer: &st.cfg.issuer, audience: &st.cfg.token_audience, leeway_secs: 0 };
+    let Ok(c) = jwt::verify(token, &keys, &want, now) else { return Ok(None) };
+    let (jti, client) = (c.jti.clone(), c.client_id.clone());
+    let (revoked, enabled) = st.db(move |s| Ok((s.token_revoked(&jti)?, s.service_enabled(&client)?))).await?;
+    Ok((!revoked && enabled).then_some(c))
+}
+
+fn inactive() -> Json<Value> {
+    Json(json!({ "active": false }))
+}
+
+/// `POST /oauth/introspect` (RFC 7662).
+pub async fn introspect(State(st): State<AppState>, headers: HeaderMap, FormBody(form): FormBody) -> Result<Json<Value>, ApiError> {
+    caller(&st, &headers, &form, "token:introspect").await?;
+    let token = form.get("token").ok_or_else(|| invalid_request("token is required"))?;
+    if jwt::looks_like_jwt(token) {
+        return Ok(match active_claims(&st, token).await? {
+            Some(c) => Json(json!({
+                "active": true,
+                "scope": c.scope,
+                "client_id": c.client_id,
+                "sub": c.sub,
+                "aud": c.aud,
+                "iss": c.iss,
+                "exp": c.exp,
+                "iat": c.iat,
+                "nbf": c.nbf,
+                "jti": c.jti,
+                "token_type": "Bearer",
+            })),
+            None => inactive(),
+        });
+    }
+    let Ok(parsed) = key::parse(token) else { return Ok(inactive()) };
+    let hash = parsed.hash();
+    let now = st.clock.now_secs();
+    Ok(match st.db(move |s| s.key_info(&hash, now)).await? {
+        Some(info) => {
+            let mut v = json!({
+                "active": true,
+                "scope": info.scopes.join(" "),
+                "client_id": info.service_id,
+                "sub": info.service_id,
+                "iat": info.created_at,
+                "token_type": "Bearer",
+            });
+            if let Some(e) = info.expires_at {
+                v["exp"] = json!(e);
+            }
+            Json(v)
+        }
+        None => inactive(),
+    })
+}
+
+/// `POST /oauth/revoke` (RFC 7009). A client may revoke its own tokens and keys; the admin key
+/// any. Unknown, invalid or someone else's tokens get the same 200, so the endpoint cannot be
+/// used to probe tokens.
+pub async fn revoke(State(st): State<AppState>, headers: HeaderMap, FormBody(form): FormBody) -> Result<Response, ApiError> {
+    let who = caller(&st, &headers, &form, "token:revoke").await?;
+    let token = form.get("token").ok_or_else(|| invalid_request("token is required"))?;
+    let owner = match &who {
+        Caller::Admin => None,
+        Caller::Client(id) => Some(id.clone()),
+    };
+    let now = st.clock.now_secs();
+    if jwt::looks_like_jwt(token) {
+        if let Some(c) = active_claims(&st, token).await? {
+            if owner.as_deref().is_none_or(|o| o == c.client_id) {
+                let jti = c.jti.clone();
+                if let Some(v) = st.db(move |s| s.revoke_token(&jti, c.exp, now)).await? {
+                    st.published(v);
+                    tracing::info!(jti = %c.jti, client_id = %c.client_id, "access token revoked");
+                }
+            }
+        }
+    } else if let Ok(parsed) = key::parse(token) {
+        let hash = parsed.hash();
+        if let Some(v) = st.db(move |s| s.revoke_key_by_hash(&hash, owner.as_deref(), now)).await? {
+            st.published(v);
+            tracing::info!("api key revoked through /oauth/revoke");
+        }
+    }
+    Ok(StatusCode::OK.into_response())
+}
