@@ -124,7 +124,11 @@ fn benches(c: &mut Criterion) {
                     Environment::Live,
                     &facts,
                     1_800_000_000_000_000_000,
-                    &TokenPolicy { audience: "permiso", leeway_secs: 30, cache: None },
+                    &TokenPolicy {
+                        audience: "permiso",
+                        leeway_secs: 30,
+                        cache: None,
+                    },
                 )
                 .is_ok()
             })

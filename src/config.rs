@@ -210,7 +210,8 @@ pub struct AdminConfig {
     pub sync_max_wait: Duration,
     pub max_active_keys_per_service: u32,
     pub admin_api_key: Secret,
-    pub issuer: String,
+    /// None: "http://<bound address>".
+    pub issuer: Option<String>,
     pub token_audience: String,
     pub signing_key_publish_delay: Duration,
     pub token_rate_per_ip: std::num::NonZeroU32,
@@ -269,10 +270,7 @@ fn resolve(field: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 impl AdminConfig {
-    pub fn from_file(
-        f: &file::AdminPlane,
-        admin_api_key: Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_file(f: &file::AdminPlane, admin_api_key: Option<String>) -> Result<Self, ConfigError> {
         let key = admin_api_key.ok_or_else(|| {
             invalid(
                 "PERMISO_ADMIN_API_KEY",
@@ -286,16 +284,10 @@ impl AdminConfig {
             ));
         }
         if f.max_body_bytes < 1024 {
-            return Err(invalid(
-                "admin_plane.max_body_bytes",
-                "must be at least 1024",
-            ));
+            return Err(invalid("admin_plane.max_body_bytes", "must be at least 1024"));
         }
         if f.sync_max_wait_seconds == 0 || f.sync_max_wait_seconds > 300 {
-            return Err(invalid(
-                "admin_plane.sync_max_wait_seconds",
-                "must be 1..=300",
-            ));
+            return Err(invalid("admin_plane.sync_max_wait_seconds", "must be 1..=300"));
         }
         if f.max_active_keys_per_service == 0 {
             return Err(invalid(
@@ -304,9 +296,12 @@ impl AdminConfig {
             ));
         }
         let listen = resolve("admin_plane.listen", &f.listen)?;
-        let issuer = f.issuer.clone().unwrap_or_else(|| format!("http://{listen}"));
-        if issuer.is_empty() || issuer.ends_with('/') {
-            return Err(invalid("admin_plane.issuer", "must be a URL without a trailing '/'"));
+        let issuer = f.issuer.clone();
+        if issuer.as_ref().is_some_and(|i| i.is_empty() || i.ends_with('/')) {
+            return Err(invalid(
+                "admin_plane.issuer",
+                "must be a URL without a trailing '/'",
+            ));
         }
         if f.token_audience.is_empty() {
             return Err(invalid("admin_plane.token_audience", "must not be empty"));
@@ -315,7 +310,10 @@ impl AdminConfig {
             std::num::NonZeroU32::new(v).ok_or_else(|| invalid(field, "must be at least 1"))
         };
         Ok(AdminConfig {
-            token_rate_per_ip: rate("admin_plane.token_requests_per_minute_per_ip", f.token_requests_per_minute_per_ip)?,
+            token_rate_per_ip: rate(
+                "admin_plane.token_requests_per_minute_per_ip",
+                f.token_requests_per_minute_per_ip,
+            )?,
             token_rate_per_client: rate(
                 "admin_plane.token_requests_per_minute_per_client",
                 f.token_requests_per_minute_per_client,
@@ -375,10 +373,7 @@ fn build_routes(routes: &[file::Route]) -> Result<RouteTable, ConfigError> {
             .iter()
             .find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()))
         {
-            return Err(invalid(
-                &field,
-                format!("method {m:?} is not a method name"),
-            ));
+            return Err(invalid(&field, format!("method {m:?} is not a method name")));
         }
         let access = match (r.public, r.scopes.is_empty()) {
             (true, true) => Access::Public,
@@ -464,8 +459,7 @@ mod tests {
         let f = load_file(path).unwrap();
         AdminConfig::from_file(&f.admin_plane, Some("x".repeat(32))).unwrap();
         assert_eq!(f.admin_plane.rotation_grace_seconds, 604_800);
-        let sc =
-            SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap();
+        let sc = SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap();
         assert!(sc.routes.find("GET", "/health").is_some());
         assert!(sc.routes.find("GET", "/api/v1/trades").is_some());
     }
@@ -485,19 +479,12 @@ mod tests {
             sidecar("[[sidecar.routes]]\nprefix = \"/x\"\n").is_err(),
             "no scopes, not public"
         );
-        assert!(sidecar(
-            "[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nscopes = [\"a:b\"]\n"
-        )
-        .is_err());
+        assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nscopes = [\"a:b\"]\n").is_err());
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"x\"\npublic = true\n").is_err());
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\nscopes = [\"a::b\"]\n").is_err());
-        assert!(
-            sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nbogus = 1\n").is_err()
-        );
+        assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nbogus = 1\n").is_err());
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n").is_ok());
         assert!(AdminConfig::from_file(&file::AdminPlane::default(), None).is_err());
-        assert!(
-            AdminConfig::from_file(&file::AdminPlane::default(), Some("short".into())).is_err()
-        );
+        assert!(AdminConfig::from_file(&file::AdminPlane::default(), Some("short".into())).is_err());
     }
 }

@@ -204,10 +204,7 @@ async fn self_test(
     )
     .await?;
     let key = created["api_key"].as_str().context("api_key")?.to_string();
-    let sid = created["service_id"]
-        .as_str()
-        .context("service_id")?
-        .to_string();
+    let sid = created["service_id"].as_str().context("service_id")?.to_string();
     let old_key_id = created["key_id"].as_str().context("key_id")?.to_string();
     let trades = format!("{sidecar}/api/v1/trades");
 
@@ -258,14 +255,7 @@ async fn self_test(
     let new_key = rotated["api_key"].as_str().context("api_key")?.to_string();
     println!("    old key works until {}", rotated["old_keys_expire_at"]);
     let start = Instant::now();
-    while http
-        .get(&trades)
-        .bearer_auth(&new_key)
-        .send()
-        .await?
-        .status()
-        != 200
-    {
+    while http.get(&trades).bearer_auth(&new_key).send().await?.status() != 200 {
         if start.elapsed() > Duration::from_secs(2) {
             bail!("rotated key not accepted within 2 s");
         }
@@ -297,10 +287,7 @@ async fn self_test(
     let start = Instant::now();
     loop {
         if http.get(&trades).bearer_auth(&key).send().await?.status() == 401 {
-            println!(
-                "ok  revoked key refused after {} ms",
-                start.elapsed().as_millis()
-            );
+            println!("ok  revoked key refused after {} ms", start.elapsed().as_millis());
             break;
         }
         if start.elapsed() > Duration::from_secs(1) {

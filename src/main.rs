@@ -81,10 +81,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(d) = database {
                 file.admin_plane.database = d;
             }
-            let cfg = AdminConfig::from_file(
-                &file.admin_plane,
-                std::env::var("PERMISO_ADMIN_API_KEY").ok(),
-            )?;
+            let cfg = AdminConfig::from_file(&file.admin_plane, std::env::var("PERMISO_ADMIN_API_KEY").ok())?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -109,12 +106,18 @@ fn main() -> anyhow::Result<()> {
             permiso::sidecar::run(cfg, Arc::new(SystemClock))
         }
         Command::Dev(args) => permiso::dev::run(args),
-        Command::SigningKeys { action, admin_url, admin_key } => {
+        Command::SigningKeys {
+            action,
+            admin_url,
+            admin_key,
+        } => {
             let (method, path) = match action {
                 SigningKeysAction::List => (reqwest::Method::GET, "/auth/admin/signing-keys"),
                 SigningKeysAction::Rotate => (reqwest::Method::POST, "/auth/admin/signing-keys/rotate"),
             };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 let url = format!("{}{}", admin_url.trim_end_matches('/'), path);
                 let resp = reqwest::Client::new()
@@ -137,8 +140,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}

@@ -2,8 +2,8 @@
 //! through its blake3 hash) or a service key whose service holds the scope the endpoint needs.
 
 use axum::extract::FromRequestParts;
-use axum::http::{header, HeaderMap};
 use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
 
 use crate::admin::error::ApiError;
 use crate::admin::AppState;
@@ -47,10 +47,7 @@ pub async fn authenticate(
         }
         return Err(deny("wrong admin key"));
     }
-    let auth: Vec<_> = headers
-        .get_all(header::AUTHORIZATION)
-        .iter()
-        .collect();
+    let auth: Vec<_> = headers.get_all(header::AUTHORIZATION).iter().collect();
     let auth = match auth.as_slice() {
         [] => Authorization::Absent,
         [one] => Authorization::One(one.as_bytes()),
@@ -92,10 +89,7 @@ pub struct Admin(pub Actor);
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         authenticate(&parts.headers, state, "admin:*").await.map(Admin)
     }
 }
@@ -106,10 +100,7 @@ pub struct SyncReader(pub Actor);
 impl FromRequestParts<AppState> for SyncReader {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         authenticate(&parts.headers, state, "sync:read")
             .await
             .map(SyncReader)

@@ -122,7 +122,10 @@ pub struct StoredKey {
 
 impl StoredKey {
     pub fn of(k: &crate::core::key::NewKey) -> StoredKey {
-        StoredKey { hash: k.hash, display_prefix: k.display_prefix.clone() }
+        StoredKey {
+            hash: k.hash,
+            display_prefix: k.display_prefix.clone(),
+        }
     }
 }
 
@@ -147,8 +150,7 @@ fn to_json(v: &[String]) -> String {
     serde_json::to_string(v).expect("string list serialises")
 }
 
-const SERVICE_COLS: &str =
-    "id, name, environment, description, contact_email, is_trusted, scopes, \
+const SERVICE_COLS: &str = "id, name, environment, description, contact_email, is_trusted, scopes, \
      rate_limit_per_minute, rate_limit_per_hour, allowed_ips, disabled, created_at, updated_at, \
      access_token_lifetime";
 
@@ -259,7 +261,14 @@ fn insert_credential(
     tx.execute(
         "INSERT INTO credentials (id, service_id, kind, hash, display_prefix, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![id, service_id, kind.as_str(), &key.hash.0[..], key.display_prefix, now],
+        params![
+            id,
+            service_id,
+            kind.as_str(),
+            &key.hash.0[..],
+            key.display_prefix,
+            now
+        ],
     )?;
     Ok(())
 }
@@ -316,7 +325,12 @@ fn read_version(conn: &Connection) -> StoreResult<u64> {
     Ok(v as u64)
 }
 
-fn owner_of(conn: &Connection, hash: &KeyHash, kind: CredentialKind, now: i64) -> StoreResult<Option<(String, String, Option<i64>)>> {
+fn owner_of(
+    conn: &Connection,
+    hash: &KeyHash,
+    kind: CredentialKind,
+    now: i64,
+) -> StoreResult<Option<(String, String, Option<i64>)>> {
     Ok(conn
         .query_row(
             "SELECT k.id, k.service_id, k.last_used_at FROM credentials k JOIN services s ON s.id = k.service_id
@@ -339,9 +353,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         let epoch: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE name = 'epoch'", [], |r| {
-                r.get(0)
-            })
+            .query_row("SELECT value FROM meta WHERE name = 'epoch'", [], |r| r.get(0))
             .optional()?;
         let epoch = match epoch {
             Some(e) => e,
@@ -494,7 +506,9 @@ impl Store {
         let tx = conn.transaction()?;
         let cur = load_service(&tx, id)?;
         if cur.disabled {
-            return Err(StoreError::Conflict("the service is disabled; enable it before rotating".into()));
+            return Err(StoreError::Conflict(
+                "the service is disabled; enable it before rotating".into(),
+            ));
         }
         let existing = match kind {
             CredentialKind::ApiKey => &cur.keys,
@@ -514,7 +528,10 @@ impl Store {
         let mut ended = Vec::with_capacity(active.len());
         for k in &active {
             let new_end = k.expires_at.map_or(end, |e| e.min(end));
-            tx.execute("UPDATE credentials SET expires_at = ?1 WHERE id = ?2", params![new_end, k.id])?;
+            tx.execute(
+                "UPDATE credentials SET expires_at = ?1 WHERE id = ?2",
+                params![new_end, k.id],
+            )?;
             ended.push((k.id.clone(), new_end));
         }
         insert_credential(&tx, id, kind, new_id, key, now)?;
@@ -546,7 +563,12 @@ impl Store {
 
     /// Revokes the API key with this hash if it belongs to `owner` (any owner when None).
     /// Returns the new sync version when something was revoked.
-    pub fn revoke_key_by_hash(&self, hash: &KeyHash, owner: Option<&str>, now: i64) -> StoreResult<Option<u64>> {
+    pub fn revoke_key_by_hash(
+        &self,
+        hash: &KeyHash,
+        owner: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<u64>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let service: Option<String> = tx
@@ -576,10 +598,20 @@ impl Store {
             return Ok(None);
         };
         if last.is_none_or(|l| now - l >= 60) {
-            conn.execute("UPDATE credentials SET last_used_at = ?1 WHERE id = ?2", params![now, key_id])?;
+            conn.execute(
+                "UPDATE credentials SET last_used_at = ?1 WHERE id = ?2",
+                params![now, key_id],
+            )?;
         }
-        let scopes: String = conn.query_row("SELECT scopes FROM services WHERE id = ?1", [&service_id], |r| r.get(0))?;
-        Ok(Some(KeyOwner { service_id, key_id, scopes: json_list(&scopes)? }))
+        let scopes: String =
+            conn.query_row("SELECT scopes FROM services WHERE id = ?1", [&service_id], |r| {
+                r.get(0)
+            })?;
+        Ok(Some(KeyOwner {
+            service_id,
+            key_id,
+            scopes: json_list(&scopes)?,
+        }))
     }
 
     /// For introspection: the API key's service and times, if it is usable now.
@@ -593,13 +625,26 @@ impl Store {
             [&key_id],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let scopes: String = conn.query_row("SELECT scopes FROM services WHERE id = ?1", [&service_id], |r| r.get(0))?;
-        Ok(Some(KeyInfo { service_id, scopes: json_list(&scopes)?, created_at, expires_at }))
+        let scopes: String =
+            conn.query_row("SELECT scopes FROM services WHERE id = ?1", [&service_id], |r| {
+                r.get(0)
+            })?;
+        Ok(Some(KeyInfo {
+            service_id,
+            scopes: json_list(&scopes)?,
+            created_at,
+            expires_at,
+        }))
     }
 
     /// Checks a client secret for `client_id`. Disabled clients are returned (the caller
     /// decides what to answer); unknown ids, wrong, revoked or expired secrets are None.
-    pub fn authenticate_client(&self, client_id: &str, secret_hash: &KeyHash, now: i64) -> StoreResult<Option<ClientRecord>> {
+    pub fn authenticate_client(
+        &self,
+        client_id: &str,
+        secret_hash: &KeyHash,
+        now: i64,
+    ) -> StoreResult<Option<ClientRecord>> {
         let conn = self.conn();
         let found: Option<String> = conn
             .query_row(
@@ -628,7 +673,9 @@ impl Store {
     pub fn service_enabled(&self, id: &str) -> StoreResult<bool> {
         Ok(self
             .conn()
-            .query_row("SELECT disabled FROM services WHERE id = ?1", [id], |r| r.get::<_, bool>(0))
+            .query_row("SELECT disabled FROM services WHERE id = ?1", [id], |r| {
+                r.get::<_, bool>(0)
+            })
             .optional()?
             .is_some_and(|disabled| !disabled))
     }
@@ -731,7 +778,11 @@ impl Store {
                         let hash: [u8; 32] = hash
                             .try_into()
                             .map_err(|_| StoreError::Corrupt(format!("hash length of key {key_id}")))?;
-                        Ok(SyncKey { key_id, hash: KeyHash(hash).to_hex(), expires_at })
+                        Ok(SyncKey {
+                            key_id,
+                            hash: KeyHash(hash).to_hex(),
+                            expires_at,
+                        })
                     })
                     .collect::<StoreResult<Vec<_>>>()?;
                 services.push(SyncService {
@@ -761,7 +812,12 @@ impl Store {
             .collect::<Result<_, _>>()?;
         let revoked_tokens = tx
             .prepare_cached("SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > ?1 ORDER BY jti")?
-            .query_map([now], |r| Ok(SyncRevokedToken { jti: r.get(0)?, expires_at: r.get(1)? }))?
+            .query_map([now], |r| {
+                Ok(SyncRevokedToken {
+                    jti: r.get(0)?,
+                    expires_at: r.get(1)?,
+                })
+            })?
             .collect::<Result<_, _>>()?;
         tx.commit()?;
         Ok(SyncPayload {

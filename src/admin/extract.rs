@@ -34,15 +34,13 @@ impl<T: DeserializeOwned, const OPTIONAL: bool> FromRequest<AppState> for JsonBo
         if declared_len.is_some_and(|n| n > limit as u64) {
             return Err(too_large(limit));
         }
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|e| {
-                if e.into_inner().is::<LengthLimitError>() {
-                    too_large(limit)
-                } else {
-                    ApiError::bad_request("could not read the request body")
-                }
-            })?;
+        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+            if e.into_inner().is::<LengthLimitError>() {
+                too_large(limit)
+            } else {
+                ApiError::bad_request("could not read the request body")
+            }
+        })?;
         if OPTIONAL && bytes.is_empty() && content_type.is_none() {
             return Ok(JsonBody(None));
         }
@@ -86,7 +84,9 @@ impl FromRequest<AppState> for FormBody {
             .map(|ct| ct.split(';').next().unwrap_or("").trim())
             .is_some_and(|e| e.eq_ignore_ascii_case("application/x-www-form-urlencoded"));
         if !is_form {
-            return Err(ApiError::bad_request("Content-Type must be application/x-www-form-urlencoded"));
+            return Err(ApiError::bad_request(
+                "Content-Type must be application/x-www-form-urlencoded",
+            ));
         }
         let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
             if e.into_inner().is::<LengthLimitError>() {

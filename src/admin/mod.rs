@@ -29,6 +29,8 @@ use db::{Store, StoreError, StoreResult};
 use error::ApiError;
 
 pub struct Inner {
+    /// `iss` of minted tokens and the base of the metadata URLs.
+    pub issuer: String,
     pub store: Arc<Store>,
     pub cfg: AdminConfig,
     pub clock: SharedClock,
@@ -84,10 +86,7 @@ impl Inner {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route(
-            "/auth/admin/services",
-            post(services::create).get(services::list),
-        )
+        .route("/auth/admin/services", post(services::create).get(services::list))
         .route(
             "/auth/admin/services/{id}",
             get(services::show)
@@ -99,14 +98,24 @@ pub fn router(state: AppState) -> Router {
             "/auth/admin/services/{id}/keys/{key_id}/revoke",
             post(services::revoke),
         )
+        .route(
+            "/auth/admin/services/{id}/secret/rotate",
+            post(services::rotate_secret),
+        )
+        .route("/auth/admin/signing-keys", get(signing_keys::list))
+        .route("/auth/admin/signing-keys/rotate", post(signing_keys::rotate))
+        .route("/oauth/token", post(oauth::token))
+        .route("/auth/service-token", post(oauth::service_token))
+        .route("/oauth/introspect", post(oauth::introspect))
+        .route("/oauth/revoke", post(oauth::revoke))
+        .route("/.well-known/jwks.json", get(oauth::jwks))
+        .route("/.well-known/oauth-authorization-server", get(oauth::metadata))
         .route("/v1/sync", get(sync::sync))
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-        })
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -151,6 +160,7 @@ fn build_state(
     cfg: AdminConfig,
     clock: SharedClock,
     shutdown: watch::Receiver<bool>,
+    bound: SocketAddr,
 ) -> anyhow::Result<AppState> {
     let store = Store::open(&cfg.database)
         .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cfg.database.display()))?;
@@ -165,6 +175,7 @@ fn build_state(
     }
     let version = store.version()?;
     Ok(Arc::new(Inner {
+        issuer: cfg.issuer.clone().unwrap_or_else(|| format!("http://{bound}")),
         admin_key_hash: blake3::hash(cfg.admin_api_key.expose().as_bytes()),
         ip_limiter: RateLimiter::keyed(Quota::per_minute(cfg.token_rate_per_ip)),
         client_limiter: RateLimiter::keyed(Quota::per_minute(cfg.token_rate_per_client)),
@@ -185,14 +196,17 @@ pub async fn serve(
     clock: SharedClock,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let state = build_state(cfg, clock, shutdown.clone())?;
+    let state = build_state(cfg, clock, shutdown.clone(), listener.local_addr()?)?;
     tracing::info!(addr = %listener.local_addr()?, epoch = state.store.epoch(), "admin plane listening");
     let mut stop = shutdown;
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await?;
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    })
+    .await?;
     Ok(())
 }
 

@@ -156,9 +156,7 @@ fn validate_email(e: Option<String>) -> Result<Option<String>, ApiError> {
             if ok {
                 Ok(Some(e))
             } else {
-                Err(ApiError::bad_request(
-                    "contact_email is not an email address",
-                ))
+                Err(ApiError::bad_request("contact_email is not an email address"))
             }
         }
     }
@@ -173,13 +171,11 @@ impl CreateService {
             contact_email: validate_email(self.contact_email)?,
             is_trusted: self.is_trusted.unwrap_or(false),
             scopes: validate_scopes(&self.scopes)?,
-            rate_limit_per_minute: validate_limit(
-                "rate_limit_per_minute",
-                self.rate_limit_per_minute,
-            )?,
+            rate_limit_per_minute: validate_limit("rate_limit_per_minute", self.rate_limit_per_minute)?,
             rate_limit_per_hour: validate_limit("rate_limit_per_hour", self.rate_limit_per_hour)?,
             allowed_ips: validate_ips(self.allowed_ips.as_deref().unwrap_or(&[]))?,
-            access_token_lifetime: validate_lifetime(self.access_token_lifetime)?.unwrap_or(DEFAULT_TOKEN_LIFETIME),
+            access_token_lifetime: validate_lifetime(self.access_token_lifetime)?
+                .unwrap_or(DEFAULT_TOKEN_LIFETIME),
         })
     }
 }

@@ -35,7 +35,12 @@ fn invalid_request(d: impl Into<String>) -> ApiError {
 }
 
 fn invalid_client() -> ApiError {
-    oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed").with_challenge(BASIC_CHALLENGE)
+    oauth_error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+        "client authentication failed",
+    )
+    .with_challenge(BASIC_CHALLENGE)
 }
 
 /// Client credentials as presented, by one method only (RFC 6749 §2.3).
@@ -47,13 +52,19 @@ struct ClientCredentials {
 fn form_decode(s: &str) -> Option<String> {
     // RFC 6749 §2.3.1: Basic credentials are form-urlencoded before base64.
     let wrapped = format!("v={s}");
-    form_urlencoded::parse(wrapped.as_bytes()).next().map(|(_, v)| v.into_owned())
+    form_urlencoded::parse(wrapped.as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Result<Option<ClientCredentials>, ApiError> {
-    let Some(v) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
     let v = v.to_str().map_err(|_| invalid_client())?;
-    let Some((scheme, rest)) = v.split_once(' ') else { return Ok(None) };
+    let Some((scheme, rest)) = v.split_once(' ') else {
+        return Ok(None);
+    };
     if !scheme.eq_ignore_ascii_case("basic") {
         return Ok(None);
     }
@@ -66,7 +77,10 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<ClientCredentials>, A
     }))
 }
 
-fn client_credentials(headers: &HeaderMap, form: &HashMap<String, String>) -> Result<Option<ClientCredentials>, ApiError> {
+fn client_credentials(
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) -> Result<Option<ClientCredentials>, ApiError> {
     let basic = basic_credentials(headers)?;
     let post = form.get("client_secret").map(|secret| ClientCredentials {
         client_id: form.get("client_id").cloned().unwrap_or_default(),
@@ -76,7 +90,9 @@ fn client_credentials(headers: &HeaderMap, form: &HashMap<String, String>) -> Re
         (Some(_), Some(_)) => Err(invalid_request("use one client authentication method, not both")),
         (Some(b), None) => {
             if form.get("client_id").is_some_and(|id| *id != b.client_id) {
-                return Err(invalid_request("client_id in the body differs from the authenticated client"));
+                return Err(invalid_request(
+                    "client_id in the body differs from the authenticated client",
+                ));
             }
             Ok(Some(b))
         }
@@ -84,7 +100,10 @@ fn client_credentials(headers: &HeaderMap, form: &HashMap<String, String>) -> Re
     }
 }
 
-fn throttle<K: std::hash::Hash + Eq + Clone>(limiter: &governor::DefaultKeyedRateLimiter<K>, key: &K) -> Result<(), ApiError> {
+fn throttle<K: std::hash::Hash + Eq + Clone>(
+    limiter: &governor::DefaultKeyedRateLimiter<K>,
+    key: &K,
+) -> Result<(), ApiError> {
     use governor::clock::{Clock, DefaultClock};
     limiter.check_key(key).map_err(|not_until| {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -108,7 +127,10 @@ async fn authenticate_client(st: &AppState, c: ClientCredentials) -> Result<Auth
     let now = st.clock.now_secs();
     let id = c.client_id.clone();
     match st.db(move |s| s.authenticate_client(&id, &hash, now)).await? {
-        Some(record) => Ok(AuthenticatedClient { service_id: c.client_id, record }),
+        Some(record) => Ok(AuthenticatedClient {
+            service_id: c.client_id,
+            record,
+        }),
         None => {
             tracing::warn!(client_id = %c.client_id, "token endpoint: client authentication failed");
             Err(invalid_client())
@@ -121,16 +143,26 @@ fn ip_allowed(allowed: &[String], ip: IpAddr) -> bool {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
-    allowed.is_empty() || allowed.iter().filter_map(|c| parse_cidr(c)).any(|n| n.contains(&ip))
+    allowed.is_empty()
+        || allowed
+            .iter()
+            .filter_map(|c| parse_cidr(c))
+            .any(|n| n.contains(&ip))
 }
 
 /// The requested scope must be a subset of what the client holds; none requested means all.
 fn granted_scope(requested: Option<&String>, held: &ScopeSet) -> Result<String, ApiError> {
-    let Some(req) = requested else { return Ok(held.joined()) };
+    let Some(req) = requested else {
+        return Ok(held.joined());
+    };
     let mut out: Vec<Scope> = Vec::new();
     for s in req.split(' ').filter(|s| !s.is_empty()) {
         let scope = Scope::parse(s).map_err(|_| {
-            oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", format!("{s:?} is not a valid scope"))
+            oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                format!("{s:?} is not a valid scope"),
+            )
         })?;
         if !held.allows(scope.as_str()) {
             return Err(oauth_error(
@@ -146,7 +178,13 @@ fn granted_scope(requested: Option<&String>, held: &ScopeSet) -> Result<String, 
     Ok(crate::core::scope::join(&out))
 }
 
-async fn issue(st: AppState, peer: SocketAddr, headers: HeaderMap, form: HashMap<String, String>, grant_required: bool) -> Result<Response, ApiError> {
+async fn issue(
+    st: AppState,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    form: HashMap<String, String>,
+    grant_required: bool,
+) -> Result<Response, ApiError> {
     throttle(&st.ip_limiter, &peer.ip())?;
     match form.get("grant_type").map(String::as_str) {
         None if grant_required => return Err(invalid_request("grant_type is required")),
@@ -162,7 +200,11 @@ async fn issue(st: AppState, peer: SocketAddr, headers: HeaderMap, form: HashMap
     let creds = client_credentials(&headers, &form)?.ok_or_else(invalid_client)?;
     let client = authenticate_client(&st, creds).await?;
     if client.record.disabled {
-        return Err(oauth_error(StatusCode::BAD_REQUEST, "unauthorized_client", "the client is disabled"));
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            "the client is disabled",
+        ));
     }
     if !ip_allowed(&client.record.allowed_ips, peer.ip()) {
         tracing::warn!(client_id = %client.service_id, ip = %peer.ip(), "token refused: address not allowed");
@@ -177,7 +219,7 @@ async fn issue(st: AppState, peer: SocketAddr, headers: HeaderMap, form: HashMap
     let now = st.clock.now_secs();
     let lifetime = i64::from(client.record.access_token_lifetime);
     let claims = AccessClaims {
-        iss: st.cfg.issuer.clone(),
+        iss: st.issuer.clone(),
         sub: client.service_id.clone(),
         aud: st.cfg.token_audience.clone(),
         exp: now + lifetime,
@@ -188,7 +230,9 @@ async fn issue(st: AppState, peer: SocketAddr, headers: HeaderMap, form: HashMap
         scope: scope.clone(),
     };
     let ring = st.keyring.load();
-    let signer = ring.signer_at(now).ok_or_else(|| ApiError::internal("no active signing key"))?;
+    let signer = ring
+        .signer_at(now)
+        .ok_or_else(|| ApiError::internal("no active signing key"))?;
     let token = signer.sign(&claims).map_err(ApiError::internal)?;
     tracing::info!(client_id = %client.service_id, jti = %claims.jti, kid = %signer.kid, scope = %scope, "access token issued");
     let mut resp = Json(json!({
@@ -198,8 +242,10 @@ async fn issue(st: AppState, peer: SocketAddr, headers: HeaderMap, form: HashMap
         "scope": scope,
     }))
     .into_response();
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp.headers_mut().insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     Ok(resp)
 }
 
@@ -232,7 +278,9 @@ pub async fn jwks(State(st): State<AppState>) -> Response {
         .load()
         .published(now, i64::from(MAX_TOKEN_LIFETIME))
         .into_iter()
-        .map(|k| json!({"kty": "OKP", "crv": "Ed25519", "x": k.x, "kid": k.kid, "alg": "EdDSA", "use": "sig"}))
+        .map(
+            |k| json!({"kty": "OKP", "crv": "Ed25519", "x": k.x, "kid": k.kid, "alg": "EdDSA", "use": "sig"}),
+        )
         .collect();
     let mut resp = Json(json!({ "keys": keys })).into_response();
     // Verifiers may cache the set for as long as a new key waits before it signs.
@@ -245,7 +293,7 @@ pub async fn jwks(State(st): State<AppState>) -> Response {
 
 /// `GET /.well-known/oauth-authorization-server`.
 pub async fn metadata(State(st): State<AppState>) -> Json<Value> {
-    let iss = &st.cfg.issuer;
+    let iss = &st.issuer;
     let methods = ["client_secret_basic", "client_secret_post"];
     Json(json!({
         "issuer": iss,
@@ -269,7 +317,12 @@ enum Caller {
 }
 
 /// A client (Basic or post), a service key holding `bearer_scope` (Bearer), or the admin key.
-async fn caller(st: &AppState, headers: &HeaderMap, form: &HashMap<String, String>, bearer_scope: &str) -> Result<Caller, ApiError> {
+async fn caller(
+    st: &AppState,
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+    bearer_scope: &str,
+) -> Result<Caller, ApiError> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -292,10 +345,18 @@ async fn caller(st: &AppState, headers: &HeaderMap, form: &HashMap<String, Strin
 async fn active_claims(st: &AppState, token: &str) -> Result<Option<AccessClaims>, ApiError> {
     let now = st.clock.now_secs();
     let keys = st.keyring.load().verifier(now, i64::from(MAX_TOKEN_LIFETIME));
-    let want = Expectations { issuer: &st.cfg.issuer, audience: &st.cfg.token_audience, leeway_secs: 0 };
-    let Ok(c) = jwt::verify(token, &keys, &want, now) else { return Ok(None) };
+    let want = Expectations {
+        issuer: &st.issuer,
+        audience: &st.cfg.token_audience,
+        leeway_secs: 0,
+    };
+    let Ok(c) = jwt::verify(token, &keys, &want, now) else {
+        return Ok(None);
+    };
     let (jti, client) = (c.jti.clone(), c.client_id.clone());
-    let (revoked, enabled) = st.db(move |s| Ok((s.token_revoked(&jti)?, s.service_enabled(&client)?))).await?;
+    let (revoked, enabled) = st
+        .db(move |s| Ok((s.token_revoked(&jti)?, s.service_enabled(&client)?)))
+        .await?;
     Ok((!revoked && enabled).then_some(c))
 }
 
@@ -304,9 +365,15 @@ fn inactive() -> Json<Value> {
 }
 
 /// `POST /oauth/introspect` (RFC 7662).
-pub async fn introspect(State(st): State<AppState>, headers: HeaderMap, FormBody(form): FormBody) -> Result<Json<Value>, ApiError> {
+pub async fn introspect(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    FormBody(form): FormBody,
+) -> Result<Json<Value>, ApiError> {
     caller(&st, &headers, &form, "token:introspect").await?;
-    let token = form.get("token").ok_or_else(|| invalid_request("token is required"))?;
+    let token = form
+        .get("token")
+        .ok_or_else(|| invalid_request("token is required"))?;
     if jwt::looks_like_jwt(token) {
         return Ok(match active_claims(&st, token).await? {
             Some(c) => Json(json!({
@@ -325,7 +392,9 @@ pub async fn introspect(State(st): State<AppState>, headers: HeaderMap, FormBody
             None => inactive(),
         });
     }
-    let Ok(parsed) = key::parse(token) else { return Ok(inactive()) };
+    let Ok(parsed) = key::parse(token) else {
+        return Ok(inactive());
+    };
     let hash = parsed.hash();
     let now = st.clock.now_secs();
     Ok(match st.db(move |s| s.key_info(&hash, now)).await? {
@@ -350,9 +419,15 @@ pub async fn introspect(State(st): State<AppState>, headers: HeaderMap, FormBody
 /// `POST /oauth/revoke` (RFC 7009). A client may revoke its own tokens and keys; the admin key
 /// any. Unknown, invalid or someone else's tokens get the same 200, so the endpoint cannot be
 /// used to probe tokens.
-pub async fn revoke(State(st): State<AppState>, headers: HeaderMap, FormBody(form): FormBody) -> Result<Response, ApiError> {
+pub async fn revoke(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    FormBody(form): FormBody,
+) -> Result<Response, ApiError> {
     let who = caller(&st, &headers, &form, "token:revoke").await?;
-    let token = form.get("token").ok_or_else(|| invalid_request("token is required"))?;
+    let token = form
+        .get("token")
+        .ok_or_else(|| invalid_request("token is required"))?;
     let owner = match &who {
         Caller::Admin => None,
         Caller::Client(id) => Some(id.clone()),
@@ -370,7 +445,10 @@ pub async fn revoke(State(st): State<AppState>, headers: HeaderMap, FormBody(for
         }
     } else if let Ok(parsed) = key::parse(token) {
         let hash = parsed.hash();
-        if let Some(v) = st.db(move |s| s.revoke_key_by_hash(&hash, owner.as_deref(), now)).await? {
+        if let Some(v) = st
+            .db(move |s| s.revoke_key_by_hash(&hash, owner.as_deref(), now))
+            .await?
+        {
             st.published(v);
             tracing::info!("api key revoked through /oauth/revoke");
         }

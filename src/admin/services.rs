@@ -179,8 +179,10 @@ async fn rotate_credential(
     let stored = StoredKey::of(&new);
     let (rotation, version) = {
         let new_id = new_id.clone();
-        st.db_named("service", move |s| s.rotate(&id, kind, &new_id, &stored, grace, max_active, now))
-            .await?
+        st.db_named("service", move |s| {
+            s.rotate(&id, kind, &new_id, &stored, grace, max_active, now)
+        })
+        .await?
     };
     st.published(version);
     Ok((rotation, new, new_id))
@@ -192,7 +194,10 @@ fn ended(rotation: &crate::admin::db::Rotation) -> (Option<String>, Vec<EndedKey
         rotation
             .ended
             .iter()
-            .map(|(key_id, e)| EndedKey { key_id: key_id.clone(), expires_at: rfc3339(*e) })
+            .map(|(key_id, e)| EndedKey {
+                key_id: key_id.clone(),
+                expires_at: rfc3339(*e),
+            })
             .collect(),
     )
 }
@@ -225,7 +230,8 @@ pub async fn rotate_secret(
 ) -> Result<Json<SecretRotated>, ApiError> {
     let id = service_id(id)?;
     let grace = grace_of(&st, body)?;
-    let (rotation, secret, secret_id) = rotate_credential(&st, id.clone(), CredentialKind::ClientSecret, grace).await?;
+    let (rotation, secret, secret_id) =
+        rotate_credential(&st, id.clone(), CredentialKind::ClientSecret, grace).await?;
     tracing::info!(%actor, service_id = %id, secret_id = %secret_id, grace, "client secret rotated");
     let (old_secrets_expire_at, old_secrets) = ended(&rotation);
     Ok(Json(SecretRotated {

@@ -49,7 +49,9 @@ impl Kek {
 
     fn seal(&self, plaintext: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; 24];
-        rand::rngs::OsRng.try_fill_bytes(&mut nonce).expect("OS CSPRNG unavailable");
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut nonce)
+            .expect("OS CSPRNG unavailable");
         let ct = self
             .0
             .encrypt(XNonce::from_slice(&nonce), plaintext)
@@ -79,7 +81,9 @@ fn read_or_create(path: &Path) -> Result<Vec<u8>, SigningError> {
             .map_err(|_| SigningError::Kek(format!("{} is not base64url", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut key = [0u8; 32];
-            rand::rngs::OsRng.try_fill_bytes(&mut key).expect("OS CSPRNG unavailable");
+            rand::rngs::OsRng
+                .try_fill_bytes(&mut key)
+                .expect("OS CSPRNG unavailable");
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true).create_new(true);
             #[cfg(unix)]
@@ -106,7 +110,10 @@ pub fn published(rows: &[SigningKeyRow], now: i64, max_lifetime: i64) -> Vec<Syn
             Some(next) if next.activates_at <= now => now < next.activates_at + max_lifetime,
             _ => true,
         })
-        .map(|(_, r)| SyncSigningKey { kid: r.kid.clone(), x: r.public_x.clone() })
+        .map(|(_, r)| SyncSigningKey {
+            kid: r.kid.clone(),
+            x: r.public_x.clone(),
+        })
         .collect()
 }
 
@@ -121,7 +128,9 @@ impl KeyRing {
         let rows = store.signing_keys()?;
         let mut signers = HashMap::new();
         for r in &rows {
-            let der = kek.open(&r.private_sealed).ok_or_else(|| SigningError::Unseal(r.kid.clone()))?;
+            let der = kek
+                .open(&r.private_sealed)
+                .ok_or_else(|| SigningError::Unseal(r.kid.clone()))?;
             signers.insert(r.kid.clone(), Signer::new(r.kid.clone(), &der));
         }
         Ok(KeyRing { rows, signers })
@@ -174,13 +183,24 @@ mod tests {
     use super::*;
 
     fn row(kid: &str, activates_at: i64) -> SigningKeyRow {
-        SigningKeyRow { kid: kid.into(), public_x: "x".into(), private_sealed: vec![], created_at: 0, activates_at }
+        SigningKeyRow {
+            kid: kid.into(),
+            public_x: "x".into(),
+            private_sealed: vec![],
+            created_at: 0,
+            activates_at,
+        }
     }
 
     #[test]
     fn publication_window() {
         let rows = vec![row("a", 0), row("b", 1000)];
-        let kids = |now| published(&rows, now, 3600).into_iter().map(|k| k.kid).collect::<Vec<_>>();
+        let kids = |now| {
+            published(&rows, now, 3600)
+                .into_iter()
+                .map(|k| k.kid)
+                .collect::<Vec<_>>()
+        };
         // b is published before it signs; a keeps signing until then.
         assert_eq!(kids(500), vec!["a", "b"]);
         // a stays published for the longest token lifetime after b took over.

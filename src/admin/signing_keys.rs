@@ -11,7 +11,11 @@ use crate::admin::signing::{self, KeyRing};
 use crate::admin::AppState;
 
 fn describe(ring: &KeyRing, now: i64) -> Value {
-    let published: Vec<String> = ring.published(now, i64::from(MAX_TOKEN_LIFETIME)).into_iter().map(|k| k.kid).collect();
+    let published: Vec<String> = ring
+        .published(now, i64::from(MAX_TOKEN_LIFETIME))
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
     let signing = ring.signer_at(now).map(|s| s.kid.clone());
     let keys: Vec<Value> = ring
         .rows()
@@ -43,7 +47,8 @@ pub async fn rotate(State(st): State<AppState>, Admin(actor): Admin) -> Result<J
     let st2 = st.clone();
     let (kid, version) = tokio::task::spawn_blocking(move || {
         let r = signing::add_key(&st2.store, &st2.kek, now, activates_at)?;
-        st2.keyring.store(std::sync::Arc::new(KeyRing::load(&st2.store, &st2.kek)?));
+        st2.keyring
+            .store(std::sync::Arc::new(KeyRing::load(&st2.store, &st2.kek)?));
         Ok::<_, signing::SigningError>(r)
     })
     .await

@@ -41,7 +41,7 @@ pub async fn sync(
             })
         })
         .await?;
-    payload.issuer = st.cfg.issuer.clone();
+    payload.issuer = st.issuer.clone();
     tracing::debug!(%actor, version = payload.version, full = payload.full, services = payload.services.len(), "sync served");
     Ok(Json(payload))
 }

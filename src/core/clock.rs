@@ -45,6 +45,11 @@ impl ManualClock {
     pub fn advance(&self, by: Duration) {
         self.0.fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
     }
+
+    /// Moves time backwards (to test clock skew: a token from a clock that runs ahead).
+    pub fn rewind(&self, by: Duration) {
+        self.0.fetch_sub(by.as_nanos() as u64, Ordering::SeqCst);
+    }
 }
 
 impl Clock for ManualClock {

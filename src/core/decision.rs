@@ -8,11 +8,11 @@ use std::sync::Arc;
 use crate::core::denial::{BadRequest, Denial, InvalidToken};
 use crate::core::jwt::{self, Expectations, JwtError};
 use crate::core::key::{self, Environment};
-use crate::core::scope::ScopeSet;
-use crate::core::token_cache::{TokenCache, VerifiedToken};
 use crate::core::ratelimit::RateStatus;
 use crate::core::routes::{check_path, Access, Route, RouteTable};
+use crate::core::scope::ScopeSet;
 use crate::core::snapshot::{ServiceEntry, Snapshot};
+use crate::core::token_cache::{TokenCache, VerifiedToken};
 
 /// What the proxy extracted from the request; borrowed, nothing copied.
 #[derive(Debug, Clone, Copy)]
@@ -84,9 +84,7 @@ pub enum Verdict {
 pub fn bearer_token(auth: Authorization<'_>) -> Result<Option<&str>, Denial> {
     let raw = match auth {
         Authorization::Absent => return Ok(None),
-        Authorization::Several => {
-            return Err(Denial::BadRequest(BadRequest::DuplicateAuthorization))
-        }
+        Authorization::Several => return Err(Denial::BadRequest(BadRequest::DuplicateAuthorization)),
         Authorization::One(raw) => raw,
     };
     let text = std::str::from_utf8(raw)
@@ -127,7 +125,9 @@ pub fn authenticate(
     }
     Ok(Principal {
         service: entry.service.clone(),
-        credential: Credential::ApiKey { key_id: entry.key_id.clone() },
+        credential: Credential::ApiKey {
+            key_id: entry.key_id.clone(),
+        },
     })
 }
 
@@ -167,7 +167,11 @@ pub fn authenticate_token(
             v
         }
         None => {
-            let want = Expectations { issuer: &tokens.issuer, audience: policy.audience, leeway_secs: policy.leeway_secs };
+            let want = Expectations {
+                issuer: &tokens.issuer,
+                audience: policy.audience,
+                leeway_secs: policy.leeway_secs,
+            };
             let c = jwt::verify(token, &tokens.keys, &want, now_secs).map_err(jwt_denial)?;
             let scope_list: Vec<&str> = c.scope.split(' ').filter(|s| !s.is_empty()).collect();
             let scopes = ScopeSet::parse(&scope_list).map_err(|_| jwt_denial(JwtError::Malformed))?;
@@ -200,20 +204,25 @@ pub fn authenticate_token(
     if service.disabled {
         return Err(Denial::InvalidToken(InvalidToken::ServiceDisabled));
     }
-    Ok(Principal { service: service.clone(), credential: Credential::AccessToken(verified) })
+    Ok(Principal {
+        service: service.clone(),
+        credential: Credential::AccessToken(verified),
+    })
 }
 
 /// Source address first (the service may not call from there at all), then scopes.
-pub fn authorize(
-    principal: &Principal,
-    route: &Route,
-    client_ip: Option<IpAddr>,
-) -> Result<(), Denial> {
+pub fn authorize(principal: &Principal, route: &Route, client_ip: Option<IpAddr>) -> Result<(), Denial> {
     if !principal.service.ip_allowed(client_ip) {
         return Err(Denial::IpNotAllowed);
     }
     if let Access::Scopes(needed) = &route.access {
-        if !principal.service.scopes.allows_all(needed) {
+        // A token never grants more than its service holds now, even if the admin narrowed
+        // the service after the token was issued.
+        let token_ok = match &principal.credential {
+            Credential::ApiKey { .. } => true,
+            Credential::AccessToken(t) => t.scopes.allows_all(needed),
+        };
+        if !token_ok || !principal.service.scopes.allows_all(needed) {
             return Err(Denial::InsufficientScope {
                 required: route.scope_attr.clone(),
             });
@@ -227,9 +236,7 @@ pub fn rate_limit(principal: &Principal, now_nanos: u64) -> Result<RateStatus, D
     if s.limits.is_unlimited() {
         return Ok(RateStatus { tightest: None });
     }
-    s.limiter
-        .check(&s.limits, now_nanos)
-        .map_err(Denial::RateLimited)
+    s.limiter.check(&s.limits, now_nanos).map_err(Denial::RateLimited)
 }
 
 /// The checklist. `snapshot` is None before the first sync: protected routes fail closed.
@@ -309,13 +316,7 @@ mod tests {
         }
     }
 
-    fn run(
-        f: &Fixture,
-        path: &str,
-        auth: Option<String>,
-        ip: &str,
-        now: u64,
-    ) -> Result<Verdict, Denial> {
+    fn run(f: &Fixture, path: &str, auth: Option<String>, ip: &str, now: u64) -> Result<Verdict, Denial> {
         let header = auth.map(|a| a.into_bytes());
         let facts = RequestFacts {
             method: "GET",
@@ -326,10 +327,21 @@ mod tests {
             },
             client_ip: Some(ip.parse().unwrap()),
         };
-        decide(&f.routes, Some(&f.snap), Environment::Live, &facts, now, &NO_TOKENS)
+        decide(
+            &f.routes,
+            Some(&f.snap),
+            Environment::Live,
+            &facts,
+            now,
+            &NO_TOKENS,
+        )
     }
 
-    const NO_TOKENS: TokenPolicy<'static> = TokenPolicy { audience: "permiso", leeway_secs: 30, cache: None };
+    const NO_TOKENS: TokenPolicy<'static> = TokenPolicy {
+        audience: "permiso",
+        leeway_secs: 30,
+        cache: None,
+    };
 
     fn bearer(k: &NewKey) -> Option<String> {
         Some(format!("Bearer {}", k.secret.expose()))
@@ -463,14 +475,8 @@ mod tests {
     #[test]
     fn authorization_header_parsing() {
         assert_eq!(bearer_token(Authorization::Absent), Ok(None));
-        assert_eq!(
-            bearer_token(Authorization::One(b"bearer abc")),
-            Ok(Some("abc"))
-        );
-        assert_eq!(
-            bearer_token(Authorization::One(b"BEARER  abc ")),
-            Ok(Some("abc"))
-        );
+        assert_eq!(bearer_token(Authorization::One(b"bearer abc")), Ok(Some("abc")));
+        assert_eq!(bearer_token(Authorization::One(b"BEARER  abc ")), Ok(Some("abc")));
         assert_eq!(
             bearer_token(Authorization::One(b"Bearer")),
             Err(Denial::InvalidToken(InvalidToken::Malformed))
@@ -483,5 +489,137 @@ mod tests {
             bearer_token(Authorization::Several),
             Err(Denial::BadRequest(_))
         ));
+    }
+
+    mod tokens {
+        use super::*;
+        use crate::core::jwt::{generate_ed25519, AccessClaims, Signer};
+        use crate::core::sync::{SyncRevokedToken, SyncSigningKey};
+
+        const SECS: i64 = (NOW / 1_000_000_000) as i64;
+
+        fn snapshot(service_scopes: &[&str], revoked: &[&str], x: &str) -> Snapshot {
+            let payload = SyncPayload {
+                epoch: "e".into(),
+                version: 1,
+                full: true,
+                services: vec![service("srv_a", service_scopes, vec![])],
+                issuer: "https://auth".into(),
+                signing_keys: vec![SyncSigningKey {
+                    kid: "k1".into(),
+                    x: x.into(),
+                }],
+                revoked_tokens: revoked
+                    .iter()
+                    .map(|j| SyncRevokedToken {
+                        jti: j.to_string(),
+                        expires_at: SECS + 3600,
+                    })
+                    .collect(),
+            };
+            Snapshot::from_full(&payload, Environment::Live, None).unwrap()
+        }
+
+        fn token(signer: &Signer, scope: &str, jti: &str) -> String {
+            signer
+                .sign(&AccessClaims {
+                    iss: "https://auth".into(),
+                    sub: "srv_a".into(),
+                    aud: "permiso".into(),
+                    exp: SECS + 600,
+                    iat: SECS,
+                    nbf: SECS,
+                    jti: jti.into(),
+                    client_id: "srv_a".into(),
+                    scope: scope.into(),
+                })
+                .unwrap()
+        }
+
+        fn call(
+            snap: &Snapshot,
+            path: &str,
+            tok: &str,
+            now: u64,
+            cache: Option<&TokenCache>,
+        ) -> Result<Verdict, Denial> {
+            let routes = RouteTable::new(vec![
+                Route::new(
+                    vec![],
+                    "/t".into(),
+                    Access::Scopes(vec![Scope::parse("trade:read").unwrap()]),
+                ),
+                Route::new(
+                    vec![],
+                    "/a".into(),
+                    Access::Scopes(vec![Scope::parse("account:read").unwrap()]),
+                ),
+            ]);
+            let h = format!("Bearer {tok}").into_bytes();
+            let facts = RequestFacts {
+                method: "GET",
+                path,
+                authorization: Authorization::One(&h),
+                client_ip: None,
+            };
+            let policy = TokenPolicy {
+                audience: "permiso",
+                leeway_secs: 30,
+                cache,
+            };
+            decide(&routes, Some(snap), Environment::Live, &facts, now, &policy)
+        }
+
+        #[test]
+        fn token_scopes_bound_what_the_service_holds_and_vice_versa() {
+            let (der, x) = generate_ed25519();
+            let signer = Signer::new("k1".into(), &der);
+            let snap = snapshot(&["trade:read", "account:read"], &[], &x);
+            let narrow = token(&signer, "trade:read", "j1");
+            assert!(call(&snap, "/t", &narrow, NOW, None).is_ok());
+            assert!(matches!(
+                call(&snap, "/a", &narrow, NOW, None),
+                Err(Denial::InsufficientScope { .. })
+            ));
+            // The admin removed trade:read after the token was issued.
+            let narrowed = snapshot(&["account:read"], &[], &x);
+            assert!(matches!(
+                call(&narrowed, "/t", &narrow, NOW, None),
+                Err(Denial::InsufficientScope { .. })
+            ));
+            // Revoked jti.
+            let revoked = snapshot(&["trade:read"], &["j1"], &x);
+            assert_eq!(
+                call(&revoked, "/t", &narrow, NOW, None).unwrap_err(),
+                Denial::InvalidToken(InvalidToken::Jwt(JwtError::Revoked))
+            );
+        }
+
+        #[test]
+        fn cached_tokens_are_rejudged_on_every_hit() {
+            let (der, x) = generate_ed25519();
+            let signer = Signer::new("k1".into(), &der);
+            let snap = snapshot(&["trade:read"], &[], &x);
+            let cache = TokenCache::new(100);
+            let t = token(&signer, "trade:read", "j2");
+            assert!(call(&snap, "/t", &t, NOW, Some(&cache)).is_ok());
+            assert_eq!(cache.len(), 1);
+            // A hit still checks the clock...
+            let late = NOW + 631 * 1_000_000_000;
+            assert_eq!(
+                call(&snap, "/t", &t, late, Some(&cache)).unwrap_err(),
+                Denial::InvalidToken(InvalidToken::Jwt(JwtError::Expired))
+            );
+            // ...and the deny list of the current snapshot.
+            let revoked = snapshot(&["trade:read"], &["j2"], &x);
+            assert!(call(&revoked, "/t", &t, NOW, Some(&cache)).is_err());
+            // ...and whether the signing key is still published.
+            let mut no_keys = snapshot(&["trade:read"], &[], &x);
+            no_keys.tokens.keys = Default::default();
+            assert_eq!(
+                call(&no_keys, "/t", &t, NOW, Some(&cache)).unwrap_err(),
+                Denial::InvalidToken(InvalidToken::Jwt(JwtError::UnknownKid))
+            );
+        }
     }
 }

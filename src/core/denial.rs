@@ -189,10 +189,7 @@ mod tests {
     fn missing_credential_has_no_error_code() {
         let r = Denial::MissingCredential.response();
         assert_eq!(r.status, 401);
-        assert_eq!(
-            header(&r, "WWW-Authenticate"),
-            Some("Bearer realm=\"permiso\"")
-        );
+        assert_eq!(header(&r, "WWW-Authenticate"), Some("Bearer realm=\"permiso\""));
     }
 
     #[test]
@@ -214,10 +211,8 @@ mod tests {
         for t in all {
             assert_eq!(Denial::InvalidToken(t).response(), first);
         }
-        let reasons: std::collections::HashSet<_> = all
-            .iter()
-            .map(|t| Denial::InvalidToken(*t).reason())
-            .collect();
+        let reasons: std::collections::HashSet<_> =
+            all.iter().map(|t| Denial::InvalidToken(*t).reason()).collect();
         assert_eq!(reasons.len(), all.len());
     }
 

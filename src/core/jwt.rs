@@ -85,7 +85,10 @@ impl std::fmt::Debug for Signer {
 impl Signer {
     /// `pkcs8_der`: the private key in PKCS#8 DER.
     pub fn new(kid: String, pkcs8_der: &[u8]) -> Signer {
-        Signer { kid, key: EncodingKey::from_ed_der(pkcs8_der) }
+        Signer {
+            kid,
+            key: EncodingKey::from_ed_der(pkcs8_der),
+        }
     }
 
     pub fn sign(&self, claims: &AccessClaims) -> Result<String, jsonwebtoken::errors::Error> {
@@ -163,7 +166,12 @@ pub fn kid_of(token: &str) -> Option<String> {
 }
 
 /// Verifies signature and claims. `now` is unix seconds from the injected clock.
-pub fn verify(token: &str, keys: &KeySet, want: &Expectations<'_>, now: i64) -> Result<AccessClaims, JwtError> {
+pub fn verify(
+    token: &str,
+    keys: &KeySet,
+    want: &Expectations<'_>,
+    now: i64,
+) -> Result<AccessClaims, JwtError> {
     // decode_header rejects `alg: none` and unknown algorithms as malformed; anything it does
     // parse must still be on our one-entry allow-list (so HS256 "signed" with our public key
     // is refused before any key is used).
@@ -216,7 +224,9 @@ pub fn generate_ed25519() -> (Vec<u8>, String) {
     use ed25519_dalek::pkcs8::EncodePrivateKey;
     use rand::TryRngCore;
     let mut seed = [0u8; 32];
-    rand::rngs::OsRng.try_fill_bytes(&mut seed).expect("OS CSPRNG unavailable");
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut seed)
+        .expect("OS CSPRNG unavailable");
     let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
     let der = sk.to_pkcs8_der().expect("pkcs8 encoding").as_bytes().to_vec();
     let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sk.verifying_key().as_bytes());
@@ -230,7 +240,11 @@ pub(crate) mod tests {
     use base64::Engine;
 
     pub const NOW: i64 = 1_800_000_000;
-    const WANT: Expectations<'static> = Expectations { issuer: "https://auth", audience: "permiso", leeway_secs: 30 };
+    const WANT: Expectations<'static> = Expectations {
+        issuer: "https://auth",
+        audience: "permiso",
+        leeway_secs: 30,
+    };
 
     pub fn claims() -> AccessClaims {
         AccessClaims {
@@ -286,16 +300,28 @@ pub(crate) mod tests {
         let (signer, keys, _) = setup();
         let mut c = claims();
         c.iss = "https://evil".into();
-        assert_eq!(verify(&signer.sign(&c).unwrap(), &keys, &WANT, NOW), Err(JwtError::WrongIssuer));
+        assert_eq!(
+            verify(&signer.sign(&c).unwrap(), &keys, &WANT, NOW),
+            Err(JwtError::WrongIssuer)
+        );
         let mut c = claims();
         c.aud = "other".into();
-        assert_eq!(verify(&signer.sign(&c).unwrap(), &keys, &WANT, NOW), Err(JwtError::WrongAudience));
+        assert_eq!(
+            verify(&signer.sign(&c).unwrap(), &keys, &WANT, NOW),
+            Err(JwtError::WrongAudience)
+        );
         let (der, _) = generate_ed25519();
         let stranger = Signer::new("k2".into(), &der);
-        assert_eq!(verify(&stranger.sign(&claims()).unwrap(), &keys, &WANT, NOW), Err(JwtError::UnknownKid));
+        assert_eq!(
+            verify(&stranger.sign(&claims()).unwrap(), &keys, &WANT, NOW),
+            Err(JwtError::UnknownKid)
+        );
         // Same kid, different key: the signature fails.
         let impostor = Signer::new("k1".into(), &der);
-        assert_eq!(verify(&impostor.sign(&claims()).unwrap(), &keys, &WANT, NOW), Err(JwtError::BadSignature));
+        assert_eq!(
+            verify(&impostor.sign(&claims()).unwrap(), &keys, &WANT, NOW),
+            Err(JwtError::BadSignature)
+        );
     }
 
     #[test]
@@ -314,7 +340,11 @@ pub(crate) mod tests {
         let flipped = format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(sig));
         assert_eq!(verify(&flipped, &keys, &WANT, NOW), Err(JwtError::BadSignature));
         // alg: none, empty signature.
-        let none = format!("{}.{}.", b64(&serde_json::json!({"alg":"none","typ":"at+jwt","kid":"k1"})), parts[1]);
+        let none = format!(
+            "{}.{}.",
+            b64(&serde_json::json!({"alg":"none","typ":"at+jwt","kid":"k1"})),
+            parts[1]
+        );
         assert_eq!(verify(&none, &keys, &WANT, NOW), Err(JwtError::Malformed));
         // HS256 keyed with the public key (the classic confusion attack).
         let mut h = Header::new(Algorithm::HS256);
@@ -324,12 +354,23 @@ pub(crate) mod tests {
         assert_eq!(verify(&hs, &keys, &WANT, NOW), Err(JwtError::AlgorithmNotAllowed));
         let raw_pub = URL_SAFE_NO_PAD.decode(&x).unwrap();
         let hs2 = jsonwebtoken::encode(&h, &claims(), &EncodingKey::from_secret(&raw_pub)).unwrap();
-        assert_eq!(verify(&hs2, &keys, &WANT, NOW), Err(JwtError::AlgorithmNotAllowed));
+        assert_eq!(
+            verify(&hs2, &keys, &WANT, NOW),
+            Err(JwtError::AlgorithmNotAllowed)
+        );
         // Wrong typ (an ID token or a plain JWT).
         let wrong_typ = {
             let mut parts = t.split('.');
             let hdr = b64(&serde_json::json!({"alg":"EdDSA","typ":"JWT","kid":"k1"}));
-            format!("{}.{}.{}", hdr, { parts.next(); parts.next().unwrap() }, parts.next().unwrap())
+            format!(
+                "{}.{}.{}",
+                hdr,
+                {
+                    parts.next();
+                    parts.next().unwrap()
+                },
+                parts.next().unwrap()
+            )
         };
         assert_eq!(verify(&wrong_typ, &keys, &WANT, NOW), Err(JwtError::WrongType));
         for junk in ["", "a.b.c", "eyJ.eyJ.x", "....", &"eyJ".repeat(10_000)] {

@@ -87,9 +87,7 @@ impl KeyHash {
     }
 
     pub fn from_hex(s: &str) -> Option<Self> {
-        blake3::Hash::from_hex(s)
-            .ok()
-            .map(|h| KeyHash(*h.as_bytes()))
+        blake3::Hash::from_hex(s).ok().map(|h| KeyHash(*h.as_bytes()))
     }
 }
 
@@ -178,13 +176,18 @@ pub const CLIENT_SECRET_PREFIX: &str = "pcs_";
 
 pub fn generate_client_secret() -> NewKey {
     let mut raw = [0u8; SECRET_BYTES];
-    rand::rngs::OsRng.try_fill_bytes(&mut raw).expect("OS CSPRNG unavailable");
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut raw)
+        .expect("OS CSPRNG unavailable");
     let mut text = String::with_capacity(CLIENT_SECRET_PREFIX.len() + BODY_LEN);
     text.push_str(CLIENT_SECRET_PREFIX);
     URL_SAFE_NO_PAD.encode_string(raw, &mut text);
     NewKey {
         hash: KeyHash::of(&text),
-        display_prefix: text.chars().take(CLIENT_SECRET_PREFIX.len() + DISPLAY_BODY_CHARS).collect(),
+        display_prefix: text
+            .chars()
+            .take(CLIENT_SECRET_PREFIX.len() + DISPLAY_BODY_CHARS)
+            .collect(),
         secret: Secret::new(text),
     }
 }

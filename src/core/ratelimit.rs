@@ -86,14 +86,8 @@ pub struct RateStatus {
 impl RateStatus {
     /// `RateLimit` value: `"minute";r=59;t=1`. None when the service is unlimited.
     pub fn header(&self) -> Option<String> {
-        self.tightest.map(|s| {
-            format!(
-                "\"{}\";r={};t={}",
-                s.window.name(),
-                s.remaining,
-                s.reset_secs
-            )
-        })
+        self.tightest
+            .map(|s| format!("\"{}\";r={};t={}", s.window.name(), s.remaining, s.reset_secs))
     }
 }
 
@@ -212,9 +206,7 @@ impl LimiterState {
 /// window was busy and errs on the strict side (forgets idle credit) when it was idle.
 fn give_back(c: &AtomicU64, w: Window, quota: Option<u32>) {
     let t = w.seconds() * NANOS_PER_SEC / quota.unwrap_or(1).max(1) as u64;
-    let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-        Some(v.saturating_sub(t))
-    });
+    let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(t)));
 }
 
 #[cfg(test)]
@@ -292,10 +284,7 @@ mod tests {
             per_minute: Some(60),
             per_hour: Some(1000),
         };
-        assert_eq!(
-            l.policy_header(),
-            "\"minute\";q=60;w=60, \"hour\";q=1000;w=3600"
-        );
+        assert_eq!(l.policy_header(), "\"minute\";q=60;w=60, \"hour\";q=1000;w=3600");
         let st = LimiterState::default();
         let s = st.check(&l, T0).unwrap();
         assert_eq!(s.header().unwrap(), "\"minute\";r=59;t=1");

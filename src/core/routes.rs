@@ -173,19 +173,14 @@ mod tests {
             t.find("GET", "/api/v1/trades/42").unwrap().scope_attr,
             "trade:read"
         );
-        assert_eq!(
-            t.find("POST", "/api/v1/trades").unwrap().scope_attr,
-            "trade:open"
-        );
+        assert_eq!(t.find("POST", "/api/v1/trades").unwrap().scope_attr, "trade:open");
         assert!(t.find("DELETE", "/api/v1/trades/1").is_none());
         assert_eq!(
             t.find("GET", "/api/v1/account/balance").unwrap().scope_attr,
             "account:balance account:read"
         );
         assert_eq!(
-            t.find("POST", "/api/v1/account/balance")
-                .unwrap()
-                .scope_attr,
+            t.find("POST", "/api/v1/account/balance").unwrap().scope_attr,
             "account:read"
         );
     }
@@ -202,15 +197,9 @@ mod tests {
     #[test]
     fn risky_paths_refused() {
         assert_eq!(check_path("/health/../admin"), Err(PathError::DotSegment));
-        assert_eq!(
-            check_path("/health/%2e%2E/admin"),
-            Err(PathError::DotSegment)
-        );
+        assert_eq!(check_path("/health/%2e%2E/admin"), Err(PathError::DotSegment));
         assert_eq!(check_path("/health/./x"), Err(PathError::DotSegment));
-        assert_eq!(
-            check_path("/health/..%2fadmin"),
-            Err(PathError::EncodedSeparator)
-        );
+        assert_eq!(check_path("/health/..%2fadmin"), Err(PathError::EncodedSeparator));
         assert_eq!(check_path("/health\\..\\admin"), Err(PathError::Backslash));
         assert_eq!(check_path("health"), Err(PathError::NotAbsolute));
         assert_eq!(check_path("/api/v1/trades/1.5"), Ok(()));

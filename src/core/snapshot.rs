@@ -98,10 +98,7 @@ impl ServiceEntry {
         // Fail closed: a restricted service with no known peer address is refused.
         let Some(ip) = ip else { return false };
         let ip = match ip {
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6)),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
             v4 => v4,
         };
         self.allowed_ips.iter().any(|net| net.contains(&ip))
@@ -434,10 +431,7 @@ pub(crate) mod tests {
         let p = payload(
             1,
             true,
-            vec![
-                service("srv_a", &["a:r"], vec![sync_key("key_1", &k1)]),
-                bad,
-            ],
+            vec![service("srv_a", &["a:r"], vec![sync_key("key_1", &k1)]), bad],
         );
         assert!(matches!(
             Snapshot::from_full(&p, Environment::Live, None),
@@ -445,9 +439,7 @@ pub(crate) mod tests {
         ));
         let mut badhash = service("srv_c", &[], vec![sync_key("key_x", &k1)]);
         badhash.keys[0].hash = "nothex".into();
-        assert!(
-            Snapshot::from_full(&payload(1, true, vec![badhash]), Environment::Live, None).is_err()
-        );
+        assert!(Snapshot::from_full(&payload(1, true, vec![badhash]), Environment::Live, None).is_err());
         let dup = payload(
             1,
             true,
@@ -472,8 +464,7 @@ pub(crate) mod tests {
         let k = key::generate(Environment::Test);
         let mut s = service("srv_t", &[], vec![sync_key("key_t", &k)]);
         s.environment = Environment::Test;
-        let snap =
-            Snapshot::from_full(&payload(1, true, vec![s]), Environment::Live, None).unwrap();
+        let snap = Snapshot::from_full(&payload(1, true, vec![s]), Environment::Live, None).unwrap();
         assert_eq!(snap.key_count(), 0);
     }
 
@@ -481,8 +472,7 @@ pub(crate) mod tests {
     fn limiter_state_survives_unchanged_limits_only() {
         let mut s = service("srv_a", &[], vec![]);
         s.rate_limit_per_minute = Some(10);
-        let a = Snapshot::from_full(&payload(1, true, vec![s.clone()]), Environment::Live, None)
-            .unwrap();
+        let a = Snapshot::from_full(&payload(1, true, vec![s.clone()]), Environment::Live, None).unwrap();
         let b = a.apply_delta(&payload(2, false, vec![s.clone()])).unwrap();
         assert!(Arc::ptr_eq(
             &a.service("srv_a").unwrap().limiter,
@@ -500,8 +490,7 @@ pub(crate) mod tests {
     fn ip_rules() {
         let mut s = service("srv_a", &[], vec![]);
         s.allowed_ips = vec!["10.0.0.0/8".into(), "192.168.1.7".into()];
-        let snap =
-            Snapshot::from_full(&payload(1, true, vec![s]), Environment::Live, None).unwrap();
+        let snap = Snapshot::from_full(&payload(1, true, vec![s]), Environment::Live, None).unwrap();
         let e = snap.service("srv_a").unwrap();
         assert!(e.ip_allowed(Some("10.2.3.4".parse().unwrap())));
         assert!(e.ip_allowed(Some("::ffff:10.2.3.4".parse().unwrap())));

@@ -27,7 +27,9 @@ pub struct TokenCache {
 
 impl TokenCache {
     pub fn new(capacity: usize) -> TokenCache {
-        TokenCache { inner: quick_cache::sync::Cache::new(capacity.max(1)) }
+        TokenCache {
+            inner: quick_cache::sync::Cache::new(capacity.max(1)),
+        }
     }
 
     pub fn key(token: &str) -> [u8; 32] {

@@ -90,10 +90,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
     Parts { server, sync }
 }
 
-fn spawn_sync(
-    sync: SyncClient,
-    stop: watch::Receiver<bool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+fn spawn_sync(sync: SyncClient, stop: watch::Receiver<bool>) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("permiso-sync".into())
         .spawn(move || {

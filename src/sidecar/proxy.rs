@@ -12,16 +12,16 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::Result;
 
-use crate::core::clock::SharedClock;
 use crate::config::TokenSettings;
+use crate::core::clock::SharedClock;
 use crate::core::decision::{decide, Authorization, Credential, RequestFacts, TokenPolicy, Verdict};
 use crate::core::denial::{Denial, InvalidToken};
 use crate::core::jwt::JwtError;
-use crate::core::token_cache::TokenCache;
-use crate::sidecar::sync_client::EarlySync;
 use crate::core::key::{Environment, KEY_FAMILY_PREFIX};
 use crate::core::routes::RouteTable;
 use crate::core::snapshot::Snapshot;
+use crate::core::token_cache::TokenCache;
+use crate::sidecar::sync_client::EarlySync;
 
 pub const HEADER_PREFIX: &str = "x-permiso-";
 
@@ -119,10 +119,7 @@ impl ProxyHttp for SidecarProxy {
                 method: req.method.as_str(),
                 path: req.uri.path(),
                 authorization,
-                client_ip: session
-                    .client_addr()
-                    .and_then(|a| a.as_inet())
-                    .map(|a| a.ip()),
+                client_ip: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
             };
             let tokens = TokenPolicy {
                 audience: &shared.tokens.audience,
@@ -189,9 +186,7 @@ impl ProxyHttp for SidecarProxy {
                 upstream.insert_header("X-Permiso-Environment", s.environment.as_str())?;
             }
             // A Permiso key sent to a public route still must not leak upstream.
-            Some(Verdict::Public)
-                if is_permiso_key(upstream.headers.get(http::header::AUTHORIZATION)) =>
-            {
+            Some(Verdict::Public) if is_permiso_key(upstream.headers.get(http::header::AUTHORIZATION)) => {
                 upstream.remove_header(&http::header::AUTHORIZATION);
             }
             Some(Verdict::Public) | None => {}
@@ -207,8 +202,7 @@ impl ProxyHttp for SidecarProxy {
     ) -> Result<()> {
         if let Some(Verdict::Allowed { principal, rate }) = &ctx.verdict {
             if let Some(value) = rate.header() {
-                response
-                    .insert_header("RateLimit-Policy", principal.service.limits.policy_header())?;
+                response.insert_header("RateLimit-Policy", principal.service.limits.policy_header())?;
                 response.insert_header("RateLimit", value)?;
             }
         }

@@ -40,10 +40,7 @@ pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("snapshot");
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("snapshot");
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -85,20 +82,13 @@ mod tests {
         assert!(back.lookup(&k.hash).is_some());
 
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(
-            !text.contains(k.secret.expose()),
-            "the file holds hashes only"
-        );
+        assert!(!text.contains(k.secret.expose()), "the file holds hashes only");
         std::fs::write(&path, &text[..text.len() / 2]).unwrap();
         assert!(matches!(
             load(&path, Environment::Live),
             Err(SnapshotFileError::Json(_))
         ));
-        std::fs::write(
-            &path,
-            text.replace("10.", "999.").replace("\"a:b\"", "\"a::b\""),
-        )
-        .unwrap();
+        std::fs::write(&path, text.replace("10.", "999.").replace("\"a:b\"", "\"a::b\"")).unwrap();
         assert!(matches!(
             load(&path, Environment::Live),
             Err(SnapshotFileError::Invalid(_))

@@ -44,7 +44,11 @@ impl EarlySync {
         if now.saturating_sub(last) < self.min_interval_ms {
             return false;
         }
-        if self.last_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        if self
+            .last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
             return false;
         }
         self.notify.notify_one();
@@ -112,7 +116,9 @@ impl SyncClient {
             keys = next.key_count(),
             "snapshot applied"
         );
-        let revoked_changed = current.as_ref().is_none_or(|c| c.tokens.revoked != next.tokens.revoked);
+        let revoked_changed = current
+            .as_ref()
+            .is_none_or(|c| c.tokens.revoked != next.tokens.revoked);
         if revoked_changed {
             self.token_cache.evict_revoked(&next.tokens.revoked);
         }

@@ -18,13 +18,7 @@ fn sync_version(h: &Harness) -> u64 {
     r.json::<Value>().unwrap()["version"].as_u64().unwrap()
 }
 
-fn raw(
-    h: &Harness,
-    method: Method,
-    path: &str,
-    content_type: Option<&str>,
-    body: Vec<u8>,
-) -> (u16, Value) {
+fn raw(h: &Harness, method: Method, path: &str, content_type: Option<&str>, body: Vec<u8>) -> (u16, Value) {
     let mut rb = h
         .http
         .request(method, h.admin_url(path))
@@ -132,11 +126,7 @@ fn bad_input_gets_its_4xx_and_writes_nothing() {
             Method::POST,
             "/auth/admin/services".into(),
             json_ct,
-            format!(
-                r#"{{"service_name":"x","description":"{}"}}"#,
-                "d".repeat(10_000)
-            )
-            .into_bytes(),
+            format!(r#"{{"service_name":"x","description":"{}"}}"#, "d".repeat(10_000)).into_bytes(),
             413,
         ),
         (
@@ -222,10 +212,7 @@ fn bad_input_gets_its_4xx_and_writes_nothing() {
         (
             "revoke another service's key",
             Method::POST,
-            format!(
-                "/auth/admin/services/srv_other/keys/{}/revoke",
-                existing.key_id
-            ),
+            format!("/auth/admin/services/srv_other/keys/{}/revoke", existing.key_id),
             None,
             vec![],
             404,
@@ -279,11 +266,7 @@ fn bad_input_gets_its_4xx_and_writes_nothing() {
             "{name}: body {v}"
         );
     }
-    assert_eq!(
-        h.list_all(),
-        before,
-        "a refused request changed the database"
-    );
+    assert_eq!(h.list_all(), before, "a refused request changed the database");
     assert_eq!(sync_version(&h), version_before);
 }
 
@@ -316,18 +299,9 @@ fn admin_authentication() {
     let admin_svc = h.create(json!({"service_name": "ops-bot", "scopes": ["admin:*"]}));
     let plain = h.create(json!({"service_name": "plain", "scopes": ["trade:read"]}));
     let bearer = |k: &str| format!("Bearer {k}");
-    assert_eq!(
-        list(Some(("Authorization", &bearer(&admin_svc.api_key)))).0,
-        200
-    );
-    assert_eq!(
-        list(Some(("Authorization", &bearer(&plain.api_key)))).0,
-        403
-    );
-    assert_eq!(
-        list(Some(("Authorization", "Bearer svc_live_garbage"))).0,
-        401
-    );
+    assert_eq!(list(Some(("Authorization", &bearer(&admin_svc.api_key)))).0, 200);
+    assert_eq!(list(Some(("Authorization", &bearer(&plain.api_key)))).0, 403);
+    assert_eq!(list(Some(("Authorization", "Bearer svc_live_garbage"))).0, 401);
 
     // The admin service key can act: create through it.
     let r = h
@@ -346,10 +320,7 @@ fn admin_authentication() {
         None,
     );
     assert_eq!(s, 200);
-    assert_eq!(
-        list(Some(("Authorization", &bearer(&admin_svc.api_key)))).0,
-        401
-    );
+    assert_eq!(list(Some(("Authorization", &bearer(&admin_svc.api_key)))).0, 401);
 }
 
 #[test]
@@ -406,10 +377,7 @@ fn sync_endpoint_scopes_deltas_long_polls_and_carries_no_keys() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 403);
-    assert_eq!(
-        h.http.get(h.admin_url("/v1/sync")).send().unwrap().status(),
-        401
-    );
+    assert_eq!(h.http.get(h.admin_url("/v1/sync")).send().unwrap().status(), 401);
     let r = h
         .http
         .get(h.admin_url("/v1/sync"))
@@ -436,9 +404,8 @@ fn sync_endpoint_scopes_deltas_long_polls_and_carries_no_keys() {
     let version = full["version"].as_u64().unwrap();
 
     // Up to date: an empty delta.
-    let url = |after: u64, wait: u64| {
-        h.admin_url(&format!("/v1/sync?after={after}&epoch={epoch}&wait={wait}"))
-    };
+    let url =
+        |after: u64, wait: u64| h.admin_url(&format!("/v1/sync?after={after}&epoch={epoch}&wait={wait}"));
     let d: Value = h
         .http
         .get(url(version, 0))

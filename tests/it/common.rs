@@ -102,6 +102,7 @@ pub struct Created {
     pub service_id: String,
     pub api_key: String,
     pub key_id: String,
+    pub client_secret: String,
 }
 
 impl Harness {
@@ -110,6 +111,11 @@ impl Harness {
     }
 
     pub fn start_with(routes: &str) -> Harness {
+        Self::start_custom(routes, |_| {})
+    }
+
+    /// `tweak` adjusts the admin plane's file config before it starts.
+    pub fn start_custom(routes: &str, tweak: fn(&mut config::file::AdminPlane)) -> Harness {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::starting_now();
@@ -117,10 +123,11 @@ impl Harness {
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap();
-        let admin = start_admin(
+        let admin = start_admin_with(
             &dir.path().join("permiso.db"),
             "127.0.0.1:0".parse().unwrap(),
             &clock,
+            tweak,
         );
         let admin_addr = admin.addr;
         let upstream = EchoUpstream::start();
@@ -160,17 +167,18 @@ impl Harness {
             routes
         );
         let f = config::parse_file(&text, std::path::Path::new("test.toml")).unwrap();
-        SidecarConfig::from_file(
-            f.sidecar.as_ref().unwrap(),
-            Secret::new(self.sync_key.clone()),
-        )
-        .unwrap()
+        SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new(self.sync_key.clone())).unwrap()
     }
 
     pub fn start_sidecar(&mut self, routes: &str) {
         let cfg = self.sidecar_config(routes);
         let clock: SharedClock = Arc::new(self.clock.clone());
         self.sidecar = Some(sidecar::start(cfg, clock).expect("sidecar starts"));
+        // Pooled connections to a previous sidecar on this port are dead now.
+        self.http = Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
     }
 
     pub fn stop_sidecar(&mut self) {
@@ -211,12 +219,7 @@ impl Harness {
         format!("http://{}{}", self.sidecar_addr, path)
     }
 
-    pub fn admin_req(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
+    pub fn admin_req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut rb = self
             .http
             .request(method, self.admin_url(path))
@@ -236,7 +239,31 @@ impl Harness {
             service_id: v["service_id"].as_str().unwrap().to_string(),
             api_key: v["api_key"].as_str().unwrap().to_string(),
             key_id: v["key_id"].as_str().unwrap().to_string(),
+            client_secret: v["client_secret"].as_str().unwrap().to_string(),
         }
+    }
+
+    /// A client-credentials token by form parameters (client_secret_post); panics unless 200.
+    pub fn token(&self, svc: &Created, scope: Option<&str>) -> String {
+        let mut form = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", svc.service_id.as_str()),
+            ("client_secret", svc.client_secret.as_str()),
+        ];
+        if let Some(s) = scope {
+            form.push(("scope", s));
+        }
+        let r = self
+            .http
+            .post(self.admin_url("/oauth/token"))
+            .form(&form)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub fn get(&self, path: &str, key: Option<&str>) -> Response {
@@ -248,13 +275,7 @@ impl Harness {
     }
 
     /// Polls the sidecar until `path` answers `status` for `key`; returns how long it took.
-    pub fn wait_for_status(
-        &self,
-        path: &str,
-        key: Option<&str>,
-        status: u16,
-        within: Duration,
-    ) -> Duration {
+    pub fn wait_for_status(&self, path: &str, key: Option<&str>, status: u16, within: Duration) -> Duration {
         let started = Instant::now();
         loop {
             let got = self.get(path, key).status().as_u16();
@@ -282,12 +303,22 @@ impl Harness {
 }
 
 pub fn start_admin(db: &std::path::Path, listen: SocketAddr, clock: &ManualClock) -> AdminHandle {
-    let f = config::file::AdminPlane {
+    start_admin_with(db, listen, clock, |_| {})
+}
+
+pub fn start_admin_with(
+    db: &std::path::Path,
+    listen: SocketAddr,
+    clock: &ManualClock,
+    tweak: fn(&mut config::file::AdminPlane),
+) -> AdminHandle {
+    let mut f = config::file::AdminPlane {
         listen: listen.to_string(),
         database: db.display().to_string(),
         max_body_bytes: 4096,
         ..Default::default()
     };
+    tweak(&mut f);
     let cfg = AdminConfig::from_file(&f, Some(ADMIN_KEY.to_string())).unwrap();
     let clock: SharedClock = Arc::new(clock.clone());
     // The previous instance may take a moment to release the port.

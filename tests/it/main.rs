@@ -3,6 +3,7 @@
 
 mod admin_api;
 mod common;
+mod oauth;
 mod resilience;
 mod rotation;
 mod sidecar_auth;

@@ -11,12 +11,7 @@ use crate::common::{Harness, ROUTES};
 fn sidecar_serves_from_memory_and_file_while_the_admin_plane_is_down() {
     let mut h = Harness::start();
     let svc = h.create(json!({"service_name": "steady", "scopes": ["trade:read"]}));
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
 
     h.stop_admin();
     for _ in 0..20 {
@@ -45,12 +40,7 @@ fn sidecar_serves_from_memory_and_file_while_the_admin_plane_is_down() {
 fn no_snapshot_and_no_admin_plane_fails_closed() {
     let mut h = Harness::start();
     let svc = h.create(json!({"service_name": "orphan", "scopes": ["trade:read"]}));
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
     h.stop_sidecar();
     h.stop_admin();
     std::fs::remove_file(h.snapshot_path()).unwrap();
@@ -68,12 +58,7 @@ fn no_snapshot_and_no_admin_plane_fails_closed() {
 fn a_corrupt_snapshot_file_is_refused_not_half_applied() {
     let mut h = Harness::start();
     let svc = h.create(json!({"service_name": "corrupt", "scopes": ["trade:read"]}));
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
     h.stop_sidecar();
     h.stop_admin();
     let text = std::fs::read_to_string(h.snapshot_path()).unwrap();

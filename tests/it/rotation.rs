@@ -20,12 +20,7 @@ fn rotate(h: &Harness, service_id: &str, body: Option<Value>) -> Value {
 fn old_and_new_keys_work_until_the_grace_end_passes() {
     let h = Harness::start();
     let svc = h.create(json!({"service_name": "rotator", "scopes": ["trade:read"]}));
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
 
     let v = rotate(&h, &svc.service_id, None);
     let new_key = v["api_key"].as_str().unwrap().to_string();
@@ -35,12 +30,7 @@ fn old_and_new_keys_work_until_the_grace_end_passes() {
     let expected_end = permiso::admin::model::rfc3339((h.clock_secs() + 7 * 24 * 3600) as i64);
     assert_eq!(v["old_keys_expire_at"], expected_end.as_str());
 
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&new_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&new_key), 200, Duration::from_secs(1));
     assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
 
     // The listing shows the old key in grace, without any secret.
@@ -67,26 +57,11 @@ fn old_and_new_keys_work_until_the_grace_end_passes() {
 fn grace_zero_ends_the_old_key_at_once_and_custom_grace_is_honoured() {
     let h = Harness::start();
     let svc = h.create(json!({"service_name": "leaked", "scopes": ["trade:read"]}));
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
     let v = rotate(&h, &svc.service_id, Some(json!({"grace_seconds": 0})));
     let new_key = v["api_key"].as_str().unwrap().to_string();
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        401,
-        Duration::from_secs(1),
-    );
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&new_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 401, Duration::from_secs(1));
+    h.wait_for_status("/api/v1/trades", Some(&new_key), 200, Duration::from_secs(1));
 
     let v = rotate(&h, &svc.service_id, Some(json!({"grace_seconds": 60})));
     let newest = v["api_key"].as_str().unwrap().to_string();

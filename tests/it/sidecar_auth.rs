@@ -11,12 +11,7 @@ use crate::common::{header, Harness};
 fn valid_key_reaches_upstream_with_identity_and_without_the_key() {
     let h = Harness::start();
     let svc = h.create(json!({"service_name": "billing", "scopes": ["trade:read", "account:*"]}));
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
 
     let r = h
         .http
@@ -40,10 +35,7 @@ fn valid_key_reaches_upstream_with_identity_and_without_the_key() {
         hd.get("x-permiso-anything").is_none(),
         "forged header forwarded: {hd}"
     );
-    assert!(
-        hd.get("authorization").is_none(),
-        "credential forwarded: {hd}"
-    );
+    assert!(hd.get("authorization").is_none(), "credential forwarded: {hd}");
     assert!(!echo.to_string().contains(&svc.api_key));
 
     // Public route: no identity, forged headers still dropped, a Permiso key still stripped.
@@ -74,23 +66,15 @@ fn assert_invalid_token(r: reqwest::blocking::Response) {
 fn every_refusal_has_its_status_header_and_body() {
     let h = Harness::start();
     let svc = h.create(json!({"service_name": "reader", "scopes": ["trade:read"]}));
-    let test_env = h
-        .create(json!({"service_name": "tester", "scopes": ["trade:read"], "environment": "test"}));
+    let test_env =
+        h.create(json!({"service_name": "tester", "scopes": ["trade:read"], "environment": "test"}));
     assert!(test_env.api_key.starts_with("svc_test_"));
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
 
     // No credential: 401 with a bare challenge (RFC 6750 §3.1).
     let r = h.get("/api/v1/trades", None);
     assert_eq!(r.status(), 401);
-    assert_eq!(
-        header(&r, "www-authenticate"),
-        Some("Bearer realm=\"permiso\"")
-    );
+    assert_eq!(header(&r, "www-authenticate"), Some("Bearer realm=\"permiso\""));
     assert_eq!(header(&r, "content-type"), Some("application/json"));
     let body: Value = r.json().unwrap();
     assert!(body["error"].is_string() && body["error_description"].is_string());
@@ -147,9 +131,8 @@ fn every_refusal_has_its_status_header_and_body() {
 #[test]
 fn allowed_ips_are_enforced_and_follow_patches() {
     let h = Harness::start();
-    let svc = h.create(
-        json!({"service_name": "remote", "scopes": ["trade:read"], "allowed_ips": ["10.0.0.0/8"]}),
-    );
+    let svc =
+        h.create(json!({"service_name": "remote", "scopes": ["trade:read"], "allowed_ips": ["10.0.0.0/8"]}));
     let r = h
         .http
         .get(h.sidecar_url("/api/v1/trades"))
@@ -158,12 +141,7 @@ fn allowed_ips_are_enforced_and_follow_patches() {
         .unwrap();
     // Until the sidecar has the key it is 401; once it has it, loopback is outside 10/8.
     if r.status() == 401 {
-        h.wait_for_status(
-            "/api/v1/trades",
-            Some(&svc.api_key),
-            403,
-            Duration::from_secs(1),
-        );
+        h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 403, Duration::from_secs(1));
     } else {
         assert_eq!(r.status(), 403);
     }
@@ -178,36 +156,21 @@ fn allowed_ips_are_enforced_and_follow_patches() {
         Some(json!({"allowed_ips": ["10.0.0.0/8", "127.0.0.0/8"]})),
     );
     assert_eq!(s, 200);
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
 }
 
 #[test]
 fn scope_removed_by_admin_is_denied_within_a_second() {
     let h = Harness::start();
     let svc = h.create(json!({"service_name": "acct", "scopes": ["trade:read", "account:read"]}));
-    h.wait_for_status(
-        "/api/v1/account",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/account", Some(&svc.api_key), 200, Duration::from_secs(1));
     let (s, v) = h.admin_req(
         reqwest::Method::PATCH,
         &format!("/auth/admin/services/{}", svc.service_id),
         Some(json!({"scopes": ["trade:read"]})),
     );
     assert_eq!(s, 200, "{v}");
-    let took = h.wait_for_status(
-        "/api/v1/account",
-        Some(&svc.api_key),
-        403,
-        Duration::from_secs(1),
-    );
+    let took = h.wait_for_status("/api/v1/account", Some(&svc.api_key), 403, Duration::from_secs(1));
     eprintln!("scope removal reached the sidecar in {took:?}");
     assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
 
@@ -219,24 +182,14 @@ fn scope_removed_by_admin_is_denied_within_a_second() {
     );
     assert_eq!(s, 200);
     assert_eq!(v["disabled"], true);
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        401,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 401, Duration::from_secs(1));
 }
 
 #[test]
 fn revocation_reaches_the_running_sidecar_within_a_second() {
     let h = Harness::start();
     let svc = h.create(json!({"service_name": "revokee", "scopes": ["trade:read"]}));
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
     let mut samples = Vec::new();
     let mut key = svc.api_key.clone();
     let mut key_id = svc.key_id.clone();
@@ -244,10 +197,7 @@ fn revocation_reaches_the_running_sidecar_within_a_second() {
         let started = std::time::Instant::now();
         let (s, v) = h.admin_req(
             reqwest::Method::POST,
-            &format!(
-                "/auth/admin/services/{}/keys/{}/revoke",
-                svc.service_id, key_id
-            ),
+            &format!("/auth/admin/services/{}/keys/{}/revoke", svc.service_id, key_id),
             None,
         );
         assert_eq!(s, 200, "{v}");
@@ -277,12 +227,7 @@ fn rate_limit_answers_429_with_headers_and_recovers_after_the_window() {
     let h = Harness::start();
     let svc = h.create(json!({"service_name": "chatty", "scopes": ["trade:read"], "rate_limit_per_minute": 3, "rate_limit_per_hour": 100}));
     // Waiting for the key must not spend quota: 401s do not count.
-    h.wait_for_status(
-        "/api/v1/trades",
-        Some(&svc.api_key),
-        200,
-        Duration::from_secs(1),
-    );
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
     let r = h.get("/api/v1/trades", Some(&svc.api_key));
     assert_eq!(r.status(), 200);
     assert_eq!(
@@ -354,17 +299,13 @@ fn denials_keep_the_connection_open() {
             .unwrap();
         let resp = read_response(&mut s);
         assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
-        assert!(
-            !resp.to_ascii_lowercase().contains("connection: close"),
-            "{resp}"
-        );
+        assert!(!resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
     }
     // A denied request with a small body: the body is drained and the connection still serves.
     s.write_all(b"POST /api/v1/trades HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
         .unwrap();
     assert!(read_response(&mut s).starts_with("HTTP/1.1 401"));
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     assert!(read_response(&mut s).starts_with("HTTP/1.1 200"));
 
     // A large unauthenticated body is not read: 401, then the connection closes.
@@ -374,8 +315,5 @@ fn denials_keep_the_connection_open() {
         .unwrap();
     let resp = read_response(&mut s);
     assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
-    assert!(
-        resp.to_ascii_lowercase().contains("connection: close"),
-        "{resp}"
-    );
+    assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
 }

@@ -1,0 +1,672 @@
+//! OAuth2: real client libraries get tokens; the sidecar checks them locally; introspection,
+//! revocation, secret and signing-key rotation; every token endpoint error.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::common::{header, Created, Harness, ADMIN_KEY, ROUTES};
+
+fn trader(h: &Harness) -> Created {
+    h.create(json!({"service_name": "trader", "scopes": ["trade:read", "account:read"]}))
+}
+
+#[test]
+fn the_oauth2_crate_gets_tokens_with_basic_and_post_auth_and_calls_through_the_sidecar() {
+    use oauth2::basic::BasicClient;
+    use oauth2::{AuthType, ClientId, ClientSecret, Scope, TokenResponse, TokenUrl};
+
+    let h = Harness::start();
+    let svc = trader(&h);
+    let http = reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for (auth, token_path) in [
+        (AuthType::BasicAuth, "/oauth/token"),
+        (AuthType::RequestBody, "/oauth/token"),
+        (AuthType::RequestBody, "/auth/service-token"),
+    ] {
+        let client = BasicClient::new(ClientId::new(svc.service_id.clone()))
+            .set_client_secret(ClientSecret::new(svc.client_secret.clone()))
+            .set_token_uri(TokenUrl::new(h.admin_url(token_path)).unwrap())
+            .set_auth_type(auth.clone());
+        let tok = client
+            .exchange_client_credentials()
+            .add_scope(Scope::new("trade:read".into()))
+            .request(&http)
+            .unwrap_or_else(|e| panic!("{auth:?} {token_path}: {e:?}"));
+        assert_eq!(tok.token_type(), &oauth2::basic::BasicTokenType::Bearer);
+        assert_eq!(tok.expires_in(), Some(Duration::from_secs(3600)));
+        assert_eq!(tok.scopes().unwrap()[0].as_str(), "trade:read");
+        let jwt = tok.access_token().secret().to_string();
+
+        let r = h.get("/api/v1/trades", Some(&jwt));
+        assert_eq!(r.status(), 200, "{auth:?}");
+        let echo: Value = r.json().unwrap();
+        let hd = &echo["headers"];
+        assert_eq!(hd["x-permiso-service-id"], svc.service_id.as_str());
+        assert_eq!(hd["x-permiso-scopes"], "trade:read");
+        assert!(hd["x-permiso-token-id"].as_str().unwrap().len() >= 20);
+        assert!(hd.get("authorization").is_none());
+        // The token carries only the scope asked for.
+        assert_eq!(h.get("/api/v1/account", Some(&jwt)).status(), 403);
+    }
+}
+
+#[test]
+fn token_response_and_jwt_follow_rfc_6749_and_9068() {
+    let h = Harness::start();
+    let svc = trader(&h);
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/token"))
+        .basic_auth(&svc.service_id, Some(&svc.client_secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "cache-control"), Some("no-store"));
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 3600);
+    assert_eq!(body["scope"], "trade:read account:read");
+    assert!(body.get("refresh_token").is_none());
+    let jwt = body["access_token"].as_str().unwrap();
+    let part = |i: usize| -> Value {
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(jwt.split('.').nth(i).unwrap()).unwrap()).unwrap()
+    };
+    let (hdr, claims) = (part(0), part(1));
+    assert_eq!(hdr["typ"], "at+jwt");
+    assert_eq!(hdr["alg"], "EdDSA");
+    let meta: Value = h
+        .http
+        .get(h.admin_url("/.well-known/oauth-authorization-server"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(claims["iss"], meta["issuer"]);
+    assert_eq!(meta["issuer"], format!("http://{}", h.admin_addr));
+    assert_eq!(meta["token_endpoint"], h.admin_url("/oauth/token"));
+    assert_eq!(meta["grant_types_supported"], json!(["client_credentials"]));
+    assert_eq!(claims["aud"], "permiso");
+    assert_eq!(claims["sub"], svc.service_id.as_str());
+    assert_eq!(claims["client_id"], svc.service_id.as_str());
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        3600
+    );
+    assert_eq!(claims["nbf"], claims["iat"]);
+    assert!(claims["jti"].is_string());
+    let jwks: Value = h
+        .http
+        .get(h.admin_url("/.well-known/jwks.json"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let key = &jwks["keys"][0];
+    assert_eq!(
+        (key["kty"].as_str(), key["crv"].as_str(), key["alg"].as_str()),
+        (Some("OKP"), Some("Ed25519"), Some("EdDSA"))
+    );
+    assert_eq!(key["kid"], hdr["kid"]);
+    assert!(key.get("d").is_none(), "private key material in the JWKS");
+}
+
+fn forge(jwt: &str, header: Value, signature: &str) -> String {
+    let payload = jwt.split('.').nth(1).unwrap();
+    format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        payload,
+        signature
+    )
+}
+
+fn assert_invalid_token(h: &Harness, token: &str, what: &str) {
+    let r = h.get("/api/v1/trades", Some(token));
+    assert_eq!(r.status(), 401, "{what}");
+    assert!(
+        header(&r, "www-authenticate")
+            .unwrap()
+            .contains("error=\"invalid_token\""),
+        "{what}"
+    );
+    assert_eq!(r.json::<Value>().unwrap()["error"], "invalid_token", "{what}");
+}
+
+#[test]
+fn every_bad_token_is_refused_with_invalid_token() {
+    let h = Harness::start();
+    let svc = trader(&h);
+    let jwt = h.token(&svc, None);
+    assert_eq!(h.get("/api/v1/trades", Some(&jwt)).status(), 200);
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let kid =
+        serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap()["kid"].clone();
+
+    // Tampered: payload with a wider scope under the original signature; and a flipped bit.
+    let mut claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    claims["scope"] = json!("admin:*");
+    let escalated = format!(
+        "{}.{}.{}",
+        parts[0],
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        parts[2]
+    );
+    assert_invalid_token(&h, &escalated, "tampered payload");
+    let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+    sig[10] ^= 0x40;
+    assert_invalid_token(
+        &h,
+        &format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(sig)),
+        "tampered signature",
+    );
+    // alg none.
+    assert_invalid_token(
+        &h,
+        &forge(&jwt, json!({"alg": "none", "typ": "at+jwt", "kid": kid}), ""),
+        "alg none",
+    );
+    // HS256 keyed with the published public key.
+    let jwks: Value = h
+        .http
+        .get(h.admin_url("/.well-known/jwks.json"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let x = jwks["keys"][0]["x"].as_str().unwrap().to_string();
+    let mut hs = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    hs.typ = Some("at+jwt".into());
+    hs.kid = kid.as_str().map(str::to_string);
+    for secret in [x.as_bytes().to_vec(), URL_SAFE_NO_PAD.decode(&x).unwrap()] {
+        let t = jsonwebtoken::encode(&hs, &claims, &jsonwebtoken::EncodingKey::from_secret(&secret)).unwrap();
+        assert_invalid_token(&h, &t, "HS256 with the public key");
+    }
+    // Unknown kid, and a wrong typ.
+    assert_invalid_token(
+        &h,
+        &forge(
+            &jwt,
+            json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "nope"}),
+            parts[2],
+        ),
+        "unknown kid",
+    );
+    assert_invalid_token(
+        &h,
+        &forge(&jwt, json!({"alg": "EdDSA", "typ": "JWT", "kid": kid}), parts[2]),
+        "typ JWT",
+    );
+
+    // Expired: past exp + leeway by the sidecar's clock.
+    h.clock.advance(Duration::from_secs(3600 + 30));
+    assert_invalid_token(&h, &jwt, "expired");
+    // Not yet valid: minted by an admin clock running ahead of the sidecar's.
+    h.clock.advance(Duration::from_secs(600));
+    let future = h.token(&svc, None);
+    h.clock.rewind(Duration::from_secs(600));
+    assert_invalid_token(&h, &future, "not yet valid");
+    h.clock.advance(Duration::from_secs(600));
+    assert_eq!(h.get("/api/v1/trades", Some(&future)).status(), 200);
+
+    // Revoked jti: the sidecar refuses it within a second.
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/revoke"))
+        .basic_auth(&svc.service_id, Some(&svc.client_secret))
+        .form(&[("token", future.as_str())])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let took = h.wait_for_status("/api/v1/trades", Some(&future), 401, Duration::from_secs(1));
+    eprintln!("JWT revocation reached the sidecar in {took:?}");
+    assert_invalid_token(&h, &future, "revoked");
+
+    // Missing scope: 403, not 401.
+    let narrow = h.token(&svc, Some("account:read"));
+    let r = h.get("/api/v1/trades", Some(&narrow));
+    assert_eq!(r.status(), 403);
+    assert!(header(&r, "www-authenticate")
+        .unwrap()
+        .contains("scope=\"trade:read\""));
+}
+
+#[test]
+fn wrong_audience_and_wrong_issuer_are_refused() {
+    let mut h = Harness::start();
+    let svc = trader(&h);
+    let jwt = h.token(&svc, None);
+    // A sidecar that expects another audience.
+    h.stop_sidecar();
+    h.start_sidecar(&format!("[sidecar.tokens]\naudience = \"ledger\"\n{ROUTES}"));
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(2));
+    assert_invalid_token(&h, &jwt, "wrong audience");
+    h.stop_sidecar();
+    h.start_sidecar(ROUTES);
+    h.wait_for_status("/api/v1/trades", Some(&jwt), 200, Duration::from_secs(2));
+
+    // A second admin plane on the same database and keys, but announcing another issuer: its
+    // tokens are validly signed yet not from the issuer the sidecar syncs with.
+    let rogue =
+        crate::common::start_admin_with(&h.db_path(), "127.0.0.1:0".parse().unwrap(), &h.clock, |f| {
+            f.issuer = Some("https://rogue.example".into())
+        });
+    let r = h
+        .http
+        .post(format!("http://{}/oauth/token", rogue.addr))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", &svc.service_id),
+            ("client_secret", &svc.client_secret),
+        ])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rogue_jwt = r.json::<Value>().unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_invalid_token(&h, &rogue_jwt, "wrong issuer");
+    rogue.stop();
+}
+
+fn introspect(h: &Harness, auth: Option<(&str, &str)>, token: &str) -> (u16, Value) {
+    let mut rb = h
+        .http
+        .post(h.admin_url("/oauth/introspect"))
+        .form(&[("token", token)]);
+    if let Some((id, secret)) = auth {
+        rb = rb.basic_auth(id, Some(secret));
+    }
+    let r = rb.send().unwrap();
+    (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn introspection_reports_jwts_and_api_keys() {
+    let h = Harness::start();
+    let svc = trader(&h);
+    let rs = h.create(json!({"service_name": "resource-server", "scopes": ["token:introspect"]}));
+    let me = Some((rs.service_id.as_str(), rs.client_secret.as_str()));
+    let jwt = h.token(&svc, Some("trade:read"));
+
+    let (s, v) = introspect(&h, me, &jwt);
+    assert_eq!(s, 200);
+    assert_eq!(v["active"], true);
+    assert_eq!(v["scope"], "trade:read");
+    assert_eq!(v["client_id"], svc.service_id.as_str());
+    assert_eq!(v["token_type"], "Bearer");
+    for f in ["exp", "iat", "nbf", "sub", "aud", "iss", "jti"] {
+        assert!(!v[f].is_null(), "{f} missing: {v}");
+    }
+    let (_, v) = introspect(&h, me, &svc.api_key);
+    assert_eq!(v["active"], true);
+    assert_eq!(v["client_id"], svc.service_id.as_str());
+    assert_eq!(v["scope"], "trade:read account:read");
+    // A service key holding token:introspect may call it with Bearer.
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/introspect"))
+        .bearer_auth(&rs.api_key)
+        .form(&[("token", &jwt)])
+        .send()
+        .unwrap();
+    assert_eq!(r.json::<Value>().unwrap()["active"], true);
+    // One without the scope may not.
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/introspect"))
+        .bearer_auth(&svc.api_key)
+        .form(&[("token", &jwt)])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    let inactive = json!({"active": false});
+    for garbage in ["garbage", "svc_live_nope", "eyJ.eyJ.sig", &"x".repeat(3000)] {
+        assert_eq!(
+            introspect(&h, me, garbage),
+            (200, inactive.clone()),
+            "{garbage:.20}"
+        );
+    }
+    // Revoked.
+    let revoked = h.token(&svc, None);
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/revoke"))
+        .header("X-Admin-Api-Key", ADMIN_KEY)
+        .form(&[("token", &revoked)])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(introspect(&h, me, &revoked), (200, inactive.clone()));
+    // API key revoked through /oauth/revoke by its own client.
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/revoke"))
+        .basic_auth(&svc.service_id, Some(&svc.client_secret))
+        .form(&[("token", &svc.api_key)])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(introspect(&h, me, &svc.api_key), (200, inactive.clone()));
+    // Expired.
+    h.clock.advance(Duration::from_secs(3601));
+    assert_eq!(introspect(&h, me, &jwt), (200, inactive.clone()));
+    // Unauthenticated, or a wrong secret: 401.
+    assert_eq!(introspect(&h, None, &jwt).0, 401);
+    assert_eq!(introspect(&h, Some((&rs.service_id, "pcs_wrong")), &jwt).0, 401);
+}
+
+#[test]
+fn revocation_is_200_for_unknown_and_foreign_tokens_and_revokes_nothing_else() {
+    let h = Harness::start();
+    let a = trader(&h);
+    let b = h.create(json!({"service_name": "other", "scopes": ["trade:read"]}));
+    let a_jwt = h.token(&a, None);
+    // B may not revoke A's token: 200 (nothing learned), but the token stays valid.
+    for token in [a_jwt.as_str(), "unknown-token", a.api_key.as_str()] {
+        let r = h
+            .http
+            .post(h.admin_url("/oauth/revoke"))
+            .basic_auth(&b.service_id, Some(&b.client_secret))
+            .form(&[("token", token)])
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(h.get("/api/v1/trades", Some(&a_jwt)).status(), 200);
+    assert_eq!(h.get("/api/v1/trades", Some(&a.api_key)).status(), 200);
+    // No token parameter: invalid_request.
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/revoke"))
+        .basic_auth(&b.service_id, Some(&b.client_secret))
+        .form(&[("x", "y")])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().unwrap()["error"], "invalid_request");
+}
+
+fn token_request(
+    h: &Harness,
+    basic: Option<(&str, &str)>,
+    form: &[(&str, &str)],
+) -> reqwest::blocking::Response {
+    let mut rb = h.http.post(h.admin_url("/oauth/token")).form(form);
+    if let Some((id, s)) = basic {
+        rb = rb.basic_auth(id, Some(s));
+    }
+    rb.send().unwrap()
+}
+
+fn expect_error(r: reqwest::blocking::Response, status: u16, code: &str, what: &str) {
+    assert_eq!(r.status().as_u16(), status, "{what}");
+    assert_eq!(header(&r, "cache-control"), Some("no-store"), "{what}");
+    if status == 401 {
+        assert_eq!(
+            header(&r, "www-authenticate"),
+            Some("Basic realm=\"permiso\""),
+            "{what}"
+        );
+    }
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"], code, "{what}: {v}");
+    assert!(v["error_description"].is_string(), "{what}");
+}
+
+#[test]
+fn every_token_endpoint_error() {
+    let h = Harness::start();
+    let svc = trader(&h);
+    let (id, secret) = (svc.service_id.as_str(), svc.client_secret.as_str());
+    let cc = ("grant_type", "client_credentials");
+
+    expect_error(
+        token_request(&h, Some((id, secret)), &[]),
+        400,
+        "invalid_request",
+        "no grant_type",
+    );
+    expect_error(
+        token_request(
+            &h,
+            Some((id, secret)),
+            &[cc, ("client_id", id), ("client_secret", secret)],
+        ),
+        400,
+        "invalid_request",
+        "two auth methods",
+    );
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/token"))
+        .basic_auth(id, Some(secret))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials&scope=a&scope=b")
+        .send()
+        .unwrap();
+    expect_error(r, 400, "invalid_request", "repeated parameter");
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/token"))
+        .basic_auth(id, Some(secret))
+        .json(&json!({"grant_type": "client_credentials"}))
+        .send()
+        .unwrap();
+    expect_error(r, 400, "invalid_request", "JSON body");
+    expect_error(
+        token_request(&h, Some((id, secret)), &[("grant_type", "password")]),
+        400,
+        "unsupported_grant_type",
+        "password grant",
+    );
+    expect_error(
+        token_request(&h, None, &[cc]),
+        401,
+        "invalid_client",
+        "no client authentication",
+    );
+    expect_error(
+        token_request(&h, Some((id, "pcs_wrong")), &[cc]),
+        401,
+        "invalid_client",
+        "wrong secret (basic)",
+    );
+    expect_error(
+        token_request(&h, None, &[cc, ("client_id", id), ("client_secret", "pcs_wrong")]),
+        401,
+        "invalid_client",
+        "wrong secret (post)",
+    );
+    expect_error(
+        token_request(&h, Some(("srv_unknown", secret)), &[cc]),
+        401,
+        "invalid_client",
+        "unknown client",
+    );
+    expect_error(
+        token_request(&h, Some((id, secret)), &[cc, ("scope", "admin:*")]),
+        400,
+        "invalid_scope",
+        "scope beyond the client's",
+    );
+    expect_error(
+        token_request(&h, Some((id, secret)), &[cc, ("scope", "trade::read")]),
+        400,
+        "invalid_scope",
+        "malformed scope",
+    );
+
+    // Disabled client, and a client calling from outside its allowed_ips.
+    let (s, _) = h.admin_req(
+        Method::PATCH,
+        &format!("/auth/admin/services/{id}"),
+        Some(json!({"disabled": true})),
+    );
+    assert_eq!(s, 200);
+    expect_error(
+        token_request(&h, Some((id, secret)), &[cc]),
+        400,
+        "unauthorized_client",
+        "disabled client",
+    );
+    let remote = h.create(json!({"service_name": "remote", "scopes": [], "allowed_ips": ["10.0.0.0/8"]}));
+    expect_error(
+        token_request(&h, Some((&remote.service_id, &remote.client_secret)), &[cc]),
+        400,
+        "unauthorized_client",
+        "outside allowed_ips",
+    );
+    // /auth/service-token without grant_type works for seed-style clients.
+    let ok = h.create(json!({"service_name": "seed-client", "scopes": ["trade:read"]}));
+    let r = h
+        .http
+        .post(h.admin_url("/auth/service-token"))
+        .form(&[
+            ("client_id", ok.service_id.as_str()),
+            ("client_secret", ok.client_secret.as_str()),
+            ("scope", "trade:read"),
+        ])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn the_token_endpoint_throttles_guessing() {
+    let h = Harness::start_custom(crate::common::ROUTES, |f| {
+        f.token_requests_per_minute_per_client = 3
+    });
+    let svc = trader(&h);
+    let cc = ("grant_type", "client_credentials");
+    for _ in 0..3 {
+        expect_error(
+            token_request(&h, Some((&svc.service_id, "pcs_guess")), &[cc]),
+            401,
+            "invalid_client",
+            "guess",
+        );
+    }
+    let r = token_request(&h, Some((&svc.service_id, &svc.client_secret)), &[cc]);
+    assert_eq!(r.status(), 429);
+    assert!(header(&r, "retry-after").is_some());
+    assert_eq!(r.json::<Value>().unwrap()["error"], "rate_limited");
+}
+
+#[test]
+fn client_secret_rotation_has_a_grace_window() {
+    let h = Harness::start();
+    let svc = trader(&h);
+    let (s, v) = h.admin_req(
+        Method::POST,
+        &format!("/auth/admin/services/{}/secret/rotate", svc.service_id),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    let new_secret = v["client_secret"].as_str().unwrap().to_string();
+    assert!(new_secret.starts_with("pcs_"));
+    let cc = ("grant_type", "client_credentials");
+    assert_eq!(
+        token_request(&h, Some((&svc.service_id, &svc.client_secret)), &[cc]).status(),
+        200
+    );
+    assert_eq!(
+        token_request(&h, Some((&svc.service_id, &new_secret)), &[cc]).status(),
+        200
+    );
+    h.clock.advance(Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(
+        token_request(&h, Some((&svc.service_id, &svc.client_secret)), &[cc]).status(),
+        401
+    );
+    assert_eq!(
+        token_request(&h, Some((&svc.service_id, &new_secret)), &[cc]).status(),
+        200
+    );
+    let (s, shown) = h.admin_req(
+        Method::GET,
+        &format!("/auth/admin/services/{}", svc.service_id),
+        None,
+    );
+    assert_eq!(s, 200);
+    assert!(!shown.to_string().contains(&new_secret));
+    assert_eq!(shown["client_secrets"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn signing_key_rotation_under_traffic_fails_no_request() {
+    let h = Harness::start();
+    let svc = trader(&h);
+    let old = h.token(&svc, None);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (client, url, token, flag) = (
+        h.http.clone(),
+        h.sidecar_url("/api/v1/trades"),
+        old.clone(),
+        stop.clone(),
+    );
+    let traffic = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u32, 0u32);
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            match client.get(&url).bearer_auth(&token).send() {
+                Ok(r) if r.status() == 200 => ok += 1,
+                _ => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+
+    let (s, v) = h.admin_req(Method::POST, "/auth/admin/signing-keys/rotate", None);
+    assert_eq!(s, 200, "{v}");
+    let new_kid = v["new_kid"].as_str().unwrap().to_string();
+    // Published at once, not yet signing.
+    assert!(v["published_kids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k == new_kid.as_str()));
+    assert_ne!(v["signing_kid"], new_kid.as_str());
+    let jwks: Value = h
+        .http
+        .get(h.admin_url("/.well-known/jwks.json"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // After the publish delay the new key signs; both tokens work.
+    h.clock.advance(Duration::from_secs(300));
+    let new = h.token(&svc, None);
+    let kid_of = |t: &str| {
+        serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(t.split('.').next().unwrap()).unwrap())
+            .unwrap()["kid"]
+            .clone()
+    };
+    assert_eq!(kid_of(&new), new_kid.as_str());
+    assert_ne!(kid_of(&old), new_kid.as_str());
+    assert_eq!(h.get("/api/v1/trades", Some(&new)).status(), 200);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.join().unwrap();
+    eprintln!("requests during signing-key rotation: {ok} ok, {failed} failed");
+    assert!(ok > 0);
+    assert_eq!(failed, 0);
+
+    // The old token keeps working until it expires; then it is refused as expired.
+    assert_eq!(h.get("/api/v1/trades", Some(&old)).status(), 200);
+    h.clock.advance(Duration::from_secs(3600));
+    assert_eq!(h.get("/api/v1/trades", Some(&old)).status(), 401);
+    assert_eq!(h.get("/api/v1/trades", Some(&new)).status(), 200);
+}
