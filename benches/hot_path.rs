@@ -135,6 +135,62 @@ fn benches(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // JWT: a cold verification (Ed25519 + claims), and a repeat served from the cache.
+    let (der, x) = permiso::core::jwt::generate_ed25519();
+    let signer = permiso::core::jwt::Signer::new("k1".into(), &der);
+    let now = 1_800_000_000i64;
+    let claims = permiso::core::jwt::AccessClaims {
+        iss: "https://auth".into(),
+        sub: "srv_0".into(),
+        aud: "permiso".into(),
+        exp: now + 3600,
+        iat: now,
+        nbf: now,
+        jti: "jti".into(),
+        client_id: "srv_0".into(),
+        scope: "trade:read".into(),
+    };
+    let token = signer.sign(&claims).unwrap();
+    let mut keys = permiso::core::jwt::KeySet::default();
+    keys.insert("k1", &x);
+    let want = permiso::core::jwt::Expectations {
+        issuer: "https://auth",
+        audience: "permiso",
+        leeway_secs: 30,
+    };
+    c.bench_function("JWT verify (EdDSA, cold)", |b| {
+        b.iter(|| permiso::core::jwt::verify(black_box(&token), &keys, &want, now).unwrap())
+    });
+    let (mut snap, _) = snapshot(10_000);
+    snap.tokens.issuer = "https://auth".into();
+    snap.tokens.keys = keys.clone();
+    let cache = permiso::core::token_cache::TokenCache::new(10_000);
+    let header = format!("Bearer {token}").into_bytes();
+    let policy = TokenPolicy {
+        audience: "permiso",
+        leeway_secs: 30,
+        cache: Some(&cache),
+    };
+    c.bench_function("whole decision with a cached JWT", |b| {
+        b.iter(|| {
+            let facts = RequestFacts {
+                method: "GET",
+                path: "/api/v1/trades/42",
+                authorization: Authorization::One(black_box(&header)),
+                client_ip: Some([127, 0, 0, 1].into()),
+            };
+            decide(
+                &routes,
+                Some(&snap),
+                Environment::Live,
+                &facts,
+                now as u64 * 1_000_000_000,
+                &policy,
+            )
+            .is_ok()
+        })
+    });
 }
 
 criterion_group!(hot_path, benches);

@@ -171,7 +171,12 @@ curl -si -X POST {sidecar}/api/v1/trades -H "Authorization: Bearer $KEY"
 # 4. Rotate: a new key; the old one keeps working for the grace window (7 days by default).
 curl -s -X POST {admin}/auth/admin/services/$SID/rotate -H "X-Admin-Api-Key: $ADMIN_KEY"
 
-# 5. Revoke a key by id (GET {admin}/auth/admin/services/$SID lists them): it stops at once.
+# 5. OAuth2 client credentials: the create response also holds client_id and client_secret.
+curl -s -X POST {admin}/oauth/token -u "$SID:<client_secret>" \
+  -d grant_type=client_credentials -d scope=trade:read
+curl -s {sidecar}/api/v1/trades -H "Authorization: Bearer <access_token>"
+
+# 6. Revoke a key by id (GET {admin}/auth/admin/services/$SID lists them): it stops at once.
 curl -s -X POST {admin}/auth/admin/services/$SID/keys/<key_id>/revoke -H "X-Admin-Api-Key: $ADMIN_KEY"
 "#
     );
@@ -301,6 +306,59 @@ async fn self_test(
         200,
     )
     .await?;
+
+    // OAuth2 client credentials: a JWT checked locally by the sidecar.
+    let secret = created["client_secret"].as_str().context("client_secret")?;
+    let tok = expect(
+        "client credentials token",
+        http.post(format!("{admin}/oauth/token"))
+            .basic_auth(&sid, Some(secret))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", "trade:read account:read"),
+            ])
+            .send()
+            .await?,
+        200,
+    )
+    .await?;
+    let jwt = tok["access_token"].as_str().context("access_token")?.to_string();
+    expect(
+        "call with the JWT",
+        http.get(&trades).bearer_auth(&jwt).send().await?,
+        200,
+    )
+    .await?;
+    expect(
+        "JWT lacks market:data",
+        http.get(format!("{sidecar}/api/v1/market/EURUSD"))
+            .bearer_auth(&jwt)
+            .send()
+            .await?,
+        403,
+    )
+    .await?;
+    expect(
+        "revoke the JWT",
+        http.post(format!("{admin}/oauth/revoke"))
+            .basic_auth(&sid, Some(secret))
+            .form(&[("token", jwt.as_str())])
+            .send()
+            .await?,
+        200,
+    )
+    .await?;
+    let start = Instant::now();
+    loop {
+        if http.get(&trades).bearer_auth(&jwt).send().await?.status() == 401 {
+            println!("ok  revoked JWT refused after {} ms", start.elapsed().as_millis());
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(1) {
+            bail!("revoked JWT still accepted after 1 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     println!("self-test passed");
     Ok(())
 }
