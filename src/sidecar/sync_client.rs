@@ -182,3 +182,24 @@ impl SyncClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_sync_requests_are_rate_limited() {
+        let e = EarlySync::new(Duration::from_secs(3600));
+        assert!(e.request(), "the first request triggers a sync");
+        for _ in 0..1000 {
+            assert!(
+                !e.request(),
+                "a flood of unknown kids must not trigger more syncs"
+            );
+        }
+        let quick = EarlySync::new(Duration::from_millis(1));
+        assert!(quick.request());
+        std::thread::sleep(Duration::from_millis(3));
+        assert!(quick.request());
+    }
+}
