@@ -116,8 +116,78 @@ pub mod file {
         pub sync: Sync,
         #[serde(default)]
         pub tokens: Tokens,
+        /// Calls out from the local service. Default: none (no egress listener).
+        pub egress: Option<Egress>,
         #[serde(default)]
         pub routes: Vec<Route>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Egress {
+        /// Where the local service sends its outgoing calls. Default "127.0.0.1:9100".
+        #[serde(default = "default_egress_listen")]
+        pub listen: String,
+        /// Allow `listen` on a non-loopback address. Default false.
+        #[serde(default)]
+        pub allow_non_loopback: bool,
+        /// Retries of failed connections (and of idempotent requests) stop after this. Default 3000.
+        #[serde(default = "default_retry_deadline")]
+        pub retry_deadline_ms: u64,
+        /// One attempt's timeout. Default 10000.
+        #[serde(default = "default_request_timeout")]
+        pub request_timeout_ms: u64,
+        /// Largest request body forwarded (bodies are buffered so they can be retried). Default 1048576.
+        #[serde(default = "default_egress_body")]
+        pub max_body_bytes: usize,
+        /// Consecutive failures that open a destination's circuit. Default 5.
+        #[serde(default = "default_breaker_failures")]
+        pub breaker_failures: u32,
+        /// How long an open circuit answers 503 at once. Default 5000.
+        #[serde(default = "default_breaker_cooldown")]
+        pub breaker_cooldown_ms: u64,
+        pub destinations: std::collections::BTreeMap<String, Destination>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Destination {
+        /// Base URL, e.g. "http://127.0.0.1:9002" (the destination's sidecar). Required.
+        pub url: String,
+        /// An API key from this environment variable ...
+        pub api_key_env: Option<String>,
+        /// ... or from this file (first line).
+        pub api_key_file: Option<String>,
+        /// Or client credentials: the client id ...
+        pub client_id: Option<String>,
+        /// ... and its secret from an environment variable ...
+        pub client_secret_env: Option<String>,
+        /// ... or a file (first line).
+        pub client_secret_file: Option<String>,
+        /// Scopes to request with client credentials. Default: all the client holds.
+        #[serde(default)]
+        pub scopes: Vec<String>,
+        /// Token endpoint. Default "<sidecar.sync.admin_url>/oauth/token".
+        pub token_url: Option<String>,
+    }
+
+    fn default_egress_listen() -> String {
+        "127.0.0.1:9100".into()
+    }
+    fn default_retry_deadline() -> u64 {
+        3000
+    }
+    fn default_request_timeout() -> u64 {
+        10_000
+    }
+    fn default_egress_body() -> usize {
+        1024 * 1024
+    }
+    fn default_breaker_failures() -> u32 {
+        5
+    }
+    fn default_breaker_cooldown() -> u64 {
+        5000
     }
 
     #[derive(Debug, Deserialize)]
@@ -234,6 +304,33 @@ pub struct SidecarConfig {
     pub sync_wait: Duration,
     pub routes: RouteTable,
     pub tokens: TokenSettings,
+    pub egress: Option<EgressConfig>,
+}
+
+/// Validated egress settings, with credentials already read.
+#[derive(Debug, Clone)]
+pub struct EgressConfig {
+    pub listen: SocketAddr,
+    pub retry_deadline: Duration,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub destinations: Vec<EgressDestination>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EgressDestination {
+    pub name: String,
+    /// Without a trailing '/'.
+    pub url: String,
+    pub credential: EgressCredential,
+}
+
+#[derive(Debug, Clone)]
+pub enum EgressCredential {
+    ApiKey(Secret),
+    ClientCredentials { client_id: String, secret: Secret, scopes: Vec<String>, token_url: String },
 }
 
 /// How a sidecar checks JWT access tokens.
@@ -396,6 +493,81 @@ fn build_routes(routes: &[file::Route]) -> Result<RouteTable, ConfigError> {
     Ok(RouteTable::new(out))
 }
 
+fn read_secret(field: &str, env: &Option<String>, file: &Option<String>) -> Result<Option<Secret>, ConfigError> {
+    let value = match (env, file) {
+        (Some(_), Some(_)) => return Err(invalid(field, "set the _env or the _file form, not both")),
+        (Some(var), None) => std::env::var(var)
+            .map_err(|_| invalid(field, format!("environment variable {var} is not set")))?,
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| invalid(field, format!("{path}: {e}")))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    if value.is_empty() {
+        return Err(invalid(field, "the credential is empty"));
+    }
+    Ok(Some(Secret::new(value)))
+}
+
+fn build_egress(e: &file::Egress, admin_url: &str) -> Result<EgressConfig, ConfigError> {
+    let listen = resolve("sidecar.egress.listen", &e.listen)?;
+    if !listen.ip().is_loopback() && !e.allow_non_loopback {
+        return Err(invalid(
+            "sidecar.egress.listen",
+            "must be a loopback address (anyone who reaches it calls out with this service's credentials); set allow_non_loopback to override",
+        ));
+    }
+    if e.destinations.is_empty() {
+        return Err(invalid("sidecar.egress.destinations", "no destinations"));
+    }
+    let mut destinations = Vec::new();
+    for (name, d) in &e.destinations {
+        let field = format!("sidecar.egress.destinations.{name}");
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(invalid(&field, "a destination name is letters, digits, '-' and '_'"));
+        }
+        if !(d.url.starts_with("http://") || d.url.starts_with("https://")) {
+            return Err(invalid(&field, "url must be http:// or https://"));
+        }
+        let key = read_secret(&format!("{field}.api_key"), &d.api_key_env, &d.api_key_file)?;
+        let secret = read_secret(&format!("{field}.client_secret"), &d.client_secret_env, &d.client_secret_file)?;
+        let credential = match (key, &d.client_id, secret) {
+            (Some(k), None, None) => EgressCredential::ApiKey(k),
+            (None, Some(id), Some(secret)) => {
+                for s in &d.scopes {
+                    Scope::parse(s).map_err(|e| invalid(&field, e.to_string()))?;
+                }
+                EgressCredential::ClientCredentials {
+                    client_id: id.clone(),
+                    secret,
+                    scopes: d.scopes.clone(),
+                    token_url: d.token_url.clone().unwrap_or_else(|| format!("{admin_url}/oauth/token")),
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    field,
+                    "needs exactly one credential: api_key_env/api_key_file, or client_id with client_secret_env/client_secret_file",
+                ))
+            }
+        };
+        destinations.push(EgressDestination { name: name.clone(), url: d.url.trim_end_matches('/').to_string(), credential });
+    }
+    Ok(EgressConfig {
+        listen,
+        retry_deadline: Duration::from_millis(e.retry_deadline_ms),
+        request_timeout: Duration::from_millis(e.request_timeout_ms.max(1)),
+        max_body_bytes: e.max_body_bytes,
+        breaker_failures: e.breaker_failures.max(1),
+        breaker_cooldown: Duration::from_millis(e.breaker_cooldown_ms),
+        destinations,
+    })
+}
+
 impl SidecarConfig {
     /// `credential` is passed in so tests and `permiso dev` can hand one over directly.
     pub fn from_file(f: &file::Sidecar, credential: Secret) -> Result<Self, ConfigError> {
@@ -430,6 +602,11 @@ impl SidecarConfig {
             sync_credential: credential,
             sync_wait: Duration::from_secs(f.sync.wait_seconds),
             routes: build_routes(&f.routes)?,
+            egress: f
+                .egress
+                .as_ref()
+                .map(|e| build_egress(e, f.sync.admin_url.trim_end_matches('/')))
+                .transpose()?,
             tokens: {
                 let t = &f.tokens;
                 if t.audience.is_empty() {

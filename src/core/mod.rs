@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod decision;
 pub mod denial;
+pub mod egress;
 pub mod ids;
 pub mod jwt;
 pub mod key;

@@ -2,6 +2,7 @@
 //! that `sync_client` keeps current. `start` runs it on background threads (tests, `permiso
 //! dev`); `run` runs it in the foreground with pingora's signal handling.
 
+pub mod egress;
 pub mod proxy;
 pub mod snapshot_file;
 pub mod sync_client;
@@ -106,11 +107,18 @@ fn spawn_sync(sync: SyncClient, stop: watch::Receiver<bool>) -> std::io::Result<
 pub fn run(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<()> {
     let Parts { server, sync } = build(&cfg, clock);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let egress = match &cfg.egress {
+        Some(e) => Some(egress::spawn(e, stop_rx.clone())?.1),
+        None => None,
+    };
     let sync_thread = spawn_sync(sync, stop_rx)?;
     tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, environment = %cfg.environment, routes = cfg.routes.len(), "sidecar starting");
     server.run(RunArgs::default());
     let _ = stop_tx.send(true);
     let _ = sync_thread.join();
+    if let Some(t) = egress {
+        let _ = t.join();
+    }
     Ok(())
 }
 
@@ -129,6 +137,8 @@ impl ShutdownSignalWatch for WatchSignal {
 /// A sidecar running on background threads.
 pub struct SidecarHandle {
     pub addr: SocketAddr,
+    /// The egress listener, when configured.
+    pub egress_addr: Option<SocketAddr>,
     proxy_stop: watch::Sender<bool>,
     sync_stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -155,7 +165,16 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
     let Parts { server, sync } = build(&cfg, clock);
     let (sync_stop, sync_rx) = watch::channel(false);
     let (proxy_stop, proxy_rx) = watch::channel(false);
-    let mut threads = vec![spawn_sync(sync, sync_rx)?];
+    let mut threads = Vec::new();
+    let egress_addr = match &cfg.egress {
+        Some(e) => {
+            let (addr, t) = egress::spawn(e, sync_rx.clone())?;
+            threads.push(t);
+            Some(addr)
+        }
+        None => None,
+    };
+    threads.push(spawn_sync(sync, sync_rx)?);
     threads.push(
         std::thread::Builder::new()
             .name("permiso-sidecar".into())
@@ -166,6 +185,7 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
             })?,
     );
     let handle = SidecarHandle {
+        egress_addr,
         addr: cfg.listen,
         proxy_stop,
         sync_stop,

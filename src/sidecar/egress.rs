@@ -1,0 +1,417 @@
+//! The egress listener: the local service calls `http://127.0.0.1:9100/<destination>/...` and
+//! the sidecar forwards to that destination with the service's credential, so no business
+//! service holds a secret. It fetches and refreshes client-credentials tokens (one fetch at a
+//! time), refreshes once on a 401, retries failed connections with backoff and jitter within a
+//! deadline, and cuts off a destination that keeps failing.
+//!
+//! Built on axum + reqwest rather than pingora: retrying a request after a 401 or a failed
+//! attempt needs the whole request in hand, and egress volume is one service's own calls.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use rand::Rng;
+use serde_json::json;
+
+use crate::config::{EgressConfig, EgressCredential};
+use crate::core::egress::{backoff, idempotent, refresh_after, split_destination, Admission, Breaker};
+use crate::core::key::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("token endpoint refused the client credentials ({0})")]
+    TokenRefused(u16),
+    #[error("token endpoint unreachable: {0}")]
+    TokenUnreachable(String),
+    #[error("token response malformed")]
+    TokenMalformed,
+}
+
+struct CachedToken {
+    token: Arc<str>,
+    refresh_at: Instant,
+}
+
+/// Client-credentials tokens for one destination: cached, refreshed before expiry, fetched by
+/// one task at a time while the others wait for its result.
+pub struct TokenSource {
+    client_id: String,
+    secret: Secret,
+    scopes: Vec<String>,
+    token_url: String,
+    cached: Mutex<Option<CachedToken>>,
+    flight: tokio::sync::Mutex<()>,
+}
+
+impl TokenSource {
+    fn fresh(&self, not: Option<&str>) -> Option<Arc<str>> {
+        let guard = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .filter(|c| Instant::now() < c.refresh_at && not.is_none_or(|n| n != &*c.token))
+            .map(|c| c.token.clone())
+    }
+
+    /// A usable token. `rejected`: a token the destination just refused, never returned again.
+    pub async fn token(&self, http: &reqwest::Client, deadline: Duration, rejected: Option<&str>) -> Result<Arc<str>, EgressError> {
+        if let Some(t) = self.fresh(rejected) {
+            return Ok(t);
+        }
+        let _flight = self.flight.lock().await;
+        // Whoever held the lock before us may have fetched one already.
+        if let Some(t) = self.fresh(rejected) {
+            return Ok(t);
+        }
+        let (token, lifetime) = self.fetch(http, deadline).await?;
+        let token: Arc<str> = Arc::from(token.as_str());
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(CachedToken { token: token.clone(), refresh_at: Instant::now() + refresh_after(lifetime) });
+        tracing::info!(client_id = %self.client_id, lifetime_s = lifetime.as_secs(), "egress: fetched an access token");
+        Ok(token)
+    }
+
+    async fn fetch(&self, http: &reqwest::Client, deadline: Duration) -> Result<(String, Duration), EgressError> {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            let mut form = vec![("grant_type", "client_credentials".to_string())];
+            if !self.scopes.is_empty() {
+                form.push(("scope", self.scopes.join(" ")));
+            }
+            let sent = http
+                .post(&self.token_url)
+                .basic_auth(form_encode(&self.client_id), Some(form_encode(self.secret.expose())))
+                .form(&form)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => {
+                    let v: serde_json::Value = r.json().await.map_err(|_| EgressError::TokenMalformed)?;
+                    let token = v["access_token"].as_str().ok_or(EgressError::TokenMalformed)?.to_string();
+                    let lifetime = Duration::from_secs(v["expires_in"].as_u64().unwrap_or(60));
+                    return Ok((token, lifetime));
+                }
+                Ok(r) if r.status().is_server_error() || r.status() == 429 => {
+                    tracing::warn!(status = r.status().as_u16(), "egress: token endpoint busy or failing");
+                }
+                Ok(r) => return Err(EgressError::TokenRefused(r.status().as_u16())),
+                Err(e) => tracing::warn!(error = %e, "egress: token endpoint unreachable"),
+            }
+            let pause = backoff(attempt, Duration::from_millis(50), Duration::from_secs(1), rand::rng().random());
+            if started.elapsed() + pause > deadline {
+                return Err(EgressError::TokenUnreachable("retry deadline passed".into()));
+            }
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+}
+
+/// RFC 6749 §2.3.1: client id and secret are form-encoded before Basic.
+fn form_encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+enum Credential {
+    ApiKey(Secret),
+    Tokens(TokenSource),
+}
+
+struct Destination {
+    name: String,
+    url: String,
+    credential: Credential,
+    breaker: Mutex<Breaker>,
+}
+
+pub struct Egress {
+    destinations: HashMap<String, Destination>,
+    http: reqwest::Client,
+    retry_deadline: Duration,
+    max_body_bytes: usize,
+}
+
+fn error(status: StatusCode, code: &str, description: &str) -> Response {
+    (status, axum::Json(json!({"error": code, "error_description": description}))).into_response()
+}
+
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
+
+fn forwardable(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    !HOP_BY_HOP.contains(&n) && n != "host" && n != "authorization" && n != "content-length" && !n.starts_with("x-permiso-")
+}
+
+impl Egress {
+    pub fn new(cfg: &EgressConfig) -> Egress {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.request_timeout)
+            .connect_timeout(Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("http client");
+        let destinations = cfg
+            .destinations
+            .iter()
+            .map(|d| {
+                let credential = match &d.credential {
+                    EgressCredential::ApiKey(k) => Credential::ApiKey(k.clone()),
+                    EgressCredential::ClientCredentials { client_id, secret, scopes, token_url } => Credential::Tokens(TokenSource {
+                        client_id: client_id.clone(),
+                        secret: secret.clone(),
+                        scopes: scopes.clone(),
+                        token_url: token_url.clone(),
+                        cached: Mutex::new(None),
+                        flight: tokio::sync::Mutex::new(()),
+                    }),
+                };
+                let dest = Destination {
+                    name: d.name.clone(),
+                    url: d.url.clone(),
+                    credential,
+                    breaker: Mutex::new(Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown)),
+                };
+                (d.name.clone(), dest)
+            })
+            .collect();
+        Egress { destinations, http, retry_deadline: cfg.retry_deadline, max_body_bytes: cfg.max_body_bytes }
+    }
+
+    async fn credential(&self, d: &Destination, rejected: Option<&str>) -> Result<Arc<str>, EgressError> {
+        match &d.credential {
+            Credential::ApiKey(k) => Ok(Arc::from(k.expose())),
+            Credential::Tokens(ts) => ts.token(&self.http, self.retry_deadline, rejected).await,
+        }
+    }
+
+    /// One request with retries: connection failures are always retried (nothing was sent);
+    /// other failures only for idempotent methods. All within the retry deadline.
+    async fn send(
+        &self,
+        d: &Destination,
+        method: &reqwest::Method,
+        url: &str,
+        headers: &HeaderMap,
+        body: &bytes::Bytes,
+        credential: &str,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            let mut rb = self.http.request(method.clone(), url).body(body.clone()).bearer_auth(credential);
+            for (name, value) in headers.iter().filter(|(n, _)| forwardable(n)) {
+                rb = rb.header(name, value);
+            }
+            match rb.send().await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    let retriable = e.is_connect() || idempotent(method.as_str());
+                    let pause = backoff(attempt, Duration::from_millis(25), Duration::from_millis(500), rand::rng().random());
+                    if !retriable || started.elapsed() + pause > self.retry_deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(destination = %d.name, attempt, error = %e, "egress: retrying");
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn forward(&self, req: Request) -> Response {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path_and_query = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (path_and_query.clone(), None),
+        };
+        let Some((name, rest)) = split_destination(&path) else {
+            return error(StatusCode::NOT_FOUND, "unknown_destination", "call /<destination>/<path>");
+        };
+        let Some(d) = self.destinations.get(name) else {
+            tracing::warn!(destination = name, "egress: destination not configured");
+            return error(StatusCode::NOT_FOUND, "unknown_destination", "this destination is not configured");
+        };
+        let url = match &query {
+            Some(q) => format!("{}{}?{}", d.url, rest, q),
+            None => format!("{}{}", d.url, rest),
+        };
+        let headers = req.headers().clone();
+        let body = match axum::body::to_bytes(req.into_body(), self.max_body_bytes).await {
+            Ok(b) => b,
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body too large for egress"),
+        };
+        let admission = d.breaker.lock().unwrap_or_else(|p| p.into_inner()).admit(Instant::now());
+        if admission == Admission::Rejected {
+            tracing::warn!(destination = %d.name, "egress: circuit open");
+            return error(StatusCode::SERVICE_UNAVAILABLE, "destination_unavailable", "the destination keeps failing; try again shortly");
+        }
+        let rmethod = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
+        let outcome = async {
+            let cred = self.credential(d, None).await.map_err(Failure::Credential)?;
+            let mut resp = self.send(d, &rmethod, &url, &headers, &body, &cred).await.map_err(Failure::Network)?;
+            let mut attempts = 1;
+            if resp.status() == reqwest::StatusCode::UNAUTHORIZED && matches!(d.credential, Credential::Tokens(_)) {
+                // The token may have been revoked or the signing key rotated: refresh once.
+                let fresh = self.credential(d, Some(&cred)).await.map_err(Failure::Credential)?;
+                if idempotent(method.as_str()) {
+                    resp = self.send(d, &rmethod, &url, &headers, &body, &fresh).await.map_err(Failure::Network)?;
+                    attempts += 1;
+                }
+            }
+            Ok::<_, Failure>((resp, attempts))
+        }
+        .await;
+        let now = Instant::now();
+        let response = match outcome {
+            Ok((resp, attempts)) => {
+                let status = resp.status().as_u16();
+                {
+                    let mut br = d.breaker.lock().unwrap_or_else(|p| p.into_inner());
+                    if matches!(status, 502..=504) {
+                        br.failure(now);
+                    } else {
+                        br.success();
+                    }
+                }
+                tracing::info!(target: "permiso::egress", destination = %d.name, method = %method, path = rest, status, attempts, latency_us = started.elapsed().as_micros() as u64);
+                relay(resp).await
+            }
+            Err(f) => {
+                d.breaker.lock().unwrap_or_else(|p| p.into_inner()).failure(now);
+                let (status, code, text) = match &f {
+                    Failure::Credential(_) => (StatusCode::BAD_GATEWAY, "credential_unavailable", "could not obtain a credential for the destination"),
+                    Failure::Network(_) => (StatusCode::BAD_GATEWAY, "destination_unreachable", "the destination could not be reached"),
+                };
+                tracing::warn!(target: "permiso::egress", destination = %d.name, method = %method, path = rest, status = status.as_u16(), error = %f, latency_us = started.elapsed().as_micros() as u64);
+                error(status, code, text)
+            }
+        };
+        response
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("credential: {0}")]
+    Credential(EgressError),
+    #[error("network: {0}")]
+    Network(reqwest::Error),
+}
+
+async fn relay(resp: reqwest::Response) -> Response {
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = HeaderMap::new();
+    for (name, value) in resp.headers() {
+        if !HOP_BY_HOP.contains(&name.as_str()) && name.as_str() != "content-length" {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_str().as_bytes()), HeaderValue::from_bytes(value.as_bytes())) {
+                headers.append(n, v);
+            }
+        }
+    }
+    match resp.bytes().await {
+        Ok(body) => {
+            let mut r = Response::new(Body::from(body));
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            r
+        }
+        Err(_) => error(StatusCode::BAD_GATEWAY, "destination_unreachable", "the destination's response was cut short"),
+    }
+}
+
+async fn handle(State(eg): State<Arc<Egress>>, req: Request) -> Response {
+    eg.forward(req).await
+}
+
+/// Serves the egress listener until `shutdown` turns true.
+pub async fn serve(listener: tokio::net::TcpListener, egress: Arc<Egress>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let app = axum::Router::new().fallback(handle).with_state(egress);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await;
+}
+
+/// Binds and runs the egress listener on its own thread.
+pub fn spawn(cfg: &EgressConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+    let listener = std::net::TcpListener::bind(cfg.listen)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let egress = Arc::new(Egress::new(cfg));
+    let thread = std::thread::Builder::new().name("permiso-egress".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(listener).expect("listener");
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "egress listening");
+            serve(l, egress, shutdown).await;
+        });
+    })?;
+    Ok((addr, thread))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Many concurrent callers on a cold source cause one token fetch (single flight).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_share_one_token_fetch() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h2 = hits.clone();
+        let app = axum::Router::new().route(
+            "/oauth/token",
+            axum::routing::post(move || {
+                let h = h2.clone();
+                async move {
+                    let n = h.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    axum::Json(json!({"access_token": format!("tok{n}"), "token_type": "Bearer", "expires_in": 3600}))
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        let ts = Arc::new(TokenSource {
+            client_id: "srv_a".into(),
+            secret: Secret::new("s".into()),
+            scopes: vec![],
+            token_url: format!("http://{addr}/oauth/token"),
+            cached: Mutex::new(None),
+            flight: tokio::sync::Mutex::new(()),
+        });
+        let http = reqwest::Client::new();
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (ts, http) = (ts.clone(), http.clone());
+                tokio::spawn(async move { ts.token(&http, Duration::from_secs(2), None).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(&*t.await.unwrap(), "tok0");
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        // A token the destination refused is replaced, once, however many callers saw the 401.
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (ts, http) = (ts.clone(), http.clone());
+                tokio::spawn(async move { ts.token(&http, Duration::from_secs(2), Some("tok0")).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(&*t.await.unwrap(), "tok1");
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+    }
+}
