@@ -330,7 +330,12 @@ pub struct EgressDestination {
 #[derive(Debug, Clone)]
 pub enum EgressCredential {
     ApiKey(Secret),
-    ClientCredentials { client_id: String, secret: Secret, scopes: Vec<String>, token_url: String },
+    ClientCredentials {
+        client_id: String,
+        secret: Secret,
+        scopes: Vec<String>,
+        token_url: String,
+    },
 }
 
 /// How a sidecar checks JWT access tokens.
@@ -493,7 +498,11 @@ fn build_routes(routes: &[file::Route]) -> Result<RouteTable, ConfigError> {
     Ok(RouteTable::new(out))
 }
 
-fn read_secret(field: &str, env: &Option<String>, file: &Option<String>) -> Result<Option<Secret>, ConfigError> {
+fn read_secret(
+    field: &str,
+    env: &Option<String>,
+    file: &Option<String>,
+) -> Result<Option<Secret>, ConfigError> {
     let value = match (env, file) {
         (Some(_), Some(_)) => return Err(invalid(field, "set the _env or the _file form, not both")),
         (Some(var), None) => std::env::var(var)
@@ -527,14 +536,25 @@ fn build_egress(e: &file::Egress, admin_url: &str) -> Result<EgressConfig, Confi
     let mut destinations = Vec::new();
     for (name, d) in &e.destinations {
         let field = format!("sidecar.egress.destinations.{name}");
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err(invalid(&field, "a destination name is letters, digits, '-' and '_'"));
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(
+                &field,
+                "a destination name is letters, digits, '-' and '_'",
+            ));
         }
         if !(d.url.starts_with("http://") || d.url.starts_with("https://")) {
             return Err(invalid(&field, "url must be http:// or https://"));
         }
         let key = read_secret(&format!("{field}.api_key"), &d.api_key_env, &d.api_key_file)?;
-        let secret = read_secret(&format!("{field}.client_secret"), &d.client_secret_env, &d.client_secret_file)?;
+        let secret = read_secret(
+            &format!("{field}.client_secret"),
+            &d.client_secret_env,
+            &d.client_secret_file,
+        )?;
         let credential = match (key, &d.client_id, secret) {
             (Some(k), None, None) => EgressCredential::ApiKey(k),
             (None, Some(id), Some(secret)) => {
@@ -555,7 +575,11 @@ fn build_egress(e: &file::Egress, admin_url: &str) -> Result<EgressConfig, Confi
                 ))
             }
         };
-        destinations.push(EgressDestination { name: name.clone(), url: d.url.trim_end_matches('/').to_string(), credential });
+        destinations.push(EgressDestination {
+            name: name.clone(),
+            url: d.url.trim_end_matches('/').to_string(),
+            credential,
+        });
     }
     Ok(EgressConfig {
         listen,

@@ -53,7 +53,13 @@ pub enum Admission {
 
 impl Breaker {
     pub fn new(threshold: u32, cooldown: Duration) -> Breaker {
-        Breaker { threshold: threshold.max(1), cooldown, failures: 0, open_until: None, trial_in_flight: false }
+        Breaker {
+            threshold: threshold.max(1),
+            cooldown,
+            failures: 0,
+            open_until: None,
+            trial_in_flight: false,
+        }
     }
 
     pub fn admit(&mut self, now: Instant) -> Admission {
@@ -93,7 +99,10 @@ mod tests {
 
     #[test]
     fn destinations() {
-        assert_eq!(split_destination("/account/api/v1/x"), Some(("account", "/api/v1/x")));
+        assert_eq!(
+            split_destination("/account/api/v1/x"),
+            Some(("account", "/api/v1/x"))
+        );
         assert_eq!(split_destination("/account"), Some(("account", "/")));
         assert_eq!(split_destination("/"), None);
         assert_eq!(split_destination("//x"), None);
@@ -103,7 +112,10 @@ mod tests {
     #[test]
     fn refresh_schedule() {
         // One hour: 80 % (48 min) comes before "60 s before expiry" (59 min).
-        assert_eq!(refresh_after(Duration::from_secs(3600)), Duration::from_secs(2880));
+        assert_eq!(
+            refresh_after(Duration::from_secs(3600)),
+            Duration::from_secs(2880)
+        );
         // Two minutes: 60 s before expiry (60 s) comes before 80 % (96 s).
         assert_eq!(refresh_after(Duration::from_secs(120)), Duration::from_secs(60));
         assert_eq!(refresh_after(Duration::from_secs(30)), Duration::ZERO);

@@ -59,7 +59,12 @@ impl TokenSource {
     }
 
     /// A usable token. `rejected`: a token the destination just refused, never returned again.
-    pub async fn token(&self, http: &reqwest::Client, deadline: Duration, rejected: Option<&str>) -> Result<Arc<str>, EgressError> {
+    pub async fn token(
+        &self,
+        http: &reqwest::Client,
+        deadline: Duration,
+        rejected: Option<&str>,
+    ) -> Result<Arc<str>, EgressError> {
         if let Some(t) = self.fresh(rejected) {
             return Ok(t);
         }
@@ -70,13 +75,19 @@ impl TokenSource {
         }
         let (token, lifetime) = self.fetch(http, deadline).await?;
         let token: Arc<str> = Arc::from(token.as_str());
-        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(CachedToken { token: token.clone(), refresh_at: Instant::now() + refresh_after(lifetime) });
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedToken {
+            token: token.clone(),
+            refresh_at: Instant::now() + refresh_after(lifetime),
+        });
         tracing::info!(client_id = %self.client_id, lifetime_s = lifetime.as_secs(), "egress: fetched an access token");
         Ok(token)
     }
 
-    async fn fetch(&self, http: &reqwest::Client, deadline: Duration) -> Result<(String, Duration), EgressError> {
+    async fn fetch(
+        &self,
+        http: &reqwest::Client,
+        deadline: Duration,
+    ) -> Result<(String, Duration), EgressError> {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
@@ -86,24 +97,38 @@ impl TokenSource {
             }
             let sent = http
                 .post(&self.token_url)
-                .basic_auth(form_encode(&self.client_id), Some(form_encode(self.secret.expose())))
+                .basic_auth(
+                    form_encode(&self.client_id),
+                    Some(form_encode(self.secret.expose())),
+                )
                 .form(&form)
                 .send()
                 .await;
             match sent {
                 Ok(r) if r.status().is_success() => {
                     let v: serde_json::Value = r.json().await.map_err(|_| EgressError::TokenMalformed)?;
-                    let token = v["access_token"].as_str().ok_or(EgressError::TokenMalformed)?.to_string();
+                    let token = v["access_token"]
+                        .as_str()
+                        .ok_or(EgressError::TokenMalformed)?
+                        .to_string();
                     let lifetime = Duration::from_secs(v["expires_in"].as_u64().unwrap_or(60));
                     return Ok((token, lifetime));
                 }
                 Ok(r) if r.status().is_server_error() || r.status() == 429 => {
-                    tracing::warn!(status = r.status().as_u16(), "egress: token endpoint busy or failing");
+                    tracing::warn!(
+                        status = r.status().as_u16(),
+                        "egress: token endpoint busy or failing"
+                    );
                 }
                 Ok(r) => return Err(EgressError::TokenRefused(r.status().as_u16())),
                 Err(e) => tracing::warn!(error = %e, "egress: token endpoint unreachable"),
             }
-            let pause = backoff(attempt, Duration::from_millis(50), Duration::from_secs(1), rand::rng().random());
+            let pause = backoff(
+                attempt,
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+                rand::rng().random(),
+            );
             if started.elapsed() + pause > deadline {
                 return Err(EgressError::TokenUnreachable("retry deadline passed".into()));
             }
@@ -120,7 +145,8 @@ fn form_encode(s: &str) -> String {
 
 enum Credential {
     ApiKey(Secret),
-    Tokens(TokenSource),
+    /// Shared by every destination using the same client and scopes: one client, one token.
+    Tokens(Arc<TokenSource>),
 }
 
 struct Destination {
@@ -138,15 +164,31 @@ pub struct Egress {
 }
 
 fn error(status: StatusCode, code: &str, description: &str) -> Response {
-    (status, axum::Json(json!({"error": code, "error_description": description}))).into_response()
+    (
+        status,
+        axum::Json(json!({"error": code, "error_description": description})),
+    )
+        .into_response()
 }
 
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 fn forwardable(name: &HeaderName) -> bool {
     let n = name.as_str();
-    !HOP_BY_HOP.contains(&n) && n != "host" && n != "authorization" && n != "content-length" && !n.starts_with("x-permiso-")
+    !HOP_BY_HOP.contains(&n)
+        && n != "host"
+        && n != "authorization"
+        && n != "content-length"
+        && !n.starts_with("x-permiso-")
 }
 
 impl Egress {
@@ -157,20 +199,32 @@ impl Egress {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("http client");
+        let mut sources: HashMap<(String, String, Vec<String>), Arc<TokenSource>> = HashMap::new();
         let destinations = cfg
             .destinations
             .iter()
             .map(|d| {
                 let credential = match &d.credential {
                     EgressCredential::ApiKey(k) => Credential::ApiKey(k.clone()),
-                    EgressCredential::ClientCredentials { client_id, secret, scopes, token_url } => Credential::Tokens(TokenSource {
-                        client_id: client_id.clone(),
-                        secret: secret.clone(),
-                        scopes: scopes.clone(),
-                        token_url: token_url.clone(),
-                        cached: Mutex::new(None),
-                        flight: tokio::sync::Mutex::new(()),
-                    }),
+                    EgressCredential::ClientCredentials {
+                        client_id,
+                        secret,
+                        scopes,
+                        token_url,
+                    } => {
+                        let key = (client_id.clone(), token_url.clone(), scopes.clone());
+                        let source = sources.entry(key).or_insert_with(|| {
+                            Arc::new(TokenSource {
+                                client_id: client_id.clone(),
+                                secret: secret.clone(),
+                                scopes: scopes.clone(),
+                                token_url: token_url.clone(),
+                                cached: Mutex::new(None),
+                                flight: tokio::sync::Mutex::new(()),
+                            })
+                        });
+                        Credential::Tokens(source.clone())
+                    }
                 };
                 let dest = Destination {
                     name: d.name.clone(),
@@ -181,7 +235,12 @@ impl Egress {
                 (d.name.clone(), dest)
             })
             .collect();
-        Egress { destinations, http, retry_deadline: cfg.retry_deadline, max_body_bytes: cfg.max_body_bytes }
+        Egress {
+            destinations,
+            http,
+            retry_deadline: cfg.retry_deadline,
+            max_body_bytes: cfg.max_body_bytes,
+        }
     }
 
     async fn credential(&self, d: &Destination, rejected: Option<&str>) -> Result<Arc<str>, EgressError> {
@@ -205,7 +264,11 @@ impl Egress {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
-            let mut rb = self.http.request(method.clone(), url).body(body.clone()).bearer_auth(credential);
+            let mut rb = self
+                .http
+                .request(method.clone(), url)
+                .body(body.clone())
+                .bearer_auth(credential);
             for (name, value) in headers.iter().filter(|(n, _)| forwardable(n)) {
                 rb = rb.header(name, value);
             }
@@ -213,7 +276,12 @@ impl Egress {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     let retriable = e.is_connect() || idempotent(method.as_str());
-                    let pause = backoff(attempt, Duration::from_millis(25), Duration::from_millis(500), rand::rng().random());
+                    let pause = backoff(
+                        attempt,
+                        Duration::from_millis(25),
+                        Duration::from_millis(500),
+                        rand::rng().random(),
+                    );
                     if !retriable || started.elapsed() + pause > self.retry_deadline {
                         return Err(e);
                     }
@@ -228,17 +296,29 @@ impl Egress {
     async fn forward(&self, req: Request) -> Response {
         let started = Instant::now();
         let method = req.method().clone();
-        let path_and_query = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p.to_string(), Some(q.to_string())),
             None => (path_and_query.clone(), None),
         };
         let Some((name, rest)) = split_destination(&path) else {
-            return error(StatusCode::NOT_FOUND, "unknown_destination", "call /<destination>/<path>");
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_destination",
+                "call /<destination>/<path>",
+            );
         };
         let Some(d) = self.destinations.get(name) else {
             tracing::warn!(destination = name, "egress: destination not configured");
-            return error(StatusCode::NOT_FOUND, "unknown_destination", "this destination is not configured");
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_destination",
+                "this destination is not configured",
+            );
         };
         let url = match &query {
             Some(q) => format!("{}{}?{}", d.url, rest, q),
@@ -247,23 +327,48 @@ impl Egress {
         let headers = req.headers().clone();
         let body = match axum::body::to_bytes(req.into_body(), self.max_body_bytes).await {
             Ok(b) => b,
-            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body too large for egress"),
+            Err(_) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request body too large for egress",
+                )
+            }
         };
-        let admission = d.breaker.lock().unwrap_or_else(|p| p.into_inner()).admit(Instant::now());
+        let admission = d
+            .breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now());
         if admission == Admission::Rejected {
             tracing::warn!(destination = %d.name, "egress: circuit open");
-            return error(StatusCode::SERVICE_UNAVAILABLE, "destination_unavailable", "the destination keeps failing; try again shortly");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "destination_unavailable",
+                "the destination keeps failing; try again shortly",
+            );
         }
         let rmethod = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
         let outcome = async {
             let cred = self.credential(d, None).await.map_err(Failure::Credential)?;
-            let mut resp = self.send(d, &rmethod, &url, &headers, &body, &cred).await.map_err(Failure::Network)?;
+            let mut resp = self
+                .send(d, &rmethod, &url, &headers, &body, &cred)
+                .await
+                .map_err(Failure::Network)?;
             let mut attempts = 1;
-            if resp.status() == reqwest::StatusCode::UNAUTHORIZED && matches!(d.credential, Credential::Tokens(_)) {
+            if resp.status() == reqwest::StatusCode::UNAUTHORIZED
+                && matches!(d.credential, Credential::Tokens(_))
+            {
                 // The token may have been revoked or the signing key rotated: refresh once.
-                let fresh = self.credential(d, Some(&cred)).await.map_err(Failure::Credential)?;
+                let fresh = self
+                    .credential(d, Some(&cred))
+                    .await
+                    .map_err(Failure::Credential)?;
                 if idempotent(method.as_str()) {
-                    resp = self.send(d, &rmethod, &url, &headers, &body, &fresh).await.map_err(Failure::Network)?;
+                    resp = self
+                        .send(d, &rmethod, &url, &headers, &body, &fresh)
+                        .await
+                        .map_err(Failure::Network)?;
                     attempts += 1;
                 }
             }
@@ -288,8 +393,16 @@ impl Egress {
             Err(f) => {
                 d.breaker.lock().unwrap_or_else(|p| p.into_inner()).failure(now);
                 let (status, code, text) = match &f {
-                    Failure::Credential(_) => (StatusCode::BAD_GATEWAY, "credential_unavailable", "could not obtain a credential for the destination"),
-                    Failure::Network(_) => (StatusCode::BAD_GATEWAY, "destination_unreachable", "the destination could not be reached"),
+                    Failure::Credential(_) => (
+                        StatusCode::BAD_GATEWAY,
+                        "credential_unavailable",
+                        "could not obtain a credential for the destination",
+                    ),
+                    Failure::Network(_) => (
+                        StatusCode::BAD_GATEWAY,
+                        "destination_unreachable",
+                        "the destination could not be reached",
+                    ),
                 };
                 tracing::warn!(target: "permiso::egress", destination = %d.name, method = %method, path = rest, status = status.as_u16(), error = %f, latency_us = started.elapsed().as_micros() as u64);
                 error(status, code, text)
@@ -312,7 +425,10 @@ async fn relay(resp: reqwest::Response) -> Response {
     let mut headers = HeaderMap::new();
     for (name, value) in resp.headers() {
         if !HOP_BY_HOP.contains(&name.as_str()) && name.as_str() != "content-length" {
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_str().as_bytes()), HeaderValue::from_bytes(value.as_bytes())) {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_str().as_bytes()),
+                HeaderValue::from_bytes(value.as_bytes()),
+            ) {
                 headers.append(n, v);
             }
         }
@@ -324,7 +440,11 @@ async fn relay(resp: reqwest::Response) -> Response {
             *r.headers_mut() = headers;
             r
         }
-        Err(_) => error(StatusCode::BAD_GATEWAY, "destination_unreachable", "the destination's response was cut short"),
+        Err(_) => error(
+            StatusCode::BAD_GATEWAY,
+            "destination_unreachable",
+            "the destination's response was cut short",
+        ),
     }
 }
 
@@ -333,7 +453,11 @@ async fn handle(State(eg): State<Arc<Egress>>, req: Request) -> Response {
 }
 
 /// Serves the egress listener until `shutdown` turns true.
-pub async fn serve(listener: tokio::net::TcpListener, egress: Arc<Egress>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    egress: Arc<Egress>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let app = axum::Router::new().fallback(handle).with_state(egress);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -343,7 +467,10 @@ pub async fn serve(listener: tokio::net::TcpListener, egress: Arc<Egress>, mut s
 }
 
 /// Binds and runs the egress listener on its own thread.
-pub fn spawn(cfg: &EgressConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+pub fn spawn(
+    cfg: &EgressConfig,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let listener = std::net::TcpListener::bind(cfg.listen)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -406,7 +533,11 @@ mod tests {
         let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let (ts, http) = (ts.clone(), http.clone());
-                tokio::spawn(async move { ts.token(&http, Duration::from_secs(2), Some("tok0")).await.unwrap() })
+                tokio::spawn(async move {
+                    ts.token(&http, Duration::from_secs(2), Some("tok0"))
+                        .await
+                        .unwrap()
+                })
             })
             .collect();
         for t in tasks {

@@ -3,6 +3,8 @@
 
 mod admin_api;
 mod common;
+mod e2e;
+mod egress;
 mod oauth;
 mod resilience;
 mod rotation;

@@ -1,0 +1,316 @@
+//! The deployment from the seeds as real processes on loopback, configured with the shipped
+//! examples/*.toml: caller → MT5 sidecar → mt5-demo → MT5 sidecar egress → account sidecar →
+//! account-demo.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{free_port, ADMIN_KEY};
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(dir: &Path, name: &str, exe: &str, args: &[&str]) -> Proc {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(exe)
+        .args(args)
+        .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {exe}: {e}"));
+    Proc(child)
+}
+
+fn wait_ok(http: &reqwest::blocking::Client, url: &str, what: &str) {
+    let started = Instant::now();
+    while http.get(url).send().map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what} never became ready at {url}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The shipped example config with this run's ports and paths.
+fn example_config(name: &str, ports: &[(&str, String)], dir: &Path) -> PathBuf {
+    let mut text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name)).unwrap();
+    for (from, to) in ports {
+        text = text.replace(from, to);
+    }
+    text = text.replace("examples/secrets/", &format!("{}/", dir.display()));
+    text = text.replace(
+        "snapshot_file = \"",
+        &format!("snapshot_file = \"{}/", dir.display()),
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Deployment {
+    _procs: Vec<Proc>,
+    http: reqwest::blocking::Client,
+    admin: String,
+    mt5_sidecar: String,
+    dashboard_key: String,
+    mt5: Value,
+    _dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.admin))
+            .header("X-Admin-Api-Key", ADMIN_KEY);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().unwrap()
+    }
+
+    fn account(&self) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}/api/v1/account", self.mt5_sidecar))
+            .bearer_auth(&self.dashboard_key)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+    }
+
+    /// Polls until the MT5 API's call to the account service has `want` (200, or the account
+    /// sidecar's refusal relayed in `account_status`); returns how long that took.
+    fn until_account(&self, want: u16, within: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let (status, v) = self.account();
+            let got = if status == 200 {
+                200
+            } else {
+                v["account_status"].as_u64().unwrap_or(status as u64) as u16
+            };
+            if got == want {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < within,
+                "still {got} ({v}), not {want}, after {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn deploy() -> Deployment {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let [admin, mt5_svc, mt5_sc, egress, acct_svc, acct_sc] = [(); 6].map(|_| free_port().to_string());
+    let permiso = env!("CARGO_BIN_EXE_permiso");
+    let mut procs = vec![spawn(
+        d,
+        "admin",
+        permiso,
+        &[
+            "admin",
+            "--listen",
+            &admin,
+            "--database",
+            &d.join("permiso.db").display().to_string(),
+        ],
+    )];
+    let admin_url = format!("http://{admin}");
+    wait_ok(&http, &format!("{admin_url}/healthz"), "admin plane");
+
+    // What examples/setup.sh does.
+    let create = |name: &str, scopes: Value| -> Value {
+        let r = http
+            .post(format!("{admin_url}/auth/admin/services"))
+            .header("X-Admin-Api-Key", ADMIN_KEY)
+            .json(&json!({"service_name": name, "scopes": scopes}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json().unwrap()
+    };
+    let write = |file: &str, v: &Value| std::fs::write(d.join(file), v.as_str().unwrap()).unwrap();
+    write(
+        "mt5-sidecar.sync",
+        &create("mt5-sidecar", json!(["sync:read"]))["api_key"],
+    );
+    write(
+        "account-sidecar.sync",
+        &create("account-sidecar", json!(["sync:read"]))["api_key"],
+    );
+    let mt5 = create("mt5-api-service", json!(["account:read", "account:balance"]));
+    write("mt5-api-service.key", &mt5["api_key"]);
+    let dashboard = create(
+        "trading-dashboard",
+        json!(["trade:read", "account:read", "account:balance", "market:data"]),
+    );
+
+    let ports: Vec<(&str, String)> = vec![
+        ("127.0.0.1:8000", admin.clone()),
+        ("127.0.0.1:8001", mt5_svc.clone()),
+        ("127.0.0.1:9001", mt5_sc.clone()),
+        ("127.0.0.1:9100", egress.clone()),
+        ("127.0.0.1:8002", acct_svc.clone()),
+        ("127.0.0.1:9002", acct_sc.clone()),
+    ];
+    let acct_cfg = example_config("account-sidecar.toml", &ports, d);
+    let mt5_cfg = example_config("mt5-sidecar.toml", &ports, d);
+    procs.push(spawn(
+        d,
+        "account-demo",
+        env!("CARGO_BIN_EXE_account-demo"),
+        &["--listen", &acct_svc],
+    ));
+    procs.push(spawn(
+        d,
+        "account-sidecar",
+        permiso,
+        &["sidecar", "--config", &acct_cfg.display().to_string()],
+    ));
+    procs.push(spawn(
+        d,
+        "mt5-demo",
+        env!("CARGO_BIN_EXE_mt5-demo"),
+        &["--listen", &mt5_svc, "--egress", &format!("http://{egress}")],
+    ));
+    procs.push(spawn(
+        d,
+        "mt5-sidecar",
+        permiso,
+        &["sidecar", "--config", &mt5_cfg.display().to_string()],
+    ));
+    wait_ok(&http, &format!("http://{acct_sc}/health"), "account sidecar");
+    wait_ok(&http, &format!("http://{mt5_sc}/health"), "MT5 sidecar");
+    let dep = Deployment {
+        _procs: procs,
+        http,
+        admin: admin_url,
+        mt5_sidecar: format!("http://{mt5_sc}"),
+        dashboard_key: dashboard["api_key"].as_str().unwrap().to_string(),
+        mt5,
+        _dir: dir,
+    };
+    dep.until_account(200, Duration::from_secs(10));
+    dep
+}
+
+#[test]
+fn mt5_and_account_services_behind_sidecars() {
+    let dep = deploy();
+    let mt5_id = dep.mt5["service_id"].as_str().unwrap().to_string();
+
+    // Identity at each hop; no credential reaches either service.
+    let (status, v) = dep.account();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["caller"]["service_name"], "trading-dashboard");
+    assert_eq!(v["caller"]["credential_reached_service"], false);
+    assert_eq!(v["account"]["caller"]["service_id"], mt5_id.as_str());
+    assert_eq!(v["account"]["caller"]["service_name"], "mt5-api-service");
+    assert_eq!(v["account"]["caller"]["key_id"], dep.mt5["key_id"]);
+    assert_eq!(v["account"]["caller"]["credential_reached_service"], false);
+
+    // Rotating the MT5 service's key and secret during a steady stream fails no call.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (http, url, key, flag) = (
+        dep.http.clone(),
+        format!("{}/api/v1/account", dep.mt5_sidecar),
+        dep.dashboard_key.clone(),
+        stop.clone(),
+    );
+    let stream = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            match http.get(&url).bearer_auth(&key).send() {
+                Ok(r) if r.status() == 200 => ok += 1,
+                Ok(r) => failed.push(r.status().as_u16()),
+                Err(e) => failed.push(if e.is_timeout() { 1 } else { 0 }),
+            }
+        }
+        (ok, failed)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    dep.admin(
+        reqwest::Method::POST,
+        &format!("/auth/admin/services/{mt5_id}/rotate"),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    dep.admin(
+        reqwest::Method::POST,
+        &format!("/auth/admin/services/{mt5_id}/secret/rotate"),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = stream.join().unwrap();
+    eprintln!(
+        "steady stream through both sidecars during rotation: {ok} ok, {} failed",
+        failed.len()
+    );
+    assert!(ok > 10);
+    assert!(failed.is_empty(), "failed calls: {failed:?}");
+
+    // A scope the admin removes from the MT5 service is refused by the account sidecar in < 1 s.
+    dep.admin(
+        reqwest::Method::PATCH,
+        &format!("/auth/admin/services/{mt5_id}"),
+        Some(json!({"scopes": ["account:balance"]})),
+    );
+    let took = dep.until_account(403, Duration::from_secs(1));
+    eprintln!("scope removal reached the account sidecar in {took:?}");
+    let r = dep
+        .http
+        .get(format!("{}/api/v1/account/balance", dep.mt5_sidecar))
+        .bearer_auth(&dep.dashboard_key)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "balance needs only account:balance");
+    dep.admin(
+        reqwest::Method::PATCH,
+        &format!("/auth/admin/services/{mt5_id}"),
+        Some(json!({"scopes": ["account:read", "account:balance"]})),
+    );
+    dep.until_account(200, Duration::from_secs(1));
+
+    // Revoking the MT5 service's key (the one its sidecar holds) stops its calls.
+    let key_id = dep.mt5["key_id"].as_str().unwrap();
+    dep.admin(
+        reqwest::Method::POST,
+        &format!("/auth/admin/services/{mt5_id}/keys/{key_id}/revoke"),
+        None,
+    );
+    let took = dep.until_account(401, Duration::from_secs(1));
+    eprintln!("revocation of the MT5 key stopped its calls in {took:?}");
+    // The caller's own access to the MT5 API is unaffected.
+    let r = dep
+        .http
+        .get(format!("{}/api/v1/trades", dep.mt5_sidecar))
+        .bearer_auth(&dep.dashboard_key)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -1,0 +1,157 @@
+//! The egress listener in process: credentials attached and refreshed, caller headers
+//! replaced, unknown destinations refused, a dead destination cut off.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{free_port, Harness, ADMIN_KEY};
+
+/// A second sidecar whose egress calls out as `client` (client credentials) to `svc` (the
+/// harness sidecar), `echo` (the echo upstream directly, to see what is sent) and `dead`.
+fn egress_sidecar(
+    h: &Harness,
+    client: &crate::common::Created,
+    dir: &std::path::Path,
+) -> permiso::sidecar::SidecarHandle {
+    let secret_file = dir.join("client.secret");
+    std::fs::write(&secret_file, &client.client_secret).unwrap();
+    let dead = free_port();
+    let text = format!(
+        r#"
+[sidecar]
+listen = "{listen}"
+upstream = "{upstream}"
+snapshot_file = "{snap}"
+[sidecar.sync]
+admin_url = "http://{admin}"
+[sidecar.egress]
+listen = "{egress}"
+retry_deadline_ms = 200
+breaker_failures = 2
+breaker_cooldown_ms = 60000
+[sidecar.egress.destinations.svc]
+url = "http://{svc}"
+client_id = "{id}"
+client_secret_file = "{secret}"
+scopes = ["trade:read"]
+[sidecar.egress.destinations.echo]
+url = "http://{upstream}"
+client_id = "{id}"
+client_secret_file = "{secret}"
+scopes = ["trade:read"]
+[sidecar.egress.destinations.dead]
+url = "http://{dead}"
+client_id = "{id}"
+client_secret_file = "{secret}"
+scopes = ["trade:read"]
+[[sidecar.routes]]
+prefix = "/health"
+public = true
+"#,
+        listen = free_port(),
+        upstream = h.upstream.addr,
+        snap = dir.join("egress-snap.json").display(),
+        admin = h.admin_addr,
+        egress = free_port(),
+        svc = h.sidecar_addr,
+        id = client.service_id,
+        secret = secret_file.display(),
+    );
+    let f = permiso::config::parse_file(&text, std::path::Path::new("egress.toml")).unwrap();
+    let cfg = permiso::config::SidecarConfig::from_file(
+        f.sidecar.as_ref().unwrap(),
+        permiso::core::key::Secret::new(h.sync_key.clone()),
+    )
+    .unwrap();
+    permiso::sidecar::start(cfg, std::sync::Arc::new(permiso::core::clock::SystemClock)).unwrap()
+}
+
+#[test]
+fn egress_attaches_refreshes_and_cuts_off() {
+    let h = Harness::start();
+    let client = h.create(json!({"service_name": "mt5-api-service", "scopes": ["trade:read"]}));
+    let dir = tempfile::tempdir().unwrap();
+    let side = egress_sidecar(&h, &client, dir.path());
+    let egress = format!("http://{}", side.egress_addr.unwrap());
+
+    // What the egress sends: a Bearer JWT of its own, never the caller's header or X-Permiso-*.
+    let r = h
+        .http
+        .get(format!("{egress}/echo/anything?q=1"))
+        .header("Authorization", "Bearer the-callers-own-secret")
+        .header("X-Permiso-Service-Id", "srv_forged")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().unwrap();
+    assert_eq!(echo["path"], "/anything");
+    let auth = echo["headers"]["authorization"].as_str().unwrap().to_string();
+    assert!(auth.starts_with("Bearer eyJ"), "{auth}");
+    assert!(echo["headers"].get("x-permiso-service-id").is_none());
+    let first = auth.trim_start_matches("Bearer ").to_string();
+
+    // Through the destination's sidecar: identified as the client.
+    let r = h.http.get(format!("{egress}/svc/api/v1/trades")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().unwrap();
+    assert_eq!(
+        echo["headers"]["x-permiso-service-id"],
+        client.service_id.as_str()
+    );
+
+    // The token is revoked: the destination answers 401, the egress fetches a new token
+    // once and retries the (idempotent) request: the caller sees 200.
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/revoke"))
+        .header("X-Admin-Api-Key", ADMIN_KEY)
+        .form(&[("token", &first)])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    h.wait_for_status("/api/v1/trades", Some(&first), 401, Duration::from_secs(1));
+    let r = h.http.get(format!("{egress}/svc/api/v1/trades")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let echo: Value = h
+        .http
+        .get(format!("{egress}/echo/x"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_ne!(
+        echo["headers"]["authorization"].as_str().unwrap(),
+        auth,
+        "token was not replaced"
+    );
+
+    // Unknown destination: 404, nothing forwarded.
+    let r = h.http.get(format!("{egress}/nowhere/x")).send().unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().unwrap()["error"], "unknown_destination");
+
+    // A dead destination: retried within the deadline, then 502; after two failures the
+    // circuit opens and the answer is an immediate 503.
+    for _ in 0..2 {
+        let r = h.http.get(format!("{egress}/dead/x")).send().unwrap();
+        assert_eq!(r.status(), 502);
+        assert_eq!(r.json::<Value>().unwrap()["error"], "destination_unreachable");
+    }
+    let started = Instant::now();
+    let r = h.http.get(format!("{egress}/dead/x")).send().unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().unwrap()["error"], "destination_unavailable");
+    eprintln!("open circuit answered in {took:?}");
+    // Other destinations are unaffected.
+    assert_eq!(
+        h.http
+            .get(format!("{egress}/svc/api/v1/trades"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    drop(side);
+}
