@@ -1,4 +1,5 @@
-# One image, one binary: `permiso admin`, `permiso sidecar`, `permiso dev`.
+# One image: `permiso admin`, `permiso sidecar`, `permiso dev`, plus the demo services
+# (mt5-demo, account-demo) used by docker-compose.yml.
 FROM rust:1.95-bookworm AS build
 # pingora-core -> flate2 (zlib-ng) needs cmake to build.
 RUN apt-get update \
@@ -10,11 +11,13 @@ COPY Cargo.toml Cargo.lock schema.sql config.toml ./
 COPY src src
 COPY tests tests
 COPY benches benches
-RUN cargo build --release --locked --bin permiso
+COPY examples examples
+RUN cargo build --release --locked --bins
 
 FROM debian:bookworm-slim
-RUN useradd --system --home /var/lib/permiso --create-home permiso
-COPY --from=build /src/target/release/permiso /usr/local/bin/permiso
+# A fixed uid, so files written for it on shared volumes (docker-compose secrets) match.
+RUN useradd --system --uid 10001 --home /var/lib/permiso --create-home permiso
+COPY --from=build /src/target/release/permiso /src/target/release/mt5-demo /src/target/release/account-demo /usr/local/bin/
 COPY config.toml /etc/permiso/config.toml
 USER permiso
 WORKDIR /var/lib/permiso

@@ -665,6 +665,48 @@ mod tests {
         assert!(sc.routes.find("GET", "/api/v1/trades").is_some());
     }
 
+    #[test]
+    fn example_configs_parse() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"));
+        let mut n = 0;
+        for sub in [dir.to_path_buf(), dir.join("compose")] {
+            for entry in std::fs::read_dir(&sub).unwrap() {
+                let p = entry.unwrap().path();
+                if p.extension().is_some_and(|e| e == "toml") {
+                    let f = load_file(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    assert!(f.sidecar.is_some(), "{}", p.display());
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(n, 4);
+    }
+
+    #[test]
+    fn egress_must_bind_loopback_and_name_one_credential() {
+        std::env::set_var("PERMISO_TEST_EGRESS_KEY", "svc_live_x");
+        let base = "[sidecar.egress]\nlisten = \"{L}\"\n[sidecar.egress.destinations.a]\nurl = \"http://127.0.0.1:9\"\n{C}\n[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n";
+        let cfg = |listen: &str, cred: &str| sidecar(&base.replace("{L}", listen).replace("{C}", cred));
+        assert!(cfg("127.0.0.1:9100", "api_key_env = \"PERMISO_TEST_EGRESS_KEY\"")
+            .unwrap()
+            .egress
+            .is_some());
+        assert!(
+            cfg("0.0.0.0:9100", "api_key_env = \"PERMISO_TEST_EGRESS_KEY\"").is_err(),
+            "non-loopback"
+        );
+        assert!(cfg("127.0.0.1:9100", "").is_err(), "no credential");
+        assert!(cfg(
+            "127.0.0.1:9100",
+            "api_key_env = \"PERMISO_TEST_EGRESS_KEY\"\nclient_id = \"srv_a\"\nclient_secret_env = \"PERMISO_TEST_EGRESS_KEY\""
+        )
+        .is_err(), "two credentials");
+        assert!(
+            cfg("127.0.0.1:9100", "api_key_env = \"PERMISO_TEST_UNSET_VAR\"").is_err(),
+            "unset variable"
+        );
+    }
+
     fn sidecar(extra: &str) -> Result<SidecarConfig, ConfigError> {
         let text = format!(
             "[sidecar]\nupstream = \"127.0.0.1:8001\"\n[sidecar.sync]\nadmin_url = \"http://127.0.0.1:8000\"\n{extra}"
