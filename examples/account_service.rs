@@ -9,19 +9,8 @@ use axum::extract::Path;
 use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
-
-fn caller(h: &HeaderMap) -> Value {
-    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-    json!({
-        "service_id": get("x-permiso-service-id"),
-        "service_name": get("x-permiso-service-name"),
-        "scopes": get("x-permiso-scopes"),
-        "key_id": get("x-permiso-key-id"),
-        "token_id": get("x-permiso-token-id"),
-        "credential_reached_service": h.contains_key("authorization"),
-    })
-}
+use permiso::demo_upstream::caller;
+use serde_json::json;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {

@@ -10,23 +10,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
+use permiso::demo_upstream::caller;
 use serde_json::{json, Value};
 
 #[derive(Clone)]
 struct App {
     egress: String,
     http: reqwest::Client,
-}
-
-fn caller(h: &HeaderMap) -> Value {
-    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-    json!({
-        "service_id": get("x-permiso-service-id"),
-        "service_name": get("x-permiso-service-name"),
-        "scopes": get("x-permiso-scopes"),
-        "environment": get("x-permiso-environment"),
-        "credential_reached_service": h.contains_key("authorization"),
-    })
 }
 
 /// Calls the account service through the egress listener and relays what it said.

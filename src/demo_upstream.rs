@@ -9,7 +9,8 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-fn caller(h: &HeaderMap) -> Value {
+/// The identity the sidecar attached (X-Permiso-*), and whether any credential leaked through.
+pub fn caller(h: &HeaderMap) -> Value {
     let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
     json!({
         "service_id": get("x-permiso-service-id"),
@@ -17,6 +18,8 @@ fn caller(h: &HeaderMap) -> Value {
         "scopes": get("x-permiso-scopes"),
         "key_id": get("x-permiso-key-id"),
         "environment": get("x-permiso-environment"),
+        "token_id": get("x-permiso-token-id"),
+        "credential_reached_service": h.contains_key("authorization"),
     })
 }
 

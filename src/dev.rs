@@ -192,6 +192,32 @@ async fn expect(step: &str, resp: reqwest::Response, status: u16) -> anyhow::Res
     Ok(body)
 }
 
+/// Polls until `url` answers `status` for `bearer` (changes reach the sidecar by long-poll).
+async fn wait_for(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: &str,
+    status: u16,
+    within: Duration,
+    step: &str,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let got = http.get(url).bearer_auth(bearer).send().await?.status().as_u16();
+        if got == status {
+            println!("ok  {step}: {status} after {} ms", start.elapsed().as_millis());
+            return Ok(());
+        }
+        if start.elapsed() > within {
+            bail!(
+                "{step}: still {got}, not {status}, after {} ms",
+                within.as_millis()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 async fn self_test(
     http: &reqwest::Client,
     admin: &str,
@@ -214,24 +240,15 @@ async fn self_test(
     let trades = format!("{sidecar}/api/v1/trades");
 
     // The new key reaches the sidecar through the long poll.
-    let start = Instant::now();
-    loop {
-        let r = http.get(&trades).bearer_auth(&key).send().await?;
-        if r.status() == 200 {
-            println!(
-                "ok  call with the new key: 200 after {} ms",
-                start.elapsed().as_millis()
-            );
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(2) {
-            bail!(
-                "the sidecar did not accept the new key within 2 s (last status {})",
-                r.status()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for(
+        http,
+        &trades,
+        &key,
+        200,
+        Duration::from_secs(2),
+        "call with the new key",
+    )
+    .await?;
     expect("no key", http.get(&trades).send().await?, 401).await?;
     expect(
         "missing scope trade:open",
@@ -259,13 +276,15 @@ async fn self_test(
     .await?;
     let new_key = rotated["api_key"].as_str().context("api_key")?.to_string();
     println!("    old key works until {}", rotated["old_keys_expire_at"]);
-    let start = Instant::now();
-    while http.get(&trades).bearer_auth(&new_key).send().await?.status() != 200 {
-        if start.elapsed() > Duration::from_secs(2) {
-            bail!("rotated key not accepted within 2 s");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for(
+        http,
+        &trades,
+        &new_key,
+        200,
+        Duration::from_secs(2),
+        "call with the rotated key",
+    )
+    .await?;
     expect(
         "old key during grace",
         http.get(&trades).bearer_auth(&key).send().await?,
@@ -289,17 +308,15 @@ async fn self_test(
         200,
     )
     .await?;
-    let start = Instant::now();
-    loop {
-        if http.get(&trades).bearer_auth(&key).send().await?.status() == 401 {
-            println!("ok  revoked key refused after {} ms", start.elapsed().as_millis());
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(1) {
-            bail!("revoked key still accepted after 1 s");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for(
+        http,
+        &trades,
+        &key,
+        401,
+        Duration::from_secs(1),
+        "revoked key refused",
+    )
+    .await?;
     expect(
         "new key still works",
         http.get(&trades).bearer_auth(&new_key).send().await?,
@@ -348,17 +365,15 @@ async fn self_test(
         200,
     )
     .await?;
-    let start = Instant::now();
-    loop {
-        if http.get(&trades).bearer_auth(&jwt).send().await?.status() == 401 {
-            println!("ok  revoked JWT refused after {} ms", start.elapsed().as_millis());
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(1) {
-            bail!("revoked JWT still accepted after 1 s");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for(
+        http,
+        &trades,
+        &jwt,
+        401,
+        Duration::from_secs(1),
+        "revoked JWT refused",
+    )
+    .await?;
     println!("self-test passed");
     Ok(())
 }
