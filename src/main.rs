@@ -41,6 +41,16 @@ enum Command {
     },
     /// Admin plane + demo MT5 service + sidecar in one process, with a walkthrough.
     Dev(permiso::dev::DevArgs),
+    /// A bare pingora proxy without auth, with the sidecar's settings (load-test baseline).
+    #[command(hide = true)]
+    Passthrough {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
     /// Manage the access-token signing keys through the admin API.
     SigningKeys {
         #[command(subcommand)]
@@ -106,6 +116,14 @@ fn main() -> anyhow::Result<()> {
             permiso::sidecar::run(cfg, Arc::new(SystemClock))
         }
         Command::Dev(args) => permiso::dev::run(args),
+        Command::Passthrough {
+            listen,
+            upstream,
+            threads,
+        } => {
+            permiso::sidecar::passthrough::run(listen, upstream, threads);
+            Ok(())
+        }
         Command::SigningKeys {
             action,
             admin_url,

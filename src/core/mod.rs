@@ -12,6 +12,7 @@ pub mod key;
 pub mod ratelimit;
 pub mod routes;
 pub mod scope;
+pub mod sharded;
 pub mod snapshot;
 pub mod sync;
 pub mod token_cache;

@@ -1,7 +1,6 @@
 //! The sidecar's immutable view of every key and service policy. A new snapshot is built off
 //! the request path from a sync payload and swapped in whole; requests only ever read one.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use crate::core::jwt::KeySet;
 use crate::core::key::{Environment, KeyHash};
 use crate::core::ratelimit::{LimiterState, Limits};
 use crate::core::scope::{ScopeError, ScopeSet};
+use crate::core::sharded::{Shard, ShardedMap};
 use crate::core::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
 
 /// Why a payload was refused; the previous snapshot stays in force.
@@ -86,8 +86,9 @@ pub struct ServiceEntry {
     pub allowed_ips: Vec<IpNet>,
     pub limits: Limits,
     pub limiter: Arc<LimiterState>,
-    /// Kept so the snapshot can be written back out and deltas can drop replaced keys.
-    pub keys: Vec<SyncKey>,
+    /// The hashes of this service's keys (details in the key map), so a delta can drop them
+    /// and the snapshot can be written back out.
+    pub keys: Vec<KeyHash>,
 }
 
 impl ServiceEntry {
@@ -134,14 +135,23 @@ impl Hasher for KeyHashHasher {
     }
 }
 
-type KeyMap = HashMap<KeyHash, KeyEntry, BuildHasherDefault<KeyHashHasher>>;
+impl Shard for KeyHash {
+    fn shard(&self) -> usize {
+        // The hasher folds in every byte; the last two alone pick the shard.
+        u16::from_le_bytes([self.0[30], self.0[31]]) as usize % crate::core::sharded::SHARDS
+    }
+}
 
-#[derive(Debug)]
+/// Sharded copy-on-write maps: a delta copies only the shards it touches.
+type KeyMap = ShardedMap<KeyHash, KeyEntry, BuildHasherDefault<KeyHashHasher>>;
+type ServiceMap = ShardedMap<Arc<str>, Arc<ServiceEntry>, std::collections::hash_map::RandomState>;
+
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub epoch: String,
     pub version: u64,
     pub environment: Environment,
-    services: HashMap<Arc<str>, Arc<ServiceEntry>>,
+    services: ServiceMap,
     keys: KeyMap,
     pub tokens: TokenState,
 }
@@ -171,12 +181,16 @@ fn build_service(
             service: s.service_id.clone(),
         });
     }
+    let mut keys = Vec::with_capacity(s.keys.len());
     for k in &s.keys {
-        if KeyHash::from_hex(&k.hash).is_none() || !header_safe(&k.key_id) {
-            return Err(SnapshotError::Hash {
-                service: s.service_id.clone(),
-                key_id: k.key_id.clone(),
-            });
+        match KeyHash::from_hex(&k.hash) {
+            Some(h) if header_safe(&k.key_id) => keys.push(h),
+            _ => {
+                return Err(SnapshotError::Hash {
+                    service: s.service_id.clone(),
+                    key_id: k.key_id.clone(),
+                })
+            }
         }
     }
     let limits = Limits {
@@ -198,7 +212,7 @@ fn build_service(
         allowed_ips,
         limits,
         limiter,
-        keys: s.keys.clone(),
+        keys,
     }))
 }
 
@@ -216,7 +230,7 @@ impl Snapshot {
             epoch,
             version,
             environment,
-            services: HashMap::new(),
+            services: ServiceMap::default(),
             keys: KeyMap::default(),
             tokens: TokenState::default(),
         }
@@ -273,10 +287,8 @@ impl Snapshot {
             }
             // Drop whatever this service had before; its new key list is complete.
             if let Some(old) = self.services.remove(s.service_id.as_str()) {
-                for k in &old.keys {
-                    if let Some(h) = KeyHash::from_hex(&k.hash) {
-                        self.keys.remove(&h);
-                    }
+                for h in &old.keys {
+                    self.keys.remove(h);
                 }
             }
             if s.environment != self.environment {
@@ -284,8 +296,7 @@ impl Snapshot {
             }
             let prev = previous.and_then(|p| p.services.get(s.service_id.as_str()));
             let entry = build_service(s, prev)?;
-            for k in &s.keys {
-                let hash = KeyHash::from_hex(&k.hash).expect("validated in build_service");
+            for (k, hash) in s.keys.iter().zip(entry.keys.iter().copied()) {
                 let ke = KeyEntry {
                     key_id: Arc::from(k.key_id.as_str()),
                     service: entry.clone(),
@@ -333,7 +344,17 @@ impl Snapshot {
                 rate_limit_per_minute: s.limits.per_minute,
                 rate_limit_per_hour: s.limits.per_hour,
                 allowed_ips: s.allowed_ips.iter().map(|n| n.to_string()).collect(),
-                keys: s.keys.clone(),
+                keys: s
+                    .keys
+                    .iter()
+                    .filter_map(|h| {
+                        self.keys.get(h).map(|k| SyncKey {
+                            key_id: k.key_id.to_string(),
+                            hash: h.to_hex(),
+                            expires_at: k.expires_at,
+                        })
+                    })
+                    .collect(),
             })
             .collect();
         services.sort_by(|a, b| a.service_id.cmp(&b.service_id));

@@ -3,6 +3,7 @@
 //! dev`); `run` runs it in the foreground with pingora's signal handling.
 
 pub mod egress;
+pub mod passthrough;
 pub mod proxy;
 pub mod snapshot_file;
 pub mod sync_client;
@@ -44,6 +45,16 @@ fn initial_snapshot(cfg: &SidecarConfig) -> Option<Arc<Snapshot>> {
     }
 }
 
+/// pingora settings shared by the sidecar and the bare passthrough it is benchmarked against.
+pub(crate) fn server_conf(threads: usize, shutdown_grace: Duration) -> ServerConf {
+    ServerConf {
+        threads,
+        grace_period_seconds: Some(shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(2),
+        ..ServerConf::default()
+    }
+}
+
 struct Parts {
     server: Server,
     sync: SyncClient,
@@ -63,13 +74,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
         token_cache: token_cache.clone(),
         early_sync: early.clone(),
     });
-    let conf = ServerConf {
-        threads: cfg.threads,
-        grace_period_seconds: Some(cfg.shutdown_grace.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(2),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(cfg.threads, cfg.shutdown_grace));
     server.bootstrap();
     let mut service = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -1,0 +1,625 @@
+//! Bundled load test: `cargo bench --bench load`. Needs only the repository and the Rust
+//! toolchain; uses nginx too when it is installed (`apt-get install -y nginx`).
+//!
+//! On loopback it starts a fast upstream, a bare pingora passthrough built from the same code
+//! and settings as the sidecar, the sidecar with 100k keys (PERMISO_LOAD_KEYS=1000000 for 1M)
+//! synced from a real admin plane, and nginx as a plain reverse proxy. Every proxy runs ONE
+//! worker thread/process. A bundled generator drives each with the same load (keep-alive
+//! connections, fixed duration) and the run prints one table, then measures how long a
+//! revocation takes to reach the sidecar while it serves that load.
+//!
+//! Knobs: PERMISO_LOAD_SECS (default 5), PERMISO_LOAD_CONNS (default 32),
+//! PERMISO_LOAD_KEYS (default 100000), PERMISO_LOAD_REVOCATIONS (default 20).
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use permiso::admin::db::{BulkService, NewService, Store, StoredKey};
+use permiso::core::ids;
+use permiso::core::key::{self, Environment};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ADMIN_KEY: &str = "load-test-admin-key-0123456789";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(dir: &Path, name: &str, exe: &str, args: &[&str]) -> Proc {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Proc(
+        Command::new(exe)
+            .args(args)
+            .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{exe}: {e}")),
+    )
+}
+
+/// User + system CPU ticks of a process and its direct children (nginx workers).
+fn cpu_ticks(pid: u32) -> u64 {
+    fn stat(path: &Path) -> Option<(u32, u64)> {
+        let s = std::fs::read_to_string(path).ok()?;
+        let rest = &s[s.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the command: state(0) ppid(1) ... utime(11) stime(12).
+        Some((
+            f[1].parse().ok()?,
+            f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?,
+        ))
+    }
+    let mut total = stat(&Path::new("/proc").join(pid.to_string()).join("stat")).map_or(0, |(_, t)| t);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some((ppid, t)) = stat(&e.path().join("stat")) {
+                if ppid == pid {
+                    total += t;
+                }
+            }
+        }
+    }
+    total
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// An upstream that answers every request at once: `200 ok`, keep-alive.
+fn start_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    let mut filled = 0;
+                    loop {
+                        let Ok(n) = s.read(&mut buf[filled..]).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        filled += n;
+                        let mut start = 0;
+                        let mut out = Vec::new();
+                        while let Some(end) = find(&buf[start..filled], b"\r\n\r\n") {
+                            start += end + 4;
+                            out.extend_from_slice(
+                                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
+                            );
+                        }
+                        buf.copy_within(start..filled, 0);
+                        filled -= start;
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[derive(Default)]
+struct LoadResult {
+    latencies_us: Vec<u32>,
+    statuses: BTreeMap<u16, u64>,
+    errors: u64,
+    elapsed: Duration,
+}
+
+/// Reads one response; returns its status.
+async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end]).unwrap_or("");
+            let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                buf.drain(..end + 4 + len);
+                return Ok(status);
+            }
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `conns` keep-alive connections sending `request` back to back for `dur`.
+fn run_load(addr: SocketAddr, request: Vec<u8>, conns: usize, dur: Duration) -> LoadResult {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let started = Instant::now();
+        let deadline = started + dur;
+        let tasks: Vec<_> = (0..conns)
+            .map(|_| {
+                let request = request.clone();
+                tokio::spawn(async move {
+                    let mut r = LoadResult::default();
+                    let mut s = match tokio::net::TcpStream::connect(addr).await {
+                        Ok(s) => s,
+                        Err(_) => {
+                            r.errors += 1;
+                            return r;
+                        }
+                    };
+                    let _ = s.set_nodelay(true);
+                    let mut buf = Vec::with_capacity(8192);
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        if s.write_all(&request).await.is_err() {
+                            r.errors += 1;
+                            break;
+                        }
+                        match read_response(&mut s, &mut buf).await {
+                            Ok(status) => {
+                                r.latencies_us.push(t.elapsed().as_micros() as u32);
+                                *r.statuses.entry(status).or_default() += 1;
+                            }
+                            Err(_) => {
+                                r.errors += 1;
+                                // The proxy closed the connection: reconnect, as a client would.
+                                match tokio::net::TcpStream::connect(addr).await {
+                                    Ok(n) => {
+                                        s = n;
+                                        let _ = s.set_nodelay(true);
+                                        buf.clear();
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut total = LoadResult::default();
+        for t in tasks {
+            let r = t.await.unwrap();
+            total.latencies_us.extend(r.latencies_us);
+            total.errors += r.errors;
+            for (k, v) in r.statuses {
+                *total.statuses.entry(k).or_default() += v;
+            }
+        }
+        total.elapsed = started.elapsed();
+        total.latencies_us.sort_unstable();
+        total
+    })
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+}
+
+fn request(auth: Option<&str>) -> Vec<u8> {
+    let mut r = String::from("GET /api/v1/trades HTTP/1.1\r\nHost: bench\r\n");
+    if let Some(a) = auth {
+        r.push_str(&format!("Authorization: Bearer {a}\r\n"));
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
+fn new_service(name: &str, scopes: &[&str], per_minute: Option<u32>) -> NewService {
+    NewService {
+        name: name.into(),
+        environment: Environment::Live,
+        description: None,
+        contact_email: None,
+        is_trusted: false,
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        rate_limit_per_minute: per_minute,
+        rate_limit_per_hour: None,
+        allowed_ips: vec![],
+        access_token_lifetime: 3600,
+    }
+}
+
+struct Seeded {
+    valid_key: String,
+    limited_key: String,
+    sync_key: String,
+    jwt_client: (String, String),
+}
+
+/// `n` keys over n/10 services, plus the bench's own accounts, in one transaction.
+fn seed(db: &Path, n: usize) -> Seeded {
+    let store = Store::open(db).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut first_key = None;
+    let mut bulk = Vec::with_capacity(n / 10 + 3);
+    let mut make = |name: String,
+                    scopes: &[&str],
+                    per_minute: Option<u32>,
+                    keys: usize|
+     -> (String, Vec<String>, String) {
+        let id = ids::new_service_id();
+        let mut secrets = Vec::new();
+        let mut stored = Vec::new();
+        for _ in 0..keys {
+            let k = key::generate(Environment::Live);
+            stored.push((ids::new_key_id(), StoredKey::of(&k)));
+            secrets.push(k.secret.expose().to_string());
+        }
+        let cs = key::generate_client_secret();
+        bulk.push(BulkService {
+            id: id.clone(),
+            service: new_service(&name, scopes, per_minute),
+            keys: stored,
+            secret: (ids::new_secret_id(), StoredKey::of(&cs)),
+        });
+        (id, secrets, cs.secret.expose().to_string())
+    };
+    for i in 0..n / 10 {
+        let (_, keys, _) = make(format!("svc-{i}"), &["trade:read"], None, 10);
+        first_key.get_or_insert(keys[0].clone());
+    }
+    let (_, sync, _) = make("bench-sync".into(), &["sync:read"], None, 1);
+    let (_, limited, _) = make("bench-limited".into(), &["trade:read"], Some(1), 1);
+    let (jwt_id, _, jwt_secret) = make("bench-jwt".into(), &["trade:read"], None, 1);
+    store.bulk_create(&bulk, now).unwrap();
+    Seeded {
+        valid_key: first_key.unwrap(),
+        limited_key: limited[0].clone(),
+        sync_key: sync[0].clone(),
+        jwt_client: (jwt_id, jwt_secret),
+    }
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !f() {
+        assert!(started.elapsed() < Duration::from_secs(120), "{what} not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn main() {
+    let secs = env_or("PERMISO_LOAD_SECS", 5);
+    let conns = env_or("PERMISO_LOAD_CONNS", 32) as usize;
+    let n_keys = env_or("PERMISO_LOAD_KEYS", 100_000) as usize;
+    let revocations = env_or("PERMISO_LOAD_REVOCATIONS", 20) as usize;
+    let dur = Duration::from_secs(secs);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let permiso = env!("CARGO_BIN_EXE_permiso");
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+
+    eprintln!("seeding {n_keys} keys ...");
+    let t = Instant::now();
+    let seeded = seed(&d.join("permiso.db"), n_keys);
+    eprintln!("seeded in {:.1} s", t.elapsed().as_secs_f64());
+
+    let upstream = start_upstream();
+    let admin = free_port();
+    let _admin = spawn(
+        d,
+        "admin",
+        permiso,
+        &[
+            "admin",
+            "--listen",
+            &admin.to_string(),
+            "--database",
+            &d.join("permiso.db").display().to_string(),
+        ],
+    );
+    wait_until("admin plane", || {
+        http.get(format!("http://{admin}/healthz")).send().is_ok()
+    });
+
+    let sidecar = free_port();
+    std::fs::write(d.join("sync.key"), &seeded.sync_key).unwrap();
+    let cfg = format!(
+        "[sidecar]\nlisten = \"{sidecar}\"\nupstream = \"{upstream}\"\nsnapshot_file = \"{}\"\nthreads = 1\n\
+         [sidecar.sync]\nadmin_url = \"http://{admin}\"\ncredential_file = \"{}\"\n\
+         [[sidecar.routes]]\nprefix = \"/api/v1/trades\"\nscopes = [\"trade:read\"]\n",
+        d.join("snapshot.json").display(),
+        d.join("sync.key").display()
+    );
+    std::fs::write(d.join("sidecar.toml"), cfg).unwrap();
+    let sidecar_proc = spawn(
+        d,
+        "sidecar",
+        permiso,
+        &[
+            "sidecar",
+            "--config",
+            &d.join("sidecar.toml").display().to_string(),
+        ],
+    );
+    let t = Instant::now();
+    wait_until("sidecar with its snapshot", || {
+        http.get(format!("http://{sidecar}/api/v1/trades"))
+            .bearer_auth(&seeded.valid_key)
+            .send()
+            .is_ok_and(|r| r.status() == 200)
+    });
+    eprintln!(
+        "sidecar serving {n_keys} keys {:.1} s after start",
+        t.elapsed().as_secs_f64()
+    );
+
+    let bare = free_port();
+    let bare_proc = spawn(
+        d,
+        "passthrough",
+        permiso,
+        &[
+            "passthrough",
+            "--listen",
+            &bare.to_string(),
+            "--upstream",
+            &upstream.to_string(),
+            "--threads",
+            "1",
+        ],
+    );
+    wait_until("bare pingora", || std::net::TcpStream::connect(bare).is_ok());
+
+    let nginx = which_nginx().map(|exe| {
+        let port = free_port();
+        let conf = format!(
+            "worker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  upstream u {{ server {upstream}; keepalive 64; }}\n  \
+             server {{\n    listen {port};\n    location / {{ proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n\
+               client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n}}\n",
+            dir = d.display()
+        );
+        std::fs::write(d.join("nginx.conf"), conf).unwrap();
+        let p = spawn(d, "nginx", &exe, &["-c", &d.join("nginx.conf").display().to_string(), "-p", &d.display().to_string(), "-g", "daemon off;"]);
+        wait_until("nginx", || std::net::TcpStream::connect(port).is_ok());
+        (port, p)
+    });
+
+    let token: String = {
+        let r: Value = http
+            .post(format!("http://{admin}/oauth/token"))
+            .basic_auth(&seeded.jwt_client.0, Some(&seeded.jwt_client.1))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        r["access_token"].as_str().unwrap().to_string()
+    };
+    let invalid = key::generate(Environment::Live);
+    let ticks = clock_ticks_per_sec();
+
+    struct Row {
+        name: String,
+        rps: f64,
+        p50: f64,
+        p99: f64,
+        p999: f64,
+        cpu_us: f64,
+        statuses: String,
+    }
+    let measure = |name: &str, addr: SocketAddr, pid: u32, req: Vec<u8>| -> Row {
+        // Warm up connections and caches, then measure.
+        let _ = run_load(addr, req.clone(), conns, Duration::from_millis(500));
+        let c0 = cpu_ticks(pid);
+        let r = run_load(addr, req, conns, dur);
+        let c1 = cpu_ticks(pid);
+        let n = r.latencies_us.len() as f64;
+        Row {
+            name: name.into(),
+            rps: n / r.elapsed.as_secs_f64(),
+            p50: pct(&r.latencies_us, 0.5),
+            p99: pct(&r.latencies_us, 0.99),
+            p999: pct(&r.latencies_us, 0.999),
+            cpu_us: (c1 - c0) as f64 / ticks * 1e6 / n.max(1.0),
+            statuses: format!(
+                "{:?}{}",
+                r.statuses,
+                if r.errors > 0 {
+                    format!(" errors={}", r.errors)
+                } else {
+                    String::new()
+                }
+            ),
+        }
+    };
+    let mut rows = vec![measure(
+        "bare pingora passthrough",
+        bare,
+        bare_proc.0.id(),
+        request(Some(&seeded.valid_key)),
+    )];
+    if let Some((port, p)) = &nginx {
+        rows.push(measure(
+            "nginx proxy_pass (no auth)",
+            *port,
+            p.0.id(),
+            request(Some(&seeded.valid_key)),
+        ));
+    }
+    let sid = sidecar_proc.0.id();
+    rows.push(measure(
+        "sidecar: valid API key",
+        sidecar,
+        sid,
+        request(Some(&seeded.valid_key)),
+    ));
+    rows.push(measure("sidecar: valid JWT", sidecar, sid, request(Some(&token))));
+    rows.push(measure(
+        "sidecar: invalid key (401)",
+        sidecar,
+        sid,
+        request(Some(invalid.secret.expose())),
+    ));
+    rows.push(measure(
+        "sidecar: over the limit (429)",
+        sidecar,
+        sid,
+        request(Some(&seeded.limited_key)),
+    ));
+
+    let bare_rps = rows[0].rps;
+    let nginx_rps = nginx.as_ref().map(|_| rows[1].rps);
+    println!(
+        "\nload: {conns} keep-alive connections, {secs} s per row, 1 worker thread/process for every proxy, sidecar snapshot {n_keys} keys\n"
+    );
+    println!("| path | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | × bare pingora | × nginx | statuses |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} | {} |",
+            r.name,
+            r.rps,
+            r.p50,
+            r.p99,
+            r.p999,
+            r.cpu_us,
+            r.rps / bare_rps,
+            nginx_rps.map_or("n/a (nginx not installed)".to_string(), |x| format!(
+                "{:.2}",
+                r.rps / x
+            )),
+            r.statuses
+        );
+    }
+
+    // Revocation under load: the sidecar serves the valid-key load while keys are revoked.
+    let load_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (flag, key_for_load) = (load_stop.clone(), seeded.valid_key.clone());
+    let background = std::thread::spawn(move || {
+        let mut total = 0usize;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            total += run_load(
+                sidecar,
+                request(Some(&key_for_load)),
+                conns,
+                Duration::from_secs(1),
+            )
+            .latencies_us
+            .len();
+        }
+        total
+    });
+    let mut samples = Vec::new();
+    for i in 0..revocations {
+        let r: Value = http
+            .post(format!("http://{admin}/auth/admin/services"))
+            .header("X-Admin-Api-Key", ADMIN_KEY)
+            .json(&json!({"service_name": format!("revokee-{i}"), "scopes": ["trade:read"]}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let (k, sid_, kid) = (
+            r["api_key"].as_str().unwrap(),
+            r["service_id"].as_str().unwrap(),
+            r["key_id"].as_str().unwrap(),
+        );
+        let ok = |status: u16| {
+            http.get(format!("http://{sidecar}/api/v1/trades"))
+                .bearer_auth(k)
+                .send()
+                .is_ok_and(|r| r.status() == status)
+        };
+        wait_until("new key at the sidecar", || ok(200));
+        let t = Instant::now();
+        let resp = http
+            .post(format!(
+                "http://{admin}/auth/admin/services/{sid_}/keys/{kid}/revoke"
+            ))
+            .header("X-Admin-Api-Key", ADMIN_KEY)
+            .send()
+            .unwrap();
+        assert!(resp.status().is_success());
+        while !ok(401) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        samples.push(t.elapsed());
+    }
+    load_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served = background.join().unwrap();
+    samples.sort();
+    let p = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    println!(
+        "\nrevocation → first 401 at the sidecar under load ({revocations} revocations, {served} requests served meanwhile): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        p(0.5),
+        p(0.99),
+        p(1.0)
+    );
+}
+
+fn which_nginx() -> Option<String> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .map(|p| p.to_string())
+}
