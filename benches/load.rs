@@ -433,7 +433,7 @@ fn main() {
         let port = free_port();
         let conf = format!(
             "worker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\nevents {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  upstream u {{ server {upstream}; keepalive 64; }}\n  \
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n  upstream u {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}\n  \
              server {{\n    listen {port};\n    location / {{ proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n\
                client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n}}\n",
             dir = d.display()
@@ -569,6 +569,8 @@ fn main() {
         }
         total
     });
+    // Let the background load reach steady state before the first revocation.
+    std::thread::sleep(Duration::from_secs(1));
     let mut samples = Vec::new();
     for i in 0..revocations {
         let r: Value = http

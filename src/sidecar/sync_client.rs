@@ -126,16 +126,44 @@ impl SyncClient {
         Ok(true)
     }
 
-    fn persist(&self) {
-        if let Some(s) = self.current.load_full() {
-            if let Err(e) = snapshot_file::write(&self.snapshot_file, &s) {
-                tracing::error!(path = %self.snapshot_file.display(), error = %e, "could not write snapshot file");
-            }
-        }
+    /// Asks the writer thread to save the current snapshot. Never blocks: a 1M-key file
+    /// takes seconds to write, and the next sync must not wait for it. Requests made while a
+    /// write is pending coalesce into one write of the newest snapshot.
+    fn persist(&self, writer: &std::sync::mpsc::SyncSender<()>) {
+        let _ = writer.try_send(());
     }
 
-    /// Runs until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    fn spawn_writer(&self) -> (std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let (current, path) = (self.current.clone(), self.snapshot_file.clone());
+        let handle = std::thread::Builder::new()
+            .name("permiso-snapshot-writer".into())
+            .spawn(move || {
+                // Ends when the sync client (the only sender) is dropped.
+                for () in rx {
+                    if let Some(s) = current.load_full() {
+                        let started = std::time::Instant::now();
+                        match snapshot_file::write(&path, &s) {
+                            Ok(()) => tracing::debug!(version = s.version, ms = started.elapsed().as_millis() as u64, "snapshot file written"),
+                            Err(e) => tracing::error!(path = %path.display(), error = %e, "could not write snapshot file"),
+                        }
+                    }
+                }
+            })
+            .expect("snapshot writer thread");
+        (tx, handle)
+    }
+
+    /// Runs until `shutdown` turns true; a snapshot write still pending then is finished first,
+    /// so a stopped sidecar restarts from the newest state it had.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let (writer, writer_thread) = self.spawn_writer();
+        self.sync_loop(&writer, shutdown).await;
+        drop(writer);
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    }
+
+    async fn sync_loop(&self, writer: &std::sync::mpsc::SyncSender<()>, mut shutdown: watch::Receiver<bool>) {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .build()
@@ -160,7 +188,7 @@ impl SyncClient {
                 Ok(changed) => {
                     backoff = MIN_BACKOFF;
                     if changed {
-                        self.persist();
+                        self.persist(writer);
                     }
                     false
                 }
