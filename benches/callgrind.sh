@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, sidecar vs bare pingora passthrough, counted by callgrind:
+# repeatable where wall-clock load tests on this shared machine are not (±20 %).
+#   cargo build --release --bins && bash benches/callgrind.sh
+# Needs valgrind and python3. Each proxy runs under callgrind twice (N1 and N2 keep-alive
+# requests after start-up); (I(N2) - I(N1)) / (N2 - N1) removes start-up and sync costs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=target/release
+N1=${N1:-2000}
+N2=${N2:-6000}
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && echo "kept $work" || rm -rf "$work"' EXIT
+export PERMISO_ADMIN_API_KEY=callgrind-admin-key-0123456789 RUST_LOG=warn
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 1 600); do curl -fs -o /dev/null "$1" ${2:+-H "$2"} && return 0; sleep 0.1; done; echo "timeout: $1" >&2; return 1; }
+
+ADMIN=$(port); UP=$(port)
+$BIN/permiso admin --listen 127.0.0.1:$ADMIN --database "$work/p.db" >"$work/admin.log" 2>&1 &
+$BIN/account-demo --listen 127.0.0.1:$UP >"$work/up.log" 2>&1 &
+wait_http "http://127.0.0.1:$ADMIN/healthz"
+create() { curl -fsS -X POST "http://127.0.0.1:$ADMIN/auth/admin/services" -H "X-Admin-Api-Key: $PERMISO_ADMIN_API_KEY" \
+  -H 'Content-Type: application/json' -d "{\"service_name\":\"$1\",\"scopes\":$2}" | python3 -c 'import sys,json; print(json.load(sys.stdin)["api_key"])'; }
+create cg-sync '["sync:read"]' >"$work/sync.key"
+KEY=$(create cg-caller '["account:read"]')
+
+# Sends N requests on one keep-alive connection; every answer must be 200.
+drive() {
+  python3 - "$1" "$2" "$KEY" <<'PY'
+import http.client, sys
+port, n, key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+c = http.client.HTTPConnection("127.0.0.1", port)
+for _ in range(n):
+    c.request("GET", "/api/v1/accounts/1", headers={"Authorization": "Bearer " + key})
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+PY
+}
+
+# Runs one proxy under callgrind, sends N requests, stops it, prints total instructions.
+measure() { # name n command...
+  local name=$1 n=$2; shift 2
+  local out="$work/cg.$name.$n"
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >"$work/$name.$n.log" 2>&1 &
+  local pid=$!
+  wait_http "http://127.0.0.1:$PROXY/api/v1/accounts/1" "Authorization: Bearer $KEY"
+  drive "$PROXY" "$n"
+  kill -INT $pid; wait $pid || true
+  grep -h '^summary:' "$out"* | awk '{s += $2} END {print s}'
+}
+
+PROXY=$(port)
+cat >"$work/sidecar.toml" <<TOML
+[sidecar]
+listen = "127.0.0.1:$PROXY"
+upstream = "127.0.0.1:$UP"
+snapshot_file = "$work/snap.json"
+[sidecar.sync]
+admin_url = "http://127.0.0.1:$ADMIN"
+credential_file = "$work/sync.key"
+[[sidecar.routes]]
+prefix = "/api/v1/accounts"
+scopes = ["account:read"]
+TOML
+s1=$(measure sidecar $N1 $BIN/permiso sidecar --config "$work/sidecar.toml")
+s2=$(measure sidecar $N2 $BIN/permiso sidecar --config "$work/sidecar.toml")
+b1=$(measure bare $N1 $BIN/permiso passthrough --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
+b2=$(measure bare $N2 $BIN/permiso passthrough --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
+python3 - "$s1" "$s2" "$b1" "$b2" "$N1" "$N2" <<'PY'
+import sys
+s1, s2, b1, b2, n1, n2 = map(int, sys.argv[1:])
+side, bare = (s2 - s1) / (n2 - n1), (b2 - b1) / (n2 - n1)
+print(f"instructions per request: sidecar {side:,.0f}, bare pingora {bare:,.0f}, "
+      f"auth adds {side - bare:,.0f} ({(side / bare - 1) * 100:+.1f} %)")
+PY
