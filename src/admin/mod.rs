@@ -44,6 +44,7 @@ pub struct Inner {
     /// Token endpoint throttles against secret guessing.
     pub ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
     pub client_limiter: DefaultKeyedRateLimiter<String>,
+    pub delta_cache: sync::DeltaCache,
 }
 
 pub type AppState = Arc<Inner>;
@@ -186,6 +187,7 @@ fn build_state(
         shutdown,
         kek,
         keyring: ArcSwap::from_pointee(ring),
+        delta_cache: sync::DeltaCache::default(),
     }))
 }
 

@@ -1,38 +1,35 @@
 //! `GET /v1/sync`: what sidecars pull. Answers at once when something changed since `after`,
 //! otherwise holds the request until a change or `wait` seconds, so changes reach sidecars in
 //! milliseconds without polling load.
+//!
+//! When a change lands, every parked sidecar wakes and asks for the same delta; the first one
+//! builds it (one database read, one serialisation) and the rest get the same bytes.
 
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::Json;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 
 use crate::admin::auth::SyncReader;
 use crate::admin::error::ApiError;
 use crate::admin::model::SyncParams;
 use crate::admin::AppState;
-use crate::core::sync::SyncPayload;
 
-pub async fn sync(
-    State(st): State<AppState>,
-    SyncReader(actor): SyncReader,
-    q: Result<Query<SyncParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<SyncPayload>, ApiError> {
-    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(st.cfg.sync_max_wait);
-    let same_epoch = q.epoch.as_deref() == Some(st.store.epoch());
-    if let (Some(after), true) = (q.after, same_epoch) {
-        let mut versions = st.versions.subscribe();
-        let mut shutdown = st.shutdown.clone();
-        if *versions.borrow_and_update() <= after && !wait.is_zero() {
-            tokio::select! {
-                _ = tokio::time::timeout(wait, versions.wait_for(|v| *v > after)) => {}
-                _ = shutdown.wait_for(|s| *s) => {}
-            }
-        }
-    }
-    let now = st.clock.now_secs();
-    let (epoch, after) = (q.epoch, q.after);
+/// The last delta served: valid for the same `after`, the same current version, and the same
+/// second (payloads drop keys and revoked tokens whose time has passed).
+#[derive(Default)]
+pub struct DeltaCache {
+    last: tokio::sync::Mutex<Option<(u64, u64, i64, Bytes)>>,
+}
+
+async fn build(
+    st: &AppState,
+    epoch: Option<String>,
+    after: Option<u64>,
+    now: i64,
+) -> Result<(u64, Bytes), ApiError> {
     let max_lifetime = i64::from(crate::admin::model::MAX_TOKEN_LIFETIME);
     let mut payload = st
         .db(move |s| {
@@ -42,6 +39,49 @@ pub async fn sync(
         })
         .await?;
     payload.issuer = st.issuer.clone();
-    tracing::debug!(%actor, version = payload.version, full = payload.full, services = payload.services.len(), "sync served");
-    Ok(Json(payload))
+    let body = serde_json::to_vec(&payload).map_err(ApiError::internal)?;
+    Ok((payload.version, Bytes::from(body)))
+}
+
+pub async fn sync(
+    State(st): State<AppState>,
+    SyncReader(actor): SyncReader,
+    q: Result<Query<SyncParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(st.cfg.sync_max_wait);
+    let same_epoch = q.epoch.as_deref() == Some(st.store.epoch());
+    let mut current = None;
+    if let (Some(after), true) = (q.after, same_epoch) {
+        let mut versions = st.versions.subscribe();
+        let mut shutdown = st.shutdown.clone();
+        if *versions.borrow_and_update() <= after && !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::timeout(wait, versions.wait_for(|v| *v > after)) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        }
+        current = Some(*versions.borrow());
+    }
+    let now = st.clock.now_secs();
+    let body = match (q.after, current) {
+        // A delta within this database: share it with every sidecar asking the same.
+        (Some(after), Some(version)) if after <= version => {
+            let mut cache = st.delta_cache.last.lock().await;
+            match cache.as_ref() {
+                Some((a, v, t, body)) if *a == after && *v == version && *t == now => body.clone(),
+                _ => {
+                    let (built_version, body) = build(&st, q.epoch.clone(), Some(after), now).await?;
+                    // Cache only what matches the version the long poll saw.
+                    if built_version == version {
+                        *cache = Some((after, version, now, body.clone()));
+                    }
+                    body
+                }
+            }
+        }
+        _ => build(&st, q.epoch.clone(), q.after, now).await?.1,
+    };
+    tracing::debug!(%actor, bytes = body.len(), "sync served");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
