@@ -67,10 +67,33 @@ s1=$(measure sidecar $N1 $BIN/permiso sidecar --config "$work/sidecar.toml")
 s2=$(measure sidecar $N2 $BIN/permiso sidecar --config "$work/sidecar.toml")
 b1=$(measure bare $N1 $BIN/permiso passthrough --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
 b2=$(measure bare $N2 $BIN/permiso passthrough --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
-python3 - "$s1" "$s2" "$b1" "$b2" "$N1" "$N2" <<'PY'
+n1=0; n2=0
+if command -v nginx >/dev/null 2>&1; then
+  # nginx as a plain reverse proxy, one process (no master) so callgrind sees all its work.
+  cat >"$work/nginx.conf" <<NGINX
+daemon off;
+master_process off;
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work; uwsgi_temp_path $work; scgi_temp_path $work;
+  upstream u { server 127.0.0.1:$UP; keepalive 16; }
+  server { listen 127.0.0.1:$PROXY; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+NGINX
+  n1=$(measure nginx $N1 nginx -c "$work/nginx.conf" -p "$work")
+  n2=$(measure nginx $N2 nginx -c "$work/nginx.conf" -p "$work")
+fi
+python3 - "$s1" "$s2" "$b1" "$b2" "$n1" "$n2" "$N1" "$N2" <<'PY'
 import sys
-s1, s2, b1, b2, n1, n2 = map(int, sys.argv[1:])
-side, bare = (s2 - s1) / (n2 - n1), (b2 - b1) / (n2 - n1)
+s1, s2, b1, b2, n1, n2, r1, r2 = map(int, sys.argv[1:])
+side, bare = (s2 - s1) / (r2 - r1), (b2 - b1) / (r2 - r1)
 print(f"instructions per request: sidecar {side:,.0f}, bare pingora {bare:,.0f}, "
       f"auth adds {side - bare:,.0f} ({(side / bare - 1) * 100:+.1f} %)")
+if n2:
+    ngx = (n2 - n1) / (r2 - r1)
+    print(f"nginx proxy_pass {ngx:,.0f} instructions per request: bare pingora is {bare / ngx:.1f}x nginx, the sidecar {side / ngx:.1f}x")
 PY
