@@ -250,6 +250,34 @@ fn touch_service(tx: &Transaction<'_>, id: &str, now: i64) -> StoreResult<u64> {
     Ok(v)
 }
 
+/// One services row (create and bulk create write the same columns).
+fn insert_service(
+    tx: &Transaction<'_>,
+    id: &str,
+    s: &NewService,
+    now: i64,
+    version: u64,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(&format!(
+        "INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12,?13)"
+    ))?
+    .execute(params![
+        id,
+        s.name,
+        s.environment.as_str(),
+        s.description,
+        s.contact_email,
+        s.is_trusted,
+        to_json(&s.scopes),
+        s.rate_limit_per_minute,
+        s.rate_limit_per_hour,
+        to_json(&s.allowed_ips),
+        now,
+        s.access_token_lifetime,
+        version as i64
+    ])
+}
+
 fn insert_credential(
     tx: &Transaction<'_>,
     service_id: &str,
@@ -409,24 +437,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let v = bump_version(&tx)?;
-        let r = tx.execute(
-            &format!("INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12,?13)"),
-            params![
-                id,
-                s.name,
-                s.environment.as_str(),
-                s.description,
-                s.contact_email,
-                s.is_trusted,
-                to_json(&s.scopes),
-                s.rate_limit_per_minute,
-                s.rate_limit_per_hour,
-                to_json(&s.allowed_ips),
-                now,
-                s.access_token_lifetime,
-                v as i64
-            ],
-        );
+        let r = insert_service(&tx, id, s, now, v);
         if let Err(e) = r {
             return Err(if is_unique_violation(&e) {
                 StoreError::Conflict(format!("a service named {:?} already exists", s.name))
@@ -447,39 +458,13 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let v = bump_version(&tx)?;
-        {
-            let mut st = tx.prepare_cached(&format!(
-                "INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12,?13)"
-            ))?;
-            for b in services {
-                let s = &b.service;
-                st.execute(params![
-                    b.id,
-                    s.name,
-                    s.environment.as_str(),
-                    s.description,
-                    s.contact_email,
-                    s.is_trusted,
-                    to_json(&s.scopes),
-                    s.rate_limit_per_minute,
-                    s.rate_limit_per_hour,
-                    to_json(&s.allowed_ips),
-                    now,
-                    s.access_token_lifetime,
-                    v as i64
-                ])?;
-                for (key_id, key) in &b.keys {
-                    insert_credential(&tx, &b.id, CredentialKind::ApiKey, key_id, key, now)?;
-                }
-                insert_credential(
-                    &tx,
-                    &b.id,
-                    CredentialKind::ClientSecret,
-                    &b.secret.0,
-                    &b.secret.1,
-                    now,
-                )?;
+        for b in services {
+            insert_service(&tx, &b.id, &b.service, now, v)?;
+            for (key_id, key) in &b.keys {
+                insert_credential(&tx, &b.id, CredentialKind::ApiKey, key_id, key, now)?;
             }
+            let (secret_id, secret) = &b.secret;
+            insert_credential(&tx, &b.id, CredentialKind::ClientSecret, secret_id, secret, now)?;
         }
         tx.commit()?;
         Ok(v)
