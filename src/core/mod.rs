@@ -10,6 +10,7 @@ pub mod ids;
 pub mod jwt;
 pub mod key;
 pub mod ratelimit;
+pub mod request_id;
 pub mod routes;
 pub mod scope;
 pub mod sharded;

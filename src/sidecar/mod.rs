@@ -73,6 +73,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
         tokens: cfg.tokens.clone(),
         token_cache: token_cache.clone(),
         early_sync: early.clone(),
+        request_ids: Default::default(),
     });
     let mut server = Server::new_with_opt_and_conf(None, server_conf(cfg.threads, cfg.shutdown_grace));
     server.bootstrap();

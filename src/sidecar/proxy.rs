@@ -24,6 +24,7 @@ use crate::core::token_cache::TokenCache;
 use crate::sidecar::sync_client::EarlySync;
 
 pub const HEADER_PREFIX: &str = "x-permiso-";
+const REQUEST_ID: &str = "x-request-id";
 
 pub struct Shared {
     pub snapshot: Arc<ArcSwapOption<Snapshot>>,
@@ -34,6 +35,7 @@ pub struct Shared {
     pub tokens: TokenSettings,
     pub token_cache: Arc<TokenCache>,
     pub early_sync: Arc<EarlySync>,
+    pub request_ids: crate::core::request_id::RequestIds,
 }
 
 pub struct SidecarProxy {
@@ -44,6 +46,7 @@ pub struct Ctx {
     start: Instant,
     verdict: Option<Verdict>,
     denial: Option<&'static str>,
+    request_id: String,
 }
 
 /// Request bodies up to this size are read and discarded before a denial, so the connection
@@ -69,10 +72,11 @@ async fn drain_small_body(session: &mut Session) {
     }
 }
 
-async fn write_denial(session: &mut Session, denial: &Denial) -> Result<()> {
+async fn write_denial(session: &mut Session, denial: &Denial, request_id: &str) -> Result<()> {
     drain_small_body(session).await;
     let r = denial.response();
-    let mut h = ResponseHeader::build(r.status, Some(4 + r.headers.len()))?;
+    let mut h = ResponseHeader::build(r.status, Some(5 + r.headers.len()))?;
+    h.insert_header("X-Request-Id", request_id)?;
     h.insert_header("Content-Type", "application/json")?;
     h.insert_header("Content-Length", r.body.len().to_string())?;
     h.insert_header("Cache-Control", "no-store")?;
@@ -101,6 +105,7 @@ impl ProxyHttp for SidecarProxy {
             start: Instant::now(),
             verdict: None,
             denial: None,
+            request_id: String::new(),
         }
     }
 
@@ -109,6 +114,12 @@ impl ProxyHttp for SidecarProxy {
         let snapshot = shared.snapshot.load();
         let decision = {
             let req = session.req_header();
+            let mut incoming_ids = req.headers.get_all(REQUEST_ID).iter();
+            let incoming = match (incoming_ids.next(), incoming_ids.next()) {
+                (Some(v), None) => Some(v.as_bytes()),
+                _ => None,
+            };
+            ctx.request_id = shared.request_ids.keep_or_mint(incoming);
             let mut auth_values = req.headers.get_all(http::header::AUTHORIZATION).iter();
             let authorization = match (auth_values.next(), auth_values.next()) {
                 (None, _) => Authorization::Absent,
@@ -146,7 +157,7 @@ impl ProxyHttp for SidecarProxy {
                     shared.early_sync.request();
                 }
                 ctx.denial = Some(denial.reason());
-                write_denial(session, &denial).await?;
+                write_denial(session, &denial, &ctx.request_id).await?;
                 Ok(true)
             }
         }
@@ -172,6 +183,7 @@ impl ProxyHttp for SidecarProxy {
         {
             upstream.remove_header(&name);
         }
+        upstream.insert_header("X-Request-Id", ctx.request_id.as_str())?;
         match &ctx.verdict {
             Some(Verdict::Allowed { principal, .. }) => {
                 upstream.remove_header(&http::header::AUTHORIZATION);
@@ -200,6 +212,7 @@ impl ProxyHttp for SidecarProxy {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        response.insert_header("X-Request-Id", ctx.request_id.as_str())?;
         if let Some(Verdict::Allowed { principal, rate }) = &ctx.verdict {
             if let Some(value) = rate.header() {
                 response.insert_header("RateLimit-Policy", principal.service.limits.policy_header())?;
@@ -228,6 +241,7 @@ impl ProxyHttp for SidecarProxy {
         };
         tracing::info!(
             target: "permiso::access",
+            request_id = %ctx.request_id,
             method = %req.method,
             path = req.uri.path(),
             status,

@@ -317,3 +317,45 @@ fn denials_keep_the_connection_open() {
     assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
     assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
 }
+
+#[test]
+fn request_ids_are_kept_or_minted_and_follow_the_call() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "traced", "scopes": ["trade:read"]}));
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
+    let call = |id: Option<&str>, key: Option<&str>| {
+        let mut rb = h.http.get(h.sidecar_url("/api/v1/trades"));
+        if let Some(i) = id {
+            rb = rb.header("X-Request-Id", i);
+        }
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        let r = rb.send().unwrap();
+        let returned = header(&r, "x-request-id").unwrap().to_string();
+        let status = r.status().as_u16();
+        let upstream = if status == 200 {
+            r.json::<Value>().unwrap()["headers"]["x-request-id"]
+                .as_str()
+                .map(str::to_string)
+        } else {
+            None
+        };
+        (status, returned, upstream)
+    };
+    // A well-formed id from the caller is kept, sent upstream and returned.
+    let (s, back, up) = call(Some("trace-42.a_b:c"), Some(&svc.api_key));
+    assert_eq!(
+        (s, back.as_str(), up.as_deref()),
+        (200, "trace-42.a_b:c", Some("trace-42.a_b:c"))
+    );
+    // A malformed one is replaced; a missing one is minted; minted ids differ.
+    let (_, back1, up1) = call(Some("not ok/../x"), Some(&svc.api_key));
+    assert_ne!(back1, "not ok/../x");
+    assert_eq!(up1.as_deref(), Some(back1.as_str()));
+    let (_, back2, _) = call(None, Some(&svc.api_key));
+    assert_ne!(back1, back2);
+    // Denials carry it too, so a refused caller can quote it.
+    let (s, back, _) = call(Some("denied-1"), None);
+    assert_eq!((s, back.as_str()), (401, "denied-1"));
+}

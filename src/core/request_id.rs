@@ -1,0 +1,71 @@
+//! Request ids: kept from the caller when well-formed, otherwise minted, sent upstream as
+//! `X-Request-Id`, returned to the caller and written in the access line, so one id follows a
+//! call through every hop's logs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::TryRngCore;
+
+pub const MAX_LEN: usize = 128;
+
+/// 1 to 128 characters of `[A-Za-z0-9._:-]`: safe in headers and log lines.
+pub fn valid(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_LEN
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Mints ids unique within this process (random prefix) without a syscall per request.
+pub struct RequestIds {
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        let mut b = [0u8; 6];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut b)
+            .expect("OS CSPRNG unavailable");
+        RequestIds {
+            prefix: b.iter().map(|x| format!("{x:02x}")).collect(),
+            counter: AtomicU64::new(0),
+        }
+    }
+}
+
+impl RequestIds {
+    pub fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:x}", self.prefix)
+    }
+
+    /// The caller's id when it is well-formed, else a new one.
+    pub fn keep_or_mint(&self, incoming: Option<&[u8]>) -> String {
+        match incoming {
+            Some(id) if valid(id) => String::from_utf8_lossy(id).into_owned(),
+            _ => self.next(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_valid_ids_and_mints_unique_ones() {
+        let ids = RequestIds::default();
+        assert_eq!(ids.keep_or_mint(Some(b"abc-123_x.y:z")), "abc-123_x.y:z");
+        let a = ids.keep_or_mint(None);
+        let b = ids.keep_or_mint(Some(b"has space"));
+        let c = ids.keep_or_mint(Some("x".repeat(129).as_bytes()));
+        assert!(valid(a.as_bytes()) && valid(b.as_bytes()) && valid(c.as_bytes()));
+        assert!(a != b && b != c && a != c);
+        assert!(!valid(b""));
+        assert!(!valid("é".as_bytes()));
+        assert!(!valid(b"a\r\nb"));
+    }
+}
