@@ -113,6 +113,11 @@ pub mod file {
         /// Seconds to let in-flight requests finish on SIGTERM. Default 10.
         #[serde(default = "default_grace")]
         pub shutdown_grace_seconds: u64,
+        /// Health listener (`/healthz`, `/readyz`). Default: none.
+        pub admin_listen: Option<String>,
+        /// `/readyz` fails when the last successful sync is older than this. Default 60.
+        #[serde(default = "default_ready_age")]
+        pub ready_max_snapshot_age_seconds: u64,
         pub sync: Sync,
         #[serde(default)]
         pub tokens: Tokens,
@@ -259,6 +264,9 @@ pub mod file {
     fn default_threads() -> usize {
         1
     }
+    fn default_ready_age() -> u64 {
+        60
+    }
     fn default_grace() -> u64 {
         10
     }
@@ -299,6 +307,8 @@ pub struct SidecarConfig {
     pub snapshot_file: PathBuf,
     pub threads: usize,
     pub shutdown_grace: Duration,
+    pub admin_listen: Option<SocketAddr>,
+    pub ready_max_snapshot_age: Duration,
     pub admin_url: String,
     pub sync_credential: Secret,
     pub sync_wait: Duration,
@@ -622,6 +632,12 @@ impl SidecarConfig {
             snapshot_file: PathBuf::from(&f.snapshot_file),
             threads: f.threads,
             shutdown_grace: Duration::from_secs(f.shutdown_grace_seconds),
+            admin_listen: f
+                .admin_listen
+                .as_deref()
+                .map(|a| resolve("sidecar.admin_listen", a))
+                .transpose()?,
+            ready_max_snapshot_age: Duration::from_secs(f.ready_max_snapshot_age_seconds),
             admin_url: f.sync.admin_url.trim_end_matches('/').to_string(),
             sync_credential: credential,
             sync_wait: Duration::from_secs(f.sync.wait_seconds),

@@ -82,6 +82,8 @@ fn sidecar_config(
     sc.listen = local(args.sidecar_port).to_string();
     sc.upstream = local(args.upstream_port).to_string();
     sc.snapshot_file = dir.join("snapshot.json").display().to_string();
+    // The demo binds only the three ports it prints.
+    sc.admin_listen = None;
     sc.sync.admin_url = format!("http://{admin}");
     Ok(SidecarConfig::from_file(sc, credential)?)
 }

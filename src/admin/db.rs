@@ -416,6 +416,14 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a write transaction can start now (readiness: disk full, read-only file system
+    /// or a lock held elsewhere all show up here). Writes nothing.
+    pub fn check_writable(&self) -> StoreResult<()> {
+        let conn = self.conn();
+        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+        Ok(())
+    }
+
     pub fn epoch(&self) -> &str {
         &self.epoch
     }

@@ -3,6 +3,7 @@
 //! dev`); `run` runs it in the foreground with pingora's signal handling.
 
 pub mod egress;
+pub mod health;
 pub mod passthrough;
 pub mod proxy;
 pub mod snapshot_file;
@@ -58,10 +59,19 @@ pub(crate) fn server_conf(threads: usize, shutdown_grace: Duration) -> ServerCon
 struct Parts {
     server: Server,
     sync: SyncClient,
+    health: health::Health,
 }
 
 fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
-    let current = Arc::new(ArcSwapOption::new(initial_snapshot(cfg)));
+    let initial = initial_snapshot(cfg);
+    // A snapshot from the file is as old as the file.
+    let loaded_at = initial
+        .as_ref()
+        .and_then(|_| std::fs::metadata(&cfg.snapshot_file).ok()?.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64);
+    let last_sync = Arc::new(std::sync::atomic::AtomicI64::new(loaded_at));
+    let current = Arc::new(ArcSwapOption::new(initial));
     let token_cache = Arc::new(TokenCache::new(cfg.tokens.cache_entries));
     let early = Arc::new(EarlySync::new(cfg.tokens.early_sync_min_interval));
     let shared = Arc::new(Shared {
@@ -69,7 +79,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
         routes: cfg.routes.clone(),
         environment: cfg.environment,
         peer: HttpPeer::new(cfg.upstream, false, String::new()),
-        clock,
+        clock: clock.clone(),
         tokens: cfg.tokens.clone(),
         token_cache: token_cache.clone(),
         early_sync: early.clone(),
@@ -90,11 +100,19 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
         wait: cfg.sync_wait,
         environment: cfg.environment,
         snapshot_file: cfg.snapshot_file.clone(),
-        current,
+        current: current.clone(),
         token_cache,
         early,
+        last_sync: last_sync.clone(),
+        clock: clock.clone(),
     };
-    Parts { server, sync }
+    let health = health::Health {
+        current,
+        last_sync,
+        clock,
+        max_age: cfg.ready_max_snapshot_age,
+    };
+    Parts { server, sync, health }
 }
 
 fn spawn_sync(sync: SyncClient, stop: watch::Receiver<bool>) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -111,8 +129,12 @@ fn spawn_sync(sync: SyncClient, stop: watch::Receiver<bool>) -> std::io::Result<
 
 /// Runs in the foreground until SIGTERM (graceful) or SIGINT (fast).
 pub fn run(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<()> {
-    let Parts { server, sync } = build(&cfg, clock);
+    let Parts { server, sync, health } = build(&cfg, clock);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let health_thread = match cfg.admin_listen {
+        Some(addr) => Some(health::spawn(addr, health, stop_rx.clone())?.1),
+        None => None,
+    };
     let egress = match &cfg.egress {
         Some(e) => Some(egress::spawn(e, stop_rx.clone())?.1),
         None => None,
@@ -122,7 +144,7 @@ pub fn run(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<()> {
     server.run(RunArgs::default());
     let _ = stop_tx.send(true);
     let _ = sync_thread.join();
-    if let Some(t) = egress {
+    for t in [egress, health_thread].into_iter().flatten() {
         let _ = t.join();
     }
     Ok(())
@@ -145,6 +167,8 @@ pub struct SidecarHandle {
     pub addr: SocketAddr,
     /// The egress listener, when configured.
     pub egress_addr: Option<SocketAddr>,
+    /// The health listener (`/healthz`, `/readyz`), when configured.
+    pub health_addr: Option<SocketAddr>,
     proxy_stop: watch::Sender<bool>,
     sync_stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -168,7 +192,7 @@ impl Drop for SidecarHandle {
 
 /// Starts the proxy and the sync loop, and returns once the listener accepts connections.
 pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHandle> {
-    let Parts { server, sync } = build(&cfg, clock);
+    let Parts { server, sync, health } = build(&cfg, clock);
     let (sync_stop, sync_rx) = watch::channel(false);
     let (proxy_stop, proxy_rx) = watch::channel(false);
     let mut threads = Vec::new();
@@ -177,6 +201,14 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
             let (addr, t) = egress::spawn(e, sync_rx.clone())?;
             threads.push(t);
             Some(addr)
+        }
+        None => None,
+    };
+    let health_addr = match cfg.admin_listen {
+        Some(addr) => {
+            let (a, t) = health::spawn(addr, health, sync_rx.clone())?;
+            threads.push(t);
+            Some(a)
         }
         None => None,
     };
@@ -192,6 +224,7 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
     );
     let handle = SidecarHandle {
         egress_addr,
+        health_addr,
         addr: cfg.listen,
         proxy_stop,
         sync_stop,

@@ -65,6 +65,9 @@ pub struct SyncClient {
     pub current: Arc<ArcSwapOption<Snapshot>>,
     pub token_cache: Arc<TokenCache>,
     pub early: Arc<EarlySync>,
+    /// Unix seconds of the last successful sync (or of the snapshot file loaded at start).
+    pub last_sync: Arc<std::sync::atomic::AtomicI64>,
+    pub clock: crate::core::clock::SharedClock,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +189,7 @@ impl SyncClient {
             wait = self.wait;
             let failed = match outcome.and_then(|p| self.apply(&p).map_err(SyncError::from)) {
                 Ok(changed) => {
+                    self.last_sync.store(self.clock.now_secs(), Ordering::Relaxed);
                     backoff = MIN_BACKOFF;
                     if changed {
                         self.persist(writer);

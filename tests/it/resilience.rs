@@ -66,3 +66,36 @@ fn a_corrupt_snapshot_file_is_refused_not_half_applied() {
     h.start_sidecar(ROUTES);
     assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 503);
 }
+
+#[test]
+fn readiness_follows_the_snapshot_age_and_the_database() {
+    let mut h = Harness::start();
+    let svc = h.create(json!({"service_name": "ready", "scopes": ["trade:read"]}));
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
+    let probe = |h: &Harness, path: &str| {
+        let addr = h.sidecar.as_ref().unwrap().health_addr.unwrap();
+        let r = h.http.get(format!("http://{addr}{path}")).send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    assert_eq!(probe(&h, "/healthz").0, 200);
+    let (s, v) = probe(&h, "/readyz");
+    assert_eq!((s, v["ready"].as_bool()), (200, Some(true)), "{v}");
+    let r = h.http.get(h.admin_url("/readyz")).send().unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The admin plane goes away and time passes: the sidecar still serves, but says its
+    // key state is stale once the last sync is older than the bound (60 s).
+    h.stop_admin();
+    h.clock.advance(Duration::from_secs(61));
+    let (s, v) = probe(&h, "/readyz");
+    assert_eq!((s, v["reason"].as_str()), (503, Some("snapshot too old")), "{v}");
+    assert_eq!(probe(&h, "/healthz").0, 200);
+    assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
+
+    // No snapshot at all: not ready.
+    h.stop_sidecar();
+    std::fs::remove_file(h.snapshot_path()).unwrap();
+    h.start_sidecar(ROUTES);
+    let (s, v) = probe(&h, "/readyz");
+    assert_eq!((s, v["reason"].as_str()), (503, Some("no snapshot")), "{v}");
+}

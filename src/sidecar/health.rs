@@ -1,0 +1,80 @@
+//! The sidecar's health listener: `/healthz` (the process answers) and `/readyz` (it holds a
+//! snapshot whose last successful sync is recent enough to trust).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::core::clock::SharedClock;
+use crate::core::snapshot::Snapshot;
+
+pub struct Health {
+    pub current: Arc<ArcSwapOption<Snapshot>>,
+    pub last_sync: Arc<AtomicI64>,
+    pub clock: SharedClock,
+    pub max_age: Duration,
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, Json<Value>) {
+    let Some(snap) = h.current.load_full() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "no snapshot"})),
+        );
+    };
+    let age = h.clock.now_secs() - h.last_sync.load(Ordering::Relaxed);
+    if age > h.max_age.as_secs() as i64 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({"ready": false, "reason": "snapshot too old", "snapshot_age_seconds": age, "snapshot_version": snap.version}),
+            ),
+        );
+    }
+    (
+        StatusCode::OK,
+        Json(
+            json!({"ready": true, "snapshot_age_seconds": age, "snapshot_version": snap.version, "keys": snap.key_count()}),
+        ),
+    )
+}
+
+/// Binds and serves on its own thread until `shutdown` turns true.
+pub fn spawn(
+    listen: SocketAddr,
+    health: Health,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+    let listener = std::net::TcpListener::bind(listen)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .with_state(Arc::new(health));
+    let thread = std::thread::Builder::new()
+        .name("permiso-health".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = shutdown.wait_for(|s| *s).await;
+                    })
+                    .await;
+            });
+        })?;
+    Ok((addr, thread))
+}
