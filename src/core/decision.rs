@@ -158,12 +158,7 @@ pub fn authenticate_token(
             if !tokens.keys.contains(&v.kid) {
                 return Err(jwt_denial(JwtError::UnknownKid));
             }
-            if now_secs >= v.exp.saturating_add(policy.leeway_secs) {
-                return Err(jwt_denial(JwtError::Expired));
-            }
-            if now_secs < v.nbf.saturating_sub(policy.leeway_secs) {
-                return Err(jwt_denial(JwtError::NotYetValid));
-            }
+            jwt::check_time(v.exp, v.nbf, policy.leeway_secs, now_secs).map_err(jwt_denial)?;
             v
         }
         None => {
@@ -172,10 +167,9 @@ pub fn authenticate_token(
                 audience: policy.audience,
                 leeway_secs: policy.leeway_secs,
             };
-            let c = jwt::verify(token, &tokens.keys, &want, now_secs).map_err(jwt_denial)?;
+            let (c, kid) = jwt::verify_with_kid(token, &tokens.keys, &want, now_secs).map_err(jwt_denial)?;
             let scope_list: Vec<&str> = c.scope.split(' ').filter(|s| !s.is_empty()).collect();
             let scopes = ScopeSet::parse(&scope_list).map_err(|_| jwt_denial(JwtError::Malformed))?;
-            let kid = jwt::kid_of(token).unwrap_or_default();
             let v = Arc::new(VerifiedToken {
                 iss: c.iss,
                 kid,

@@ -160,9 +160,15 @@ pub fn looks_like_jwt(token: &str) -> bool {
     token.starts_with("eyJ") && token.bytes().filter(|&b| b == b'.').count() == 2
 }
 
-/// The `kid` of a token's header, if it parses.
-pub fn kid_of(token: &str) -> Option<String> {
-    jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid)
+/// `exp`/`nbf` against `now` with leeway: at verification and again on every cache hit.
+pub fn check_time(exp: i64, nbf: i64, leeway_secs: i64, now: i64) -> Result<(), JwtError> {
+    if now >= exp.saturating_add(leeway_secs) {
+        return Err(JwtError::Expired);
+    }
+    if now < nbf.saturating_sub(leeway_secs) {
+        return Err(JwtError::NotYetValid);
+    }
+    Ok(())
 }
 
 /// Verifies signature and claims. `now` is unix seconds from the injected clock.
@@ -172,6 +178,16 @@ pub fn verify(
     want: &Expectations<'_>,
     now: i64,
 ) -> Result<AccessClaims, JwtError> {
+    verify_with_kid(token, keys, want, now).map(|(claims, _)| claims)
+}
+
+/// As `verify`, also returning the `kid` that verified it (the header is decoded once).
+pub fn verify_with_kid(
+    token: &str,
+    keys: &KeySet,
+    want: &Expectations<'_>,
+    now: i64,
+) -> Result<(AccessClaims, String), JwtError> {
     // decode_header rejects `alg: none` and unknown algorithms as malformed; anything it does
     // parse must still be on our one-entry allow-list (so HS256 "signed" with our public key
     // is refused before any key is used).
@@ -209,13 +225,8 @@ pub fn verify(
     if c.aud != want.audience {
         return Err(JwtError::WrongAudience);
     }
-    if now >= c.exp.saturating_add(want.leeway_secs) {
-        return Err(JwtError::Expired);
-    }
-    if now < c.nbf.saturating_sub(want.leeway_secs) {
-        return Err(JwtError::NotYetValid);
-    }
-    Ok(c)
+    check_time(c.exp, c.nbf, want.leeway_secs, now)?;
+    Ok((c, kid.to_string()))
 }
 
 /// A fresh Ed25519 key pair: (PKCS#8 DER private key, base64url public key `x`).

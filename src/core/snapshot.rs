@@ -82,6 +82,8 @@ pub struct ServiceEntry {
     pub scopes: ScopeSet,
     /// `X-Permiso-Scopes` value, built once.
     pub scopes_header: String,
+    /// `RateLimit-Policy` value, built once (empty when unlimited).
+    pub policy_header: String,
     pub disabled: bool,
     pub allowed_ips: Vec<IpNet>,
     pub limits: Limits,
@@ -125,8 +127,8 @@ impl Hasher for KeyHashHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // KeyHash hashes as one 32-byte array write (plus a length prefix for slices; arrays
-        // have none). Fold in anything else so the hasher stays correct if that changes.
+        // A KeyHash arrives as a length prefix and then its 32 bytes; every byte is folded in,
+        // so the result stays a good hash whatever the std Hash impl writes.
         for chunk in bytes.chunks(8) {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
@@ -207,6 +209,7 @@ fn build_service(
         name: Arc::from(s.service_name.as_str()),
         environment: s.environment,
         scopes_header: scopes.joined(),
+        policy_header: limits.policy_header(),
         scopes,
         disabled: s.disabled,
         allowed_ips,

@@ -215,7 +215,7 @@ impl ProxyHttp for SidecarProxy {
         response.insert_header("X-Request-Id", ctx.request_id.as_str())?;
         if let Some(Verdict::Allowed { principal, rate }) = &ctx.verdict {
             if let Some(value) = rate.header() {
-                response.insert_header("RateLimit-Policy", principal.service.limits.policy_header())?;
+                response.insert_header("RateLimit-Policy", principal.service.policy_header.as_str())?;
                 response.insert_header("RateLimit", value)?;
             }
         }
