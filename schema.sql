@@ -63,3 +63,27 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     jti        TEXT PRIMARY KEY,
     expires_at INTEGER NOT NULL
 ) STRICT;
+
+-- Every admin action and every failed admin authentication, append-only. Each row's hash covers
+-- the previous row's hash and its own fields (core/audit.rs), so an edit, removal or reorder
+-- breaks the chain; `permiso audit verify` checks it. The triggers refuse updates and deletes
+-- through SQL (someone who can write the file directly is caught by the chain instead).
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq       INTEGER PRIMARY KEY,               -- 1, 2, 3, ... without gaps
+    at        INTEGER NOT NULL,                  -- unix seconds
+    actor     TEXT NOT NULL,
+    action    TEXT NOT NULL,
+    target    TEXT,
+    source_ip TEXT,
+    change    TEXT NOT NULL,                     -- JSON object
+    prev_hash BLOB NOT NULL CHECK (length(prev_hash) = 32),
+    hash      BLOB NOT NULL CHECK (length(hash) = 32)
+) STRICT;
+
+CREATE INDEX IF NOT EXISTS audit_by_target ON audit_log (target, seq);
+
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;

@@ -326,7 +326,9 @@ fn seed(db: &Path, n: usize) -> Seeded {
     let (_, sync, _) = make("bench-sync".into(), &["sync:read"], None, 1);
     let (_, limited, _) = make("bench-limited".into(), &["trade:read"], Some(1), 1);
     let (jwt_id, _, jwt_secret) = make("bench-jwt".into(), &["trade:read"], None, 1);
-    store.bulk_create(&bulk, now).unwrap();
+    store
+        .bulk_create(&bulk, now, &permiso::admin::db::Audit::system())
+        .unwrap();
     Seeded {
         valid_key: first_key.unwrap(),
         limited_key: limited[0].clone(),

@@ -43,8 +43,25 @@ pub mod file {
     #[serde(deny_unknown_fields)]
     pub struct FileConfig {
         #[serde(default)]
+        pub log: Log,
+        #[serde(default)]
         pub admin_plane: AdminPlane,
         pub sidecar: Option<Sidecar>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Log {
+        /// "human" (default) or "json" (one JSON object per line). `--log-json` forces JSON.
+        pub format: LogFormat,
+    }
+
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum LogFormat {
+        #[default]
+        Human,
+        Json,
     }
 
     #[derive(Debug, Deserialize)]
@@ -73,6 +90,9 @@ pub mod file {
         pub token_requests_per_minute_per_ip: u32,
         /// Token endpoint requests per minute for one client_id. Default 120.
         pub token_requests_per_minute_per_client: u32,
+        /// Failed admin authentications one source address may make per minute; past that
+        /// it gets 429 before its credential is checked. Default 20.
+        pub auth_failures_per_minute_per_ip: u32,
     }
 
     impl Default for AdminPlane {
@@ -89,6 +109,7 @@ pub mod file {
                 signing_key_publish_delay_seconds: 300,
                 token_requests_per_minute_per_ip: 600,
                 token_requests_per_minute_per_client: 120,
+                auth_failures_per_minute_per_ip: 20,
             }
         }
     }
@@ -118,6 +139,14 @@ pub mod file {
         /// `/readyz` fails when the last successful sync is older than this. Default 60.
         #[serde(default = "default_ready_age")]
         pub ready_max_snapshot_age_seconds: u64,
+        /// How many calling services get their own label in the per-service request metric;
+        /// the rest are summed as "other". Default 100.
+        #[serde(default = "default_service_labels")]
+        pub metrics_max_service_labels: usize,
+        /// How often key last-used times are reported to the admin plane (one batch per
+        /// interval, only keys used since the last one). Default 30000.
+        #[serde(default = "default_usage_interval")]
+        pub usage_report_interval_ms: u64,
         pub sync: Sync,
         #[serde(default)]
         pub tokens: Tokens,
@@ -267,6 +296,12 @@ pub mod file {
     fn default_ready_age() -> u64 {
         60
     }
+    fn default_service_labels() -> usize {
+        100
+    }
+    fn default_usage_interval() -> u64 {
+        30_000
+    }
     fn default_grace() -> u64 {
         10
     }
@@ -294,6 +329,7 @@ pub struct AdminConfig {
     pub signing_key_publish_delay: Duration,
     pub token_rate_per_ip: std::num::NonZeroU32,
     pub token_rate_per_client: std::num::NonZeroU32,
+    pub auth_failures_per_minute_per_ip: u32,
     /// From PERMISO_SIGNING_KEK; None means the `<database>.kek` file.
     pub signing_kek: Option<Secret>,
 }
@@ -309,6 +345,8 @@ pub struct SidecarConfig {
     pub shutdown_grace: Duration,
     pub admin_listen: Option<SocketAddr>,
     pub ready_max_snapshot_age: Duration,
+    pub metrics_max_service_labels: usize,
+    pub usage_report_interval: Duration,
     pub admin_url: String,
     pub sync_credential: Secret,
     pub sync_wait: Duration,
@@ -430,6 +468,11 @@ impl AdminConfig {
                 "admin_plane.token_requests_per_minute_per_client",
                 f.token_requests_per_minute_per_client,
             )?,
+            auth_failures_per_minute_per_ip: rate(
+                "admin_plane.auth_failures_per_minute_per_ip",
+                f.auth_failures_per_minute_per_ip,
+            )?
+            .get(),
             issuer,
             token_audience: f.token_audience.clone(),
             signing_key_publish_delay: Duration::from_secs(f.signing_key_publish_delay_seconds),
@@ -619,6 +662,9 @@ impl SidecarConfig {
         if f.sync.wait_seconds == 0 || f.sync.wait_seconds > 300 {
             return Err(invalid("sidecar.sync.wait_seconds", "must be 1..=300"));
         }
+        if f.usage_report_interval_ms < 10 {
+            return Err(invalid("sidecar.usage_report_interval_ms", "must be at least 10"));
+        }
         if f.routes.is_empty() {
             return Err(invalid(
                 "sidecar.routes",
@@ -638,6 +684,8 @@ impl SidecarConfig {
                 .map(|a| resolve("sidecar.admin_listen", a))
                 .transpose()?,
             ready_max_snapshot_age: Duration::from_secs(f.ready_max_snapshot_age_seconds),
+            metrics_max_service_labels: f.metrics_max_service_labels,
+            usage_report_interval: Duration::from_millis(f.usage_report_interval_ms),
             admin_url: f.sync.admin_url.trim_end_matches('/').to_string(),
             sync_credential: credential,
             sync_wait: Duration::from_secs(f.sync.wait_seconds),

@@ -13,7 +13,7 @@ use permiso::core::clock::SystemClock;
 #[derive(Parser)]
 #[command(name = "permiso", version, about = "Service-to-service auth gateway")]
 struct Cli {
-    /// Log as JSON lines instead of human-readable text.
+    /// Log as JSON lines instead of human-readable text (overrides `[log] format`).
     #[arg(long, global = true)]
     log_json: bool,
     #[command(subcommand)]
@@ -74,17 +74,21 @@ enum SigningKeysAction {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    permiso::telemetry::init(cli.log_json);
+    // The config file may choose the log format, so read it before logging starts.
+    let file = match &cli.command {
+        Command::Admin { config: Some(p), .. } | Command::Sidecar { config: p } => Some(config::load_file(p)?),
+        _ => None,
+    };
+    let json = cli.log_json || file.as_ref().is_some_and(|f| f.log.format == config::file::LogFormat::Json);
+    permiso::telemetry::init(json);
     match cli.command {
         Command::Admin {
             config,
             listen,
             database,
         } => {
-            let mut file = match &config {
-                Some(p) => config::load_file(p)?,
-                None => Default::default(),
-            };
+            let _ = config;
+            let mut file = file.unwrap_or_default();
             if let Some(l) = listen {
                 file.admin_plane.listen = l;
             }
@@ -106,7 +110,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Sidecar { config } => {
-            let file = config::load_file(&config)?;
+            let file = file.context("config was read above")?;
             let sc = file
                 .sidecar
                 .as_ref()

@@ -1,10 +1,13 @@
 //! Who may call the admin plane: the admin key (`X-Admin-Api-Key`, compared in constant time
 //! through its blake3 hash) or a service key whose service holds the scope the endpoint needs.
 
-use axum::extract::FromRequestParts;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 
+use crate::admin::db::Audit;
 use crate::admin::error::ApiError;
 use crate::admin::AppState;
 use crate::core::decision::{bearer_token, Authorization};
@@ -13,7 +16,7 @@ use crate::core::scope::ScopeSet;
 
 pub const ADMIN_KEY_HEADER: &str = "x-admin-api-key";
 
-/// Who performed an action, for logs (and the audit log later). Never a secret.
+/// Who performed an action, for logs and the audit log. Never a secret.
 #[derive(Debug, Clone)]
 pub enum Actor {
     AdminKey,
@@ -24,28 +27,106 @@ impl std::fmt::Display for Actor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Actor::AdminKey => f.write_str("admin-key"),
-            Actor::Service { service_id, key_id } => write!(f, "{service_id}/{key_id}"),
+            Actor::Service { service_id, key_id } => write!(f, "service:{service_id}/{key_id}"),
         }
     }
+}
+
+/// An authenticated caller and the address it called from.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub actor: Actor,
+    pub source: Option<IpAddr>,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.actor.fmt(f)
+    }
+}
+
+impl Caller {
+    pub fn audit(&self) -> Audit {
+        Audit {
+            actor: self.actor.to_string(),
+            source_ip: self.source.map(|ip| ip.to_string()),
+        }
+    }
+}
+
+fn peer(parts: &Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| a.ip())
 }
 
 /// The admin key, or a service key (Bearer) whose service holds `needed_scope`.
 pub async fn authenticate(
     headers: &HeaderMap,
+    source: Option<IpAddr>,
     state: &AppState,
     needed_scope: &str,
-) -> Result<Actor, ApiError> {
+) -> Result<Caller, ApiError> {
+    // Throttled addresses are refused before their credential is even looked at.
+    if let Some(ip) = source {
+        if let Some(retry) = state.auth_failures.blocked(ip, state.clock.now_secs()) {
+            state.metrics.auth_throttled();
+            return Err(ApiError::rate_limited(retry));
+        }
+    }
+    match check_credential(headers, state, needed_scope).await {
+        Ok(actor) => Ok(Caller { actor, source }),
+        Err(Failure::Denied(reason)) => {
+            let now = state.clock.now_secs();
+            tracing::warn!(reason, source = ?source, "admin plane: authentication failed");
+            state.metrics.auth_failed();
+            if let Some(ip) = source {
+                state.auth_failures.record(ip, now);
+            }
+            let who = Audit {
+                actor: "unauthenticated".into(),
+                source_ip: source.map(|ip| ip.to_string()),
+            };
+            // Audited; a database error here must not turn a 401 into a 500.
+            if let Err(e) = state.db(move |s| s.audit_failed_auth(now, &who, reason)).await {
+                tracing::error!(error = ?e, "could not audit a failed authentication");
+            }
+            Err(ApiError::unauthorized("missing or invalid admin credential"))
+        }
+        Err(Failure::Error(e)) => Err(e),
+    }
+}
+
+/// Why authentication did not succeed: a wrong credential (401, audited, counted against the
+/// source address) or anything else (scope missing, database error) passed on as it is.
+enum Failure {
+    Denied(&'static str),
+    Error(ApiError),
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure::Error(e)
+    }
+}
+
+async fn check_credential(
+    headers: &HeaderMap,
+    state: &AppState,
+    needed_scope: &str,
+) -> Result<Actor, Failure> {
     let admin_headers: Vec<_> = headers.get_all(ADMIN_KEY_HEADER).iter().collect();
     if !admin_headers.is_empty() {
         let presented = match admin_headers.as_slice() {
             [one] => one.as_bytes(),
-            _ => return Err(deny("several X-Admin-Api-Key headers")),
+            _ => return Err(Failure::Denied("several X-Admin-Api-Key headers")),
         };
         // blake3::Hash equality is constant-time, and hashing first hides the length too.
         if blake3::hash(presented) == state.admin_key_hash {
             return Ok(Actor::AdminKey);
         }
-        return Err(deny("wrong admin key"));
+        return Err(Failure::Denied("wrong admin key"));
     }
     let auth: Vec<_> = headers.get_all(header::AUTHORIZATION).iter().collect();
     let auth = match auth.as_slice() {
@@ -55,22 +136,22 @@ pub async fn authenticate(
     };
     let token = match bearer_token(auth) {
         Ok(Some(t)) => t,
-        Ok(None) => return Err(deny("no credential")),
-        Err(_) => return Err(deny("malformed Authorization header")),
+        Ok(None) => return Err(Failure::Denied("no credential")),
+        Err(_) => return Err(Failure::Denied("malformed Authorization header")),
     };
-    let parsed = key::parse(token).map_err(|e| deny(&format!("service key rejected: {e}")))?;
+    let parsed = key::parse(token).map_err(|_| Failure::Denied("malformed service key"))?;
     let hash = parsed.hash();
     let now = state.clock.now_secs();
     let owner = state
         .db(move |s| s.key_owner(&hash, now))
         .await?
-        .ok_or_else(|| deny("unknown, revoked or expired service key"))?;
-    let scopes = ScopeSet::parse(&owner.scopes).map_err(ApiError::internal)?;
+        .ok_or(Failure::Denied("unknown, revoked or expired service key"))?;
+    let scopes = ScopeSet::parse(&owner.scopes).map_err(|e| Failure::Error(ApiError::internal(e)))?;
     if !scopes.allows(needed_scope) {
         tracing::warn!(service_id = %owner.service_id, key_id = %owner.key_id, needed_scope, "admin plane: scope missing");
-        return Err(ApiError::forbidden(format!(
+        return Err(Failure::Error(ApiError::forbidden(format!(
             "this endpoint requires the {needed_scope} scope"
-        )));
+        ))));
     }
     Ok(Actor::Service {
         service_id: owner.service_id,
@@ -78,30 +159,27 @@ pub async fn authenticate(
     })
 }
 
-fn deny(reason: &str) -> ApiError {
-    tracing::warn!(reason, "admin plane: authentication failed");
-    ApiError::unauthorized("missing or invalid admin credential")
-}
-
 /// An admin: the admin key, or a service key holding `admin:*`.
-pub struct Admin(pub Actor);
+pub struct Admin(pub Caller);
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        authenticate(&parts.headers, state, "admin:*").await.map(Admin)
+        authenticate(&parts.headers, peer(parts), state, "admin:*")
+            .await
+            .map(Admin)
     }
 }
 
 /// A sidecar pulling key state: the admin key, or a service key holding `sync:read`.
-pub struct SyncReader(pub Actor);
+pub struct SyncReader(pub Caller);
 
 impl FromRequestParts<AppState> for SyncReader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        authenticate(&parts.headers, state, "sync:read")
+        authenticate(&parts.headers, peer(parts), state, "sync:read")
             .await
             .map(SyncReader)
     }

@@ -26,7 +26,7 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct NewService {
     pub name: String,
     pub environment: Environment,
@@ -64,17 +64,130 @@ impl CredentialKind {
 }
 
 /// A validated change; `None` leaves a field alone, `Some(None)` clears a nullable one.
-#[derive(Debug, Clone, Default)]
+/// Serialized (for the audit log) with only the fields it changes.
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ServicePatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_minute: Option<Option<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_hour: Option<Option<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_ips: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub contact_email: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub is_trusted: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub access_token_lifetime: Option<u32>,
+}
+
+/// Who asked for a change, as the audit log records it.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub actor: String,
+    pub source_ip: Option<String>,
+}
+
+impl Audit {
+    /// Changes the admin plane makes on its own (the first signing key).
+    pub fn system() -> Audit {
+        Audit {
+            actor: "system".into(),
+            source_ip: None,
+        }
+    }
+}
+
+/// Filters for reading the audit log; all optional, combined with AND.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub target: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    /// Entries after this sequence number (the pagination cursor).
+    pub after: u64,
+    pub limit: u32,
+}
+
+/// Appends one entry, chained to the last, inside the caller's transaction: the change and
+/// its audit entry commit together or not at all.
+fn append_audit(
+    tx: &Transaction<'_>,
+    now: i64,
+    who: &Audit,
+    action: &str,
+    target: Option<&str>,
+    change: serde_json::Value,
+) -> StoreResult<()> {
+    use crate::core::audit::{entry_hash, GENESIS};
+    let last: Option<(i64, Vec<u8>)> = tx
+        .query_row(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (seq, prev) = match last {
+        None => (1, GENESIS),
+        Some((seq, h)) => (
+            seq as u64 + 1,
+            h.try_into()
+                .map_err(|_| StoreError::Corrupt("audit hash is not 32 bytes".into()))?,
+        ),
+    };
+    let ip = who.source_ip.as_deref();
+    let hash = entry_hash(&prev, seq, now, &who.actor, action, target, ip, &change);
+    tx.execute(
+        "INSERT INTO audit_log (seq, at, actor, action, target, source_ip, change, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            seq as i64,
+            now,
+            who.actor,
+            action,
+            target,
+            ip,
+            change.to_string(),
+            &prev[..],
+            &hash[..]
+        ],
+    )?;
+    Ok(())
+}
+
+/// One audit_log row as read, before its hashes and change are decoded.
+struct AuditRow {
+    seq: i64,
+    at: i64,
+    actor: String,
+    action: String,
+    target: Option<String>,
+    source_ip: Option<String>,
+    change: String,
+    prev: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditRow> {
+    Ok(AuditRow {
+        seq: r.get(0)?,
+        at: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        target: r.get(4)?,
+        source_ip: r.get(5)?,
+        change: r.get(6)?,
+        prev: r.get(7)?,
+        hash: r.get(8)?,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -441,6 +554,7 @@ impl Store {
         key: (&str, &StoredKey),
         secret: (&str, &StoredKey),
         now: i64,
+        who: &Audit,
     ) -> StoreResult<(ServiceRecord, u64)> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -456,13 +570,18 @@ impl Store {
         insert_credential(&tx, id, CredentialKind::ApiKey, key.0, key.1, now)?;
         insert_credential(&tx, id, CredentialKind::ClientSecret, secret.0, secret.1, now)?;
         let rec = load_service(&tx, id)?;
+        let mut change = serde_json::to_value(s).unwrap_or_default();
+        change["key_id"] = key.0.into();
+        change["key_prefix"] = key.1.display_prefix.clone().into();
+        change["client_secret_id"] = secret.0.into();
+        append_audit(&tx, now, who, "service.create", Some(id), change)?;
         tx.commit()?;
         Ok((rec, v))
     }
 
     /// Creates many services with their keys in one transaction (load tests and benchmarks:
     /// 10k creates through the API would take minutes). Same rows as `create_service`.
-    pub fn bulk_create(&self, services: &[BulkService], now: i64) -> StoreResult<u64> {
+    pub fn bulk_create(&self, services: &[BulkService], now: i64, who: &Audit) -> StoreResult<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let v = bump_version(&tx)?;
@@ -474,6 +593,8 @@ impl Store {
             let (secret_id, secret) = &b.secret;
             insert_credential(&tx, &b.id, CredentialKind::ClientSecret, secret_id, secret, now)?;
         }
+        let change = serde_json::json!({ "services": services.len() });
+        append_audit(&tx, now, who, "service.bulk_create", None, change)?;
         tx.commit()?;
         Ok(v)
     }
@@ -505,7 +626,14 @@ impl Store {
         Ok((out, more))
     }
 
-    pub fn patch_service(&self, id: &str, p: &ServicePatch, now: i64) -> StoreResult<(ServiceRecord, u64)> {
+    pub fn patch_service(
+        &self,
+        id: &str,
+        p: &ServicePatch,
+        now: i64,
+        who: &Audit,
+        action: &str,
+    ) -> StoreResult<(ServiceRecord, u64)> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let cur = load_service(&tx, id)?;
@@ -531,6 +659,14 @@ impl Store {
         )?;
         let v = touch_service(&tx, id, now)?;
         let rec = load_service(&tx, id)?;
+        append_audit(
+            &tx,
+            now,
+            who,
+            action,
+            Some(id),
+            serde_json::to_value(p).unwrap_or_default(),
+        )?;
         tx.commit()?;
         Ok((rec, v))
     }
@@ -547,6 +683,7 @@ impl Store {
         grace_secs: u64,
         max_active: u32,
         now: i64,
+        who: &Audit,
     ) -> StoreResult<(Rotation, u64)> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -583,11 +720,22 @@ impl Store {
         insert_credential(&tx, id, kind, new_id, key, now)?;
         let v = touch_service(&tx, id, now)?;
         let service = load_service(&tx, id)?;
+        let action = match kind {
+            CredentialKind::ApiKey => "key.rotate",
+            CredentialKind::ClientSecret => "secret.rotate",
+        };
+        let change = serde_json::json!({
+            "new_id": new_id,
+            "new_prefix": key.display_prefix,
+            "grace_seconds": grace_secs,
+            "ended": ended.iter().map(|(id, end)| serde_json::json!({"id": id, "expires_at": end})).collect::<Vec<_>>(),
+        });
+        append_audit(&tx, now, who, action, Some(id), change)?;
         tx.commit()?;
         Ok((Rotation { service, ended }, v))
     }
 
-    pub fn revoke_key(&self, id: &str, key_id: &str, now: i64) -> StoreResult<(KeyRecord, u64)> {
+    pub fn revoke_key(&self, id: &str, key_id: &str, now: i64, who: &Audit) -> StoreResult<(KeyRecord, u64)> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let n = tx.execute(
@@ -603,6 +751,14 @@ impl Store {
             .into_iter()
             .find(|k| k.id == key_id)
             .ok_or(StoreError::NotFound)?;
+        append_audit(
+            &tx,
+            now,
+            who,
+            "key.revoke",
+            Some(id),
+            serde_json::json!({ "key_id": key_id }),
+        )?;
         tx.commit()?;
         Ok((key, v))
     }
@@ -614,17 +770,18 @@ impl Store {
         hash: &KeyHash,
         owner: Option<&str>,
         now: i64,
+        who: &Audit,
     ) -> StoreResult<Option<u64>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let service: Option<String> = tx
+        let found: Option<(String, String)> = tx
             .query_row(
-                "SELECT service_id FROM credentials WHERE hash = ?1 AND kind = 'api_key' AND revoked_at IS NULL",
+                "SELECT service_id, id FROM credentials WHERE hash = ?1 AND kind = 'api_key' AND revoked_at IS NULL",
                 params![&hash.0[..]],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let Some(service) = service.filter(|s| owner.is_none_or(|o| o == s)) else {
+        let Some((service, key_id)) = found.filter(|(s, _)| owner.is_none_or(|o| o == s)) else {
             return Ok(None);
         };
         tx.execute(
@@ -632,6 +789,8 @@ impl Store {
             params![now, &hash.0[..]],
         )?;
         let v = touch_service(&tx, &service, now)?;
+        let change = serde_json::json!({ "key_id": key_id, "via": "oauth/revoke" });
+        append_audit(&tx, now, who, "key.revoke", Some(&service), change)?;
         tx.commit()?;
         Ok(Some(v))
     }
@@ -744,7 +903,7 @@ impl Store {
     }
 
     /// Adds a signing key; it is published (sync, JWKS) at once and signs from `activates_at`.
-    pub fn add_signing_key(&self, row: &SigningKeyRow) -> StoreResult<u64> {
+    pub fn add_signing_key(&self, row: &SigningKeyRow, who: &Audit) -> StoreResult<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
@@ -752,8 +911,101 @@ impl Store {
             params![row.kid, row.public_x, row.private_sealed, row.created_at, row.activates_at],
         )?;
         let v = bump_version(&tx)?;
+        let change = serde_json::json!({ "kid": row.kid, "activates_at": row.activates_at });
+        append_audit(
+            &tx,
+            row.created_at,
+            who,
+            "signing_key.rotate",
+            Some(&row.kid),
+            change,
+        )?;
         tx.commit()?;
         Ok(v)
+    }
+
+    /// Applies a sidecar's batch of key last-used times: a time only ever moves forward, and
+    /// ids that are not API keys are ignored. Returns how many keys moved.
+    pub fn record_usage(&self, marks: &[(String, i64)]) -> StoreResult<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut moved = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE credentials SET last_used_at = ?1
+                 WHERE id = ?2 AND kind = 'api_key' AND (last_used_at IS NULL OR last_used_at < ?1)",
+            )?;
+            for (key_id, at) in marks {
+                moved += stmt.execute(params![at, key_id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(moved)
+    }
+
+    /// Records a failed admin authentication (its own transaction: nothing else changed).
+    pub fn audit_failed_auth(&self, now: i64, who: &Audit, reason: &str) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        append_audit(
+            &tx,
+            now,
+            who,
+            "auth.failed",
+            None,
+            serde_json::json!({ "reason": reason }),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A page of the audit log in sequence order, and whether more follow.
+    pub fn audit_page(&self, q: &AuditQuery) -> StoreResult<(Vec<crate::core::audit::AuditEntry>, bool)> {
+        use crate::core::audit::{to_hex, AuditEntry};
+        let conn = self.conn();
+        let rows = conn
+            .prepare_cached(
+                "SELECT seq, at, actor, action, target, source_ip, change, prev_hash, hash FROM audit_log
+                 WHERE seq > ?1 AND (?2 IS NULL OR actor = ?2) AND (?3 IS NULL OR action = ?3)
+                   AND (?4 IS NULL OR target = ?4) AND (?5 IS NULL OR at >= ?5) AND (?6 IS NULL OR at <= ?6)
+                 ORDER BY seq LIMIT ?7",
+            )?
+            .query_map(
+                params![
+                    q.after as i64,
+                    q.actor,
+                    q.action,
+                    q.target,
+                    q.since,
+                    q.until,
+                    q.limit as i64 + 1
+                ],
+                audit_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        let more = rows.len() > q.limit as usize;
+        let hash = |b: Vec<u8>| -> StoreResult<String> {
+            let a: [u8; 32] = b
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("audit hash is not 32 bytes".into()))?;
+            Ok(to_hex(&a))
+        };
+        let mut out = Vec::with_capacity(rows.len().min(q.limit as usize));
+        for r in rows.into_iter().take(q.limit as usize) {
+            out.push(AuditEntry {
+                seq: r.seq as u64,
+                at: r.at,
+                actor: r.actor,
+                action: r.action,
+                target: r.target,
+                source_ip: r.source_ip,
+                change: serde_json::from_str(&r.change)
+                    .map_err(|e| StoreError::Corrupt(format!("audit change: {e}")))?,
+                prev_hash: hash(r.prev)?,
+                hash: hash(r.hash)?,
+            });
+        }
+        Ok((out, more))
     }
 
     /// Adds `jti` to the deny list until `expires_at`. Returns the new version, or None if it
@@ -874,6 +1126,7 @@ impl Store {
             issuer: String::new(),
             signing_keys: published(&signing, now),
             revoked_tokens,
+            generated_at_ms: None,
         })
     }
 }

@@ -1,16 +1,20 @@
 //! The admin plane: an axum HTTP API over the SQLite store. Handlers are thin: validate, call
 //! the store on a blocking thread, publish the new sync version, answer.
 
+pub mod audit;
 pub mod auth;
 pub mod db;
 pub mod error;
 pub mod extract;
+pub mod metrics;
 pub mod model;
 pub mod oauth;
 pub mod services;
 pub mod signing;
 pub mod signing_keys;
 pub mod sync;
+pub mod throttle;
+pub mod usage;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -45,6 +49,9 @@ pub struct Inner {
     pub ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
     pub client_limiter: DefaultKeyedRateLimiter<String>,
     pub delta_cache: sync::DeltaCache,
+    /// Failed admin authentications per source address.
+    pub auth_failures: throttle::FailureThrottle,
+    pub metrics: metrics::AdminMetrics,
 }
 
 pub type AppState = Arc<Inner>;
@@ -87,6 +94,8 @@ impl Inner {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/auth/admin/audit", get(audit::list))
+        .route("/v1/usage", post(usage::report))
         .route("/auth/admin/services", post(services::create).get(services::list))
         .route(
             "/auth/admin/services/{id}",
@@ -117,6 +126,11 @@ pub fn router(state: AppState) -> Router {
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -184,11 +198,12 @@ fn build_state(
     if ring.signer_at(clock.now_secs()).is_none() {
         // First start: a key that signs at once (nothing can have cached an older JWKS).
         let now = clock.now_secs();
-        let (kid, _) = signing::add_key(&store, &kek, now, now)?;
+        let (kid, _) = signing::add_key(&store, &kek, now, now, &db::Audit::system())?;
         tracing::info!(kid = %kid, "created the first token signing key");
         ring = signing::KeyRing::load(&store, &kek)?;
     }
     let version = store.version()?;
+    let auth_failure_limit = cfg.auth_failures_per_minute_per_ip;
     Ok(Arc::new(Inner {
         issuer: cfg.issuer.clone().unwrap_or_else(|| format!("http://{bound}")),
         admin_key_hash: blake3::hash(cfg.admin_api_key.expose().as_bytes()),
@@ -202,7 +217,26 @@ fn build_state(
         kek,
         keyring: ArcSwap::from_pointee(ring),
         delta_cache: sync::DeltaCache::default(),
+        auth_failures: throttle::FailureThrottle::new(auth_failure_limit),
+        metrics: metrics::AdminMetrics::default(),
     }))
+}
+
+/// The token endpoint's keyed limiters keep an entry per client id and address they have seen;
+/// drop the ones whose state is back to full so made-up ids cannot grow them without bound.
+async fn prune_throttles(st: AppState, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                st.ip_limiter.retain_recent();
+                st.client_limiter.retain_recent();
+                st.ip_limiter.shrink_to_fit();
+                st.client_limiter.shrink_to_fit();
+            }
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Serves until `shutdown` turns true.
@@ -214,6 +248,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let state = build_state(cfg, clock, shutdown.clone(), listener.local_addr()?)?;
     tracing::info!(addr = %listener.local_addr()?, epoch = state.store.epoch(), "admin plane listening");
+    tokio::spawn(prune_throttles(state.clone(), shutdown.clone()));
     let mut stop = shutdown;
     axum::serve(
         listener,

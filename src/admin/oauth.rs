@@ -234,6 +234,7 @@ async fn issue(
         .signer_at(now)
         .ok_or_else(|| ApiError::internal("no active signing key"))?;
     let token = signer.sign(&claims).map_err(ApiError::internal)?;
+    st.metrics.token_issued();
     tracing::info!(client_id = %client.service_id, jti = %claims.jti, kid = %signer.kid, scope = %scope, "access token issued");
     let mut resp = Json(json!({
         "access_token": token,
@@ -316,9 +317,22 @@ enum Caller {
     Client(String),
 }
 
+impl Caller {
+    fn audit(&self, source: SocketAddr) -> crate::admin::db::Audit {
+        crate::admin::db::Audit {
+            actor: match self {
+                Caller::Admin => "admin-key".to_string(),
+                Caller::Client(id) => format!("client:{id}"),
+            },
+            source_ip: Some(source.ip().to_string()),
+        }
+    }
+}
+
 /// A client (Basic or post), a service key holding `bearer_scope` (Bearer), or the admin key.
 async fn caller(
     st: &AppState,
+    peer: SocketAddr,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
     bearer_scope: &str,
@@ -328,7 +342,10 @@ async fn caller(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
     if headers.contains_key(auth::ADMIN_KEY_HEADER) || bearer {
-        return match auth::authenticate(headers, st, bearer_scope).await? {
+        return match auth::authenticate(headers, Some(peer.ip()), st, bearer_scope)
+            .await?
+            .actor
+        {
             Actor::AdminKey => Ok(Caller::Admin),
             Actor::Service { service_id, .. } => Ok(Caller::Client(service_id)),
         };
@@ -367,10 +384,11 @@ fn inactive() -> Json<Value> {
 /// `POST /oauth/introspect` (RFC 7662).
 pub async fn introspect(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     FormBody(form): FormBody,
 ) -> Result<Json<Value>, ApiError> {
-    caller(&st, &headers, &form, "token:introspect").await?;
+    caller(&st, peer, &headers, &form, "token:introspect").await?;
     let token = form
         .get("token")
         .ok_or_else(|| invalid_request("token is required"))?;
@@ -421,10 +439,12 @@ pub async fn introspect(
 /// used to probe tokens.
 pub async fn revoke(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     FormBody(form): FormBody,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, &headers, &form, "token:revoke").await?;
+    let who = caller(&st, peer, &headers, &form, "token:revoke").await?;
+    let audit = who.audit(peer);
     let token = form
         .get("token")
         .ok_or_else(|| invalid_request("token is required"))?;
@@ -446,7 +466,7 @@ pub async fn revoke(
     } else if let Ok(parsed) = key::parse(token) {
         let hash = parsed.hash();
         if let Some(v) = st
-            .db(move |s| s.revoke_key_by_hash(&hash, owner.as_deref(), now))
+            .db(move |s| s.revoke_key_by_hash(&hash, owner.as_deref(), now, &audit))
             .await?
         {
             st.published(v);

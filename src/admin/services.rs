@@ -37,8 +37,16 @@ pub async fn create(
         let (id, key_id, secret_id, new) = (id.clone(), key_id.clone(), secret_id.clone(), new.clone());
         let stored = StoredKey::of(&key);
         let stored_secret = StoredKey::of(&secret);
+        let who = actor.audit();
         st.db_named("service", move |s| {
-            s.create_service(&id, &new, (&key_id, &stored), (&secret_id, &stored_secret), now)
+            s.create_service(
+                &id,
+                &new,
+                (&key_id, &stored),
+                (&secret_id, &stored_secret),
+                now,
+                &who,
+            )
         })
         .await?
     };
@@ -114,8 +122,11 @@ pub async fn patch(
     let id = service_id(id)?;
     let patch = body.expect("required body").validate()?;
     let now = st.clock.now_secs();
+    let who = actor.audit();
     let (rec, version) = st
-        .db_named("service", move |s| s.patch_service(&id, &patch, now))
+        .db_named("service", move |s| {
+            s.patch_service(&id, &patch, now, &who, "service.patch")
+        })
         .await?;
     st.published(version);
     tracing::info!(%actor, service_id = %rec.id, version, "service patched");
@@ -134,8 +145,11 @@ pub async fn disable(
         disabled: Some(true),
         ..Default::default()
     };
+    let who = actor.audit();
     let (rec, version) = st
-        .db_named("service", move |s| s.patch_service(&id, &patch, now))
+        .db_named("service", move |s| {
+            s.patch_service(&id, &patch, now, &who, "service.disable")
+        })
         .await?;
     st.published(version);
     tracing::info!(%actor, service_id = %rec.id, version, "service disabled");
@@ -160,6 +174,7 @@ async fn rotate_credential(
     id: String,
     kind: CredentialKind,
     grace: u64,
+    who: crate::admin::db::Audit,
 ) -> Result<(crate::admin::db::Rotation, key::NewKey, String), ApiError> {
     let now = st.clock.now_secs();
     let (new, new_id) = match kind {
@@ -180,7 +195,7 @@ async fn rotate_credential(
     let (rotation, version) = {
         let new_id = new_id.clone();
         st.db_named("service", move |s| {
-            s.rotate(&id, kind, &new_id, &stored, grace, max_active, now)
+            s.rotate(&id, kind, &new_id, &stored, grace, max_active, now, &who)
         })
         .await?
     };
@@ -210,7 +225,8 @@ pub async fn rotate(
 ) -> Result<Json<Rotated>, ApiError> {
     let id = service_id(id)?;
     let grace = grace_of(&st, body)?;
-    let (rotation, key, key_id) = rotate_credential(&st, id.clone(), CredentialKind::ApiKey, grace).await?;
+    let (rotation, key, key_id) =
+        rotate_credential(&st, id.clone(), CredentialKind::ApiKey, grace, actor.audit()).await?;
     tracing::info!(%actor, service_id = %id, key_id = %key_id, key_prefix = %key.display_prefix, grace, "service key rotated");
     let (old_keys_expire_at, old_keys) = ended(&rotation);
     Ok(Json(Rotated {
@@ -230,8 +246,14 @@ pub async fn rotate_secret(
 ) -> Result<Json<SecretRotated>, ApiError> {
     let id = service_id(id)?;
     let grace = grace_of(&st, body)?;
-    let (rotation, secret, secret_id) =
-        rotate_credential(&st, id.clone(), CredentialKind::ClientSecret, grace).await?;
+    let (rotation, secret, secret_id) = rotate_credential(
+        &st,
+        id.clone(),
+        CredentialKind::ClientSecret,
+        grace,
+        actor.audit(),
+    )
+    .await?;
     tracing::info!(%actor, service_id = %id, secret_id = %secret_id, grace, "client secret rotated");
     let (old_secrets_expire_at, old_secrets) = ended(&rotation);
     Ok(Json(SecretRotated {
@@ -256,7 +278,8 @@ pub async fn revoke(
     let now = st.clock.now_secs();
     let (rec, version) = {
         let (id, key_id) = (id.clone(), key_id.clone());
-        st.db_named("key", move |s| s.revoke_key(&id, &key_id, now))
+        let who = actor.audit();
+        st.db_named("key", move |s| s.revoke_key(&id, &key_id, now, &who))
             .await?
     };
     st.published(version);

@@ -164,7 +164,13 @@ impl KeyRing {
 }
 
 /// Creates a key that signs from `activates_at`. Returns its kid and the new sync version.
-pub fn add_key(store: &Store, kek: &Kek, now: i64, activates_at: i64) -> Result<(String, u64), SigningError> {
+pub fn add_key(
+    store: &Store,
+    kek: &Kek,
+    now: i64,
+    activates_at: i64,
+    who: &crate::admin::db::Audit,
+) -> Result<(String, u64), SigningError> {
     let (der, x) = jwt::generate_ed25519();
     let kid = format!("k{}", &crate::core::ids::new_jti()[..16]);
     let row = SigningKeyRow {
@@ -174,7 +180,7 @@ pub fn add_key(store: &Store, kek: &Kek, now: i64, activates_at: i64) -> Result<
         created_at: now,
         activates_at,
     };
-    let v = store.add_signing_key(&row)?;
+    let v = store.add_signing_key(&row, who)?;
     Ok((kid, v))
 }
 

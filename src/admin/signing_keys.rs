@@ -45,8 +45,9 @@ pub async fn rotate(State(st): State<AppState>, Admin(actor): Admin) -> Result<J
     let now = st.clock.now_secs();
     let activates_at = now + st.cfg.signing_key_publish_delay.as_secs() as i64;
     let st2 = st.clone();
+    let who = actor.audit();
     let (kid, version) = tokio::task::spawn_blocking(move || {
-        let r = signing::add_key(&st2.store, &st2.kek, now, activates_at)?;
+        let r = signing::add_key(&st2.store, &st2.kek, now, activates_at, &who)?;
         st2.keyring
             .store(std::sync::Arc::new(KeyRing::load(&st2.store, &st2.kek)?));
         Ok::<_, signing::SigningError>(r)

@@ -39,6 +39,7 @@ async fn build(
         })
         .await?;
     payload.issuer = st.issuer.clone();
+    payload.generated_at_ms = Some(crate::core::clock::unix_millis());
     let body = serde_json::to_vec(&payload).map_err(ApiError::internal)?;
     Ok((payload.version, Bytes::from(body)))
 }

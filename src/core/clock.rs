@@ -28,6 +28,15 @@ impl Clock for SystemClock {
     }
 }
 
+/// The real wall clock in Unix milliseconds, for figures compared across machines (sync lag),
+/// never for decisions: those read the injected `Clock`.
+pub fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// A clock that only moves when told to. Cloning shares the same time.
 #[derive(Debug, Clone)]
 pub struct ManualClock(Arc<AtomicU64>);

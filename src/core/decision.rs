@@ -33,7 +33,11 @@ pub enum Authorization<'a> {
 /// How the caller proved who it is.
 #[derive(Debug, Clone)]
 pub enum Credential {
-    ApiKey { key_id: Arc<str> },
+    /// `slot` indexes the key's usage marks in its service entry.
+    ApiKey {
+        key_id: Arc<str>,
+        slot: u32,
+    },
     AccessToken(Arc<VerifiedToken>),
 }
 
@@ -53,10 +57,19 @@ impl Principal {
         }
     }
 
+    /// Counts an allowed request for its service and marks the key used (atomics only).
+    pub fn record_use(&self, now_secs: i64) {
+        let slot = match &self.credential {
+            Credential::ApiKey { slot, .. } => Some(*slot),
+            Credential::AccessToken(_) => None,
+        };
+        self.service.usage.record(slot, now_secs);
+    }
+
     /// Key id or token id, for headers and logs.
     pub fn credential_id(&self) -> &str {
         match &self.credential {
-            Credential::ApiKey { key_id } => key_id,
+            Credential::ApiKey { key_id, .. } => key_id,
             Credential::AccessToken(t) => &t.jti,
         }
     }
@@ -127,6 +140,7 @@ pub fn authenticate(
         service: entry.service.clone(),
         credential: Credential::ApiKey {
             key_id: entry.key_id.clone(),
+            slot: entry.slot,
         },
     })
 }
@@ -510,6 +524,7 @@ mod tests {
                         expires_at: SECS + 3600,
                     })
                     .collect(),
+                generated_at_ms: None,
             };
             Snapshot::from_full(&payload, Environment::Live, None).unwrap()
         }

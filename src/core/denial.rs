@@ -102,6 +102,65 @@ impl Denial {
         }
     }
 
+    /// The coarse class an operator counts and alerts on (the `outcome` metric label).
+    /// Unknown and revoked API keys share "invalid": the snapshot drops revoked keys, so the
+    /// sidecar cannot tell them apart (revoked access tokens it can).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Denial::MissingCredential => "missing",
+            Denial::InvalidToken(InvalidToken::GraceEnded) => "grace_ended",
+            Denial::InvalidToken(InvalidToken::Jwt(JwtError::Expired)) => "expired",
+            Denial::InvalidToken(InvalidToken::Jwt(JwtError::Revoked)) => "revoked",
+            Denial::InvalidToken(_) => "invalid",
+            Denial::InsufficientScope { .. } => "scope",
+            Denial::IpNotAllowed => "ip",
+            Denial::RateLimited(_) => "rate_limited",
+            Denial::NoRoute => "no_route",
+            Denial::BadRequest(_) => "bad_request",
+            Denial::NoSnapshot => "unavailable",
+        }
+    }
+
+    /// One denial of every reason, so metrics can create each counter before the first
+    /// request (the request path then only increments).
+    pub fn every_kind() -> Vec<Denial> {
+        use crate::core::ratelimit::{Limits, Window};
+        let mut all = vec![
+            Denial::MissingCredential,
+            Denial::InsufficientScope {
+                required: String::new(),
+            },
+            Denial::IpNotAllowed,
+            Denial::NoRoute,
+            Denial::NoSnapshot,
+            Denial::BadRequest(BadRequest::Path(PathError::NotAbsolute)),
+            Denial::BadRequest(BadRequest::DuplicateAuthorization),
+            Denial::BadRequest(BadRequest::AuthorizationNotAscii),
+        ];
+        for window in [Window::Minute, Window::Hour] {
+            all.push(Denial::RateLimited(Exceeded {
+                window,
+                retry_after_secs: 0,
+                limits: Limits::default(),
+            }));
+        }
+        for t in [
+            InvalidToken::Malformed,
+            InvalidToken::BadChecksum,
+            InvalidToken::WrongEnvironment,
+            InvalidToken::Unknown,
+            InvalidToken::GraceEnded,
+            InvalidToken::ServiceDisabled,
+            InvalidToken::UnknownClient,
+        ] {
+            all.push(Denial::InvalidToken(t));
+        }
+        for e in JwtError::ALL {
+            all.push(Denial::InvalidToken(InvalidToken::Jwt(e)));
+        }
+        all
+    }
+
     pub fn response(&self) -> DenialResponse {
         match self {
             Denial::MissingCredential => DenialResponse {
@@ -183,6 +242,28 @@ mod tests {
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn every_kind_covers_each_reason_once() {
+        let all = Denial::every_kind();
+        let reasons: std::collections::HashSet<_> = all.iter().map(|d| d.reason()).collect();
+        // 8 + 2 rate windows + 7 key reasons + 11 JWT reasons; path errors share one reason.
+        assert_eq!(reasons.len(), all.len());
+        assert_eq!(reasons.len(), 28);
+        let outcomes: std::collections::HashSet<_> = all.iter().map(|d| d.outcome()).collect();
+        for o in [
+            "missing",
+            "invalid",
+            "revoked",
+            "expired",
+            "grace_ended",
+            "scope",
+            "ip",
+            "rate_limited",
+        ] {
+            assert!(outcomes.contains(o), "{o}");
+        }
     }
 
     #[test]

@@ -53,6 +53,20 @@ pub enum JwtError {
 }
 
 impl JwtError {
+    pub const ALL: [JwtError; 11] = [
+        JwtError::Malformed,
+        JwtError::AlgorithmNotAllowed,
+        JwtError::WrongType,
+        JwtError::MissingKid,
+        JwtError::UnknownKid,
+        JwtError::BadSignature,
+        JwtError::Expired,
+        JwtError::NotYetValid,
+        JwtError::WrongIssuer,
+        JwtError::WrongAudience,
+        JwtError::Revoked,
+    ];
+
     pub fn reason(&self) -> &'static str {
         match self {
             JwtError::Malformed => "jwt_malformed",

@@ -2,6 +2,7 @@
 //! decision. Nothing here does I/O or knows about pingora or axum, so it is unit-tested and
 //! benchmarked directly.
 
+pub mod audit;
 pub mod clock;
 pub mod decision;
 pub mod denial;
@@ -17,3 +18,4 @@ pub mod sharded;
 pub mod snapshot;
 pub mod sync;
 pub mod token_cache;
+pub mod usage;

@@ -13,6 +13,7 @@ use crate::core::ratelimit::{LimiterState, Limits};
 use crate::core::scope::{ScopeError, ScopeSet};
 use crate::core::sharded::{Shard, ShardedMap};
 use crate::core::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
+use crate::core::usage::ServiceUsage;
 
 /// Why a payload was refused; the previous snapshot stays in force.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +92,8 @@ pub struct ServiceEntry {
     /// The hashes of this service's keys (details in the key map), so a delta can drop them
     /// and the snapshot can be written back out.
     pub keys: Vec<KeyHash>,
+    /// Request count and key last-used marks, carried across rebuilds.
+    pub usage: ServiceUsage,
 }
 
 impl ServiceEntry {
@@ -113,6 +116,8 @@ pub struct KeyEntry {
     pub key_id: Arc<str>,
     pub service: Arc<ServiceEntry>,
     pub expires_at: Option<i64>,
+    /// This key's slot in `service.usage`.
+    pub slot: u32,
 }
 
 /// blake3 output is already uniformly random, so its first eight bytes are a perfect hash;
@@ -215,6 +220,10 @@ fn build_service(
         allowed_ips,
         limits,
         limiter,
+        usage: ServiceUsage::new(
+            s.keys.iter().map(|k| k.key_id.as_str()),
+            previous.map(|p| &p.usage),
+        ),
         keys,
     }))
 }
@@ -299,11 +308,12 @@ impl Snapshot {
             }
             let prev = previous.and_then(|p| p.services.get(s.service_id.as_str()));
             let entry = build_service(s, prev)?;
-            for (k, hash) in s.keys.iter().zip(entry.keys.iter().copied()) {
+            for (slot, (k, hash)) in s.keys.iter().zip(entry.keys.iter().copied()).enumerate() {
                 let ke = KeyEntry {
                     key_id: Arc::from(k.key_id.as_str()),
                     service: entry.clone(),
                     expires_at: k.expires_at,
+                    slot: slot as u32,
                 };
                 if self.keys.insert(hash, ke).is_some() {
                     return Err(SnapshotError::DuplicateKey {
@@ -322,6 +332,10 @@ impl Snapshot {
 
     pub fn service(&self, id: &str) -> Option<&Arc<ServiceEntry>> {
         self.services.get(id)
+    }
+
+    pub fn services_iter(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.services.values()
     }
 
     pub fn key_count(&self) -> usize {
@@ -369,6 +383,7 @@ impl Snapshot {
             issuer: self.tokens.issuer.clone(),
             signing_keys: self.tokens.signing_keys.clone(),
             revoked_tokens: self.tokens.revoked_list.clone(),
+            generated_at_ms: None,
         }
     }
 }

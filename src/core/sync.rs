@@ -24,6 +24,10 @@ pub struct SyncPayload {
     /// Every revoked, not yet expired access token (always complete, also in deltas).
     #[serde(default)]
     pub revoked_tokens: Vec<SyncRevokedToken>,
+    /// The admin plane's wall clock (Unix ms) when it built this payload, right after the
+    /// change it carries; the sidecar reports the difference as its sync lag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated_at_ms: Option<i64>,
 }
 
 /// An Ed25519 verification key, as in its JWK.

@@ -1,5 +1,5 @@
 //! The sidecar's health listener: `/healthz` (the process answers) and `/readyz` (it holds a
-//! snapshot whose last successful sync is recent enough to trust).
+//! snapshot whose last successful sync is recent enough to trust) and `/metrics` (Prometheus).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -21,6 +21,14 @@ pub struct Health {
     pub last_sync: Arc<AtomicI64>,
     pub clock: SharedClock,
     pub max_age: Duration,
+    pub metrics: Arc<crate::sidecar::metrics::SidecarMetrics>,
+}
+
+async fn metrics(State(h): State<Arc<Health>>) -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        h.metrics.render(&h),
+    )
 }
 
 async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, Json<Value>) {
@@ -59,6 +67,7 @@ pub fn spawn(
     let app = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(Arc::new(health));
     let thread = std::thread::Builder::new()
         .name("permiso-health".into())

@@ -4,10 +4,12 @@
 
 pub mod egress;
 pub mod health;
+pub mod metrics;
 pub mod passthrough;
 pub mod proxy;
 pub mod snapshot_file;
 pub mod sync_client;
+pub mod usage_report;
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -59,6 +61,7 @@ pub(crate) fn server_conf(threads: usize, shutdown_grace: Duration) -> ServerCon
 struct Parts {
     server: Server,
     sync: SyncClient,
+    usage: usage_report::UsageReporter,
     health: health::Health,
 }
 
@@ -74,6 +77,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
     let current = Arc::new(ArcSwapOption::new(initial));
     let token_cache = Arc::new(TokenCache::new(cfg.tokens.cache_entries));
     let early = Arc::new(EarlySync::new(cfg.tokens.early_sync_min_interval));
+    let metrics = Arc::new(metrics::SidecarMetrics::new(cfg.metrics_max_service_labels));
     let shared = Arc::new(Shared {
         snapshot: current.clone(),
         routes: cfg.routes.clone(),
@@ -84,6 +88,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
         token_cache: token_cache.clone(),
         early_sync: early.clone(),
         request_ids: Default::default(),
+        metrics: metrics.clone(),
     });
     let mut server = Server::new_with_opt_and_conf(None, server_conf(cfg.threads, cfg.shutdown_grace));
     server.bootstrap();
@@ -105,17 +110,36 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
         early,
         last_sync: last_sync.clone(),
         clock: clock.clone(),
+        metrics: metrics.clone(),
+    };
+    let usage = usage_report::UsageReporter {
+        admin_url: cfg.admin_url.clone(),
+        credential: cfg.sync_credential.clone(),
+        current: current.clone(),
+        interval: cfg.usage_report_interval,
+        metrics: metrics.clone(),
     };
     let health = health::Health {
         current,
         last_sync,
         clock,
         max_age: cfg.ready_max_snapshot_age,
+        metrics,
     };
-    Parts { server, sync, health }
+    Parts {
+        server,
+        sync,
+        usage,
+        health,
+    }
 }
 
-fn spawn_sync(sync: SyncClient, stop: watch::Receiver<bool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// The sync loop and the usage reporter share one thread: both are mostly waiting.
+fn spawn_sync(
+    sync: SyncClient,
+    usage: usage_report::UsageReporter,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("permiso-sync".into())
         .spawn(move || {
@@ -123,13 +147,20 @@ fn spawn_sync(sync: SyncClient, stop: watch::Receiver<bool>) -> std::io::Result<
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            rt.block_on(sync.run(stop));
+            rt.block_on(async move {
+                tokio::join!(sync.run(stop.clone()), usage.run(stop));
+            });
         })
 }
 
 /// Runs in the foreground until SIGTERM (graceful) or SIGINT (fast).
 pub fn run(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<()> {
-    let Parts { server, sync, health } = build(&cfg, clock);
+    let Parts {
+        server,
+        sync,
+        usage,
+        health,
+    } = build(&cfg, clock);
     let (stop_tx, stop_rx) = watch::channel(false);
     let health_thread = match cfg.admin_listen {
         Some(addr) => Some(health::spawn(addr, health, stop_rx.clone())?.1),
@@ -139,7 +170,7 @@ pub fn run(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<()> {
         Some(e) => Some(egress::spawn(e, stop_rx.clone())?.1),
         None => None,
     };
-    let sync_thread = spawn_sync(sync, stop_rx)?;
+    let sync_thread = spawn_sync(sync, usage, stop_rx)?;
     tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, environment = %cfg.environment, routes = cfg.routes.len(), "sidecar starting");
     server.run(RunArgs::default());
     let _ = stop_tx.send(true);
@@ -192,7 +223,12 @@ impl Drop for SidecarHandle {
 
 /// Starts the proxy and the sync loop, and returns once the listener accepts connections.
 pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHandle> {
-    let Parts { server, sync, health } = build(&cfg, clock);
+    let Parts {
+        server,
+        sync,
+        usage,
+        health,
+    } = build(&cfg, clock);
     let (sync_stop, sync_rx) = watch::channel(false);
     let (proxy_stop, proxy_rx) = watch::channel(false);
     let mut threads = Vec::new();
@@ -212,7 +248,7 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
         }
         None => None,
     };
-    threads.push(spawn_sync(sync, sync_rx)?);
+    threads.push(spawn_sync(sync, usage, sync_rx)?);
     threads.push(
         std::thread::Builder::new()
             .name("permiso-sidecar".into())

@@ -21,6 +21,7 @@ use crate::core::key::{Environment, KEY_FAMILY_PREFIX};
 use crate::core::routes::RouteTable;
 use crate::core::snapshot::Snapshot;
 use crate::core::token_cache::TokenCache;
+use crate::sidecar::metrics::{Decided, SidecarMetrics};
 use crate::sidecar::sync_client::EarlySync;
 
 pub const HEADER_PREFIX: &str = "x-permiso-";
@@ -36,6 +37,7 @@ pub struct Shared {
     pub token_cache: Arc<TokenCache>,
     pub early_sync: Arc<EarlySync>,
     pub request_ids: crate::core::request_id::RequestIds,
+    pub metrics: Arc<SidecarMetrics>,
 }
 
 pub struct SidecarProxy {
@@ -112,6 +114,7 @@ impl ProxyHttp for SidecarProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let shared = &self.shared;
         let snapshot = shared.snapshot.load();
+        let now_nanos = shared.clock.now_nanos();
         let decision = {
             let req = session.req_header();
             let mut incoming_ids = req.headers.get_all(REQUEST_ID).iter();
@@ -142,12 +145,19 @@ impl ProxyHttp for SidecarProxy {
                 snapshot.as_deref(),
                 shared.environment,
                 &facts,
-                shared.clock.now_nanos(),
+                now_nanos,
                 &tokens,
             )
         };
         match decision {
             Ok(v) => {
+                match &v {
+                    Verdict::Allowed { principal, .. } => {
+                        principal.record_use((now_nanos / 1_000_000_000) as i64);
+                        shared.metrics.allowed();
+                    }
+                    Verdict::Public => shared.metrics.public(),
+                }
                 ctx.verdict = Some(v);
                 Ok(false)
             }
@@ -156,6 +166,7 @@ impl ProxyHttp for SidecarProxy {
                     // Maybe a key published since our last sync: fetch now (rate-limited).
                     shared.early_sync.request();
                 }
+                shared.metrics.denied(&denial);
                 ctx.denial = Some(denial.reason());
                 write_denial(session, &denial, &ctx.request_id).await?;
                 Ok(true)
@@ -192,7 +203,9 @@ impl ProxyHttp for SidecarProxy {
                 upstream.insert_header("X-Permiso-Service-Name", &*s.name)?;
                 upstream.insert_header("X-Permiso-Scopes", principal.scopes_header())?;
                 match &principal.credential {
-                    Credential::ApiKey { key_id } => upstream.insert_header("X-Permiso-Key-Id", &**key_id)?,
+                    Credential::ApiKey { key_id, .. } => {
+                        upstream.insert_header("X-Permiso-Key-Id", &**key_id)?
+                    }
                     Credential::AccessToken(t) => upstream.insert_header("X-Permiso-Token-Id", &*t.jti)?,
                 }
                 upstream.insert_header("X-Permiso-Environment", s.environment.as_str())?;
@@ -223,6 +236,20 @@ impl ProxyHttp for SidecarProxy {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Ctx) {
+        let metrics = &self.shared.metrics;
+        let decided = match (&ctx.verdict, ctx.denial) {
+            (_, Some(_)) => Some(Decided::Denied),
+            (Some(Verdict::Allowed { .. }), None) => Some(Decided::Allowed),
+            (Some(Verdict::Public), None) => Some(Decided::Public),
+            // Failed before a decision (malformed request, client gone): nothing to time.
+            (None, None) => None,
+        };
+        if let Some(d) = decided {
+            metrics.latency(d, ctx.start.elapsed().as_secs_f64());
+        }
+        if let (Some(e), Some(Decided::Allowed | Decided::Public)) = (error, decided) {
+            metrics.upstream_error(e.etype().as_str());
+        }
         // Build nothing for a line that will not be written.
         if !tracing::enabled!(target: "permiso::access", tracing::Level::INFO) {
             return;

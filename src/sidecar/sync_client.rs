@@ -68,6 +68,7 @@ pub struct SyncClient {
     /// Unix seconds of the last successful sync (or of the snapshot file loaded at start).
     pub last_sync: Arc<std::sync::atomic::AtomicI64>,
     pub clock: crate::core::clock::SharedClock,
+    pub metrics: Arc<crate::sidecar::metrics::SidecarMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,18 @@ enum SyncError {
     Status(reqwest::StatusCode),
     #[error("payload refused: {0}")]
     Invalid(#[from] SnapshotError),
+}
+
+impl SyncError {
+    /// The `cause` label of the sync failure metric.
+    fn cause(&self) -> &'static str {
+        match self {
+            SyncError::Http(e) if e.is_decode() => "invalid",
+            SyncError::Http(_) => "request",
+            SyncError::Status(_) => "status",
+            SyncError::Invalid(_) => "invalid",
+        }
+    }
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -187,8 +200,17 @@ impl SyncClient {
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             wait = self.wait;
-            let failed = match outcome.and_then(|p| self.apply(&p).map_err(SyncError::from)) {
-                Ok(changed) => {
+            let applied = outcome.and_then(|p| {
+                let changed = self.apply(&p)?;
+                let lag = p
+                    .generated_at_ms
+                    .filter(|_| changed)
+                    .map(|at| crate::core::clock::unix_millis() - at);
+                Ok((changed, lag))
+            });
+            let failed = match applied {
+                Ok((changed, lag_ms)) => {
+                    self.metrics.sync_succeeded(lag_ms);
                     self.last_sync.store(self.clock.now_secs(), Ordering::Relaxed);
                     backoff = MIN_BACKOFF;
                     if changed {
@@ -197,6 +219,7 @@ impl SyncClient {
                     false
                 }
                 Err(e) => {
+                    self.metrics.sync_failed(e.cause());
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "sync failed; serving from the last snapshot");
                     true
                 }

@@ -159,7 +159,7 @@ impl Harness {
 
     pub fn sidecar_config(&self, routes: &str) -> SidecarConfig {
         let text = format!(
-            "[sidecar]\nlisten = \"{}\"\nupstream = \"{}\"\nsnapshot_file = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\n[sidecar.sync]\nadmin_url = \"http://{}\"\nwait_seconds = 5\n{}",
+            "[sidecar]\nlisten = \"{}\"\nupstream = \"{}\"\nsnapshot_file = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\nusage_report_interval_ms = 50\n[sidecar.sync]\nadmin_url = \"http://{}\"\nwait_seconds = 5\n{}",
             self.sidecar_addr,
             self.upstream.addr,
             self.snapshot_path().display(),

@@ -6,6 +6,7 @@ mod common;
 mod e2e;
 mod egress;
 mod oauth;
+mod observability;
 mod resilience;
 mod rotation;
 mod sidecar_auth;

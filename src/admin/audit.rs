@@ -1,0 +1,65 @@
+//! `GET /auth/admin/audit`: the audit log, filtered and paginated by sequence number. Entries
+//! are served exactly as hashed, so a client can verify the chain itself (`permiso audit verify`).
+
+use axum::extract::{Query, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use crate::admin::auth::Admin;
+use crate::admin::db::AuditQuery;
+use crate::admin::error::ApiError;
+use crate::admin::AppState;
+use crate::core::audit::AuditEntry;
+
+pub const DEFAULT_LIMIT: u32 = 100;
+pub const MAX_LIMIT: u32 = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub target: Option<String>,
+    /// Unix seconds, inclusive.
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    /// Sequence number to continue after (the previous page's `next_after`).
+    pub after: Option<u64>,
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    /// Pass as `after` for the next page; null on the last page.
+    pub next_after: Option<u64>,
+}
+
+pub async fn list(
+    State(st): State<AppState>,
+    Admin(_caller): Admin,
+    q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let Query(p) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request(format!("limit must be 1..={MAX_LIMIT}")));
+    }
+    if let (Some(s), Some(u)) = (p.since, p.until) {
+        if s > u {
+            return Err(ApiError::bad_request("since must not be after until"));
+        }
+    }
+    let query = AuditQuery {
+        actor: p.actor,
+        action: p.action,
+        target: p.target,
+        since: p.since,
+        until: p.until,
+        after: p.after.unwrap_or(0),
+        limit,
+    };
+    let (entries, more) = st.db(move |s| s.audit_page(&query)).await?;
+    let next_after = if more { entries.last().map(|e| e.seq) } else { None };
+    Ok(Json(AuditPage { entries, next_after }))
+}

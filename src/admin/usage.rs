@@ -1,0 +1,59 @@
+//! `POST /v1/usage`: sidecars report, in batches, when API keys were last used, so admins see
+//! whether a rotated-out key is still in use before its grace window ends.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::admin::auth::SyncReader;
+use crate::admin::error::ApiError;
+use crate::admin::extract::JsonBody;
+use crate::admin::AppState;
+use crate::core::ids::{self, KEY_ID_PREFIX};
+
+/// More than a sidecar sends at once (it sends 500).
+const MAX_MARKS: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageReport {
+    pub keys: Vec<UsageMark>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageMark {
+    pub key_id: String,
+    /// Unix seconds.
+    pub last_used_at: i64,
+}
+
+pub async fn report(
+    State(st): State<AppState>,
+    SyncReader(caller): SyncReader,
+    JsonBody(body): JsonBody<UsageReport>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.ok_or_else(|| ApiError::bad_request("a JSON body is required"))?;
+    if body.keys.len() > MAX_MARKS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_MARKS} keys per report"
+        )));
+    }
+    let now = st.clock.now_secs();
+    let mut marks = Vec::with_capacity(body.keys.len());
+    for m in body.keys {
+        if !ids::looks_like_id(&m.key_id, KEY_ID_PREFIX) || m.last_used_at <= 0 {
+            return Err(ApiError::bad_request(
+                "each entry needs a key id and a positive last_used_at",
+            ));
+        }
+        // A sidecar clock ahead of ours must not mark a key as used in the future.
+        marks.push((m.key_id, m.last_used_at.min(now)));
+    }
+    let received = marks.len();
+    let moved = st.db(move |s| s.record_usage(&marks)).await?;
+    st.metrics.usage_marks(received);
+    tracing::debug!(%caller, received, moved, "key usage recorded");
+    Ok(Json(json!({ "received": received, "updated": moved })))
+}

@@ -1,0 +1,263 @@
+//! The sidecar's Prometheus metrics. Every counter the request path touches is created at start,
+//! so recording is one atomic add: no label lookup, no lock. What only matters when scraped
+//! (snapshot version and age, per-service counts) is read from the snapshot at scrape time.
+//! Labels are bounded: decision reasons are a fixed set, services are capped, and no key, token
+//! or caller-controlled string ever becomes a label.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::core::denial::Denial;
+use crate::core::snapshot::Snapshot;
+use crate::sidecar::health::Health;
+
+/// Request latency buckets, in seconds: 100 µs (a denial) to 10 s (a slow upstream).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// The decision class of one request, for the latency histogram.
+#[derive(Debug, Clone, Copy)]
+pub enum Decided {
+    Allowed,
+    Public,
+    Denied,
+}
+
+pub struct SidecarMetrics {
+    registry: Registry,
+    allowed: IntCounter,
+    public: IntCounter,
+    denials: HashMap<&'static str, IntCounter>,
+    latency: [Histogram; 3],
+    upstream_errors: IntCounterVec,
+    sync_ok: IntCounter,
+    sync_failures: IntCounterVec,
+    sync_lag: IntGauge,
+    snapshot_version: IntGauge,
+    snapshot_age: IntGauge,
+    snapshot_keys: IntGauge,
+    snapshot_services: IntGauge,
+    usage_reports: IntCounterVec,
+    max_service_labels: usize,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+impl SidecarMetrics {
+    /// `max_service_labels`: how many services get their own `service_id` label in
+    /// `permiso_sidecar_service_requests_total`; the rest are summed as `service_id="other"`.
+    pub fn new(max_service_labels: usize) -> SidecarMetrics {
+        let registry = Registry::new();
+        let decisions = counter_vec(
+            &registry,
+            "permiso_sidecar_decisions_total",
+            "Requests by decision: outcome is the class (allowed, public, missing, invalid, revoked, expired, grace_ended, scope, ip, rate_limited, ...), reason the precise cause.",
+            &["outcome", "reason"],
+        );
+        let allowed = decisions.with_label_values(&["allowed", "allowed"]);
+        let public = decisions.with_label_values(&["public", "public"]);
+        let denials = Denial::every_kind()
+            .iter()
+            .map(|d| {
+                (
+                    d.reason(),
+                    decisions.with_label_values(&[d.outcome(), d.reason()]),
+                )
+            })
+            .collect();
+        let latency_vec = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "permiso_sidecar_request_duration_seconds",
+                "Time from request start to the end of the response, by decision.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["decision"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(latency_vec.clone()))
+            .expect("unique metric");
+        let latency = ["allowed", "public", "denied"].map(|d| latency_vec.with_label_values(&[d]));
+        SidecarMetrics {
+            allowed,
+            public,
+            denials,
+            latency,
+            upstream_errors: counter_vec(
+                &registry,
+                "permiso_sidecar_upstream_errors_total",
+                "Forwarded requests that failed between sidecar and upstream, by pingora error type.",
+                &["error"],
+            ),
+            sync_ok: counter(&registry, "permiso_sidecar_syncs_total", "Successful sync responses applied (including no-change long-poll answers)."),
+            sync_failures: counter_vec(
+                &registry,
+                "permiso_sidecar_sync_failures_total",
+                "Sync attempts that failed, by cause (request, status, invalid); the old snapshot is kept.",
+                &["cause"],
+            ),
+            sync_lag: gauge(
+                &registry,
+                "permiso_sidecar_sync_lag_milliseconds",
+                "For the last applied change: the admin plane's clock when it sent the payload to this sidecar's clock when the snapshot was in place.",
+            ),
+            snapshot_version: gauge(&registry, "permiso_sidecar_snapshot_version", "Version of the snapshot in use (0: none)."),
+            snapshot_age: gauge(
+                &registry,
+                "permiso_sidecar_snapshot_age_seconds",
+                "Seconds since the last successful sync (or since the snapshot file was written, before the first).",
+            ),
+            snapshot_keys: gauge(&registry, "permiso_sidecar_snapshot_keys", "API keys in the snapshot in use."),
+            snapshot_services: gauge(&registry, "permiso_sidecar_snapshot_services", "Services in the snapshot in use."),
+            usage_reports: counter_vec(
+                &registry,
+                "permiso_sidecar_usage_reports_total",
+                "Batched key-usage reports sent to the admin plane, by result (ok, failed).",
+                &["result"],
+            ),
+            registry,
+            max_service_labels,
+        }
+    }
+
+    pub fn allowed(&self) {
+        self.allowed.inc();
+    }
+
+    pub fn public(&self) {
+        self.public.inc();
+    }
+
+    pub fn denied(&self, d: &Denial) {
+        if let Some(c) = self.denials.get(d.reason()) {
+            c.inc();
+        }
+    }
+
+    pub fn latency(&self, decided: Decided, seconds: f64) {
+        self.latency[decided as usize].observe(seconds);
+    }
+
+    pub fn upstream_error(&self, kind: &'static str) {
+        self.upstream_errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn sync_succeeded(&self, lag_ms: Option<i64>) {
+        self.sync_ok.inc();
+        if let Some(ms) = lag_ms {
+            self.sync_lag.set(ms.max(0));
+        }
+    }
+
+    pub fn sync_failed(&self, cause: &'static str) {
+        self.sync_failures.with_label_values(&[cause]).inc();
+    }
+
+    pub fn usage_report(&self, ok: bool) {
+        self.usage_reports
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
+    }
+
+    /// The text exposition, with the snapshot-derived values read now.
+    pub fn render(&self, health: &Health) -> String {
+        let snapshot = health.current.load_full();
+        let age = health.clock.now_secs() - health.last_sync.load(Ordering::Relaxed);
+        self.snapshot_age.set(if snapshot.is_some() { age } else { 0 });
+        self.snapshot_version
+            .set(snapshot.as_ref().map_or(0, |s| s.version as i64));
+        self.snapshot_keys
+            .set(snapshot.as_ref().map_or(0, |s| s.key_count() as i64));
+        self.snapshot_services
+            .set(snapshot.as_ref().map_or(0, |s| s.service_count() as i64));
+        let mut families = self.registry.gather();
+        if let Some(s) = &snapshot {
+            // The encoder refuses a family without samples (no service has called yet).
+            let per_service = prometheus::core::Collector::collect(&self.service_requests(s));
+            families.extend(per_service.into_iter().filter(|f| !f.get_metric().is_empty()));
+        }
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
+    }
+
+    /// Per-service request counts, the busiest `max_service_labels` by name and the rest as
+    /// "other", so a fleet of a million services cannot blow up a scrape.
+    fn service_requests(&self, snapshot: &Snapshot) -> IntCounterVec {
+        let vec = IntCounterVec::new(
+            Opts::new(
+                "permiso_sidecar_service_requests_total",
+                "Allowed requests per calling service since the sidecar started.",
+            ),
+            &["service_id"],
+        )
+        .expect("valid metric");
+        let mut counts: Vec<(Arc<str>, u64)> = snapshot
+            .services_iter()
+            .map(|s| (s.id.clone(), s.usage.requests()))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        counts.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut other = 0;
+        for (i, (id, n)) in counts.iter().enumerate() {
+            if i < self.max_service_labels {
+                vec.with_label_values(&[&**id]).inc_by(*n);
+            } else {
+                other += n;
+            }
+        }
+        if other > 0 {
+            vec.with_label_values(&["other"]).inc_by(other);
+        }
+        vec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_denial_has_its_counter() {
+        let m = SidecarMetrics::new(10);
+        for d in Denial::every_kind() {
+            m.denied(&d);
+        }
+        m.allowed();
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&m.registry.gather())
+            .unwrap();
+        assert!(text
+            .contains("permiso_sidecar_decisions_total{outcome=\"grace_ended\",reason=\"grace_ended\"} 1"));
+        assert!(
+            text.contains("permiso_sidecar_decisions_total{outcome=\"revoked\",reason=\"jwt_revoked\"} 1")
+        );
+        assert!(text.contains("permiso_sidecar_decisions_total{outcome=\"allowed\",reason=\"allowed\"} 1"));
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("permiso_sidecar_decisions_total{"))
+                .count(),
+            Denial::every_kind().len() + 2
+        );
+    }
+}
