@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use permiso::cli;
 use permiso::config::{self, AdminConfig, SidecarConfig};
 use permiso::core::clock::SystemClock;
 
@@ -51,35 +52,58 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// Manage service accounts through the admin API (tables, or --json).
+    Services {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(subcommand)]
+        cmd: cli::ServicesCmd,
+    },
+    /// Read the audit log (filters below), or `audit verify` its hash chain.
+    Audit {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        filter: cli::AuditFilter,
+        #[command(subcommand)]
+        cmd: Option<cli::AuditCmd>,
+    },
     /// Manage the access-token signing keys through the admin API.
     SigningKeys {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
         #[command(subcommand)]
-        action: SigningKeysAction,
-        /// Admin plane base URL.
-        #[arg(long, env = "PERMISO_ADMIN_URL", default_value = "http://127.0.0.1:8000")]
-        admin_url: String,
-        /// The admin key.
-        #[arg(long, env = "PERMISO_ADMIN_API_KEY", hide_env_values = true)]
-        admin_key: String,
+        cmd: cli::SigningKeysCmd,
     },
 }
 
-#[derive(Subcommand)]
-enum SigningKeysAction {
-    /// List keys: which signs, which are published.
-    List,
-    /// Publish a new key now; it signs after admin_plane.signing_key_publish_delay_seconds.
-    Rotate,
+/// Prints a CLI command's output, or its error on stderr with its exit code.
+fn finish(r: Result<String, cli::CliError>) -> anyhow::Result<()> {
+    match r {
+        Ok(out) => {
+            print!("{out}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            std::process::exit(i32::from(e.code));
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The config file may choose the log format, so read it before logging starts.
     let file = match &cli.command {
-        Command::Admin { config: Some(p), .. } | Command::Sidecar { config: p } => Some(config::load_file(p)?),
+        Command::Admin { config: Some(p), .. } | Command::Sidecar { config: p } => {
+            Some(config::load_file(p)?)
+        }
         _ => None,
     };
-    let json = cli.log_json || file.as_ref().is_some_and(|f| f.log.format == config::file::LogFormat::Json);
+    let json = cli.log_json
+        || file
+            .as_ref()
+            .is_some_and(|f| f.log.format == config::file::LogFormat::Json);
     permiso::telemetry::init(json);
     match cli.command {
         Command::Admin {
@@ -128,35 +152,9 @@ fn main() -> anyhow::Result<()> {
             permiso::sidecar::passthrough::run(listen, upstream, threads);
             Ok(())
         }
-        Command::SigningKeys {
-            action,
-            admin_url,
-            admin_key,
-        } => {
-            let (method, path) = match action {
-                SigningKeysAction::List => (reqwest::Method::GET, "/auth/admin/signing-keys"),
-                SigningKeysAction::Rotate => (reqwest::Method::POST, "/auth/admin/signing-keys/rotate"),
-            };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let url = format!("{}{}", admin_url.trim_end_matches('/'), path);
-                let resp = reqwest::Client::new()
-                    .request(method, &url)
-                    .header("X-Admin-Api-Key", admin_key)
-                    .send()
-                    .await
-                    .with_context(|| format!("calling {url}"))?;
-                let status = resp.status();
-                let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-                println!("{}", serde_json::to_string_pretty(&body)?);
-                if !status.is_success() {
-                    anyhow::bail!("admin plane answered {status}");
-                }
-                Ok(())
-            })
-        }
+        Command::Services { admin, cmd } => finish(cli::services(&admin, &cmd)),
+        Command::Audit { admin, filter, cmd } => finish(cli::audit(&admin, &filter, cmd.as_ref())),
+        Command::SigningKeys { admin, cmd } => finish(cli::signing_keys(&admin, &cmd)),
     }
 }
 

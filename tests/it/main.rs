@@ -2,6 +2,7 @@
 //! pingora sidecar and an upstream. One test binary, one module per area.
 
 mod admin_api;
+mod cli;
 mod common;
 mod e2e;
 mod egress;

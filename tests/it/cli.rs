@@ -1,0 +1,281 @@
+//! The `permiso services …` and `permiso audit …` commands, run as the real binary against a
+//! real admin plane: output for people and scripts, and one exit code per kind of failure.
+
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+use crate::common::{Harness, ADMIN_KEY, ROUTES};
+
+fn permiso(h: &Harness, key: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_permiso"))
+        .args(args)
+        .env("PERMISO_ADMIN_URL", format!("http://{}", h.admin_addr))
+        .env("PERMISO_ADMIN_API_KEY", key)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("permiso runs")
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {stdout}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_str(&ok(out)).expect("--json prints JSON")
+}
+
+fn failed(out: &Output, code: i32, message: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert!(stderr.contains(message), "{message:?} not in: {stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn services_lifecycle_through_the_cli() {
+    let h = Harness::start_with(ROUTES);
+    let created = json_of(&permiso(
+        &h,
+        ADMIN_KEY,
+        &[
+            "services",
+            "--json",
+            "create",
+            "--name",
+            "cli-made",
+            "--scope",
+            "trade:read",
+            "--rate-limit-per-minute",
+            "50",
+        ],
+    ));
+    let id = created["service_id"].as_str().unwrap().to_string();
+    let key = created["api_key"].as_str().unwrap().to_string();
+    let key_id = created["key_id"].as_str().unwrap().to_string();
+    assert!(key.starts_with("svc_live_"));
+    h.wait_for_status(
+        "/api/v1/trades",
+        Some(&key),
+        200,
+        std::time::Duration::from_secs(2),
+    );
+
+    // People get tables.
+    let list = ok(&permiso(&h, ADMIN_KEY, &["services", "list"]));
+    let header = list.lines().next().unwrap();
+    assert!(
+        header.starts_with("SERVICE ID") && header.contains("SCOPES"),
+        "{list}"
+    );
+    let row = list.lines().find(|l| l.contains(&id)).unwrap();
+    assert!(
+        row.contains("cli-made") && row.contains("enabled") && row.contains("trade:read"),
+        "{row}"
+    );
+    let show = ok(&permiso(&h, ADMIN_KEY, &["services", "show", &id]));
+    assert!(show.contains("rate limit / min   50"), "{show}");
+    assert!(
+        show.contains(&key_id) && !show.contains(&key),
+        "keys are listed by id, never in full"
+    );
+
+    let patched = json_of(&permiso(
+        &h,
+        ADMIN_KEY,
+        &[
+            "services",
+            "--json",
+            "patch",
+            &id,
+            "--scope",
+            "trade:read",
+            "--scope",
+            "trade:open",
+            "--rate-limit-per-minute",
+            "none",
+        ],
+    ));
+    assert_eq!(patched["scopes"], json!(["trade:read", "trade:open"]));
+    assert!(patched["rate_limit_per_minute"].is_null());
+
+    let rotated = ok(&permiso(
+        &h,
+        ADMIN_KEY,
+        &["services", "rotate", &id, "--grace-seconds", "0"],
+    ));
+    assert!(
+        rotated.starts_with("New API key (key_") && rotated.contains("svc_live_"),
+        "{rotated}"
+    );
+    h.wait_for_status(
+        "/api/v1/trades",
+        Some(&key),
+        401,
+        std::time::Duration::from_secs(2),
+    );
+
+    let secret = json_of(&permiso(
+        &h,
+        ADMIN_KEY,
+        &["services", "--json", "rotate", &id, "--secret"],
+    ));
+    assert!(secret["client_secret"].as_str().unwrap().starts_with("pcs_"));
+
+    let shown = json_of(&permiso(&h, ADMIN_KEY, &["services", "--json", "show", &id]));
+    let active = shown["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["status"] == "active")
+        .unwrap();
+    let active_id = active["key_id"].as_str().unwrap();
+    let revoked = ok(&permiso(&h, ADMIN_KEY, &["services", "revoke", &id, active_id]));
+    assert!(revoked.starts_with(&format!("Revoked {active_id}")), "{revoked}");
+
+    let deleted = ok(&permiso(&h, ADMIN_KEY, &["services", "delete", &id]));
+    assert!(deleted.contains("Disabled"), "{deleted}");
+    let row = ok(&permiso(&h, ADMIN_KEY, &["services", "list"]));
+    assert!(row
+        .lines()
+        .find(|l| l.contains(&id))
+        .unwrap()
+        .contains("disabled"));
+
+    // Audit through the CLI: filtered listing, then the chain verified client-side.
+    let entries = json_of(&permiso(&h, ADMIN_KEY, &["audit", "--json", "--target", &id]));
+    let actions: Vec<&str> = entries["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "service.create",
+            "service.patch",
+            "key.rotate",
+            "secret.rotate",
+            "key.revoke",
+            "service.disable"
+        ]
+    );
+    let table = ok(&permiso(&h, ADMIN_KEY, &["audit", "--action", "key.rotate"]));
+    assert!(table.starts_with("SEQ") && table.contains("admin-key"), "{table}");
+    let verified = ok(&permiso(&h, ADMIN_KEY, &["audit", "verify"]));
+    assert!(
+        verified.starts_with("audit chain intact: 8 entries"),
+        "{verified}"
+    );
+    let head = verified
+        .lines()
+        .nth(1)
+        .unwrap()
+        .strip_prefix("head ")
+        .unwrap()
+        .to_string();
+    ok(&permiso(
+        &h,
+        ADMIN_KEY,
+        &["audit", "verify", "--expect-head", &head],
+    ));
+
+    // Tamper with the file behind the admin plane's back: verify fails with its own code.
+    let conn = rusqlite::Connection::open(h.db_path()).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER audit_log_no_update; UPDATE audit_log SET actor = 'nobody' WHERE seq = 5;",
+    )
+    .unwrap();
+    failed(
+        &permiso(&h, ADMIN_KEY, &["audit", "verify"]),
+        10,
+        "audit chain broken: entry 5",
+    );
+}
+
+#[test]
+fn every_api_failure_has_its_exit_code_and_message() {
+    let h = Harness::start_with(ROUTES);
+    let a = json_of(&permiso(
+        &h,
+        ADMIN_KEY,
+        &["services", "--json", "create", "--name", "dup"],
+    ));
+    let id = a["service_id"].as_str().unwrap();
+
+    failed(
+        &permiso(&h, "wrong-key", &["services", "list"]),
+        4,
+        "unauthorized (401)",
+    );
+    failed(
+        &permiso(&h, ADMIN_KEY, &["services", "show", "srv_doesnotexist00000000"]),
+        5,
+        "not_found (404)",
+    );
+    failed(
+        &permiso(&h, ADMIN_KEY, &["services", "create", "--name", "dup"]),
+        6,
+        "already exists",
+    );
+    failed(
+        &permiso(
+            &h,
+            ADMIN_KEY,
+            &["services", "create", "--name", "bad", "--scope", "NOT A SCOPE"],
+        ),
+        7,
+        "invalid_request (400)",
+    );
+    failed(
+        &permiso(&h, ADMIN_KEY, &["services", "patch", id]),
+        7,
+        "nothing to change",
+    );
+    failed(
+        &permiso(&h, ADMIN_KEY, &["services", "show", "../audit"]),
+        7,
+        "not a valid id",
+    );
+    failed(
+        &permiso(
+            &h,
+            ADMIN_KEY,
+            &["services", "patch", id, "--rate-limit-per-hour", "lots"],
+        ),
+        7,
+        "takes a number",
+    );
+    let unreachable = Command::new(env!("CARGO_BIN_EXE_permiso"))
+        .args([
+            "services",
+            "--admin-url",
+            "http://127.0.0.1:1",
+            "--admin-key",
+            ADMIN_KEY,
+            "list",
+        ])
+        .output()
+        .unwrap();
+    failed(&unreachable, 3, "cannot reach the admin plane");
+    // Bad usage is clap's exit code 2.
+    assert_eq!(
+        permiso(&h, ADMIN_KEY, &["services", "rotate"]).status.code(),
+        Some(2)
+    );
+    // None of the refused commands wrote anything: only the harness's and "dup"'s creates.
+    let audited = json_of(&permiso(
+        &h,
+        ADMIN_KEY,
+        &["audit", "--json", "--action", "service.create"],
+    ));
+    assert_eq!(audited["entries"].as_array().unwrap().len(), 2);
+}
