@@ -75,6 +75,16 @@ pub mod file {
         pub rotation_grace_seconds: u64,
         /// Largest accepted request body. Default 65536.
         pub max_body_bytes: usize,
+        /// Largest request head (request line + headers); larger gets 431. Default 16384.
+        pub max_header_bytes: usize,
+        /// A client must send its request headers within this; else the connection is
+        /// closed. Default 10000.
+        pub header_read_timeout_ms: u64,
+        /// ... and its body within this after the headers; else 408. Default 10000.
+        pub body_read_timeout_ms: u64,
+        /// Requests served on one connection before it is closed (`Connection: close` on the
+        /// last response). Default 1000.
+        pub max_requests_per_connection: u32,
         /// Upper bound on `wait` for `/v1/sync` long polls. Default 30.
         pub sync_max_wait_seconds: u64,
         /// Active (unexpired, unrevoked) keys one service may hold. Default 10.
@@ -102,6 +112,10 @@ pub mod file {
                 database: "permiso.db".into(),
                 rotation_grace_seconds: 7 * 24 * 3600,
                 max_body_bytes: 64 * 1024,
+                max_header_bytes: 16 * 1024,
+                header_read_timeout_ms: 10_000,
+                body_read_timeout_ms: 10_000,
+                max_requests_per_connection: 1000,
                 sync_max_wait_seconds: 30,
                 max_active_keys_per_service: 10,
                 issuer: None,
@@ -320,6 +334,10 @@ pub struct AdminConfig {
     pub database: PathBuf,
     pub rotation_grace: Duration,
     pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_requests_per_connection: u32,
     pub sync_max_wait: Duration,
     pub max_active_keys_per_service: u32,
     pub admin_api_key: Secret,
@@ -453,6 +471,21 @@ impl AdminConfig {
                 "must be a URL without a trailing '/'",
             ));
         }
+        if !(8192..=1024 * 1024).contains(&f.max_header_bytes) {
+            return Err(invalid("admin_plane.max_header_bytes", "must be 8192..=1048576"));
+        }
+        if f.header_read_timeout_ms == 0 || f.body_read_timeout_ms == 0 {
+            return Err(invalid(
+                "admin_plane.header_read_timeout_ms / body_read_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if f.max_requests_per_connection == 0 {
+            return Err(invalid(
+                "admin_plane.max_requests_per_connection",
+                "must be at least 1",
+            ));
+        }
         if f.token_audience.is_empty() {
             return Err(invalid("admin_plane.token_audience", "must not be empty"));
         }
@@ -481,6 +514,10 @@ impl AdminConfig {
             database: PathBuf::from(&f.database),
             rotation_grace: Duration::from_secs(f.rotation_grace_seconds),
             max_body_bytes: f.max_body_bytes,
+            max_header_bytes: f.max_header_bytes,
+            header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(f.body_read_timeout_ms),
+            max_requests_per_connection: f.max_requests_per_connection,
             sync_max_wait: Duration::from_secs(f.sync_max_wait_seconds),
             max_active_keys_per_service: f.max_active_keys_per_service,
             admin_api_key: Secret::new(key),

@@ -134,14 +134,20 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Sidecar { config } => {
-            let file = file.context("config was read above")?;
-            let sc = file
-                .sidecar
-                .as_ref()
-                .with_context(|| format!("{} has no [sidecar] section", config.display()))?;
-            let credential = config::read_sync_credential(&sc.sync)?;
-            let cfg = SidecarConfig::from_file(sc, credential)?;
-            permiso::sidecar::run(cfg, Arc::new(SystemClock))
+            // The same steps at start and on every SIGHUP.
+            let load = move || -> anyhow::Result<SidecarConfig> {
+                let file = config::load_file(&config)?;
+                let sc = file
+                    .sidecar
+                    .as_ref()
+                    .with_context(|| format!("{} has no [sidecar] section", config.display()))?;
+                Ok(SidecarConfig::from_file(
+                    sc,
+                    config::read_sync_credential(&sc.sync)?,
+                )?)
+            };
+            let cfg = load()?;
+            permiso::sidecar::run(cfg, Arc::new(SystemClock), Box::new(load))
         }
         Command::Dev(args) => permiso::dev::run(args),
         Command::Passthrough {

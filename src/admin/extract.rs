@@ -1,6 +1,6 @@
 //! Request extractors that fail with our JSON errors instead of axum's plain-text ones:
 //! wrong content type → 415 (JSON) or 400 (OAuth form endpoints, RFC 6749 §5.2), too large →
-//! 413, malformed or unknown fields → 400.
+//! 413, too slow → 408, malformed or unknown fields → 400.
 
 use std::collections::HashMap;
 
@@ -46,7 +46,19 @@ async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
-    axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+    // A client that trickles its body must not hold a connection and a task forever.
+    let read = tokio::time::timeout(
+        state.cfg.body_read_timeout,
+        axum::body::to_bytes(req.into_body(), limit),
+    );
+    let Ok(read) = read.await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body was not received in time",
+        ));
+    };
+    read.map_err(|e| {
         if e.into_inner().is::<LengthLimitError>() {
             too_large(limit)
         } else {

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod metrics;
 pub mod model;
 pub mod oauth;
+pub mod server;
 pub mod services;
 pub mod signing;
 pub mod signing_keys;
@@ -249,15 +250,12 @@ pub async fn serve(
     let state = build_state(cfg, clock, shutdown.clone(), listener.local_addr()?)?;
     tracing::info!(addr = %listener.local_addr()?, epoch = state.store.epoch(), "admin plane listening");
     tokio::spawn(prune_throttles(state.clone(), shutdown.clone()));
-    let mut stop = shutdown;
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = stop.wait_for(|s| *s).await;
-    })
-    .await?;
+    let limits = server::ConnLimits {
+        max_header_bytes: state.cfg.max_header_bytes,
+        header_read_timeout: state.cfg.header_read_timeout,
+        max_requests_per_connection: state.cfg.max_requests_per_connection,
+    };
+    server::serve(listener, router(state), limits, shutdown).await?;
     Ok(())
 }
 

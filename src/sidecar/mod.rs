@@ -15,7 +15,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use pingora::prelude::HttpPeer;
 use pingora::server::configuration::ServerConf;
@@ -58,8 +58,63 @@ pub(crate) fn server_conf(threads: usize, shutdown_grace: Duration) -> ServerCon
     }
 }
 
+fn live_of(cfg: &SidecarConfig) -> proxy::Live {
+    proxy::Live {
+        routes: cfg.routes.clone(),
+        peer: HttpPeer::new(cfg.upstream, false, String::new()),
+        tokens: cfg.tokens.clone(),
+    }
+}
+
+/// Settings a reload cannot change (they are bound to sockets, threads, files or the sync
+/// loop); a reload that changes them applies the rest and says which ones wait for a restart.
+fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    let mut check = |changed: bool, name: &'static str| {
+        if changed {
+            v.push(name);
+        }
+    };
+    check(old.listen != new.listen, "listen");
+    check(old.admin_listen != new.admin_listen, "admin_listen");
+    check(old.threads != new.threads, "threads");
+    check(old.environment != new.environment, "environment");
+    check(old.snapshot_file != new.snapshot_file, "snapshot_file");
+    check(old.admin_url != new.admin_url, "sync.admin_url");
+    check(old.sync_wait != new.sync_wait, "sync.wait_seconds");
+    check(
+        old.tokens.cache_entries != new.tokens.cache_entries,
+        "tokens.cache_entries",
+    );
+    check(old.egress.is_some() || new.egress.is_some(), "egress");
+    v
+}
+
+/// Replaces the live part (routes, upstream, token checks) of a running sidecar. In-flight
+/// requests finish with the settings they started with; no connection is dropped.
+pub struct Reloader {
+    shared: Arc<Shared>,
+    running: std::sync::Mutex<SidecarConfig>,
+}
+
+impl Reloader {
+    /// `next` has been validated already (`SidecarConfig::from_file`): a bad file never gets
+    /// here, and the running config stays.
+    pub fn apply(&self, next: SidecarConfig) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = needs_restart(&running, &next);
+        self.shared.live.store(Arc::new(live_of(&next)));
+        tracing::info!(upstream = %next.upstream, routes = next.routes.len(), "config reloaded");
+        if !pending.is_empty() {
+            tracing::warn!(settings = ?pending, "config reload: these settings only change on restart");
+        }
+        *running = next;
+    }
+}
+
 struct Parts {
     server: Server,
+    reloader: Arc<Reloader>,
     sync: SyncClient,
     usage: usage_report::UsageReporter,
     health: health::Health,
@@ -80,11 +135,9 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
     let metrics = Arc::new(metrics::SidecarMetrics::new(cfg.metrics_max_service_labels));
     let shared = Arc::new(Shared {
         snapshot: current.clone(),
-        routes: cfg.routes.clone(),
+        live: ArcSwap::from_pointee(live_of(cfg)),
         environment: cfg.environment,
-        peer: HttpPeer::new(cfg.upstream, false, String::new()),
         clock: clock.clone(),
-        tokens: cfg.tokens.clone(),
         token_cache: token_cache.clone(),
         early_sync: early.clone(),
         request_ids: Default::default(),
@@ -92,6 +145,10 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
     });
     let mut server = Server::new_with_opt_and_conf(None, server_conf(cfg.threads, cfg.shutdown_grace));
     server.bootstrap();
+    let reloader = Arc::new(Reloader {
+        shared: shared.clone(),
+        running: std::sync::Mutex::new(cfg.clone()),
+    });
     let mut service = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         SidecarProxy { shared },
@@ -128,6 +185,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
     };
     Parts {
         server,
+        reloader,
         sync,
         usage,
         health,
@@ -153,10 +211,47 @@ fn spawn_sync(
         })
 }
 
-/// Runs in the foreground until SIGTERM (graceful) or SIGINT (fast).
-pub fn run(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<()> {
+/// Re-reads the config file on every SIGHUP and applies it if it is valid; a file that fails
+/// to parse or validate is refused with a log line and the running config stays.
+fn spawn_reload_on_sighup(
+    reloader: Arc<Reloader>,
+    load: Box<dyn Fn() -> anyhow::Result<SidecarConfig> + Send>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    std::thread::Builder::new().name("permiso-reload".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(async move {
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::error!("cannot listen for SIGHUP; config reload disabled");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => match load() {
+                        Ok(next) => reloader.apply(next),
+                        Err(e) => tracing::error!(error = format!("{e:#}"), "config reload refused; the running config stays"),
+                    },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+    })
+}
+
+/// Runs in the foreground until SIGTERM (graceful: in-flight requests finish within
+/// shutdown_grace_seconds) or SIGINT (fast). SIGHUP reloads the config through `reload`.
+pub fn run(
+    cfg: SidecarConfig,
+    clock: SharedClock,
+    reload: Box<dyn Fn() -> anyhow::Result<SidecarConfig> + Send>,
+) -> anyhow::Result<()> {
     let Parts {
         server,
+        reloader,
         sync,
         usage,
         health,
@@ -170,12 +265,13 @@ pub fn run(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<()> {
         Some(e) => Some(egress::spawn(e, stop_rx.clone())?.1),
         None => None,
     };
+    let reload_thread = spawn_reload_on_sighup(reloader, reload, stop_rx.clone())?;
     let sync_thread = spawn_sync(sync, usage, stop_rx)?;
     tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, environment = %cfg.environment, routes = cfg.routes.len(), "sidecar starting");
     server.run(RunArgs::default());
     let _ = stop_tx.send(true);
     let _ = sync_thread.join();
-    for t in [egress, health_thread].into_iter().flatten() {
+    for t in [egress, health_thread, Some(reload_thread)].into_iter().flatten() {
         let _ = t.join();
     }
     Ok(())
@@ -200,6 +296,8 @@ pub struct SidecarHandle {
     pub egress_addr: Option<SocketAddr>,
     /// The health listener (`/healthz`, `/readyz`), when configured.
     pub health_addr: Option<SocketAddr>,
+    /// Applies a new (validated) config the way SIGHUP does for a standalone sidecar.
+    pub reloader: Arc<Reloader>,
     proxy_stop: watch::Sender<bool>,
     sync_stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -225,6 +323,7 @@ impl Drop for SidecarHandle {
 pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHandle> {
     let Parts {
         server,
+        reloader,
         sync,
         usage,
         health,
@@ -259,6 +358,7 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
             })?,
     );
     let handle = SidecarHandle {
+        reloader,
         egress_addr,
         health_addr,
         addr: cfg.listen,

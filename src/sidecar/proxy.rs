@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -27,13 +27,19 @@ use crate::sidecar::sync_client::EarlySync;
 pub const HEADER_PREFIX: &str = "x-permiso-";
 const REQUEST_ID: &str = "x-request-id";
 
+/// The part of the config a reload (SIGHUP) replaces whole; each request works with the one it
+/// started with.
+pub struct Live {
+    pub routes: RouteTable,
+    pub peer: HttpPeer,
+    pub tokens: TokenSettings,
+}
+
 pub struct Shared {
     pub snapshot: Arc<ArcSwapOption<Snapshot>>,
-    pub routes: RouteTable,
+    pub live: ArcSwap<Live>,
     pub environment: Environment,
-    pub peer: HttpPeer,
     pub clock: SharedClock,
-    pub tokens: TokenSettings,
     pub token_cache: Arc<TokenCache>,
     pub early_sync: Arc<EarlySync>,
     pub request_ids: crate::core::request_id::RequestIds,
@@ -46,6 +52,7 @@ pub struct SidecarProxy {
 
 pub struct Ctx {
     start: Instant,
+    live: Option<Arc<Live>>,
     verdict: Option<Verdict>,
     denial: Option<&'static str>,
     request_id: String,
@@ -105,6 +112,7 @@ impl ProxyHttp for SidecarProxy {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
+            live: None,
             verdict: None,
             denial: None,
             request_id: String::new(),
@@ -114,6 +122,7 @@ impl ProxyHttp for SidecarProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let shared = &self.shared;
         let snapshot = shared.snapshot.load();
+        let live = shared.live.load_full();
         let now_nanos = shared.clock.now_nanos();
         let decision = {
             let req = session.req_header();
@@ -136,12 +145,12 @@ impl ProxyHttp for SidecarProxy {
                 client_ip: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
             };
             let tokens = TokenPolicy {
-                audience: &shared.tokens.audience,
-                leeway_secs: shared.tokens.leeway_secs,
+                audience: &live.tokens.audience,
+                leeway_secs: live.tokens.leeway_secs,
                 cache: Some(&shared.token_cache),
             };
             decide(
-                &shared.routes,
+                &live.routes,
                 snapshot.as_deref(),
                 shared.environment,
                 &facts,
@@ -149,6 +158,7 @@ impl ProxyHttp for SidecarProxy {
                 &tokens,
             )
         };
+        ctx.live = Some(live);
         match decision {
             Ok(v) => {
                 match &v {
@@ -174,8 +184,13 @@ impl ProxyHttp for SidecarProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(self.shared.peer.clone()))
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        // The upstream of the config this request was decided under, even if a reload landed since.
+        let peer = match &ctx.live {
+            Some(l) => l.peer.clone(),
+            None => self.shared.live.load().peer.clone(),
+        };
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(

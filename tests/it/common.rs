@@ -2,7 +2,8 @@
 //! a small echo upstream, and a sidecar in front of it, all sharing one manual clock.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,9 +61,13 @@ impl EchoUpstream {
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(l).unwrap();
                 let app = axum::Router::new().fallback(
-                    |method: axum::http::Method,
-                     uri: axum::http::Uri,
-                     headers: axum::http::HeaderMap| async move {
+                    move |method: axum::http::Method,
+                          uri: axum::http::Uri,
+                          headers: axum::http::HeaderMap| async move {
+                        // A slow upstream, for in-flight requests across reloads and shutdowns.
+                        if uri.path().contains("/slow") {
+                            tokio::time::sleep(Duration::from_millis(1000)).await;
+                        }
                         let mut h = serde_json::Map::new();
                         for (k, v) in headers.iter() {
                             h.insert(
@@ -71,7 +76,7 @@ impl EchoUpstream {
                             );
                         }
                         axum::Json(
-                            json!({"method": method.as_str(), "path": uri.path(), "headers": h}),
+                            json!({"method": method.as_str(), "path": uri.path(), "headers": h, "upstream": addr.to_string()}),
                         )
                     },
                 );
@@ -350,4 +355,39 @@ fn init_logs() {
             .with_test_writer()
             .try_init();
     });
+}
+
+/// A child process, killed (SIGKILL) and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts one of our binaries with its output in `<dir>/<name>.log`.
+pub fn spawn(dir: &Path, name: &str, exe: &str, args: &[&str]) -> Proc {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(exe)
+        .args(args)
+        .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {exe}: {e}"));
+    Proc(child)
+}
+
+pub fn wait_ok(http: &reqwest::blocking::Client, url: &str, what: &str) {
+    let started = Instant::now();
+    while http.get(url).send().map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what} never became ready at {url}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

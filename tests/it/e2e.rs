@@ -3,47 +3,13 @@
 //! account-demo.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{free_port, ADMIN_KEY};
+use crate::common::{free_port, spawn, wait_ok, Proc, ADMIN_KEY};
 
 /// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(dir: &Path, name: &str, exe: &str, args: &[&str]) -> Proc {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(exe)
-        .args(args)
-        .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {exe}: {e}"));
-    Proc(child)
-}
-
-fn wait_ok(http: &reqwest::blocking::Client, url: &str, what: &str) {
-    let started = Instant::now();
-    while http.get(url).send().map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{what} never became ready at {url}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The shipped example config with this run's ports and paths.
 fn example_config(name: &str, ports: &[(&str, String)], dir: &Path) -> PathBuf {
     let mut text =

@@ -8,6 +8,7 @@ mod e2e;
 mod egress;
 mod oauth;
 mod observability;
+mod operations;
 mod resilience;
 mod rotation;
 mod sidecar_auth;

@@ -1,0 +1,611 @@
+//! What production does to a running gateway: config reloads (SIGHUP), graceful shutdown
+//! (SIGTERM), kill -9 in the middle of writes, and steady traffic through all of it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::common::{free_port, spawn, wait_ok, EchoUpstream, Harness, Proc, ADMIN_KEY, ROUTES};
+
+const ACCOUNT_ROUTE: &str =
+    "\n[[sidecar.routes]]\nprefix = \"/api/v1/account\"\nscopes = [\"account:read\"]\n";
+
+/// Routes without the account route (ROUTES has it last).
+fn routes_without_account() -> String {
+    let i = ROUTES
+        .find("[[sidecar.routes]]\nprefix = \"/api/v1/account\"")
+        .unwrap();
+    ROUTES[..i].to_string()
+}
+
+fn signal(p: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &p.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+struct SidecarProc {
+    proc: Proc,
+    config: PathBuf,
+    url: String,
+    health: String,
+    log: PathBuf,
+}
+
+fn proc_config(h: &Harness, listen: &str, health: &str, upstream: &str, routes: &str) -> String {
+    format!(
+        "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\nadmin_listen = \"{health}\"\nsnapshot_file = \"{}\"\nshutdown_grace_seconds = 1\n[sidecar.sync]\nadmin_url = \"http://{}\"\ncredential_file = \"{}\"\nwait_seconds = 5\n{routes}",
+        h.dir.path().join("proc-snapshot.json").display(),
+        h.admin_addr,
+        h.dir.path().join("sync.key").display(),
+    )
+}
+
+fn start_sidecar_proc(h: &Harness, routes: &str) -> SidecarProc {
+    let (listen, health) = (free_port().to_string(), free_port().to_string());
+    let config = h.dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        proc_config(h, &listen, &health, &h.upstream.addr.to_string(), routes),
+    )
+    .unwrap();
+    std::fs::write(h.dir.path().join("sync.key"), &h.sync_key).unwrap();
+    let proc = spawn(
+        h.dir.path(),
+        "sidecar",
+        env!("CARGO_BIN_EXE_permiso"),
+        &["sidecar", "--config", config.to_str().unwrap()],
+    );
+    let s = SidecarProc {
+        proc,
+        config,
+        url: format!("http://{listen}"),
+        health: format!("http://{health}"),
+        log: h.dir.path().join("sidecar.log"),
+    };
+    wait_ok(&h.http, &format!("{}/readyz", s.health), "sidecar process");
+    s
+}
+
+fn get(http: &reqwest::blocking::Client, url: &str, key: &str) -> (u16, Value) {
+    let r = http.get(url).bearer_auth(key).send().unwrap();
+    (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+}
+
+fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !f() {
+        assert!(
+            started.elapsed() < within,
+            "{what} did not happen within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn sighup_reloads_routes_and_upstream_keeps_in_flight_requests_and_refuses_a_bad_file() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "reloaded", "scopes": ["trade:read", "account:read"]}));
+    let sc = start_sidecar_proc(&h, &routes_without_account());
+    let trades = format!("{}/api/v1/trades", sc.url);
+    let account = format!("{}/api/v1/account", sc.url);
+    until(
+        "the new key reaches the sidecar process",
+        Duration::from_secs(5),
+        || get(&h.http, &trades, &svc.api_key).0 == 200,
+    );
+    assert_eq!(get(&h.http, &account, &svc.api_key).0, 403, "no route yet");
+
+    // A slow request is in flight while the config changes under it.
+    let slow = {
+        let (url, key) = (format!("{}/api/v1/trades/slow", sc.url), svc.api_key.clone());
+        std::thread::spawn(move || {
+            let http = reqwest::blocking::Client::new();
+            get(&http, &url, &key)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let second = EchoUpstream::start();
+    let listen = sc.url.trim_start_matches("http://").to_string();
+    let health = sc.health.trim_start_matches("http://").to_string();
+    std::fs::write(
+        &sc.config,
+        proc_config(
+            &h,
+            &listen,
+            &health,
+            &second.addr.to_string(),
+            &format!("{}{ACCOUNT_ROUTE}", routes_without_account()),
+        ),
+    )
+    .unwrap();
+    signal(&sc.proc, "-HUP");
+    until("the reload applies the new route", Duration::from_secs(5), || {
+        get(&h.http, &account, &svc.api_key).0 == 200
+    });
+    let (s, v) = get(&h.http, &account, &svc.api_key);
+    assert_eq!(
+        (s, v["upstream"].as_str()),
+        (200, Some(second.addr.to_string().as_str())),
+        "new upstream"
+    );
+    let (s, v) = slow.join().unwrap();
+    assert_eq!(s, 200, "the in-flight request finished: {v}");
+    assert_eq!(
+        v["upstream"].as_str(),
+        Some(h.upstream.addr.to_string().as_str()),
+        "with the upstream it started on"
+    );
+
+    // A broken file is refused; the running config stays.
+    std::fs::write(&sc.config, "[sidecar]\nroutes = 5\n").unwrap();
+    signal(&sc.proc, "-HUP");
+    until("the refusal is logged", Duration::from_secs(5), || {
+        std::fs::read_to_string(&sc.log)
+            .unwrap_or_default()
+            .contains("config reload refused")
+    });
+    assert_eq!(get(&h.http, &account, &svc.api_key).0, 200);
+    // A file that parses but fails validation too.
+    std::fs::write(
+        &sc.config,
+        proc_config(&h, &listen, &health, &second.addr.to_string(), ""),
+    )
+    .unwrap();
+    signal(&sc.proc, "-HUP");
+    until("the second refusal is logged", Duration::from_secs(5), || {
+        std::fs::read_to_string(&sc.log)
+            .unwrap_or_default()
+            .matches("config reload refused")
+            .count()
+            == 2
+    });
+    assert_eq!(get(&h.http, &account, &svc.api_key).0, 200);
+    assert_eq!(get(&h.http, &trades, &svc.api_key).0, 200);
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "drained", "scopes": ["trade:read"]}));
+    let mut sc = start_sidecar_proc(&h, ROUTES);
+    until(
+        "the key reaches the sidecar process",
+        Duration::from_secs(5),
+        || get(&h.http, &format!("{}/api/v1/trades", sc.url), &svc.api_key).0 == 200,
+    );
+    let slow = {
+        let (url, key) = (format!("{}/api/v1/trades/slow", sc.url), svc.api_key.clone());
+        std::thread::spawn(move || {
+            let http = reqwest::blocking::Client::new();
+            get(&http, &url, &key)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&sc.proc, "-TERM");
+    let (s, v) = slow.join().unwrap();
+    assert_eq!(s, 200, "in flight at SIGTERM, answered anyway: {v}");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = sc.proc.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "sidecar did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn malformed_http_huge_headers_and_giant_keys_get_4xx_without_crash_or_growth() {
+    use std::io::{Read, Write};
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "hardened", "scopes": ["trade:read"]}));
+    let sc = start_sidecar_proc(&h, ROUTES);
+    let trades = format!("{}/api/v1/trades", sc.url);
+    until(
+        "the key reaches the sidecar process",
+        Duration::from_secs(5),
+        || get(&h.http, &trades, &svc.api_key).0 == 200,
+    );
+    let addr = sc.url.trim_start_matches("http://").to_string();
+    // Sends raw bytes; returns the status line's code, or None if the sidecar just closed.
+    let raw = |bytes: &[u8]| -> Option<u16> {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(bytes);
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    };
+    let status_of = |bytes: &[u8]| raw(bytes).map_or("closed".to_string(), |s| s.to_string());
+
+    let garbage = status_of(b"HELLO THERE\r\n\r\n");
+    assert!(garbage == "400" || garbage == "closed", "{garbage}");
+    let mut non_utf8 = b"GET /api/v1/trades HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer \xff\xfe\xfd\r\n\r\n".to_vec();
+    assert_eq!(raw(&non_utf8), Some(400));
+    non_utf8.clear();
+    let huge_header = format!(
+        "GET /api/v1/trades HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let big = status_of(huge_header.as_bytes());
+    assert!(big.starts_with('4') || big == "closed", "{big}");
+
+    let pid = sc.proc.0.id();
+    let giant = format!(
+        "GET /api/v1/trades HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer svc_live_{}\r\n\r\n",
+        "A".repeat(1_000_000)
+    );
+    let first = status_of(giant.as_bytes());
+    assert!(first.starts_with('4') || first == "closed", "{first}");
+    eprintln!("garbage request line: {garbage}; 200 KB header: {big}; 1 MB key: {first}");
+    // Under the header limit a long key is parsed and refused as malformed.
+    let long = format!("svc_live_{}", "A".repeat(30_000));
+    assert_eq!(get(&h.http, &trades, &long).0, 401);
+    let before = rss_kib(pid);
+    for _ in 0..100 {
+        let s = status_of(giant.as_bytes());
+        assert!(s.starts_with('4') || s == "closed", "{s}");
+        assert_eq!(get(&h.http, &trades, &long).0, 401);
+    }
+    let after = rss_kib(pid);
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} KiB to {after} KiB over 100 giant requests"
+    );
+    // Still serving, and nothing crashed.
+    assert_eq!(get(&h.http, &trades, &svc.api_key).0, 200);
+    assert!(sc.proc.0.id() == pid && rss_kib(pid) > 0);
+    eprintln!("sidecar RSS before/after 100 x 1 MB keys + 100 x 30 KB keys: {before} / {after} KiB");
+}
+
+/// Creates and rotations against an admin-plane process, with `kill -9` in the middle: after a
+/// restart every change that was acknowledged is there, and none is half there.
+#[test]
+fn kill_dash_nine_mid_burst_loses_no_acknowledged_write_and_leaves_none_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("permiso.db");
+    let addr = free_port().to_string();
+    let base = format!("http://{addr}");
+    let start = || {
+        let p = spawn(
+            dir.path(),
+            "admin",
+            env!("CARGO_BIN_EXE_permiso"),
+            &["admin", "--listen", &addr, "--database", db.to_str().unwrap()],
+        );
+        wait_ok(
+            &reqwest::blocking::Client::new(),
+            &format!("{base}/readyz"),
+            "admin plane",
+        );
+        p
+    };
+    let admin = start();
+    let acked_services = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let acked_rotations = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (base, services, rotations, stop) = (
+                base.clone(),
+                acked_services.clone(),
+                acked_rotations.clone(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let r = http
+                        .post(format!("{base}/auth/admin/services"))
+                        .header("X-Admin-Api-Key", ADMIN_KEY)
+                        .json(&json!({"service_name": format!("burst-{w}-{i}"), "scopes": ["a:b"]}))
+                        .send();
+                    let Ok(r) = r else { continue };
+                    if r.status() != 201 {
+                        continue;
+                    }
+                    let Ok(v) = r.json::<Value>() else { continue };
+                    let id = v["service_id"].as_str().unwrap().to_string();
+                    services.lock().unwrap().push(id.clone());
+                    let r = http
+                        .post(format!("{base}/auth/admin/services/{id}/rotate"))
+                        .header("X-Admin-Api-Key", ADMIN_KEY)
+                        .json(&json!({"grace_seconds": 60}))
+                        .send();
+                    if let Ok(r) = r {
+                        if r.status() == 200 {
+                            if let Ok(v) = r.json::<Value>() {
+                                rotations
+                                    .lock()
+                                    .unwrap()
+                                    .push((id, v["key_id"].as_str().unwrap().to_string()));
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // Let the burst run, then kill -9 while requests are in flight.
+    until("some writes are acknowledged", Duration::from_secs(20), || {
+        acked_services.lock().unwrap().len() >= 20
+    });
+    let mut admin = admin;
+    admin.0.kill().unwrap(); // SIGKILL
+    admin.0.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let acked_services = acked_services.lock().unwrap().clone();
+    let acked_rotations = acked_rotations.lock().unwrap().clone();
+
+    let _admin = start();
+    let http = reqwest::blocking::Client::new();
+    let admin_get = |path: &str| -> Value {
+        let r = http
+            .get(format!("{base}{path}"))
+            .header("X-Admin-Api-Key", ADMIN_KEY)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.json().unwrap()
+    };
+    for id in &acked_services {
+        let v = admin_get(&format!("/auth/admin/services/{id}"));
+        assert_eq!(v["service_id"], id.as_str());
+    }
+    for (id, key_id) in &acked_rotations {
+        let v = admin_get(&format!("/auth/admin/services/{id}"));
+        assert!(
+            v["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["key_id"] == key_id.as_str()),
+            "acknowledged rotation {key_id} of {id} is missing"
+        );
+    }
+    // Nothing half-written: every service that exists has its key and client secret, every
+    // rotated service ended its old key, and every committed change has its audit entry.
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let v = admin_get(&format!("/auth/admin/services?limit=200{cursor}"));
+        all.extend(v["services"].as_array().unwrap().clone());
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert!(all.len() >= acked_services.len());
+    let mut rotated = 0;
+    for s in &all {
+        let keys = s["keys"].as_array().unwrap();
+        assert!(
+            !keys.is_empty() && s["client_secrets"].as_array().unwrap().len() == 1,
+            "{s}"
+        );
+        if keys.len() == 2 {
+            rotated += 1;
+            assert!(
+                keys.iter().any(|k| k["status"] == "grace"),
+                "a rotation without its grace end: {s}"
+            );
+        }
+        assert!(keys.len() <= 2, "{s}");
+    }
+    let mut audit = Vec::new();
+    let mut after = 0;
+    loop {
+        let v = admin_get(&format!("/auth/admin/audit?limit=1000&after={after}"));
+        audit.extend(v["entries"].as_array().unwrap().clone());
+        match v["next_after"].as_u64() {
+            Some(n) => after = n,
+            None => break,
+        }
+    }
+    let count = |action: &str| audit.iter().filter(|e| e["action"] == action).count();
+    assert_eq!(count("service.create"), all.len(), "one audit entry per service");
+    assert_eq!(count("key.rotate"), rotated, "one audit entry per rotation");
+    let entries: Vec<permiso::core::audit::AuditEntry> = serde_json::from_value(Value::Array(audit)).unwrap();
+    let mut v = permiso::core::audit::Verifier::default();
+    for e in &entries {
+        v.push(e).unwrap();
+    }
+    eprintln!(
+        "kill -9 mid-burst: {} creates and {} rotations acknowledged, {} services and {rotated} rotations after restart, audit chain intact ({} entries)",
+        acked_services.len(),
+        acked_rotations.len(),
+        all.len(),
+        entries.len()
+    );
+}
+
+#[test]
+fn steady_traffic_through_rotations_revocations_and_reloads_has_zero_failures() {
+    let h = Harness::start();
+    let steady = h.create(json!({"service_name": "steady", "scopes": ["trade:read"]}));
+    let churn = h.create(json!({"service_name": "churn", "scopes": ["trade:read"]}));
+    h.wait_for_status(
+        "/api/v1/trades",
+        Some(&steady.api_key),
+        200,
+        Duration::from_secs(2),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, key, stop, ok, failed) = (
+                h.sidecar_url("/api/v1/trades"),
+                steady.api_key.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+            );
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match http.get(&url).bearer_auth(&key).send() {
+                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    let with_account =
+        format!("{ROUTES}\n[[sidecar.routes]]\nprefix = \"/api/v1/extra\"\nscopes = [\"trade:read\"]\n");
+    for round in 0..10 {
+        // The steady service's own key is rotated with grace: its old key stays valid.
+        let (s, _) = h.admin_req(
+            Method::POST,
+            &format!("/auth/admin/services/{}/rotate", steady.service_id),
+            Some(json!({"grace_seconds": 3600})),
+        );
+        assert_eq!(s, 200);
+        if round % 3 == 2 {
+            // Stay under the 10-active-keys limit: revoke the steady service's newest key.
+            let (_, v) = h.admin_req(
+                Method::GET,
+                &format!("/auth/admin/services/{}", steady.service_id),
+                None,
+            );
+            for k in v["keys"].as_array().unwrap() {
+                if k["key_id"] != steady.key_id.as_str() && k["status"] != "revoked" {
+                    let (s, _) = h.admin_req(
+                        Method::POST,
+                        &format!(
+                            "/auth/admin/services/{}/keys/{}/revoke",
+                            steady.service_id,
+                            k["key_id"].as_str().unwrap()
+                        ),
+                        None,
+                    );
+                    assert_eq!(s, 200);
+                }
+            }
+        }
+        let (s, _) = h.admin_req(
+            Method::POST,
+            &format!("/auth/admin/services/{}/rotate", churn.service_id),
+            Some(json!({"grace_seconds": 0})),
+        );
+        assert_eq!(s, 200);
+        let (s, _) = h.admin_req(
+            Method::PATCH,
+            &format!("/auth/admin/services/{}", churn.service_id),
+            Some(json!({"scopes": if round % 2 == 0 { json!(["trade:read"]) } else { json!([]) }})),
+        );
+        assert_eq!(s, 200);
+        let routes = if round % 2 == 0 {
+            with_account.as_str()
+        } else {
+            ROUTES
+        };
+        h.sidecar
+            .as_ref()
+            .unwrap()
+            .reloader
+            .apply(h.sidecar_config(routes));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("steady traffic through 10 rounds of rotate/revoke/patch/reload: {ok} ok, {failed} failed");
+    assert!(ok > 100, "{ok}");
+    assert_eq!(failed, 0);
+}
+
+/// Raw bytes to the admin plane; everything it sends back until it closes (or `wait` passes).
+fn admin_raw(h: &Harness, chunks: &[&[u8]], wait: Duration) -> (String, bool) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(h.admin_addr).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    for c in chunks {
+        s.write_all(c).unwrap();
+    }
+    let mut buf = Vec::new();
+    let closed = s.read_to_end(&mut buf).is_ok();
+    (String::from_utf8_lossy(&buf).to_string(), closed)
+}
+
+#[test]
+fn admin_plane_bounds_header_size_slow_clients_and_requests_per_connection() {
+    let h = Harness::start_custom(ROUTES, |a| {
+        a.max_requests_per_connection = 3;
+        a.header_read_timeout_ms = 300;
+        a.body_read_timeout_ms = 300;
+    });
+    let wait = Duration::from_secs(5);
+
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let (resp, closed) = admin_raw(&h, &[big.as_bytes()], wait);
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    assert!(closed);
+
+    let one = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (resp, closed) = admin_raw(&h, &[one, one, one, one], wait);
+    assert_eq!(resp.matches("HTTP/1.1 200").count(), 3, "{resp}");
+    assert_eq!(
+        resp.to_ascii_lowercase().matches("connection: close").count(),
+        1,
+        "{resp}"
+    );
+    assert!(closed, "closed after the third request");
+
+    // Headers that never finish: the connection is closed, not held.
+    let (resp, closed) = admin_raw(&h, &[b"GET /healthz HTTP/1.1\r\nHost: x\r\n"], wait);
+    assert!(closed, "still open after {wait:?}: {resp}");
+
+    // A body that never finishes: 408 with the JSON error, and nothing written.
+    let head = format!(
+        "POST /auth/admin/services HTTP/1.1\r\nHost: x\r\nX-Admin-Api-Key: {ADMIN_KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"service_name\""
+    );
+    let (resp, _) = admin_raw(&h, &[head.as_bytes()], wait);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    assert_eq!(v["error"], "request_timeout", "{resp}");
+    assert_eq!(
+        h.list_all()["services"].as_array().unwrap().len(),
+        1,
+        "only the harness's sync service"
+    );
+}
