@@ -609,3 +609,81 @@ fn admin_plane_bounds_header_size_slow_clients_and_requests_per_connection() {
         "only the harness's sync service"
     );
 }
+
+#[test]
+fn a_truncated_snapshot_file_is_refused_with_a_clear_log_line() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "truncated", "scopes": ["trade:read"]}));
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(2));
+    // The in-process sidecar has written a good file; the process gets a truncated copy and an
+    // admin plane that is not there.
+    let text = std::fs::read_to_string(h.snapshot_path()).unwrap();
+    let (listen, health) = (free_port().to_string(), free_port().to_string());
+    std::fs::write(h.dir.path().join("proc-snapshot.json"), &text[..text.len() / 2]).unwrap();
+    std::fs::write(h.dir.path().join("sync.key"), &h.sync_key).unwrap();
+    let config = h.dir.path().join("sidecar.toml");
+    let cfg = proc_config(&h, &listen, &health, &h.upstream.addr.to_string(), ROUTES).replace(
+        &format!("http://{}", h.admin_addr),
+        &format!("http://{}", free_port()),
+    );
+    std::fs::write(&config, cfg).unwrap();
+    let _p = spawn(
+        h.dir.path(),
+        "sidecar",
+        env!("CARGO_BIN_EXE_permiso"),
+        &["sidecar", "--config", config.to_str().unwrap()],
+    );
+    let url = format!("http://{listen}/api/v1/trades");
+    until("the sidecar process answers", Duration::from_secs(10), || {
+        h.http.get(&url).send().is_ok()
+    });
+    assert_eq!(
+        get(&h.http, &url, &svc.api_key).0,
+        503,
+        "fails closed, nothing half-applied"
+    );
+    let log = std::fs::read_to_string(h.dir.path().join("sidecar.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("refusing snapshot file"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("proc-snapshot.json") && line.contains("not valid JSON"),
+        "{line}"
+    );
+    assert!(
+        !log.contains(&svc.api_key) && !log.contains(&h.sync_key),
+        "no secret in the log"
+    );
+}
+
+#[test]
+fn a_sync_payload_that_fails_validation_is_refused_whole_and_the_old_snapshot_kept() {
+    let h = Harness::start();
+    let a = h.create(json!({"service_name": "kept", "scopes": ["trade:read"]}));
+    h.wait_for_status("/api/v1/trades", Some(&a.api_key), 200, Duration::from_secs(2));
+    // Damage the database behind the admin plane so that its next delta carries a scope the
+    // sidecar cannot parse, then make a real change so the delta is sent.
+    let conn = rusqlite::Connection::open(h.db_path()).unwrap();
+    conn.execute(
+        "UPDATE services SET scopes = '[\"Not A Scope!\"]', version = (SELECT CAST(value AS INTEGER) + 1 FROM meta WHERE name = 'version') WHERE id = ?1",
+        [&a.service_id],
+    )
+    .unwrap();
+    let b = h.create(json!({"service_name": "never-applied", "scopes": ["trade:read"]}));
+    let addr = h.sidecar.as_ref().unwrap().health_addr.unwrap();
+    until("the sidecar refuses the payload", Duration::from_secs(10), || {
+        let text = h
+            .http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .any(|l| l.starts_with("permiso_sidecar_sync_failures_total{cause=\"invalid\"}"))
+    });
+    // Not half-applied: the new service's key is unknown; the old snapshot still serves A.
+    assert_eq!(h.get("/api/v1/trades", Some(&b.api_key)).status(), 401);
+    assert_eq!(h.get("/api/v1/trades", Some(&a.api_key)).status(), 200);
+}
