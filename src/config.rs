@@ -145,6 +145,9 @@ pub mod file {
         /// Proxy worker threads. Default 1.
         #[serde(default = "default_threads")]
         pub threads: usize,
+        /// Requests one client connection may make before the sidecar closes it. Default 1000.
+        #[serde(default = "default_requests_per_connection")]
+        pub max_requests_per_connection: u32,
         /// Seconds to let in-flight requests finish on SIGTERM. Default 10.
         #[serde(default = "default_grace")]
         pub shutdown_grace_seconds: u64,
@@ -310,6 +313,9 @@ pub mod file {
     fn default_ready_age() -> u64 {
         60
     }
+    fn default_requests_per_connection() -> u32 {
+        1000
+    }
     fn default_service_labels() -> usize {
         100
     }
@@ -360,6 +366,7 @@ pub struct SidecarConfig {
     pub environment: Environment,
     pub snapshot_file: PathBuf,
     pub threads: usize,
+    pub max_requests_per_connection: u32,
     pub shutdown_grace: Duration,
     pub admin_listen: Option<SocketAddr>,
     pub ready_max_snapshot_age: Duration,
@@ -699,6 +706,12 @@ impl SidecarConfig {
         if f.sync.wait_seconds == 0 || f.sync.wait_seconds > 300 {
             return Err(invalid("sidecar.sync.wait_seconds", "must be 1..=300"));
         }
+        if f.max_requests_per_connection == 0 {
+            return Err(invalid(
+                "sidecar.max_requests_per_connection",
+                "must be at least 1",
+            ));
+        }
         if f.usage_report_interval_ms < 10 {
             return Err(invalid("sidecar.usage_report_interval_ms", "must be at least 10"));
         }
@@ -714,6 +727,7 @@ impl SidecarConfig {
             environment,
             snapshot_file: PathBuf::from(&f.snapshot_file),
             threads: f.threads,
+            max_requests_per_connection: f.max_requests_per_connection,
             shutdown_grace: Duration::from_secs(f.shutdown_grace_seconds),
             admin_listen: f
                 .admin_listen

@@ -24,6 +24,19 @@ pub enum InvalidToken {
     UnknownClient,
 }
 
+impl InvalidToken {
+    /// Every reason except the JWT ones (`JwtError::ALL` has those).
+    pub const NOT_JWT: [InvalidToken; 7] = [
+        InvalidToken::Malformed,
+        InvalidToken::BadChecksum,
+        InvalidToken::WrongEnvironment,
+        InvalidToken::Unknown,
+        InvalidToken::GraceEnded,
+        InvalidToken::ServiceDisabled,
+        InvalidToken::UnknownClient,
+    ];
+}
+
 impl From<KeyError> for InvalidToken {
     fn from(e: KeyError) -> Self {
         match e {
@@ -144,15 +157,7 @@ impl Denial {
                 limits: Limits::default(),
             }));
         }
-        for t in [
-            InvalidToken::Malformed,
-            InvalidToken::BadChecksum,
-            InvalidToken::WrongEnvironment,
-            InvalidToken::Unknown,
-            InvalidToken::GraceEnded,
-            InvalidToken::ServiceDisabled,
-            InvalidToken::UnknownClient,
-        ] {
+        for t in InvalidToken::NOT_JWT {
             all.push(Denial::InvalidToken(t));
         }
         for e in JwtError::ALL {
@@ -275,22 +280,14 @@ mod tests {
 
     #[test]
     fn invalid_token_reasons_are_indistinguishable_on_the_wire() {
-        let all = [
-            InvalidToken::Malformed,
-            InvalidToken::BadChecksum,
-            InvalidToken::WrongEnvironment,
-            InvalidToken::Unknown,
-            InvalidToken::GraceEnded,
-            InvalidToken::ServiceDisabled,
-            InvalidToken::Jwt(JwtError::Expired),
-            InvalidToken::UnknownClient,
-        ];
+        let mut all = InvalidToken::NOT_JWT.to_vec();
+        all.push(InvalidToken::Jwt(JwtError::Expired));
         let first = Denial::InvalidToken(all[0]).response();
         assert!(header(&first, "WWW-Authenticate")
             .unwrap()
             .contains("error=\"invalid_token\""));
-        for t in all {
-            assert_eq!(Denial::InvalidToken(t).response(), first);
+        for t in &all {
+            assert_eq!(Denial::InvalidToken(*t).response(), first);
         }
         let reasons: std::collections::HashSet<_> =
             all.iter().map(|t| Denial::InvalidToken(*t).reason()).collect();

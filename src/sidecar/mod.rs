@@ -78,6 +78,10 @@ fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> 
     check(old.listen != new.listen, "listen");
     check(old.admin_listen != new.admin_listen, "admin_listen");
     check(old.threads != new.threads, "threads");
+    check(
+        old.max_requests_per_connection != new.max_requests_per_connection,
+        "max_requests_per_connection",
+    );
     check(old.environment != new.environment, "environment");
     check(old.snapshot_file != new.snapshot_file, "snapshot_file");
     check(old.admin_url != new.admin_url, "sync.admin_url");
@@ -154,6 +158,13 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
         SidecarProxy { shared },
         "permiso sidecar",
     );
+    if let Some(app) = service.app_logic_mut() {
+        // Like nginx's keepalive_requests: bounds what one client connection can hold on to.
+        let mut options = pingora::apps::HttpServerOptions::default();
+        // pingora counts reuses after the first request.
+        options.keepalive_request_limit = Some(cfg.max_requests_per_connection - 1);
+        app.server_options = Some(options);
+    }
     service.add_tcp(&cfg.listen.to_string());
     server.add_service(service);
     let sync = SyncClient {

@@ -42,7 +42,7 @@ struct SidecarProc {
 
 fn proc_config(h: &Harness, listen: &str, health: &str, upstream: &str, routes: &str) -> String {
     format!(
-        "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\nadmin_listen = \"{health}\"\nsnapshot_file = \"{}\"\nshutdown_grace_seconds = 1\n[sidecar.sync]\nadmin_url = \"http://{}\"\ncredential_file = \"{}\"\nwait_seconds = 5\n{routes}",
+        "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\nadmin_listen = \"{health}\"\nsnapshot_file = \"{}\"\nshutdown_grace_seconds = 1\nmax_requests_per_connection = 5\n[sidecar.sync]\nadmin_url = \"http://{}\"\ncredential_file = \"{}\"\nwait_seconds = 5\n{routes}",
         h.dir.path().join("proc-snapshot.json").display(),
         h.admin_addr,
         h.dir.path().join("sync.key").display(),
@@ -686,4 +686,53 @@ fn a_sync_payload_that_fails_validation_is_refused_whole_and_the_old_snapshot_ke
     // Not half-applied: the new service's key is unknown; the old snapshot still serves A.
     assert_eq!(h.get("/api/v1/trades", Some(&b.api_key)).status(), 401);
     assert_eq!(h.get("/api/v1/trades", Some(&a.api_key)).status(), 200);
+}
+
+/// One keep-alive connection: sends `GET path` until the sidecar closes it; returns how many
+/// responses came back and whether the last one announced the close.
+fn requests_until_closed(addr: &str, path: &str, max: usize) -> (usize, bool) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let (mut n, mut announced) = (0, false);
+    for _ in 0..max {
+        if w.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .is_err()
+        {
+            break;
+        }
+        let mut status = String::new();
+        if r.read_line(&mut status).unwrap_or(0) == 0 {
+            break;
+        }
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let (mut len, mut close) = (0usize, false);
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let l = line.trim_end().to_ascii_lowercase();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+            close |= l == "connection: close";
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        n += 1;
+        announced = close;
+    }
+    (n, announced)
+}
+
+#[test]
+fn the_sidecar_closes_a_connection_after_max_requests_per_connection() {
+    let h = Harness::start();
+    let sc = start_sidecar_proc(&h, ROUTES);
+    let (n, announced) = requests_until_closed(sc.url.trim_start_matches("http://"), "/health", 20);
+    assert_eq!((n, announced), (5, true));
 }
