@@ -216,6 +216,7 @@ scopes = ["trade:*"]
         "issuer": "https://auth",
         "signing_keys": [],
         "revoked_tokens": [],
+        "generated_at_ms": NOW * 1000,
     }
     write("sync_payload", "delta.json", json.dumps(delta) + "\n")
     move = dict(delta, services=[service("srv_a", "test", [], [])], version=3)

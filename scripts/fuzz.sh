@@ -50,6 +50,12 @@ summary=()
 for t in "${TARGETS[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
     log="artifacts/$t/last-run.log"
+    # Inputs that once crashed this target are replayed first: a fixed bug must stay fixed.
+    regressions=(regressions/"$t"/*)
+    if [ -e "${regressions[0]}" ]; then
+        echo "=== replaying ${#regressions[@]} regression input(s) for $t"
+        nice -n "$FUZZ_NICE" cargo +nightly fuzz run "$t" "${regressions[@]}"
+    fi
     echo "=== fuzzing $t for ${FUZZ_SECONDS}s (log: fuzz/$log)"
     set +e
     nice -n "$FUZZ_NICE" cargo +nightly fuzz run "$t" -- \

@@ -75,11 +75,31 @@ fn fixture() -> &'static Fixture {
         let routes = RouteTable::new(vec![
             Route::new(vec!["OPTIONS".into()], "/".into(), Access::Public),
             Route::new(vec![], "/health".into(), Access::Public),
-            Route::new(vec!["GET".into()], "/api/v1/trades".into(), scopes(&["trade:read", "account:read"])),
-            Route::new(vec!["POST".into()], "/api/v1/trades".into(), scopes(&["trade:open"])),
-            Route::new(vec!["DELETE".into()], "/api/v1/trades".into(), scopes(&["trade:close"])),
-            Route::new(vec!["GET".into()], "/api/v1/account".into(), scopes(&["account:read"])),
-            Route::new(vec!["GET".into()], "/api/v1/account/balance".into(), scopes(&["account:balance"])),
+            Route::new(
+                vec!["GET".into()],
+                "/api/v1/trades".into(),
+                scopes(&["trade:read", "account:read"]),
+            ),
+            Route::new(
+                vec!["POST".into()],
+                "/api/v1/trades".into(),
+                scopes(&["trade:open"]),
+            ),
+            Route::new(
+                vec!["DELETE".into()],
+                "/api/v1/trades".into(),
+                scopes(&["trade:close"]),
+            ),
+            Route::new(
+                vec!["GET".into()],
+                "/api/v1/account".into(),
+                scopes(&["account:read"]),
+            ),
+            Route::new(
+                vec!["GET".into()],
+                "/api/v1/account/balance".into(),
+                scopes(&["account:balance"]),
+            ),
             Route::new(vec![], "/api/v1/market".into(), scopes(&["market:data"])),
             Route::new(vec![], "/api/v1/admin/".into(), scopes(&["admin:system"])),
         ]);
@@ -105,7 +125,12 @@ fn fixture() -> &'static Fixture {
         b.allowed_ips = vec!["10.0.0.0/8".into(), "::1".into()];
         let mut disabled = service("srv_off", Environment::Live, &["trade:*"], vec![]);
         disabled.disabled = true;
-        let t = service("srv_t", Environment::Test, &["admin:*"], vec![sync_key("key_t", TEST_T, None)]);
+        let t = service(
+            "srv_t",
+            Environment::Test,
+            &["admin:*"],
+            vec![sync_key("key_t", TEST_T, None)],
+        );
         let payload = SyncPayload {
             epoch: "e1".into(),
             version: 1,
@@ -120,6 +145,7 @@ fn fixture() -> &'static Fixture {
                 jti: "revoked-1".into(),
                 expires_at: NOW_SECS + 3600,
             }],
+            ..Default::default()
         };
         Fixture {
             routes,
@@ -130,8 +156,16 @@ fn fixture() -> &'static Fixture {
     })
 }
 
+/// `PERMISO_FUZZ_DEBUG=1` prints each verdict (for checking what the seeds reach).
+fn debug() -> bool {
+    static D: OnceLock<bool> = OnceLock::new();
+    *D.get_or_init(|| std::env::var_os("PERMISO_FUZZ_DEBUG").is_some())
+}
+
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
     let (path, header) = match rest.iter().position(|&b| b == b'\n') {
         Some(i) => (&rest[..i], &rest[i + 1..]),
         None => (rest, &[][..]),
@@ -168,12 +202,22 @@ fuzz_target!(|data: &[u8]| {
             leeway_secs: 30,
             cache,
         };
-        match decision::decide(&f.routes, snapshot, environment, &facts, NOW_NANOS, &policy) {
+        let verdict = decision::decide(&f.routes, snapshot, environment, &facts, NOW_NANOS, &policy);
+        if debug() {
+            eprintln!("{method} {path:?} cache={}: {verdict:?}", cache.is_some());
+        }
+        match verdict {
             Ok(Verdict::Public) => {}
             Ok(Verdict::Allowed { principal, rate }) => {
                 assert!(!principal.service.disabled);
                 assert_eq!(principal.service.environment, environment);
-                let _ = (principal.scopes_header(), principal.credential_id(), rate.header());
+                let _ = (
+                    principal.scopes_header(),
+                    principal.credential_id(),
+                    rate.header(),
+                );
+                // What the proxy does next for an allowed request.
+                principal.record_use(NOW_SECS);
             }
             Err(denial) => {
                 // Every denial must turn into a response without panicking.

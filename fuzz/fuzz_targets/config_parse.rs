@@ -29,12 +29,19 @@ fn files() -> &'static Files {
     static F: OnceLock<Files> = OnceLock::new();
     F.get_or_init(|| {
         std::env::set_var(ENV_VAR, "svc_live_fuzz-credential");
-        let dir: PathBuf = std::env::temp_dir().join(format!("permiso-fuzz-{}", std::process::id()));
+        // One fixed directory (no litter per run); written by rename so parallel fuzz jobs
+        // never read a half-written file.
+        let dir: PathBuf = std::env::temp_dir().join("permiso-fuzz-config");
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let credential = dir.join("credential");
-        let empty = dir.join("empty");
-        std::fs::write(&credential, "svc_live_fuzz-credential\nsecond line\n").expect("write");
-        std::fs::write(&empty, "").expect("write");
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            let tmp = dir.join(format!("{name}.{}", std::process::id()));
+            std::fs::write(&tmp, text).expect("write");
+            std::fs::rename(&tmp, &path).expect("rename");
+            path
+        };
+        let credential = write("credential", "svc_live_fuzz-credential\nsecond line\n");
+        let empty = write("empty", "");
         Files {
             credential: credential.to_string_lossy().into_owned(),
             empty: empty.to_string_lossy().into_owned(),
@@ -57,7 +64,11 @@ fn no_lookup(addr: &mut String) {
 fn local_file(path: &mut Option<String>) {
     if let Some(p) = path {
         let f = files();
-        *p = if p.len() % 2 == 0 { f.credential.clone() } else { f.empty.clone() };
+        *p = if p.len() % 2 == 0 {
+            f.credential.clone()
+        } else {
+            f.empty.clone()
+        };
     }
 }
 
@@ -77,14 +88,38 @@ fn sanitize_sidecar(s: &mut file::Sidecar) {
     // `credential_file` is only read by `read_sync_credential`, which this target does not call.
 }
 
+/// `PERMISO_FUZZ_DEBUG=1` prints what each input led to (for checking what the seeds reach).
+fn debug() -> bool {
+    static D: OnceLock<bool> = OnceLock::new();
+    *D.get_or_init(|| std::env::var_os("PERMISO_FUZZ_DEBUG").is_some())
+}
+
 fuzz_target!(|data: &[u8]| {
     let _ = files();
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(mut parsed) = config::parse_file(text, Path::new("fuzz.toml")) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut parsed = match config::parse_file(text, Path::new("fuzz.toml")) {
+        Ok(p) => p,
+        Err(e) => {
+            if debug() {
+                eprintln!("parse_file: {e}");
+            }
+            return;
+        }
+    };
 
     no_lookup(&mut parsed.admin_plane.listen);
-    for key in [None, Some("short".to_string()), Some("k".repeat(config::MIN_ADMIN_KEY_LEN))] {
-        if let Ok(admin) = AdminConfig::from_file(&parsed.admin_plane, key) {
+    for key in [
+        None,
+        Some("short".to_string()),
+        Some("k".repeat(config::MIN_ADMIN_KEY_LEN)),
+    ] {
+        let admin = AdminConfig::from_file(&parsed.admin_plane, key);
+        if debug() {
+            eprintln!("AdminConfig: {:?}", admin.as_ref().map(|a| a.listen));
+        }
+        if let Ok(admin) = admin {
             assert!(admin.max_body_bytes >= 1024);
             assert!(!admin.token_audience.is_empty());
         }
@@ -92,7 +127,15 @@ fuzz_target!(|data: &[u8]| {
 
     if let Some(sidecar) = &mut parsed.sidecar {
         sanitize_sidecar(sidecar);
-        if let Ok(sc) = SidecarConfig::from_file(sidecar, Secret::new("svc_live_sync".into())) {
+        let sc = SidecarConfig::from_file(sidecar, Secret::new("svc_live_sync".into()));
+        if debug() {
+            eprintln!(
+                "SidecarConfig: {:?}",
+                sc.as_ref()
+                    .map(|c| (c.listen, c.routes.len(), c.egress.is_some()))
+            );
+        }
+        if let Ok(sc) = sc {
             assert!(!sc.routes.is_empty());
             assert!(sc.admin_url.starts_with("http://") || sc.admin_url.starts_with("https://"));
             assert!((1..=256).contains(&sc.threads));

@@ -7,7 +7,10 @@ use permiso::core::key::{self, Environment, KEY_LEN};
 
 fn check(text: &str) {
     let shown = key::display_prefix(text);
-    assert!(text.starts_with(&shown), "display prefix {shown:?} is not a prefix");
+    assert!(
+        text.starts_with(&shown),
+        "display prefix {shown:?} is not a prefix"
+    );
     assert!(shown.chars().count() <= 13);
 
     if let Ok(parsed) = key::parse(text) {

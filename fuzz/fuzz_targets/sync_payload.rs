@@ -34,17 +34,45 @@ fn round_trips(snap: &Snapshot) {
     assert_eq!(again.service_count(), snap.service_count());
 }
 
+/// `PERMISO_FUZZ_DEBUG=1` prints what each input led to (for checking what the seeds reach).
+fn debug() -> bool {
+    static D: OnceLock<bool> = OnceLock::new();
+    *D.get_or_init(|| std::env::var_os("PERMISO_FUZZ_DEBUG").is_some())
+}
+
 fuzz_target!(|data: &[u8]| {
     let base = base();
-    let Ok(payload) = serde_json::from_slice::<SyncPayload>(data) else { return };
+    let payload = match serde_json::from_slice::<SyncPayload>(data) {
+        Ok(p) => p,
+        Err(e) => {
+            if debug() {
+                eprintln!("not a payload: {e}");
+            }
+            return;
+        }
+    };
     for env in [Environment::Live, Environment::Test] {
-        if let Ok(snap) = Snapshot::from_full(&payload, env, None) {
+        let full = Snapshot::from_full(&payload, env, None);
+        if debug() {
+            eprintln!(
+                "from_full({env}): {:?}",
+                full.as_ref().map(|s| (s.service_count(), s.key_count()))
+            );
+        }
+        if let Ok(snap) = full {
             round_trips(&snap);
         }
     }
     // With a previous snapshot lending rate-limit state.
     let _ = Snapshot::from_full(&payload, Environment::Live, Some(base));
-    if let Ok(next) = base.apply_delta(&payload) {
+    let delta = base.apply_delta(&payload);
+    if debug() {
+        eprintln!(
+            "apply_delta: {:?}",
+            delta.as_ref().map(|s| (s.service_count(), s.key_count()))
+        );
+    }
+    if let Ok(next) = delta {
         assert_eq!(next.version, payload.version);
         round_trips(&next);
     }

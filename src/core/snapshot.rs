@@ -220,10 +220,7 @@ fn build_service(
         allowed_ips,
         limits,
         limiter,
-        usage: ServiceUsage::new(
-            s.keys.iter().map(|k| k.key_id.as_str()),
-            previous.map(|p| &p.usage),
-        ),
+        usage: ServiceUsage::new(&keys, previous.map(|p| (&p.keys[..], &p.usage))),
         keys,
     }))
 }

@@ -63,11 +63,16 @@ impl UsageReporter {
         };
         let mut marks = Vec::new();
         for service in snapshot.services_iter() {
+            marks.clear();
             service.usage.take_unreported(&mut marks);
-        }
-        for (key_id, at) in marks {
-            let e = pending.entry(key_id).or_insert(at);
-            *e = (*e).max(at);
+            for &(slot, at) in &marks {
+                // A slot is an index into the service's keys; the key map has its id.
+                let Some(entry) = service.keys.get(slot).and_then(|h| snapshot.lookup(h)) else {
+                    continue;
+                };
+                let e = pending.entry(entry.key_id.clone()).or_insert(at);
+                *e = (*e).max(at);
+            }
         }
     }
 
