@@ -24,8 +24,9 @@ fn routes_without_account() -> String {
 }
 
 fn signal(p: &Proc, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &p.0.id().to_string()])
+    // The shell's builtin kill: no dependency on procps being installed.
+    let ok = Command::new("sh")
+        .args(["-c", &format!("kill {sig} {}", p.0.id())])
         .status()
         .unwrap()
         .success();
@@ -75,6 +76,42 @@ fn start_sidecar_proc(h: &Harness, routes: &str) -> SidecarProc {
     s
 }
 
+/// Allowed decisions so far, from the sidecar's metrics: a request counted here has been
+/// decided and is on its way upstream.
+fn allowed_so_far(http: &reqwest::blocking::Client, health: &str) -> u64 {
+    let text = http
+        .get(format!("{health}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("permiso_sidecar_decisions_total{outcome=\"allowed\",reason=\"allowed\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts a request to the slow upstream path and returns once the sidecar has decided it,
+/// so it is in flight (the upstream holds it for a second) when the caller acts.
+fn slow_request_in_flight(
+    http: &reqwest::blocking::Client,
+    sc: &SidecarProc,
+    key: &str,
+) -> std::thread::JoinHandle<(u16, Value)> {
+    let before = allowed_so_far(http, &sc.health);
+    let (url, key) = (format!("{}/api/v1/trades/slow", sc.url), key.to_string());
+    let t = std::thread::spawn(move || {
+        let http = reqwest::blocking::Client::new();
+        get(&http, &url, &key)
+    });
+    until("the slow request is decided", Duration::from_secs(10), || {
+        allowed_so_far(http, &sc.health) > before
+    });
+    t
+}
+
 fn get(http: &reqwest::blocking::Client, url: &str, key: &str) -> (u16, Value) {
     let r = http.get(url).bearer_auth(key).send().unwrap();
     (r.status().as_u16(), r.json().unwrap_or(Value::Null))
@@ -115,14 +152,7 @@ fn sighup_reloads_routes_and_upstream_keeps_in_flight_requests_and_refuses_a_bad
     assert_eq!(get(&h.http, &account, &svc.api_key).0, 403, "no route yet");
 
     // A slow request is in flight while the config changes under it.
-    let slow = {
-        let (url, key) = (format!("{}/api/v1/trades/slow", sc.url), svc.api_key.clone());
-        std::thread::spawn(move || {
-            let http = reqwest::blocking::Client::new();
-            get(&http, &url, &key)
-        })
-    };
-    std::thread::sleep(Duration::from_millis(200));
+    let slow = slow_request_in_flight(&h.http, &sc, &svc.api_key);
     let second = EchoUpstream::start();
     let listen = sc.url.trim_start_matches("http://").to_string();
     let health = sc.health.trim_start_matches("http://").to_string();
@@ -192,14 +222,7 @@ fn sigterm_lets_in_flight_requests_finish() {
         Duration::from_secs(5),
         || get(&h.http, &format!("{}/api/v1/trades", sc.url), &svc.api_key).0 == 200,
     );
-    let slow = {
-        let (url, key) = (format!("{}/api/v1/trades/slow", sc.url), svc.api_key.clone());
-        std::thread::spawn(move || {
-            let http = reqwest::blocking::Client::new();
-            get(&http, &url, &key)
-        })
-    };
-    std::thread::sleep(Duration::from_millis(200));
+    let slow = slow_request_in_flight(&h.http, &sc, &svc.api_key);
     signal(&sc.proc, "-TERM");
     let (s, v) = slow.join().unwrap();
     assert_eq!(s, 200, "in flight at SIGTERM, answered anyway: {v}");
