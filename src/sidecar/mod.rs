@@ -69,29 +69,50 @@ fn live_of(cfg: &SidecarConfig) -> proxy::Live {
 /// Settings a reload cannot change (they are bound to sockets, threads, files or the sync
 /// loop); a reload that changes them applies the rest and says which ones wait for a restart.
 fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> {
-    let mut v = Vec::new();
-    let mut check = |changed: bool, name: &'static str| {
-        if changed {
-            v.push(name);
-        }
-    };
-    check(old.listen != new.listen, "listen");
-    check(old.admin_listen != new.admin_listen, "admin_listen");
-    check(old.threads != new.threads, "threads");
-    check(
-        old.max_requests_per_connection != new.max_requests_per_connection,
-        "max_requests_per_connection",
-    );
-    check(old.environment != new.environment, "environment");
-    check(old.snapshot_file != new.snapshot_file, "snapshot_file");
-    check(old.admin_url != new.admin_url, "sync.admin_url");
-    check(old.sync_wait != new.sync_wait, "sync.wait_seconds");
-    check(
-        old.tokens.cache_entries != new.tokens.cache_entries,
-        "tokens.cache_entries",
-    );
-    check(old.egress.is_some() || new.egress.is_some(), "egress");
-    v
+    let (o, n) = (old, new);
+    [
+        (o.listen != n.listen, "listen"),
+        (o.admin_listen != n.admin_listen, "admin_listen"),
+        (o.threads != n.threads, "threads"),
+        (
+            o.max_requests_per_connection != n.max_requests_per_connection,
+            "max_requests_per_connection",
+        ),
+        (o.shutdown_grace != n.shutdown_grace, "shutdown_grace_seconds"),
+        (o.environment != n.environment, "environment"),
+        (o.snapshot_file != n.snapshot_file, "snapshot_file"),
+        (
+            o.ready_max_snapshot_age != n.ready_max_snapshot_age,
+            "ready_max_snapshot_age_seconds",
+        ),
+        (
+            o.metrics_max_service_labels != n.metrics_max_service_labels,
+            "metrics_max_service_labels",
+        ),
+        (
+            o.usage_report_interval != n.usage_report_interval,
+            "usage_report_interval_ms",
+        ),
+        (o.admin_url != n.admin_url, "sync.admin_url"),
+        (o.sync_wait != n.sync_wait, "sync.wait_seconds"),
+        (
+            o.sync_credential.expose() != n.sync_credential.expose(),
+            "sync credential",
+        ),
+        (
+            o.tokens.cache_entries != n.tokens.cache_entries,
+            "tokens.cache_entries",
+        ),
+        (
+            o.tokens.early_sync_min_interval != n.tokens.early_sync_min_interval,
+            "tokens.early_sync_min_interval_ms",
+        ),
+        // Egress holds listeners and credentials read at start: never reloaded.
+        (o.egress.is_some() || n.egress.is_some(), "egress"),
+    ]
+    .into_iter()
+    .filter_map(|(changed, name)| changed.then_some(name))
+    .collect()
 }
 
 /// Replaces the live part (routes, upstream, token checks) of a running sidecar. In-flight
@@ -386,4 +407,33 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::key::Secret;
+
+    fn cfg(extra_sidecar: &str, routes: &str) -> SidecarConfig {
+        let text = format!(
+            "[sidecar]\nupstream = \"127.0.0.1:1\"\n{extra_sidecar}\n[sidecar.sync]\nadmin_url = \"http://127.0.0.1:2\"\n{routes}"
+        );
+        let f = crate::config::parse_file(&text, std::path::Path::new("t.toml")).unwrap();
+        SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap()
+    }
+
+    #[test]
+    fn reload_names_only_the_settings_that_wait_for_a_restart() {
+        let one = "[[sidecar.routes]]\nprefix = \"/\"\npublic = true\n";
+        let two = "[[sidecar.routes]]\nprefix = \"/a\"\nscopes = [\"a:b\"]\n";
+        let base = cfg("", one);
+        assert!(
+            needs_restart(&base, &cfg("", two)).is_empty(),
+            "routes reload live"
+        );
+        assert_eq!(
+            needs_restart(&base, &cfg("listen = \"127.0.0.1:9\"\nthreads = 2", two)),
+            ["listen", "threads"]
+        );
+    }
 }
