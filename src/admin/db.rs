@@ -1010,7 +1010,15 @@ impl Store {
 
     /// Adds `jti` to the deny list until `expires_at`. Returns the new version, or None if it
     /// was already there.
-    pub fn revoke_token(&self, jti: &str, expires_at: i64, now: i64) -> StoreResult<Option<u64>> {
+    /// `client_id` is the token's client, recorded as the audit entry's target.
+    pub fn revoke_token(
+        &self,
+        jti: &str,
+        client_id: &str,
+        expires_at: i64,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<Option<u64>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM revoked_tokens WHERE expires_at <= ?1", [now])?;
@@ -1023,6 +1031,8 @@ impl Store {
             return Ok(None);
         }
         let v = bump_version(&tx)?;
+        let change = serde_json::json!({ "jti": jti, "expires_at": expires_at });
+        append_audit(&tx, now, who, "token.revoke", Some(client_id), change)?;
         tx.commit()?;
         Ok(Some(v))
     }

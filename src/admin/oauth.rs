@@ -456,8 +456,12 @@ pub async fn revoke(
     if jwt::looks_like_jwt(token) {
         if let Some(c) = active_claims(&st, token).await? {
             if owner.as_deref().is_none_or(|o| o == c.client_id) {
-                let jti = c.jti.clone();
-                if let Some(v) = st.db(move |s| s.revoke_token(&jti, c.exp, now)).await? {
+                let (jti, client) = (c.jti.clone(), c.client_id.clone());
+                let audit = audit.clone();
+                if let Some(v) = st
+                    .db(move |s| s.revoke_token(&jti, &client, c.exp, now, &audit))
+                    .await?
+                {
                     st.published(v);
                     tracing::info!(jti = %c.jti, client_id = %c.client_id, "access token revoked");
                 }

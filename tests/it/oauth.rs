@@ -358,6 +358,24 @@ fn introspection_reports_jwts_and_api_keys() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(introspect(&h, me, &svc.api_key), (200, inactive.clone()));
+    // Both revocations are in the audit log, with who asked.
+    let (_, v) = h.admin_req(
+        reqwest::Method::GET,
+        &format!("/auth/admin/audit?target={}", svc.service_id),
+        None,
+    );
+    let revocations: Vec<(&str, &str)> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().ends_with(".revoke"))
+        .map(|e| (e["action"].as_str().unwrap(), e["actor"].as_str().unwrap()))
+        .collect();
+    let client = format!("client:{}", svc.service_id);
+    assert_eq!(
+        revocations,
+        [("token.revoke", "admin-key"), ("key.revoke", client.as_str())]
+    );
     // Expired.
     h.clock.advance(Duration::from_secs(3601));
     assert_eq!(introspect(&h, me, &jwt), (200, inactive.clone()));
