@@ -137,7 +137,7 @@ pub struct AuditFilter {
     #[arg(long)]
     pub actor: Option<String>,
     /// e.g. service.create, service.patch, service.disable, key.rotate, key.revoke,
-    /// secret.rotate, signing_key.rotate, auth.failed.
+    /// secret.rotate, token.revoke, signing_key.rotate, auth.failed.
     #[arg(long)]
     pub action: Option<String>,
     /// A service id or signing key id.

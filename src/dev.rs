@@ -180,6 +180,11 @@ curl -s {sidecar}/api/v1/trades -H "Authorization: Bearer <access_token>"
 
 # 6. Revoke a key by id (GET {admin}/auth/admin/services/$SID lists them): it stops at once.
 curl -s -X POST {admin}/auth/admin/services/$SID/keys/<key_id>/revoke -H "X-Admin-Api-Key: $ADMIN_KEY"
+
+# 7. What happened: the hash-chained audit log, checked client-side, and the metrics.
+export PERMISO_ADMIN_URL={admin} PERMISO_ADMIN_API_KEY=$ADMIN_KEY
+cargo run --release -- audit && cargo run --release -- audit verify
+curl -s {admin}/metrics | grep '^permiso_admin_http_requests_total'
 "#
     );
 }
@@ -376,6 +381,33 @@ async fn self_test(
         "revoked JWT refused",
     )
     .await?;
+    // Every change above is in the audit log, and the chain verifies from the API's output.
+    let page = expect(
+        "read the audit log",
+        http.get(format!("{admin}/auth/admin/audit?limit=1000"))
+            .header("X-Admin-Api-Key", admin_key)
+            .send()
+            .await?,
+        200,
+    )
+    .await?;
+    let entries: Vec<crate::core::audit::AuditEntry> = serde_json::from_value(page["entries"].clone())?;
+    let mut chain = crate::core::audit::Verifier::default();
+    for e in &entries {
+        chain.push(e)?;
+    }
+    let head = chain.finish();
+    let revocations = entries.iter().filter(|e| e.action.ends_with(".revoke")).count();
+    anyhow::ensure!(
+        revocations >= 2,
+        "the key and token revocations are not in the audit log"
+    );
+    println!(
+        "ok  audit chain intact: {} entries, head {}:{}",
+        head.entries,
+        head.seq,
+        &head.hash[..16]
+    );
     println!("self-test passed");
     Ok(())
 }
