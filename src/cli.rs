@@ -41,7 +41,7 @@ pub struct AdminArgs {
     /// Admin plane base URL.
     #[arg(long, env = "PERMISO_ADMIN_URL", default_value = "http://127.0.0.1:8000")]
     pub admin_url: String,
-    /// The admin key.
+    /// The admin key. Prefer the environment variable: arguments show in `ps`.
     #[arg(long, env = "PERMISO_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_key: String,
     /// Print the API's JSON instead of a table.
@@ -152,6 +152,9 @@ pub struct AuditFilter {
     /// At most this many entries, oldest first.
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
+    /// Start after this sequence number (the last SEQ of the previous listing).
+    #[arg(long, default_value_t = 0)]
+    pub after: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -565,9 +568,15 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
     })
 }
 
-async fn audit_pages(api: &Api, filter: &str, mut want: usize) -> Result<Vec<AuditEntry>, CliError> {
-    let mut out = Vec::new();
-    let mut after = 0u64;
+/// Walks the audit log from entry `after` + 1, page by page, handing each page to `each`
+/// (so a long chain is never held whole), until `want` entries or the end.
+async fn audit_pages(
+    api: &Api,
+    filter: &str,
+    mut after: u64,
+    mut want: usize,
+    mut each: impl FnMut(Vec<AuditEntry>) -> Result<(), CliError>,
+) -> Result<(), CliError> {
     while want > 0 {
         let page = want.min(1000);
         let v = api
@@ -580,13 +589,13 @@ async fn audit_pages(api: &Api, filter: &str, mut want: usize) -> Result<Vec<Aud
         let entries: Vec<AuditEntry> = serde_json::from_value(v["entries"].clone())
             .map_err(|e| CliError::new(exit::SERVER, format!("unexpected audit page: {e}")))?;
         want = want.saturating_sub(entries.len());
-        out.extend(entries);
+        each(entries)?;
         match v["next_after"].as_u64() {
             Some(n) => after = n,
             None => break,
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `permiso audit` (list, filtered) and `permiso audit verify`.
@@ -610,7 +619,12 @@ pub fn audit(args: &AdminArgs, filter: &AuditFilter, cmd: Option<&AuditCmd>) -> 
                         ));
                     }
                 }
-                let entries = audit_pages(&api, &q, filter.limit).await?;
+                let mut entries = Vec::new();
+                audit_pages(&api, &q, filter.after, filter.limit, |page| {
+                    entries.extend(page);
+                    Ok(())
+                })
+                .await?;
                 if args.json {
                     return Ok(serde_json::to_string_pretty(&json!({ "entries": entries }))
                         .unwrap_or_default()
@@ -646,21 +660,26 @@ pub fn audit(args: &AdminArgs, filter: &AuditFilter, cmd: Option<&AuditCmd>) -> 
                         Some((seq, hash))
                     }
                 };
-                let entries = audit_pages(&api, "", usize::MAX).await?;
                 let mut v = Verifier::default();
-                for e in &entries {
-                    v.push(e).map_err(|err| {
-                        CliError::new(exit::CHAIN_BROKEN, format!("audit chain broken: {err}"))
-                    })?;
-                    if let Some((seq, hash)) = &expected {
-                        if e.seq == *seq && e.hash != *hash {
-                            return Err(CliError::new(
-                                exit::CHAIN_BROKEN,
-                                format!("audit chain rewritten: entry {seq} no longer has the expected hash"),
-                            ));
+                audit_pages(&api, "", 0, usize::MAX, |page| {
+                    for e in &page {
+                        v.push(e).map_err(|err| {
+                            CliError::new(exit::CHAIN_BROKEN, format!("audit chain broken: {err}"))
+                        })?;
+                        if let Some((seq, hash)) = &expected {
+                            if e.seq == *seq && e.hash != *hash {
+                                return Err(CliError::new(
+                                    exit::CHAIN_BROKEN,
+                                    format!(
+                                        "audit chain rewritten: entry {seq} no longer has the expected hash"
+                                    ),
+                                ));
+                            }
                         }
                     }
-                }
+                    Ok(())
+                })
+                .await?;
                 let head = v.finish();
                 if let Some((seq, _)) = &expected {
                     if *seq > head.seq {

@@ -85,6 +85,9 @@ pub mod file {
         /// Requests served on one connection before it is closed (`Connection: close` on the
         /// last response). Default 1000.
         pub max_requests_per_connection: u32,
+        /// Connections open at once (every sidecar holds one for its long poll); more wait in
+        /// the listen backlog. Keep the process's file-descriptor limit above it. Default 10000.
+        pub max_connections: usize,
         /// Upper bound on `wait` for `/v1/sync` long polls. Default 30.
         pub sync_max_wait_seconds: u64,
         /// Active (unexpired, unrevoked) keys one service may hold. Default 10.
@@ -100,9 +103,12 @@ pub mod file {
         pub token_requests_per_minute_per_ip: u32,
         /// Token endpoint requests per minute for one client_id. Default 120.
         pub token_requests_per_minute_per_client: u32,
-        /// Failed admin authentications one source address may make per minute; past that
-        /// it gets 429 before its credential is checked. Default 20.
+        /// Failed admin-key attempts one source address (IPv6: one /64) may make per minute;
+        /// past that its admin-key requests get 429 before the key is checked. Default 20.
         pub auth_failures_per_minute_per_ip: u32,
+        /// Failed authentications written to the audit log per minute, all addresses
+        /// together; the rest are counted in the next entry written. Default 600.
+        pub audited_auth_failures_per_minute: u32,
     }
 
     impl Default for AdminPlane {
@@ -116,6 +122,7 @@ pub mod file {
                 header_read_timeout_ms: 10_000,
                 body_read_timeout_ms: 10_000,
                 max_requests_per_connection: 1000,
+                max_connections: 10_000,
                 sync_max_wait_seconds: 30,
                 max_active_keys_per_service: 10,
                 issuer: None,
@@ -124,6 +131,7 @@ pub mod file {
                 token_requests_per_minute_per_ip: 600,
                 token_requests_per_minute_per_client: 120,
                 auth_failures_per_minute_per_ip: 20,
+                audited_auth_failures_per_minute: 600,
             }
         }
     }
@@ -156,8 +164,8 @@ pub mod file {
         /// `/readyz` fails when the last successful sync is older than this. Default 60.
         #[serde(default = "default_ready_age")]
         pub ready_max_snapshot_age_seconds: u64,
-        /// How many calling services get their own label in the per-service request metric;
-        /// the rest are summed as "other". Default 100.
+        /// How many calling services (the first seen) get their own label in the per-service
+        /// request metric; the rest are summed as "other". Default 100.
         #[serde(default = "default_service_labels")]
         pub metrics_max_service_labels: usize,
         /// How often key last-used times are reported to the admin plane (one batch per
@@ -344,6 +352,7 @@ pub struct AdminConfig {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_requests_per_connection: u32,
+    pub max_connections: usize,
     pub sync_max_wait: Duration,
     pub max_active_keys_per_service: u32,
     pub admin_api_key: Secret,
@@ -354,6 +363,7 @@ pub struct AdminConfig {
     pub token_rate_per_ip: std::num::NonZeroU32,
     pub token_rate_per_client: std::num::NonZeroU32,
     pub auth_failures_per_minute_per_ip: u32,
+    pub audited_auth_failures_per_minute: u32,
     /// From PERMISO_SIGNING_KEK; None means the `<database>.kek` file.
     pub signing_kek: Option<Secret>,
 }
@@ -487,6 +497,9 @@ impl AdminConfig {
                 "must be at least 1",
             ));
         }
+        if f.max_connections == 0 {
+            return Err(invalid("admin_plane.max_connections", "must be at least 1"));
+        }
         if f.max_requests_per_connection == 0 {
             return Err(invalid(
                 "admin_plane.max_requests_per_connection",
@@ -513,6 +526,11 @@ impl AdminConfig {
                 f.auth_failures_per_minute_per_ip,
             )?
             .get(),
+            audited_auth_failures_per_minute: rate(
+                "admin_plane.audited_auth_failures_per_minute",
+                f.audited_auth_failures_per_minute,
+            )?
+            .get(),
             issuer,
             token_audience: f.token_audience.clone(),
             signing_key_publish_delay: Duration::from_secs(f.signing_key_publish_delay_seconds),
@@ -525,6 +543,7 @@ impl AdminConfig {
             header_read_timeout: Duration::from_millis(f.header_read_timeout_ms),
             body_read_timeout: Duration::from_millis(f.body_read_timeout_ms),
             max_requests_per_connection: f.max_requests_per_connection,
+            max_connections: f.max_connections,
             sync_max_wait: Duration::from_secs(f.sync_max_wait_seconds),
             max_active_keys_per_service: f.max_active_keys_per_service,
             admin_api_key: Secret::new(key),

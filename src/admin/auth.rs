@@ -68,8 +68,13 @@ pub async fn authenticate(
     state: &AppState,
     needed_scope: &str,
 ) -> Result<Caller, ApiError> {
-    // Throttled addresses are refused before their credential is even looked at.
-    if let Some(ip) = source {
+    // Only the admin key can be guessed (it is chosen by people); service keys carry 256
+    // random bits behind a checksum. So only admin-key attempts are throttled: throttling
+    // Bearer keys too would let anyone sharing an address (a NAT, a proxy, the same host) lock
+    // sidecars out of sync, and revocations would stop reaching them.
+    let admin_key_attempt = headers.contains_key(ADMIN_KEY_HEADER);
+    if let (true, Some(ip)) = (admin_key_attempt, source) {
+        // Refused before the key is even looked at.
         if let Some(retry) = state.auth_failures.blocked(ip, state.clock.now_secs()) {
             state.metrics.auth_throttled();
             return Err(ApiError::rate_limited(retry));
@@ -81,16 +86,21 @@ pub async fn authenticate(
             let now = state.clock.now_secs();
             tracing::warn!(reason, source = ?source, "admin plane: authentication failed");
             state.metrics.auth_failed();
-            if let Some(ip) = source {
+            if let (true, Some(ip)) = (admin_key_attempt, source) {
                 state.auth_failures.record(ip, now);
             }
-            let who = Audit {
-                actor: "unauthenticated".into(),
-                source_ip: source.map(|ip| ip.to_string()),
-            };
-            // Audited; a database error here must not turn a 401 into a 500.
-            if let Err(e) = state.db(move |s| s.audit_failed_auth(now, &who, reason)).await {
-                tracing::error!(error = ?e, "could not audit a failed authentication");
+            if let Some(left_out) = state.auth_audit_budget.take(now) {
+                let who = Audit {
+                    actor: "unauthenticated".into(),
+                    source_ip: source.map(|ip| ip.to_string()),
+                };
+                // A database error here must not turn a 401 into a 500.
+                let audited = state
+                    .db(move |s| s.audit_failed_auth(now, &who, reason, left_out))
+                    .await;
+                if let Err(e) = audited {
+                    tracing::error!(error = ?e, "could not audit a failed authentication");
+                }
             }
             Err(ApiError::unauthorized("missing or invalid admin credential"))
         }

@@ -944,17 +944,15 @@ impl Store {
     }
 
     /// Records a failed admin authentication (its own transaction: nothing else changed).
-    pub fn audit_failed_auth(&self, now: i64, who: &Audit, reason: &str) -> StoreResult<()> {
+    /// `left_out`: failures not written since the last one that was (the per-minute budget).
+    pub fn audit_failed_auth(&self, now: i64, who: &Audit, reason: &str, left_out: u64) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        append_audit(
-            &tx,
-            now,
-            who,
-            "auth.failed",
-            None,
-            serde_json::json!({ "reason": reason }),
-        )?;
+        let mut change = serde_json::json!({ "reason": reason });
+        if left_out > 0 {
+            change["not_audited_before_this"] = left_out.into();
+        }
+        append_audit(&tx, now, who, "auth.failed", None, change)?;
         tx.commit()?;
         Ok(())
     }
@@ -972,7 +970,7 @@ impl Store {
             )?
             .query_map(
                 params![
-                    q.after as i64,
+                    q.after.min(i64::MAX as u64) as i64,
                     q.actor,
                     q.action,
                     q.target,

@@ -50,8 +50,10 @@ pub struct Inner {
     pub ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
     pub client_limiter: DefaultKeyedRateLimiter<String>,
     pub delta_cache: sync::DeltaCache,
-    /// Failed admin authentications per source address.
+    /// Failed admin-key attempts per source address.
     pub auth_failures: throttle::FailureThrottle,
+    /// Failed authentications written to the audit log per minute.
+    pub auth_audit_budget: throttle::AuditBudget,
     pub metrics: metrics::AdminMetrics,
 }
 
@@ -205,6 +207,7 @@ fn build_state(
     }
     let version = store.version()?;
     let auth_failure_limit = cfg.auth_failures_per_minute_per_ip;
+    let audit_budget = cfg.audited_auth_failures_per_minute;
     Ok(Arc::new(Inner {
         issuer: cfg.issuer.clone().unwrap_or_else(|| format!("http://{bound}")),
         admin_key_hash: blake3::hash(cfg.admin_api_key.expose().as_bytes()),
@@ -219,6 +222,7 @@ fn build_state(
         keyring: ArcSwap::from_pointee(ring),
         delta_cache: sync::DeltaCache::default(),
         auth_failures: throttle::FailureThrottle::new(auth_failure_limit),
+        auth_audit_budget: throttle::AuditBudget::new(audit_budget),
         metrics: metrics::AdminMetrics::default(),
     }))
 }
@@ -254,6 +258,7 @@ pub async fn serve(
         max_header_bytes: state.cfg.max_header_bytes,
         header_read_timeout: state.cfg.header_read_timeout,
         max_requests_per_connection: state.cfg.max_requests_per_connection,
+        max_connections: state.cfg.max_connections,
     };
     server::serve(listener, router(state), limits, shutdown).await?;
     Ok(())

@@ -1,6 +1,7 @@
 //! The admin plane's accept loop: hyper's HTTP/1 server with the limits axum::serve does not
 //! expose. Everything an outside client controls is bounded: header bytes, time to send the
-//! headers, requests per connection (the last response says `Connection: close`); body size and
+//! headers, open connections, requests per connection (the last response says
+//! `Connection: close`); body size and
 //! body read time are bounded in `extract`. Shutdown stops accepting and lets in-flight
 //! requests (long polls end at once through `Inner::shutdown`) finish.
 
@@ -22,6 +23,8 @@ pub struct ConnLimits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub max_requests_per_connection: u32,
+    /// Open connections at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 /// Serves `app` until `shutdown` turns true, then waits for open requests to finish.
@@ -37,7 +40,17 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        // Take a slot before accepting: at the limit, new clients wait in the kernel's backlog
+        // instead of each costing a task and a file descriptor here.
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -71,6 +84,7 @@ pub async fn serve(
         );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _slot = slot;
             // Errors here are the client's (reset, malformed, too slow): nothing to report.
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "admin connection ended");

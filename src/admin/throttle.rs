@@ -1,48 +1,84 @@
-//! Failed admin authentications per source address: after `limit` failures within a minute
-//! the address is refused before its credential is looked at, until that minute is over. Keyed
-//! by address only, so a flood of made-up credentials cannot grow it beyond one entry per
-//! address, and entries of past minutes are dropped as it grows.
+//! Bounds on failed admin authentications.
+//!
+//! `FailureThrottle`: after `limit` failed admin-key attempts within a minute from one address
+//! (IPv6 grouped by /64, since one host holds a whole /64), that address is refused before its
+//! key is looked at, until the minute is over. Keyed by address only, pruned at most once a
+//! minute, and capped, so a spray of addresses cannot grow it without bound or make it slow.
+//!
+//! `AuditBudget`: at most `per_minute` failed authentications are written to the audit log
+//! each minute, from all addresses together; the ones beyond are counted, and the next entry
+//! written says how many were left out, so the record stays complete in number while the
+//! table cannot be grown without bound by an unauthenticated flood.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
 const WINDOW_SECS: i64 = 60;
-/// Past this many addresses, entries of finished windows are dropped on the next insert.
+/// Past this many addresses, entries of finished windows are dropped (once per window).
 const PRUNE_AT: usize = 10_000;
+/// Never more than this many addresses; beyond it new addresses are not tracked (each still
+/// gets its failures audited within the budget and counted in metrics).
+const MAX_TRACKED: usize = 100_000;
+
+/// The address a failure counts against.
+fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    /// address → (window start, failures in it).
+    by_addr: HashMap<IpAddr, (i64, u32)>,
+    last_prune: i64,
+}
 
 pub struct FailureThrottle {
     limit: u32,
-    /// address → (window start, failures in it). Admin-plane only: a mutex is fine here.
-    seen: Mutex<HashMap<IpAddr, (i64, u32)>>,
+    /// Admin-plane only, and only on failures and admin-key attempts: a mutex is fine here.
+    seen: Mutex<Seen>,
 }
 
 impl FailureThrottle {
     pub fn new(limit: u32) -> FailureThrottle {
         FailureThrottle {
             limit,
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Seen::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (i64, u32)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Seconds until `ip` may try again, if it is blocked now.
     pub fn blocked(&self, ip: IpAddr, now: i64) -> Option<u64> {
         let seen = self.lock();
-        let (start, n) = *seen.get(&ip)?;
+        let (start, n) = *seen.by_addr.get(&bucket(ip))?;
         let end = start + WINDOW_SECS;
         (now < end && n >= self.limit).then(|| (end - now) as u64)
     }
 
     pub fn record(&self, ip: IpAddr, now: i64) {
         let mut seen = self.lock();
-        if seen.len() >= PRUNE_AT {
-            seen.retain(|_, (start, _)| now < *start + WINDOW_SECS);
+        if seen.by_addr.len() >= PRUNE_AT && now >= seen.last_prune + WINDOW_SECS {
+            seen.by_addr.retain(|_, (start, _)| now < *start + WINDOW_SECS);
+            seen.last_prune = now;
         }
-        let e = seen.entry(ip).or_insert((now, 0));
+        let key = bucket(ip);
+        if seen.by_addr.len() >= MAX_TRACKED && !seen.by_addr.contains_key(&key) {
+            return;
+        }
+        let e = seen.by_addr.entry(key).or_insert((now, 0));
         if now >= e.0 + WINDOW_SECS {
             *e = (now, 0);
         }
@@ -50,11 +86,42 @@ impl FailureThrottle {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_addr.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+pub struct AuditBudget {
+    per_minute: u32,
+    /// (window start, entries written in it, failures left out since the last entry written).
+    state: Mutex<(i64, u32, u64)>,
+}
+
+impl AuditBudget {
+    pub fn new(per_minute: u32) -> AuditBudget {
+        AuditBudget {
+            per_minute,
+            state: Mutex::new((i64::MIN, 0, 0)),
+        }
+    }
+
+    /// `Some(left_out_before)` when this failure may be written (with how many were left out
+    /// since the last one written); `None` when the minute's budget is spent.
+    pub fn take(&self, now: i64) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if now >= s.0.saturating_add(WINDOW_SECS) {
+            s.0 = now;
+            s.1 = 0;
+        }
+        if s.1 >= self.per_minute {
+            s.2 += 1;
+            return None;
+        }
+        s.1 += 1;
+        Some(std::mem::take(&mut s.2))
     }
 }
 
@@ -79,13 +146,44 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_host_is_one_address_across_its_64() {
+        let t = FailureThrottle::new(2);
+        t.record("2001:db8:1:2::1".parse().unwrap(), 0);
+        t.record("2001:db8:1:2:ffff::9".parse().unwrap(), 0);
+        assert!(t.blocked("2001:db8:1:2::77".parse().unwrap(), 1).is_some());
+        assert!(t.blocked("2001:db8:1:3::1".parse().unwrap(), 1).is_none());
+        t.record("::ffff:10.1.1.1".parse().unwrap(), 0);
+        t.record("10.1.1.1".parse().unwrap(), 0);
+        assert!(
+            t.blocked("10.1.1.1".parse().unwrap(), 1).is_some(),
+            "v4-mapped is v4"
+        );
+    }
+
+    #[test]
     fn stays_bounded_under_a_spray_of_addresses() {
         let t = FailureThrottle::new(3);
         for i in 0..(PRUNE_AT as u32 + 10) {
             t.record(IpAddr::from(i.to_be_bytes()), 0);
         }
+        assert_eq!(t.len(), PRUNE_AT + 10, "all inside the current window");
         // A minute later the old window's entries are dropped on the next insert.
         t.record("10.9.9.9".parse().unwrap(), 61);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn the_audit_budget_counts_what_it_leaves_out() {
+        let b = AuditBudget::new(2);
+        assert_eq!(b.take(100), Some(0));
+        assert_eq!(b.take(101), Some(0));
+        assert_eq!(b.take(102), None);
+        assert_eq!(b.take(103), None);
+        assert_eq!(
+            b.take(160),
+            Some(2),
+            "the next minute's first entry reports the two left out"
+        );
+        assert_eq!(b.take(161), Some(0));
     }
 }

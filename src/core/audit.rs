@@ -30,6 +30,8 @@ pub struct AuditEntry {
 
 /// The fields the hash covers, in a fixed order. serde_json writes object keys sorted and
 /// compact, so the same entry always gives the same bytes on the server and in the CLI.
+/// Changes hold strings, integers, booleans and null only: a float might not survive the
+/// store-and-parse round trip bit for bit (serde_json without `float_roundtrip`).
 #[derive(Serialize)]
 struct Covered<'a> {
     seq: u64,

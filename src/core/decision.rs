@@ -169,6 +169,9 @@ pub fn authenticate_token(
             if v.iss != tokens.issuer {
                 return Err(jwt_denial(JwtError::WrongIssuer));
             }
+            if v.aud != policy.audience {
+                return Err(jwt_denial(JwtError::WrongAudience));
+            }
             if !tokens.keys.contains(&v.kid) {
                 return Err(jwt_denial(JwtError::UnknownKid));
             }
@@ -186,6 +189,7 @@ pub fn authenticate_token(
             let scopes = ScopeSet::parse(&scope_list).map_err(|_| jwt_denial(JwtError::Malformed))?;
             let v = Arc::new(VerifiedToken {
                 iss: c.iss,
+                aud: c.aud,
                 kid,
                 client_id: Arc::from(c.client_id.as_str()),
                 jti: Arc::from(c.jti.as_str()),
@@ -628,6 +632,28 @@ mod tests {
             assert_eq!(
                 call(&no_keys, "/t", &t, NOW, Some(&cache)).unwrap_err(),
                 Denial::InvalidToken(InvalidToken::Jwt(JwtError::UnknownKid))
+            );
+            // ...and the audience, which a config reload may have changed.
+            let h = format!("Bearer {t}").into_bytes();
+            let routes = RouteTable::new(vec![Route::new(
+                vec![],
+                "/t".into(),
+                Access::Scopes(vec![Scope::parse("trade:read").unwrap()]),
+            )]);
+            let facts = RequestFacts {
+                method: "GET",
+                path: "/t",
+                authorization: Authorization::One(&h),
+                client_ip: None,
+            };
+            let reloaded = TokenPolicy {
+                audience: "another-audience",
+                leeway_secs: 30,
+                cache: Some(&cache),
+            };
+            assert_eq!(
+                decide(&routes, Some(&snap), Environment::Live, &facts, NOW, &reloaded).unwrap_err(),
+                Denial::InvalidToken(InvalidToken::Jwt(JwtError::WrongAudience))
             );
         }
     }

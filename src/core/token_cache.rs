@@ -11,6 +11,8 @@ use crate::core::scope::ScopeSet;
 #[derive(Debug)]
 pub struct VerifiedToken {
     pub iss: String,
+    /// Re-checked on every cache hit: a reload may change the audience this sidecar expects.
+    pub aud: String,
     pub kid: String,
     pub client_id: Arc<str>,
     pub jti: Arc<str>,
@@ -67,6 +69,7 @@ mod tests {
     fn entry(jti: &str) -> Arc<VerifiedToken> {
         Arc::new(VerifiedToken {
             iss: "i".into(),
+            aud: "a".into(),
             kid: "k".into(),
             client_id: Arc::from("srv_a"),
             jti: Arc::from(jti),

@@ -19,6 +19,30 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// pingora's error types that a forwarded request can end with because of the upstream
+/// (`ErrorType::as_str`); anything else counts as "other".
+const UPSTREAM_ERROR_TYPES: &[&str] = &[
+    "ConnectTimedout",
+    "ConnectRefused",
+    "ConnectNoRoute",
+    "ConnectError",
+    "TLSHandshakeFailure",
+    "TLSHandshakeTimedout",
+    "HandshakeError",
+    "SocketError",
+    "InvalidHTTPHeader",
+    "H1Error",
+    "H2Error",
+    "ReadError",
+    "WriteError",
+    "ReadTimedout",
+    "WriteTimedout",
+    "ConnectionClosed",
+    "HTTPStatus",
+    "InternalError",
+    "UnknownError",
+];
+
 /// The decision class of one request, for the latency histogram.
 #[derive(Debug, Clone, Copy)]
 pub enum Decided {
@@ -33,7 +57,7 @@ pub struct SidecarMetrics {
     public: IntCounter,
     denials: HashMap<&'static str, IntCounter>,
     latency: [Histogram; 3],
-    upstream_errors: IntCounterVec,
+    upstream_errors: HashMap<&'static str, IntCounter>,
     sync_ok: IntCounter,
     sync_failures: IntCounterVec,
     sync_lag: IntGauge,
@@ -43,6 +67,8 @@ pub struct SidecarMetrics {
     snapshot_services: IntGauge,
     usage_reports: IntCounterVec,
     max_service_labels: usize,
+    /// Services with their own label in the per-service metric (see `service_requests`).
+    labelled: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -103,12 +129,19 @@ impl SidecarMetrics {
             public,
             denials,
             latency,
-            upstream_errors: counter_vec(
-                &registry,
-                "permiso_sidecar_upstream_errors_total",
-                "Forwarded requests that failed between sidecar and upstream, by pingora error type.",
-                &["error"],
-            ),
+            upstream_errors: {
+                let vec = counter_vec(
+                    &registry,
+                    "permiso_sidecar_upstream_errors_total",
+                    "Forwarded requests that failed because of the upstream, by pingora error type.",
+                    &["error"],
+                );
+                UPSTREAM_ERROR_TYPES
+                    .iter()
+                    .chain(&["other"])
+                    .map(|t| (*t, vec.with_label_values(&[t])))
+                    .collect()
+            },
             sync_ok: counter(&registry, "permiso_sidecar_syncs_total", "Successful sync responses applied (including no-change long-poll answers)."),
             sync_failures: counter_vec(
                 &registry,
@@ -137,6 +170,7 @@ impl SidecarMetrics {
             ),
             registry,
             max_service_labels,
+            labelled: Default::default(),
         }
     }
 
@@ -158,8 +192,16 @@ impl SidecarMetrics {
         self.latency[decided as usize].observe(seconds);
     }
 
-    pub fn upstream_error(&self, kind: &'static str) {
-        self.upstream_errors.with_label_values(&[kind]).inc();
+    /// `kind` is pingora's `ErrorType::as_str`; the counters exist from start, so this is an
+    /// atomic add, not a label lookup under prometheus's lock.
+    pub fn upstream_error(&self, kind: &str) {
+        let c = self
+            .upstream_errors
+            .get(kind)
+            .or_else(|| self.upstream_errors.get("other"));
+        if let Some(c) = c {
+            c.inc();
+        }
     }
 
     pub fn sync_succeeded(&self, lag_ms: Option<i64>) {
@@ -201,8 +243,11 @@ impl SidecarMetrics {
             .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
     }
 
-    /// Per-service request counts, the busiest `max_service_labels` by name and the rest as
-    /// "other", so a fleet of a million services cannot blow up a scrape.
+    /// Per-service request counts. The first `max_service_labels` services seen calling keep
+    /// their own label for the life of the process; the rest are summed as "other". Fixed
+    /// membership keeps every series a true counter (a ranking would move services in and out
+    /// of "other" and make it go down), and a fleet of a million services cannot blow up a
+    /// scrape. The set is only touched at scrape time.
     fn service_requests(&self, snapshot: &Snapshot) -> IntCounterVec {
         let vec = IntCounterVec::new(
             Opts::new(
@@ -212,16 +257,16 @@ impl SidecarMetrics {
             &["service_id"],
         )
         .expect("valid metric");
-        let mut counts: Vec<(Arc<str>, u64)> = snapshot
-            .services_iter()
-            .map(|s| (s.id.clone(), s.usage.requests()))
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        counts.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut labelled = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
         let mut other = 0;
-        for (i, (id, n)) in counts.iter().enumerate() {
-            if i < self.max_service_labels {
-                vec.with_label_values(&[&**id]).inc_by(*n);
+        for service in snapshot.services_iter() {
+            let n = service.usage.requests();
+            if n == 0 {
+                continue;
+            }
+            if labelled.contains(&service.id) || labelled.len() < self.max_service_labels {
+                labelled.insert(service.id.clone());
+                vec.with_label_values(&[&*service.id]).inc_by(n);
             } else {
                 other += n;
             }
@@ -236,6 +281,44 @@ impl SidecarMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_service_labels_stay_with_the_first_services_seen() {
+        use crate::core::key::Environment;
+        use crate::core::snapshot::tests::service;
+        use crate::core::sync::SyncPayload;
+        let payload = SyncPayload {
+            epoch: "e".into(),
+            version: 1,
+            full: true,
+            services: ["srv_a", "srv_b", "srv_c"]
+                .iter()
+                .map(|id| service(id, &[], vec![]))
+                .collect(),
+            ..Default::default()
+        };
+        let snap = Snapshot::from_full(&payload, Environment::Live, None).unwrap();
+        let m = SidecarMetrics::new(1);
+        let scrape = |m: &SidecarMetrics| {
+            let families = prometheus::core::Collector::collect(&m.service_requests(&snap));
+            prometheus::TextEncoder::new()
+                .encode_to_string(&families)
+                .unwrap()
+        };
+        snap.service("srv_b").unwrap().usage.record(None, 1);
+        assert!(scrape(&m).contains("{service_id=\"srv_b\"} 1"));
+        for _ in 0..5 {
+            snap.service("srv_a").unwrap().usage.record(None, 1);
+        }
+        snap.service("srv_c").unwrap().usage.record(None, 1);
+        let text = scrape(&m);
+        assert!(text.contains("{service_id=\"srv_b\"} 1"), "{text}");
+        assert!(
+            text.contains("{service_id=\"other\"} 6"),
+            "busier services do not take the label: {text}"
+        );
+        assert!(!text.contains("srv_a"));
+    }
 
     #[test]
     fn every_denial_has_its_counter() {

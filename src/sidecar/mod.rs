@@ -119,21 +119,21 @@ fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> 
 /// requests finish with the settings they started with; no connection is dropped.
 pub struct Reloader {
     shared: Arc<Shared>,
-    running: std::sync::Mutex<SidecarConfig>,
+    /// The config the process started with: what restart-only settings still are.
+    started: SidecarConfig,
 }
 
 impl Reloader {
     /// `next` has been validated already (`SidecarConfig::from_file`): a bad file never gets
-    /// here, and the running config stays.
+    /// here, and the running config stays. Cached access tokens are re-judged against the new
+    /// audience on their next use (the cache keeps each token's `aud`).
     pub fn apply(&self, next: SidecarConfig) {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let pending = needs_restart(&running, &next);
+        let pending = needs_restart(&self.started, &next);
         self.shared.live.store(Arc::new(live_of(&next)));
         tracing::info!(upstream = %next.upstream, routes = next.routes.len(), "config reloaded");
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "config reload: these settings only change on restart");
         }
-        *running = next;
     }
 }
 
@@ -172,7 +172,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
     server.bootstrap();
     let reloader = Arc::new(Reloader {
         shared: shared.clone(),
-        running: std::sync::Mutex::new(cfg.clone()),
+        started: cfg.clone(),
     });
     let mut service = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -263,7 +263,10 @@ impl ProxyHttp for SidecarProxy {
             metrics.latency(d, ctx.start.elapsed().as_secs_f64());
         }
         if let (Some(e), Some(Decided::Allowed | Decided::Public)) = (error, decided) {
-            metrics.upstream_error(e.etype().as_str());
+            // A client that hung up is not the upstream's failure.
+            if *e.esource() == pingora::ErrorSource::Upstream {
+                metrics.upstream_error(e.etype().as_str());
+            }
         }
         // Build nothing for a line that will not be written.
         if !tracing::enabled!(target: "permiso::access", tracing::Level::INFO) {

@@ -84,6 +84,25 @@ fn sidecar_metrics_count_decisions_by_outcome_and_service() {
         "no key material in metrics"
     );
 
+    // An upstream that is gone: counted by pingora's error type (after a reload to it).
+    let mut dead = h.sidecar_config(ROUTES);
+    dead.upstream = crate::common::free_port();
+    h.sidecar.as_ref().unwrap().reloader.apply(dead);
+    assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 502);
+    let text = sidecar_metrics(&h);
+    assert_eq!(
+        sample(
+            &text,
+            r#"permiso_sidecar_upstream_errors_total{error="ConnectRefused"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"permiso_sidecar_upstream_errors_total{error="other"}"#),
+        Some(0.0)
+    );
+
     // The admin plane's own metrics: requests by route template, never raw ids.
     let admin = h
         .http
@@ -330,13 +349,25 @@ fn every_admin_action_and_failed_login_is_audited_in_a_verifiable_chain() {
 
 #[test]
 fn failed_admin_logins_are_throttled_per_address_before_the_key_is_checked() {
-    let h = Harness::start_custom(ROUTES, |a| a.auth_failures_per_minute_per_ip = 3);
+    let h = Harness::start_custom(ROUTES, |a| {
+        a.auth_failures_per_minute_per_ip = 3;
+        a.audited_auth_failures_per_minute = 4;
+    });
     let try_key = |key: &str| {
         h.http
             .get(h.admin_url("/auth/admin/services"))
             .header("X-Admin-Api-Key", key)
             .send()
             .unwrap()
+    };
+    let try_bearer = |key: &str| {
+        h.http
+            .get(h.admin_url("/v1/sync?wait=0"))
+            .bearer_auth(key)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
     };
     for _ in 0..3 {
         assert_eq!(try_key("guess").status(), 401);
@@ -348,23 +379,24 @@ fn failed_admin_logins_are_throttled_per_address_before_the_key_is_checked() {
     let v: Value = r.json().unwrap();
     assert_eq!(v["error"], "rate_limited");
     assert_eq!(try_key("guess").status(), 429);
-    // Service keys over Bearer are throttled the same way (same address).
-    let r = h
-        .http
-        .get(h.admin_url("/auth/admin/services"))
-        .bearer_auth("svc_live_guess")
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 429);
+    // Service keys are not throttled: a sidecar on the same address keeps syncing, and a
+    // wrong service key is still just 401.
+    assert_eq!(try_bearer(&h.sync_key), 200);
+    assert_eq!(try_bearer("svc_live_guess"), 401);
+    assert_eq!(try_bearer("svc_live_guess"), 401);
 
     h.clock.advance(Duration::from_secs(61));
     assert_eq!(try_key(ADMIN_KEY).status(), 200);
+    // Five failures so far, the audit budget is four a minute: the fifth is left out and the
+    // next entry written says so.
+    assert_eq!(try_key("late-guess").status(), 401);
     let failed = audit_all(&h, "action=auth.failed");
+    assert_eq!(failed.len(), 5, "{failed:?}");
     assert_eq!(
-        failed.len(),
-        3,
-        "throttled attempts are refused, not audited one by one"
+        failed[4].change,
+        json!({"reason": "wrong admin key", "not_audited_before_this": 1})
     );
+    assert_eq!(failed[3].change, json!({"reason": "malformed service key"}));
     let admin = h
         .http
         .get(h.admin_url("/metrics"))
@@ -372,6 +404,6 @@ fn failed_admin_logins_are_throttled_per_address_before_the_key_is_checked() {
         .unwrap()
         .text()
         .unwrap();
-    assert_eq!(sample(&admin, "permiso_admin_auth_failures_total"), Some(3.0));
-    assert_eq!(sample(&admin, "permiso_admin_auth_throttled_total"), Some(3.0));
+    assert_eq!(sample(&admin, "permiso_admin_auth_failures_total"), Some(6.0));
+    assert_eq!(sample(&admin, "permiso_admin_auth_throttled_total"), Some(2.0));
 }

@@ -759,3 +759,34 @@ fn the_sidecar_closes_a_connection_after_max_requests_per_connection() {
     let (n, announced) = requests_until_closed(sc.url.trim_start_matches("http://"), "/health", 20);
     assert_eq!((n, announced), (5, true));
 }
+
+#[test]
+fn the_admin_plane_holds_at_most_max_connections_and_takes_the_next_when_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = permiso::core::clock::ManualClock::starting_now();
+    let admin = crate::common::start_admin_with(
+        &dir.path().join("p.db"),
+        "127.0.0.1:0".parse().unwrap(),
+        &clock,
+        |a| a.max_connections = 2,
+    );
+    // Two idle connections take both slots.
+    let first = std::net::TcpStream::connect(admin.addr).unwrap();
+    let _second = std::net::TcpStream::connect(admin.addr).unwrap();
+    let url = format!("http://{}/healthz", admin.addr);
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    assert!(
+        quick.get(&url).send().is_err(),
+        "a third connection waits in the backlog"
+    );
+    // One slot frees up: the next client is served.
+    drop(first);
+    let patient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    assert_eq!(patient.get(&url).send().unwrap().status(), 200);
+}
