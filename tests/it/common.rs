@@ -276,7 +276,8 @@ impl Harness {
         if let Some(k) = key {
             rb = rb.bearer_auth(k);
         }
-        rb.send().unwrap()
+        rb.send()
+            .unwrap_or_else(|e| panic!("GET {path} through the sidecar: {e:?}"))
     }
 
     /// Polls the sidecar until `path` answers `status` for `key`; returns how long it took.
