@@ -274,6 +274,15 @@ fn spawn_reload_on_sighup(
     })
 }
 
+/// pingora retries a busy port for 30 s and then runs on without listening: refuse to start
+/// instead, with the reason. (A port taken between this check and pingora's bind still falls
+/// to pingora's behaviour; `start` then notices through its readiness check.)
+fn check_port_free(listen: SocketAddr) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(listen)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))
+}
+
 /// Runs in the foreground until SIGTERM (graceful: in-flight requests finish within
 /// shutdown_grace_seconds) or SIGINT (fast). SIGHUP reloads the config through `reload`.
 pub fn run(
@@ -281,6 +290,7 @@ pub fn run(
     clock: SharedClock,
     reload: Box<dyn Fn() -> anyhow::Result<SidecarConfig> + Send>,
 ) -> anyhow::Result<()> {
+    check_port_free(cfg.listen)?;
     let Parts {
         server,
         reloader,
@@ -353,6 +363,7 @@ impl Drop for SidecarHandle {
 
 /// Starts the proxy and the sync loop, and returns once the listener accepts connections.
 pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHandle> {
+    check_port_free(cfg.listen)?;
     let Parts {
         server,
         reloader,

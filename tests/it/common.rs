@@ -176,6 +176,9 @@ impl Harness {
     }
 
     pub fn start_sidecar(&mut self, routes: &str) {
+        // A fresh port each time: a port given back by a stopped sidecar can be taken by a
+        // test running in parallel before the restart binds it again.
+        self.sidecar_addr = free_port();
         let cfg = self.sidecar_config(routes);
         let clock: SharedClock = Arc::new(self.clock.clone());
         self.sidecar = Some(sidecar::start(cfg, clock).expect("sidecar starts"));

@@ -99,3 +99,20 @@ fn readiness_follows_the_snapshot_age_and_the_database() {
     let (s, v) = probe(&h, "/readyz");
     assert_eq!((s, v["reason"].as_str()), (503, Some("no snapshot")), "{v}");
 }
+
+#[test]
+fn a_sidecar_refuses_to_start_on_a_busy_port_instead_of_running_deaf() {
+    let h = Harness::start();
+    // The harness's sidecar holds this port already.
+    let cfg = h.sidecar_config(ROUTES);
+    let clock: permiso::core::clock::SharedClock = std::sync::Arc::new(h.clock.clone());
+    let err = permiso::sidecar::start(cfg, clock)
+        .err()
+        .expect("a second sidecar on a busy port");
+    assert!(
+        err.to_string()
+            .contains(&format!("cannot listen on {}", h.sidecar_addr)),
+        "{err}"
+    );
+    assert_eq!(h.get("/health", None).status(), 200, "the first one is untouched");
+}
