@@ -210,6 +210,10 @@ fn sighup_reloads_routes_and_upstream_keeps_in_flight_requests_and_refuses_a_bad
     });
     assert_eq!(get(&h.http, &account, &svc.api_key).0, 200);
     assert_eq!(get(&h.http, &trades, &svc.api_key).0, 200);
+    // Every request above has its access line, with the key id and never the key.
+    let log = std::fs::read_to_string(&sc.log).unwrap();
+    assert!(log.contains(&svc.key_id) && log.contains("permiso::access"));
+    assert!(!log.contains(&svc.api_key) && !log.contains(&svc.api_key[..20]) && !log.contains(&h.sync_key));
 }
 
 #[test]
@@ -645,11 +649,12 @@ fn a_truncated_snapshot_file_is_refused_with_a_clear_log_line() {
     std::fs::write(h.dir.path().join("proc-snapshot.json"), &text[..text.len() / 2]).unwrap();
     std::fs::write(h.dir.path().join("sync.key"), &h.sync_key).unwrap();
     let config = h.dir.path().join("sidecar.toml");
+    // JSON logs, chosen in the config file.
     let cfg = proc_config(&h, &listen, &health, &h.upstream.addr.to_string(), ROUTES).replace(
         &format!("http://{}", h.admin_addr),
         &format!("http://{}", free_port()),
     );
-    std::fs::write(&config, cfg).unwrap();
+    std::fs::write(&config, format!("[log]\nformat = \"json\"\n{cfg}")).unwrap();
     let _p = spawn(
         h.dir.path(),
         "sidecar",
@@ -665,15 +670,48 @@ fn a_truncated_snapshot_file_is_refused_with_a_clear_log_line() {
         503,
         "fails closed, nothing half-applied"
     );
+    // Give the access line of that request a moment to be written.
+    until("the access line is written", Duration::from_secs(5), || {
+        std::fs::read_to_string(h.dir.path().join("sidecar.log"))
+            .unwrap_or_default()
+            .contains("\"decision\":\"no_snapshot\"")
+    });
     let log = std::fs::read_to_string(h.dir.path().join("sidecar.log")).unwrap();
-    let line = log
+    let lines: Vec<Value> = log
         .lines()
-        .find(|l| l.contains("refusing snapshot file"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    let refusal = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("refusing snapshot file"))
+        })
         .unwrap_or_else(|| panic!("{log}"));
     assert!(
-        line.contains("proc-snapshot.json") && line.contains("not valid JSON"),
-        "{line}"
+        refusal["fields"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("proc-snapshot.json"),
+        "{refusal}"
     );
+    assert!(
+        refusal["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{refusal}"
+    );
+    assert_eq!(refusal["level"], "ERROR");
+    // The readiness probe above sent no key (401); the call with the key is the 503.
+    let access = lines
+        .iter()
+        .find(|l| l["target"] == "permiso::access" && l["fields"]["status"] == 503)
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(access["fields"]["decision"], "no_snapshot", "{access}");
+    assert_eq!(access["fields"]["status"], 503, "{access}");
+    assert!(!access["fields"]["request_id"].as_str().unwrap().is_empty());
     assert!(
         !log.contains(&svc.api_key) && !log.contains(&h.sync_key),
         "no secret in the log"
