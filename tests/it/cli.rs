@@ -202,6 +202,21 @@ fn services_lifecycle_through_the_cli() {
 }
 
 #[test]
+fn a_throttled_address_gets_the_rate_limited_exit_code() {
+    let h = Harness::start_custom(ROUTES, |a| a.auth_failures_per_minute_per_ip = 1);
+    failed(
+        &permiso(&h, "wrong-key", &["services", "list"]),
+        4,
+        "unauthorized (401)",
+    );
+    failed(
+        &permiso(&h, ADMIN_KEY, &["services", "list"]),
+        8,
+        "rate_limited (429)",
+    );
+}
+
+#[test]
 fn every_api_failure_has_its_exit_code_and_message() {
     let h = Harness::start_with(ROUTES);
     let a = json_of(&permiso(

@@ -607,6 +607,12 @@ fn admin_plane_bounds_header_size_slow_clients_and_requests_per_connection() {
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
     assert!(closed);
 
+    let (resp, _) = admin_raw(&h, &[b"HELLO THERE\r\n\r\n"], wait);
+    assert!(resp.starts_with("HTTP/1.1 400"), "garbage request line: {resp}");
+    let bad_key = b"GET /auth/admin/services HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Admin-Api-Key: \xff\xfe\r\n\r\n";
+    let (resp, _) = admin_raw(&h, &[bad_key], wait);
+    assert!(resp.starts_with("HTTP/1.1 401"), "non-UTF-8 admin key: {resp}");
+
     let one = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
     let (resp, closed) = admin_raw(&h, &[one, one, one, one], wait);
     assert_eq!(resp.matches("HTTP/1.1 200").count(), 3, "{resp}");
