@@ -50,7 +50,7 @@ pub struct Principal {
 
 impl Principal {
     /// An API key acts with its service's scopes; a token with the scopes it was granted.
-    pub fn scopes_header(&self) -> &str {
+    pub fn scopes_header(&self) -> &http::HeaderValue {
         match &self.credential {
             Credential::ApiKey { .. } => &self.service.scopes_header,
             Credential::AccessToken(t) => &t.scopes_header,
@@ -187,6 +187,9 @@ pub fn authenticate_token(
             let (c, kid) = jwt::verify_with_kid(token, &tokens.keys, &want, now_secs).map_err(jwt_denial)?;
             let scope_list: Vec<&str> = c.scope.split(' ').filter(|s| !s.is_empty()).collect();
             let scopes = ScopeSet::parse(&scope_list).map_err(|_| jwt_denial(JwtError::Malformed))?;
+            let header =
+                |v: &str| http::HeaderValue::from_str(v).map_err(|_| jwt_denial(JwtError::Malformed));
+            let (scopes_header, jti_header) = (header(&scopes.joined())?, header(&c.jti)?);
             let v = Arc::new(VerifiedToken {
                 iss: c.iss,
                 aud: c.aud,
@@ -195,7 +198,8 @@ pub fn authenticate_token(
                 jti: Arc::from(c.jti.as_str()),
                 exp: c.exp,
                 nbf: c.nbf,
-                scopes_header: scopes.joined(),
+                scopes_header,
+                jti_header,
                 scopes,
             });
             if let (Some(cache), Some(k)) = (policy.cache, cache_key) {

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use http::HeaderValue;
 use rand::TryRngCore;
 
 pub const MAX_LEN: usize = 128;
@@ -42,11 +43,13 @@ impl RequestIds {
         format!("{}-{n:x}", self.prefix)
     }
 
-    /// The caller's id when it is well-formed, else a new one.
-    pub fn keep_or_mint(&self, incoming: Option<&[u8]>) -> String {
+    /// The caller's id when it is well-formed (a reference-counted clone: no copy), else a
+    /// new one, as the header value it is sent and returned as.
+    pub fn keep_or_mint(&self, incoming: Option<&HeaderValue>) -> HeaderValue {
         match incoming {
-            Some(id) if valid(id) => String::from_utf8_lossy(id).into_owned(),
-            _ => self.next(),
+            Some(id) if valid(id.as_bytes()) => id.clone(),
+            // A minted id is hex, '-' and hex: always a valid header value.
+            _ => HeaderValue::try_from(self.next()).unwrap_or(HeaderValue::from_static("-")),
         }
     }
 }
@@ -58,10 +61,11 @@ mod tests {
     #[test]
     fn keeps_valid_ids_and_mints_unique_ones() {
         let ids = RequestIds::default();
-        assert_eq!(ids.keep_or_mint(Some(b"abc-123_x.y:z")), "abc-123_x.y:z");
+        let h = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert_eq!(ids.keep_or_mint(Some(&h("abc-123_x.y:z"))), "abc-123_x.y:z");
         let a = ids.keep_or_mint(None);
-        let b = ids.keep_or_mint(Some(b"has space"));
-        let c = ids.keep_or_mint(Some("x".repeat(129).as_bytes()));
+        let b = ids.keep_or_mint(Some(&h("has space")));
+        let c = ids.keep_or_mint(Some(&h(&"x".repeat(129))));
         assert!(valid(a.as_bytes()) && valid(b.as_bytes()) && valid(c.as_bytes()));
         assert!(a != b && b != c && a != c);
         assert!(!valid(b""));

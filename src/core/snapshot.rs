@@ -5,6 +5,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use http::HeaderValue;
 use ipnet::IpNet;
 
 use crate::core::jwt::KeySet;
@@ -81,10 +82,14 @@ pub struct ServiceEntry {
     pub name: Arc<str>,
     pub environment: Environment,
     pub scopes: ScopeSet,
-    /// `X-Permiso-Scopes` value, built once.
-    pub scopes_header: String,
+    /// Identity header values, validated and built once per snapshot so forwarding a request
+    /// clones them (a reference count) instead of copying and re-validating strings.
+    pub id_header: HeaderValue,
+    pub name_header: HeaderValue,
+    /// `X-Permiso-Scopes` value.
+    pub scopes_header: HeaderValue,
     /// `RateLimit-Policy` value, built once (empty when unlimited).
-    pub policy_header: String,
+    pub policy_header: HeaderValue,
     pub disabled: bool,
     pub allowed_ips: Vec<IpNet>,
     pub limits: Limits,
@@ -209,12 +214,19 @@ fn build_service(
         Some(p) if p.limits == limits => p.limiter.clone(),
         _ => Arc::new(LimiterState::default()),
     };
+    let header = |v: &str| {
+        HeaderValue::from_str(v).map_err(|_| SnapshotError::HeaderUnsafe {
+            service: s.service_id.clone(),
+        })
+    };
     Ok(Arc::new(ServiceEntry {
         id: Arc::from(s.service_id.as_str()),
         name: Arc::from(s.service_name.as_str()),
         environment: s.environment,
-        scopes_header: scopes.joined(),
-        policy_header: limits.policy_header(),
+        id_header: header(&s.service_id)?,
+        name_header: header(&s.service_name)?,
+        scopes_header: header(&scopes.joined())?,
+        policy_header: header(&limits.policy_header())?,
         scopes,
         disabled: s.disabled,
         allowed_ips,

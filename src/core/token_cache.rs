@@ -19,8 +19,9 @@ pub struct VerifiedToken {
     pub exp: i64,
     pub nbf: i64,
     pub scopes: ScopeSet,
-    /// `X-Permiso-Scopes` value, built once.
-    pub scopes_header: String,
+    /// `X-Permiso-Scopes` and `X-Permiso-Token-Id` values, built once per verified token.
+    pub scopes_header: http::HeaderValue,
+    pub jti_header: http::HeaderValue,
 }
 
 pub struct TokenCache {
@@ -76,7 +77,8 @@ mod tests {
             exp: 10,
             nbf: 0,
             scopes: ScopeSet::default(),
-            scopes_header: String::new(),
+            scopes_header: http::HeaderValue::from_static(""),
+            jti_header: http::HeaderValue::from_static("j"),
         })
     }
 

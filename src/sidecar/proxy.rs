@@ -7,6 +7,7 @@ use std::time::Instant;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
@@ -55,7 +56,8 @@ pub struct Ctx {
     live: Option<Arc<Live>>,
     verdict: Option<Verdict>,
     denial: Option<&'static str>,
-    request_id: String,
+    /// Kept from the caller (a reference-counted clone) or minted; sent upstream and back.
+    request_id: HeaderValue,
 }
 
 /// Request bodies up to this size are read and discarded before a denial, so the connection
@@ -81,11 +83,11 @@ async fn drain_small_body(session: &mut Session) {
     }
 }
 
-async fn write_denial(session: &mut Session, denial: &Denial, request_id: &str) -> Result<()> {
+async fn write_denial(session: &mut Session, denial: &Denial, request_id: &HeaderValue) -> Result<()> {
     drain_small_body(session).await;
     let r = denial.response();
     let mut h = ResponseHeader::build(r.status, Some(5 + r.headers.len()))?;
-    h.insert_header("X-Request-Id", request_id)?;
+    h.insert_header("X-Request-Id", request_id.clone())?;
     h.insert_header("Content-Type", "application/json")?;
     h.insert_header("Content-Length", r.body.len().to_string())?;
     h.insert_header("Cache-Control", "no-store")?;
@@ -115,7 +117,7 @@ impl ProxyHttp for SidecarProxy {
             live: None,
             verdict: None,
             denial: None,
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
         }
     }
 
@@ -128,7 +130,7 @@ impl ProxyHttp for SidecarProxy {
             let req = session.req_header();
             let mut incoming_ids = req.headers.get_all(REQUEST_ID).iter();
             let incoming = match (incoming_ids.next(), incoming_ids.next()) {
-                (Some(v), None) => Some(v.as_bytes()),
+                (Some(v), None) => Some(v),
                 _ => None,
             };
             ctx.request_id = shared.request_ids.keep_or_mint(incoming);
@@ -209,21 +211,25 @@ impl ProxyHttp for SidecarProxy {
         {
             upstream.remove_header(&name);
         }
-        upstream.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        upstream.insert_header("X-Request-Id", ctx.request_id.clone())?;
         match &ctx.verdict {
             Some(Verdict::Allowed { principal, .. }) => {
                 upstream.remove_header(&http::header::AUTHORIZATION);
                 let s = &principal.service;
-                upstream.insert_header("X-Permiso-Service-Id", &*s.id)?;
-                upstream.insert_header("X-Permiso-Service-Name", &*s.name)?;
-                upstream.insert_header("X-Permiso-Scopes", principal.scopes_header())?;
+                // Prebuilt values: each insert clones a reference count.
+                upstream.insert_header("X-Permiso-Service-Id", s.id_header.clone())?;
+                upstream.insert_header("X-Permiso-Service-Name", s.name_header.clone())?;
+                upstream.insert_header("X-Permiso-Scopes", principal.scopes_header().clone())?;
                 match &principal.credential {
                     Credential::ApiKey { key_id, .. } => {
                         upstream.insert_header("X-Permiso-Key-Id", &**key_id)?
                     }
-                    Credential::AccessToken(t) => upstream.insert_header("X-Permiso-Token-Id", &*t.jti)?,
+                    Credential::AccessToken(t) => {
+                        upstream.insert_header("X-Permiso-Token-Id", t.jti_header.clone())?
+                    }
                 }
-                upstream.insert_header("X-Permiso-Environment", s.environment.as_str())?;
+                let env = HeaderValue::from_static(s.environment.as_str());
+                upstream.insert_header("X-Permiso-Environment", env)?;
             }
             // A Permiso key sent to a public route still must not leak upstream.
             Some(Verdict::Public) if is_permiso_key(upstream.headers.get(http::header::AUTHORIZATION)) => {
@@ -240,10 +246,10 @@ impl ProxyHttp for SidecarProxy {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        response.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        response.insert_header("X-Request-Id", ctx.request_id.clone())?;
         if let Some(Verdict::Allowed { principal, rate }) = &ctx.verdict {
             if let Some(value) = rate.header() {
-                response.insert_header("RateLimit-Policy", principal.service.policy_header.as_str())?;
+                response.insert_header("RateLimit-Policy", principal.service.policy_header.clone())?;
                 response.insert_header("RateLimit", value)?;
             }
         }
@@ -286,7 +292,7 @@ impl ProxyHttp for SidecarProxy {
         };
         tracing::info!(
             target: "permiso::access",
-            request_id = %ctx.request_id,
+            request_id = ctx.request_id.to_str().unwrap_or("-"),
             method = %req.method,
             path = req.uri.path(),
             status,

@@ -240,7 +240,54 @@ impl Harness {
         (status, r.json().unwrap_or(Value::Null))
     }
 
+    /// Waits until the running sidecar has applied the admin plane's current state version,
+    /// so a test never races the sync it is not measuring (under load, a token can be minted
+    /// and presented before the new service reaches the sidecar).
+    pub fn wait_sidecar_caught_up(&self) {
+        let Some(health) = self.sidecar.as_ref().and_then(|s| s.health_addr) else {
+            return;
+        };
+        let metrics = self
+            .http
+            .get(self.admin_url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        let want: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("permiso_admin_state_version "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("admin state version");
+        let started = Instant::now();
+        loop {
+            let v: Value = self
+                .http
+                .get(format!("http://{health}/readyz"))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            if v["snapshot_version"].as_u64().is_some_and(|have| have >= want) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "sidecar still at {v}, admin plane at version {want}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Creates a service and waits until the running sidecar has it.
     pub fn create(&self, body: Value) -> Created {
+        let c = self.create_unsynced(body);
+        self.wait_sidecar_caught_up();
+        c
+    }
+
+    /// Creates a service without waiting for any sidecar.
+    pub fn create_unsynced(&self, body: Value) -> Created {
         let (status, v) = self.admin_req(reqwest::Method::POST, "/auth/admin/services", Some(body));
         assert_eq!(status, 201, "create failed: {v}");
         Created {

@@ -737,7 +737,7 @@ fn a_sync_payload_that_fails_validation_is_refused_whole_and_the_old_snapshot_ke
         [&a.service_id],
     )
     .unwrap();
-    let b = h.create(json!({"service_name": "never-applied", "scopes": ["trade:read"]}));
+    let b = h.create_unsynced(json!({"service_name": "never-applied", "scopes": ["trade:read"]}));
     let addr = h.sidecar.as_ref().unwrap().health_addr.unwrap();
     until("the sidecar refuses the payload", Duration::from_secs(10), || {
         let text = h
