@@ -69,21 +69,13 @@ pub fn spawn(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(Arc::new(health));
-    let thread = std::thread::Builder::new()
-        .name("permiso-health".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(listener).expect("listener");
-                let _ = axum::serve(l, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = shutdown.wait_for(|s| *s).await;
-                    })
-                    .await;
-            });
-        })?;
+    let thread = crate::sidecar::spawn_on_own_thread("permiso-health", async move {
+        let l = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let _ = axum::serve(l, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+    })?;
     Ok((addr, thread))
 }

@@ -224,23 +224,30 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
     }
 }
 
+/// Runs `task` on a named thread with its own single-threaded runtime: the sidecar's side
+/// jobs (sync, health, reload) stay off pingora's proxy threads.
+pub(crate) fn spawn_on_own_thread<F>(name: &str, task: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(task);
+    })
+}
+
 /// The sync loop and the usage reporter share one thread: both are mostly waiting.
 fn spawn_sync(
     sync: SyncClient,
     usage: usage_report::UsageReporter,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("permiso-sync".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            rt.block_on(async move {
-                tokio::join!(sync.run(stop.clone()), usage.run(stop));
-            });
-        })
+    spawn_on_own_thread("permiso-sync", async move {
+        tokio::join!(sync.run(stop.clone()), usage.run(stop));
+    })
 }
 
 /// Re-reads the config file on every SIGHUP and applies it if it is valid; a file that fails
@@ -251,26 +258,20 @@ fn spawn_reload_on_sighup(
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    std::thread::Builder::new().name("permiso-reload".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        rt.block_on(async move {
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                tracing::error!("cannot listen for SIGHUP; config reload disabled");
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = hup.recv() => match load() {
-                        Ok(next) => reloader.apply(next),
-                        Err(e) => tracing::error!(error = format!("{e:#}"), "config reload refused; the running config stays"),
-                    },
-                    _ = stop.wait_for(|s| *s) => return,
-                }
+    spawn_on_own_thread("permiso-reload", async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot listen for SIGHUP; config reload disabled");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match load() {
+                    Ok(next) => reloader.apply(next),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "config reload refused; the running config stays"),
+                },
+                _ = stop.wait_for(|s| *s) => return,
             }
-        });
+        }
     })
 }
 
