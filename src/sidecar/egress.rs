@@ -22,6 +22,7 @@ use serde_json::json;
 use crate::config::{EgressConfig, EgressCredential};
 use crate::core::egress::{backoff, idempotent, refresh_after, split_destination, Admission, Breaker};
 use crate::core::key::Secret;
+use crate::sidecar::metrics::{EgressCounters, SidecarMetrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
@@ -154,6 +155,7 @@ struct Destination {
     url: String,
     credential: Credential,
     breaker: Mutex<Breaker>,
+    counters: EgressCounters,
 }
 
 pub struct Egress {
@@ -192,7 +194,7 @@ fn forwardable(name: &HeaderName) -> bool {
 }
 
 impl Egress {
-    pub fn new(cfg: &EgressConfig) -> Egress {
+    pub fn new(cfg: &EgressConfig, metrics: &SidecarMetrics) -> Egress {
         let http = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
             .connect_timeout(Duration::from_secs(2))
@@ -231,6 +233,7 @@ impl Egress {
                     url: d.url.clone(),
                     credential,
                     breaker: Mutex::new(Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown)),
+                    counters: metrics.egress(&d.name),
                 };
                 (d.name.clone(), dest)
             })
@@ -341,6 +344,7 @@ impl Egress {
             .unwrap_or_else(|p| p.into_inner())
             .admit(Instant::now());
         if admission == Admission::Rejected {
+            d.counters.circuit_open.inc();
             tracing::warn!(destination = %d.name, "egress: circuit open");
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -387,11 +391,18 @@ impl Egress {
                         br.success();
                     }
                 }
+                d.counters.relayed.inc();
+                d.counters.latency.observe(started.elapsed().as_secs_f64());
                 tracing::info!(target: "permiso::egress", destination = %d.name, method = %method, path = rest, status, attempts, latency_us = started.elapsed().as_micros() as u64);
                 relay(resp).await
             }
             Err(f) => {
                 d.breaker.lock().unwrap_or_else(|p| p.into_inner()).failure(now);
+                match &f {
+                    Failure::Credential(_) => d.counters.credential_unavailable.inc(),
+                    Failure::Network(_) => d.counters.destination_unreachable.inc(),
+                }
+                d.counters.latency.observe(started.elapsed().as_secs_f64());
                 let (status, code, text) = match &f {
                     Failure::Credential(_) => (
                         StatusCode::BAD_GATEWAY,
@@ -469,12 +480,13 @@ pub async fn serve(
 /// Binds and runs the egress listener on its own thread.
 pub fn spawn(
     cfg: &EgressConfig,
+    metrics: &SidecarMetrics,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let listener = std::net::TcpListener::bind(cfg.listen)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let egress = Arc::new(Egress::new(cfg));
+    let egress = Arc::new(Egress::new(cfg, metrics));
     let thread = std::thread::Builder::new().name("permiso-egress".into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
         rt.block_on(async move {

@@ -43,6 +43,15 @@ const UPSTREAM_ERROR_TYPES: &[&str] = &[
     "UnknownError",
 ];
 
+/// Pre-resolved counters for one egress destination.
+pub struct EgressCounters {
+    pub relayed: IntCounter,
+    pub circuit_open: IntCounter,
+    pub credential_unavailable: IntCounter,
+    pub destination_unreachable: IntCounter,
+    pub latency: Histogram,
+}
+
 /// The decision class of one request, for the latency histogram.
 #[derive(Debug, Clone, Copy)]
 pub enum Decided {
@@ -66,6 +75,8 @@ pub struct SidecarMetrics {
     snapshot_keys: IntGauge,
     snapshot_services: IntGauge,
     usage_reports: IntCounterVec,
+    egress_requests: IntCounterVec,
+    egress_latency: prometheus::HistogramVec,
     max_service_labels: usize,
     /// Services with their own label in the per-service metric (see `service_requests`).
     labelled: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
@@ -168,6 +179,25 @@ impl SidecarMetrics {
                 "Batched key-usage reports sent to the admin plane, by result (ok, failed).",
                 &["result"],
             ),
+            egress_requests: counter_vec(
+                &registry,
+                "permiso_sidecar_egress_requests_total",
+                "Outgoing calls through the egress listener, by configured destination and outcome (relayed: the destination answered, whatever its status; circuit_open; credential_unavailable; destination_unreachable).",
+                &["destination", "outcome"],
+            ),
+            egress_latency: {
+                let h = prometheus::HistogramVec::new(
+                    HistogramOpts::new(
+                        "permiso_sidecar_egress_request_duration_seconds",
+                        "Outgoing call latency through the egress listener, by destination, retries and token fetches included.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["destination"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             registry,
             max_service_labels,
             labelled: Default::default(),
@@ -213,6 +243,19 @@ impl SidecarMetrics {
 
     pub fn sync_failed(&self, cause: &'static str) {
         self.sync_failures.with_label_values(&[cause]).inc();
+    }
+
+    /// One destination's egress counters, resolved once when the egress listener starts
+    /// (destinations come from the config, so the label set is bounded).
+    pub fn egress(&self, destination: &str) -> EgressCounters {
+        let c = |outcome: &str| self.egress_requests.with_label_values(&[destination, outcome]);
+        EgressCounters {
+            relayed: c("relayed"),
+            circuit_open: c("circuit_open"),
+            credential_unavailable: c("credential_unavailable"),
+            destination_unreachable: c("destination_unreachable"),
+            latency: self.egress_latency.with_label_values(&[destination]),
+        }
     }
 
     pub fn usage_report(&self, ok: bool) {

@@ -299,13 +299,14 @@ pub fn run(
         usage,
         health,
     } = build(&cfg, clock);
+    let metrics = health.metrics.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let health_thread = match cfg.admin_listen {
         Some(addr) => Some(health::spawn(addr, health, stop_rx.clone())?.1),
         None => None,
     };
     let egress = match &cfg.egress {
-        Some(e) => Some(egress::spawn(e, stop_rx.clone())?.1),
+        Some(e) => Some(egress::spawn(e, &metrics, stop_rx.clone())?.1),
         None => None,
     };
     let reload_thread = spawn_reload_on_sighup(reloader, reload, stop_rx.clone())?;
@@ -372,12 +373,13 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
         usage,
         health,
     } = build(&cfg, clock);
+    let metrics = health.metrics.clone();
     let (sync_stop, sync_rx) = watch::channel(false);
     let (proxy_stop, proxy_rx) = watch::channel(false);
     let mut threads = Vec::new();
     let egress_addr = match &cfg.egress {
         Some(e) => {
-            let (addr, t) = egress::spawn(e, sync_rx.clone())?;
+            let (addr, t) = egress::spawn(e, &metrics, sync_rx.clone())?;
             threads.push(t);
             Some(addr)
         }

@@ -23,6 +23,7 @@ fn egress_sidecar(
 listen = "{listen}"
 upstream = "{upstream}"
 snapshot_file = "{snap}"
+admin_listen = "127.0.0.1:0"
 [sidecar.sync]
 admin_url = "http://{admin}"
 [sidecar.egress]
@@ -153,5 +154,30 @@ fn egress_attaches_refreshes_and_cuts_off() {
             .status(),
         200
     );
+
+    // Every outcome is counted per destination on the sidecar's metrics port.
+    let metrics = h
+        .http
+        .get(format!("http://{}/metrics", side.health_addr.unwrap()))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let count = |dest: &str, outcome: &str| -> f64 {
+        let series =
+            format!("permiso_sidecar_egress_requests_total{{destination=\"{dest}\",outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing:\n{metrics}"))
+    };
+    assert_eq!(count("dead", "destination_unreachable"), 2.0);
+    assert_eq!(count("dead", "circuit_open"), 1.0);
+    assert_eq!(count("dead", "relayed"), 0.0);
+    assert!(count("echo", "relayed") >= 2.0);
+    assert!(count("svc", "relayed") >= 1.0);
+    assert_eq!(count("svc", "credential_unavailable"), 0.0);
+    assert!(metrics.contains("permiso_sidecar_egress_request_duration_seconds_count{destination=\"dead\"} 2"));
     drop(side);
 }
