@@ -741,7 +741,14 @@ impl SidecarConfig {
             ));
         }
         Ok(SidecarConfig {
-            listen: resolve("sidecar.listen", &f.listen)?,
+            listen: {
+                let a = resolve("sidecar.listen", &f.listen)?;
+                if a.port() == 0 {
+                    // pingora would pick a port and never say which.
+                    return Err(invalid("sidecar.listen", "needs an explicit port (not 0)"));
+                }
+                a
+            },
             upstream: resolve("sidecar.upstream", &f.upstream)?,
             environment,
             snapshot_file: PathBuf::from(&f.snapshot_file),
@@ -861,6 +868,10 @@ mod tests {
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\nscopes = [\"a::b\"]\n").is_err());
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nbogus = 1\n").is_err());
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n").is_ok());
+        let port_zero = "[sidecar]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n[sidecar.sync]\nadmin_url = \"http://127.0.0.1:2\"\n[[sidecar.routes]]\nprefix = \"/\"\npublic = true\n";
+        let f = parse_file(port_zero, Path::new("t.toml")).unwrap();
+        let err = SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap_err();
+        assert!(err.to_string().contains("sidecar.listen"), "{err}");
         assert!(AdminConfig::from_file(&file::AdminPlane::default(), None).is_err());
         assert!(AdminConfig::from_file(&file::AdminPlane::default(), Some("short".into())).is_err());
     }

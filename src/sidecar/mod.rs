@@ -276,8 +276,9 @@ fn spawn_reload_on_sighup(
 }
 
 /// pingora retries a busy port for 30 s and then runs on without listening: refuse to start
-/// instead, with the reason. (A port taken between this check and pingora's bind still falls
-/// to pingora's behaviour; `start` then notices through its readiness check.)
+/// instead, with the reason. A port taken by someone else between this check and pingora's
+/// bind still falls to pingora's behaviour (and `start`'s readiness probe would reach that
+/// other listener); the window is the few milliseconds of server start-up.
 fn check_port_free(listen: SocketAddr) -> anyhow::Result<()> {
     std::net::TcpListener::bind(listen)
         .map(drop)

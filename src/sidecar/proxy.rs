@@ -292,7 +292,7 @@ impl ProxyHttp for SidecarProxy {
         };
         tracing::info!(
             target: "permiso::access",
-            request_id = ctx.request_id.to_str().unwrap_or("-"),
+            request_id = %ctx.request_id.to_str().unwrap_or("-"),
             method = %req.method,
             path = req.uri.path(),
             status,

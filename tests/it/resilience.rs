@@ -26,7 +26,8 @@ fn sidecar_serves_from_memory_and_file_while_the_admin_plane_is_down() {
 
     // The admin plane returns: the sidecar catches up without being told.
     h.restart_admin();
-    let later = h.create(json!({"service_name": "after-outage", "scopes": ["trade:read"]}));
+    // Unsynced: the catch-up itself is what this measures.
+    let later = h.create_unsynced(json!({"service_name": "after-outage", "scopes": ["trade:read"]}));
     let took = h.wait_for_status(
         "/api/v1/trades",
         Some(&later.api_key),
