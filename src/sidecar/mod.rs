@@ -145,7 +145,8 @@ struct Parts {
     health: health::Health,
 }
 
-fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
+fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
+    check_port_free(cfg.listen)?;
     let initial = initial_snapshot(cfg);
     // A snapshot from the file is as old as the file.
     let loaded_at = initial
@@ -215,13 +216,53 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> Parts {
         max_age: cfg.ready_max_snapshot_age,
         metrics,
     };
-    Parts {
+    Ok(Parts {
         server,
         reloader,
         sync,
         usage,
         health,
-    }
+    })
+}
+
+/// The threads beside the proxy, and where their listeners ended up.
+struct SideJobs {
+    egress_addr: Option<SocketAddr>,
+    health_addr: Option<SocketAddr>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Starts egress and health (when configured) and the sync loop, all stopping on `stop`.
+fn spawn_side_jobs(
+    cfg: &SidecarConfig,
+    sync: SyncClient,
+    usage: usage_report::UsageReporter,
+    health: health::Health,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<SideJobs> {
+    let mut threads = Vec::new();
+    let egress_addr = match &cfg.egress {
+        Some(e) => {
+            let (addr, t) = egress::spawn(e, &health.metrics, stop.clone())?;
+            threads.push(t);
+            Some(addr)
+        }
+        None => None,
+    };
+    let health_addr = match cfg.admin_listen {
+        Some(addr) => {
+            let (a, t) = health::spawn(addr, health, stop.clone())?;
+            threads.push(t);
+            Some(a)
+        }
+        None => None,
+    };
+    threads.push(spawn_sync(sync, usage, stop)?);
+    Ok(SideJobs {
+        egress_addr,
+        health_addr,
+        threads,
+    })
 }
 
 /// Runs `task` on a named thread with its own single-threaded runtime: the sidecar's side
@@ -292,31 +333,20 @@ pub fn run(
     clock: SharedClock,
     reload: Box<dyn Fn() -> anyhow::Result<SidecarConfig> + Send>,
 ) -> anyhow::Result<()> {
-    check_port_free(cfg.listen)?;
     let Parts {
         server,
         reloader,
         sync,
         usage,
         health,
-    } = build(&cfg, clock);
-    let metrics = health.metrics.clone();
+    } = build(&cfg, clock)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let health_thread = match cfg.admin_listen {
-        Some(addr) => Some(health::spawn(addr, health, stop_rx.clone())?.1),
-        None => None,
-    };
-    let egress = match &cfg.egress {
-        Some(e) => Some(egress::spawn(e, &metrics, stop_rx.clone())?.1),
-        None => None,
-    };
     let reload_thread = spawn_reload_on_sighup(reloader, reload, stop_rx.clone())?;
-    let sync_thread = spawn_sync(sync, usage, stop_rx)?;
+    let side = spawn_side_jobs(&cfg, sync, usage, health, stop_rx)?;
     tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, environment = %cfg.environment, routes = cfg.routes.len(), "sidecar starting");
     server.run(RunArgs::default());
     let _ = stop_tx.send(true);
-    let _ = sync_thread.join();
-    for t in [egress, health_thread, Some(reload_thread)].into_iter().flatten() {
+    for t in side.threads.into_iter().chain([reload_thread]) {
         let _ = t.join();
     }
     Ok(())
@@ -366,35 +396,20 @@ impl Drop for SidecarHandle {
 
 /// Starts the proxy and the sync loop, and returns once the listener accepts connections.
 pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHandle> {
-    check_port_free(cfg.listen)?;
     let Parts {
         server,
         reloader,
         sync,
         usage,
         health,
-    } = build(&cfg, clock);
-    let metrics = health.metrics.clone();
+    } = build(&cfg, clock)?;
     let (sync_stop, sync_rx) = watch::channel(false);
     let (proxy_stop, proxy_rx) = watch::channel(false);
-    let mut threads = Vec::new();
-    let egress_addr = match &cfg.egress {
-        Some(e) => {
-            let (addr, t) = egress::spawn(e, &metrics, sync_rx.clone())?;
-            threads.push(t);
-            Some(addr)
-        }
-        None => None,
-    };
-    let health_addr = match cfg.admin_listen {
-        Some(addr) => {
-            let (a, t) = health::spawn(addr, health, sync_rx.clone())?;
-            threads.push(t);
-            Some(a)
-        }
-        None => None,
-    };
-    threads.push(spawn_sync(sync, usage, sync_rx)?);
+    let SideJobs {
+        egress_addr,
+        health_addr,
+        mut threads,
+    } = spawn_side_jobs(&cfg, sync, usage, health, sync_rx)?;
     threads.push(
         std::thread::Builder::new()
             .name("permiso-sidecar".into())
