@@ -575,6 +575,18 @@ fn steady_traffic_through_rotations_revocations_and_reloads_has_zero_failures() 
     eprintln!("steady traffic through 10 rounds of rotate/revoke/patch/reload: {ok} ok, {failed} failed");
     assert!(ok > 100, "{ok}");
     assert_eq!(failed, 0);
+    // The reloads really applied: the extra route exists only while its config is loaded.
+    assert_eq!(
+        h.get("/api/v1/extra", Some(&steady.api_key)).status(),
+        403,
+        "round 9 dropped it"
+    );
+    h.sidecar
+        .as_ref()
+        .unwrap()
+        .reloader
+        .apply(h.sidecar_config(&with_account));
+    assert_eq!(h.get("/api/v1/extra", Some(&steady.api_key)).status(), 200);
 }
 
 /// Raw bytes to the admin plane; everything it sends back until it closes (or `wait` passes).
