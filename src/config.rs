@@ -159,6 +159,16 @@ pub mod file {
         /// Seconds to let in-flight requests finish on SIGTERM. Default 10.
         #[serde(default = "default_grace")]
         pub shutdown_grace_seconds: u64,
+        /// Match route prefixes with ASCII case significant. Default false: `/API/v1/Account`
+        /// is judged by the `/api/v1/account` route, so an upstream that ignores case cannot
+        /// be reached under a less protected spelling. Paths are forwarded as sent either way.
+        #[serde(default)]
+        pub case_sensitive_routes: bool,
+        /// `X-Forwarded-For` and `Forwarded` sent upstream: "overwrite" (the TCP peer only;
+        /// whatever the caller sent is dropped) or "append" (the caller's chain, then the TCP
+        /// peer; only behind a proxy you trust to set them). Default "overwrite".
+        #[serde(default = "default_forwarded_for")]
+        pub forwarded_for: String,
         /// Health listener (`/healthz`, `/readyz`). Default: none.
         pub admin_listen: Option<String>,
         /// `/readyz` fails when the last successful sync is older than this. Default 60.
@@ -304,8 +314,15 @@ pub mod file {
         /// Forward without authentication. Default false.
         #[serde(default)]
         pub public: bool,
+        /// On a public route, pass the caller's `Authorization` header to the upstream.
+        /// Default false: it is removed, so a credential sent to the wrong route never leaks.
+        #[serde(default)]
+        pub forward_authorization: bool,
     }
 
+    fn default_forwarded_for() -> String {
+        "overwrite".into()
+    }
     fn default_sidecar_listen() -> String {
         "127.0.0.1:9001".into()
     }
@@ -386,8 +403,18 @@ pub struct SidecarConfig {
     pub sync_credential: Secret,
     pub sync_wait: Duration,
     pub routes: RouteTable,
+    pub forwarded_for: ForwardedFor,
     pub tokens: TokenSettings,
     pub egress: Option<EgressConfig>,
+}
+
+/// How the sidecar sets `X-Forwarded-For` and `Forwarded` for the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedFor {
+    /// The TCP peer only.
+    Overwrite,
+    /// The caller's values, then the TCP peer.
+    Append,
 }
 
 /// Validated egress settings, with credentials already read.
@@ -574,7 +601,7 @@ pub fn read_sync_credential(s: &file::Sync) -> Result<Secret, ConfigError> {
     Ok(Secret::new(value))
 }
 
-fn build_routes(routes: &[file::Route]) -> Result<RouteTable, ConfigError> {
+fn build_routes(routes: &[file::Route], case_sensitive: bool) -> Result<RouteTable, ConfigError> {
     let mut out = Vec::with_capacity(routes.len());
     for (i, r) in routes.iter().enumerate() {
         let field = format!("sidecar.routes[{i}]");
@@ -584,8 +611,18 @@ fn build_routes(routes: &[file::Route]) -> Result<RouteTable, ConfigError> {
                 format!("prefix {:?} must start with '/'", r.prefix),
             ));
         }
-        crate::core::routes::check_path(&r.prefix)
-            .map_err(|e| invalid(&field, format!("prefix {:?}: {e:?}", r.prefix)))?;
+        // Requests are routed on their canonical path, so a prefix in another spelling could
+        // never match.
+        match crate::core::path::canonicalize(&r.prefix) {
+            Ok(c) if c == r.prefix => {}
+            Ok(c) => {
+                return Err(invalid(
+                    &field,
+                    format!("prefix {:?} is not in canonical form; write it as {c:?}", r.prefix),
+                ))
+            }
+            Err(e) => return Err(invalid(&field, format!("prefix {:?}: {}", r.prefix, e.describe()))),
+        }
         let methods: Vec<String> = r.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
         if let Some(m) = methods
             .iter()
@@ -609,9 +646,17 @@ fn build_routes(routes: &[file::Route]) -> Result<RouteTable, ConfigError> {
                     .collect::<Result<_, _>>()?,
             ),
         };
-        out.push(Route::new(methods, r.prefix.clone(), access));
+        if r.forward_authorization && access != Access::Public {
+            return Err(invalid(
+                field,
+                "forward_authorization applies to public routes only (protected routes never forward the credential)",
+            ));
+        }
+        let mut route = Route::new(methods, r.prefix.clone(), access);
+        route.forward_authorization = r.forward_authorization;
+        out.push(route);
     }
-    Ok(RouteTable::new(out))
+    Ok(RouteTable::with_case(out, case_sensitive))
 }
 
 fn read_secret(
@@ -766,7 +811,12 @@ impl SidecarConfig {
             admin_url: f.sync.admin_url.trim_end_matches('/').to_string(),
             sync_credential: credential,
             sync_wait: Duration::from_secs(f.sync.wait_seconds),
-            routes: build_routes(&f.routes)?,
+            routes: build_routes(&f.routes, f.case_sensitive_routes)?,
+            forwarded_for: match f.forwarded_for.as_str() {
+                "overwrite" => ForwardedFor::Overwrite,
+                "append" => ForwardedFor::Append,
+                _ => return Err(invalid("sidecar.forwarded_for", "must be \"overwrite\" or \"append\"")),
+            },
             egress: f
                 .egress
                 .as_ref()
@@ -868,6 +918,31 @@ mod tests {
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\nscopes = [\"a::b\"]\n").is_err());
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nbogus = 1\n").is_err());
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n").is_ok());
+        // Prefixes must be canonical: requests are routed on their canonical path.
+        for bad in ["/a/../b", "/a;b", "/a%2fb", "/a//b", "/%61", "/a%3a", "/a.", "/a%c3"] {
+            let err = sidecar(&format!("[[sidecar.routes]]\nprefix = \"{bad}\"\npublic = true\n")).unwrap_err();
+            assert!(err.to_string().contains("prefix"), "{bad}: {err}");
+        }
+        assert!(sidecar("[[sidecar.routes]]\nprefix = \"/caf%C3%A9\"\npublic = true\n").is_ok());
+        assert!(
+            sidecar("[[sidecar.routes]]\nprefix = \"/x\"\nscopes = [\"a:b\"]\nforward_authorization = true\n").is_err(),
+            "forward_authorization on a protected route"
+        );
+        let text = "[sidecar]\nupstream = \"127.0.0.1:8001\"\ncase_sensitive_routes = true\n[sidecar.sync]\nadmin_url = \"http://127.0.0.1:8000\"\n[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nforward_authorization = true\n";
+        let f = parse_file(text, Path::new("t.toml")).unwrap();
+        let opt_in = SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap();
+        assert!(opt_in.routes.case_sensitive());
+        assert!(matches!(
+            opt_in.routes.find("GET", "/x").map(|r| r.forward_authorization),
+            Some(true)
+        ));
+        assert!(opt_in.routes.find("GET", "/X").is_none());
+        let append = parse_file(&text.replace("case_sensitive_routes = true", "forwarded_for = \"append\""), Path::new("t.toml")).unwrap();
+        let append = SidecarConfig::from_file(append.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap();
+        assert_eq!(append.forwarded_for, ForwardedFor::Append);
+        let bad = parse_file(&text.replace("case_sensitive_routes = true", "forwarded_for = \"keep\""), Path::new("t.toml")).unwrap();
+        assert!(SidecarConfig::from_file(bad.sidecar.as_ref().unwrap(), Secret::new("k".into())).is_err());
+        assert!(!sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n").unwrap().routes.case_sensitive());
         let port_zero = "[sidecar]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n[sidecar.sync]\nadmin_url = \"http://127.0.0.1:2\"\n[[sidecar.routes]]\nprefix = \"/\"\npublic = true\n";
         let f = parse_file(port_zero, Path::new("t.toml")).unwrap();
         let err = SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap_err();

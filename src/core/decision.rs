@@ -1,6 +1,7 @@
 //! The whole allow/deny decision for one request, as a checklist of pure steps:
-//! route → authenticate (API key or JWT) → authorize → rate-limit. Each returns
-//! `Result<_, Denial>`.
+//! canonical path → route → authenticate (API key or JWT) → authorize → rate-limit. Each
+//! returns `Result<_, Denial>`. What passes carries the path to forward, so the upstream reads
+//! the path that was routed and no other.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use crate::core::denial::{BadRequest, Denial, InvalidToken};
 use crate::core::jwt::{self, Expectations, JwtError};
 use crate::core::key::{self, Environment};
 use crate::core::ratelimit::RateStatus;
-use crate::core::routes::{check_path, Access, Route, RouteTable};
+use crate::core::path;
+use crate::core::routes::{Access, Route, RouteTable};
 use crate::core::scope::ScopeSet;
 use crate::core::snapshot::{ServiceEntry, Snapshot};
 use crate::core::token_cache::{TokenCache, VerifiedToken};
@@ -18,6 +20,7 @@ use crate::core::token_cache::{TokenCache, VerifiedToken};
 #[derive(Debug, Clone, Copy)]
 pub struct RequestFacts<'a> {
     pub method: &'a str,
+    /// As received (the path of the request target, without the query).
     pub path: &'a str,
     pub authorization: Authorization<'a>,
     pub client_ip: Option<IpAddr>,
@@ -85,12 +88,21 @@ pub struct TokenPolicy<'a> {
 
 #[derive(Debug, Clone)]
 pub enum Verdict {
-    /// A public route: forward without identity.
-    Public,
+    /// A public route: forward without identity, and without the caller's `Authorization`
+    /// unless the route says otherwise.
+    Public { forward_authorization: bool },
     Allowed {
         principal: Principal,
         rate: RateStatus,
     },
+}
+
+/// A request that may be forwarded.
+#[derive(Debug, Clone)]
+pub struct Pass {
+    pub verdict: Verdict,
+    /// The canonical path to forward instead of the received one; `None` when they are equal.
+    pub rewritten_path: Option<Box<str>>,
 }
 
 /// The Bearer token in an Authorization header, if the scheme is Bearer.
@@ -263,11 +275,33 @@ pub fn decide(
     req: &RequestFacts<'_>,
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
+) -> Result<Pass, Denial> {
+    let canonical = path::canonicalize(req.path).map_err(|e| Denial::BadRequest(BadRequest::Path(e)))?;
+    let verdict = judge(routes, snapshot, environment, req, &canonical, now_nanos, tokens)?;
+    let rewritten_path = match canonical {
+        std::borrow::Cow::Borrowed(_) => None,
+        std::borrow::Cow::Owned(p) => Some(p.into_boxed_str()),
+    };
+    Ok(Pass {
+        verdict,
+        rewritten_path,
+    })
+}
+
+fn judge(
+    routes: &RouteTable,
+    snapshot: Option<&Snapshot>,
+    environment: Environment,
+    req: &RequestFacts<'_>,
+    canonical_path: &str,
+    now_nanos: u64,
+    tokens: &TokenPolicy<'_>,
 ) -> Result<Verdict, Denial> {
-    check_path(req.path).map_err(|e| Denial::BadRequest(BadRequest::Path(e)))?;
-    let route = routes.find(req.method, req.path).ok_or(Denial::NoRoute)?;
+    let route = routes.find(req.method, canonical_path).ok_or(Denial::NoRoute)?;
     if route.access == Access::Public {
-        return Ok(Verdict::Public);
+        return Ok(Verdict::Public {
+            forward_authorization: route.forward_authorization,
+        });
     }
     let token = bearer_token(req.authorization)?.ok_or(Denial::MissingCredential)?;
     let snapshot = snapshot.ok_or(Denial::NoSnapshot)?;
@@ -351,6 +385,7 @@ mod tests {
             now,
             &NO_TOKENS,
         )
+        .map(|p| p.verdict)
     }
 
     const NO_TOKENS: TokenPolicy<'static> = TokenPolicy {
@@ -375,7 +410,7 @@ mod tests {
         }
         assert!(matches!(
             run(&f, "/health", None, "127.0.0.1", NOW),
-            Ok(Verdict::Public)
+            Ok(Verdict::Public { forward_authorization: false })
         ));
     }
 
@@ -423,6 +458,41 @@ mod tests {
             d("/health/../api/v1/trades", None),
             Denial::BadRequest(_)
         ));
+    }
+
+    #[test]
+    fn routes_on_the_canonical_path_and_forwards_it() {
+        let f = fixture(|_| {});
+        let pass = |p: &str, a: Option<String>| {
+            let h = a.map(|a| a.into_bytes());
+            let facts = RequestFacts {
+                method: "GET",
+                path: p,
+                authorization: h.as_deref().map_or(Authorization::Absent, Authorization::One),
+                client_ip: Some("127.0.0.1".parse().unwrap()),
+            };
+            decide(&f.routes, Some(&f.snap), Environment::Live, &facts, NOW, &NO_TOKENS)
+        };
+        let p = pass("//api/v1/%74rades/%31", bearer(&f.key)).unwrap();
+        assert_eq!(p.rewritten_path.as_deref(), Some("/api/v1/trades/1"));
+        assert!(pass("/api/v1/trades/1", bearer(&f.key)).unwrap().rewritten_path.is_none());
+        // Another spelling of a protected prefix is judged by that prefix's route.
+        for spelling in ["/api/v1/%61ccount", "/API/v1/Account", "/api//v1/account/x"] {
+            assert_eq!(
+                pass(spelling, bearer(&f.key)).unwrap_err(),
+                Denial::InsufficientScope {
+                    required: "account:read".into()
+                },
+                "{spelling}"
+            );
+        }
+        for bad in ["/health/..;/api/v1/trades", "/health/%2e%2e;/api/v1/trades", "/health/..%3b/api"] {
+            assert_eq!(
+                pass(bad, None).unwrap_err(),
+                Denial::BadRequest(BadRequest::Path(path::PathError::Semicolon)),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -584,7 +654,7 @@ mod tests {
                 leeway_secs: 30,
                 cache,
             };
-            decide(&routes, Some(snap), Environment::Live, &facts, now, &policy)
+            decide(&routes, Some(snap), Environment::Live, &facts, now, &policy).map(|p| p.verdict)
         }
 
         #[test]

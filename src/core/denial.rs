@@ -5,7 +5,7 @@
 use crate::core::jwt::JwtError;
 use crate::core::key::KeyError;
 use crate::core::ratelimit::Exceeded;
-use crate::core::routes::PathError;
+use crate::core::path::PathError;
 
 /// Why a presented credential is not accepted. All of these look the same to the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +219,11 @@ impl Denial {
                 status: 403,
                 headers: vec![],
                 body: body("access_denied", "No route allows this method and path"),
+            },
+            Denial::BadRequest(BadRequest::Path(e)) => DenialResponse {
+                status: 400,
+                headers: vec![],
+                body: body("invalid_request", e.describe()),
             },
             Denial::BadRequest(_) => DenialResponse {
                 status: 400,

@@ -1,7 +1,7 @@
 //! The sidecar's route table: method + path prefix → public, or the scopes required. A request
-//! that matches no route is denied. Paths that an upstream might normalise differently from us
-//! (dot segments, encoded slashes) are refused before matching, so a public prefix can never be
-//! used to reach a protected one.
+//! that matches no route is denied. Routes match canonical paths only (`core::path`), and by
+//! default without regard to ASCII case, so an upstream that ignores case cannot be reached
+//! under a less protected spelling of a protected prefix.
 
 use crate::core::scope::Scope;
 
@@ -19,6 +19,8 @@ pub struct Route {
     /// Starts with '/'; matches itself and anything below it on a segment boundary.
     pub prefix: String,
     pub access: Access,
+    /// A public route forwards the caller's `Authorization` only when this is set.
+    pub forward_authorization: bool,
     /// `scope` attribute for `insufficient_scope`, precomputed once.
     pub scope_attr: String,
 }
@@ -33,35 +35,56 @@ impl Route {
             methods,
             prefix,
             access,
+            forward_authorization: false,
             scope_attr,
         }
     }
 
-    fn matches(&self, method: &str, path: &str) -> bool {
+    fn matches(&self, method: &str, path: &str, case_sensitive: bool) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
-            && prefix_matches(&self.prefix, path)
+            && prefix_matches(&self.prefix, path, case_sensitive)
     }
 }
 
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+fn prefix_matches(prefix: &str, path: &str, case_sensitive: bool) -> bool {
     if prefix == "/" {
         return true;
     }
-    let p = prefix.trim_end_matches('/');
-    match path.strip_prefix(p) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
-        None => false,
+    let (p, path) = (prefix.trim_end_matches('/').as_bytes(), path.as_bytes());
+    if path.len() < p.len() {
+        return false;
     }
+    let (head, rest) = path.split_at(p.len());
+    let same = if case_sensitive {
+        head == p
+    } else {
+        head.eq_ignore_ascii_case(p)
+    };
+    same && (rest.is_empty() || rest[0] == b'/')
 }
 
 /// Routes ordered most specific first.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    case_sensitive: bool,
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        RouteTable::new(Vec::new())
+    }
 }
 
 impl RouteTable {
-    pub fn new(mut routes: Vec<Route>) -> RouteTable {
+    /// Case-insensitive matching (the default): see [`RouteTable::case_sensitive`].
+    pub fn new(routes: Vec<Route>) -> RouteTable {
+        RouteTable::with_case(routes, false)
+    }
+
+    /// `case_sensitive = false` matches prefixes without regard to ASCII case. Paths are
+    /// forwarded as sent either way; only which route judges them changes.
+    pub fn with_case(mut routes: Vec<Route>, case_sensitive: bool) -> RouteTable {
         // Longest prefix first; among equals, method-restricted before any-method. Stable sort
         // keeps config order for true ties.
         routes.sort_by(|a, b| {
@@ -71,11 +94,16 @@ impl RouteTable {
                 .cmp(&a.prefix.trim_end_matches('/').len())
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
-        RouteTable { routes }
+        RouteTable { routes, case_sensitive }
     }
 
+    /// `path` must be canonical (`core::path::canonicalize`).
     pub fn find(&self, method: &str, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(method, path))
+        self.routes.iter().find(|r| r.matches(method, path, self.case_sensitive))
+    }
+
+    pub fn case_sensitive(&self) -> bool {
+        self.case_sensitive
     }
 
     pub fn len(&self) -> usize {
@@ -85,54 +113,6 @@ impl RouteTable {
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
-}
-
-/// Why a path is refused before routing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathError {
-    NotAbsolute,
-    DotSegment,
-    EncodedSeparator,
-    Backslash,
-}
-
-/// "." or "..", with any dot possibly percent-encoded as %2e. No allocation.
-fn is_dot_segment(seg: &str) -> bool {
-    let b = seg.as_bytes();
-    let (mut i, mut dots) = (0, 0);
-    while i < b.len() {
-        if b[i] == b'.' {
-            i += 1;
-        } else if b.len() - i >= 3 && b[i..i + 3].eq_ignore_ascii_case(b"%2e") {
-            i += 3;
-        } else {
-            return false;
-        }
-        dots += 1;
-    }
-    dots == 1 || dots == 2
-}
-
-/// Accepts only paths whose meaning cannot change under an upstream's normalisation.
-pub fn check_path(path: &str) -> Result<(), PathError> {
-    if !path.starts_with('/') {
-        return Err(PathError::NotAbsolute);
-    }
-    if path.contains('\\') {
-        return Err(PathError::Backslash);
-    }
-    let lower_has = |needle: &str| {
-        path.as_bytes()
-            .windows(needle.len())
-            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
-    };
-    if lower_has("%2f") || lower_has("%5c") {
-        return Err(PathError::EncodedSeparator);
-    }
-    if path.split('/').any(is_dot_segment) {
-        return Err(PathError::DotSegment);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -195,19 +175,20 @@ mod tests {
     }
 
     #[test]
-    fn risky_paths_refused() {
-        assert_eq!(check_path("/health/../admin"), Err(PathError::DotSegment));
-        assert_eq!(check_path("/health/%2e%2E/admin"), Err(PathError::DotSegment));
-        assert_eq!(check_path("/health/./x"), Err(PathError::DotSegment));
-        assert_eq!(check_path("/health/..%2fadmin"), Err(PathError::EncodedSeparator));
-        assert_eq!(check_path("/health\\..\\admin"), Err(PathError::Backslash));
-        assert_eq!(check_path("health"), Err(PathError::NotAbsolute));
-        assert_eq!(check_path("/api/v1/trades/1.5"), Ok(()));
-        assert_eq!(check_path("/api/v1/market/EURUSD"), Ok(()));
-        assert_eq!(check_path("/files/...hidden"), Ok(()));
-        assert_eq!(check_path("/files/..."), Ok(()));
-        assert_eq!(check_path("/a/.%2E/b"), Err(PathError::DotSegment));
-        assert_eq!(check_path("/a/%2e"), Err(PathError::DotSegment));
-        assert_eq!(check_path("/a/%2ex"), Ok(()));
+    fn case_insensitive_by_default_with_a_switch() {
+        let t = table();
+        assert_eq!(
+            t.find("GET", "/API/v1/Account/BALANCE").unwrap().scope_attr,
+            "account:balance account:read"
+        );
+        assert_eq!(t.find("GET", "/HEALTH").unwrap().access, Access::Public);
+        let strict = RouteTable::with_case(table().routes, true);
+        assert!(strict.case_sensitive());
+        assert_eq!(strict.find("GET", "/API/v1/account/balance"), None);
+        assert_eq!(
+            strict.find("GET", "/api/v1/account/BALANCE").unwrap().scope_attr,
+            "account:read"
+        );
     }
+
 }

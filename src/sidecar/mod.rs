@@ -61,6 +61,7 @@ pub(crate) fn server_conf(threads: usize, shutdown_grace: Duration) -> ServerCon
 fn live_of(cfg: &SidecarConfig) -> proxy::Live {
     proxy::Live {
         routes: cfg.routes.clone(),
+        forwarded_for: cfg.forwarded_for,
         peer: HttpPeer::new(cfg.upstream, false, String::new()),
         tokens: cfg.tokens.clone(),
     }

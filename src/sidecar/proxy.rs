@@ -13,25 +13,27 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::Result;
 
-use crate::config::TokenSettings;
+use crate::config::{ForwardedFor, TokenSettings};
 use crate::core::clock::SharedClock;
 use crate::core::decision::{decide, Authorization, Credential, RequestFacts, TokenPolicy, Verdict};
-use crate::core::denial::{Denial, InvalidToken};
+use crate::core::denial::{BadRequest, Denial, InvalidToken};
+use crate::core::headers;
 use crate::core::jwt::JwtError;
-use crate::core::key::{Environment, KEY_FAMILY_PREFIX};
+use crate::core::key::Environment;
+use crate::core::path::PathError;
 use crate::core::routes::RouteTable;
 use crate::core::snapshot::Snapshot;
 use crate::core::token_cache::TokenCache;
 use crate::sidecar::metrics::{Decided, SidecarMetrics};
 use crate::sidecar::sync_client::EarlySync;
 
-pub const HEADER_PREFIX: &str = "x-permiso-";
 const REQUEST_ID: &str = "x-request-id";
 
 /// The part of the config a reload (SIGHUP) replaces whole; each request works with the one it
 /// started with.
 pub struct Live {
     pub routes: RouteTable,
+    pub forwarded_for: ForwardedFor,
     pub peer: HttpPeer,
     pub tokens: TokenSettings,
 }
@@ -55,6 +57,8 @@ pub struct Ctx {
     start: Instant,
     live: Option<Arc<Live>>,
     verdict: Option<Verdict>,
+    /// The canonical path, when it differs from the received one: forwarded instead.
+    rewritten_path: Option<Box<str>>,
     denial: Option<&'static str>,
     /// Kept from the caller (a reference-counted clone) or minted; sent upstream and back.
     request_id: HeaderValue,
@@ -101,10 +105,65 @@ async fn write_denial(session: &mut Session, denial: &Denial, request_id: &Heade
     Ok(())
 }
 
-fn is_permiso_key(auth: Option<&http::HeaderValue>) -> bool {
-    auth.and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .is_some_and(|(_, t)| t.trim_start().starts_with(KEY_FAMILY_PREFIX))
+/// Sets the forwarded request-target to `path` (canonical) and the received query.
+fn set_target(upstream: &mut RequestHeader, path: &str) -> Result<()> {
+    let target = match upstream.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let uri = http::Uri::builder()
+        .path_and_query(target)
+        .build()
+        .map_err(|e| pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "canonical path", e))?;
+    upstream.set_uri(uri);
+    Ok(())
+}
+
+/// `for=` value of RFC 7239: IPv6 addresses quoted and bracketed.
+fn forwarded_node(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4}"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
+
+/// Drops every header the caller may not send upstream (identity and forwarding headers, in
+/// any spelling), then sets the forwarding chain from the TCP peer.
+fn set_forwarding(upstream: &mut RequestHeader, peer: Option<std::net::IpAddr>, mode: ForwardedFor) -> Result<()> {
+    let (mut xff, mut fwd) = (None, None);
+    if mode == ForwardedFor::Append {
+        let join = |name: &str| {
+            let v: Vec<&str> = upstream.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+            (!v.is_empty()).then(|| v.join(", "))
+        };
+        (xff, fwd) = (join("x-forwarded-for"), join("forwarded"));
+    }
+    // One scan; allocation only when a caller sent something to drop.
+    if upstream.headers.keys().any(|n| headers::is_reserved(n.as_str())) {
+        let drop: Vec<http::HeaderName> = upstream
+            .headers
+            .keys()
+            .filter(|n| headers::is_reserved(n.as_str()))
+            .cloned()
+            .collect();
+        for name in drop {
+            upstream.remove_header(&name);
+        }
+    }
+    if let Some(ip) = peer {
+        let (ip_s, node) = (ip.to_string(), forwarded_node(ip));
+        let xff = match xff {
+            Some(chain) => format!("{chain}, {ip_s}"),
+            None => ip_s,
+        };
+        let fwd = match fwd {
+            Some(chain) => format!("{chain}, {node}"),
+            None => node,
+        };
+        upstream.insert_header("X-Forwarded-For", xff)?;
+        upstream.insert_header("Forwarded", fwd)?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -116,6 +175,7 @@ impl ProxyHttp for SidecarProxy {
             start: Instant::now(),
             live: None,
             verdict: None,
+            rewritten_path: None,
             denial: None,
             request_id: HeaderValue::from_static(""),
         }
@@ -128,6 +188,9 @@ impl ProxyHttp for SidecarProxy {
         let now_nanos = shared.clock.now_nanos();
         let decision = {
             let req = session.req_header();
+            // pingora keeps a target that is not UTF-8 verbatim for the wire and routes a lossy
+            // copy: never forward bytes other than the ones judged.
+            let lossy = !req.raw_path_is_utf8();
             let mut incoming_ids = req.headers.get_all(REQUEST_ID).iter();
             let incoming = match (incoming_ids.next(), incoming_ids.next()) {
                 (Some(v), None) => Some(v),
@@ -151,26 +214,31 @@ impl ProxyHttp for SidecarProxy {
                 leeway_secs: live.tokens.leeway_secs,
                 cache: Some(&shared.token_cache),
             };
-            decide(
-                &live.routes,
-                snapshot.as_deref(),
-                shared.environment,
-                &facts,
-                now_nanos,
-                &tokens,
-            )
+            if lossy {
+                Err(Denial::BadRequest(BadRequest::Path(PathError::NotUtf8)))
+            } else {
+                decide(
+                    &live.routes,
+                    snapshot.as_deref(),
+                    shared.environment,
+                    &facts,
+                    now_nanos,
+                    &tokens,
+                )
+            }
         };
         ctx.live = Some(live);
         match decision {
-            Ok(v) => {
-                match &v {
+            Ok(pass) => {
+                match &pass.verdict {
                     Verdict::Allowed { principal, .. } => {
                         principal.record_use((now_nanos / 1_000_000_000) as i64);
                         shared.metrics.allowed();
                     }
-                    Verdict::Public => shared.metrics.public(),
+                    Verdict::Public { .. } => shared.metrics.public(),
                 }
-                ctx.verdict = Some(v);
+                ctx.verdict = Some(pass.verdict);
+                ctx.rewritten_path = pass.rewritten_path;
                 Ok(false)
             }
             Err(denial) => {
@@ -197,20 +265,24 @@ impl ProxyHttp for SidecarProxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // Callers must never be able to claim an identity: drop every incoming X-Permiso-*.
-        // One scan, no allocation in the usual case where nobody tried.
-        while let Some(name) = upstream
-            .headers
-            .keys()
-            .find(|n| n.as_str().starts_with(HEADER_PREFIX))
-            .cloned()
-        {
-            upstream.remove_header(&name);
+        // The upstream reads exactly the path that was routed: the canonical one, in
+        // origin-form (an absolute-form target is kept verbatim by pingora otherwise).
+        match &ctx.rewritten_path {
+            Some(p) => set_target(upstream, p)?,
+            None if upstream.raw_path() != upstream.uri.path_and_query().map_or(&b""[..], |p| p.as_str().as_bytes()) => {
+                let p = upstream.uri.path().to_string();
+                set_target(upstream, &p)?
+            }
+            None => {}
         }
+        // Callers must never be able to claim an identity or a forwarding chain.
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let mode = ctx.live.as_ref().map_or(ForwardedFor::Overwrite, |l| l.forwarded_for);
+        set_forwarding(upstream, peer, mode)?;
         upstream.insert_header("X-Request-Id", ctx.request_id.clone())?;
         match &ctx.verdict {
             Some(Verdict::Allowed { principal, .. }) => {
@@ -231,11 +303,17 @@ impl ProxyHttp for SidecarProxy {
                 let env = HeaderValue::from_static(s.environment.as_str());
                 upstream.insert_header("X-Permiso-Environment", env)?;
             }
-            // A Permiso key sent to a public route still must not leak upstream.
-            Some(Verdict::Public) if is_permiso_key(upstream.headers.get(http::header::AUTHORIZATION)) => {
+            // A credential sent to a public route must not leak upstream, in any form.
+            Some(Verdict::Public {
+                forward_authorization: true,
+            }) => {}
+            Some(Verdict::Public { .. }) | None => {
                 upstream.remove_header(&http::header::AUTHORIZATION);
             }
-            Some(Verdict::Public) | None => {}
+        }
+        // Meant for this proxy, never for the service behind it.
+        if upstream.headers.contains_key(http::header::PROXY_AUTHORIZATION) {
+            upstream.remove_header(&http::header::PROXY_AUTHORIZATION);
         }
         Ok(())
     }
@@ -261,7 +339,7 @@ impl ProxyHttp for SidecarProxy {
         let decided = match (&ctx.verdict, ctx.denial) {
             (_, Some(_)) => Some(Decided::Denied),
             (Some(Verdict::Allowed { .. }), None) => Some(Decided::Allowed),
-            (Some(Verdict::Public), None) => Some(Decided::Public),
+            (Some(Verdict::Public { .. }), None) => Some(Decided::Public),
             // Failed before a decision (malformed request, client gone): nothing to time.
             (None, None) => None,
         };
@@ -287,7 +365,7 @@ impl ProxyHttp for SidecarProxy {
                 Some(principal.service.id.clone()),
                 Some(principal.credential_id().to_string()),
             ),
-            (Some(Verdict::Public), None) => ("public", None, None),
+            (Some(Verdict::Public { .. }), None) => ("public", None, None),
             (None, None) => ("none", None, None),
         };
         tracing::info!(
