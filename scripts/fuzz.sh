@@ -20,7 +20,7 @@ FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
 FUZZ_BUILD_JOBS="${FUZZ_BUILD_JOBS:-1}"
 FUZZ_NICE="${FUZZ_NICE:-19}"
 FUZZ_RSS_MB="${FUZZ_RSS_MB:-2048}"
-ALL_TARGETS=(key_parse authorization_header jwt_parse config_parse sync_payload)
+ALL_TARGETS=(key_parse authorization_header jwt_parse config_parse sync_payload path_canonical)
 if [ "$#" -gt 0 ]; then
     TARGETS=("$@")
 else

@@ -206,8 +206,8 @@ fuzz_target!(|data: &[u8]| {
         if debug() {
             eprintln!("{method} {path:?} cache={}: {verdict:?}", cache.is_some());
         }
-        match verdict {
-            Ok(Verdict::Public) => {}
+        match verdict.map(|p| p.verdict) {
+            Ok(Verdict::Public { .. }) => {}
             Ok(Verdict::Allowed { principal, rate }) => {
                 assert!(!principal.service.disabled);
                 assert_eq!(principal.service.environment, environment);

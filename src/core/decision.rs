@@ -297,10 +297,11 @@ fn judge(
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
 ) -> Result<Verdict, Denial> {
-    let route = routes.find(req.method, canonical_path).ok_or(Denial::NoRoute)?;
-    if route.access == Access::Public {
+    let judgement = routes.judge(req.method, canonical_path).ok_or(Denial::NoRoute)?;
+    let mut required = judgement.required(req.method, canonical_path).peekable();
+    if required.peek().is_none() {
         return Ok(Verdict::Public {
-            forward_authorization: route.forward_authorization,
+            forward_authorization: judgement.public.is_some_and(|r| r.forward_authorization),
         });
     }
     let token = bearer_token(req.authorization)?.ok_or(Denial::MissingCredential)?;
@@ -311,7 +312,9 @@ fn judge(
     } else {
         authenticate(snapshot, environment, token, now_secs)?
     };
-    authorize(&principal, route, req.client_ip)?;
+    for route in required {
+        authorize(&principal, route, req.client_ip)?;
+    }
     let rate = rate_limit(&principal, now_nanos)?;
     Ok(Verdict::Allowed { principal, rate })
 }
@@ -477,7 +480,7 @@ mod tests {
         assert_eq!(p.rewritten_path.as_deref(), Some("/api/v1/trades/1"));
         assert!(pass("/api/v1/trades/1", bearer(&f.key)).unwrap().rewritten_path.is_none());
         // Another spelling of a protected prefix is judged by that prefix's route.
-        for spelling in ["/api/v1/%61ccount", "/API/v1/Account", "/api//v1/account/x"] {
+        for spelling in ["/api/v1/%61ccount", "/api/v1/account/%2E%2Ex", "/api//v1/account/x"] {
             assert_eq!(
                 pass(spelling, bearer(&f.key)).unwrap_err(),
                 Denial::InsufficientScope {
@@ -486,6 +489,24 @@ mod tests {
                 "{spelling}"
             );
         }
+        // A case that only matches without regard to case matches no route.
+        assert_eq!(pass("/API/v1/Account", bearer(&f.key)).unwrap_err(), Denial::NoRoute);
+        // A path under a public prefix that, read without case, is under a protected one needs
+        // that one's scopes (and a route that does not match without case gives none).
+        let routes = RouteTable::new(vec![
+            Route::new(vec![], "/pub".into(), Access::Public),
+            Route::new(vec![], "/pub/secret".into(), Access::Scopes(vec![crate::core::scope::Scope::parse("account:read").unwrap()])),
+        ]);
+        let facts = RequestFacts {
+            method: "GET",
+            path: "/pub/SECRET",
+            authorization: Authorization::Absent,
+            client_ip: None,
+        };
+        assert_eq!(
+            decide(&routes, Some(&f.snap), Environment::Live, &facts, NOW, &NO_TOKENS).unwrap_err(),
+            Denial::MissingCredential
+        );
         for bad in ["/health/..;/api/v1/trades", "/health/%2e%2e;/api/v1/trades", "/health/..%3b/api"] {
             assert_eq!(
                 pass(bad, None).unwrap_err(),

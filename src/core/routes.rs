@@ -1,7 +1,14 @@
 //! The sidecar's route table: method + path prefix → public, or the scopes required. A request
-//! that matches no route is denied. Routes match canonical paths only (`core::path`), and by
-//! default without regard to ASCII case, so an upstream that ignores case cannot be reached
-//! under a less protected spelling of a protected prefix.
+//! that matches no route is denied. Routes match canonical paths only (`core::path`).
+//!
+//! Case: an upstream may read paths with case significant (Flask, axum) or not (IIS, a
+//! lower-casing layer), and the sidecar cannot know which. So by default a path is judged by
+//! the route that matches it as written *and*, when a different route matches it without
+//! regard to ASCII case, by that one too: `/api/v1/account/BALANCE` needs what
+//! `/api/v1/account` needs (a case-sensitive upstream runs that handler) and what
+//! `/api/v1/account/balance` needs (a case-insensitive one runs this). A path that matches a
+//! route only when case is ignored matches none. `case_sensitive_routes = true` drops the
+//! second reading, for upstreams known to be case-sensitive.
 
 use crate::core::scope::Scope;
 
@@ -63,6 +70,39 @@ fn prefix_matches(prefix: &str, path: &str, case_sensitive: bool) -> bool {
     same && (rest.is_empty() || rest[0] == b'/')
 }
 
+/// How one request is judged: every protected route covering its path, deeper than the
+/// deepest public route covering it as written.
+///
+/// Every covering route, not only the longest: an upstream may serve a path from the handler
+/// of any ancestor prefix (a catch-all at `/api/v1/account` serves `/api/v1/account/balance/`
+/// in Flask and axum, whose `/api/v1/account/balance` rule has no trailing slash), so the
+/// caller must be allowed whichever one runs. A public route stands for its whole subtree: the
+/// operator declared it public, and protected routes above it do not reach into it.
+pub struct Judgement<'a> {
+    table: &'a RouteTable,
+    /// The public route the path falls under, if any.
+    pub public: Option<&'a Route>,
+}
+
+impl<'a> Judgement<'a> {
+    /// The protected routes whose requirements all hold for the request, longest first;
+    /// covering ones found without regard to case count too unless the table is
+    /// case-sensitive.
+    pub fn required<'p>(&self, method: &'p str, path: &'p str) -> impl Iterator<Item = &'a Route> + 'p
+    where
+        'a: 'p,
+    {
+        let floor = self.public.map_or(0, |r| r.prefix.trim_end_matches('/').len());
+        let fold = !self.table.case_sensitive;
+        let has_public = self.public.is_some();
+        self.table.routes.iter().filter(move |r| {
+            r.access != Access::Public
+                && (!has_public || r.prefix.trim_end_matches('/').len() > floor)
+                && r.matches(method, path, !fold)
+        })
+    }
+}
+
 /// Routes ordered most specific first.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
@@ -77,13 +117,12 @@ impl Default for RouteTable {
 }
 
 impl RouteTable {
-    /// Case-insensitive matching (the default): see [`RouteTable::case_sensitive`].
+    /// Both readings of case (the default): see the module documentation.
     pub fn new(routes: Vec<Route>) -> RouteTable {
         RouteTable::with_case(routes, false)
     }
 
-    /// `case_sensitive = false` matches prefixes without regard to ASCII case. Paths are
-    /// forwarded as sent either way; only which route judges them changes.
+    /// `case_sensitive = true` judges a path by the route matching it as written only.
     pub fn with_case(mut routes: Vec<Route>, case_sensitive: bool) -> RouteTable {
         // Longest prefix first; among equals, method-restricted before any-method. Stable sort
         // keeps config order for true ties.
@@ -97,9 +136,34 @@ impl RouteTable {
         RouteTable { routes, case_sensitive }
     }
 
-    /// `path` must be canonical (`core::path::canonicalize`).
+    /// The route matching `path` (canonical, `core::path::canonicalize`) as written.
     pub fn find(&self, method: &str, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(method, path, self.case_sensitive))
+        self.routes.iter().find(|r| r.matches(method, path, true))
+    }
+
+    /// How `path` (canonical) is judged, or None when no route matches it as written.
+    /// One pass over the table, no allocation.
+    pub fn judge<'a>(&'a self, method: &str, path: &str) -> Option<Judgement<'a>> {
+        let mut primary = false;
+        let mut floor: Option<&Route> = None;
+        for r in &self.routes {
+            if !r.methods.is_empty() && !r.methods.iter().any(|m| m == method) {
+                continue;
+            }
+            if !prefix_matches(&r.prefix, path, true) {
+                continue;
+            }
+            primary = true;
+            // The deepest public route matching as written: its subtree is public.
+            if r.access == Access::Public {
+                floor = Some(r);
+                break;
+            }
+        }
+        primary.then_some(Judgement {
+            table: self,
+            public: floor,
+        })
     }
 
     pub fn case_sensitive(&self) -> bool {
@@ -174,21 +238,58 @@ mod tests {
         assert!(t.find("GET", "/admin").is_none());
     }
 
+    /// (public?, the scope attributes required, longest first), or None for no route.
+    fn judged(t: &RouteTable, method: &str, path: &str) -> Option<(bool, Vec<String>)> {
+        let j = t.judge(method, path)?;
+        let req: Vec<String> = j.required(method, path).map(|r| r.scope_attr.clone()).collect();
+        Some((j.public.is_some(), req))
+    }
+
+    fn v(x: &[&str]) -> Vec<String> {
+        x.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
-    fn case_insensitive_by_default_with_a_switch() {
+    fn every_covering_protected_route_is_required() {
+        let t = table();
+        let both = v(&["account:balance account:read", "account:read"]);
+        assert_eq!(judged(&t, "GET", "/api/v1/account/balance"), Some((false, both.clone())));
+        assert_eq!(judged(&t, "GET", "/api/v1/account/balance/"), Some((false, both.clone())));
+        assert_eq!(judged(&t, "POST", "/api/v1/account/balance"), Some((false, v(&["account:read"]))));
+        assert_eq!(judged(&t, "GET", "/health/x"), Some((true, vec![])));
+        // A public route under a protected prefix is public all the way down.
+        let t = RouteTable::new(vec![
+            Route::new(vec![], "/".into(), scopes(&["svc:call"])),
+            Route::new(vec![], "/health".into(), Access::Public),
+            Route::new(vec![], "/health/deep".into(), scopes(&["ops:read"])),
+        ]);
+        assert_eq!(judged(&t, "GET", "/health/x"), Some((true, vec![])));
+        assert_eq!(judged(&t, "GET", "/health/deep/x"), Some((true, v(&["ops:read"]))));
+        assert_eq!(judged(&t, "GET", "/other"), Some((false, v(&["svc:call"]))));
+    }
+
+    #[test]
+    fn both_readings_of_case_judge_by_default_with_a_switch() {
         let t = table();
         assert_eq!(
-            t.find("GET", "/API/v1/Account/BALANCE").unwrap().scope_attr,
-            "account:balance account:read"
+            judged(&t, "GET", "/api/v1/account/BALANCE"),
+            Some((false, v(&["account:balance account:read", "account:read"])))
         );
-        assert_eq!(t.find("GET", "/HEALTH").unwrap().access, Access::Public);
+        // Only matches without case: no route (a case-sensitive upstream would not serve it
+        // under the route that matched).
+        assert_eq!(judged(&t, "GET", "/API/v1/account/balance"), None);
+        assert_eq!(judged(&t, "GET", "/HEALTH"), None);
+        // Under a public prefix, a protected route matching without case still counts.
+        let t = RouteTable::new(vec![
+            Route::new(vec![], "/pub".into(), Access::Public),
+            Route::new(vec![], "/pub/secret".into(), scopes(&["a:b"])),
+        ]);
+        assert_eq!(judged(&t, "GET", "/pub/SECRET"), Some((true, v(&["a:b"]))));
         let strict = RouteTable::with_case(table().routes, true);
         assert!(strict.case_sensitive());
-        assert_eq!(strict.find("GET", "/API/v1/account/balance"), None);
-        assert_eq!(
-            strict.find("GET", "/api/v1/account/BALANCE").unwrap().scope_attr,
-            "account:read"
-        );
+        assert_eq!(judged(&strict, "GET", "/api/v1/account/BALANCE"), Some((false, v(&["account:read"]))));
+        let strict = RouteTable::with_case(t.routes, true);
+        assert_eq!(judged(&strict, "GET", "/pub/SECRET"), Some((true, vec![])));
     }
 
 }

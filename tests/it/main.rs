@@ -9,6 +9,7 @@ mod egress;
 mod oauth;
 mod observability;
 mod operations;
+mod paths;
 mod resilience;
 mod rotation;
 mod sidecar_auth;
