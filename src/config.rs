@@ -101,8 +101,16 @@ pub mod file {
         pub signing_key_publish_delay_seconds: u64,
         /// Token endpoint requests per minute from one source address. Default 600.
         pub token_requests_per_minute_per_ip: u32,
-        /// Token endpoint requests per minute for one client_id. Default 120.
-        pub token_requests_per_minute_per_client: u32,
+        /// Removed: it counted a client's requests before the secret was checked, so anyone
+        /// could lock a client out. Refused at start, naming its replacements.
+        pub token_requests_per_minute_per_client: Option<u32>,
+        /// Failed client-secret checks one (client id, source address) pair may make per
+        /// minute; past that the pair gets 429 before the secret is checked. Successes never
+        /// count. Default 10.
+        pub client_auth_failures_per_minute: u32,
+        /// Failed client-secret checks one source address (IPv6: one /64) may make per minute,
+        /// whatever the client id. Default 30.
+        pub client_auth_failures_per_minute_per_ip: u32,
         /// Failed admin-key attempts one source address (IPv6: one /64) may make per minute;
         /// past that its admin-key requests get 429 before the key is checked. Default 20.
         pub auth_failures_per_minute_per_ip: u32,
@@ -129,7 +137,9 @@ pub mod file {
                 token_audience: "permiso".into(),
                 signing_key_publish_delay_seconds: 300,
                 token_requests_per_minute_per_ip: 600,
-                token_requests_per_minute_per_client: 120,
+                token_requests_per_minute_per_client: None,
+                client_auth_failures_per_minute: 10,
+                client_auth_failures_per_minute_per_ip: 30,
                 auth_failures_per_minute_per_ip: 20,
                 audited_auth_failures_per_minute: 600,
             }
@@ -378,10 +388,12 @@ pub struct AdminConfig {
     pub token_audience: String,
     pub signing_key_publish_delay: Duration,
     pub token_rate_per_ip: std::num::NonZeroU32,
-    pub token_rate_per_client: std::num::NonZeroU32,
+    pub client_auth_failures_per_minute: u32,
+    pub client_auth_failures_per_minute_per_ip: u32,
     pub auth_failures_per_minute_per_ip: u32,
     pub audited_auth_failures_per_minute: u32,
-    /// From PERMISO_SIGNING_KEK; None means the `<database>.kek` file.
+    /// From PERMISO_SIGNING_KEK (read by the binary, like the admin key); None means the
+    /// `<database>.kek` file.
     pub signing_kek: Option<Secret>,
 }
 
@@ -539,15 +551,27 @@ impl AdminConfig {
         let rate = |field: &str, v: u32| {
             std::num::NonZeroU32::new(v).ok_or_else(|| invalid(field, "must be at least 1"))
         };
+        if f.token_requests_per_minute_per_client.is_some() {
+            return Err(invalid(
+                "admin_plane.token_requests_per_minute_per_client",
+                "was removed (it let anyone lock a client out by failing with its id); use client_auth_failures_per_minute and client_auth_failures_per_minute_per_ip, which count failures only",
+            ));
+        }
         Ok(AdminConfig {
             token_rate_per_ip: rate(
                 "admin_plane.token_requests_per_minute_per_ip",
                 f.token_requests_per_minute_per_ip,
             )?,
-            token_rate_per_client: rate(
-                "admin_plane.token_requests_per_minute_per_client",
-                f.token_requests_per_minute_per_client,
-            )?,
+            client_auth_failures_per_minute: rate(
+                "admin_plane.client_auth_failures_per_minute",
+                f.client_auth_failures_per_minute,
+            )?
+            .get(),
+            client_auth_failures_per_minute_per_ip: rate(
+                "admin_plane.client_auth_failures_per_minute_per_ip",
+                f.client_auth_failures_per_minute_per_ip,
+            )?
+            .get(),
             auth_failures_per_minute_per_ip: rate(
                 "admin_plane.auth_failures_per_minute_per_ip",
                 f.auth_failures_per_minute_per_ip,

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderMap};
 
 use crate::admin::db::Audit;
 use crate::admin::error::ApiError;
+use crate::admin::throttle;
 use crate::admin::AppState;
 use crate::core::decision::{bearer_token, Authorization};
 use crate::core::key;
@@ -75,36 +76,44 @@ pub async fn authenticate(
     let admin_key_attempt = headers.contains_key(ADMIN_KEY_HEADER);
     if let (true, Some(ip)) = (admin_key_attempt, source) {
         // Refused before the key is even looked at.
-        if let Some(retry) = state.auth_failures.blocked(ip, state.clock.now_secs()) {
+        if let Some(retry) = state.auth_failures.blocked(&throttle::bucket(ip), state.clock.now_secs()) {
             state.metrics.auth_throttled();
             return Err(ApiError::rate_limited(retry));
         }
     }
-    match check_credential(headers, state, needed_scope).await {
+    match check_credential(headers, source, state, needed_scope).await {
         Ok(actor) => Ok(Caller { actor, source }),
         Err(Failure::Denied(reason)) => {
             let now = state.clock.now_secs();
             tracing::warn!(reason, source = ?source, "admin plane: authentication failed");
             state.metrics.auth_failed();
             if let (true, Some(ip)) = (admin_key_attempt, source) {
-                state.auth_failures.record(ip, now);
+                state.auth_failures.record(throttle::bucket(ip), now);
             }
-            if let Some(left_out) = state.auth_audit_budget.take(now) {
-                let who = Audit {
-                    actor: "unauthenticated".into(),
-                    source_ip: source.map(|ip| ip.to_string()),
-                };
-                // A database error here must not turn a 401 into a 500.
-                let audited = state
-                    .db(move |s| s.audit_failed_auth(now, &who, reason, left_out))
-                    .await;
-                if let Err(e) = audited {
-                    tracing::error!(error = ?e, "could not audit a failed authentication");
-                }
-            }
+            audit_failure(state, source, reason, None).await;
             Err(ApiError::unauthorized("missing or invalid admin credential"))
         }
         Err(Failure::Error(e)) => Err(e),
+    }
+}
+
+/// Writes a failed authentication to the audit log within the per-minute budget shared by
+/// admin-key and client-secret failures. `target` names the client a secret was tried for.
+pub async fn audit_failure(state: &AppState, source: Option<IpAddr>, reason: &'static str, target: Option<String>) {
+    let now = state.clock.now_secs();
+    let Some(left_out) = state.auth_audit_budget.take(now) else {
+        return;
+    };
+    let who = Audit {
+        actor: "unauthenticated".into(),
+        source_ip: source.map(|ip| ip.to_string()),
+    };
+    // A database error here must not turn a 401 into a 500.
+    let audited = state
+        .db(move |s| s.audit_failed_auth(now, &who, reason, target.as_deref(), left_out))
+        .await;
+    if let Err(e) = audited {
+        tracing::error!(error = ?e, "could not audit a failed authentication");
     }
 }
 
@@ -123,6 +132,7 @@ impl From<ApiError> for Failure {
 
 async fn check_credential(
     headers: &HeaderMap,
+    source: Option<IpAddr>,
     state: &AppState,
     needed_scope: &str,
 ) -> Result<Actor, Failure> {
@@ -156,6 +166,14 @@ async fn check_credential(
         .db(move |s| s.key_owner(&hash, now))
         .await?
         .ok_or(Failure::Denied("unknown, revoked or expired service key"))?;
+    // The same address check the sidecar makes: a key restricted to some networks is refused
+    // here from anywhere else too.
+    if !crate::core::snapshot::ip_allowed(&crate::core::snapshot::parse_cidrs(&owner.allowed_ips), source) {
+        tracing::warn!(service_id = %owner.service_id, key_id = %owner.key_id, source = ?source, "admin plane: service key used from an address outside its allowed_ips");
+        return Err(Failure::Error(ApiError::forbidden(
+            "this service key may not be used from this address",
+        )));
+    }
     let scopes = ScopeSet::parse(&owner.scopes).map_err(|e| Failure::Error(ApiError::internal(e)))?;
     if !scopes.allows(needed_scope) {
         tracing::warn!(service_id = %owner.service_id, key_id = %owner.key_id, needed_scope, "admin plane: scope missing");

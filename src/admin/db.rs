@@ -248,6 +248,7 @@ pub struct KeyOwner {
     pub service_id: String,
     pub key_id: String,
     pub scopes: Vec<String>,
+    pub allowed_ips: Vec<String>,
 }
 
 pub struct Store {
@@ -808,14 +809,16 @@ impl Store {
                 params![now, key_id],
             )?;
         }
-        let scopes: String =
-            conn.query_row("SELECT scopes FROM services WHERE id = ?1", [&service_id], |r| {
-                r.get(0)
-            })?;
+        let (scopes, allowed_ips): (String, String) = conn.query_row(
+            "SELECT scopes, allowed_ips FROM services WHERE id = ?1",
+            [&service_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         Ok(Some(KeyOwner {
             service_id,
             key_id,
             scopes: json_list(&scopes)?,
+            allowed_ips: json_list(&allowed_ips)?,
         }))
     }
 
@@ -945,14 +948,21 @@ impl Store {
 
     /// Records a failed admin authentication (its own transaction: nothing else changed).
     /// `left_out`: failures not written since the last one that was (the per-minute budget).
-    pub fn audit_failed_auth(&self, now: i64, who: &Audit, reason: &str, left_out: u64) -> StoreResult<()> {
+    pub fn audit_failed_auth(
+        &self,
+        now: i64,
+        who: &Audit,
+        reason: &str,
+        target: Option<&str>,
+        left_out: u64,
+    ) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let mut change = serde_json::json!({ "reason": reason });
         if left_out > 0 {
             change["not_audited_before_this"] = left_out.into();
         }
-        append_audit(&tx, now, who, "auth.failed", None, change)?;
+        append_audit(&tx, now, who, "auth.failed", target, change)?;
         tx.commit()?;
         Ok(())
     }

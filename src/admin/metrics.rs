@@ -19,6 +19,7 @@ pub struct AdminMetrics {
     auth_throttled: IntCounter,
     tokens_issued: IntCounter,
     usage_marks: IntCounter,
+    full_syncs_built: IntCounter,
     version: IntGauge,
 }
 
@@ -71,6 +72,10 @@ impl Default for AdminMetrics {
                 "permiso_admin_key_usage_marks_total",
                 "Key last-used marks received from sidecars.",
             ),
+            full_syncs_built: counter(
+                "permiso_admin_full_syncs_built_total",
+                "Full snapshots built for sidecars (the rest of the full syncs at the same version and second share one).",
+            ),
             version: register(
                 &r,
                 IntGauge::new(
@@ -95,6 +100,10 @@ impl AdminMetrics {
 
     pub fn token_issued(&self) {
         self.tokens_issued.inc();
+    }
+
+    pub fn full_sync_built(&self) {
+        self.full_syncs_built.inc();
     }
 
     pub fn usage_marks(&self, n: usize) {

@@ -48,7 +48,9 @@ pub struct Inner {
     pub keyring: ArcSwap<signing::KeyRing>,
     /// Token endpoint throttles against secret guessing.
     pub ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
-    pub client_limiter: DefaultKeyedRateLimiter<String>,
+    /// Failed client-secret checks per (client id, address) and per address.
+    pub client_pair_failures: throttle::FailureThrottle<(String, IpAddr)>,
+    pub client_addr_failures: throttle::FailureThrottle<IpAddr>,
     pub delta_cache: sync::DeltaCache,
     /// Failed admin-key attempts per source address.
     pub auth_failures: throttle::FailureThrottle,
@@ -212,7 +214,8 @@ fn build_state(
         issuer: cfg.issuer.clone().unwrap_or_else(|| format!("http://{bound}")),
         admin_key_hash: blake3::hash(cfg.admin_api_key.expose().as_bytes()),
         ip_limiter: RateLimiter::keyed(Quota::per_minute(cfg.token_rate_per_ip)),
-        client_limiter: RateLimiter::keyed(Quota::per_minute(cfg.token_rate_per_client)),
+        client_pair_failures: throttle::FailureThrottle::new(cfg.client_auth_failures_per_minute),
+        client_addr_failures: throttle::FailureThrottle::new(cfg.client_auth_failures_per_minute_per_ip),
         store: Arc::new(store),
         cfg,
         clock,
@@ -227,17 +230,15 @@ fn build_state(
     }))
 }
 
-/// The token endpoint's keyed limiters keep an entry per client id and address they have seen;
-/// drop the ones whose state is back to full so made-up ids cannot grow them without bound.
+/// The token endpoint's keyed limiter keeps an entry per address it has seen; drop the ones
+/// whose state is back to full so a spray of addresses cannot grow it without bound.
 async fn prune_throttles(st: AppState, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 st.ip_limiter.retain_recent();
-                st.client_limiter.retain_recent();
                 st.ip_limiter.shrink_to_fit();
-                st.client_limiter.shrink_to_fit();
             }
             _ = shutdown.wait_for(|s| *s) => return,
         }

@@ -14,6 +14,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::admin::auth::{self, Actor};
+use crate::admin::throttle;
 use crate::admin::error::ApiError;
 use crate::admin::extract::FormBody;
 use crate::admin::model::MAX_TOKEN_LIFETIME;
@@ -22,7 +23,7 @@ use crate::core::ids;
 use crate::core::jwt::{self, AccessClaims, Expectations};
 use crate::core::key::{self, KeyHash};
 use crate::core::scope::{Scope, ScopeSet};
-use crate::core::snapshot::parse_cidr;
+use crate::core::snapshot::parse_cidrs;
 
 const BASIC_CHALLENGE: &str = "Basic realm=\"permiso\"";
 
@@ -100,6 +101,7 @@ fn client_credentials(
     }
 }
 
+/// The token endpoint's general per-address limit (every request counts).
 fn throttle<K: std::hash::Hash + Eq + Clone>(
     limiter: &governor::DefaultKeyedRateLimiter<K>,
     key: &K,
@@ -117,37 +119,55 @@ struct AuthenticatedClient {
     record: crate::admin::db::ClientRecord,
 }
 
-async fn authenticate_client(st: &AppState, c: ClientCredentials) -> Result<AuthenticatedClient, ApiError> {
-    if !ids::looks_like_id(&c.client_id, ids::SERVICE_ID_PREFIX) || c.secret.len() > 256 {
-        tracing::warn!("token endpoint: malformed client credentials");
-        return Err(invalid_client());
-    }
-    throttle(&st.client_limiter, &c.client_id)?;
-    let hash = KeyHash::of(&c.secret);
+/// Checks a client secret. Only failures are counted, per (client, address) and per address,
+/// and only those keys are refused (429) once over their limit: a client using its secret
+/// correctly from an address that has not failed is never throttled by what others try with
+/// its id, which is not secret (it is every token's `sub`).
+async fn authenticate_client(
+    st: &AppState,
+    c: ClientCredentials,
+    peer: IpAddr,
+) -> Result<AuthenticatedClient, ApiError> {
     let now = st.clock.now_secs();
-    let id = c.client_id.clone();
-    match st.db(move |s| s.authenticate_client(&id, &hash, now)).await? {
+    let addr = throttle::bucket(peer);
+    let pair = (c.client_id.clone(), addr);
+    let blocked = st
+        .client_pair_failures
+        .blocked(&pair, now)
+        .or_else(|| st.client_addr_failures.blocked(&addr, now));
+    if let Some(retry) = blocked {
+        st.metrics.auth_throttled();
+        return Err(ApiError::rate_limited(retry));
+    }
+    let malformed = !ids::looks_like_id(&c.client_id, ids::SERVICE_ID_PREFIX) || c.secret.len() > 256;
+    let record = if malformed {
+        None
+    } else {
+        let hash = KeyHash::of(&c.secret);
+        let id = c.client_id.clone();
+        st.db(move |s| s.authenticate_client(&id, &hash, now)).await?
+    };
+    match record {
         Some(record) => Ok(AuthenticatedClient {
             service_id: c.client_id,
             record,
         }),
         None => {
-            tracing::warn!(client_id = %c.client_id, "token endpoint: client authentication failed");
+            let reason = if malformed { "malformed client credentials" } else { "wrong client secret" };
+            tracing::warn!(reason, source = %peer, "client authentication failed");
+            st.metrics.auth_failed();
+            st.client_pair_failures.record(pair, now);
+            st.client_addr_failures.record(addr, now);
+            // The client id is only named when it is well-formed (it is the caller's text).
+            let target = (!malformed).then_some(c.client_id);
+            auth::audit_failure(st, Some(peer), reason, target).await;
             Err(invalid_client())
         }
     }
 }
 
 fn ip_allowed(allowed: &[String], ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    allowed.is_empty()
-        || allowed
-            .iter()
-            .filter_map(|c| parse_cidr(c))
-            .any(|n| n.contains(&ip))
+    crate::core::snapshot::ip_allowed(&parse_cidrs(allowed), Some(ip))
 }
 
 /// The requested scope must be a subset of what the client holds; none requested means all.
@@ -198,7 +218,7 @@ async fn issue(
         }
     }
     let creds = client_credentials(&headers, &form)?.ok_or_else(invalid_client)?;
-    let client = authenticate_client(&st, creds).await?;
+    let client = authenticate_client(&st, creds, peer.ip()).await?;
     if client.record.disabled {
         return Err(oauth_error(
             StatusCode::BAD_REQUEST,
@@ -314,15 +334,25 @@ pub async fn metadata(State(st): State<AppState>) -> Json<Value> {
 /// Who is calling introspection or revocation.
 enum Caller {
     Admin,
-    Client(String),
+    /// `privileged`: holds the endpoint's scope (`token:introspect`, `token:revoke`), so it may
+    /// act on other services' tokens where the endpoint allows that.
+    Client { id: String, privileged: bool },
 }
 
 impl Caller {
+    /// May this caller learn about, or act on, a token of `owner`?
+    fn may_see(&self, owner: &str) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Client { id, privileged } => *privileged || id == owner,
+        }
+    }
+
     fn audit(&self, source: SocketAddr) -> crate::admin::db::Audit {
         crate::admin::db::Audit {
             actor: match self {
                 Caller::Admin => "admin-key".to_string(),
-                Caller::Client(id) => format!("client:{id}"),
+                Caller::Client { id, .. } => format!("client:{id}"),
             },
             source_ip: Some(source.ip().to_string()),
         }
@@ -330,6 +360,7 @@ impl Caller {
 }
 
 /// A client (Basic or post), a service key holding `bearer_scope` (Bearer), or the admin key.
+/// A client authenticated by its secret is privileged when it holds `bearer_scope` too.
 async fn caller(
     st: &AppState,
     peer: SocketAddr,
@@ -347,15 +378,22 @@ async fn caller(
             .actor
         {
             Actor::AdminKey => Ok(Caller::Admin),
-            Actor::Service { service_id, .. } => Ok(Caller::Client(service_id)),
+            Actor::Service { service_id, .. } => Ok(Caller::Client {
+                id: service_id,
+                privileged: true,
+            }),
         };
     }
     let creds = client_credentials(headers, form)?.ok_or_else(invalid_client)?;
-    let client = authenticate_client(st, creds).await?;
+    let client = authenticate_client(st, creds, peer.ip()).await?;
     if client.record.disabled {
         return Err(invalid_client());
     }
-    Ok(Caller::Client(client.service_id))
+    let held = ScopeSet::parse(&client.record.scopes).map_err(ApiError::internal)?;
+    Ok(Caller::Client {
+        id: client.service_id,
+        privileged: held.allows(bearer_scope),
+    })
 }
 
 /// Verifies one of our JWTs as the admin plane sees it now (published keys, revocation).
@@ -388,13 +426,15 @@ pub async fn introspect(
     headers: HeaderMap,
     FormBody(form): FormBody,
 ) -> Result<Json<Value>, ApiError> {
-    caller(&st, peer, &headers, &form, "token:introspect").await?;
+    // Without token:introspect a client learns about its own tokens only; anything else is
+    // exactly {"active": false}, like an unknown token.
+    let who = caller(&st, peer, &headers, &form, "token:introspect").await?;
     let token = form
         .get("token")
         .ok_or_else(|| invalid_request("token is required"))?;
     if jwt::looks_like_jwt(token) {
         return Ok(match active_claims(&st, token).await? {
-            Some(c) => Json(json!({
+            Some(c) if who.may_see(&c.client_id) => Json(json!({
                 "active": true,
                 "scope": c.scope,
                 "client_id": c.client_id,
@@ -407,7 +447,7 @@ pub async fn introspect(
                 "jti": c.jti,
                 "token_type": "Bearer",
             })),
-            None => inactive(),
+            _ => inactive(),
         });
     }
     let Ok(parsed) = key::parse(token) else {
@@ -416,7 +456,7 @@ pub async fn introspect(
     let hash = parsed.hash();
     let now = st.clock.now_secs();
     Ok(match st.db(move |s| s.key_info(&hash, now)).await? {
-        Some(info) => {
+        Some(info) if who.may_see(&info.service_id) => {
             let mut v = json!({
                 "active": true,
                 "scope": info.scopes.join(" "),
@@ -430,7 +470,7 @@ pub async fn introspect(
             }
             Json(v)
         }
-        None => inactive(),
+        _ => inactive(),
     })
 }
 
@@ -448,9 +488,10 @@ pub async fn revoke(
     let token = form
         .get("token")
         .ok_or_else(|| invalid_request("token is required"))?;
+    // Revocation stays owner-only for clients, whatever they hold (RFC 7009 §2.1).
     let owner = match &who {
         Caller::Admin => None,
-        Caller::Client(id) => Some(id.clone()),
+        Caller::Client { id, .. } => Some(id.clone()),
     };
     let now = st.clock.now_secs();
     if jwt::looks_like_jwt(token) {

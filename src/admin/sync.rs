@@ -3,7 +3,9 @@
 //! milliseconds without polling load.
 //!
 //! When a change lands, every parked sidecar wakes and asks for the same delta; the first one
-//! builds it (one database read, one serialisation) and the rest get the same bytes.
+//! builds it (one database read, one serialisation) and the rest get the same bytes. Full
+//! snapshots are shared the same way: built once per version and second, whoever asks, so a
+//! loop of full syncs costs bytes on the wire, not a database read and a serialisation each.
 
 use std::time::Duration;
 
@@ -22,6 +24,8 @@ use crate::admin::AppState;
 #[derive(Default)]
 pub struct DeltaCache {
     last: tokio::sync::Mutex<Option<(u64, u64, i64, Bytes)>>,
+    /// The last full snapshot: (version, second, bytes).
+    full: tokio::sync::Mutex<Option<(u64, i64, Bytes)>>,
 }
 
 async fn build(
@@ -81,7 +85,22 @@ pub async fn sync(
                 }
             }
         }
-        _ => build(&st, q.epoch.clone(), q.after, now).await?.1,
+        // Everything else is a full snapshot (no `after`, another epoch, `after` ahead).
+        _ => {
+            let version = *st.versions.borrow();
+            let mut cache = st.delta_cache.full.lock().await;
+            match cache.as_ref() {
+                Some((v, t, body)) if *v == version && *t == now => body.clone(),
+                _ => {
+                    let (built_version, body) = build(&st, None, None, now).await?;
+                    if built_version == version {
+                        *cache = Some((version, now, body.clone()));
+                    }
+                    st.metrics.full_sync_built();
+                    body
+                }
+            }
+        }
     };
     tracing::debug!(%actor, bytes = body.len(), "sync served");
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())

@@ -1,9 +1,12 @@
 //! Bounds on failed admin authentications.
 //!
-//! `FailureThrottle`: after `limit` failed admin-key attempts within a minute from one address
-//! (IPv6 grouped by /64, since one host holds a whole /64), that address is refused before its
-//! key is looked at, until the minute is over. Keyed by address only, pruned at most once a
-//! minute, and capped, so a spray of addresses cannot grow it without bound or make it slow.
+//! `FailureThrottle`: after `limit` failures within a minute against one key, that key is
+//! refused before its credential is looked at, until the minute is over. Keys are addresses
+//! (IPv6 grouped by /64, since one host holds a whole /64: `bucket`) for admin-key attempts,
+//! and (client id, address) pairs and addresses for client secrets at the token endpoint. Only
+//! failures count, so nobody can lock out a credential used correctly from an address that
+//! has not failed. Pruned at most once a minute, and capped, so a spray of keys cannot grow it
+//! without bound or make it slow.
 //!
 //! `AuditBudget`: at most `per_minute` failed authentications are written to the audit log
 //! each minute, from all addresses together; the ones beyond are counted, and the next entry
@@ -22,7 +25,7 @@ const PRUNE_AT: usize = 10_000;
 const MAX_TRACKED: usize = 100_000;
 
 /// The address a failure counts against.
-fn bucket(ip: IpAddr) -> IpAddr {
+pub fn bucket(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -35,50 +38,51 @@ fn bucket(ip: IpAddr) -> IpAddr {
     }
 }
 
-#[derive(Default)]
-struct Seen {
-    /// address → (window start, failures in it).
-    by_addr: HashMap<IpAddr, (i64, u32)>,
+struct Seen<K> {
+    /// key → (window start, failures in it).
+    by_key: HashMap<K, (i64, u32)>,
     last_prune: i64,
 }
 
-pub struct FailureThrottle {
+pub struct FailureThrottle<K = IpAddr> {
     limit: u32,
-    /// Admin-plane only, and only on failures and admin-key attempts: a mutex is fine here.
-    seen: Mutex<Seen>,
+    /// Admin-plane only, and only on failures and credential attempts: a mutex is fine here.
+    seen: Mutex<Seen<K>>,
 }
 
-impl FailureThrottle {
-    pub fn new(limit: u32) -> FailureThrottle {
+impl<K: std::hash::Hash + Eq> FailureThrottle<K> {
+    pub fn new(limit: u32) -> FailureThrottle<K> {
         FailureThrottle {
             limit,
-            seen: Mutex::new(Seen::default()),
+            seen: Mutex::new(Seen {
+                by_key: HashMap::new(),
+                last_prune: 0,
+            }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen<K>> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Seconds until `ip` may try again, if it is blocked now.
-    pub fn blocked(&self, ip: IpAddr, now: i64) -> Option<u64> {
+    /// Seconds until `key` may try again, if it is blocked now.
+    pub fn blocked(&self, key: &K, now: i64) -> Option<u64> {
         let seen = self.lock();
-        let (start, n) = *seen.by_addr.get(&bucket(ip))?;
+        let (start, n) = *seen.by_key.get(key)?;
         let end = start + WINDOW_SECS;
         (now < end && n >= self.limit).then(|| (end - now) as u64)
     }
 
-    pub fn record(&self, ip: IpAddr, now: i64) {
+    pub fn record(&self, key: K, now: i64) {
         let mut seen = self.lock();
-        if seen.by_addr.len() >= PRUNE_AT && now >= seen.last_prune + WINDOW_SECS {
-            seen.by_addr.retain(|_, (start, _)| now < *start + WINDOW_SECS);
+        if seen.by_key.len() >= PRUNE_AT && now >= seen.last_prune + WINDOW_SECS {
+            seen.by_key.retain(|_, (start, _)| now < *start + WINDOW_SECS);
             seen.last_prune = now;
         }
-        let key = bucket(ip);
-        if seen.by_addr.len() >= MAX_TRACKED && !seen.by_addr.contains_key(&key) {
+        if seen.by_key.len() >= MAX_TRACKED && !seen.by_key.contains_key(&key) {
             return;
         }
-        let e = seen.by_addr.entry(key).or_insert((now, 0));
+        let e = seen.by_key.entry(key).or_insert((now, 0));
         if now >= e.0 + WINDOW_SECS {
             *e = (now, 0);
         }
@@ -86,7 +90,7 @@ impl FailureThrottle {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().by_addr.len()
+        self.lock().by_key.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -135,29 +139,32 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let other: IpAddr = "10.0.0.2".parse().unwrap();
         for s in 0..3 {
-            assert_eq!(t.blocked(ip, 1000 + s), None);
+            assert_eq!(t.blocked(&ip, 1000 + s), None);
             t.record(ip, 1000 + s);
         }
-        assert_eq!(t.blocked(ip, 1003), Some(57));
-        assert_eq!(t.blocked(other, 1003), None, "other addresses are not affected");
-        assert_eq!(t.blocked(ip, 1060), None, "a new window starts clean");
+        assert_eq!(t.blocked(&ip, 1003), Some(57));
+        assert_eq!(t.blocked(&other, 1003), None, "other addresses are not affected");
+        assert_eq!(t.blocked(&ip, 1060), None, "a new window starts clean");
         t.record(ip, 1060);
-        assert_eq!(t.blocked(ip, 1061), None);
+        assert_eq!(t.blocked(&ip, 1061), None);
+        // Pairs: a client's failures from one address do not block it from another.
+        let pairs: FailureThrottle<(String, IpAddr)> = FailureThrottle::new(1);
+        pairs.record(("srv_a".into(), ip), 0);
+        assert!(pairs.blocked(&("srv_a".into(), ip), 1).is_some());
+        assert!(pairs.blocked(&("srv_a".into(), other), 1).is_none());
     }
 
     #[test]
     fn an_ipv6_host_is_one_address_across_its_64() {
         let t = FailureThrottle::new(2);
-        t.record("2001:db8:1:2::1".parse().unwrap(), 0);
-        t.record("2001:db8:1:2:ffff::9".parse().unwrap(), 0);
-        assert!(t.blocked("2001:db8:1:2::77".parse().unwrap(), 1).is_some());
-        assert!(t.blocked("2001:db8:1:3::1".parse().unwrap(), 1).is_none());
-        t.record("::ffff:10.1.1.1".parse().unwrap(), 0);
-        t.record("10.1.1.1".parse().unwrap(), 0);
-        assert!(
-            t.blocked("10.1.1.1".parse().unwrap(), 1).is_some(),
-            "v4-mapped is v4"
-        );
+        let b = |s: &str| bucket(s.parse().unwrap());
+        t.record(b("2001:db8:1:2::1"), 0);
+        t.record(b("2001:db8:1:2:ffff::9"), 0);
+        assert!(t.blocked(&b("2001:db8:1:2::77"), 1).is_some());
+        assert!(t.blocked(&b("2001:db8:1:3::1"), 1).is_none());
+        t.record(b("::ffff:10.1.1.1"), 0);
+        t.record(b("10.1.1.1"), 0);
+        assert!(t.blocked(&b("10.1.1.1"), 1).is_some(), "v4-mapped is v4");
     }
 
     #[test]

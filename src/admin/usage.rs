@@ -14,6 +14,8 @@ use crate::core::ids::{self, KEY_ID_PREFIX};
 
 /// More than a sidecar sends at once (it sends 500).
 const MAX_MARKS: usize = 1000;
+/// How far ahead of ours a sidecar's clock may be; later marks are refused whole.
+pub const MAX_CLOCK_SKEW_SECS: i64 = 60;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,7 +50,14 @@ pub async fn report(
                 "each entry needs a key id and a positive last_used_at",
             ));
         }
-        // A sidecar clock ahead of ours must not mark a key as used in the future.
+        // A time well in the future is a lie or a broken clock: refuse the report (nothing is
+        // written). Within the skew, a clock slightly ahead of ours is clamped to now.
+        if m.last_used_at > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
+            return Err(ApiError::bad_request(format!(
+                "last_used_at {} is more than {MAX_CLOCK_SKEW_SECS} s in the future",
+                m.last_used_at
+            )));
+        }
         marks.push((m.key_id, m.last_used_at.min(now)));
     }
     let received = marks.len();

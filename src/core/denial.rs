@@ -78,6 +78,25 @@ pub struct DenialResponse {
     pub body: String,
 }
 
+impl DenialResponse {
+    /// A request that was allowed but could not be proxied: the upstream refused, failed or
+    /// timed out (502/504), the request broke off (400), or we failed (500). Same JSON shape
+    /// as a denial; the cause is logged, not sent.
+    pub fn proxy_failure(status: u16) -> DenialResponse {
+        let (code, description) = match status {
+            504 => ("gateway_timeout", "The upstream service did not answer in time"),
+            502 => ("bad_gateway", "The upstream service could not be reached or failed"),
+            400..=499 => ("invalid_request", "The request could not be read"),
+            _ => ("server_error", "The sidecar failed to proxy the request"),
+        };
+        DenialResponse {
+            status,
+            headers: vec![],
+            body: body(code, description),
+        }
+    }
+}
+
 const REALM: &str = "Bearer realm=\"permiso\"";
 
 fn body(error: &str, description: &str) -> String {

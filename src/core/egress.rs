@@ -74,6 +74,12 @@ impl Breaker {
         }
     }
 
+    /// The trial ended without an outcome (its request was cancelled): the next request may
+    /// try again, rather than the destination staying refused for good.
+    pub fn abandon_trial(&mut self) {
+        self.trial_in_flight = false;
+    }
+
     pub fn success(&mut self) {
         self.failures = 0;
         self.open_until = None;
@@ -129,6 +135,18 @@ mod tests {
         assert_eq!(backoff(3, b, cap, 1.0), Duration::from_millis(400));
         assert_eq!(backoff(10, b, cap, 1.0), cap);
         assert_eq!(backoff(3, b, cap, 0.5), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn an_abandoned_trial_lets_the_next_request_try() {
+        let t0 = Instant::now();
+        let mut br = Breaker::new(1, Duration::from_secs(5));
+        br.failure(t0);
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(br.admit(later), Admission::Trial);
+        assert_eq!(br.admit(later), Admission::Rejected, "one trial at a time");
+        br.abandon_trial();
+        assert_eq!(br.admit(later), Admission::Trial);
     }
 
     #[test]

@@ -41,9 +41,45 @@ pub fn is_reserved(name: &str) -> bool {
     })
 }
 
+/// The one length a list of `Content-Length` values (several header lines, comma lists) stands
+/// for: `Some` only when every value is digits and all are equal (RFC 9110 §8.6); the upstream
+/// then gets that single value, never the list, which servers read differently.
+pub fn single_content_length<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Option<u64> {
+    let mut n: Option<u64> = None;
+    for line in values {
+        for v in line.split(|&b| b == b',') {
+            let v = v.trim_ascii();
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) || v.len() > 19 {
+                return None;
+            }
+            let x: u64 = std::str::from_utf8(v).ok()?.parse().ok()?;
+            match n {
+                Some(prev) if prev != x => return None,
+                _ => n = Some(x),
+            }
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_length_lists_collapse_only_when_identical() {
+        let one = |v: &[&str]| single_content_length(v.iter().map(|s| s.as_bytes()));
+        assert_eq!(one(&["5"]), Some(5));
+        assert_eq!(one(&["5, 5"]), Some(5));
+        assert_eq!(one(&["5", "5,5"]), Some(5));
+        assert_eq!(one(&["5, 6"]), None);
+        assert_eq!(one(&["5", "6"]), None);
+        assert_eq!(one(&["+5"]), None);
+        assert_eq!(one(&["5,"]), None);
+        assert_eq!(one(&["0x5"]), None);
+        assert_eq!(one(&["99999999999999999999"]), None);
+        assert_eq!(one(&[]), None);
+    }
 
     #[test]
     fn every_spelling_of_an_identity_header_is_reserved() {

@@ -103,16 +103,7 @@ pub struct ServiceEntry {
 
 impl ServiceEntry {
     pub fn ip_allowed(&self, ip: Option<IpAddr>) -> bool {
-        if self.allowed_ips.is_empty() {
-            return true;
-        }
-        // Fail closed: a restricted service with no known peer address is refused.
-        let Some(ip) = ip else { return false };
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        self.allowed_ips.iter().any(|net| net.contains(&ip))
+        ip_allowed(&self.allowed_ips, ip)
     }
 }
 
@@ -238,6 +229,27 @@ fn build_service(
 }
 
 /// Accepts `10.0.0.0/8` and a bare address (`10.1.2.3`, meaning /32 or /128).
+/// Whether a caller at `ip` may use a service restricted to `allowed` (empty: anywhere). The
+/// one check for the sidecar, the token endpoint and the admin plane's own service-key
+/// authentication. Fails closed: a restricted service with no known peer address is refused.
+pub fn ip_allowed(allowed: &[IpNet], ip: Option<IpAddr>) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(ip) = ip else { return false };
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    allowed.iter().any(|net| net.contains(&ip))
+}
+
+/// CIDRs as stored; entries that do not parse are skipped (the admin API validates them on the
+/// way in, so none should exist).
+pub fn parse_cidrs(list: &[String]) -> Vec<IpNet> {
+    list.iter().filter_map(|c| parse_cidr(c)).collect()
+}
+
 pub fn parse_cidr(s: &str) -> Option<IpNet> {
     s.parse::<IpNet>()
         .ok()

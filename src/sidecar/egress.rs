@@ -352,6 +352,10 @@ impl Egress {
                 "the destination keeps failing; try again shortly",
             );
         }
+        let trial = TrialGuard {
+            breaker: &d.breaker,
+            armed: admission == Admission::Trial,
+        };
         let rmethod = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
         let outcome = async {
             let cred = self.credential(d, None).await.map_err(Failure::Credential)?;
@@ -379,6 +383,8 @@ impl Egress {
             Ok::<_, Failure>((resp, attempts))
         }
         .await;
+        // Success or failure below settles the breaker, trial included.
+        trial.settled();
         let now = Instant::now();
         let response = match outcome {
             Ok((resp, attempts)) => {
@@ -459,6 +465,27 @@ async fn relay(resp: reqwest::Response) -> Response {
     }
 }
 
+/// Releases a half-open trial whose request future is dropped before it settles (the caller
+/// went away, a shutdown): otherwise the breaker would wait for that trial for ever.
+struct TrialGuard<'a> {
+    breaker: &'a Mutex<Breaker>,
+    armed: bool,
+}
+
+impl TrialGuard<'_> {
+    fn settled(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TrialGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.breaker.lock().unwrap_or_else(|p| p.into_inner()).abandon_trial();
+        }
+    }
+}
+
 async fn handle(State(eg): State<Arc<Egress>>, req: Request) -> Response {
     eg.forward(req).await
 }
@@ -502,6 +529,53 @@ pub fn spawn(
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A half-open trial whose request is cancelled mid-call releases the breaker: the next
+    /// request is tried instead of refused for good.
+    #[tokio::test]
+    async fn a_cancelled_trial_does_not_keep_the_circuit_open() {
+        let app = axum::Router::new()
+            .route("/fail", axum::routing::get(|| async { StatusCode::SERVICE_UNAVAILABLE }))
+            .route("/ok", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/hang",
+                axum::routing::get(|| async {
+                    std::future::pending::<()>().await;
+                    "never"
+                }),
+            );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        let cfg = EgressConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            retry_deadline: Duration::from_millis(100),
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024,
+            breaker_failures: 1,
+            // Half-open at once after a failure: no sleeping in the test.
+            breaker_cooldown: Duration::ZERO,
+            destinations: vec![crate::config::EgressDestination {
+                name: "d".into(),
+                url: format!("http://{addr}"),
+                credential: EgressCredential::ApiKey(Secret::new("svc_live_x".into())),
+            }],
+        };
+        let eg = Egress::new(&cfg, &SidecarMetrics::new(10));
+        let req = |path: &str| Request::builder().uri(format!("/d{path}")).body(Body::empty()).unwrap();
+        assert_eq!(eg.forward(req("/fail")).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // The trial hangs; its caller gives up and the future is dropped mid-call.
+        let cancelled = tokio::time::timeout(Duration::from_millis(200), eg.forward(req("/hang"))).await;
+        assert!(cancelled.is_err(), "the trial should still be waiting");
+        // Without the guard this is 503 destination_unavailable for ever.
+        let r = eg.forward(req("/ok")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(!d_open(&eg));
+    }
+
+    fn d_open(eg: &Egress) -> bool {
+        eg.destinations["d"].breaker.lock().unwrap().is_open(Instant::now())
+    }
 
     /// Many concurrent callers on a cold source cause one token fetch (single flight).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! The sidecar's health listener: `/healthz` (the process answers) and `/readyz` (it holds a
-//! snapshot whose last successful sync is recent enough to trust) and `/metrics` (Prometheus).
+//! snapshot whose last successful sync is recent enough to trust, and its snapshot file has not
+//! been failing to write for longer than that) and `/metrics` (Prometheus).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -19,6 +20,9 @@ use crate::core::snapshot::Snapshot;
 pub struct Health {
     pub current: Arc<ArcSwapOption<Snapshot>>,
     pub last_sync: Arc<AtomicI64>,
+    /// Unix seconds of the first of the current run of failed snapshot-file writes; 0 while
+    /// the last write succeeded.
+    pub write_failing_since: Arc<AtomicI64>,
     pub clock: SharedClock,
     pub max_age: Duration,
     pub metrics: Arc<crate::sidecar::metrics::SidecarMetrics>,
@@ -38,7 +42,22 @@ async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, Json<Value>) {
             Json(json!({"ready": false, "reason": "no snapshot"})),
         );
     };
-    let age = h.clock.now_secs() - h.last_sync.load(Ordering::Relaxed);
+    let now = h.clock.now_secs();
+    let failing_since = h.write_failing_since.load(Ordering::Relaxed);
+    if failing_since != 0 && now - failing_since > h.max_age.as_secs() as i64 {
+        // What a restart would come back with is older than we accept: say so, so the
+        // orchestrator sees a full disk or a broken volume before it matters.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "ready": false,
+                "reason": "snapshot file cannot be written",
+                "failing_for_seconds": now - failing_since,
+                "snapshot_version": snap.version,
+            })),
+        );
+    }
+    let age = now - h.last_sync.load(Ordering::Relaxed);
     if age > h.max_age.as_secs() as i64 {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

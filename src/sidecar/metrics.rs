@@ -70,6 +70,7 @@ pub struct SidecarMetrics {
     sync_ok: IntCounter,
     sync_failures: IntCounterVec,
     sync_lag: IntGauge,
+    snapshot_writes: IntCounterVec,
     snapshot_version: IntGauge,
     snapshot_age: IntGauge,
     snapshot_keys: IntGauge,
@@ -165,6 +166,17 @@ impl SidecarMetrics {
                 "permiso_sidecar_sync_lag_milliseconds",
                 "For the last applied change: the admin plane's clock when it sent the payload to this sidecar's clock when the snapshot was in place.",
             ),
+            snapshot_writes: {
+                let c = counter_vec(
+                    &registry,
+                    "permiso_sidecar_snapshot_file_writes_total",
+                    "Writes of the snapshot file, by result (ok, failed); /readyz turns 503 when writes keep failing for ready_max_snapshot_age_seconds.",
+                    &["result"],
+                );
+                c.with_label_values(&["ok"]);
+                c.with_label_values(&["failed"]);
+                c
+            },
             snapshot_version: gauge(&registry, "permiso_sidecar_snapshot_version", "Version of the snapshot in use (0: none)."),
             snapshot_age: gauge(
                 &registry,
@@ -239,6 +251,12 @@ impl SidecarMetrics {
         if let Some(ms) = lag_ms {
             self.sync_lag.set(ms.max(0));
         }
+    }
+
+    pub fn snapshot_written(&self, ok: bool) {
+        self.snapshot_writes
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
     }
 
     pub fn sync_failed(&self, cause: &'static str) {

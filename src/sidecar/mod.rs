@@ -29,10 +29,11 @@ use crate::core::token_cache::TokenCache;
 use proxy::{Shared, SidecarProxy};
 use sync_client::{EarlySync, SyncClient};
 
-/// Loads the snapshot file, if any. A bad file is refused with a log line and the sidecar
-/// starts without a snapshot (failing closed until the first sync) rather than trusting it.
-fn initial_snapshot(cfg: &SidecarConfig) -> Option<Arc<Snapshot>> {
-    match snapshot_file::load(&cfg.snapshot_file, cfg.environment) {
+/// Loads the snapshot file, if any. A bad file (one that does not verify under this sync
+/// credential included) is refused with a log line and the sidecar starts without a snapshot
+/// (failing closed until the first sync) rather than trusting it.
+fn initial_snapshot(cfg: &SidecarConfig, key: &snapshot_file::FileKey) -> Option<Arc<Snapshot>> {
+    match snapshot_file::load(&cfg.snapshot_file, cfg.environment, key) {
         Ok(Some(s)) => {
             tracing::info!(path = %cfg.snapshot_file.display(), version = s.version, keys = s.key_count(), "loaded snapshot file");
             Some(Arc::new(s))
@@ -148,7 +149,8 @@ struct Parts {
 
 fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     check_port_free(cfg.listen)?;
-    let initial = initial_snapshot(cfg);
+    let file_key = snapshot_file::FileKey::from_credential(&cfg.sync_credential);
+    let initial = initial_snapshot(cfg, &file_key);
     // A snapshot from the file is as old as the file.
     let loaded_at = initial
         .as_ref()
@@ -156,6 +158,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs() as i64);
     let last_sync = Arc::new(std::sync::atomic::AtomicI64::new(loaded_at));
+    let write_failing_since = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let current = Arc::new(ArcSwapOption::new(initial));
     let token_cache = Arc::new(TokenCache::new(cfg.tokens.cache_entries));
     let early = Arc::new(EarlySync::new(cfg.tokens.early_sync_min_interval));
@@ -202,6 +205,9 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         last_sync: last_sync.clone(),
         clock: clock.clone(),
         metrics: metrics.clone(),
+        file_key,
+        write_failing_since: write_failing_since.clone(),
+        need_full: std::sync::atomic::AtomicBool::new(true),
     };
     let usage = usage_report::UsageReporter {
         admin_url: cfg.admin_url.clone(),
@@ -213,6 +219,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     let health = health::Health {
         current,
         last_sync,
+        write_failing_since,
         clock,
         max_age: cfg.ready_max_snapshot_age,
         metrics,

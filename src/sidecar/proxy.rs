@@ -16,7 +16,7 @@ use pingora::Result;
 use crate::config::{ForwardedFor, TokenSettings};
 use crate::core::clock::SharedClock;
 use crate::core::decision::{decide, Authorization, Credential, RequestFacts, TokenPolicy, Verdict};
-use crate::core::denial::{BadRequest, Denial, InvalidToken};
+use crate::core::denial::{BadRequest, Denial, DenialResponse, InvalidToken};
 use crate::core::headers;
 use crate::core::jwt::JwtError;
 use crate::core::key::Environment;
@@ -89,7 +89,11 @@ async fn drain_small_body(session: &mut Session) {
 
 async fn write_denial(session: &mut Session, denial: &Denial, request_id: &HeaderValue) -> Result<()> {
     drain_small_body(session).await;
-    let r = denial.response();
+    write_json(session, denial.response(), request_id).await
+}
+
+/// Writes one of core's JSON error responses.
+async fn write_json(session: &mut Session, r: DenialResponse, request_id: &HeaderValue) -> Result<()> {
     let mut h = ResponseHeader::build(r.status, Some(5 + r.headers.len()))?;
     h.insert_header("X-Request-Id", request_id.clone())?;
     h.insert_header("Content-Type", "application/json")?;
@@ -279,6 +283,26 @@ impl ProxyHttp for SidecarProxy {
             }
             None => {}
         }
+        // Framing: one Content-Length value, never a list (pingora already framed the body by
+        // the reconciled value and refused conflicting ones), and none beside
+        // Transfer-Encoding (RFC 9112 §6.3: a proxy removes it).
+        if upstream.headers.contains_key(http::header::TRANSFER_ENCODING) {
+            upstream.remove_header(&http::header::CONTENT_LENGTH);
+        } else {
+            let mut cl = upstream.headers.get_all(http::header::CONTENT_LENGTH).iter();
+            let listed = match (cl.next(), cl.next()) {
+                (Some(first), None) => first.as_bytes().contains(&b','),
+                (Some(_), Some(_)) => true,
+                (None, _) => false,
+            };
+            if listed {
+                let values = upstream.headers.get_all(http::header::CONTENT_LENGTH).iter().map(|v| v.as_bytes());
+                let n = headers::single_content_length(values).ok_or_else(|| {
+                    pingora::Error::explain(pingora::ErrorType::HTTPStatus(400), "conflicting Content-Length")
+                })?;
+                upstream.insert_header("Content-Length", n.to_string())?;
+            }
+        }
         // Callers must never be able to claim an identity or a forwarding chain.
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let mode = ctx.live.as_ref().map_or(ForwardedFor::Overwrite, |l| l.forwarded_for);
@@ -332,6 +356,38 @@ impl ProxyHttp for SidecarProxy {
             }
         }
         Ok(())
+    }
+
+    /// Upstream failures answer JSON like every denial, with the request id (pingora's default
+    /// is a bare text page).
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Ctx) -> pingora::proxy::FailToProxy {
+        use pingora::ErrorType::*;
+        let code = match (e.etype(), e.esource()) {
+            (HTTPStatus(code), _) => *code,
+            (ConnectTimedout | ReadTimedout | WriteTimedout, pingora::ErrorSource::Upstream) => 504,
+            (_, pingora::ErrorSource::Upstream) => 502,
+            // The client is gone: nothing to answer.
+            (WriteError | ReadError | ConnectionClosed, pingora::ErrorSource::Downstream) => 0,
+            (_, pingora::ErrorSource::Downstream) => 400,
+            _ => 500,
+        };
+        if ctx.request_id.is_empty() {
+            // Failed before the request was read far enough to keep the caller's.
+            ctx.request_id = self.shared.request_ids.keep_or_mint(None);
+        }
+        if code > 0 {
+            // pingora 0.9 closes the client connection after a failed upstream attempt (it
+            // reports the downstream as not reusable once a peer was chosen): say so
+            // (`Connection: close`), so the client does not send its next request into a reset.
+            session.set_keepalive(None);
+            if let Err(we) = write_json(session, DenialResponse::proxy_failure(code), &ctx.request_id).await {
+                tracing::debug!(error = %we, "could not answer a failed proxy attempt");
+            }
+        }
+        pingora::proxy::FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Ctx) {

@@ -69,6 +69,13 @@ pub struct SyncClient {
     pub last_sync: Arc<std::sync::atomic::AtomicI64>,
     pub clock: crate::core::clock::SharedClock,
     pub metrics: Arc<crate::sidecar::metrics::SidecarMetrics>,
+    /// Authenticates the snapshot file.
+    pub file_key: snapshot_file::FileKey,
+    /// See `Health::write_failing_since`.
+    pub write_failing_since: Arc<std::sync::atomic::AtomicI64>,
+    /// Until the first sync succeeds, ask for a full snapshot: a snapshot loaded from the file
+    /// is served meanwhile, but never trusted as the base of a delta.
+    pub need_full: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,8 +105,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 impl SyncClient {
     async fn fetch(&self, http: &reqwest::Client, wait: Duration) -> Result<SyncPayload, SyncError> {
+        let full = self.need_full.load(Ordering::Relaxed);
+        // A full snapshot comes at once; waiting only makes sense for changes.
+        let wait = if full { Duration::ZERO } else { wait };
         let mut url = format!("{}/v1/sync?wait={}", self.admin_url, wait.as_secs());
-        if let Some(s) = self.current.load().as_ref() {
+        if let (false, Some(s)) = (full, self.current.load().as_ref()) {
             url.push_str(&format!("&after={}&epoch={}", s.version, s.epoch));
         }
         let resp = http
@@ -117,6 +127,9 @@ impl SyncClient {
     /// Builds and swaps in the next snapshot. Returns whether anything changed.
     fn apply(&self, payload: &SyncPayload) -> Result<bool, SnapshotError> {
         let current = self.current.load_full();
+        if self.need_full.load(Ordering::Relaxed) && !payload.full {
+            return Err(SnapshotError::DeltaWithoutBase);
+        }
         let next = match (&current, payload.full) {
             (Some(cur), false) if payload.services.is_empty() && payload.version == cur.version => {
                 return Ok(false)
@@ -152,6 +165,8 @@ impl SyncClient {
     fn spawn_writer(&self) -> (std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>) {
         let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
         let (current, path) = (self.current.clone(), self.snapshot_file.clone());
+        let (key, failing_since) = (self.file_key.clone(), self.write_failing_since.clone());
+        let (metrics, clock) = (self.metrics.clone(), self.clock.clone());
         let handle = std::thread::Builder::new()
             .name("permiso-snapshot-writer".into())
             .spawn(move || {
@@ -159,9 +174,18 @@ impl SyncClient {
                 for () in rx {
                     if let Some(s) = current.load_full() {
                         let started = std::time::Instant::now();
-                        match snapshot_file::write(&path, &s) {
-                            Ok(()) => tracing::debug!(version = s.version, ms = started.elapsed().as_millis() as u64, "snapshot file written"),
-                            Err(e) => tracing::error!(path = %path.display(), error = %e, "could not write snapshot file"),
+                        match snapshot_file::write(&path, &s, &key) {
+                            Ok(()) => {
+                                failing_since.store(0, Ordering::Relaxed);
+                                metrics.snapshot_written(true);
+                                tracing::debug!(version = s.version, ms = started.elapsed().as_millis() as u64, "snapshot file written")
+                            }
+                            Err(e) => {
+                                let now = clock.now_secs().max(1);
+                                let _ = failing_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                                metrics.snapshot_written(false);
+                                tracing::error!(path = %path.display(), error = %e, "could not write snapshot file")
+                            }
                         }
                     }
                 }
@@ -210,6 +234,7 @@ impl SyncClient {
             });
             let failed = match applied {
                 Ok((changed, lag_ms)) => {
+                    self.need_full.store(false, Ordering::Relaxed);
                     self.metrics.sync_succeeded(lag_ms);
                     self.last_sync.store(self.clock.now_secs(), Ordering::Relaxed);
                     backoff = MIN_BACKOFF;

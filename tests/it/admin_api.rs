@@ -454,3 +454,121 @@ fn sync_endpoint_scopes_deltas_long_polls_and_carries_no_keys() {
     assert_eq!(services[0]["service_id"], created.service_id.as_str());
     assert_eq!(services[0]["keys"][0]["hash"].as_str().unwrap().len(), 64);
 }
+
+/// The admin plane checks a service key's allowed_ips as the sidecar does.
+#[test]
+fn a_service_key_outside_its_allowed_ips_is_refused_at_the_admin_plane() {
+    let h = Harness::start();
+    let far = h.create(json!({"service_name": "far-admin", "scopes": ["admin:*", "sync:read"], "allowed_ips": ["10.0.0.0/8"]}));
+    let near = h.create(json!({"service_name": "near-admin", "scopes": ["admin:*"], "allowed_ips": ["127.0.0.0/8"]}));
+    let get = |key: &str, path: &str| {
+        h.http
+            .get(h.admin_url(path))
+            .bearer_auth(key)
+            .send()
+            .unwrap()
+    };
+    let r = get(&far.api_key, "/auth/admin/services");
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"], "forbidden", "{v}");
+    assert!(v["error_description"].as_str().unwrap().contains("address"), "{v}");
+    assert_eq!(get(&far.api_key, "/v1/sync").status(), 403);
+    assert_eq!(get(&near.api_key, "/auth/admin/services").status(), 200);
+    // Widened to include loopback: accepted at once.
+    let (s, _) = h.admin_req(
+        reqwest::Method::PATCH,
+        &format!("/auth/admin/services/{}", far.service_id),
+        Some(json!({"allowed_ips": ["10.0.0.0/8", "127.0.0.1"]})),
+    );
+    assert_eq!(s, 200);
+    assert_eq!(get(&far.api_key, "/auth/admin/services").status(), 200);
+}
+
+/// `PERMISO_SIGNING_KEK` seals the token signing keys: no `<database>.kek` file is created,
+/// another KEK cannot open them, and an empty or malformed one is refused at start.
+#[test]
+fn the_signing_kek_comes_from_the_environment() {
+    use base64::Engine;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("kek.db");
+    let kek = |byte: u8| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([byte; 32]);
+    let admin = |kek: &str| {
+        let addr = crate::common::free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_permiso"))
+            .args(["admin", "--database", db.to_str().unwrap(), "--listen", &addr.to_string()])
+            .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
+            .env("PERMISO_SIGNING_KEK", kek)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (crate::common::Proc(child), addr)
+    };
+    let http = reqwest::blocking::Client::new();
+    let (mut first, addr) = admin(&kek(7));
+    let started = Instant::now();
+    let jwks = loop {
+        if let Ok(r) = http.get(format!("http://{addr}/.well-known/jwks.json")).send() {
+            break r.json::<Value>().unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "admin plane never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 1);
+    assert!(!dir.path().join("kek.db.kek").exists(), "no KEK file beside the database");
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    // Another KEK cannot unseal the key: the admin plane refuses to start.
+    for (what, value) in [("another KEK", kek(8)), ("an empty KEK", String::new()), ("not base64url", "!!".into())] {
+        let (mut p, _) = admin(&value);
+        let status = p.0.wait().unwrap();
+        assert!(!status.success(), "{what}: started anyway");
+        let mut err = String::new();
+        std::io::Read::read_to_string(p.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(err.to_lowercase().contains("key"), "{what}: {err}");
+    }
+    assert!(!dir.path().join("kek.db.kek").exists());
+}
+
+/// Review finding: loops of full syncs rebuilt a 2 MB payload each (admin latency 1 → 150 ms).
+/// Full snapshots are now built once per version and second and shared.
+#[test]
+fn full_syncs_at_one_version_share_one_build() {
+    let h = Harness::start();
+    for i in 0..20 {
+        h.create_unsynced(json!({"service_name": format!("bulk-{i}"), "scopes": ["trade:read"]}));
+    }
+    let built = || -> u64 {
+        let text = h.http.get(h.admin_url("/metrics")).send().unwrap().text().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("permiso_admin_full_syncs_built_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let before = built();
+    // The clock is the harness's manual one: every request below is in the same second.
+    let bodies: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..24)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&h.sync_key).send().unwrap();
+                    assert_eq!(r.status(), 200);
+                    r.text().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(built() - before, 1, "24 full syncs, one build");
+    let first: Value = serde_json::from_str(&bodies[0]).unwrap();
+    assert_eq!(first["full"], true);
+    assert!(first["services"].as_array().unwrap().len() >= 21);
+    assert!(bodies.iter().all(|b| b == &bodies[0]), "every caller got the same snapshot");
+    // A change, or the next second, builds anew.
+    h.create_unsynced(json!({"service_name": "one-more", "scopes": ["trade:read"]}));
+    let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&h.sync_key).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(built() - before, 2);
+}

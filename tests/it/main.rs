@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod e2e;
 mod egress;
+mod hardening;
 mod oauth;
 mod observability;
 mod operations;

@@ -330,6 +330,15 @@ fn introspection_reports_jwts_and_api_keys() {
     assert_eq!(r.status(), 403);
 
     let inactive = json!({"active": false});
+    // A client without token:introspect, authenticated by its secret, learns about its own
+    // tokens and keys only: another service's are exactly {"active": false}.
+    let other = h.create(json!({"service_name": "nosy", "scopes": ["trade:read"]}));
+    let nosy = Some((other.service_id.as_str(), other.client_secret.as_str()));
+    assert_eq!(introspect(&h, nosy, &jwt), (200, inactive.clone()));
+    assert_eq!(introspect(&h, nosy, &svc.api_key), (200, inactive.clone()));
+    let own_jwt = h.token(&other, None);
+    assert_eq!(introspect(&h, nosy, &own_jwt).1["active"], true);
+    assert_eq!(introspect(&h, nosy, &other.api_key).1["active"], true);
     for garbage in ["garbage", "svc_live_nope", "eyJ.eyJ.sig", &"x".repeat(3000)] {
         assert_eq!(
             introspect(&h, me, garbage),
@@ -560,25 +569,64 @@ fn every_token_endpoint_error() {
     assert_eq!(r.status(), 200);
 }
 
+/// A token request from a given loopback source address (127.0.0.2+ stand for other hosts).
+fn token_request_from(h: &Harness, from: &str, id: &str, secret: &str) -> reqwest::blocking::Response {
+    let client = reqwest::blocking::Client::builder()
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    client
+        .post(h.admin_url("/oauth/token"))
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .unwrap()
+}
+
 #[test]
-fn the_token_endpoint_throttles_guessing() {
+fn the_token_endpoint_throttles_failures_and_never_a_client_that_has_not_failed() {
     let h = Harness::start_custom(crate::common::ROUTES, |f| {
-        f.token_requests_per_minute_per_client = 3
+        f.client_auth_failures_per_minute = 3;
+        f.client_auth_failures_per_minute_per_ip = 6;
     });
     let svc = trader(&h);
-    let cc = ("grant_type", "client_credentials");
+    let id = svc.service_id.as_str();
+    // Someone else, at another address, fails with this client's id (ids are not secret).
     for _ in 0..3 {
-        expect_error(
-            token_request(&h, Some((&svc.service_id, "pcs_guess")), &[cc]),
-            401,
-            "invalid_client",
-            "guess",
-        );
+        let r = token_request_from(&h, "127.0.0.2", id, "pcs_guess");
+        expect_error(r, 401, "invalid_client", "guess");
     }
-    let r = token_request(&h, Some((&svc.service_id, &svc.client_secret)), &[cc]);
+    // That pair is now refused before the secret is checked, even with the right one...
+    let r = token_request_from(&h, "127.0.0.2", id, &svc.client_secret);
     assert_eq!(r.status(), 429);
-    assert!(header(&r, "retry-after").is_some());
+    assert!(header(&r, "retry-after").is_some_and(|v| v.parse::<u64>().unwrap() > 0));
     assert_eq!(r.json::<Value>().unwrap()["error"], "rate_limited");
+    // ...and the real client, from its own address, is not locked out: 200 every time.
+    for _ in 0..20 {
+        assert_eq!(token_request_from(&h, "127.0.0.1", id, &svc.client_secret).status(), 200);
+    }
+    // An address spraying failures over many ids is refused as a whole.
+    for i in 0..6 {
+        let other = format!("srv_{:0>22}", i);
+        let r = token_request_from(&h, "127.0.0.3", &other, "pcs_guess");
+        assert_eq!(r.status(), 401, "attempt {i}");
+    }
+    assert_eq!(token_request_from(&h, "127.0.0.3", id, &svc.client_secret).status(), 429);
+    assert_eq!(token_request_from(&h, "127.0.0.1", id, &svc.client_secret).status(), 200);
+    // The window ends: the pair may try again.
+    h.clock.advance(Duration::from_secs(61));
+    assert_eq!(token_request_from(&h, "127.0.0.2", id, &svc.client_secret).status(), 200);
+    // Failed client authentications are audited, naming the client tried.
+    let (s, v) = h.admin_req(Method::GET, "/auth/admin/audit?action=auth.failed&limit=1000", None);
+    assert_eq!(s, 200);
+    let entries = v["entries"].as_array().unwrap();
+    let for_client = entries
+        .iter()
+        .filter(|e| e["target"] == id && e["change"]["reason"] == "wrong client secret")
+        .count();
+    assert_eq!(for_client, 3, "{v}");
+    assert!(entries.iter().all(|e| e["source_ip"] != "127.0.0.1"), "the real client never failed");
+    assert!(!v.to_string().contains("pcs_guess"), "secrets never reach the audit log");
 }
 
 #[test]

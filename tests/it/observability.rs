@@ -214,6 +214,23 @@ fn sidecars_report_key_use_so_admins_see_old_keys_in_grace() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 403, "a key without sync:read may not report usage");
+    // A time in the future beyond the allowed skew is refused, and the whole report with it.
+    let future = h.clock_secs() as i64 + permiso::admin::usage::MAX_CLOCK_SKEW_SECS + 3600;
+    let r = h
+        .http
+        .post(h.admin_url("/v1/usage"))
+        .bearer_auth(&h.sync_key)
+        .json(&json!({"keys": [
+            {"key_id": rotated["key_id"], "last_used_at": h.clock_secs()},
+            {"key_id": svc.key_id, "last_used_at": future},
+        ]}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().unwrap()["error_description"].as_str().unwrap().contains("future"));
+    let (_, after) = h.admin_req(Method::GET, &format!("/auth/admin/services/{}", svc.service_id), None);
+    let old_after = after["keys"].as_array().unwrap().iter().find(|k| k["key_id"] == svc.key_id.as_str()).unwrap().clone();
+    assert_eq!(old_after["last_used_at"], old["last_used_at"], "nothing written");
 }
 
 fn audit_all(h: &Harness, query: &str) -> Vec<AuditEntry> {

@@ -718,7 +718,7 @@ fn a_truncated_snapshot_file_is_refused_with_a_clear_log_line() {
         refusal["fields"]["error"]
             .as_str()
             .unwrap()
-            .contains("not valid JSON"),
+            .contains("does not verify"),
         "{refusal}"
     );
     assert_eq!(refusal["level"], "ERROR");

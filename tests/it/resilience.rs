@@ -117,3 +117,86 @@ fn a_sidecar_refuses_to_start_on_a_busy_port_instead_of_running_deaf() {
     );
     assert_eq!(h.get("/health", None).status(), 200, "the first one is untouched");
 }
+
+/// Review finding: with write access to the snapshot file, adding a scope and restarting the
+/// sidecar granted it, and it survived the admin plane's return. The file is authenticated now.
+#[test]
+fn an_edited_snapshot_file_grants_nothing() {
+    let mut h = Harness::start();
+    let svc = h.create(json!({"service_name": "edited", "scopes": ["trade:read"]}));
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
+    assert_eq!(h.get("/api/v1/account", Some(&svc.api_key)).status(), 403);
+    h.stop_sidecar();
+    h.stop_admin();
+    let text = std::fs::read_to_string(h.snapshot_path()).unwrap();
+    let (header, body) = text.split_once('\n').unwrap();
+    let granted = body.replacen("\"trade:read\"", "\"trade:read\",\"account:read\"", 1);
+    assert_ne!(granted, body, "the scope is in the file");
+    std::fs::write(h.snapshot_path(), format!("{header}\n{granted}")).unwrap();
+
+    // Refused whole: protected routes fail closed until a sync.
+    h.start_sidecar(ROUTES);
+    assert_eq!(h.get("/api/v1/account", Some(&svc.api_key)).status(), 503);
+    assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 503);
+
+    // The admin plane returns: the sidecar takes the real state, not the file's.
+    h.restart_admin();
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(15));
+    assert_eq!(h.get("/api/v1/account", Some(&svc.api_key)).status(), 403);
+    // And writes it back authenticated: a restart with the admin plane down serves from it.
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(h.snapshot_path()).unwrap().contains("\"account:read\"") {
+        assert!(started.elapsed() < Duration::from_secs(10), "the file was never rewritten");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.stop_sidecar();
+    h.stop_admin();
+    h.start_sidecar(ROUTES);
+    assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
+    assert_eq!(h.get("/api/v1/account", Some(&svc.api_key)).status(), 403);
+}
+
+#[test]
+fn a_snapshot_file_that_cannot_be_written_is_counted_and_turns_readiness_red() {
+    let h = Harness::start();
+    // The file's directory is a regular file: every write fails.
+    let blocker = h.dir.path().join("blocker");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let mut cfg = h.sidecar_config(ROUTES);
+    cfg.listen = crate::common::free_port();
+    cfg.snapshot_file = blocker.join("snapshot.json");
+    let clock: permiso::core::clock::SharedClock = std::sync::Arc::new(h.clock.clone());
+    let sc = permiso::sidecar::start(cfg, clock).unwrap();
+    let health = sc.health_addr.unwrap();
+    let probe = || {
+        let r = h.http.get(format!("http://{health}/readyz")).send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    let failed_writes = || {
+        let text = h.http.get(format!("http://{health}/metrics")).send().unwrap().text().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("permiso_sidecar_snapshot_file_writes_total{result=\"failed\"} "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let started = std::time::Instant::now();
+    while failed_writes() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "no failed write counted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Within the bound it still serves and says ready.
+    assert_eq!(probe().0, 200);
+    h.clock.advance(Duration::from_secs(61));
+    let (s, v) = probe();
+    assert_eq!((s, v["reason"].as_str()), (503, Some("snapshot file cannot be written")), "{v}");
+    // The disk is fixed: the next change is written and readiness returns.
+    std::fs::remove_file(&blocker).unwrap();
+    std::fs::create_dir(&blocker).unwrap();
+    h.create(json!({"service_name": "after-fix", "scopes": ["trade:read"]}));
+    let started = std::time::Instant::now();
+    while probe().0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(10), "still not ready: {:?}", probe());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(blocker.join("snapshot.json").exists());
+}
