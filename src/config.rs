@@ -166,6 +166,18 @@ pub mod file {
         /// Requests one client connection may make before the sidecar closes it. Default 1000.
         #[serde(default = "default_requests_per_connection")]
         pub max_requests_per_connection: u32,
+        /// A new connection must deliver its first request head within this. Default 10000.
+        #[serde(default = "default_header_read_timeout")]
+        pub header_read_timeout_ms: u64,
+        /// A kept-alive connection must deliver its next request head within this, or it is
+        /// closed. Default 60000.
+        #[serde(default = "default_idle_timeout")]
+        pub idle_timeout_ms: u64,
+        /// Client connections open at once on the proxy listener; at the limit the oldest idle
+        /// one is closed for a new one (a new one is closed when none is idle). Lowered to fit
+        /// the file-descriptor limit, which is raised to its hard limit at start. Default 10000.
+        #[serde(default = "default_max_connections")]
+        pub max_connections: usize,
         /// Seconds to let in-flight requests finish on SIGTERM. Default 10.
         #[serde(default = "default_grace")]
         pub shutdown_grace_seconds: u64,
@@ -330,6 +342,15 @@ pub mod file {
         pub forward_authorization: bool,
     }
 
+    fn default_header_read_timeout() -> u64 {
+        10_000
+    }
+    fn default_idle_timeout() -> u64 {
+        60_000
+    }
+    fn default_max_connections() -> usize {
+        10_000
+    }
     fn default_forwarded_for() -> String {
         "overwrite".into()
     }
@@ -406,6 +427,9 @@ pub struct SidecarConfig {
     pub snapshot_file: PathBuf,
     pub threads: usize,
     pub max_requests_per_connection: u32,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
     pub shutdown_grace: Duration,
     pub admin_listen: Option<SocketAddr>,
     pub ready_max_snapshot_age: Duration,
@@ -823,6 +847,18 @@ impl SidecarConfig {
             snapshot_file: PathBuf::from(&f.snapshot_file),
             threads: f.threads,
             max_requests_per_connection: f.max_requests_per_connection,
+            header_read_timeout: match f.header_read_timeout_ms {
+                0 => return Err(invalid("sidecar.header_read_timeout_ms", "must be at least 1")),
+                ms => Duration::from_millis(ms),
+            },
+            idle_timeout: match f.idle_timeout_ms {
+                0 => return Err(invalid("sidecar.idle_timeout_ms", "must be at least 1")),
+                ms => Duration::from_millis(ms),
+            },
+            max_connections: match f.max_connections {
+                0 => return Err(invalid("sidecar.max_connections", "must be at least 1")),
+                n => n,
+            },
             shutdown_grace: Duration::from_secs(f.shutdown_grace_seconds),
             admin_listen: f
                 .admin_listen

@@ -9,7 +9,6 @@ pub mod extract;
 pub mod metrics;
 pub mod model;
 pub mod oauth;
-pub mod server;
 pub mod services;
 pub mod signing;
 pub mod signing_keys;
@@ -255,13 +254,14 @@ pub async fn serve(
     let state = build_state(cfg, clock, shutdown.clone(), listener.local_addr()?)?;
     tracing::info!(addr = %listener.local_addr()?, epoch = state.store.epoch(), "admin plane listening");
     tokio::spawn(prune_throttles(state.clone(), shutdown.clone()));
-    let limits = server::ConnLimits {
+    let limits = crate::http_server::ConnLimits {
         max_header_bytes: state.cfg.max_header_bytes,
         header_read_timeout: state.cfg.header_read_timeout,
         max_requests_per_connection: state.cfg.max_requests_per_connection,
         max_connections: state.cfg.max_connections,
+        at_capacity: crate::http_server::AtCapacity::Wait,
     };
-    server::serve(listener, router(state), limits, shutdown).await?;
+    crate::http_server::serve(listener, router(state), limits, shutdown).await?;
     Ok(())
 }
 

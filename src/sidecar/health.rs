@@ -26,6 +26,8 @@ pub struct Health {
     pub clock: SharedClock,
     pub max_age: Duration,
     pub metrics: Arc<crate::sidecar::metrics::SidecarMetrics>,
+    /// The proxy listener's connections, for the open-connections gauge.
+    pub connections: Option<Arc<crate::conn_limit::ConnTable>>,
 }
 
 async fn metrics(State(h): State<Arc<Health>>) -> impl axum::response::IntoResponse {
@@ -74,11 +76,16 @@ async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, Json<Value>) {
     )
 }
 
+/// Open connections the health listener holds at once; past it the oldest idle one is closed
+/// for the new one, so probes get through a flood of idle or slow connections.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// Binds and serves on its own thread until `shutdown` turns true.
 pub fn spawn(
     listen: SocketAddr,
     health: Health,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    header_read_timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let listener = std::net::TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
@@ -88,13 +95,16 @@ pub fn spawn(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(Arc::new(health));
+    let limits = crate::http_server::ConnLimits {
+        max_header_bytes: 16 * 1024,
+        header_read_timeout,
+        max_requests_per_connection: 1000,
+        max_connections: MAX_CONNECTIONS,
+        at_capacity: crate::http_server::AtCapacity::ShedOldestIdle,
+    };
     let thread = crate::sidecar::spawn_on_own_thread("permiso-health", async move {
         let l = tokio::net::TcpListener::from_std(listener).expect("listener");
-        let _ = axum::serve(l, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            })
-            .await;
+        let _ = crate::http_server::serve(l, app, limits, shutdown).await;
     })?;
     Ok((addr, thread))
 }

@@ -60,6 +60,9 @@ pub enum Decided {
     Denied,
 }
 
+/// Why the proxy listener closes a client connection itself (`connection_closed`).
+pub const CONNECTION_CLOSE_REASONS: [&str; 4] = ["header_timeout", "idle_timeout", "shed", "refused"];
+
 pub struct SidecarMetrics {
     registry: Registry,
     allowed: IntCounter,
@@ -71,6 +74,8 @@ pub struct SidecarMetrics {
     sync_failures: IntCounterVec,
     sync_lag: IntGauge,
     snapshot_writes: IntCounterVec,
+    connections_closed: HashMap<&'static str, IntCounter>,
+    open_connections: IntGauge,
     snapshot_version: IntGauge,
     snapshot_age: IntGauge,
     snapshot_keys: IntGauge,
@@ -177,6 +182,16 @@ impl SidecarMetrics {
                 c.with_label_values(&["failed"]);
                 c
             },
+            connections_closed: {
+                let c = counter_vec(
+                    &registry,
+                    "permiso_sidecar_connections_closed_total",
+                    "Client connections the proxy listener closed itself, by reason: header_timeout (a new connection's first request head took longer than header_read_timeout_ms), idle_timeout (a kept-alive one's next head, idle_timeout_ms), shed (the oldest idle one, for a new one at max_connections), refused (a new one at max_connections with none idle).",
+                    &["reason"],
+                );
+                CONNECTION_CLOSE_REASONS.iter().map(|r| (*r, c.with_label_values(&[r]))).collect()
+            },
+            open_connections: gauge(&registry, "permiso_sidecar_open_connections", "Client connections open on the proxy listener."),
             snapshot_version: gauge(&registry, "permiso_sidecar_snapshot_version", "Version of the snapshot in use (0: none)."),
             snapshot_age: gauge(
                 &registry,
@@ -253,6 +268,12 @@ impl SidecarMetrics {
         }
     }
 
+    pub fn connection_closed(&self, reason: &'static str) {
+        if let Some(c) = self.connections_closed.get(reason) {
+            c.inc();
+        }
+    }
+
     pub fn snapshot_written(&self, ok: bool) {
         self.snapshot_writes
             .with_label_values(&[if ok { "ok" } else { "failed" }])
@@ -285,6 +306,9 @@ impl SidecarMetrics {
     /// The text exposition, with the snapshot-derived values read now.
     pub fn render(&self, health: &Health) -> String {
         let snapshot = health.current.load_full();
+        if let Some(t) = &health.connections {
+            self.open_connections.set(t.len() as i64);
+        }
         let age = health.clock.now_secs() - health.last_sync.load(Ordering::Relaxed);
         self.snapshot_age.set(if snapshot.is_some() { age } else { 0 });
         self.snapshot_version

@@ -4,6 +4,7 @@
 
 pub mod egress;
 pub mod health;
+pub mod listener;
 pub mod metrics;
 pub mod passthrough;
 pub mod proxy;
@@ -81,6 +82,9 @@ fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> 
             "max_requests_per_connection",
         ),
         (o.shutdown_grace != n.shutdown_grace, "shutdown_grace_seconds"),
+        (o.header_read_timeout != n.header_read_timeout, "header_read_timeout_ms"),
+        (o.idle_timeout != n.idle_timeout, "idle_timeout_ms"),
+        (o.max_connections != n.max_connections, "max_connections"),
         (o.environment != n.environment, "environment"),
         (o.snapshot_file != n.snapshot_file, "snapshot_file"),
         (
@@ -179,18 +183,29 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         shared: shared.clone(),
         started: cfg.clone(),
     });
-    let mut service = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        SidecarProxy { shared },
-        "permiso sidecar",
-    );
-    if let Some(app) = service.app_logic_mut() {
-        // Like nginx's keepalive_requests: bounds what one client connection can hold on to.
-        let mut options = pingora::apps::HttpServerOptions::default();
-        // pingora counts reuses after the first request.
-        options.keepalive_request_limit = Some(cfg.max_requests_per_connection - 1);
-        app.server_options = Some(options);
+    let mut proxy = pingora::proxy::http_proxy(&server.configuration, SidecarProxy { shared });
+    // Like nginx's keepalive_requests: bounds what one client connection can hold on to.
+    let mut options = pingora::apps::HttpServerOptions::default();
+    // pingora counts reuses after the first request.
+    options.keepalive_request_limit = Some(cfg.max_requests_per_connection - 1);
+    proxy.server_options = Some(options);
+    let (fd_soft, fd_hard) = listener::raise_fd_limit();
+    let max_connections = listener::fit_max_connections(cfg.max_connections, fd_soft);
+    if max_connections < cfg.max_connections {
+        tracing::warn!(wanted = cfg.max_connections, max_connections, fd_soft, fd_hard, "max_connections lowered to fit the file-descriptor limit");
     }
+    tracing::info!(fd_soft, fd_hard, max_connections, "file-descriptor limit");
+    let connections = crate::conn_limit::ConnTable::new(max_connections);
+    let mut service = pingora::services::listening::Service::new(
+        "permiso sidecar".to_string(),
+        listener::Guarded {
+            inner: Arc::new(proxy),
+            table: connections.clone(),
+            header_read_timeout: cfg.header_read_timeout,
+            idle_timeout: cfg.idle_timeout,
+            metrics: metrics.clone(),
+        },
+    );
     service.add_tcp(&cfg.listen.to_string());
     server.add_service(service);
     let sync = SyncClient {
@@ -223,6 +238,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         clock,
         max_age: cfg.ready_max_snapshot_age,
         metrics,
+        connections: Some(connections),
     };
     Ok(Parts {
         server,
@@ -259,7 +275,7 @@ fn spawn_side_jobs(
     };
     let health_addr = match cfg.admin_listen {
         Some(addr) => {
-            let (a, t) = health::spawn(addr, health, stop.clone())?;
+            let (a, t) = health::spawn(addr, health, cfg.header_read_timeout, stop.clone())?;
             threads.push(t);
             Some(a)
         }

@@ -186,6 +186,7 @@ impl ProxyHttp for SidecarProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        crate::sidecar::listener::head_read();
         let shared = &self.shared;
         let snapshot = shared.snapshot.load();
         let live = shared.live.load_full();

@@ -238,3 +238,90 @@ fn a_trace_level_log_holds_no_credential() {
         assert!(!text.contains(&secret[secret.len() - 16..]), "part of the {what} is in the trace log");
     }
 }
+
+/// A client that opened a connection and sent part of a request head, then nothing.
+fn slowloris(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: ").unwrap();
+    s
+}
+
+fn metric(h: &Harness, health: std::net::SocketAddr, line: &str) -> u64 {
+    let text = h.http.get(format!("http://{health}/metrics")).send().unwrap().text().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+}
+
+/// Review finding: 2,000 connections trickling a header line every few seconds were held for
+/// good, idle connections on the health port too, and at the descriptor limit legitimate
+/// requests and /readyz timed out.
+#[test]
+fn slow_and_idle_connections_never_starve_real_clients() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "steady", "scopes": ["trade:read"]}));
+    let health = h.sidecar.as_ref().unwrap().health_addr.unwrap();
+    let steady = |addr: std::net::SocketAddr, n: usize| {
+        // Fresh connections (what a flood would starve) and one kept-alive client.
+        let fresh = || reqwest::blocking::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(5)).build().unwrap();
+        let kept = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+        for i in 0..n {
+            let client = if i % 2 == 0 { fresh() } else { kept.clone() };
+            let r = client.get(format!("http://{addr}/api/v1/trades")).bearer_auth(&svc.api_key).send();
+            assert_eq!(r.map(|r| r.status().as_u16()).ok(), Some(200), "request {i} through the flood");
+            let r = client.get(format!("http://{health}/readyz")).send();
+            assert_eq!(r.map(|r| r.status().as_u16()).ok(), Some(200), "probe {i} through the flood");
+        }
+    };
+
+    // Defaults: 2,000 slow connections on the proxy port and 400 idle ones on the health port
+    // are held while real traffic goes through.
+    let flood: Vec<TcpStream> = (0..2000).map(|_| slowloris(h.sidecar_addr)).collect();
+    let idle: Vec<TcpStream> = (0..400).map(|_| TcpStream::connect(health).unwrap()).collect();
+    steady(h.sidecar_addr, 50);
+    assert!(metric(&h, health, "permiso_sidecar_open_connections ") >= 2000);
+    drop(flood);
+
+    // Tight limits: at max_connections the oldest idle connection makes room; the slow ones
+    // are cut at the header deadline.
+    let mut cfg = h.sidecar_config(ROUTES);
+    cfg.listen = free_port();
+    cfg.admin_listen = Some(free_port());
+    cfg.snapshot_file = h.dir.path().join("tight.json");
+    cfg.max_connections = 32;
+    cfg.header_read_timeout = Duration::from_millis(300);
+    cfg.idle_timeout = Duration::from_millis(600);
+    let clock: SharedClock = std::sync::Arc::new(h.clock.clone());
+    let tight = permiso::sidecar::start(cfg, clock).unwrap();
+    let th = tight.health_addr.unwrap();
+    let started = std::time::Instant::now();
+    while h.http.get(format!("http://{th}/readyz")).send().map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let flood: Vec<TcpStream> = (0..300).map(|_| slowloris(tight.addr)).collect();
+    steady(tight.addr, 40);
+    assert!(metric(&h, th, "permiso_sidecar_connections_closed_total{reason=\"shed\"} ") > 0);
+    assert!(metric(&h, th, "permiso_sidecar_open_connections ") <= 32);
+    // A connection that keeps trickling bytes is closed at the deadline anyway.
+    let mut trickle = slowloris(tight.addr);
+    trickle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = std::time::Instant::now();
+    let closed = loop {
+        if trickle.write_all(b"x").is_err() {
+            break true;
+        }
+        let mut b = [0u8; 1];
+        trickle.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        if let Ok(0) = trickle.read(&mut b) {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+    };
+    assert!(closed, "a trickling connection was never cut");
+    assert!(metric(&h, th, "permiso_sidecar_connections_closed_total{reason=\"header_timeout\"} ") > 0);
+    drop((flood, idle));
+}
