@@ -25,6 +25,10 @@ CREATE TABLE IF NOT EXISTS services (
     allowed_ips           TEXT NOT NULL,            -- JSON array of CIDRs; empty = anywhere
     disabled              INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1)),
     access_token_lifetime INTEGER NOT NULL DEFAULT 3600 CHECK (access_token_lifetime BETWEEN 60 AND 86400),
+    -- Access tokens issued (iat) before this are refused: set when the service is disabled, so
+    -- re-enabling it does not bring its old tokens back. (Databases from before this column
+    -- get it added at start: see Store::open.)
+    tokens_not_before     INTEGER NOT NULL DEFAULT 0,
     created_at            INTEGER NOT NULL,         -- unix seconds
     updated_at            INTEGER NOT NULL,
     version               INTEGER NOT NULL          -- meta.version of the last change

@@ -40,6 +40,7 @@ fn snapshot(n: usize) -> (Snapshot, String) {
                 rate_limit_per_minute: None,
                 rate_limit_per_hour: None,
                 allowed_ips: vec![],
+                tokens_not_before: 0,
                 keys,
             }
         })

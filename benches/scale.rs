@@ -33,6 +33,7 @@ fn service(i: usize, keys: Vec<SyncKey>) -> SyncService {
         rate_limit_per_minute: None,
         rate_limit_per_hour: None,
         allowed_ips: vec![],
+        tokens_not_before: 0,
         keys,
     }
 }

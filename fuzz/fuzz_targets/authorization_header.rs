@@ -65,6 +65,7 @@ fn service(id: &str, env: Environment, scopes: &[&str], keys: Vec<SyncKey>) -> S
         rate_limit_per_minute: None,
         rate_limit_per_hour: None,
         allowed_ips: vec![],
+        tokens_not_before: 0,
         keys,
     }
 }

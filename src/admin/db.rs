@@ -220,6 +220,8 @@ pub struct ServiceRecord {
     pub allowed_ips: Vec<String>,
     pub disabled: bool,
     pub access_token_lifetime: u32,
+    /// Access tokens with an `iat` before this are refused (set on disable).
+    pub tokens_not_before: i64,
     pub created_at: i64,
     pub updated_at: i64,
     pub keys: Vec<KeyRecord>,
@@ -266,7 +268,7 @@ fn to_json(v: &[String]) -> String {
 
 const SERVICE_COLS: &str = "id, name, environment, description, contact_email, is_trusted, scopes, \
      rate_limit_per_minute, rate_limit_per_hour, allowed_ips, disabled, created_at, updated_at, \
-     access_token_lifetime";
+     access_token_lifetime, tokens_not_before";
 
 struct RawService {
     rec: ServiceRecord,
@@ -292,6 +294,7 @@ fn raw_service(r: &Row<'_>) -> rusqlite::Result<RawService> {
             created_at: r.get(11)?,
             updated_at: r.get(12)?,
             access_token_lifetime: r.get(13)?,
+            tokens_not_before: r.get(14)?,
             keys: vec![],
             secrets: vec![],
         },
@@ -373,7 +376,7 @@ fn insert_service(
     version: u64,
 ) -> rusqlite::Result<usize> {
     tx.prepare_cached(&format!(
-        "INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12,?13)"
+        "INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12,0,?13)"
     ))?
     .execute(params![
         id,
@@ -493,6 +496,20 @@ fn owner_of(
         .optional()?)
 }
 
+/// Columns added after a database may have been created: `CREATE TABLE IF NOT EXISTS` does not
+/// add them to an existing table. (Versioned migrations are to replace this.)
+fn add_missing_columns(conn: &Connection) -> StoreResult<()> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('services') WHERE name = 'tokens_not_before'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        conn.execute_batch("ALTER TABLE services ADD COLUMN tokens_not_before INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
+}
+
 impl Store {
     pub fn open(path: &Path) -> StoreResult<Store> {
         let conn = Connection::open(path)?;
@@ -503,6 +520,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        add_missing_columns(&conn)?;
         let epoch: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE name = 'epoch'", [], |r| r.get(0))
             .optional()?;
@@ -658,6 +676,14 @@ impl Store {
                 id
             ],
         )?;
+        if p.disabled == Some(true) && !cur.disabled {
+            // Every access token issued so far dies with the disable, for good: tokens carry
+            // whole seconds, so the floor is the next second.
+            tx.execute(
+                "UPDATE services SET tokens_not_before = ?1 WHERE id = ?2",
+                params![now + 1, id],
+            )?;
+        }
         let v = touch_service(&tx, id, now)?;
         let rec = load_service(&tx, id)?;
         append_audit(
@@ -878,14 +904,18 @@ impl Store {
     }
 
     /// Whether the service exists and is enabled (introspection of a JWT checks this).
-    pub fn service_enabled(&self, id: &str) -> StoreResult<bool> {
+    /// Whether an access token of client `id` issued at `iat` may still be honoured: the
+    /// service exists, is enabled, and was not disabled since the token was issued.
+    pub fn token_client_ok(&self, id: &str, iat: i64) -> StoreResult<bool> {
         Ok(self
             .conn()
-            .query_row("SELECT disabled FROM services WHERE id = ?1", [id], |r| {
-                r.get::<_, bool>(0)
-            })
+            .query_row(
+                "SELECT disabled, tokens_not_before FROM services WHERE id = ?1",
+                [id],
+                |r| Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?)),
+            )
             .optional()?
-            .is_some_and(|disabled| !disabled))
+            .is_some_and(|(disabled, floor)| !disabled && iat >= floor))
     }
 
     pub fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>> {
@@ -1110,6 +1140,7 @@ impl Store {
                     rate_limit_per_minute: rec.rate_limit_per_minute,
                     rate_limit_per_hour: rec.rate_limit_per_hour,
                     allowed_ips: rec.allowed_ips,
+                    tokens_not_before: rec.tokens_not_before,
                     keys,
                 });
             }
@@ -1146,5 +1177,37 @@ impl Store {
             revoked_tokens,
             generated_at_ms: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database created before `tokens_not_before` existed gets the column at start.
+    #[test]
+    fn an_older_database_gets_the_new_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old_schema: String = SCHEMA
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("tokens_not_before"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_ne!(old_schema.len(), SCHEMA.len());
+        Connection::open(&path).unwrap().execute_batch(&old_schema).unwrap();
+        let store = Store::open(&path).unwrap();
+        let n: i64 = store
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('services') WHERE name = 'tokens_not_before'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+        drop(store);
+        // Opening again is a no-op.
+        Store::open(&path).unwrap();
     }
 }

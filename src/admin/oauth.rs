@@ -408,11 +408,11 @@ async fn active_claims(st: &AppState, token: &str) -> Result<Option<AccessClaims
     let Ok(c) = jwt::verify(token, &keys, &want, now) else {
         return Ok(None);
     };
-    let (jti, client) = (c.jti.clone(), c.client_id.clone());
-    let (revoked, enabled) = st
-        .db(move |s| Ok((s.token_revoked(&jti)?, s.service_enabled(&client)?)))
+    let (jti, client, iat) = (c.jti.clone(), c.client_id.clone(), c.iat);
+    let (revoked, client_ok) = st
+        .db(move |s| Ok((s.token_revoked(&jti)?, s.token_client_ok(&client, iat)?)))
         .await?;
-    Ok((!revoked && enabled).then_some(c))
+    Ok((!revoked && client_ok).then_some(c))
 }
 
 fn inactive() -> Json<Value> {

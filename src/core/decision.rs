@@ -210,6 +210,7 @@ pub fn authenticate_token(
                 jti: Arc::from(c.jti.as_str()),
                 exp: c.exp,
                 nbf: c.nbf,
+                iat: c.iat,
                 scopes_header,
                 jti_header,
                 scopes,
@@ -231,6 +232,10 @@ pub fn authenticate_token(
     }
     if service.disabled {
         return Err(Denial::InvalidToken(InvalidToken::ServiceDisabled));
+    }
+    // Issued before the service was last disabled: dead for good, even once it is re-enabled.
+    if verified.iat < service.tokens_not_before {
+        return Err(jwt_denial(JwtError::Revoked));
     }
     Ok(Principal {
         service: service.clone(),
@@ -701,6 +706,29 @@ mod tests {
                 call(&revoked, "/t", &narrow, NOW, None).unwrap_err(),
                 Denial::InvalidToken(InvalidToken::Jwt(JwtError::Revoked))
             );
+        }
+
+        #[test]
+        fn tokens_issued_before_a_disable_stay_dead_after_re_enabling() {
+            let (der, x) = generate_ed25519();
+            let signer = Signer::new("k1".into(), &der);
+            let cache = TokenCache::new(10);
+            let t = token(&signer, "trade:read", "j-old");
+            let snap = snapshot(&["trade:read"], &[], &x);
+            assert!(call(&snap, "/t", &t, NOW, Some(&cache)).is_ok());
+            // Disabled and re-enabled since: the floor is after the token's iat.
+            let mut payload = snap.to_payload();
+            payload.services[0].tokens_not_before = SECS + 1;
+            let re_enabled = Snapshot::from_full(&payload, Environment::Live, None).unwrap();
+            for c in [None, Some(&cache)] {
+                assert_eq!(
+                    call(&re_enabled, "/t", &t, NOW, c).unwrap_err(),
+                    Denial::InvalidToken(InvalidToken::Jwt(JwtError::Revoked))
+                );
+            }
+            payload.services[0].tokens_not_before = SECS;
+            let at_iat = Snapshot::from_full(&payload, Environment::Live, None).unwrap();
+            assert!(call(&at_iat, "/t", &t, NOW, None).is_ok(), "issued at the floor: valid");
         }
 
         #[test]

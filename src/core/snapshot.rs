@@ -91,6 +91,8 @@ pub struct ServiceEntry {
     /// `RateLimit-Policy` value, built once (empty when unlimited).
     pub policy_header: HeaderValue,
     pub disabled: bool,
+    /// Access tokens issued (`iat`) before this are refused.
+    pub tokens_not_before: i64,
     pub allowed_ips: Vec<IpNet>,
     pub limits: Limits,
     pub limiter: Arc<LimiterState>,
@@ -220,6 +222,7 @@ fn build_service(
         policy_header: header(&limits.policy_header())?,
         scopes,
         disabled: s.disabled,
+        tokens_not_before: s.tokens_not_before,
         allowed_ips,
         limits,
         limiter,
@@ -379,6 +382,7 @@ impl Snapshot {
                 environment: s.environment,
                 scopes: s.scopes.to_strings(),
                 disabled: s.disabled,
+                tokens_not_before: s.tokens_not_before,
                 rate_limit_per_minute: s.limits.per_minute,
                 rate_limit_per_hour: s.limits.per_hour,
                 allowed_ips: s.allowed_ips.iter().map(|n| n.to_string()).collect(),
@@ -424,6 +428,7 @@ pub(crate) mod tests {
             rate_limit_per_minute: None,
             rate_limit_per_hour: None,
             allowed_ips: vec![],
+            tokens_not_before: 0,
             keys,
         }
     }

@@ -59,7 +59,14 @@ pub struct SyncService {
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
     pub allowed_ips: Vec<String>,
+    /// Access tokens issued (`iat`) before this are refused: the service was disabled since.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens_not_before: i64,
     pub keys: Vec<SyncKey>,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,6 +18,8 @@ pub struct VerifiedToken {
     pub jti: Arc<str>,
     pub exp: i64,
     pub nbf: i64,
+    /// Checked against the client's `tokens_not_before` (a disable kills earlier tokens).
+    pub iat: i64,
     pub scopes: ScopeSet,
     /// `X-Permiso-Scopes` and `X-Permiso-Token-Id` values, built once per verified token.
     pub scopes_header: http::HeaderValue,
@@ -76,6 +78,7 @@ mod tests {
             jti: Arc::from(jti),
             exp: 10,
             nbf: 0,
+            iat: 0,
             scopes: ScopeSet::default(),
             scopes_header: http::HeaderValue::from_static(""),
             jti_header: http::HeaderValue::from_static("j"),

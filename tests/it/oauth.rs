@@ -736,3 +736,37 @@ fn signing_key_rotation_under_traffic_fails_no_request() {
     assert_eq!(h.get("/api/v1/trades", Some(&old)).status(), 401);
     assert_eq!(h.get("/api/v1/trades", Some(&new)).status(), 200);
 }
+
+/// Review finding: JWTs issued before a service was disabled worked again once it was
+/// re-enabled. A disable now kills every token issued so far, at the sidecar and at
+/// introspection, for good.
+#[test]
+fn tokens_issued_before_a_disable_stay_dead_after_re_enabling() {
+    let h = Harness::start();
+    let svc = trader(&h);
+    let rs = h.create(json!({"service_name": "rs-disable", "scopes": ["token:introspect"]}));
+    let me = Some((rs.service_id.as_str(), rs.client_secret.as_str()));
+    let old = h.token(&svc, Some("trade:read"));
+    assert_eq!(h.get("/api/v1/trades", Some(&old)).status(), 200);
+    let patch = |disabled: bool| {
+        let (s, v) = h.admin_req(
+            Method::PATCH,
+            &format!("/auth/admin/services/{}", svc.service_id),
+            Some(json!({"disabled": disabled})),
+        );
+        assert_eq!(s, 200, "{v}");
+        h.wait_sidecar_caught_up();
+    };
+    patch(true);
+    assert_eq!(h.get("/api/v1/trades", Some(&old)).status(), 401);
+    // The next second, the service is enabled again: the old token stays dead, a new one works,
+    // and so does the API key (keys are not tokens).
+    h.clock.advance(Duration::from_secs(1));
+    patch(false);
+    assert_eq!(h.get("/api/v1/trades", Some(&old)).status(), 401);
+    assert_eq!(introspect(&h, me, &old), (200, json!({"active": false})));
+    let new = h.token(&svc, Some("trade:read"));
+    assert_eq!(h.get("/api/v1/trades", Some(&new)).status(), 200);
+    assert_eq!(introspect(&h, me, &new).1["active"], true);
+    assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
+}
