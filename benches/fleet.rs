@@ -51,10 +51,19 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let log = std::fs::File::create(dir.path().join("admin.log")).unwrap();
+    // Every simulated sidecar shares one sync key: allow them all a long poll at once.
+    let config = dir.path().join("admin.toml");
+    std::fs::write(
+        &config,
+        format!("[admin_plane]\nsync_max_concurrent_per_credential = {}\n", clients * 2),
+    )
+    .unwrap();
     let admin = Proc(
         Command::new(env!("CARGO_BIN_EXE_permiso"))
             .args([
                 "admin",
+                "--config",
+                &config.display().to_string(),
                 "--listen",
                 &addr.to_string(),
                 "--database",

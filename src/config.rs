@@ -90,6 +90,10 @@ pub mod file {
         pub max_connections: usize,
         /// Upper bound on `wait` for `/v1/sync` long polls. Default 30.
         pub sync_max_wait_seconds: u64,
+        /// Sync requests (long polls included) one sync credential may have open at once;
+        /// past it, 429 with Retry-After. Give each service's sidecars their own sync key, or
+        /// raise this when many sidecars share one. Default 256.
+        pub sync_max_concurrent_per_credential: usize,
         /// Active (unexpired, unrevoked) keys one service may hold. Default 10.
         pub max_active_keys_per_service: u32,
         /// `iss` of minted access tokens. Default "http://<listen>".
@@ -132,6 +136,7 @@ pub mod file {
                 max_requests_per_connection: 1000,
                 max_connections: 10_000,
                 sync_max_wait_seconds: 30,
+                sync_max_concurrent_per_credential: 256,
                 max_active_keys_per_service: 10,
                 issuer: None,
                 token_audience: "permiso".into(),
@@ -402,6 +407,7 @@ pub struct AdminConfig {
     pub max_requests_per_connection: u32,
     pub max_connections: usize,
     pub sync_max_wait: Duration,
+    pub sync_max_concurrent_per_credential: usize,
     pub max_active_keys_per_service: u32,
     pub admin_api_key: Secret,
     /// None: "http://<bound address>".
@@ -620,6 +626,15 @@ impl AdminConfig {
             max_requests_per_connection: f.max_requests_per_connection,
             max_connections: f.max_connections,
             sync_max_wait: Duration::from_secs(f.sync_max_wait_seconds),
+            sync_max_concurrent_per_credential: match f.sync_max_concurrent_per_credential {
+                0 => {
+                    return Err(invalid(
+                        "admin_plane.sync_max_concurrent_per_credential",
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
+            },
             max_active_keys_per_service: f.max_active_keys_per_service,
             admin_api_key: Secret::new(key),
         })

@@ -51,6 +51,7 @@ pub struct Inner {
     pub client_pair_failures: throttle::FailureThrottle<(String, IpAddr)>,
     pub client_addr_failures: throttle::FailureThrottle<IpAddr>,
     pub delta_cache: sync::DeltaCache,
+    pub sync_slots: sync::SyncSlots,
     /// Failed admin-key attempts per source address.
     pub auth_failures: throttle::FailureThrottle,
     /// Failed authentications written to the audit log per minute.
@@ -209,6 +210,7 @@ fn build_state(
     let version = store.version()?;
     let auth_failure_limit = cfg.auth_failures_per_minute_per_ip;
     let audit_budget = cfg.audited_auth_failures_per_minute;
+    let sync_slots = sync::SyncSlots::new(cfg.sync_max_concurrent_per_credential);
     Ok(Arc::new(Inner {
         issuer: cfg.issuer.clone().unwrap_or_else(|| format!("http://{bound}")),
         admin_key_hash: blake3::hash(cfg.admin_api_key.expose().as_bytes()),
@@ -223,6 +225,7 @@ fn build_state(
         kek,
         keyring: ArcSwap::from_pointee(ring),
         delta_cache: sync::DeltaCache::default(),
+        sync_slots,
         auth_failures: throttle::FailureThrottle::new(auth_failure_limit),
         auth_audit_budget: throttle::AuditBudget::new(audit_budget),
         metrics: metrics::AdminMetrics::default(),

@@ -19,6 +19,52 @@ use crate::admin::error::ApiError;
 use crate::admin::model::SyncParams;
 use crate::admin::AppState;
 
+/// Sync requests open per credential (long polls included), bounded so one leaked or
+/// misused sync key cannot hold the admin plane's connections and memory.
+pub struct SyncSlots {
+    max: usize,
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+pub struct SyncSlot<'a> {
+    slots: &'a SyncSlots,
+    credential: String,
+}
+
+impl SyncSlots {
+    pub fn new(max: usize) -> SyncSlots {
+        SyncSlots {
+            max,
+            open: Default::default(),
+        }
+    }
+
+    fn acquire(&self, credential: String) -> Option<SyncSlot<'_>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(credential.clone()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SyncSlot {
+            slots: self,
+            credential,
+        })
+    }
+}
+
+impl Drop for SyncSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.credential) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.credential);
+            }
+        }
+    }
+}
+
 /// The last delta served: valid for the same `after`, the same current version, and the same
 /// second (payloads drop keys and revoked tokens whose time has passed).
 #[derive(Default)]
@@ -54,6 +100,14 @@ pub async fn sync(
     q: Result<Query<SyncParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let credential = match &actor.actor {
+        crate::admin::auth::Actor::AdminKey => "admin-key".to_string(),
+        crate::admin::auth::Actor::Service { key_id, .. } => key_id.clone(),
+    };
+    let Some(_slot) = st.sync_slots.acquire(credential) else {
+        tracing::warn!(%actor, "too many concurrent syncs for one credential");
+        return Err(ApiError::rate_limited(1));
+    };
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(st.cfg.sync_max_wait);
     let same_epoch = q.epoch.as_deref() == Some(st.store.epoch());
     let mut current = None;

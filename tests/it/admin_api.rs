@@ -572,3 +572,59 @@ fn full_syncs_at_one_version_share_one_build() {
     assert_eq!(r.status(), 200);
     assert_eq!(built() - before, 2);
 }
+
+/// Each sync credential has a bounded number of syncs open at once (long polls included).
+#[test]
+fn a_sync_credential_has_a_bounded_number_of_concurrent_syncs() {
+    let h = Harness::start_custom(crate::common::ROUTES, |f| f.sync_max_concurrent_per_credential = 3);
+    let other = h.create(json!({"service_name": "other-sync", "scopes": ["sync:read"]}));
+    let (version, epoch) = {
+        let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&other.api_key).send().unwrap();
+        let v: Value = r.json().unwrap();
+        (v["version"].as_u64().unwrap(), v["epoch"].as_str().unwrap().to_string())
+    };
+    let parked = format!("/v1/sync?after={version}&epoch={epoch}&wait=30");
+    // The harness's own sidecar holds one long poll with its key; two more fill the bound.
+    let polls: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, key) = (h.admin_url(&parked), h.sync_key.clone());
+            std::thread::spawn(move || {
+                reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(40))
+                    .build()
+                    .unwrap()
+                    .get(url)
+                    .bearer_auth(key)
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    // Wait until the bound is reached: the next sync with that key gets 429.
+    let started = Instant::now();
+    let refused = loop {
+        let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&h.sync_key).send().unwrap();
+        if r.status() == 429 {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never refused");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(refused.headers().get("retry-after").is_some());
+    assert_eq!(refused.json::<Value>().unwrap()["error"], "rate_limited");
+    // Another credential is not affected.
+    let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&other.api_key).send().unwrap();
+    assert_eq!(r.status(), 200);
+    // A change ends the long polls; the slots are free again.
+    h.create_unsynced(json!({"service_name": "wake-up", "scopes": []}));
+    for p in polls {
+        assert_eq!(p.join().unwrap(), 200);
+    }
+    let started = Instant::now();
+    while h.http.get(h.admin_url("/v1/sync")).bearer_auth(&h.sync_key).send().unwrap().status() != 200 {
+        assert!(started.elapsed() < Duration::from_secs(10), "slots never freed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
