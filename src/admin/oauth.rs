@@ -156,7 +156,11 @@ async fn authenticate_client(
             let reason = if malformed { "malformed client credentials" } else { "wrong client secret" };
             tracing::warn!(reason, source = %peer, "client authentication failed");
             st.metrics.auth_failed();
-            st.client_pair_failures.record(pair, now);
+            // A malformed id is the caller's text of any length: it counts against the
+            // address only, never as a key of its own.
+            if !malformed {
+                st.client_pair_failures.record(pair, now);
+            }
             st.client_addr_failures.record(addr, now);
             // The client id is only named when it is well-formed (it is the caller's text).
             let target = (!malformed).then_some(c.client_id);

@@ -145,6 +145,16 @@ pub fn canonicalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
 
     while i < b.len() {
         let c = b[i];
+        // The common case: a plain path character while the output still is the input.
+        if out.is_none() && c != b'%' && c != b'/' && class(c) == Class::Raw {
+            if high_len > 0 {
+                utf8_char(&high[..high_len])?;
+                high_len = 0;
+            }
+            i += 1;
+            n += 1;
+            continue;
+        }
         if c == b'/' {
             utf8_char(&high[..high_len])?;
             high_len = 0;

@@ -123,11 +123,34 @@ fn set_target(upstream: &mut RequestHeader, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// `for=` value of RFC 7239: IPv6 addresses quoted and bracketed.
-fn forwarded_node(ip: std::net::IpAddr) -> String {
+/// The peer's address as text, without the formatting machinery for the usual IPv4 case.
+fn ip_text(ip: std::net::IpAddr) -> String {
     match ip {
-        std::net::IpAddr::V4(v4) => format!("for={v4}"),
-        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        std::net::IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            for (i, o) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                if *o >= 100 {
+                    s.push((b'0' + o / 100) as char);
+                }
+                if *o >= 10 {
+                    s.push((b'0' + o / 10 % 10) as char);
+                }
+                s.push((b'0' + o % 10) as char);
+            }
+            s
+        }
+        std::net::IpAddr::V6(v6) => v6.to_string(),
+    }
+}
+
+/// `for=` value of RFC 7239: IPv6 addresses quoted and bracketed.
+fn forwarded_node(ip: std::net::IpAddr, text: &str) -> String {
+    match ip {
+        std::net::IpAddr::V4(_) => ["for=", text].concat(),
+        std::net::IpAddr::V6(_) => ["for=\"[", text, "]\""].concat(),
     }
 }
 
@@ -155,7 +178,8 @@ fn set_forwarding(upstream: &mut RequestHeader, peer: Option<std::net::IpAddr>, 
         }
     }
     if let Some(ip) = peer {
-        let (ip_s, node) = (ip.to_string(), forwarded_node(ip));
+        let ip_s = ip_text(ip);
+        let node = forwarded_node(ip, &ip_s);
         let xff = match xff {
             Some(chain) => format!("{chain}, {ip_s}"),
             None => ip_s,
@@ -168,6 +192,21 @@ fn set_forwarding(upstream: &mut RequestHeader, peer: Option<std::net::IpAddr>, 
         upstream.insert_header("Forwarded", fwd)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_render_as_the_standard_library_does() {
+        for ip in ["0.0.0.0", "127.0.0.1", "10.20.30.40", "255.255.255.255", "192.168.1.9", "::1", "2001:db8::7"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        assert_eq!(forwarded_node(v6, &ip_text(v6)), "for=\"[::1]\"");
+    }
 }
 
 #[async_trait]
