@@ -55,7 +55,10 @@ fn main() {
     let config = dir.path().join("admin.toml");
     std::fs::write(
         &config,
-        format!("[admin_plane]\nsync_max_concurrent_per_credential = {}\n", clients * 2),
+        format!(
+            "[admin_plane]\nsync_max_concurrent_per_credential = {}\n",
+            clients * 2
+        ),
     )
     .unwrap();
     let admin = Proc(

@@ -681,10 +681,18 @@ fn build_routes(routes: &[file::Route], case_sensitive: bool) -> Result<RouteTab
             Ok(c) => {
                 return Err(invalid(
                     &field,
-                    format!("prefix {:?} is not in canonical form; write it as {c:?}", r.prefix),
+                    format!(
+                        "prefix {:?} is not in canonical form; write it as {c:?}",
+                        r.prefix
+                    ),
                 ))
             }
-            Err(e) => return Err(invalid(&field, format!("prefix {:?}: {}", r.prefix, e.describe()))),
+            Err(e) => {
+                return Err(invalid(
+                    &field,
+                    format!("prefix {:?}: {}", r.prefix, e.describe()),
+                ))
+            }
         }
         let methods: Vec<String> = r.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
         if let Some(m) = methods
@@ -890,7 +898,12 @@ impl SidecarConfig {
             forwarded_for: match f.forwarded_for.as_str() {
                 "overwrite" => ForwardedFor::Overwrite,
                 "append" => ForwardedFor::Append,
-                _ => return Err(invalid("sidecar.forwarded_for", "must be \"overwrite\" or \"append\"")),
+                _ => {
+                    return Err(invalid(
+                        "sidecar.forwarded_for",
+                        "must be \"overwrite\" or \"append\"",
+                    ))
+                }
             },
             egress: f
                 .egress
@@ -994,13 +1007,21 @@ mod tests {
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nbogus = 1\n").is_err());
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n").is_ok());
         // Prefixes must be canonical: requests are routed on their canonical path.
-        for bad in ["/a/../b", "/a;b", "/a%2fb", "/a//b", "/%61", "/a%3a", "/a.", "/a%c3"] {
-            let err = sidecar(&format!("[[sidecar.routes]]\nprefix = \"{bad}\"\npublic = true\n")).unwrap_err();
+        for bad in [
+            "/a/../b", "/a;b", "/a%2fb", "/a//b", "/%61", "/a%3a", "/a.", "/a%c3",
+        ] {
+            let err = sidecar(&format!(
+                "[[sidecar.routes]]\nprefix = \"{bad}\"\npublic = true\n"
+            ))
+            .unwrap_err();
             assert!(err.to_string().contains("prefix"), "{bad}: {err}");
         }
         assert!(sidecar("[[sidecar.routes]]\nprefix = \"/caf%C3%A9\"\npublic = true\n").is_ok());
         assert!(
-            sidecar("[[sidecar.routes]]\nprefix = \"/x\"\nscopes = [\"a:b\"]\nforward_authorization = true\n").is_err(),
+            sidecar(
+                "[[sidecar.routes]]\nprefix = \"/x\"\nscopes = [\"a:b\"]\nforward_authorization = true\n"
+            )
+            .is_err(),
             "forward_authorization on a protected route"
         );
         let text = "[sidecar]\nupstream = \"127.0.0.1:8001\"\ncase_sensitive_routes = true\n[sidecar.sync]\nadmin_url = \"http://127.0.0.1:8000\"\n[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\nforward_authorization = true\n";
@@ -1012,12 +1033,24 @@ mod tests {
             Some(true)
         ));
         assert!(opt_in.routes.find("GET", "/X").is_none());
-        let append = parse_file(&text.replace("case_sensitive_routes = true", "forwarded_for = \"append\""), Path::new("t.toml")).unwrap();
-        let append = SidecarConfig::from_file(append.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap();
+        let append = parse_file(
+            &text.replace("case_sensitive_routes = true", "forwarded_for = \"append\""),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let append =
+            SidecarConfig::from_file(append.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap();
         assert_eq!(append.forwarded_for, ForwardedFor::Append);
-        let bad = parse_file(&text.replace("case_sensitive_routes = true", "forwarded_for = \"keep\""), Path::new("t.toml")).unwrap();
+        let bad = parse_file(
+            &text.replace("case_sensitive_routes = true", "forwarded_for = \"keep\""),
+            Path::new("t.toml"),
+        )
+        .unwrap();
         assert!(SidecarConfig::from_file(bad.sidecar.as_ref().unwrap(), Secret::new("k".into())).is_err());
-        assert!(!sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n").unwrap().routes.case_sensitive());
+        assert!(!sidecar("[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n")
+            .unwrap()
+            .routes
+            .case_sensitive());
         let port_zero = "[sidecar]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n[sidecar.sync]\nadmin_url = \"http://127.0.0.1:2\"\n[[sidecar.routes]]\nprefix = \"/\"\npublic = true\n";
         let f = parse_file(port_zero, Path::new("t.toml")).unwrap();
         let err = SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into())).unwrap_err();

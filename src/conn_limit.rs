@@ -112,7 +112,10 @@ impl ConnTable {
 
     /// Connections closed to make room for new ones, and new ones refused, so far.
     pub fn counts(&self) -> (u64, u64) {
-        (self.shed.load(Ordering::Relaxed), self.refused.load(Ordering::Relaxed))
+        (
+            self.shed.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -151,7 +154,9 @@ mod tests {
         // c is busy; b became idle first.
         let d = new(&t, 4);
         assert_eq!(t.len(), 3);
-        tokio::time::timeout(std::time::Duration::from_secs(1), b.shed()).await.expect("b is shed");
+        tokio::time::timeout(std::time::Duration::from_secs(1), b.shed())
+            .await
+            .expect("b is shed");
         assert!(matches!(t.admit(1), Admission::Known(_)), "a stays");
         // Next: a (idle), then nobody idle: refused.
         let _e = new(&t, 5);

@@ -119,10 +119,13 @@ fn main() -> anyhow::Result<()> {
             if let Some(d) = database {
                 file.admin_plane.database = d;
             }
-            let mut cfg = AdminConfig::from_file(&file.admin_plane, std::env::var("PERMISO_ADMIN_API_KEY").ok())?;
+            let mut cfg =
+                AdminConfig::from_file(&file.admin_plane, std::env::var("PERMISO_ADMIN_API_KEY").ok())?;
             // Set (even empty) means "use this KEK": an empty or malformed value is refused at
             // start rather than silently replaced by the file beside the database.
-            cfg.signing_kek = std::env::var("PERMISO_SIGNING_KEK").ok().map(permiso::core::key::Secret::new);
+            cfg.signing_kek = std::env::var("PERMISO_SIGNING_KEK")
+                .ok()
+                .map(permiso::core::key::Secret::new);
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -11,7 +11,14 @@ use tracing_subscriber::{filter, EnvFilter, Layer};
 
 /// Crates whose verbose output may hold header values.
 const HEADER_PRINTING: [&str; 8] = [
-    "pingora", "hyper", "h2", "reqwest", "tower_http", "axum", "tokio_postgres", "redis",
+    "pingora",
+    "hyper",
+    "h2",
+    "reqwest",
+    "tower_http",
+    "axum",
+    "tokio_postgres",
+    "redis",
 ];
 
 /// Whether a log line may be written at all (whatever `RUST_LOG` asks for).
@@ -54,9 +61,25 @@ mod tests {
         }
         static CS: Cs = Cs;
         let meta = |target: &'static str, level: Level| {
-            Metadata::new("e", target, level, None, None, None, FieldSet::new(&[], Identifier(&CS)), Kind::EVENT)
+            Metadata::new(
+                "e",
+                target,
+                level,
+                None,
+                None,
+                None,
+                FieldSet::new(&[], Identifier(&CS)),
+                Kind::EVENT,
+            )
         };
-        for t in ["pingora_proxy::proxy_h1", "pingora_core::protocols", "hyper::proto::h1", "hyper_util::client", "h2::codec", "reqwest::connect"] {
+        for t in [
+            "pingora_proxy::proxy_h1",
+            "pingora_core::protocols",
+            "hyper::proto::h1",
+            "hyper_util::client",
+            "h2::codec",
+            "reqwest::connect",
+        ] {
             assert!(!may_log(&meta(t, Level::DEBUG)), "{t}");
             assert!(!may_log(&meta(t, Level::TRACE)), "{t}");
             assert!(may_log(&meta(t, Level::INFO)), "{t}");

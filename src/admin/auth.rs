@@ -76,7 +76,10 @@ pub async fn authenticate(
     let admin_key_attempt = headers.contains_key(ADMIN_KEY_HEADER);
     if let (true, Some(ip)) = (admin_key_attempt, source) {
         // Refused before the key is even looked at.
-        if let Some(retry) = state.auth_failures.blocked(&throttle::bucket(ip), state.clock.now_secs()) {
+        if let Some(retry) = state
+            .auth_failures
+            .blocked(&throttle::bucket(ip), state.clock.now_secs())
+        {
             state.metrics.auth_throttled();
             return Err(ApiError::rate_limited(retry));
         }
@@ -99,7 +102,12 @@ pub async fn authenticate(
 
 /// Writes a failed authentication to the audit log within the per-minute budget shared by
 /// admin-key and client-secret failures. `target` names the client a secret was tried for.
-pub async fn audit_failure(state: &AppState, source: Option<IpAddr>, reason: &'static str, target: Option<String>) {
+pub async fn audit_failure(
+    state: &AppState,
+    source: Option<IpAddr>,
+    reason: &'static str,
+    target: Option<String>,
+) {
     let now = state.clock.now_secs();
     let Some(left_out) = state.auth_audit_budget.take(now) else {
         return;

@@ -1195,7 +1195,10 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         assert_ne!(old_schema.len(), SCHEMA.len());
-        Connection::open(&path).unwrap().execute_batch(&old_schema).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&old_schema)
+            .unwrap();
         let store = Store::open(&path).unwrap();
         let n: i64 = store
             .conn()

@@ -14,10 +14,10 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::admin::auth::{self, Actor};
-use crate::admin::throttle;
 use crate::admin::error::ApiError;
 use crate::admin::extract::FormBody;
 use crate::admin::model::MAX_TOKEN_LIFETIME;
+use crate::admin::throttle;
 use crate::admin::AppState;
 use crate::core::ids;
 use crate::core::jwt::{self, AccessClaims, Expectations};
@@ -153,7 +153,11 @@ async fn authenticate_client(
             record,
         }),
         None => {
-            let reason = if malformed { "malformed client credentials" } else { "wrong client secret" };
+            let reason = if malformed {
+                "malformed client credentials"
+            } else {
+                "wrong client secret"
+            };
             tracing::warn!(reason, source = %peer, "client authentication failed");
             st.metrics.auth_failed();
             // A malformed id is the caller's text of any length: it counts against the
@@ -340,7 +344,10 @@ enum Caller {
     Admin,
     /// `privileged`: holds the endpoint's scope (`token:introspect`, `token:revoke`), so it may
     /// act on other services' tokens where the endpoint allows that.
-    Client { id: String, privileged: bool },
+    Client {
+        id: String,
+        privileged: bool,
+    },
 }
 
 impl Caller {

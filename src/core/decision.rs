@@ -9,8 +9,8 @@ use std::sync::Arc;
 use crate::core::denial::{BadRequest, Denial, InvalidToken};
 use crate::core::jwt::{self, Expectations, JwtError};
 use crate::core::key::{self, Environment};
-use crate::core::ratelimit::RateStatus;
 use crate::core::path;
+use crate::core::ratelimit::RateStatus;
 use crate::core::routes::{Access, Route, RouteTable};
 use crate::core::scope::ScopeSet;
 use crate::core::snapshot::{ServiceEntry, Snapshot};
@@ -90,7 +90,9 @@ pub struct TokenPolicy<'a> {
 pub enum Verdict {
     /// A public route: forward without identity, and without the caller's `Authorization`
     /// unless the route says otherwise.
-    Public { forward_authorization: bool },
+    Public {
+        forward_authorization: bool,
+    },
     Allowed {
         principal: Principal,
         rate: RateStatus,
@@ -418,7 +420,9 @@ mod tests {
         }
         assert!(matches!(
             run(&f, "/health", None, "127.0.0.1", NOW),
-            Ok(Verdict::Public { forward_authorization: false })
+            Ok(Verdict::Public {
+                forward_authorization: false
+            })
         ));
     }
 
@@ -479,13 +483,27 @@ mod tests {
                 authorization: h.as_deref().map_or(Authorization::Absent, Authorization::One),
                 client_ip: Some("127.0.0.1".parse().unwrap()),
             };
-            decide(&f.routes, Some(&f.snap), Environment::Live, &facts, NOW, &NO_TOKENS)
+            decide(
+                &f.routes,
+                Some(&f.snap),
+                Environment::Live,
+                &facts,
+                NOW,
+                &NO_TOKENS,
+            )
         };
         let p = pass("//api/v1/%74rades/%31", bearer(&f.key)).unwrap();
         assert_eq!(p.rewritten_path.as_deref(), Some("/api/v1/trades/1"));
-        assert!(pass("/api/v1/trades/1", bearer(&f.key)).unwrap().rewritten_path.is_none());
+        assert!(pass("/api/v1/trades/1", bearer(&f.key))
+            .unwrap()
+            .rewritten_path
+            .is_none());
         // Another spelling of a protected prefix is judged by that prefix's route.
-        for spelling in ["/api/v1/%61ccount", "/api/v1/account/%2E%2Ex", "/api//v1/account/x"] {
+        for spelling in [
+            "/api/v1/%61ccount",
+            "/api/v1/account/%2E%2Ex",
+            "/api//v1/account/x",
+        ] {
             assert_eq!(
                 pass(spelling, bearer(&f.key)).unwrap_err(),
                 Denial::InsufficientScope {
@@ -495,12 +513,19 @@ mod tests {
             );
         }
         // A case that only matches without regard to case matches no route.
-        assert_eq!(pass("/API/v1/Account", bearer(&f.key)).unwrap_err(), Denial::NoRoute);
+        assert_eq!(
+            pass("/API/v1/Account", bearer(&f.key)).unwrap_err(),
+            Denial::NoRoute
+        );
         // A path under a public prefix that, read without case, is under a protected one needs
         // that one's scopes (and a route that does not match without case gives none).
         let routes = RouteTable::new(vec![
             Route::new(vec![], "/pub".into(), Access::Public),
-            Route::new(vec![], "/pub/secret".into(), Access::Scopes(vec![crate::core::scope::Scope::parse("account:read").unwrap()])),
+            Route::new(
+                vec![],
+                "/pub/secret".into(),
+                Access::Scopes(vec![crate::core::scope::Scope::parse("account:read").unwrap()]),
+            ),
         ]);
         let facts = RequestFacts {
             method: "GET",
@@ -512,7 +537,11 @@ mod tests {
             decide(&routes, Some(&f.snap), Environment::Live, &facts, NOW, &NO_TOKENS).unwrap_err(),
             Denial::MissingCredential
         );
-        for bad in ["/health/..;/api/v1/trades", "/health/%2e%2e;/api/v1/trades", "/health/..%3b/api"] {
+        for bad in [
+            "/health/..;/api/v1/trades",
+            "/health/%2e%2e;/api/v1/trades",
+            "/health/..%3b/api",
+        ] {
             assert_eq!(
                 pass(bad, None).unwrap_err(),
                 Denial::BadRequest(BadRequest::Path(path::PathError::Semicolon)),
@@ -728,7 +757,10 @@ mod tests {
             }
             payload.services[0].tokens_not_before = SECS;
             let at_iat = Snapshot::from_full(&payload, Environment::Live, None).unwrap();
-            assert!(call(&at_iat, "/t", &t, NOW, None).is_ok(), "issued at the floor: valid");
+            assert!(
+                call(&at_iat, "/t", &t, NOW, None).is_ok(),
+                "issued at the floor: valid"
+            );
         }
 
         #[test]

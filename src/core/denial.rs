@@ -4,8 +4,8 @@
 
 use crate::core::jwt::JwtError;
 use crate::core::key::KeyError;
-use crate::core::ratelimit::Exceeded;
 use crate::core::path::PathError;
+use crate::core::ratelimit::Exceeded;
 
 /// Why a presented credential is not accepted. All of these look the same to the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +85,10 @@ impl DenialResponse {
     pub fn proxy_failure(status: u16) -> DenialResponse {
         let (code, description) = match status {
             504 => ("gateway_timeout", "The upstream service did not answer in time"),
-            502 => ("bad_gateway", "The upstream service could not be reached or failed"),
+            502 => (
+                "bad_gateway",
+                "The upstream service could not be reached or failed",
+            ),
             400..=499 => ("invalid_request", "The request could not be read"),
             _ => ("server_error", "The sidecar failed to proxy the request"),
         };

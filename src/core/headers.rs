@@ -100,7 +100,15 @@ mod tests {
         ] {
             assert!(is_reserved(n), "{n}");
         }
-        for n in ["x-request-id", "X-Request-Id", "x-permiso", "x-permisos-a", "authorization", "x-forwarded-proto", "content-type"] {
+        for n in [
+            "x-request-id",
+            "X-Request-Id",
+            "x-permiso",
+            "x-permisos-a",
+            "authorization",
+            "x-forwarded-proto",
+            "content-type",
+        ] {
             assert!(!is_reserved(n), "{n}");
         }
     }

@@ -183,7 +183,7 @@ pub fn canonicalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
             }
         };
         // A multi-byte character is a run of escaped bytes >= 0x80; check each one whole.
-        if byte < 0x80 || byte >= 0xc0 || high_len == high.len() {
+        if !(0x80..0xc0).contains(&byte) || high_len == high.len() {
             utf8_char(&high[..high_len])?;
             high_len = 0;
         }
@@ -206,7 +206,9 @@ pub fn canonicalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
     // decodes twice would read another byte. Hex digits are always written raw, so this shows
     // in the output as `%25` and two hex digits.
     let o = output(&out, b, 0, n);
-    if o.windows(5).any(|w| w.starts_with(b"%25") && hex(w[3]).is_some() && hex(w[4]).is_some()) {
+    if o.windows(5)
+        .any(|w| w.starts_with(b"%25") && hex(w[3]).is_some() && hex(w[4]).is_some())
+    {
         return Err(PathError::DoubleEncoded);
     }
     Ok(match out {
@@ -287,12 +289,21 @@ mod tests {
     use super::*;
 
     fn ok(raw: &str) -> String {
-        canonicalize(raw).unwrap_or_else(|e| panic!("{raw:?}: {e:?}")).into_owned()
+        canonicalize(raw)
+            .unwrap_or_else(|e| panic!("{raw:?}: {e:?}"))
+            .into_owned()
     }
 
     #[test]
     fn canonical_paths_are_borrowed() {
-        for p in ["/", "/api/v1/account", "/api/v1/account/", "/a/b:c@d/e~f", "/files/%20x", "/x/%C3%A9t%C3%A9"] {
+        for p in [
+            "/",
+            "/api/v1/account",
+            "/api/v1/account/",
+            "/a/b:c@d/e~f",
+            "/files/%20x",
+            "/x/%C3%A9t%C3%A9",
+        ] {
             assert!(matches!(canonicalize(p), Ok(Cow::Borrowed(_))), "{p}");
         }
     }
@@ -300,7 +311,10 @@ mod tests {
     #[test]
     fn escapes_of_path_characters_are_decoded_others_uppercased() {
         assert_eq!(ok("/api/v1/account/%62alance"), "/api/v1/account/balance");
-        assert_eq!(ok("/api/v1/account/%62%61%6C%61%6e%63%65"), "/api/v1/account/balance");
+        assert_eq!(
+            ok("/api/v1/account/%62%61%6C%61%6e%63%65"),
+            "/api/v1/account/balance"
+        );
         assert_eq!(ok("/items%3Abatch"), "/items:batch");
         assert_eq!(ok("/a%7e%2D%5f"), "/a~-_");
         assert_eq!(ok("/a%20b"), "/a%20b");
@@ -408,7 +422,13 @@ mod tests {
             // Re-spell every byte as an escape: same canonical form.
             let respelled: String = decode(&c)
                 .iter()
-                .map(|&x| if x == b'/' { "/".to_string() } else { format!("%{x:02x}") })
+                .map(|&x| {
+                    if x == b'/' {
+                        "/".to_string()
+                    } else {
+                        format!("%{x:02x}")
+                    }
+                })
                 .collect();
             assert_eq!(canonicalize(&respelled).unwrap(), c, "{respelled:?}");
         }

@@ -133,7 +133,10 @@ impl RouteTable {
                 .cmp(&a.prefix.trim_end_matches('/').len())
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
-        RouteTable { routes, case_sensitive }
+        RouteTable {
+            routes,
+            case_sensitive,
+        }
     }
 
     /// The route matching `path` (canonical, `core::path::canonicalize`) as written.
@@ -253,9 +256,18 @@ mod tests {
     fn every_covering_protected_route_is_required() {
         let t = table();
         let both = v(&["account:balance account:read", "account:read"]);
-        assert_eq!(judged(&t, "GET", "/api/v1/account/balance"), Some((false, both.clone())));
-        assert_eq!(judged(&t, "GET", "/api/v1/account/balance/"), Some((false, both.clone())));
-        assert_eq!(judged(&t, "POST", "/api/v1/account/balance"), Some((false, v(&["account:read"]))));
+        assert_eq!(
+            judged(&t, "GET", "/api/v1/account/balance"),
+            Some((false, both.clone()))
+        );
+        assert_eq!(
+            judged(&t, "GET", "/api/v1/account/balance/"),
+            Some((false, both.clone()))
+        );
+        assert_eq!(
+            judged(&t, "POST", "/api/v1/account/balance"),
+            Some((false, v(&["account:read"])))
+        );
         assert_eq!(judged(&t, "GET", "/health/x"), Some((true, vec![])));
         // A public route under a protected prefix is public all the way down.
         let t = RouteTable::new(vec![
@@ -264,7 +276,10 @@ mod tests {
             Route::new(vec![], "/health/deep".into(), scopes(&["ops:read"])),
         ]);
         assert_eq!(judged(&t, "GET", "/health/x"), Some((true, vec![])));
-        assert_eq!(judged(&t, "GET", "/health/deep/x"), Some((true, v(&["ops:read"]))));
+        assert_eq!(
+            judged(&t, "GET", "/health/deep/x"),
+            Some((true, v(&["ops:read"])))
+        );
         assert_eq!(judged(&t, "GET", "/other"), Some((false, v(&["svc:call"]))));
     }
 
@@ -287,9 +302,11 @@ mod tests {
         assert_eq!(judged(&t, "GET", "/pub/SECRET"), Some((true, v(&["a:b"]))));
         let strict = RouteTable::with_case(table().routes, true);
         assert!(strict.case_sensitive());
-        assert_eq!(judged(&strict, "GET", "/api/v1/account/BALANCE"), Some((false, v(&["account:read"]))));
+        assert_eq!(
+            judged(&strict, "GET", "/api/v1/account/BALANCE"),
+            Some((false, v(&["account:read"])))
+        );
         let strict = RouteTable::with_case(t.routes, true);
         assert_eq!(judged(&strict, "GET", "/pub/SECRET"), Some((true, vec![])));
     }
-
 }

@@ -481,7 +481,10 @@ impl TrialGuard<'_> {
 impl Drop for TrialGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.breaker.lock().unwrap_or_else(|p| p.into_inner()).abandon_trial();
+            self.breaker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .abandon_trial();
         }
     }
 }
@@ -535,7 +538,10 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_trial_does_not_keep_the_circuit_open() {
         let app = axum::Router::new()
-            .route("/fail", axum::routing::get(|| async { StatusCode::SERVICE_UNAVAILABLE }))
+            .route(
+                "/fail",
+                axum::routing::get(|| async { StatusCode::SERVICE_UNAVAILABLE }),
+            )
             .route("/ok", axum::routing::get(|| async { "ok" }))
             .route(
                 "/hang",
@@ -562,8 +568,16 @@ mod tests {
             }],
         };
         let eg = Egress::new(&cfg, &SidecarMetrics::new(10));
-        let req = |path: &str| Request::builder().uri(format!("/d{path}")).body(Body::empty()).unwrap();
-        assert_eq!(eg.forward(req("/fail")).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let req = |path: &str| {
+            Request::builder()
+                .uri(format!("/d{path}"))
+                .body(Body::empty())
+                .unwrap()
+        };
+        assert_eq!(
+            eg.forward(req("/fail")).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         // The trial hangs; its caller gives up and the future is dropped mid-call.
         let cancelled = tokio::time::timeout(Duration::from_millis(200), eg.forward(req("/hang"))).await;
         assert!(cancelled.is_err(), "the trial should still be waiting");
@@ -574,7 +588,11 @@ mod tests {
     }
 
     fn d_open(eg: &Egress) -> bool {
-        eg.destinations["d"].breaker.lock().unwrap().is_open(Instant::now())
+        eg.destinations["d"]
+            .breaker
+            .lock()
+            .unwrap()
+            .is_open(Instant::now())
     }
 
     /// Many concurrent callers on a cold source cause one token fetch (single flight).

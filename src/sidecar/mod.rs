@@ -82,7 +82,10 @@ fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> 
             "max_requests_per_connection",
         ),
         (o.shutdown_grace != n.shutdown_grace, "shutdown_grace_seconds"),
-        (o.header_read_timeout != n.header_read_timeout, "header_read_timeout_ms"),
+        (
+            o.header_read_timeout != n.header_read_timeout,
+            "header_read_timeout_ms",
+        ),
         (o.idle_timeout != n.idle_timeout, "idle_timeout_ms"),
         (o.max_connections != n.max_connections, "max_connections"),
         (o.environment != n.environment, "environment"),
@@ -192,7 +195,13 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     let (fd_soft, fd_hard) = listener::raise_fd_limit();
     let max_connections = listener::fit_max_connections(cfg.max_connections, fd_soft);
     if max_connections < cfg.max_connections {
-        tracing::warn!(wanted = cfg.max_connections, max_connections, fd_soft, fd_hard, "max_connections lowered to fit the file-descriptor limit");
+        tracing::warn!(
+            wanted = cfg.max_connections,
+            max_connections,
+            fd_soft,
+            fd_hard,
+            "max_connections lowered to fit the file-descriptor limit"
+        );
     }
     tracing::info!(fd_soft, fd_hard, max_connections, "file-descriptor limit");
     let connections = crate::conn_limit::ConnTable::new(max_connections);

@@ -156,11 +156,20 @@ fn forwarded_node(ip: std::net::IpAddr, text: &str) -> String {
 
 /// Drops every header the caller may not send upstream (identity and forwarding headers, in
 /// any spelling), then sets the forwarding chain from the TCP peer.
-fn set_forwarding(upstream: &mut RequestHeader, peer: Option<std::net::IpAddr>, mode: ForwardedFor) -> Result<()> {
+fn set_forwarding(
+    upstream: &mut RequestHeader,
+    peer: Option<std::net::IpAddr>,
+    mode: ForwardedFor,
+) -> Result<()> {
     let (mut xff, mut fwd) = (None, None);
     if mode == ForwardedFor::Append {
         let join = |name: &str| {
-            let v: Vec<&str> = upstream.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+            let v: Vec<&str> = upstream
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
             (!v.is_empty()).then(|| v.join(", "))
         };
         (xff, fwd) = (join("x-forwarded-for"), join("forwarded"));
@@ -192,21 +201,6 @@ fn set_forwarding(upstream: &mut RequestHeader, peer: Option<std::net::IpAddr>, 
         upstream.insert_header("Forwarded", fwd)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peer_addresses_render_as_the_standard_library_does() {
-        for ip in ["0.0.0.0", "127.0.0.1", "10.20.30.40", "255.255.255.255", "192.168.1.9", "::1", "2001:db8::7"] {
-            let ip: std::net::IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_text(ip), ip.to_string());
-        }
-        let v6: std::net::IpAddr = "::1".parse().unwrap();
-        assert_eq!(forwarded_node(v6, &ip_text(v6)), "for=\"[::1]\"");
-    }
 }
 
 #[async_trait]
@@ -317,7 +311,12 @@ impl ProxyHttp for SidecarProxy {
         // origin-form (an absolute-form target is kept verbatim by pingora otherwise).
         match &ctx.rewritten_path {
             Some(p) => set_target(upstream, p)?,
-            None if upstream.raw_path() != upstream.uri.path_and_query().map_or(&b""[..], |p| p.as_str().as_bytes()) => {
+            None if upstream.raw_path()
+                != upstream
+                    .uri
+                    .path_and_query()
+                    .map_or(&b""[..], |p| p.as_str().as_bytes()) =>
+            {
                 let p = upstream.uri.path().to_string();
                 set_target(upstream, &p)?
             }
@@ -336,7 +335,11 @@ impl ProxyHttp for SidecarProxy {
                 (None, _) => false,
             };
             if listed {
-                let values = upstream.headers.get_all(http::header::CONTENT_LENGTH).iter().map(|v| v.as_bytes());
+                let values = upstream
+                    .headers
+                    .get_all(http::header::CONTENT_LENGTH)
+                    .iter()
+                    .map(|v| v.as_bytes());
                 let n = headers::single_content_length(values).ok_or_else(|| {
                     pingora::Error::explain(pingora::ErrorType::HTTPStatus(400), "conflicting Content-Length")
                 })?;
@@ -345,7 +348,10 @@ impl ProxyHttp for SidecarProxy {
         }
         // Callers must never be able to claim an identity or a forwarding chain.
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let mode = ctx.live.as_ref().map_or(ForwardedFor::Overwrite, |l| l.forwarded_for);
+        let mode = ctx
+            .live
+            .as_ref()
+            .map_or(ForwardedFor::Overwrite, |l| l.forwarded_for);
         set_forwarding(upstream, peer, mode)?;
         upstream.insert_header("X-Request-Id", ctx.request_id.clone())?;
         match &ctx.verdict {
@@ -400,7 +406,12 @@ impl ProxyHttp for SidecarProxy {
 
     /// Upstream failures answer JSON like every denial, with the request id (pingora's default
     /// is a bare text page).
-    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Ctx) -> pingora::proxy::FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &pingora::Error,
+        ctx: &mut Ctx,
+    ) -> pingora::proxy::FailToProxy {
         use pingora::ErrorType::*;
         let code = match (e.etype(), e.esource()) {
             (HTTPStatus(code), _) => *code,
@@ -476,5 +487,28 @@ impl ProxyHttp for SidecarProxy {
             latency_us = ctx.start.elapsed().as_micros() as u64,
             error = error.map(|e| e.to_string()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_render_as_the_standard_library_does() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "192.168.1.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        assert_eq!(forwarded_node(v6, &ip_text(v6)), "for=\"[::1]\"");
     }
 }

@@ -53,13 +53,20 @@ impl FileKey {
 }
 
 /// `Ok(None)` when there is no file.
-pub fn load(path: &Path, environment: Environment, key: &FileKey) -> Result<Option<Snapshot>, SnapshotFileError> {
+pub fn load(
+    path: &Path,
+    environment: Environment,
+    key: &FileKey,
+) -> Result<Option<Snapshot>, SnapshotFileError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let nl = bytes.iter().position(|&b| b == b'\n').ok_or(SnapshotFileError::NoHeader)?;
+    let nl = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or(SnapshotFileError::NoHeader)?;
     let (header, body) = (&bytes[..nl], &bytes[nl + 1..]);
     let mac_hex = std::str::from_utf8(header)
         .ok()
@@ -145,7 +152,10 @@ mod tests {
         assert!(!text.contains(k.secret.expose()), "the file holds hashes only");
         // Another credential (a rotated sync key) does not verify it.
         let other = FileKey::from_credential(&Secret::new("svc_live_other".into()));
-        assert!(matches!(load(&path, Environment::Live, &other), Err(SnapshotFileError::BadMac)));
+        assert!(matches!(
+            load(&path, Environment::Live, &other),
+            Err(SnapshotFileError::BadMac)
+        ));
         // Any edit of the body: a scope granted, one byte changed, truncation.
         for edited in [
             text.replace("\"a:b\"", "\"a:b\",\"admin:*\""),
@@ -153,17 +163,33 @@ mod tests {
             text[..text.len() / 2].to_string(),
         ] {
             std::fs::write(&path, &edited).unwrap();
-            assert!(matches!(load(&path, Environment::Live, &fk), Err(SnapshotFileError::BadMac)), "{edited:.80}");
+            assert!(
+                matches!(
+                    load(&path, Environment::Live, &fk),
+                    Err(SnapshotFileError::BadMac)
+                ),
+                "{edited:.80}"
+            );
         }
         // The old format (plain JSON) and garbage have no header.
         let (_, json) = text.split_once('\n').unwrap();
         std::fs::write(&path, json).unwrap();
-        assert!(matches!(load(&path, Environment::Live, &fk), Err(SnapshotFileError::NoHeader)));
+        assert!(matches!(
+            load(&path, Environment::Live, &fk),
+            Err(SnapshotFileError::NoHeader)
+        ));
         std::fs::write(&path, "garbage\n{}").unwrap();
-        assert!(matches!(load(&path, Environment::Live, &fk), Err(SnapshotFileError::NoHeader)));
+        assert!(matches!(
+            load(&path, Environment::Live, &fk),
+            Err(SnapshotFileError::NoHeader)
+        ));
         // A correct MAC over content that is not a valid snapshot is still refused.
         let bad = br#"{"epoch":"e","version":1,"full":true,"services":[{"service_id":"srv_a","service_name":"n","environment":"live","scopes":["a::b"],"disabled":false,"allowed_ips":[],"keys":[]}]}"#;
-        std::fs::write(&path, [format!("{MAGIC}{}\n", fk.mac(bad).to_hex()).as_bytes(), bad].concat()).unwrap();
+        std::fs::write(
+            &path,
+            [format!("{MAGIC}{}\n", fk.mac(bad).to_hex()).as_bytes(), bad].concat(),
+        )
+        .unwrap();
         assert!(load(&path, Environment::Live, &fk).is_err());
     }
 
@@ -174,7 +200,10 @@ mod tests {
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "precious").unwrap();
         // Symlinks at the old predictable temp names, and at the target itself.
-        for name in [".snap.json.tmp", &format!(".snap.json.tmp-{}", std::process::id())] {
+        for name in [
+            ".snap.json.tmp",
+            &format!(".snap.json.tmp-{}", std::process::id()),
+        ] {
             std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
         }
         let fk = FileKey::from_credential(&Secret::new("k".into()));
@@ -188,7 +217,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert!(!std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // No temp file is left behind.
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -460,19 +460,17 @@ fn sync_endpoint_scopes_deltas_long_polls_and_carries_no_keys() {
 fn a_service_key_outside_its_allowed_ips_is_refused_at_the_admin_plane() {
     let h = Harness::start();
     let far = h.create(json!({"service_name": "far-admin", "scopes": ["admin:*", "sync:read"], "allowed_ips": ["10.0.0.0/8"]}));
-    let near = h.create(json!({"service_name": "near-admin", "scopes": ["admin:*"], "allowed_ips": ["127.0.0.0/8"]}));
-    let get = |key: &str, path: &str| {
-        h.http
-            .get(h.admin_url(path))
-            .bearer_auth(key)
-            .send()
-            .unwrap()
-    };
+    let near = h
+        .create(json!({"service_name": "near-admin", "scopes": ["admin:*"], "allowed_ips": ["127.0.0.0/8"]}));
+    let get = |key: &str, path: &str| h.http.get(h.admin_url(path)).bearer_auth(key).send().unwrap();
     let r = get(&far.api_key, "/auth/admin/services");
     assert_eq!(r.status(), 403);
     let v: Value = r.json().unwrap();
     assert_eq!(v["error"], "forbidden", "{v}");
-    assert!(v["error_description"].as_str().unwrap().contains("address"), "{v}");
+    assert!(
+        v["error_description"].as_str().unwrap().contains("address"),
+        "{v}"
+    );
     assert_eq!(get(&far.api_key, "/v1/sync").status(), 403);
     assert_eq!(get(&near.api_key, "/auth/admin/services").status(), 200);
     // Widened to include loopback: accepted at once.
@@ -497,7 +495,13 @@ fn the_signing_kek_comes_from_the_environment() {
     let admin = |kek: &str| {
         let addr = crate::common::free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_permiso"))
-            .args(["admin", "--database", db.to_str().unwrap(), "--listen", &addr.to_string()])
+            .args([
+                "admin",
+                "--database",
+                db.to_str().unwrap(),
+                "--listen",
+                &addr.to_string(),
+            ])
             .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
             .env("PERMISO_SIGNING_KEK", kek)
             .stdout(Stdio::null())
@@ -513,15 +517,25 @@ fn the_signing_kek_comes_from_the_environment() {
         if let Ok(r) = http.get(format!("http://{addr}/.well-known/jwks.json")).send() {
             break r.json::<Value>().unwrap();
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "admin plane never answered");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "admin plane never answered"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 1);
-    assert!(!dir.path().join("kek.db.kek").exists(), "no KEK file beside the database");
+    assert!(
+        !dir.path().join("kek.db.kek").exists(),
+        "no KEK file beside the database"
+    );
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     // Another KEK cannot unseal the key: the admin plane refuses to start.
-    for (what, value) in [("another KEK", kek(8)), ("an empty KEK", String::new()), ("not base64url", "!!".into())] {
+    for (what, value) in [
+        ("another KEK", kek(8)),
+        ("an empty KEK", String::new()),
+        ("not base64url", "!!".into()),
+    ] {
         let (mut p, _) = admin(&value);
         let status = p.0.wait().unwrap();
         assert!(!status.success(), "{what}: started anyway");
@@ -540,12 +554,13 @@ fn full_syncs_at_one_version_share_one_build() {
     for i in 0..20 {
         h.create_unsynced(json!({"service_name": format!("bulk-{i}"), "scopes": ["trade:read"]}));
     }
-    let built = || -> u64 {
-        let text = h.http.get(h.admin_url("/metrics")).send().unwrap().text().unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("permiso_admin_full_syncs_built_total "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap()
+    let built = || {
+        crate::common::scrape(
+            &h.http,
+            &h.admin_url("/metrics"),
+            "permiso_admin_full_syncs_built_total",
+        )
+        .unwrap()
     };
     let before = built();
     // The clock is the harness's manual one: every request below is in the same second.
@@ -553,7 +568,12 @@ fn full_syncs_at_one_version_share_one_build() {
         let handles: Vec<_> = (0..24)
             .map(|_| {
                 s.spawn(|| {
-                    let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&h.sync_key).send().unwrap();
+                    let r = h
+                        .http
+                        .get(h.admin_url("/v1/sync"))
+                        .bearer_auth(&h.sync_key)
+                        .send()
+                        .unwrap();
                     assert_eq!(r.status(), 200);
                     r.text().unwrap()
                 })
@@ -565,10 +585,18 @@ fn full_syncs_at_one_version_share_one_build() {
     let first: Value = serde_json::from_str(&bodies[0]).unwrap();
     assert_eq!(first["full"], true);
     assert!(first["services"].as_array().unwrap().len() >= 21);
-    assert!(bodies.iter().all(|b| b == &bodies[0]), "every caller got the same snapshot");
+    assert!(
+        bodies.iter().all(|b| b == &bodies[0]),
+        "every caller got the same snapshot"
+    );
     // A change, or the next second, builds anew.
     h.create_unsynced(json!({"service_name": "one-more", "scopes": ["trade:read"]}));
-    let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&h.sync_key).send().unwrap();
+    let r = h
+        .http
+        .get(h.admin_url("/v1/sync"))
+        .bearer_auth(&h.sync_key)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(built() - before, 2);
 }
@@ -576,12 +604,22 @@ fn full_syncs_at_one_version_share_one_build() {
 /// Each sync credential has a bounded number of syncs open at once (long polls included).
 #[test]
 fn a_sync_credential_has_a_bounded_number_of_concurrent_syncs() {
-    let h = Harness::start_custom(crate::common::ROUTES, |f| f.sync_max_concurrent_per_credential = 3);
+    let h = Harness::start_custom(crate::common::ROUTES, |f| {
+        f.sync_max_concurrent_per_credential = 3
+    });
     let other = h.create(json!({"service_name": "other-sync", "scopes": ["sync:read"]}));
     let (version, epoch) = {
-        let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&other.api_key).send().unwrap();
+        let r = h
+            .http
+            .get(h.admin_url("/v1/sync"))
+            .bearer_auth(&other.api_key)
+            .send()
+            .unwrap();
         let v: Value = r.json().unwrap();
-        (v["version"].as_u64().unwrap(), v["epoch"].as_str().unwrap().to_string())
+        (
+            v["version"].as_u64().unwrap(),
+            v["epoch"].as_str().unwrap().to_string(),
+        )
     };
     let parked = format!("/v1/sync?after={version}&epoch={epoch}&wait=30");
     // The harness's own sidecar holds one long poll with its key; two more fill the bound.
@@ -605,7 +643,12 @@ fn a_sync_credential_has_a_bounded_number_of_concurrent_syncs() {
     // Wait until the bound is reached: the next sync with that key gets 429.
     let started = Instant::now();
     let refused = loop {
-        let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&h.sync_key).send().unwrap();
+        let r = h
+            .http
+            .get(h.admin_url("/v1/sync"))
+            .bearer_auth(&h.sync_key)
+            .send()
+            .unwrap();
         if r.status() == 429 {
             break r;
         }
@@ -615,7 +658,12 @@ fn a_sync_credential_has_a_bounded_number_of_concurrent_syncs() {
     assert!(refused.headers().get("retry-after").is_some());
     assert_eq!(refused.json::<Value>().unwrap()["error"], "rate_limited");
     // Another credential is not affected.
-    let r = h.http.get(h.admin_url("/v1/sync")).bearer_auth(&other.api_key).send().unwrap();
+    let r = h
+        .http
+        .get(h.admin_url("/v1/sync"))
+        .bearer_auth(&other.api_key)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     // A change ends the long polls; the slots are free again.
     h.create_unsynced(json!({"service_name": "wake-up", "scopes": []}));
@@ -623,7 +671,15 @@ fn a_sync_credential_has_a_bounded_number_of_concurrent_syncs() {
         assert_eq!(p.join().unwrap(), 200);
     }
     let started = Instant::now();
-    while h.http.get(h.admin_url("/v1/sync")).bearer_auth(&h.sync_key).send().unwrap().status() != 200 {
+    while h
+        .http
+        .get(h.admin_url("/v1/sync"))
+        .bearer_auth(&h.sync_key)
+        .send()
+        .unwrap()
+        .status()
+        != 200
+    {
         assert!(started.elapsed() < Duration::from_secs(10), "slots never freed");
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -391,6 +391,32 @@ pub fn start_admin_with(
     }
 }
 
+/// The value of the Prometheus sample whose name-and-labels part is exactly `series`, scraped
+/// from `url` (a `/metrics` endpoint).
+pub fn scrape(http: &Client, url: &str, series: &str) -> Option<u64> {
+    let text = http.get(url).send().ok()?.text().ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls a sidecar's `/readyz` at `health` until it answers 200.
+pub fn wait_ready(http: &Client, health: SocketAddr) {
+    let started = Instant::now();
+    while http
+        .get(format!("http://{health}/readyz"))
+        .send()
+        .map(|r| r.status().as_u16())
+        .ok()
+        != Some(200)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "sidecar at {health} never ready"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
     r.headers().get(name).and_then(|v| v.to_str().ok())
 }

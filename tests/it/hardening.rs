@@ -10,7 +10,7 @@ use permiso::config::ForwardedFor;
 use permiso::core::clock::SharedClock;
 use serde_json::{json, Value};
 
-use crate::common::{free_port, header, Harness, ROUTES};
+use crate::common::{free_port, header, scrape, Harness, ROUTES};
 
 const PASS_ROUTE: &str = r#"
 [[sidecar.routes]]
@@ -36,7 +36,11 @@ fn raw(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
         if let Some(end) = text.find("\r\n\r\n") {
             let len = text[..end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
                 break;
@@ -45,7 +49,10 @@ fn raw(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     }
     let text = String::from_utf8_lossy(&buf).to_string();
     let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -62,7 +69,12 @@ fn credentials_and_identity_lookalikes_never_reach_the_upstream() {
     let key = svc.api_key.as_str();
     // Any form of credential to a public route is removed: a JWT, a key after a tab, a key
     // without a scheme, Basic, and Proxy-Authorization (meant for a proxy, never the service).
-    for auth in [format!("Bearer {jwt}"), format!("Bearer\t{key}"), key.to_string(), "Basic dTpw".into()] {
+    for auth in [
+        format!("Bearer {jwt}"),
+        format!("Bearer\t{key}"),
+        key.to_string(),
+        "Basic dTpw".into(),
+    ] {
         let (s, body) = raw(
             h.sidecar_addr,
             &format!("GET /health HTTP/1.1\r\nHost: t\r\nAuthorization: {auth}\r\nProxy-Authorization: Basic dTpw\r\n\r\n"),
@@ -74,22 +86,40 @@ fn credentials_and_identity_lookalikes_never_reach_the_upstream() {
         assert!(!body.contains(key) && !body.contains(&jwt));
     }
     // A public route that opts in forwards it unchanged.
-    let (_, body) = raw(h.sidecar_addr, &format!("GET /pass HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {jwt}\r\n\r\n"));
+    let (_, body) = raw(
+        h.sidecar_addr,
+        &format!("GET /pass HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {jwt}\r\n\r\n"),
+    );
     assert_eq!(echo_headers(&body)["authorization"], format!("Bearer {jwt}"));
 
     // Identity-like headers in any spelling (CGI maps `_` and `-` alike) and a forged
     // forwarding chain, with and without a credential.
     let forged = "X_Permiso_Service_Id: srv_forged\r\nX-Permiso_Scopes: admin:*\r\nx-permiso-key-id: key_forged\r\n\
                   X_Request_Id: forged\r\nX-Forwarded-For: 6.6.6.6\r\nx_forwarded_for: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n";
-    for (path, auth) in [("/health", String::new()), ("/api/v1/trades", format!("Authorization: Bearer {key}\r\n"))] {
-        let (s, body) = raw(h.sidecar_addr, &format!("GET {path} HTTP/1.1\r\nHost: t\r\n{auth}{forged}\r\n"));
+    for (path, auth) in [
+        ("/health", String::new()),
+        ("/api/v1/trades", format!("Authorization: Bearer {key}\r\n")),
+    ] {
+        let (s, body) = raw(
+            h.sidecar_addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: t\r\n{auth}{forged}\r\n"),
+        );
         assert_eq!(s, 200, "{path}: {body}");
         let headers = echo_headers(&body);
         for (name, value) in &headers {
             let dashed = name.replace('_', "-");
-            assert!(!name.contains('_') || !dashed.starts_with("x-permiso-"), "{path}: {name} passed");
-            assert!(!value.as_str().unwrap().contains("forged"), "{path}: {name}: {value}");
-            assert!(!value.as_str().unwrap().contains("6.6.6.6"), "{path}: {name}: {value}");
+            assert!(
+                !name.contains('_') || !dashed.starts_with("x-permiso-"),
+                "{path}: {name} passed"
+            );
+            assert!(
+                !value.as_str().unwrap().contains("forged"),
+                "{path}: {name}: {value}"
+            );
+            assert!(
+                !value.as_str().unwrap().contains("6.6.6.6"),
+                "{path}: {name}: {value}"
+            );
         }
         assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{path}");
         assert_eq!(headers["forwarded"], "for=127.0.0.1", "{path}");
@@ -138,9 +168,15 @@ fn content_length_lists_are_collapsed_or_refused() {
     assert_eq!(s, 200);
     // Conflicting values never reach the upstream.
     for conflicting in ["Content-Length: 5, 6", "Content-Length: 5\r\nContent-Length: 6"] {
-        let (s, body) = raw(h.sidecar_addr, &format!("POST /health HTTP/1.1\r\nHost: t\r\n{conflicting}\r\n\r\nhello!"));
+        let (s, body) = raw(
+            h.sidecar_addr,
+            &format!("POST /health HTTP/1.1\r\nHost: t\r\n{conflicting}\r\n\r\nhello!"),
+        );
         assert!(s == 400 || s == 0, "{conflicting}: {s} {body}");
-        assert!(!body.contains("\"upstream\""), "{conflicting}: reached the upstream");
+        assert!(
+            !body.contains("\"upstream\""),
+            "{conflicting}: reached the upstream"
+        );
     }
 }
 
@@ -206,52 +242,72 @@ fn a_trace_level_log_holds_no_credential() {
         .spawn()
         .unwrap();
     let _p = crate::common::Proc(child);
-    let started = std::time::Instant::now();
-    while h.http.get(format!("http://{health}/readyz")).send().map(|r| r.status().as_u16()).ok() != Some(200) {
-        assert!(started.elapsed() < Duration::from_secs(10), "sidecar process never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::common::wait_ready(&h.http, health);
     let base = format!("http://{listen}");
     for _ in 0..3 {
-        let r = h.http.get(format!("{base}/api/v1/trades")).bearer_auth(&svc.api_key).send().unwrap();
+        let r = h
+            .http
+            .get(format!("{base}/api/v1/trades"))
+            .bearer_auth(&svc.api_key)
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 200);
-        let r = h.http.get(format!("{base}/api/v1/trades")).bearer_auth(&jwt).send().unwrap();
+        let r = h
+            .http
+            .get(format!("{base}/api/v1/trades"))
+            .bearer_auth(&jwt)
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 200);
-        let r = h.http.get(format!("{base}/health")).bearer_auth(&jwt).send().unwrap();
+        let r = h
+            .http
+            .get(format!("{base}/health"))
+            .bearer_auth(&jwt)
+            .send()
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     // Wait until a usage report and a few syncs went out (they carry the sync key).
-    let metric = |name: &str| -> u64 {
-        let text = h.http.get(format!("http://{health}/metrics")).send().unwrap().text().unwrap();
-        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-    };
+    let metric = |series: &str| scrape(&h.http, &format!("http://{health}/metrics"), series).unwrap_or(0);
     let started = std::time::Instant::now();
-    while metric("permiso_sidecar_usage_reports_total{result=\"ok\"}") < 1 || metric("permiso_sidecar_syncs_total") < 3 {
-        assert!(started.elapsed() < Duration::from_secs(15), "no usage report or syncs");
+    while metric("permiso_sidecar_usage_reports_total{result=\"ok\"}") < 1
+        || metric("permiso_sidecar_syncs_total") < 3
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no usage report or syncs"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let text = std::fs::read_to_string(&log_path).unwrap();
-    assert!(text.contains("TRACE") || text.contains("DEBUG"), "the log really is verbose");
+    assert!(
+        text.contains("TRACE") || text.contains("DEBUG"),
+        "the log really is verbose"
+    );
     assert!(text.contains("permiso::access"), "requests were logged");
-    for (what, secret) in [("api key", svc.api_key.as_str()), ("jwt", jwt.as_str()), ("sync key", h.sync_key.as_str())] {
+    for (what, secret) in [
+        ("api key", svc.api_key.as_str()),
+        ("jwt", jwt.as_str()),
+        ("sync key", h.sync_key.as_str()),
+    ] {
         assert!(!text.contains(secret), "the {what} is in the trace log");
-        assert!(!text.contains(&secret[secret.len() - 16..]), "part of the {what} is in the trace log");
+        assert!(
+            !text.contains(&secret[secret.len() - 16..]),
+            "part of the {what} is in the trace log"
+        );
     }
 }
 
 /// A client that opened a connection and sent part of a request head, then nothing.
 fn slowloris(addr: std::net::SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: ").unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        .unwrap();
     s
 }
 
-fn metric(h: &Harness, health: std::net::SocketAddr, line: &str) -> u64 {
-    let text = h.http.get(format!("http://{health}/metrics")).send().unwrap().text().unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+fn metric(h: &Harness, health: std::net::SocketAddr, series: &str) -> u64 {
+    scrape(&h.http, &format!("http://{health}/metrics"), series).unwrap_or_else(|| panic!("no {series}"))
 }
 
 /// Review finding: 2,000 connections trickling a header line every few seconds were held for
@@ -264,14 +320,34 @@ fn slow_and_idle_connections_never_starve_real_clients() {
     let health = h.sidecar.as_ref().unwrap().health_addr.unwrap();
     let steady = |addr: std::net::SocketAddr, n: usize| {
         // Fresh connections (what a flood would starve) and one kept-alive client.
-        let fresh = || reqwest::blocking::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(5)).build().unwrap();
-        let kept = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+        let fresh = || {
+            reqwest::blocking::Client::builder()
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap()
+        };
+        let kept = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
         for i in 0..n {
             let client = if i % 2 == 0 { fresh() } else { kept.clone() };
-            let r = client.get(format!("http://{addr}/api/v1/trades")).bearer_auth(&svc.api_key).send();
-            assert_eq!(r.map(|r| r.status().as_u16()).ok(), Some(200), "request {i} through the flood");
+            let r = client
+                .get(format!("http://{addr}/api/v1/trades"))
+                .bearer_auth(&svc.api_key)
+                .send();
+            assert_eq!(
+                r.map(|r| r.status().as_u16()).ok(),
+                Some(200),
+                "request {i} through the flood"
+            );
             let r = client.get(format!("http://{health}/readyz")).send();
-            assert_eq!(r.map(|r| r.status().as_u16()).ok(), Some(200), "probe {i} through the flood");
+            assert_eq!(
+                r.map(|r| r.status().as_u16()).ok(),
+                Some(200),
+                "probe {i} through the flood"
+            );
         }
     };
 
@@ -280,7 +356,7 @@ fn slow_and_idle_connections_never_starve_real_clients() {
     let flood: Vec<TcpStream> = (0..2000).map(|_| slowloris(h.sidecar_addr)).collect();
     let idle: Vec<TcpStream> = (0..400).map(|_| TcpStream::connect(health).unwrap()).collect();
     steady(h.sidecar_addr, 50);
-    assert!(metric(&h, health, "permiso_sidecar_open_connections ") >= 2000);
+    assert!(metric(&h, health, "permiso_sidecar_open_connections") >= 2000);
     drop(flood);
 
     // Tight limits: at max_connections the oldest idle connection makes room; the slow ones
@@ -295,15 +371,17 @@ fn slow_and_idle_connections_never_starve_real_clients() {
     let clock: SharedClock = std::sync::Arc::new(h.clock.clone());
     let tight = permiso::sidecar::start(cfg, clock).unwrap();
     let th = tight.health_addr.unwrap();
-    let started = std::time::Instant::now();
-    while h.http.get(format!("http://{th}/readyz")).send().map(|r| r.status().as_u16()).ok() != Some(200) {
-        assert!(started.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    crate::common::wait_ready(&h.http, th);
     let flood: Vec<TcpStream> = (0..300).map(|_| slowloris(tight.addr)).collect();
     steady(tight.addr, 40);
-    assert!(metric(&h, th, "permiso_sidecar_connections_closed_total{reason=\"shed\"} ") > 0);
-    assert!(metric(&h, th, "permiso_sidecar_open_connections ") <= 32);
+    assert!(
+        metric(
+            &h,
+            th,
+            "permiso_sidecar_connections_closed_total{reason=\"shed\"}"
+        ) > 0
+    );
+    assert!(metric(&h, th, "permiso_sidecar_open_connections") <= 32);
     // A connection that keeps trickling bytes is closed at the deadline anyway.
     let mut trickle = slowloris(tight.addr);
     trickle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -313,7 +391,9 @@ fn slow_and_idle_connections_never_starve_real_clients() {
             break true;
         }
         let mut b = [0u8; 1];
-        trickle.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        trickle
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         if let Ok(0) = trickle.read(&mut b) {
             break true;
         }
@@ -322,6 +402,12 @@ fn slow_and_idle_connections_never_starve_real_clients() {
         }
     };
     assert!(closed, "a trickling connection was never cut");
-    assert!(metric(&h, th, "permiso_sidecar_connections_closed_total{reason=\"header_timeout\"} ") > 0);
+    assert!(
+        metric(
+            &h,
+            th,
+            "permiso_sidecar_connections_closed_total{reason=\"header_timeout\"}"
+        ) > 0
+    );
     drop((flood, idle));
 }

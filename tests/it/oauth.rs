@@ -603,7 +603,10 @@ fn the_token_endpoint_throttles_failures_and_never_a_client_that_has_not_failed(
     assert_eq!(r.json::<Value>().unwrap()["error"], "rate_limited");
     // ...and the real client, from its own address, is not locked out: 200 every time.
     for _ in 0..20 {
-        assert_eq!(token_request_from(&h, "127.0.0.1", id, &svc.client_secret).status(), 200);
+        assert_eq!(
+            token_request_from(&h, "127.0.0.1", id, &svc.client_secret).status(),
+            200
+        );
     }
     // An address spraying failures over many ids is refused as a whole.
     for i in 0..6 {
@@ -611,13 +614,26 @@ fn the_token_endpoint_throttles_failures_and_never_a_client_that_has_not_failed(
         let r = token_request_from(&h, "127.0.0.3", &other, "pcs_guess");
         assert_eq!(r.status(), 401, "attempt {i}");
     }
-    assert_eq!(token_request_from(&h, "127.0.0.3", id, &svc.client_secret).status(), 429);
-    assert_eq!(token_request_from(&h, "127.0.0.1", id, &svc.client_secret).status(), 200);
+    assert_eq!(
+        token_request_from(&h, "127.0.0.3", id, &svc.client_secret).status(),
+        429
+    );
+    assert_eq!(
+        token_request_from(&h, "127.0.0.1", id, &svc.client_secret).status(),
+        200
+    );
     // The window ends: the pair may try again.
     h.clock.advance(Duration::from_secs(61));
-    assert_eq!(token_request_from(&h, "127.0.0.2", id, &svc.client_secret).status(), 200);
+    assert_eq!(
+        token_request_from(&h, "127.0.0.2", id, &svc.client_secret).status(),
+        200
+    );
     // Failed client authentications are audited, naming the client tried.
-    let (s, v) = h.admin_req(Method::GET, "/auth/admin/audit?action=auth.failed&limit=1000", None);
+    let (s, v) = h.admin_req(
+        Method::GET,
+        "/auth/admin/audit?action=auth.failed&limit=1000",
+        None,
+    );
     assert_eq!(s, 200);
     let entries = v["entries"].as_array().unwrap();
     let for_client = entries
@@ -625,8 +641,14 @@ fn the_token_endpoint_throttles_failures_and_never_a_client_that_has_not_failed(
         .filter(|e| e["target"] == id && e["change"]["reason"] == "wrong client secret")
         .count();
     assert_eq!(for_client, 3, "{v}");
-    assert!(entries.iter().all(|e| e["source_ip"] != "127.0.0.1"), "the real client never failed");
-    assert!(!v.to_string().contains("pcs_guess"), "secrets never reach the audit log");
+    assert!(
+        entries.iter().all(|e| e["source_ip"] != "127.0.0.1"),
+        "the real client never failed"
+    );
+    assert!(
+        !v.to_string().contains("pcs_guess"),
+        "secrets never reach the audit log"
+    );
 }
 
 #[test]

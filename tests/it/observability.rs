@@ -227,9 +227,22 @@ fn sidecars_report_key_use_so_admins_see_old_keys_in_grace() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert!(r.json::<Value>().unwrap()["error_description"].as_str().unwrap().contains("future"));
-    let (_, after) = h.admin_req(Method::GET, &format!("/auth/admin/services/{}", svc.service_id), None);
-    let old_after = after["keys"].as_array().unwrap().iter().find(|k| k["key_id"] == svc.key_id.as_str()).unwrap().clone();
+    assert!(r.json::<Value>().unwrap()["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("future"));
+    let (_, after) = h.admin_req(
+        Method::GET,
+        &format!("/auth/admin/services/{}", svc.service_id),
+        None,
+    );
+    let old_after = after["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == svc.key_id.as_str())
+        .unwrap()
+        .clone();
     assert_eq!(old_after["last_used_at"], old["last_used_at"], "nothing written");
 }
 

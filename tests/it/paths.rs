@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use permiso::core::clock::SharedClock;
 use permiso::sidecar::{self, SidecarHandle};
@@ -71,12 +71,19 @@ fn python_with_flask() -> PathBuf {
             .arg(&venv)
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "python3 -m venv {} failed (Debian: apt-get install python3-venv)", venv.display());
+        assert!(
+            ok,
+            "python3 -m venv {} failed (Debian: apt-get install python3-venv)",
+            venv.display()
+        );
         let ok = Command::new(venv.join("bin/pip"))
             .args(["install", "-q", "flask==3.1.*"])
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "pip install flask failed: the differential test needs PyPI (or PERMISO_TEST_PYTHON)");
+        assert!(
+            ok,
+            "pip install flask failed: the differential test needs PyPI (or PERMISO_TEST_PYTHON)"
+        );
     }
     py
 }
@@ -95,7 +102,11 @@ fn start_flask(lower: bool) -> (Proc, SocketAddr) {
     while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
         line.push(b[0]);
     }
-    let port: u16 = String::from_utf8(line).unwrap().trim().parse().expect("flask printed its port");
+    let port: u16 = String::from_utf8(line)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("flask printed its port");
     (Proc(child), SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
@@ -106,11 +117,17 @@ fn start_axum() -> SocketAddr {
     l.set_nonblocking(true).unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let reply = |name: &'static str| {
                 move |uri: axum::http::Uri| async move {
-                    let raw = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+                    let raw = uri
+                        .path_and_query()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_default();
                     axum::Json(json!({"handler": name, "raw": raw}))
                 }
             };
@@ -140,12 +157,7 @@ fn start_sidecar_for(h: &Harness, upstream: SocketAddr, n: usize) -> SidecarHand
     cfg.snapshot_file = h.dir.path().join(format!("snapshot-{n}.json"));
     let clock: SharedClock = Arc::new(h.clock.clone());
     let s = sidecar::start(cfg, clock).expect("sidecar starts");
-    let health = s.health_addr.unwrap();
-    let started = Instant::now();
-    while h.http.get(format!("http://{health}/readyz")).send().map(|r| r.status().as_u16()).ok() != Some(200) {
-        assert!(started.elapsed() < Duration::from_secs(10), "sidecar for {upstream} never ready");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    crate::common::wait_ready(&h.http, s.health_addr.unwrap());
     s
 }
 
@@ -192,7 +204,9 @@ impl Mutator {
                 let sep = if i == 0 || !self.chance(8) {
                     "/"
                 } else {
-                    self.pick(&["//", "%2f", "%2F", "\\", "/./", "/;x=1/", "/%2e/", "/.;/", "///", "%5c", "/%20/"])
+                    self.pick(&[
+                        "//", "%2f", "%2F", "\\", "/./", "/;x=1/", "/%2e/", "/.;/", "///", "%5c", "/%20/",
+                    ])
                 };
                 out.push_str(sep);
                 continue;
@@ -229,7 +243,17 @@ impl Mutator {
             }
         }
         if self.chance(4) {
-            out.push_str(self.pick(&["/", "?x=1", "#frag", "/.", "/..", ";", "%2f", "?a=/api/v1/admin", "."]));
+            out.push_str(self.pick(&[
+                "/",
+                "?x=1",
+                "#frag",
+                "/.",
+                "/..",
+                ";",
+                "%2f",
+                "?a=/api/v1/admin",
+                ".",
+            ]));
         }
         out
     }
@@ -237,7 +261,12 @@ impl Mutator {
 
 /// Sends one raw GET over `conn` (reconnecting when the sidecar closed it) and returns the
 /// status and body; None when the sidecar's HTTP parser refused the request line outright.
-fn send(conn: &mut Option<TcpStream>, addr: SocketAddr, path: &str, key: Option<&str>) -> Option<(u16, Vec<u8>)> {
+fn send(
+    conn: &mut Option<TcpStream>,
+    addr: SocketAddr,
+    path: &str,
+    key: Option<&str>,
+) -> Option<(u16, Vec<u8>)> {
     for attempt in 0..2 {
         let s = match conn {
             Some(s) => s,
@@ -247,7 +276,9 @@ fn send(conn: &mut Option<TcpStream>, addr: SocketAddr, path: &str, key: Option<
                 conn.insert(s)
             }
         };
-        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+        let auth = key
+            .map(|k| format!("Authorization: Bearer {k}\r\n"))
+            .unwrap_or_default();
         let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{auth}\r\n");
         if s.write_all(req.as_bytes()).is_err() {
             *conn = None;
@@ -283,15 +314,22 @@ fn read_one(s: &mut TcpStream) -> Option<(u16, Vec<u8>, bool)> {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         let status: u16 = head.get(9..12)?.parse().ok()?;
         let len = head
             .lines()
-            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            })
             .unwrap_or(0);
         if buf.len() >= end + 4 + len {
-            let close = head.lines().any(|l| l.starts_with("connection:") && l.contains("close"));
+            let close = head
+                .lines()
+                .any(|l| l.starts_with("connection:") && l.contains("close"));
             return Some((status, buf[end + 4..end + 4 + len].to_vec(), close));
         }
     }
@@ -324,8 +362,10 @@ fn mutated_paths_never_reach_a_handler_the_scopes_do_not_allow() {
     let keys: Vec<(String, Vec<&str>, Option<String>)> = callers
         .iter()
         .map(|(name, scopes)| {
-            let key = (!scopes.is_empty())
-                .then(|| h.create(json!({"service_name": format!("diff-{name}"), "scopes": scopes})).api_key);
+            let key = (!scopes.is_empty()).then(|| {
+                h.create(json!({"service_name": format!("diff-{name}"), "scopes": scopes}))
+                    .api_key
+            });
             (name.to_string(), scopes.clone(), key)
         })
         .collect();
@@ -333,9 +373,16 @@ fn mutated_paths_never_reach_a_handler_the_scopes_do_not_allow() {
     let (_flask, flask) = start_flask(false);
     let (_flask_lower, flask_lower) = start_flask(true);
     let axum_addr = start_axum();
-    let upstreams = [("flask", flask), ("flask-lowercase", flask_lower), ("axum", axum_addr)];
-    let sidecars: Vec<SidecarHandle> =
-        upstreams.iter().enumerate().map(|(i, (_, a))| start_sidecar_for(&h, *a, i)).collect();
+    let upstreams = [
+        ("flask", flask),
+        ("flask-lowercase", flask_lower),
+        ("axum", axum_addr),
+    ];
+    let sidecars: Vec<SidecarHandle> = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, (_, a))| start_sidecar_for(&h, *a, i))
+        .collect();
 
     let targets = [
         "/api/v1/account/balance",
@@ -346,7 +393,10 @@ fn mutated_paths_never_reach_a_handler_the_scopes_do_not_allow() {
         "/api/v1/account",
         "/health/live",
     ];
-    let per_target: usize = std::env::var("PERMISO_DIFF_PATHS").ok().and_then(|v| v.parse().ok()).unwrap_or(250);
+    let per_target: usize = std::env::var("PERMISO_DIFF_PATHS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(250);
     let mut m = Mutator(0x2545_f491_4f6c_dd1d);
     // (raw path, whether it differs from the plain spelling of its target)
     let mut paths: Vec<(String, bool)> = targets.iter().map(|t| (t.to_string(), false)).collect();
@@ -446,10 +496,25 @@ fn mutated_paths_never_reach_a_handler_the_scopes_do_not_allow() {
             .unwrap_or(0)
     };
     for (u, _) in upstreams {
-        assert_eq!(reached(u, "bal-only", "balance") + reached(u, "bal-only", "account"), 0);
-        assert!(reached(u, "anonymous", "health") > 0, "{u}: no mutated path reached health");
-        assert!(reached(u, "balance", "balance") > 0, "{u}: no mutated path reached balance");
-        assert!(reached(u, "reader", "account") > 0, "{u}: no mutated path reached account");
-        assert!(reached(u, "trader", "trades") > 0, "{u}: no mutated path reached trades");
+        assert_eq!(
+            reached(u, "bal-only", "balance") + reached(u, "bal-only", "account"),
+            0
+        );
+        assert!(
+            reached(u, "anonymous", "health") > 0,
+            "{u}: no mutated path reached health"
+        );
+        assert!(
+            reached(u, "balance", "balance") > 0,
+            "{u}: no mutated path reached balance"
+        );
+        assert!(
+            reached(u, "reader", "account") > 0,
+            "{u}: no mutated path reached account"
+        );
+        assert!(
+            reached(u, "trader", "trades") > 0,
+            "{u}: no mutated path reached trades"
+        );
     }
 }

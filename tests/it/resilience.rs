@@ -145,8 +145,14 @@ fn an_edited_snapshot_file_grants_nothing() {
     assert_eq!(h.get("/api/v1/account", Some(&svc.api_key)).status(), 403);
     // And writes it back authenticated: a restart with the admin plane down serves from it.
     let started = std::time::Instant::now();
-    while std::fs::read_to_string(h.snapshot_path()).unwrap().contains("\"account:read\"") {
-        assert!(started.elapsed() < Duration::from_secs(10), "the file was never rewritten");
+    while std::fs::read_to_string(h.snapshot_path())
+        .unwrap()
+        .contains("\"account:read\"")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the file was never rewritten"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     h.stop_sidecar();
@@ -173,29 +179,42 @@ fn a_snapshot_file_that_cannot_be_written_is_counted_and_turns_readiness_red() {
         (r.status().as_u16(), r.json::<Value>().unwrap())
     };
     let failed_writes = || {
-        let text = h.http.get(format!("http://{health}/metrics")).send().unwrap().text().unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("permiso_sidecar_snapshot_file_writes_total{result=\"failed\"} "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap()
+        let url = format!("http://{health}/metrics");
+        crate::common::scrape(
+            &h.http,
+            &url,
+            "permiso_sidecar_snapshot_file_writes_total{result=\"failed\"}",
+        )
+        .unwrap()
     };
     let started = std::time::Instant::now();
     while failed_writes() == 0 {
-        assert!(started.elapsed() < Duration::from_secs(10), "no failed write counted");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no failed write counted"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     // Within the bound it still serves and says ready.
     assert_eq!(probe().0, 200);
     h.clock.advance(Duration::from_secs(61));
     let (s, v) = probe();
-    assert_eq!((s, v["reason"].as_str()), (503, Some("snapshot file cannot be written")), "{v}");
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (503, Some("snapshot file cannot be written")),
+        "{v}"
+    );
     // The disk is fixed: the next change is written and readiness returns.
     std::fs::remove_file(&blocker).unwrap();
     std::fs::create_dir(&blocker).unwrap();
     h.create(json!({"service_name": "after-fix", "scopes": ["trade:read"]}));
     let started = std::time::Instant::now();
     while probe().0 != 200 {
-        assert!(started.elapsed() < Duration::from_secs(10), "still not ready: {:?}", probe());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still not ready: {:?}",
+            probe()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(blocker.join("snapshot.json").exists());
