@@ -130,7 +130,7 @@ async fn authenticate_client(
 ) -> Result<AuthenticatedClient, ApiError> {
     let now = st.clock.now_secs();
     let addr = throttle::bucket(peer);
-    let pair = (c.client_id.clone(), addr);
+    let pair = (c.client_id.clone(), throttle::exact(peer));
     let blocked = st
         .client_pair_failures
         .blocked(&pair, now)

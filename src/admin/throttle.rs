@@ -24,6 +24,15 @@ const PRUNE_AT: usize = 10_000;
 /// gets its failures audited within the budget and counted in metrics).
 const MAX_TRACKED: usize = 100_000;
 
+/// The address itself (an IPv4-mapped IPv6 address as IPv4): the key of (client, address)
+/// pairs, so a neighbour in the same IPv6 /64 cannot lock out one particular client.
+pub fn exact(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
 /// The address a failure counts against.
 pub fn bucket(ip: IpAddr) -> IpAddr {
     match ip {
@@ -165,6 +174,10 @@ mod tests {
         t.record(b("::ffff:10.1.1.1"), 0);
         t.record(b("10.1.1.1"), 0);
         assert!(t.blocked(&b("10.1.1.1"), 1).is_some(), "v4-mapped is v4");
+        // Pairs are keyed on the exact address: a neighbour in the same /64 is another key.
+        let e = |s: &str| exact(s.parse().unwrap());
+        assert_ne!(e("2001:db8:1:2::1"), e("2001:db8:1:2::2"));
+        assert_eq!(e("::ffff:10.1.1.1"), e("10.1.1.1"));
     }
 
     #[test]

@@ -283,6 +283,9 @@ pub fn decide(
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
 ) -> Result<Pass, Denial> {
+    if req.method.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(Denial::BadRequest(BadRequest::MethodCase));
+    }
     let canonical = path::canonicalize(req.path).map_err(|e| Denial::BadRequest(BadRequest::Path(e)))?;
     let verdict = judge(routes, snapshot, environment, req, &canonical, now_nanos, tokens)?;
     let rewritten_path = match canonical {
@@ -537,6 +540,27 @@ mod tests {
             decide(&routes, Some(&f.snap), Environment::Live, &facts, NOW, &NO_TOKENS).unwrap_err(),
             Denial::MissingCredential
         );
+        // A lower-case method never slips past a method-restricted route.
+        for method in ["get", "Get", "pOST"] {
+            let facts = RequestFacts {
+                method,
+                path: "/api/v1/trades",
+                authorization: Authorization::Absent,
+                client_ip: None,
+            };
+            assert_eq!(
+                decide(
+                    &f.routes,
+                    Some(&f.snap),
+                    Environment::Live,
+                    &facts,
+                    NOW,
+                    &NO_TOKENS
+                )
+                .unwrap_err(),
+                Denial::BadRequest(BadRequest::MethodCase)
+            );
+        }
         for bad in [
             "/health/..;/api/v1/trades",
             "/health/%2e%2e;/api/v1/trades",

@@ -66,6 +66,9 @@ pub enum Denial {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BadRequest {
     Path(PathError),
+    /// A method with lower-case letters: routes name upper-case methods, and servers that
+    /// upper-case the method would run a handler the route did not guard.
+    MethodCase,
     DuplicateAuthorization,
     AuthorizationNotAscii,
 }
@@ -130,6 +133,7 @@ impl Denial {
             Denial::NoRoute => "no_route",
             Denial::BadRequest(b) => match b {
                 BadRequest::Path(_) => "unsafe_path",
+                BadRequest::MethodCase => "lowercase_method",
                 BadRequest::DuplicateAuthorization => "duplicate_authorization",
                 BadRequest::AuthorizationNotAscii => "authorization_not_ascii",
             },
@@ -170,6 +174,7 @@ impl Denial {
             Denial::NoSnapshot,
             Denial::BadRequest(BadRequest::Path(PathError::NotAbsolute)),
             Denial::BadRequest(BadRequest::DuplicateAuthorization),
+            Denial::BadRequest(BadRequest::MethodCase),
             Denial::BadRequest(BadRequest::AuthorizationNotAscii),
         ];
         for window in [Window::Minute, Window::Hour] {
@@ -247,6 +252,11 @@ impl Denial {
                 headers: vec![],
                 body: body("invalid_request", e.describe()),
             },
+            Denial::BadRequest(BadRequest::MethodCase) => DenialResponse {
+                status: 400,
+                headers: vec![],
+                body: body("invalid_request", "The method must be upper case"),
+            },
             Denial::BadRequest(_) => DenialResponse {
                 status: 400,
                 headers: vec![],
@@ -282,7 +292,7 @@ mod tests {
         let reasons: std::collections::HashSet<_> = all.iter().map(|d| d.reason()).collect();
         // 8 + 2 rate windows + 7 key reasons + 11 JWT reasons; path errors share one reason.
         assert_eq!(reasons.len(), all.len());
-        assert_eq!(reasons.len(), 28);
+        assert_eq!(reasons.len(), 29);
         let outcomes: std::collections::HashSet<_> = all.iter().map(|d| d.outcome()).collect();
         for o in [
             "missing",

@@ -1,43 +1,72 @@
 //! Which incoming request headers never reach the upstream, whatever the verdict: the ones the
-//! sidecar itself speaks for (identity, request id, forwarding chain). Pure, shared by every
-//! front end that forwards.
+//! sidecar itself speaks for (identity, request id, forwarding chain), and the ones that make
+//! an upstream read another URL or method than the one the sidecar judged. Pure, shared by
+//! every front end that forwards.
 //!
-//! Names are compared after reading `_` as `-` and ignoring ASCII case, because CGI, PHP and
-//! several WSGI servers map `X_Permiso_Scopes` and `X-Permiso-Scopes` to the same variable
-//! (`HTTP_X_PERMISO_SCOPES`): a caller must not be able to pass an identity under the other
-//! spelling.
+//! Names are compared after reading every character other than a letter or a digit as `-`
+//! and ignoring ASCII case, because CGI, PHP and several WSGI servers map `X_Permiso_Scopes`,
+//! `X.Permiso.Scopes` and `X-Permiso-Scopes` to the same variable (`HTTP_X_PERMISO_SCOPES`): a
+//! caller must not be able to pass one under another spelling.
 
 /// Prefix of every identity header the sidecar sets.
 pub const IDENTITY_PREFIX: &str = "x-permiso-";
 
-/// Headers, other than `x-permiso-*`, whose value the sidecar sets itself.
-const OWN: [&str; 4] = ["x-request-id", "x-forwarded-for", "forwarded", "x-real-ip"];
+/// Prefixes of header families the caller may not send (after normalisation).
+const RESERVED_PREFIXES: [&str; 2] = [IDENTITY_PREFIX, "x-forwarded-"];
 
-fn eq_dashed(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(&x, &y)| {
-            let x = if x == b'_' { b'-' } else { x.to_ascii_lowercase() };
-            x == y
-        })
+/// Single headers the caller may not send (after normalisation): the forwarding chain the
+/// sidecar sets from the TCP peer, other client-address headers upstream middleware trusts,
+/// URL rewrites (IIS, Symfony) and method overrides (Rails, Laravel, Express), which would make
+/// the upstream run another route or method than the one judged.
+const RESERVED: [&str; 12] = [
+    "x-request-id",
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+fn norm(b: u8) -> u8 {
+    if b.is_ascii_alphanumeric() {
+        b.to_ascii_lowercase()
+    } else {
+        b'-'
+    }
+}
+
+fn starts_normalised(name: &[u8], prefix: &[u8]) -> bool {
+    name.len() >= prefix.len() && name.iter().zip(prefix).all(|(&x, &y)| norm(x) == y)
+}
+
+fn eq_normalised(name: &[u8], other: &[u8]) -> bool {
+    name.len() == other.len() && starts_normalised(name, other)
 }
 
 /// True for a name that, read as a CGI server reads it, is an `X-Permiso-*` header.
 pub fn is_identity(name: &str) -> bool {
-    let n = name.as_bytes();
-    n.len() >= IDENTITY_PREFIX.len() && eq_dashed(&n[..IDENTITY_PREFIX.len()], IDENTITY_PREFIX.as_bytes())
+    starts_normalised(name.as_bytes(), IDENTITY_PREFIX.as_bytes())
 }
 
-/// True for a name the caller may not send to the upstream under any spelling: identity
-/// headers, and the forwarding headers the sidecar sets from the TCP peer. `x-request-id` in
-/// its exact spelling is the caller's to propose (it is kept when well-formed): only its
-/// underscore spellings are dropped here.
+/// True for a name the caller may not send to the upstream under any spelling.
+/// `x-request-id` in its exact spelling is the caller's to propose (it is kept when
+/// well-formed): only its other spellings are dropped here.
 pub fn is_reserved(name: &str) -> bool {
-    if is_identity(name) {
+    let n = name.as_bytes();
+    if RESERVED_PREFIXES
+        .iter()
+        .any(|p| starts_normalised(n, p.as_bytes()))
+    {
         return true;
     }
-    let n = name.as_bytes();
-    OWN.iter().any(|own| {
-        eq_dashed(n, own.as_bytes()) && !(*own == "x-request-id" && n.eq_ignore_ascii_case(own.as_bytes()))
+    RESERVED.iter().any(|r| {
+        eq_normalised(n, r.as_bytes()) && !(*r == "x-request-id" && n.eq_ignore_ascii_case(r.as_bytes()))
     })
 }
 
@@ -97,6 +126,19 @@ mod tests {
             "X_Real_IP",
             "x_request_id",
             "X-Request_Id",
+            "X.Permiso.Scopes",
+            "x~permiso~service~id",
+            "X-Forwarded-Host",
+            "X-Forwarded-Prefix",
+            "x-forwarded-proto",
+            "X-Original-URL",
+            "X-Rewrite-Url",
+            "True-Client-IP",
+            "X-Client-IP",
+            "CF-Connecting-IP",
+            "X-HTTP-Method-Override",
+            "X-Http-Method",
+            "x_method_override",
         ] {
             assert!(is_reserved(n), "{n}");
         }
@@ -106,8 +148,9 @@ mod tests {
             "x-permiso",
             "x-permisos-a",
             "authorization",
-            "x-forwarded-proto",
             "content-type",
+            "x-forwarded",
+            "accept",
         ] {
             assert!(!is_reserved(n), "{n}");
         }

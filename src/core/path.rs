@@ -202,12 +202,18 @@ pub fn canonicalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
     }
     utf8_char(&high[..high_len])?;
     check_segment(output(&out, b, seg_start, n))?;
-    // A decoded '%' followed by two hex digits, however each was spelled: an upstream that
-    // decodes twice would read another byte. Hex digits are always written raw, so this shows
-    // in the output as `%25` and two hex digits.
+    // A decoded '%' followed by two hex digits or by `u` (IIS's `%uXXXX`), however each was
+    // spelled: an upstream that decodes twice would read another byte. Those characters are
+    // always written raw, so this shows in the output as `%25` and them.
     let o = output(&out, b, 0, n);
-    if o.windows(5)
-        .any(|w| w.starts_with(b"%25") && hex(w[3]).is_some() && hex(w[4]).is_some())
+    let double = |w: &[u8]| {
+        w.starts_with(b"%25")
+            && (w.get(3).is_some_and(|c| *c == b'u' || *c == b'U')
+                || (w.len() == 5 && hex(w[3]).is_some() && hex(w[4]).is_some()))
+    };
+    if (0..o.len())
+        .filter(|&i| o[i] == b'%')
+        .any(|i| double(&o[i..(i + 5).min(o.len())]))
     {
         return Err(PathError::DoubleEncoded);
     }
@@ -360,6 +366,8 @@ mod tests {
             ("/a%zz", PathError::BadEscape),
             ("/a%u0062", PathError::BadEscape),
             ("/a%2562alance", PathError::DoubleEncoded),
+            ("/help%25u002f..%25u002fbalance", PathError::DoubleEncoded),
+            ("/a%25U0062", PathError::DoubleEncoded),
             ("/a%25%36%32alance", PathError::DoubleEncoded),
             ("/a%%36%32", PathError::BadEscape),
             ("/api/v1/account/balance.", PathError::TrailingDotOrBlank),

@@ -47,9 +47,18 @@ impl Route {
         }
     }
 
+    /// HEAD is judged as GET too: every mainstream framework serves HEAD from the GET handler
+    /// (running it, and sending its headers), so a GET-only route guards HEAD as well.
+    fn method_matches(&self, method: &str) -> bool {
+        self.methods.is_empty()
+            || self
+                .methods
+                .iter()
+                .any(|m| m == method || (method == "HEAD" && m == "GET"))
+    }
+
     fn matches(&self, method: &str, path: &str, case_sensitive: bool) -> bool {
-        (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
-            && prefix_matches(&self.prefix, path, case_sensitive)
+        self.method_matches(method) && prefix_matches(&self.prefix, path, case_sensitive)
     }
 }
 
@@ -70,18 +79,24 @@ fn prefix_matches(prefix: &str, path: &str, case_sensitive: bool) -> bool {
     same && (rest.is_empty() || rest[0] == b'/')
 }
 
-/// How one request is judged: every protected route covering its path, deeper than the
-/// deepest public route covering it as written.
+/// How one request is judged: the protected routes covering its path.
 ///
 /// Every covering route, not only the longest: an upstream may serve a path from the handler
 /// of any ancestor prefix (a catch-all at `/api/v1/account` serves `/api/v1/account/balance/`
 /// in Flask and axum, whose `/api/v1/account/balance` rule has no trailing slash), so the
-/// caller must be allowed whichever one runs. A public route stands for its whole subtree: the
-/// operator declared it public, and protected routes above it do not reach into it.
+/// caller must be allowed whichever one runs. The most specific public route matching the
+/// path as written cuts off the protected routes above it for its own path only: anything
+/// strictly below a public route (`/health/x`, `/health/`) may be served by a protected
+/// ancestor's catch-all, so it needs what those ancestors need. A public route with no
+/// protected route above it covers its whole subtree.
 pub struct Judgement<'a> {
     table: &'a RouteTable,
     /// The public route the path falls under, if any.
     pub public: Option<&'a Route>,
+    /// Its index in the table (`usize::MAX` when none): routes before it are more specific.
+    floor: usize,
+    /// The path is strictly below the public route's prefix.
+    below_public: bool,
 }
 
 impl<'a> Judgement<'a> {
@@ -92,13 +107,13 @@ impl<'a> Judgement<'a> {
     where
         'a: 'p,
     {
-        let floor = self.public.map_or(0, |r| r.prefix.trim_end_matches('/').len());
+        let (floor, below) = (self.floor, self.below_public);
         let fold = !self.table.case_sensitive;
-        let has_public = self.public.is_some();
-        self.table.routes.iter().filter(move |r| {
-            r.access != Access::Public
-                && (!has_public || r.prefix.trim_end_matches('/').len() > floor)
-                && r.matches(method, path, !fold)
+        self.table.routes.iter().enumerate().filter_map(move |(i, r)| {
+            (r.access != Access::Public
+                && (i < floor || (below && i > floor))
+                && r.matches(method, path, !fold))
+            .then_some(r)
         })
     }
 }
@@ -148,24 +163,27 @@ impl RouteTable {
     /// One pass over the table, no allocation.
     pub fn judge<'a>(&'a self, method: &str, path: &str) -> Option<Judgement<'a>> {
         let mut primary = false;
-        let mut floor: Option<&Route> = None;
-        for r in &self.routes {
-            if !r.methods.is_empty() && !r.methods.iter().any(|m| m == method) {
-                continue;
-            }
-            if !prefix_matches(&r.prefix, path, true) {
+        for (i, r) in self.routes.iter().enumerate() {
+            if !r.matches(method, path, true) {
                 continue;
             }
             primary = true;
-            // The deepest public route matching as written: its subtree is public.
+            // The most specific public route matching as written.
             if r.access == Access::Public {
-                floor = Some(r);
-                break;
+                let exact = path == r.prefix.trim_end_matches('/') || (r.prefix == "/" && path == "/");
+                return Some(Judgement {
+                    table: self,
+                    public: Some(r),
+                    floor: i,
+                    below_public: !exact,
+                });
             }
         }
         primary.then_some(Judgement {
             table: self,
-            public: floor,
+            public: None,
+            floor: usize::MAX,
+            below_public: false,
         })
     }
 
@@ -268,19 +286,33 @@ mod tests {
             judged(&t, "POST", "/api/v1/account/balance"),
             Some((false, v(&["account:read"])))
         );
-        assert_eq!(judged(&t, "GET", "/health/x"), Some((true, vec![])));
-        // A public route under a protected prefix is public all the way down.
+        // HEAD is judged as GET too (frameworks serve it from the GET handler).
+        assert_eq!(judged(&t, "HEAD", "/api/v1/account/balance"), Some((false, both)));
+        assert_eq!(
+            judged(&t, "GET", "/health/x"),
+            Some((true, vec![])),
+            "no protected route above"
+        );
+        // A public route under a protected prefix is public for its own path only: below it a
+        // protected ancestor's catch-all may answer.
         let t = RouteTable::new(vec![
             Route::new(vec![], "/".into(), scopes(&["svc:call"])),
             Route::new(vec![], "/health".into(), Access::Public),
             Route::new(vec![], "/health/deep".into(), scopes(&["ops:read"])),
+            Route::new(vec!["POST".into()], "/pub".into(), scopes(&["pub:write"])),
+            Route::new(vec![], "/pub".into(), Access::Public),
         ]);
-        assert_eq!(judged(&t, "GET", "/health/x"), Some((true, vec![])));
+        assert_eq!(judged(&t, "GET", "/health"), Some((true, vec![])));
+        assert_eq!(judged(&t, "GET", "/health/x"), Some((true, v(&["svc:call"]))));
+        assert_eq!(judged(&t, "GET", "/health/"), Some((true, v(&["svc:call"]))));
         assert_eq!(
             judged(&t, "GET", "/health/deep/x"),
-            Some((true, v(&["ops:read"])))
+            Some((true, v(&["ops:read", "svc:call"])))
         );
         assert_eq!(judged(&t, "GET", "/other"), Some((false, v(&["svc:call"]))));
+        // A method-restricted protected route beside a public one of the same prefix.
+        assert_eq!(judged(&t, "POST", "/pub"), Some((true, v(&["pub:write"]))));
+        assert_eq!(judged(&t, "GET", "/pub"), Some((true, vec![])));
     }
 
     #[test]

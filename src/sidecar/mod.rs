@@ -33,11 +33,11 @@ use sync_client::{EarlySync, SyncClient};
 /// Loads the snapshot file, if any. A bad file (one that does not verify under this sync
 /// credential included) is refused with a log line and the sidecar starts without a snapshot
 /// (failing closed until the first sync) rather than trusting it.
-fn initial_snapshot(cfg: &SidecarConfig, key: &snapshot_file::FileKey) -> Option<Arc<Snapshot>> {
+fn initial_snapshot(cfg: &SidecarConfig, key: &snapshot_file::FileKey) -> Option<(Arc<Snapshot>, i64)> {
     match snapshot_file::load(&cfg.snapshot_file, cfg.environment, key) {
-        Ok(Some(s)) => {
-            tracing::info!(path = %cfg.snapshot_file.display(), version = s.version, keys = s.key_count(), "loaded snapshot file");
-            Some(Arc::new(s))
+        Ok(Some((s, written_at))) => {
+            tracing::info!(path = %cfg.snapshot_file.display(), version = s.version, keys = s.key_count(), written_at, "loaded snapshot file");
+            Some((Arc::new(s), written_at))
         }
         Ok(None) => {
             tracing::warn!(path = %cfg.snapshot_file.display(), "no snapshot file; protected routes answer 503 until the first sync");
@@ -157,13 +157,12 @@ struct Parts {
 fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     check_port_free(cfg.listen)?;
     let file_key = snapshot_file::FileKey::from_credential(&cfg.sync_credential);
-    let initial = initial_snapshot(cfg, &file_key);
-    // A snapshot from the file is as old as the file.
-    let loaded_at = initial
-        .as_ref()
-        .and_then(|_| std::fs::metadata(&cfg.snapshot_file).ok()?.modified().ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs() as i64);
+    // A snapshot from the file is as old as its authenticated write time (not the file's
+    // mtime, which anyone who can write the file can set).
+    let (initial, loaded_at) = match initial_snapshot(cfg, &file_key) {
+        Some((s, written_at)) => (Some(s), written_at),
+        None => (None, 0),
+    };
     let last_sync = Arc::new(std::sync::atomic::AtomicI64::new(loaded_at));
     let write_failing_since = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let current = Arc::new(ArcSwapOption::new(initial));

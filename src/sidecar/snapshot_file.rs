@@ -17,7 +17,9 @@ use crate::core::key::{Environment, Secret};
 use crate::core::snapshot::{Snapshot, SnapshotError};
 use crate::core::sync::SyncPayload;
 
-/// First bytes of the header line; the MAC in hex follows, then '\n' and the JSON payload.
+/// First bytes of the header line; the MAC in hex follows, a space, the unix second the file
+/// was written (inside the MAC, so the snapshot's age cannot be faked by `touch`), then '\n'
+/// and the JSON payload.
 const MAGIC: &str = "permiso-snapshot-v2 blake3-keyed:";
 const MAC_CONTEXT: &str = "permiso 2026-12 snapshot file MAC";
 
@@ -47,17 +49,20 @@ impl FileKey {
         FileKey(blake3::derive_key(MAC_CONTEXT, credential.expose().as_bytes()))
     }
 
-    fn mac(&self, body: &[u8]) -> blake3::Hash {
-        blake3::keyed_hash(&self.0, body)
+    fn mac(&self, written_at: i64, body: &[u8]) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(&written_at.to_le_bytes());
+        h.update(body);
+        h.finalize()
     }
 }
 
-/// `Ok(None)` when there is no file.
+/// The snapshot and the unix second it was written; `Ok(None)` when there is no file.
 pub fn load(
     path: &Path,
     environment: Environment,
     key: &FileKey,
-) -> Result<Option<Snapshot>, SnapshotFileError> {
+) -> Result<Option<(Snapshot, i64)>, SnapshotFileError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -68,30 +73,36 @@ pub fn load(
         .position(|&b| b == b'\n')
         .ok_or(SnapshotFileError::NoHeader)?;
     let (header, body) = (&bytes[..nl], &bytes[nl + 1..]);
-    let mac_hex = std::str::from_utf8(header)
+    let (mac_hex, written_at) = std::str::from_utf8(header)
         .ok()
         .and_then(|h| h.strip_prefix(MAGIC))
+        .and_then(|h| h.split_once(' '))
         .ok_or(SnapshotFileError::NoHeader)?;
+    let written_at: i64 = written_at.parse().map_err(|_| SnapshotFileError::NoHeader)?;
     let stored = blake3::Hash::from_hex(mac_hex).map_err(|_| SnapshotFileError::NoHeader)?;
     // blake3::Hash equality is constant-time.
-    if stored != key.mac(body) {
+    if stored != key.mac(written_at, body) {
         return Err(SnapshotFileError::BadMac);
     }
     let payload: SyncPayload = serde_json::from_slice(body)?;
     if !payload.full {
         return Err(SnapshotFileError::NotFull);
     }
-    Ok(Some(Snapshot::from_full(&payload, environment, None)?))
+    Ok(Some((
+        Snapshot::from_full(&payload, environment, None)?,
+        written_at,
+    )))
 }
 
-pub fn write(path: &Path, snapshot: &Snapshot, key: &FileKey) -> std::io::Result<()> {
+/// `written_at`: unix seconds by the sidecar's clock, the snapshot's age after a restart.
+pub fn write(path: &Path, snapshot: &Snapshot, key: &FileKey, written_at: i64) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     let body = serde_json::to_vec(&snapshot.to_payload())?;
-    let header = format!("{MAGIC}{}\n", key.mac(&body).to_hex());
+    let header = format!("{MAGIC}{} {written_at}\n", key.mac(written_at, &body).to_hex());
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("snapshot");
     // A name nobody can guess, created exclusively (O_CREAT|O_EXCL fails on an existing name,
     // symlinks included), readable by this user only.
@@ -143,8 +154,9 @@ mod tests {
         let fk = FileKey::from_credential(&Secret::new("svc_live_sync".into()));
         assert!(load(&path, Environment::Live, &fk).unwrap().is_none());
         let k = key::generate(Environment::Live);
-        write(&path, &snapshot(&k), &fk).unwrap();
-        let back = load(&path, Environment::Live, &fk).unwrap().unwrap();
+        write(&path, &snapshot(&k), &fk, 1_800_000_000).unwrap();
+        let (back, written_at) = load(&path, Environment::Live, &fk).unwrap().unwrap();
+        assert_eq!(written_at, 1_800_000_000);
         assert_eq!(back.version, 7);
         assert!(back.lookup(&k.hash).is_some());
 
@@ -159,6 +171,8 @@ mod tests {
         // Any edit of the body: a scope granted, one byte changed, truncation.
         for edited in [
             text.replace("\"a:b\"", "\"a:b\",\"admin:*\""),
+            // A fresher-looking write time (an old file passed off as new).
+            text.replacen(" 1800000000\n", " 1800000999\n", 1),
             text.replacen("7", "8", 1),
             text[..text.len() / 2].to_string(),
         ] {
@@ -187,7 +201,7 @@ mod tests {
         let bad = br#"{"epoch":"e","version":1,"full":true,"services":[{"service_id":"srv_a","service_name":"n","environment":"live","scopes":["a::b"],"disabled":false,"allowed_ips":[],"keys":[]}]}"#;
         std::fs::write(
             &path,
-            [format!("{MAGIC}{}\n", fk.mac(bad).to_hex()).as_bytes(), bad].concat(),
+            [format!("{MAGIC}{} 5\n", fk.mac(5, bad).to_hex()).as_bytes(), bad].concat(),
         )
         .unwrap();
         assert!(load(&path, Environment::Live, &fk).is_err());
@@ -208,12 +222,12 @@ mod tests {
         }
         let fk = FileKey::from_credential(&Secret::new("k".into()));
         let k = key::generate(Environment::Live);
-        write(&path, &snapshot(&k), &fk).unwrap();
+        write(&path, &snapshot(&k), &fk, 1).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         // A symlink at the target is replaced by the rename, not written through.
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink(&victim, &path).unwrap();
-        write(&path, &snapshot(&k), &fk).unwrap();
+        write(&path, &snapshot(&k), &fk, 1).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert!(!std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
         use std::os::unix::fs::PermissionsExt;

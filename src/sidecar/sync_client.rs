@@ -174,7 +174,7 @@ impl SyncClient {
                 for () in rx {
                     if let Some(s) = current.load_full() {
                         let started = std::time::Instant::now();
-                        match snapshot_file::write(&path, &s, &key) {
+                        match snapshot_file::write(&path, &s, &key, clock.now_secs()) {
                             Ok(()) => {
                                 failing_since.store(0, Ordering::Relaxed);
                                 metrics.snapshot_written(true);

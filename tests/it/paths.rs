@@ -28,8 +28,13 @@ prefix = "/api/v1/account"
 scopes = ["account:read"]
 
 [[sidecar.routes]]
+methods = ["GET"]
 prefix = "/api/v1/account/balance"
 scopes = ["account:balance"]
+
+[[sidecar.routes]]
+prefix = "/api/v1/account/help"
+public = true
 
 [[sidecar.routes]]
 prefix = "/api/v1/trades"
@@ -43,7 +48,7 @@ scopes = ["admin:system"]
 /// The scope each upstream handler stands behind (None: public).
 fn needed(handler: &str) -> Option<&'static str> {
     match handler {
-        "health" => None,
+        "health" | "help" => None,
         "account" => Some("account:read"),
         "balance" => Some("account:balance"),
         "trades" => Some("trade:read"),
@@ -128,7 +133,10 @@ fn start_axum() -> SocketAddr {
                         .path_and_query()
                         .map(|p| p.as_str().to_string())
                         .unwrap_or_default();
-                    axum::Json(json!({"handler": name, "raw": raw}))
+                    (
+                        [("x-handler", name.to_string()), ("x-raw-target", raw.clone())],
+                        axum::Json(json!({"handler": name, "raw": raw})),
+                    )
                 }
             };
             let mut app = axum::Router::new();
@@ -143,6 +151,7 @@ fn start_axum() -> SocketAddr {
                     .route(prefix, any(reply(name)))
                     .route(&format!("{prefix}/{{*rest}}"), any(reply(name)));
             }
+            app = app.route("/api/v1/account/help", any(reply("help")));
             let l = tokio::net::TcpListener::from_std(l).unwrap();
             axum::serve(l, app).await.unwrap();
         });
@@ -259,18 +268,29 @@ impl Mutator {
     }
 }
 
-/// Sends one raw GET over `conn` (reconnecting when the sidecar closed it) and returns the
-/// status and body; None when the sidecar's HTTP parser refused the request line outright.
+/// What came back for one request.
+struct Answer {
+    status: u16,
+    /// Lower-case header names.
+    headers: std::collections::HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// Sends one raw request over `conn` (reconnecting when the sidecar closed it); None when the
+/// sidecar's HTTP parser refused the request line outright. HEAD requests go on a connection
+/// of their own (`Connection: close`), read to its end.
 fn send(
     conn: &mut Option<TcpStream>,
     addr: SocketAddr,
+    method: &str,
     path: &str,
     key: Option<&str>,
-) -> Option<(u16, Vec<u8>)> {
+) -> Option<Answer> {
+    let head_only = method.eq_ignore_ascii_case("HEAD");
     for attempt in 0..2 {
         let s = match conn {
-            Some(s) => s,
-            None => {
+            Some(s) if !head_only => s,
+            _ => {
                 let s = TcpStream::connect(addr).unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 conn.insert(s)
@@ -279,17 +299,18 @@ fn send(
         let auth = key
             .map(|k| format!("Authorization: Bearer {k}\r\n"))
             .unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{auth}\r\n");
+        let close = if head_only { "Connection: close\r\n" } else { "" };
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}{close}\r\n");
         if s.write_all(req.as_bytes()).is_err() {
             *conn = None;
             continue;
         }
-        match read_one(s) {
-            Some((status, body, close)) => {
-                if close {
+        match read_one(s, head_only) {
+            Some((answer, close)) => {
+                if close || head_only {
                     *conn = None;
                 }
-                return Some((status, body));
+                return Some(answer);
             }
             // Closed without an answer: a kept-alive connection the peer had closed (retry
             // once on a fresh one), or a request line the parser refused.
@@ -304,8 +325,9 @@ fn send(
     None
 }
 
-/// One response with a Content-Length body; None if the connection closed first.
-fn read_one(s: &mut TcpStream) -> Option<(u16, Vec<u8>, bool)> {
+/// One response: its head, and its Content-Length body unless `head_only` (then whatever
+/// follows the head is ignored); None if the connection closed before a head.
+fn read_one(s: &mut TcpStream, head_only: bool) -> Option<(Answer, bool)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -317,20 +339,34 @@ fn read_one(s: &mut TcpStream) -> Option<(u16, Vec<u8>, bool)> {
         let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
             continue;
         };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
         let status: u16 = head.get(9..12)?.parse().ok()?;
-        let len = head
+        let headers: std::collections::HashMap<String, String> = head
             .lines()
-            .find_map(|l| {
-                l.strip_prefix("content-length:")
-                    .map(|v| v.trim().parse::<usize>().unwrap())
-            })
-            .unwrap_or(0);
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let len = if head_only {
+            0
+        } else {
+            headers
+                .get("content-length")
+                .map_or(0, |v| v.parse::<usize>().unwrap())
+        };
         if buf.len() >= end + 4 + len {
-            let close = head
-                .lines()
-                .any(|l| l.starts_with("connection:") && l.contains("close"));
-            return Some((status, buf[end + 4..end + 4 + len].to_vec(), close));
+            let close = headers
+                .get("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+            let body = buf[end + 4..end + 4 + len].to_vec();
+            return Some((
+                Answer {
+                    status,
+                    headers,
+                    body,
+                },
+                close,
+            ));
         }
     }
 }
@@ -392,6 +428,8 @@ fn mutated_paths_never_reach_a_handler_the_scopes_do_not_allow() {
         "/api/v1/trades/1",
         "/api/v1/account",
         "/health/live",
+        "/api/v1/account/help",
+        "/api/v1/account/help/x",
     ];
     let per_target: usize = std::env::var("PERMISO_DIFF_PATHS")
         .ok()
@@ -434,37 +472,45 @@ fn mutated_paths_never_reach_a_handler_the_scopes_do_not_allow() {
                     scope.spawn(move || {
                         let mut t = Tally::default();
                         let mut conn = None;
-                        for (p, mutated) in paths.iter() {
+                        // Every path with GET; every fifth with HEAD (frameworks serve it from
+                        // the GET handler) and with a lower-case method (servers upper-case it).
+                        let requests = paths.iter().enumerate().flat_map(|(i, (p, m))| {
+                            let extra: &[&str] = if i % 5 == 0 { &["HEAD", "get"] } else { &[] };
+                            std::iter::once("GET").chain(extra.iter().copied()).map(move |method| (method, p, *m))
+                        });
+                        for (method, p, mutated) in requests {
                             t.sent += 1;
-                            let Some((status, body)) = send(&mut conn, addr, p, key.as_deref()) else {
+                            let Some(answer) = send(&mut conn, addr, method, p, key.as_deref()) else {
                                 t.unparsed += 1;
                                 continue;
                             };
-                            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                            let Some(handler) = v["handler"].as_str() else {
-                                if v["error"].is_string() {
+                            let Some(handler) = answer.headers.get("x-handler").cloned() else {
+                                let v: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+                                if v["error"].is_string() || (method == "HEAD" && answer.status >= 400) {
                                     t.refused += 1;
                                 }
                                 continue;
                             };
-                            assert!((200..300).contains(&status), "{p}: {status}");
-                            if let Some(scope) = needed(handler) {
+                            let status = answer.status;
+                            assert!((200..300).contains(&status), "{method} {p}: {status}");
+                            if let Some(scope) = needed(&handler) {
                                 assert!(
                                     scopes.contains(&scope),
-                                    "{uname}: {cname} (scopes {scopes:?}) reached handler {handler:?} with {p:?}; upstream read {v}"
+                                    "{uname}: {cname} (scopes {scopes:?}) reached handler {handler:?} with {method} {p:?}; upstream read {:?}",
+                                    answer.headers.get("x-raw-target")
                                 );
                             }
                             // The upstream read the canonical path and no other spelling.
-                            let raw = v["raw"].as_str().unwrap();
+                            let raw = answer.headers.get("x-raw-target").cloned().unwrap_or_default();
                             let raw_path = raw.split('?').next().unwrap();
                             let c = permiso::core::path::canonicalize(raw_path);
                             assert!(
                                 matches!(c, Ok(std::borrow::Cow::Borrowed(_))),
                                 "{uname}: {p:?} was forwarded as {raw:?}, not canonical ({c:?})"
                             );
-                            *t.reached.entry(handler.to_string()).or_default() += 1;
-                            if *mutated {
-                                *t.reached_mutated.entry(handler.to_string()).or_default() += 1;
+                            *t.reached.entry(handler.clone()).or_default() += 1;
+                            if mutated {
+                                *t.reached_mutated.entry(handler).or_default() += 1;
                             }
                         }
                         (cname.clone(), t)

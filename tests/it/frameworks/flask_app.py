@@ -16,7 +16,11 @@ app = Flask(__name__)
 
 def reply(name):
     raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or ""
-    return jsonify(handler=name, path=request.path, raw=raw)
+    resp = jsonify(handler=name, path=request.path, raw=raw)
+    # In headers too, so a HEAD request (no body) shows which handler ran.
+    resp.headers["X-Handler"] = name
+    resp.headers["X-Raw-Target"] = raw
+    return resp
 
 
 @app.route("/health")
@@ -35,6 +39,13 @@ def account(rest=None):
 @app.route("/api/v1/account/balance/<path:rest>")
 def balance(rest=None):
     return reply("balance")
+
+
+# Public in the sidecar's routes; exact path only, so anything below it is served by the
+# /api/v1/account catch-all.
+@app.route("/api/v1/account/help")
+def help_page():
+    return reply("help")
 
 
 @app.route("/api/v1/trades")
