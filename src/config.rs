@@ -178,6 +178,13 @@ pub mod file {
         /// closed. Default 60000.
         #[serde(default = "default_idle_timeout")]
         pub idle_timeout_ms: u64,
+        /// Once a request head is in, its body must arrive at `body_min_rate_bytes_per_second`
+        /// on average after this grace, or the connection is closed. Default 10000.
+        #[serde(default = "default_body_grace")]
+        pub body_rate_grace_ms: u64,
+        /// See `body_rate_grace_ms`. Default 1024.
+        #[serde(default = "default_body_rate")]
+        pub body_min_rate_bytes_per_second: u64,
         /// Client connections open at once on the proxy listener; at the limit the oldest idle
         /// one is closed for a new one (a new one is closed when none is idle). Lowered to fit
         /// the file-descriptor limit, which is raised to its hard limit at start. Default 10000.
@@ -353,6 +360,12 @@ pub mod file {
     fn default_idle_timeout() -> u64 {
         60_000
     }
+    fn default_body_grace() -> u64 {
+        10_000
+    }
+    fn default_body_rate() -> u64 {
+        1024
+    }
     fn default_max_connections() -> usize {
         10_000
     }
@@ -435,6 +448,8 @@ pub struct SidecarConfig {
     pub max_requests_per_connection: u32,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_rate_grace: Duration,
+    pub body_min_rate: u64,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
     pub admin_listen: Option<SocketAddr>,
@@ -877,6 +892,16 @@ impl SidecarConfig {
             idle_timeout: match f.idle_timeout_ms {
                 0 => return Err(invalid("sidecar.idle_timeout_ms", "must be at least 1")),
                 ms => Duration::from_millis(ms),
+            },
+            body_rate_grace: Duration::from_millis(f.body_rate_grace_ms),
+            body_min_rate: match f.body_min_rate_bytes_per_second {
+                0 => {
+                    return Err(invalid(
+                        "sidecar.body_min_rate_bytes_per_second",
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
             },
             max_connections: match f.max_connections {
                 0 => return Err(invalid("sidecar.max_connections", "must be at least 1")),

@@ -62,6 +62,14 @@ impl Route {
     }
 }
 
+/// The path without the `.suffix` of its last segment (`/a/balance.json` → `/a/balance`), if
+/// it has one after at least one character.
+fn suffix_stem(path: &str) -> Option<&str> {
+    let last = path.rfind('/')? + 1;
+    let dot = path[last..].find('.')?;
+    (dot > 0).then(|| &path[..last + dot])
+}
+
 fn prefix_matches(prefix: &str, path: &str, case_sensitive: bool) -> bool {
     if prefix == "/" {
         return true;
@@ -109,11 +117,13 @@ impl<'a> Judgement<'a> {
     {
         let (floor, below) = (self.floor, self.below_public);
         let fold = !self.table.case_sensitive;
+        let stem = suffix_stem(path);
         self.table.routes.iter().enumerate().filter_map(move |(i, r)| {
-            (r.access != Access::Public
-                && (i < floor || (below && i > floor))
-                && r.matches(method, path, !fold))
-            .then_some(r)
+            let covers = (i < floor || (below && i > floor)) && r.matches(method, path, !fold);
+            // Rails' `(.:format)` and Spring's suffix patterns serve `/x/balance.json` from the
+            // `/x/balance` handler: that reading counts too.
+            let by_stem = stem.is_some_and(|s| r.matches(method, s, !fold));
+            (r.access != Access::Public && (covers || by_stem)).then_some(r)
         })
     }
 }
@@ -286,6 +296,22 @@ mod tests {
             judged(&t, "POST", "/api/v1/account/balance"),
             Some((false, v(&["account:read"])))
         );
+        // A format suffix is read as the stem too (Rails, Spring): balance.json is balance.
+        assert_eq!(
+            judged(&t, "GET", "/api/v1/account/balance.json"),
+            Some((false, both.clone()))
+        );
+        assert_eq!(
+            judged(&t, "GET", "/api/v1/account/balance.tar.gz"),
+            Some((false, both.clone()))
+        );
+        assert_eq!(
+            judged(&t, "GET", "/api/v1/account/.hidden"),
+            Some((false, v(&["account:read"])))
+        );
+        assert_eq!(suffix_stem("/a/b.c/d.e"), Some("/a/b.c/d"));
+        assert_eq!(suffix_stem("/a/b"), None);
+        assert_eq!(suffix_stem("/a/"), None);
         // HEAD is judged as GET too (frameworks serve it from the GET handler).
         assert_eq!(judged(&t, "HEAD", "/api/v1/account/balance"), Some((false, both)));
         assert_eq!(

@@ -1,16 +1,21 @@
-//! Bounds on the proxy listener's client connections, around pingora's HTTP app: a deadline
-//! for each request head (a new connection gets `header_read_timeout`, a kept-alive one
-//! `idle_timeout` to send its next one: pingora alone re-arms its 60 s timer on every byte, so a
-//! client trickling one header line every few seconds is never cut), and at most
-//! `max_connections` open at once, the oldest idle one shed for a new one (`conn_limit`).
+//! Bounds on the proxy listener's client connections, around pingora's HTTP app:
+//! - a deadline for each request head: a new connection gets `header_read_timeout`, a
+//!   kept-alive one `idle_timeout` to send its next one (pingora alone re-arms its 60 s timer on
+//!   every byte, so a client trickling one header line every few seconds is never cut);
+//! - a floor on the request body's rate once the head is in: after `body_rate_grace`, at least
+//!   `body_min_rate` bytes a second on average, or the connection is closed (a client sending a
+//!   large Content-Length and then a byte now and then would otherwise hold its connection busy,
+//!   and busy connections are never shed);
+//! - at most `max_connections` open at once, the oldest idle one shed for a new one
+//!   (`conn_limit`).
 //!
 //! pingora calls `process_new` once per request (and again with the same stream for the next
-//! request on a kept-alive connection), in one task with the proxy's hooks, so the proxy marks
-//! "head read" through a task-local (`head_read`), and the deadline stops applying.
+//! request on a kept-alive connection), in one task with the proxy's hooks, so the proxy
+//! reports "head read" and body progress through a task-local (`head_read`, `body_progress`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -21,7 +26,9 @@ use crate::conn_limit::{Admission, Conn, ConnTable};
 use crate::sidecar::metrics::SidecarMetrics;
 
 struct HeadSignal {
-    done: AtomicBool,
+    head_at: OnceLock<Instant>,
+    body_bytes: AtomicU64,
+    body_done: AtomicBool,
     conn: Arc<Conn>,
 }
 
@@ -30,11 +37,22 @@ tokio::task_local! {
 }
 
 /// Called by the proxy once it has a request head: the connection is busy, the head deadline
-/// no longer applies. A no-op outside a guarded listener.
+/// no longer applies (the body's rate floor does). A no-op outside a guarded listener.
 pub fn head_read() {
     let _ = HEAD.try_with(|h| {
-        h.done.store(true, Ordering::Relaxed);
+        let _ = h.head_at.set(Instant::now());
         h.conn.busy();
+    });
+}
+
+/// Called by the proxy as request body bytes arrive; `done` once the body is complete (or
+/// there is none).
+pub fn body_progress(bytes: usize, done: bool) {
+    let _ = HEAD.try_with(|h| {
+        h.body_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        if done {
+            h.body_done.store(true, Ordering::Relaxed);
+        }
     });
 }
 
@@ -43,7 +61,33 @@ pub struct Guarded<A> {
     pub table: Arc<ConnTable>,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_rate_grace: Duration,
+    /// Bytes a second.
+    pub body_min_rate: u64,
     pub metrics: Arc<SidecarMetrics>,
+}
+
+/// Forgets the connection when its request future ends without handing the stream back
+/// (closed, cut, or a panic in a hook), so the table never keeps an entry for a dead fd.
+struct Entry<'a> {
+    table: &'a ConnTable,
+    key: u64,
+    conn: Arc<Conn>,
+    reused: bool,
+}
+
+impl Drop for Entry<'_> {
+    fn drop(&mut self) {
+        if !self.reused {
+            self.table.remove(self.key, &self.conn);
+        }
+    }
+}
+
+enum Phase {
+    Head,
+    Body,
+    Done,
 }
 
 #[async_trait]
@@ -59,31 +103,53 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
                 return None;
             }
         };
+        let mut entry = Entry {
+            table: &self.table,
+            key,
+            conn: conn.clone(),
+            reused: false,
+        };
         self.table.idle(&conn);
         let signal = Arc::new(HeadSignal {
-            done: AtomicBool::new(false),
+            head_at: OnceLock::new(),
+            body_bytes: AtomicU64::new(0),
+            body_done: AtomicBool::new(false),
             conn: conn.clone(),
         });
         let served = HEAD.scope(signal.clone(), self.inner.process_new(stream, shutdown));
         tokio::pin!(served);
         let deadline = tokio::time::sleep(limit);
         tokio::pin!(deadline);
-        let mut watching = true;
+        let mut phase = Phase::Head;
         let out = loop {
             tokio::select! {
                 r = &mut served => break r,
-                _ = &mut deadline, if watching => {
-                    if signal.done.load(Ordering::Relaxed) {
-                        watching = false;
+                _ = &mut deadline, if !matches!(phase, Phase::Done) => {
+                    let Some(head_at) = signal.head_at.get().copied() else {
+                        // Dropping the request future closes the connection.
+                        self.metrics.connection_closed(timeout_reason);
+                        break None;
+                    };
+                    if signal.body_done.load(Ordering::Relaxed) {
+                        phase = Phase::Done;
                         continue;
                     }
-                    // Dropping the request future closes the connection.
-                    self.metrics.connection_closed(timeout_reason);
-                    break None;
+                    // The body so far buys this much time after the head, beyond the grace.
+                    let bytes = signal.body_bytes.load(Ordering::Relaxed);
+                    let allowed = self.body_rate_grace
+                        + Duration::from_secs_f64(bytes as f64 / self.body_min_rate.max(1) as f64);
+                    if head_at.elapsed() >= allowed {
+                        self.metrics.connection_closed("slow_body");
+                        break None;
+                    }
+                    phase = Phase::Body;
+                    deadline.as_mut().reset((head_at + allowed).into());
                 }
-                _ = conn.shed(), if watching => {
-                    if signal.done.load(Ordering::Relaxed) {
-                        watching = false;
+                _ = conn.shed(), if matches!(phase, Phase::Head) => {
+                    if signal.head_at.get().is_some() {
+                        // Chosen while idle, busy since: serve it. It is out of the table
+                        // now; its next request comes back as a new connection.
+                        phase = Phase::Body;
                         continue;
                     }
                     self.metrics.connection_closed("shed");
@@ -91,9 +157,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
                 }
             }
         };
-        if out.is_none() {
-            self.table.remove(key, &conn);
-        }
+        entry.reused = out.is_some();
         out
     }
 

@@ -61,7 +61,8 @@ pub enum Decided {
 }
 
 /// Why the proxy listener closes a client connection itself (`connection_closed`).
-pub const CONNECTION_CLOSE_REASONS: [&str; 4] = ["header_timeout", "idle_timeout", "shed", "refused"];
+pub const CONNECTION_CLOSE_REASONS: [&str; 5] =
+    ["header_timeout", "idle_timeout", "slow_body", "shed", "refused"];
 
 pub struct SidecarMetrics {
     registry: Registry,
@@ -186,7 +187,7 @@ impl SidecarMetrics {
                 let c = counter_vec(
                     &registry,
                     "permiso_sidecar_connections_closed_total",
-                    "Client connections the proxy listener closed itself, by reason: header_timeout (a new connection's first request head took longer than header_read_timeout_ms), idle_timeout (a kept-alive one's next head, idle_timeout_ms), shed (the oldest idle one, for a new one at max_connections), refused (a new one at max_connections with none idle).",
+                    "Client connections the proxy listener closed itself, by reason: header_timeout (a new connection's first request head took longer than header_read_timeout_ms), idle_timeout (a kept-alive one's next head, idle_timeout_ms), slow_body (a request body slower than body_min_rate_bytes_per_second after body_rate_grace_ms), shed (the oldest idle one, for a new one at max_connections), refused (a new one at max_connections with none idle).",
                     &["reason"],
                 );
                 CONNECTION_CLOSE_REASONS.iter().map(|r| (*r, c.with_label_values(&[r]))).collect()

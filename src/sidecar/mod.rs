@@ -87,6 +87,11 @@ fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> 
             "header_read_timeout_ms",
         ),
         (o.idle_timeout != n.idle_timeout, "idle_timeout_ms"),
+        (o.body_rate_grace != n.body_rate_grace, "body_rate_grace_ms"),
+        (
+            o.body_min_rate != n.body_min_rate,
+            "body_min_rate_bytes_per_second",
+        ),
         (o.max_connections != n.max_connections, "max_connections"),
         (o.environment != n.environment, "environment"),
         (o.snapshot_file != n.snapshot_file, "snapshot_file"),
@@ -211,6 +216,8 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
             table: connections.clone(),
             header_read_timeout: cfg.header_read_timeout,
             idle_timeout: cfg.idle_timeout,
+            body_rate_grace: cfg.body_rate_grace,
+            body_min_rate: cfg.body_min_rate,
             metrics: metrics.clone(),
         },
     );

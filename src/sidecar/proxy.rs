@@ -220,6 +220,7 @@ impl ProxyHttp for SidecarProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         crate::sidecar::listener::head_read();
+        crate::sidecar::listener::body_progress(0, session.is_body_done());
         let shared = &self.shared;
         let snapshot = shared.snapshot.load();
         let live = shared.live.load_full();
@@ -385,6 +386,17 @@ impl ProxyHttp for SidecarProxy {
         if upstream.headers.contains_key(http::header::PROXY_AUTHORIZATION) {
             upstream.remove_header(&http::header::PROXY_AUTHORIZATION);
         }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        crate::sidecar::listener::body_progress(body.as_ref().map_or(0, |b| b.len()), end_of_stream);
         Ok(())
     }
 

@@ -384,6 +384,8 @@ fn slow_and_idle_connections_never_starve_real_clients() {
     cfg.max_connections = 32;
     cfg.header_read_timeout = Duration::from_millis(300);
     cfg.idle_timeout = Duration::from_millis(600);
+    cfg.body_rate_grace = Duration::from_millis(300);
+    cfg.body_min_rate = 10_000;
     let clock: SharedClock = std::sync::Arc::new(h.clock.clone());
     let tight = permiso::sidecar::start(cfg, clock).unwrap();
     let th = tight.health_addr.unwrap();
@@ -425,5 +427,41 @@ fn slow_and_idle_connections_never_starve_real_clients() {
             "permiso_sidecar_connections_closed_total{reason=\"header_timeout\"}"
         ) > 0
     );
+    // A large announced body trickled in (busy connections are never shed) is cut once it
+    // falls below the rate floor; a body sent at once goes through.
+    let mut slow = TcpStream::connect(tight.addr).unwrap();
+    slow.write_all(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\nabc")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let read = slow.read_to_end(&mut buf);
+    assert!(read.is_ok() || buf.is_empty(), "the slow body is cut: {read:?}");
+    assert!(
+        metric(
+            &h,
+            th,
+            "permiso_sidecar_connections_closed_total{reason=\"slow_body\"}"
+        ) > 0
+    );
+    // The floor is on the request body only: a bodiless request waiting on a slow upstream
+    // (1 s, past the 300 ms grace) and a body sent at once both go through.
+    let r = reqwest::blocking::Client::new()
+        .get(format!("http://{}/health/slow", tight.addr))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{}/health/slow", tight.addr))
+        .body("small")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = vec![b'x'; 200_000];
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{}/health", tight.addr))
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
     drop((flood, idle));
 }
