@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use permiso::core::decision::{self, Authorization, RequestFacts, TokenPolicy, Verdict};
+use permiso::core::decision::{self, Authorization, Credential, RequestFacts, TokenPolicy, Verdict};
 use permiso::core::key::{self, Environment, KeyHash};
 use permiso::core::routes::{Access, Route, RouteTable};
 use permiso::core::scope::Scope;
@@ -196,7 +196,9 @@ fuzz_target!(|data: &[u8]| {
         authorization,
         client_ip,
     };
-    // With and without the token cache: the cached path re-judges a verified token.
+    // With and without the token cache: the cached path re-judges a verified token, and must
+    // reach the same verdict.
+    let mut outcomes = Vec::with_capacity(2);
     for cache in [None, Some(&f.cache)] {
         let policy = TokenPolicy {
             audience: "permiso",
@@ -207,23 +209,66 @@ fuzz_target!(|data: &[u8]| {
         if debug() {
             eprintln!("{method} {path:?} cache={}: {verdict:?}", cache.is_some());
         }
-        match verdict.map(|p| p.verdict) {
-            Ok(Verdict::Public { .. }) => {}
-            Ok(Verdict::Allowed { principal, rate }) => {
-                assert!(!principal.service.disabled);
-                assert_eq!(principal.service.environment, environment);
-                let _ = (
-                    principal.scopes_header(),
-                    principal.credential_id(),
-                    rate.header(),
-                );
-                // What the proxy does next for an allowed request.
-                principal.record_use(NOW_SECS);
+        let outcome = match verdict {
+            Ok(pass) => {
+                let canonical = pass.rewritten_path.as_deref().unwrap_or(&path).to_string();
+                match pass.verdict {
+                    Verdict::Public { .. } => {
+                        // Public only when no protected route covers the canonical path.
+                        let j = f.routes.judge(method, &canonical).expect("a route matched");
+                        assert!(j.required(method, &canonical).next().is_none(), "public with a protected route: {path:?}");
+                        "public".to_string()
+                    }
+                    Verdict::Allowed { principal, rate } => {
+                        let snap = snapshot.expect("allowed without a snapshot");
+                        let svc = &principal.service;
+                        assert!(!svc.disabled);
+                        assert_eq!(svc.environment, environment);
+                        // The address is inside the service's allowed ranges.
+                        assert!(svc.ip_allowed(client_ip), "allowed from outside allowed_ips");
+                        // Every protected route covering the path is satisfied by what the
+                        // caller holds now (and, for a token, by what the token grants).
+                        let j = f.routes.judge(method, &canonical).expect("a route matched");
+                        let mut any = false;
+                        for r in j.required(method, &canonical) {
+                            any = true;
+                            if let Access::Scopes(needed) = &r.access {
+                                assert!(svc.scopes.allows_all(needed), "service lacks {} for {path:?}", r.scope_attr);
+                                if let Credential::AccessToken(t) = &principal.credential {
+                                    assert!(t.scopes.allows_all(needed), "token lacks {}", r.scope_attr);
+                                }
+                            }
+                        }
+                        assert!(any, "allowed on a path no protected route covers");
+                        match &principal.credential {
+                            Credential::ApiKey { key_id, .. } => {
+                                // The key is in the snapshot and its grace has not ended.
+                                let raw = std::str::from_utf8(header).unwrap();
+                                let token = raw.split_once(' ').map(|(_, t)| t.trim_matches(' ')).unwrap();
+                                let entry = snap.lookup(&KeyHash::of(token)).expect("allowed key is in the snapshot");
+                                assert_eq!(&*entry.key_id, &**key_id);
+                                assert!(entry.expires_at.is_none_or(|end| NOW_SECS < end), "grace ended");
+                            }
+                            Credential::AccessToken(t) => {
+                                assert!(!snap.tokens.revoked.contains(&*t.jti), "revoked jti allowed");
+                                assert!(t.exp + 30 > NOW_SECS, "expired token allowed");
+                                assert!(t.iat >= svc.tokens_not_before);
+                            }
+                        }
+                        let _ = (principal.scopes_header(), rate.header());
+                        // What the proxy does next for an allowed request.
+                        principal.record_use(NOW_SECS);
+                        format!("allowed {} {}", svc.id, principal.credential_id())
+                    }
+                }
             }
             Err(denial) => {
                 // Every denial must turn into a response without panicking.
                 let _ = (denial.reason(), denial.response());
+                format!("{denial:?}")
             }
-        }
+        };
+        outcomes.push(outcome);
     }
+    assert_eq!(outcomes[0], outcomes[1], "cached and uncached verdicts differ for {path:?}");
 });

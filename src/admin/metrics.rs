@@ -20,7 +20,17 @@ pub struct AdminMetrics {
     tokens_issued: IntCounter,
     usage_marks: IntCounter,
     full_syncs_built: IntCounter,
+    long_polls: IntGauge,
     version: IntGauge,
+}
+
+/// Counts one parked long poll while it lives.
+pub struct Parked<'a>(&'a IntGauge);
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -76,6 +86,14 @@ impl Default for AdminMetrics {
                 "permiso_admin_full_syncs_built_total",
                 "Full snapshots built for sidecars (the rest of the full syncs at the same version and second share one).",
             ),
+            long_polls: register(
+                &r,
+                IntGauge::new(
+                    "permiso_admin_sync_long_polls",
+                    "Sync requests parked waiting for a change.",
+                )
+                .expect("valid metric"),
+            ),
             version: register(
                 &r,
                 IntGauge::new(
@@ -100,6 +118,11 @@ impl AdminMetrics {
 
     pub fn token_issued(&self) {
         self.tokens_issued.inc();
+    }
+
+    pub fn long_poll(&self) -> Parked<'_> {
+        self.long_polls.inc();
+        Parked(&self.long_polls)
     }
 
     pub fn full_sync_built(&self) {

@@ -115,6 +115,7 @@ pub async fn sync(
         let mut versions = st.versions.subscribe();
         let mut shutdown = st.shutdown.clone();
         if *versions.borrow_and_update() <= after && !wait.is_zero() {
+            let _parked = st.metrics.long_poll();
             tokio::select! {
                 _ = tokio::time::timeout(wait, versions.wait_for(|v| *v > after)) => {}
                 _ = shutdown.wait_for(|s| *s) => {}

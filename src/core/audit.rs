@@ -167,7 +167,7 @@ mod tests {
                     "admin-key",
                     "service.patch",
                     Some("srv_x"),
-                    None,
+                    Some("127.0.0.1"),
                     &change,
                 );
                 let e = AuditEntry {
@@ -176,7 +176,7 @@ mod tests {
                     actor: "admin-key".into(),
                     action: "service.patch".into(),
                     target: Some("srv_x".into()),
-                    source_ip: None,
+                    source_ip: Some("127.0.0.1".into()),
                     change,
                     prev_hash: to_hex(&prev),
                     hash: to_hex(&h),
@@ -211,9 +211,29 @@ mod tests {
         edited[2].change = json!({"scopes": ["admin:*"], "n": 3});
         assert_eq!(verify(&edited), Err(ChainError::Hash { seq: 3 }));
 
-        let mut actor = c.clone();
-        actor[1].actor = "someone-else".into();
-        assert_eq!(verify(&actor), Err(ChainError::Hash { seq: 2 }));
+        // Every hashed field, one at a time, in the middle of the chain.
+        type Tamper = fn(&mut AuditEntry);
+        let tampers: [(&str, Tamper); 8] = [
+            ("at", |e| e.at += 1),
+            ("actor", |e| e.actor = "someone-else".into()),
+            ("action", |e| e.action = "service.create".into()),
+            ("target", |e| e.target = Some("srv_other".into())),
+            ("target removed", |e| e.target = None),
+            ("source_ip", |e| e.source_ip = Some("10.9.9.9".into())),
+            ("source_ip removed", |e| e.source_ip = None),
+            ("change", |e| e.change = json!({"n": 99})),
+        ];
+        for (field, tamper) in tampers {
+            let mut t = c.clone();
+            let before = t[1].clone();
+            tamper(&mut t[1]);
+            assert_ne!(
+                serde_json::to_string(&t[1]).unwrap(),
+                serde_json::to_string(&before).unwrap(),
+                "{field}: the tamper changed nothing"
+            );
+            assert_eq!(verify(&t), Err(ChainError::Hash { seq: 2 }), "{field}");
+        }
 
         let mut removed = c.clone();
         removed.remove(1);

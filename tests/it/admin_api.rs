@@ -444,7 +444,18 @@ fn sync_endpoint_scopes_deltas_long_polls_and_carries_no_keys() {
             .unwrap();
         (v, started.elapsed())
     });
-    std::thread::sleep(Duration::from_millis(100));
+    // Parked: the harness's sidecar and this poll are the only long pollers, so two parked
+    // means this one is waiting at the admin plane (not merely sent, or not yet).
+    let parked =
+        || crate::common::scrape(&h.http, &h.admin_url("/metrics"), "permiso_admin_sync_long_polls").unwrap();
+    while parked() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the long poll never parked"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!poll.is_finished(), "the long poll answered before any change");
     let created = h.create(json!({"service_name": "late", "scopes": ["q:r"]}));
     let (delta, took) = poll.join().unwrap();
     assert!(took < Duration::from_secs(2), "long poll took {took:?}");

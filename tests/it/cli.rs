@@ -187,6 +187,39 @@ fn services_lifecycle_through_the_cli() {
         ADMIN_KEY,
         &["audit", "verify", "--expect-head", &head],
     ));
+    // The head kept elsewhere no longer matches: another hash at that entry, or an entry the
+    // chain does not reach (someone cut it short). Both are exit 10.
+    let (seq, hash) = head.split_once(':').unwrap();
+    let flipped: String = hash
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 0 {
+                if c == '0' {
+                    '1'
+                } else {
+                    '0'
+                }
+            } else {
+                c
+            }
+        })
+        .collect();
+    failed(
+        &permiso(
+            &h,
+            ADMIN_KEY,
+            &["audit", "verify", "--expect-head", &format!("{seq}:{flipped}")],
+        ),
+        10,
+        "no longer has the expected hash",
+    );
+    let beyond = format!("{}:{hash}", seq.parse::<u64>().unwrap() + 1);
+    failed(
+        &permiso(&h, ADMIN_KEY, &["audit", "verify", "--expect-head", &beyond]),
+        10,
+        "audit chain shortened",
+    );
 
     // Tamper with the file behind the admin plane's back: verify fails with its own code.
     let conn = rusqlite::Connection::open(h.db_path()).unwrap();

@@ -410,8 +410,22 @@ fn revocation_is_200_for_unknown_and_foreign_tokens_and_revokes_nothing_else() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+    // Had anything been revoked, the sidecar would learn it: wait until it holds the admin
+    // plane's current version, then ask. Nothing was written either.
+    h.wait_sidecar_caught_up();
     assert_eq!(h.get("/api/v1/trades", Some(&a_jwt)).status(), 200);
     assert_eq!(h.get("/api/v1/trades", Some(&a.api_key)).status(), 200);
+    let (_, audit) = h.admin_req(Method::GET, "/auth/admin/audit?limit=1000", None);
+    let revokes: Vec<&Value> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().ends_with(".revoke"))
+        .collect();
+    assert!(
+        revokes.is_empty(),
+        "a foreign revocation was written: {revokes:?}"
+    );
     // No token parameter: invalid_request.
     let r = h
         .http

@@ -83,6 +83,15 @@ fn readiness_follows_the_snapshot_age_and_the_database() {
     assert_eq!((s, v["ready"].as_bool()), (200, Some(true)), "{v}");
     let r = h.http.get(h.admin_url("/readyz")).send().unwrap();
     assert_eq!(r.status(), 200);
+    // Another writer holds the database: the admin plane cannot write, so it is not ready
+    // (after its 5 s busy timeout), and is again once the lock is gone.
+    let locker = rusqlite::Connection::open(h.db_path()).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let r = h.http.get(h.admin_url("/readyz")).send().unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().unwrap()["reason"], "database not writable");
+    locker.execute_batch("COMMIT").unwrap();
+    assert_eq!(h.http.get(h.admin_url("/readyz")).send().unwrap().status(), 200);
 
     // The admin plane goes away and time passes: the sidecar still serves, but says its
     // key state is stale once the last sync is older than the bound (60 s).

@@ -98,11 +98,11 @@ fn rotation_is_capped_by_active_keys() {
         &format!("/auth/admin/services/{}", svc.service_id),
         None,
     );
-    let active = shown["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|k| k["status"] == "active")
-        .count();
-    assert_eq!(active, 1);
+    let keys = shown["keys"].as_array().unwrap();
+    let status = |s: &str| keys.iter().filter(|k| k["status"] == s).count();
+    assert_eq!(keys.len(), 11, "{shown}");
+    assert_eq!(status("active"), 1, "{shown}");
+    // Grace 0 ended the ten old keys at once: none is left in grace.
+    assert_eq!(status("expired"), 10, "{shown}");
+    assert_eq!(status("grace"), 0, "{shown}");
 }
