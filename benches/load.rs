@@ -155,8 +155,9 @@ struct LoadResult {
     elapsed: Duration,
 }
 
-/// Reads one response; returns its status.
-async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
+/// Reads one response; returns its status and whether the server closes the connection after
+/// it (`Connection: close`, as the sidecar says after `max_requests_per_connection`).
+async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> std::io::Result<(u16, bool)> {
     let mut chunk = [0u8; 8192];
     loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
@@ -171,8 +172,13 @@ async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> std:
                 })
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
+                let close = head.lines().any(|l| {
+                    l.split_once(':').is_some_and(|(k, v)| {
+                        k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+                    })
+                });
                 buf.drain(..end + 4 + len);
-                return Ok(status);
+                return Ok((status, close));
             }
         }
         let n = s.read(&mut chunk).await?;
@@ -213,9 +219,23 @@ fn run_load(addr: SocketAddr, request: Vec<u8>, conns: usize, dur: Duration) -> 
                             break;
                         }
                         match read_response(&mut s, &mut buf).await {
-                            Ok(status) => {
+                            Ok((status, close)) => {
                                 r.latencies_us.push(t.elapsed().as_micros() as u32);
                                 *r.statuses.entry(status).or_default() += 1;
+                                if close {
+                                    // Announced: reconnect, as a client would; not an error.
+                                    match tokio::net::TcpStream::connect(addr).await {
+                                        Ok(n) => {
+                                            s = n;
+                                            let _ = s.set_nodelay(true);
+                                            buf.clear();
+                                        }
+                                        Err(_) => {
+                                            r.errors += 1;
+                                            break;
+                                        }
+                                    }
+                                }
                             }
                             Err(_) => {
                                 r.errors += 1;
@@ -474,12 +494,25 @@ fn main() {
         cpu_us: f64,
         statuses: String,
     }
-    let measure = |name: &str, addr: SocketAddr, pid: u32, req: Vec<u8>| -> Row {
+    // `expected`: the statuses this row may see, the first of them for most responses. A row
+    // with any other status, or any connection error, is refused: an all-401 "valid key" row
+    // would otherwise just look fast.
+    let measure = |name: &str, addr: SocketAddr, pid: u32, req: Vec<u8>, expected: &[u16]| -> Row {
         // Warm up connections and caches, then measure.
         let _ = run_load(addr, req.clone(), conns, Duration::from_millis(500));
         let c0 = cpu_ticks(pid);
         let r = run_load(addr, req, conns, dur);
         let c1 = cpu_ticks(pid);
+        let total: u64 = r.statuses.values().sum();
+        assert!(
+            r.errors == 0
+                && r.statuses.keys().all(|s| expected.contains(s))
+                && r.statuses.get(&expected[0]).copied().unwrap_or(0) * 2 > total,
+            "{name}: refusing to report a row with statuses {:?} and {} errors (expected mostly {})",
+            r.statuses,
+            r.errors,
+            expected[0]
+        );
         let n = r.latencies_us.len() as f64;
         Row {
             name: name.into(),
@@ -504,6 +537,7 @@ fn main() {
         bare,
         bare_proc.0.id(),
         request(Some(&seeded.valid_key)),
+        &[200],
     )];
     if let Some((port, p)) = &nginx {
         rows.push(measure(
@@ -511,6 +545,7 @@ fn main() {
             *port,
             p.0.id(),
             request(Some(&seeded.valid_key)),
+            &[200],
         ));
     }
     let sid = sidecar_proc.0.id();
@@ -519,19 +554,29 @@ fn main() {
         sidecar,
         sid,
         request(Some(&seeded.valid_key)),
+        &[200],
     ));
-    rows.push(measure("sidecar: valid JWT", sidecar, sid, request(Some(&token))));
+    rows.push(measure(
+        "sidecar: valid JWT",
+        sidecar,
+        sid,
+        request(Some(&token)),
+        &[200],
+    ));
     rows.push(measure(
         "sidecar: invalid key (401)",
         sidecar,
         sid,
         request(Some(invalid.secret.expose())),
+        &[401],
     ));
     rows.push(measure(
         "sidecar: over the limit (429)",
         sidecar,
         sid,
         request(Some(&seeded.limited_key)),
+        // The per-minute window lets a request through now and then.
+        &[429, 200],
     ));
     // The same baseline again, last: the spread between the two rows is this run's drift.
     rows.push(measure(
@@ -539,6 +584,7 @@ fn main() {
         bare,
         bare_proc.0.id(),
         request(Some(&seeded.valid_key)),
+        &[200],
     ));
 
     let bare_rps = rows[0].rps;
@@ -617,6 +663,10 @@ fn main() {
             .unwrap();
         assert!(resp.status().is_success());
         while !ok(401) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the revocation never reached the sidecar"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         samples.push(t.elapsed());
