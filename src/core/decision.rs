@@ -574,6 +574,49 @@ mod tests {
         }
     }
 
+    /// The checklist's order, where two checks fail at once: the first one is reported.
+    #[test]
+    fn two_failures_at_once_report_the_first_in_the_checklist() {
+        // Outside allowed_ips and lacking the route's scope: the address is judged first.
+        let f = fixture(|s| s.allowed_ips = vec!["10.0.0.0/8".into()]);
+        assert_eq!(
+            run(&f, "/api/v1/account", bearer(&f.key), "127.0.0.1", NOW).unwrap_err(),
+            Denial::IpNotAllowed
+        );
+        // Lacking the scope and over the limit: the scope is judged first, and consumes nothing.
+        let f = fixture(|s| s.rate_limit_per_minute = Some(1));
+        assert!(run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).is_ok());
+        assert!(matches!(
+            run(&f, "/api/v1/account", bearer(&f.key), "127.0.0.1", NOW).unwrap_err(),
+            Denial::InsufficientScope { .. }
+        ));
+        // A disabled service's key outside its addresses: invalid before the address.
+        let f = fixture(|s| {
+            s.disabled = true;
+            s.allowed_ips = vec!["10.0.0.0/8".into()];
+        });
+        assert_eq!(
+            run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).unwrap_err(),
+            Denial::InvalidToken(InvalidToken::ServiceDisabled)
+        );
+        // No credential and no key state: the credential is asked for first.
+        let facts = RequestFacts {
+            method: "GET",
+            path: "/api/v1/trades",
+            authorization: Authorization::Absent,
+            client_ip: None,
+        };
+        assert_eq!(
+            decide(&f.routes, None, Environment::Live, &facts, NOW, &NO_TOKENS).unwrap_err(),
+            Denial::MissingCredential
+        );
+        // An unsafe path with no route behind it: the path is judged before routing.
+        assert!(matches!(
+            run(&f, "/nope/../x", None, "127.0.0.1", NOW).unwrap_err(),
+            Denial::BadRequest(_)
+        ));
+    }
+
     #[test]
     fn grace_end_is_judged_by_the_clock() {
         let end = (NOW / 1_000_000_000) as i64 + 10;

@@ -35,6 +35,7 @@ fn raw(h: &Harness, method: Method, path: &str, content_type: Option<&str>, body
 fn bad_input_gets_its_4xx_and_writes_nothing() {
     let h = Harness::start();
     let existing = h.create(json!({"service_name": "existing", "scopes": ["a:b"]}));
+    let other = h.create(json!({"service_name": "other", "scopes": ["a:b"]}));
     let before = h.list_all();
     let version_before = sync_version(&h);
     let svc_path = format!("/auth/admin/services/{}", existing.service_id);
@@ -212,7 +213,10 @@ fn bad_input_gets_its_4xx_and_writes_nothing() {
         (
             "revoke another service's key",
             Method::POST,
-            format!("/auth/admin/services/srv_other/keys/{}/revoke", existing.key_id),
+            format!(
+                "/auth/admin/services/{}/keys/{}/revoke",
+                other.service_id, existing.key_id
+            ),
             None,
             vec![],
             404,

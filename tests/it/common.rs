@@ -45,6 +45,8 @@ pub fn free_port() -> SocketAddr {
 /// An upstream that answers every request with what it received, as JSON.
 pub struct EchoUpstream {
     pub addr: SocketAddr,
+    /// Requests that reached it.
+    pub hits: Arc<std::sync::atomic::AtomicU64>,
     _thread: std::thread::JoinHandle<()>,
 }
 
@@ -53,6 +55,8 @@ impl EchoUpstream {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
+        let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = hits.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -64,6 +68,7 @@ impl EchoUpstream {
                     move |method: axum::http::Method,
                           uri: axum::http::Uri,
                           headers: axum::http::HeaderMap| async move {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         // A slow upstream, for in-flight requests across reloads and shutdowns.
                         if uri.path().contains("/slow") {
                             tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -85,6 +90,7 @@ impl EchoUpstream {
         });
         EchoUpstream {
             addr,
+            hits,
             _thread: thread,
         }
     }

@@ -96,6 +96,24 @@ fn readiness_follows_the_snapshot_age_and_the_database() {
     // The admin plane goes away and time passes: the sidecar still serves, but says its
     // key state is stale once the last sync is older than the bound (60 s).
     h.stop_admin();
+    // A long poll answered during the shutdown may still be applied: wait until the sidecar has
+    // failed to reach the admin plane at least once, so no success lands after the clock moves.
+    let health = h.sidecar.as_ref().unwrap().health_addr.unwrap();
+    let started = std::time::Instant::now();
+    while crate::common::scrape(
+        &h.http,
+        &format!("http://{health}/metrics"),
+        "permiso_sidecar_sync_failures_total{cause=\"request\"}",
+    )
+    .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the sidecar never noticed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     h.clock.advance(Duration::from_secs(61));
     let (s, v) = probe(&h, "/readyz");
     assert_eq!((s, v["reason"].as_str()), (503, Some("snapshot too old")), "{v}");

@@ -226,8 +226,20 @@ fn revocation_reaches_the_running_sidecar_within_a_second() {
 fn rate_limit_answers_429_with_headers_and_recovers_after_the_window() {
     let h = Harness::start();
     let svc = h.create(json!({"service_name": "chatty", "scopes": ["trade:read"], "rate_limit_per_minute": 3, "rate_limit_per_hour": 100}));
-    // Waiting for the key must not spend quota: 401s do not count.
-    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
+    // Scope denials do not consume quota: five of them first, with the whole quota left...
+    let post = || {
+        h.http
+            .post(h.sidecar_url("/api/v1/trades"))
+            .bearer_auth(&svc.api_key)
+            .send()
+            .unwrap()
+            .status()
+    };
+    for _ in 0..5 {
+        assert_eq!(post(), 403);
+    }
+    // ...and the three allowed requests are all still there.
+    assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
     let r = h.get("/api/v1/trades", Some(&svc.api_key));
     assert_eq!(r.status(), 200);
     assert_eq!(
@@ -245,16 +257,8 @@ fn rate_limit_answers_429_with_headers_and_recovers_after_the_window() {
         .contains("\"minute\";q=3;w=60"));
     let body: Value = r.json().unwrap();
     assert_eq!(body["error"], "rate_limited");
-    // Scope denials do not consume quota either, and the clock has not moved.
-    assert_eq!(
-        h.http
-            .post(h.sidecar_url("/api/v1/trades"))
-            .bearer_auth(&svc.api_key)
-            .send()
-            .unwrap()
-            .status(),
-        403
-    );
+    // Still 403 (not 429) for the scope denial: the scope is judged before the limit.
+    assert_eq!(post(), 403);
     assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 429);
 
     h.clock.advance(Duration::from_secs(60));
@@ -358,4 +362,50 @@ fn request_ids_are_kept_or_minted_and_follow_the_call() {
     // Denials carry it too, so a refused caller can quote it.
     let (s, back, _) = call(Some("denied-1"), None);
     assert_eq!((s, back.as_str()), (401, "denied-1"));
+}
+
+/// No denial of any kind reaches the upstream: counted at the upstream itself.
+#[test]
+fn denied_requests_never_reach_the_upstream() {
+    let h = Harness::start();
+    let svc =
+        h.create(json!({"service_name": "counted", "scopes": ["trade:read"], "rate_limit_per_minute": 1}));
+    let hits = || h.upstream.hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
+    let before = hits();
+    let stranger = permiso::core::key::generate(permiso::core::key::Environment::Live);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(h.get("/api/v1/trades", None).status().as_u16()); // 401 no credential
+        statuses.push(
+            h.get("/api/v1/trades", Some(stranger.secret.expose()))
+                .status()
+                .as_u16(),
+        ); // 401
+        statuses.push(h.get("/internal", Some(&svc.api_key)).status().as_u16()); // 403 no route
+        statuses.push(h.get("/api/v1/account", Some(&svc.api_key)).status().as_u16()); // 403 scope
+        statuses.push(h.get("/api/v1/trades", Some(&svc.api_key)).status().as_u16()); // 429
+        let r = h
+            .http
+            .post(h.sidecar_url("/api/v1/trades"))
+            .bearer_auth(&svc.api_key)
+            .body("payload")
+            .send()
+            .unwrap();
+        statuses.push(r.status().as_u16()); // 403 scope, with a body
+    }
+    let mut s = std::net::TcpStream::connect(h.sidecar_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /health/..;/api/v1/trades HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 400"));
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 0, "{statuses:?}");
+    assert_eq!(
+        hits(),
+        before,
+        "a denied request reached the upstream: {statuses:?}"
+    );
+    // The counter does count: one allowed request, one more hit.
+    assert_eq!(h.get("/health", None).status(), 200);
+    assert_eq!(hits(), before + 1);
 }
