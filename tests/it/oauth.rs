@@ -812,3 +812,51 @@ fn tokens_issued_before_a_disable_stay_dead_after_re_enabling() {
     assert_eq!(introspect(&h, me, &new).1["active"], true);
     assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 200);
 }
+
+/// Each client's `access_token_lifetime` sets its tokens' `expires_in` and `exp`, and the
+/// sidecar refuses them after it (plus its leeway).
+#[test]
+fn a_clients_token_lifetime_is_its_own() {
+    let h = Harness::start();
+    let short = h.create(
+        json!({"service_name": "short-lived", "scopes": ["trade:read"], "access_token_lifetime": 120}),
+    );
+    let default = trader(&h);
+    let token_of = |svc: &crate::common::Created| -> Value {
+        h.http
+            .post(h.admin_url("/oauth/token"))
+            .basic_auth(&svc.service_id, Some(&svc.client_secret))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let claims = |jwt: &str| -> Value {
+        let payload = jwt.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).unwrap(),
+        )
+        .unwrap()
+    };
+    let s = token_of(&short);
+    assert_eq!(s["expires_in"], 120);
+    let sj = s["access_token"].as_str().unwrap().to_string();
+    let c = claims(&sj);
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 120);
+    let d = token_of(&default);
+    assert_eq!(d["expires_in"], 3600);
+    let dj = d["access_token"].as_str().unwrap().to_string();
+    // Past 120 s and the sidecar's 30 s leeway: the short one is refused, the other is not.
+    assert_eq!(h.get("/api/v1/trades", Some(&sj)).status(), 200);
+    h.clock.advance(Duration::from_secs(151));
+    assert_eq!(h.get("/api/v1/trades", Some(&sj)).status(), 401);
+    assert_eq!(h.get("/api/v1/trades", Some(&dj)).status(), 200);
+    // Changed later by PATCH, within 60..=86400.
+    let path = format!("/auth/admin/services/{}", default.service_id);
+    let (st, _) = h.admin_req(Method::PATCH, &path, Some(json!({"access_token_lifetime": 59})));
+    assert_eq!(st, 400);
+    let (st, _) = h.admin_req(Method::PATCH, &path, Some(json!({"access_token_lifetime": 600})));
+    assert_eq!(st, 200);
+    assert_eq!(token_of(&default)["expires_in"], 600);
+}

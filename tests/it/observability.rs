@@ -439,3 +439,63 @@ fn failed_admin_logins_are_throttled_per_address_before_the_key_is_checked() {
     assert_eq!(sample(&admin, "permiso_admin_auth_failures_total"), Some(6.0));
     assert_eq!(sample(&admin, "permiso_admin_auth_throttled_total"), Some(2.0));
 }
+
+/// `/v1/usage` only moves `last_used_at` forward, and takes at most 1,000 marks a report.
+#[test]
+fn usage_reports_move_last_used_forward_only_and_are_capped() {
+    // The harness keeps bodies small; 1,000 marks need the default 64 KiB.
+    let h = Harness::start_custom(ROUTES, |f| f.max_body_bytes = 64 * 1024);
+    let svc = h.create(json!({"service_name": "marked", "scopes": ["trade:read"]}));
+    let now = h.clock_secs() as i64;
+    let report = |marks: Value| {
+        h.http
+            .post(h.admin_url("/v1/usage"))
+            .bearer_auth(&h.sync_key)
+            .json(&json!({ "keys": marks }))
+            .send()
+            .unwrap()
+    };
+    let last_used = || {
+        let (_, v) = h.admin_req(
+            Method::GET,
+            &format!("/auth/admin/services/{}", svc.service_id),
+            None,
+        );
+        v["keys"][0]["last_used_at"].clone()
+    };
+    let r = report(json!([{"key_id": svc.key_id, "last_used_at": now - 100}]));
+    assert_eq!(r.status(), 200);
+    let first = last_used();
+    assert_eq!(
+        first.as_str(),
+        Some(permiso::admin::model::rfc3339(now - 100).as_str())
+    );
+    // An older mark does not move it back.
+    assert_eq!(
+        report(json!([{"key_id": svc.key_id, "last_used_at": now - 500}])).status(),
+        200
+    );
+    assert_eq!(last_used(), first);
+    // A newer one moves it forward.
+    assert_eq!(
+        report(json!([{"key_id": svc.key_id, "last_used_at": now - 10}])).status(),
+        200
+    );
+    assert_eq!(
+        last_used().as_str(),
+        Some(permiso::admin::model::rfc3339(now - 10).as_str())
+    );
+    // 1,000 marks are taken; 1,001 are refused whole.
+    let marks = |n: usize| -> Value {
+        (0..n)
+            .map(|_| json!({"key_id": svc.key_id, "last_used_at": now}))
+            .collect()
+    };
+    assert_eq!(report(marks(1000)).status(), 200);
+    let r = report(marks(1001));
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().unwrap()["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("1000"));
+}

@@ -269,8 +269,9 @@ fn malformed_http_huge_headers_and_giant_keys_get_4xx_without_crash_or_growth() 
     };
     let status_of = |bytes: &[u8]| raw(bytes).map_or("closed".to_string(), |s| s.to_string());
 
+    // The README promises these statuses; a closed connection would not be one.
     let garbage = status_of(b"HELLO THERE\r\n\r\n");
-    assert!(garbage == "400" || garbage == "closed", "{garbage}");
+    assert_eq!(garbage, "400");
     let mut non_utf8 = b"GET /api/v1/trades HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer \xff\xfe\xfd\r\n\r\n".to_vec();
     assert_eq!(raw(&non_utf8), Some(400));
     non_utf8.clear();
@@ -279,7 +280,8 @@ fn malformed_http_huge_headers_and_giant_keys_get_4xx_without_crash_or_growth() 
         "a".repeat(200_000)
     );
     let big = status_of(huge_header.as_bytes());
-    assert!(big.starts_with('4') || big == "closed", "{big}");
+    // Within pingora's head limit, so it is judged: no credential, 401.
+    assert_eq!(big, "401");
 
     let pid = sc.proc.0.id();
     let giant = format!(
@@ -287,15 +289,14 @@ fn malformed_http_huge_headers_and_giant_keys_get_4xx_without_crash_or_growth() 
         "A".repeat(1_000_000)
     );
     let first = status_of(giant.as_bytes());
-    assert!(first.starts_with('4') || first == "closed", "{first}");
+    assert_eq!(first, "401");
     eprintln!("garbage request line: {garbage}; 200 KB header: {big}; 1 MB key: {first}");
     // Under the header limit a long key is parsed and refused as malformed.
     let long = format!("svc_live_{}", "A".repeat(30_000));
     assert_eq!(get(&h.http, &trades, &long).0, 401);
     let before = rss_kib(pid);
     for _ in 0..100 {
-        let s = status_of(giant.as_bytes());
-        assert!(s.starts_with('4') || s == "closed", "{s}");
+        assert_eq!(status_of(giant.as_bytes()), "401");
         assert_eq!(get(&h.http, &trades, &long).0, 401);
     }
     let after = rss_kib(pid);
@@ -305,7 +306,11 @@ fn malformed_http_huge_headers_and_giant_keys_get_4xx_without_crash_or_growth() 
     );
     // Still serving, and nothing crashed.
     assert_eq!(get(&h.http, &trades, &svc.api_key).0, 200);
-    assert!(sc.proc.0.id() == pid && rss_kib(pid) > 0);
+    let mut sc = sc;
+    assert!(
+        sc.proc.0.try_wait().unwrap().is_none(),
+        "the sidecar process exited"
+    );
     eprintln!("sidecar RSS before/after 100 x 1 MB keys + 100 x 30 KB keys: {before} / {after} KiB");
 }
 
@@ -834,10 +839,12 @@ fn the_admin_plane_holds_at_most_max_connections_and_takes_the_next_when_one_clo
         .timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    assert!(
-        quick.get(&url).send().is_err(),
-        "a third connection waits in the backlog"
-    );
+    // It waits in the backlog: the request times out (not refused, not reset).
+    let err = quick
+        .get(&url)
+        .send()
+        .expect_err("a third connection waits in the backlog");
+    assert!(err.is_timeout(), "{err:?}");
     // One slot frees up: the next client is served.
     drop(first);
     let patient = reqwest::blocking::Client::builder()
