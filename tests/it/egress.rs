@@ -127,6 +127,50 @@ fn egress_attaches_refreshes_and_cuts_off() {
         "token was not replaced"
     );
 
+    // A non-idempotent request is never replayed: revoke the token in use again, POST through
+    // the egress, and count the decisions the destination's sidecar made (a replay with the
+    // refreshed token would be a second one).
+    let in_use = echo["headers"]["authorization"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_string();
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/revoke"))
+        .header("X-Admin-Api-Key", ADMIN_KEY)
+        .form(&[("token", &in_use)])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    h.wait_for_status("/api/v1/trades", Some(&in_use), 401, Duration::from_secs(1));
+    let decisions = || -> u64 {
+        let health = h.sidecar.as_ref().unwrap().health_addr.unwrap();
+        let text = h
+            .http
+            .get(format!("http://{health}/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("permiso_sidecar_decisions_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = decisions();
+    let r = h
+        .http
+        .post(format!("{egress}/svc/api/v1/trades"))
+        .body("order")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401, "the POST's own answer, not a replay's");
+    assert_eq!(decisions(), before + 1, "the POST was sent once");
+    // The refresh happened all the same: the next call carries a new token and goes through.
+    let r = h.http.get(format!("{egress}/svc/api/v1/trades")).send().unwrap();
+    assert_eq!(r.status(), 200);
+
     // Unknown destination: 404, nothing forwarded.
     let r = h.http.get(format!("{egress}/nowhere/x")).send().unwrap();
     assert_eq!(r.status(), 404);
