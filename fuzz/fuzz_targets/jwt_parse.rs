@@ -1,5 +1,7 @@
 //! `core::jwt::{looks_like_jwt, verify, verify_with_kid}` on arbitrary token text: errors,
-//! never panics, and the two verify functions always agree.
+//! never panics, the two verify functions agree, and whatever is accepted carries the header
+//! and payload of a seed token (the fuzzer cannot sign: anything else accepted means a check
+//! on the signature is missing).
 //!
 //! The key set holds "k1", a fixed Ed25519 key whose tokens are in the seed corpus (so the
 //! fuzzer starts from tokens that verify all the way), and "k2", a fresh key from
@@ -25,6 +27,20 @@ fn keys() -> &'static KeySet {
         assert!(ks.insert("k2", &x));
         ks
     })
+}
+
+/// The seed tokens (the fuzzer cannot sign, so nothing else can ever verify).
+const SEEDS: [&str; 5] = [
+    include_str!("../corpus/jwt_parse/seed-valid"),
+    include_str!("../corpus/jwt_parse/seed-expired"),
+    include_str!("../corpus/jwt_parse/seed-other-kid"),
+    include_str!("../corpus/jwt_parse/seed-wrong-typ"),
+    include_str!("../corpus/jwt_parse/seed-alg-none"),
+];
+
+/// `header.payload` of a token.
+fn signed_part(token: &str) -> &str {
+    token.rsplit_once('.').map_or(token, |(signed, _)| signed)
 }
 
 fn check(token: &str) {
@@ -53,6 +69,15 @@ fn check(token: &str) {
         match (&a, &b) {
             (Ok(c), Ok((c2, kid))) => {
                 assert_eq!(c, c2);
+                // Accepted: its header and payload are those of a seed token accepted under
+                // the same expectations (checking the signature is what makes this hold).
+                assert!(
+                    SEEDS.iter().any(|seed| {
+                        let seed = seed.trim();
+                        jwt::verify(seed, keys, &want, now).is_ok() && signed_part(seed) == signed_part(token)
+                    }),
+                    "accepted a token that is no seed's: {token:?}"
+                );
                 assert!(keys.contains(kid), "verified with a kid not in the set");
                 assert_eq!(c.iss, want.issuer);
                 assert_eq!(c.aud, want.audience);

@@ -1,5 +1,5 @@
-//! `core::key::parse` and `display_prefix` on arbitrary text: never a panic, and whatever
-//! parses really has the key's shape.
+//! `core::key::parse` and `display_prefix` on arbitrary text: never a panic, whatever parses
+//! really has the key's shape, and one changed character of a key never parses (the checksum).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -25,6 +25,20 @@ fn check(text: &str) {
             Environment::parse(parsed.environment.as_str()),
             Some(parsed.environment)
         );
+        // The checksum covers every character: changing any one of them (to another
+        // character of the key alphabet) never yields another key that parses.
+        let bytes = text.as_bytes();
+        for i in 0..bytes.len() {
+            for alt in [b'A', b'b', b'0', b'-', b'_'] {
+                if bytes[i] == alt {
+                    continue;
+                }
+                let mut changed = bytes.to_vec();
+                changed[i] = alt;
+                let changed = String::from_utf8(changed).unwrap();
+                assert!(key::parse(&changed).is_err(), "{changed:?} parses after changing byte {i}");
+            }
+        }
     }
 }
 
