@@ -860,3 +860,57 @@ fn a_clients_token_lifetime_is_its_own() {
     assert_eq!(st, 200);
     assert_eq!(token_of(&default)["expires_in"], 600);
 }
+
+/// The signing-key publication window: a rotated-in key is published at once and signs only
+/// after the publish delay (300 s); the old key stays published for 24 h (the longest token
+/// lifetime) after it stopped signing, then is dropped.
+#[test]
+fn signing_keys_are_published_before_they_sign_and_after_they_stop() {
+    let h = Harness::start();
+    let svc = trader(&h);
+    let kid_of = |jwt: &str| -> String {
+        let header = jwt.split('.').next().unwrap();
+        let v: Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header).unwrap(),
+        )
+        .unwrap();
+        v["kid"].as_str().unwrap().to_string()
+    };
+    let published = || -> Vec<String> {
+        let v: Value = h
+            .http
+            .get(h.admin_url("/.well-known/jwks.json"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let old = kid_of(&h.token(&svc, None));
+    assert_eq!(published(), [old.clone()]);
+    let (s, v) = h.admin_req(Method::POST, "/auth/admin/signing-keys/rotate", None);
+    assert_eq!(s, 200, "{v}");
+    let new = v["new_kid"].as_str().unwrap().to_string();
+    // Published at once, not signing yet.
+    assert_eq!(published(), [old.clone(), new.clone()]);
+    assert_eq!(kid_of(&h.token(&svc, None)), old);
+    h.clock.advance(Duration::from_secs(299));
+    assert_eq!(kid_of(&h.token(&svc, None)), old);
+    // After the delay the new key signs; the old one is still published for its tokens.
+    h.clock.advance(Duration::from_secs(1));
+    let fresh = h.token(&svc, None);
+    assert_eq!(kid_of(&fresh), new);
+    assert_eq!(published(), [old.clone(), new.clone()]);
+    h.wait_sidecar_caught_up();
+    assert_eq!(h.get("/api/v1/trades", Some(&fresh)).status(), 200);
+    // 24 h after it stopped signing, the old key is dropped; the new one stays.
+    h.clock.advance(Duration::from_secs(24 * 3600 - 1));
+    assert_eq!(published(), [old.clone(), new.clone()]);
+    h.clock.advance(Duration::from_secs(1));
+    assert_eq!(published(), [new.clone()]);
+}
