@@ -853,3 +853,46 @@ fn the_admin_plane_holds_at_most_max_connections_and_takes_the_next_when_one_clo
         .unwrap();
     assert_eq!(patient.get(&url).send().unwrap().status(), 200);
 }
+
+/// SIGINT stops at once: unlike SIGTERM, a request in flight is not waited for.
+#[test]
+fn sigint_stops_at_once_without_draining() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "interrupted", "scopes": ["trade:read"]}));
+    let mut sc = start_sidecar_proc(&h, ROUTES);
+    until(
+        "the key reaches the sidecar process",
+        Duration::from_secs(5),
+        || get(&h.http, &format!("{}/api/v1/trades", sc.url), &svc.api_key).0 == 200,
+    );
+    let before = allowed_so_far(&h.http, &sc.health);
+    let (url, key) = (format!("{}/api/v1/trades/slow", sc.url), svc.api_key.clone());
+    let slow = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .get(url)
+            .bearer_auth(key)
+            .send()
+            .map(|r| r.status().as_u16())
+    });
+    until("the slow request is decided", Duration::from_secs(10), || {
+        allowed_so_far(&h.http, &sc.health) > before
+    });
+    signal(&sc.proc, "-INT");
+    // The upstream holds the request for a second; the process is gone before it answers.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = sc.proc.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "sidecar did not exit on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let answered = slow.join().unwrap();
+    assert!(
+        answered.is_err(),
+        "the in-flight request was drained, not cut: {answered:?} (exit {status:?})"
+    );
+}
