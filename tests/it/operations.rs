@@ -496,11 +496,15 @@ fn steady_traffic_through_rotations_revocations_and_reloads_has_zero_failures() 
     );
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // One client keeps the original key (in grace after each rotation), the other always the
+    // newest key of the service being rotated.
+    let newest = Arc::new(std::sync::Mutex::new(steady.api_key.clone()));
     let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let (url, key, stop, ok, failed) = (
+        .map(|i| {
+            let (url, original, newest, stop, ok, failed) = (
                 h.sidecar_url("/api/v1/trades"),
                 steady.api_key.clone(),
+                newest.clone(),
                 stop.clone(),
                 ok.clone(),
                 failed.clone(),
@@ -508,6 +512,11 @@ fn steady_traffic_through_rotations_revocations_and_reloads_has_zero_failures() 
             std::thread::spawn(move || {
                 let http = reqwest::blocking::Client::new();
                 while !stop.load(Ordering::Relaxed) {
+                    let key = if i == 0 {
+                        original.clone()
+                    } else {
+                        newest.lock().unwrap().clone()
+                    };
                     match http.get(&url).bearer_auth(&key).send() {
                         Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
                         _ => failed.fetch_add(1, Ordering::Relaxed),
@@ -518,14 +527,20 @@ fn steady_traffic_through_rotations_revocations_and_reloads_has_zero_failures() 
         .collect();
     let with_account =
         format!("{ROUTES}\n[[sidecar.routes]]\nprefix = \"/api/v1/extra\"\nscopes = [\"trade:read\"]\n");
+    let mut churn_previous: Option<String> = Some(churn.api_key.clone());
     for round in 0..10 {
-        // The steady service's own key is rotated with grace: its old key stays valid.
-        let (s, _) = h.admin_req(
+        // The steady service's own key is rotated with grace: its old key stays valid, and the
+        // new one is used as soon as the sidecar has it.
+        let (s, rotated) = h.admin_req(
             Method::POST,
             &format!("/auth/admin/services/{}/rotate", steady.service_id),
             Some(json!({"grace_seconds": 3600})),
         );
         assert_eq!(s, 200);
+        h.wait_sidecar_caught_up();
+        let new_key = rotated["api_key"].as_str().unwrap().to_string();
+        let new_id = rotated["key_id"].as_str().unwrap().to_string();
+        *newest.lock().unwrap() = new_key;
         if round % 3 == 2 {
             // Stay under the 10-active-keys limit: revoke the steady service's newest key.
             let (_, v) = h.admin_req(
@@ -534,7 +549,8 @@ fn steady_traffic_through_rotations_revocations_and_reloads_has_zero_failures() 
                 None,
             );
             for k in v["keys"].as_array().unwrap() {
-                if k["key_id"] != steady.key_id.as_str() && k["status"] != "revoked" {
+                let keep = k["key_id"] == steady.key_id.as_str() || k["key_id"] == new_id.as_str();
+                if !keep && k["status"] != "revoked" {
                     let (s, _) = h.admin_req(
                         Method::POST,
                         &format!(
@@ -548,7 +564,7 @@ fn steady_traffic_through_rotations_revocations_and_reloads_has_zero_failures() 
                 }
             }
         }
-        let (s, _) = h.admin_req(
+        let (s, churned) = h.admin_req(
             Method::POST,
             &format!("/auth/admin/services/{}/rotate", churn.service_id),
             Some(json!({"grace_seconds": 0})),
@@ -560,6 +576,20 @@ fn steady_traffic_through_rotations_revocations_and_reloads_has_zero_failures() 
             Some(json!({"scopes": if round % 2 == 0 { json!(["trade:read"]) } else { json!([]) }})),
         );
         assert_eq!(s, 200);
+        // The churned service: its previous key is dead at once, its new one judged by the
+        // scopes just set.
+        h.wait_sidecar_caught_up();
+        let churn_key = churned["api_key"].as_str().unwrap().to_string();
+        let want = if round % 2 == 0 { 200 } else { 403 };
+        assert_eq!(
+            h.get("/api/v1/trades", Some(&churn_key)).status(),
+            want,
+            "round {round}"
+        );
+        if let Some(prev) = &churn_previous {
+            assert_eq!(h.get("/api/v1/trades", Some(prev)).status(), 401, "round {round}");
+        }
+        churn_previous = Some(churn_key);
         let routes = if round % 2 == 0 {
             with_account.as_str()
         } else {
