@@ -713,37 +713,83 @@ fn client_secret_rotation_has_a_grace_window() {
 
 #[test]
 fn signing_key_rotation_under_traffic_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
     let h = Harness::start();
     let svc = trader(&h);
     let old = h.token(&svc, None);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (client, url, token, flag) = (
-        h.http.clone(),
-        h.sidecar_url("/api/v1/trades"),
-        old.clone(),
-        stop.clone(),
-    );
-    let traffic = std::thread::spawn(move || {
-        let (mut ok, mut failed) = (0u32, 0u32);
-        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-            match client.get(&url).bearer_auth(&token).send() {
-                Ok(r) if r.status() == 200 => ok += 1,
-                _ => failed += 1,
+    let kid_of = |t: &str| -> String {
+        serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(t.split('.').next().unwrap()).unwrap())
+            .unwrap()["kid"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let old_kid = kid_of(&old);
+    // Traffic with fresh tokens all along: each minted by the token endpoint (so whichever
+    // key signs at that moment), used three times, never from a cache of the test's.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU32::new(0));
+    let ok_by_kid: Arc<Mutex<std::collections::HashMap<String, u32>>> = Default::default();
+    let traffic = {
+        let (client, admin, url) = (
+            h.http.clone(),
+            h.admin_url("/oauth/token"),
+            h.sidecar_url("/api/v1/trades"),
+        );
+        let (id, secret) = (svc.service_id.clone(), svc.client_secret.clone());
+        let (stop, failed, ok_by_kid) = (stop.clone(), failed.clone(), ok_by_kid.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let minted: Value = client
+                    .post(&admin)
+                    .basic_auth(&id, Some(&secret))
+                    .form(&[("grant_type", "client_credentials")])
+                    .send()
+                    .unwrap()
+                    .json()
+                    .unwrap();
+                let token = minted["access_token"].as_str().unwrap().to_string();
+                let header = token.split('.').next().unwrap();
+                let kid = serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap()
+                    ["kid"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                for _ in 0..3 {
+                    match client.get(&url).bearer_auth(&token).send() {
+                        Ok(r) if r.status() == 200 => {
+                            *ok_by_kid.lock().unwrap().entry(kid.clone()).or_default() += 1
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
             }
+        })
+    };
+    let served_with = |kid: &str| ok_by_kid.lock().unwrap().get(kid).copied().unwrap_or(0);
+    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+        let started = std::time::Instant::now();
+        while !f() {
+            assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(Duration::from_millis(5));
         }
-        (ok, failed)
-    });
+    };
+    wait_for("traffic with the first key", &|| served_with(&old_kid) >= 6);
 
     let (s, v) = h.admin_req(Method::POST, "/auth/admin/signing-keys/rotate", None);
     assert_eq!(s, 200, "{v}");
     let new_kid = v["new_kid"].as_str().unwrap().to_string();
-    // Published at once, not yet signing.
+    // Published at once, not yet signing: a token minted now still carries the old kid.
     assert!(v["published_kids"]
         .as_array()
         .unwrap()
         .iter()
         .any(|k| k == new_kid.as_str()));
     assert_ne!(v["signing_kid"], new_kid.as_str());
+    assert_eq!(kid_of(&h.token(&svc, None)), old_kid);
     let jwks: Value = h
         .http
         .get(h.admin_url("/.well-known/jwks.json"))
@@ -752,25 +798,22 @@ fn signing_key_rotation_under_traffic_fails_no_request() {
         .json()
         .unwrap();
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
-    std::thread::sleep(Duration::from_millis(200));
+    // Sidecars learn the new key before it signs.
+    h.wait_sidecar_caught_up();
 
-    // After the publish delay the new key signs; both tokens work.
+    // After the publish delay the new key signs: the traffic moves onto it without a failure.
     h.clock.advance(Duration::from_secs(300));
     let new = h.token(&svc, None);
-    let kid_of = |t: &str| {
-        serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(t.split('.').next().unwrap()).unwrap())
-            .unwrap()["kid"]
-            .clone()
-    };
-    assert_eq!(kid_of(&new), new_kid.as_str());
-    assert_ne!(kid_of(&old), new_kid.as_str());
-    assert_eq!(h.get("/api/v1/trades", Some(&new)).status(), 200);
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = traffic.join().unwrap();
-    eprintln!("requests during signing-key rotation: {ok} ok, {failed} failed");
-    assert!(ok > 0);
-    assert_eq!(failed, 0);
+    assert_eq!(kid_of(&new), new_kid);
+    wait_for("traffic with the new key", &|| served_with(&new_kid) >= 6);
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+    let (old_ok, new_ok) = (served_with(&old_kid), served_with(&new_kid));
+    eprintln!(
+        "requests during signing-key rotation: {old_ok} with the old key, {new_ok} with the new, {} failed",
+        failed.load(Ordering::Relaxed)
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
 
     // The old token keeps working until it expires; then it is refused as expired.
     assert_eq!(h.get("/api/v1/trades", Some(&old)).status(), 200);
