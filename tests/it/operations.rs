@@ -128,6 +128,21 @@ fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits (10 s at most) for a signalled process to exit and returns how it ended.
+fn exit_status(p: &mut Proc, after: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(st) = p.0.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "sidecar did not exit {after}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -230,17 +245,7 @@ fn sigterm_lets_in_flight_requests_finish() {
     signal(&sc.proc, "-TERM");
     let (s, v) = slow.join().unwrap();
     assert_eq!(s, 200, "in flight at SIGTERM, answered anyway: {v}");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(st) = sc.proc.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "sidecar did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_status(&mut sc.proc, "after SIGTERM");
     assert!(status.success(), "{status:?}");
 }
 
@@ -909,17 +914,7 @@ fn sigint_stops_at_once_without_draining() {
     });
     signal(&sc.proc, "-INT");
     // The upstream holds the request for a second; the process is gone before it answers.
-    let started = Instant::now();
-    let status = loop {
-        if let Some(st) = sc.proc.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "sidecar did not exit on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = exit_status(&mut sc.proc, "on SIGINT");
     let answered = slow.join().unwrap();
     assert!(
         answered.is_err(),
