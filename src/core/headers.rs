@@ -49,11 +49,6 @@ fn eq_normalised(name: &[u8], other: &[u8]) -> bool {
     name.len() == other.len() && starts_normalised(name, other)
 }
 
-/// True for a name that, read as a CGI server reads it, is an `X-Permiso-*` header.
-pub fn is_identity(name: &str) -> bool {
-    starts_normalised(name.as_bytes(), IDENTITY_PREFIX.as_bytes())
-}
-
 /// True for a name the caller may not send to the upstream under any spelling.
 /// `x-request-id` in its exact spelling is the caller's to propose (it is kept when
 /// well-formed): only its other spellings are dropped here.
@@ -107,6 +102,9 @@ mod tests {
         assert_eq!(one(&["5,"]), None);
         assert_eq!(one(&["0x5"]), None);
         assert_eq!(one(&["99999999999999999999"]), None);
+        // At most 19 digits, even when 20 would still fit a u64.
+        assert_eq!(one(&["1000000000000000000"]), Some(1_000_000_000_000_000_000));
+        assert_eq!(one(&["10000000000000000000"]), None);
         assert_eq!(one(&[]), None);
     }
 
