@@ -91,7 +91,19 @@ fn sidecar_metrics_count_decisions_by_outcome_and_service() {
     dead.upstream = crate::common::free_port();
     h.sidecar.as_ref().unwrap().reloader.apply(dead);
     assert_eq!(h.get("/api/v1/trades", Some(&svc.api_key)).status(), 502);
-    let text = sidecar_metrics(&h);
+    // pingora counts the failure in its logging hook, after the answer is written: wait for it.
+    let started = Instant::now();
+    let text = loop {
+        let text = sidecar_metrics(&h);
+        let counted = sample(
+            &text,
+            r#"permiso_sidecar_upstream_errors_total{error="ConnectRefused"}"#,
+        );
+        if counted != Some(0.0) || started.elapsed() > Duration::from_secs(5) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     assert_eq!(
         sample(
             &text,
