@@ -106,10 +106,6 @@ impl ConnTable {
         self.len() == 0
     }
 
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
     /// Connections closed to make room for new ones, and new ones refused, so far.
     pub fn counts(&self) -> (u64, u64) {
         (
@@ -122,10 +118,6 @@ impl ConnTable {
 impl Conn {
     pub fn busy(&self) {
         self.idle_since.store(0, Ordering::Relaxed);
-    }
-
-    pub fn is_idle(&self) -> bool {
-        self.idle_since.load(Ordering::Relaxed) != 0
     }
 
     /// Resolves when this connection was chosen to be shed.

@@ -52,19 +52,6 @@ pub enum PathError {
 }
 
 impl PathError {
-    pub const ALL: [PathError; 10] = [
-        PathError::NotAbsolute,
-        PathError::DotSegment,
-        PathError::EncodedSeparator,
-        PathError::Backslash,
-        PathError::BadEscape,
-        PathError::DoubleEncoded,
-        PathError::ControlCharacter,
-        PathError::Semicolon,
-        PathError::TrailingDotOrBlank,
-        PathError::NotUtf8,
-    ];
-
     pub fn describe(self) -> &'static str {
         match self {
             PathError::NotAbsolute => "the path must start with '/'",
