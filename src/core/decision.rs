@@ -177,7 +177,7 @@ pub fn authenticate_token(
         (Some(c), Some(k)) => c.get(k),
         _ => None,
     };
-    let verified = match cached {
+    let (verified, to_cache) = match cached {
         Some(v) => {
             // Re-judge what can change after verification: keys, issuer, time.
             if v.iss != tokens.issuer {
@@ -190,7 +190,7 @@ pub fn authenticate_token(
                 return Err(jwt_denial(JwtError::UnknownKid));
             }
             jwt::check_time(v.exp, v.nbf, policy.leeway_secs, now_secs).map_err(jwt_denial)?;
-            v
+            (v, None)
         }
         None => {
             let want = Expectations {
@@ -217,14 +217,16 @@ pub fn authenticate_token(
                 jti_header,
                 scopes,
             });
-            if let (Some(cache), Some(k)) = (policy.cache, cache_key) {
-                cache.insert(k, v.clone());
-            }
-            v
+            (v, cache_key)
         }
     };
     if tokens.revoked.contains(&*verified.jti) {
         return Err(jwt_denial(JwtError::Revoked));
+    }
+    // Cached only once known not revoked: the sync evicts revoked tokens, and replaying one
+    // must not put it back.
+    if let (Some(cache), Some(k)) = (policy.cache, to_cache) {
+        cache.insert(k, verified.clone());
     }
     let service = snapshot
         .service(&verified.client_id)
@@ -828,6 +830,22 @@ mod tests {
                 call(&at_iat, "/t", &t, NOW, None).is_ok(),
                 "issued at the floor: valid"
             );
+        }
+
+        #[test]
+        fn a_revoked_token_is_never_cached() {
+            let (der, x) = generate_ed25519();
+            let signer = Signer::new("k1".into(), &der);
+            let cache = TokenCache::new(10);
+            let t = token(&signer, "trade:read", "j-revoked");
+            let revoked = snapshot(&["trade:read"], &["j-revoked"], &x);
+            for _ in 0..3 {
+                assert_eq!(
+                    call(&revoked, "/t", &t, NOW, Some(&cache)).unwrap_err(),
+                    Denial::InvalidToken(InvalidToken::Jwt(JwtError::Revoked))
+                );
+            }
+            assert_eq!(cache.len(), 0, "the sync's eviction would be undone by a replay");
         }
 
         #[test]

@@ -2,7 +2,9 @@
 //! the sidecar forwards to that destination with the service's credential, so no business
 //! service holds a secret. It fetches and refreshes client-credentials tokens (one fetch at a
 //! time), refreshes once on a 401, retries failed connections with backoff and jitter within a
-//! deadline, and cuts off a destination that keeps failing.
+//! deadline, and cuts off a destination that keeps failing. A destination's credential is
+//! replaced on a config reload (SIGHUP), so a rotated key or secret file is taken up without a
+//! restart.
 //!
 //! Built on axum + reqwest rather than pingora: retrying a request after a 401 or a failed
 //! attempt needs the whole request in hand, and egress volume is one service's own calls.
@@ -150,10 +152,80 @@ enum Credential {
     Tokens(Arc<TokenSource>),
 }
 
+impl Credential {
+    /// Whether `c` is the credential this already is (a reload that changes nothing keeps
+    /// the cached token).
+    fn same_as(&self, c: &EgressCredential) -> bool {
+        match (self, c) {
+            (Credential::ApiKey(k), EgressCredential::ApiKey(n)) => k.expose() == n.expose(),
+            (
+                Credential::Tokens(ts),
+                EgressCredential::ClientCredentials {
+                    client_id,
+                    secret,
+                    scopes,
+                    token_url,
+                },
+            ) => {
+                ts.client_id == *client_id
+                    && ts.secret.expose() == secret.expose()
+                    && ts.scopes == *scopes
+                    && ts.token_url == *token_url
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Builds each destination's credential; destinations naming the same client, token URL and
+/// scopes share one token source. `keep` offers the credentials in use, reused when unchanged.
+fn build_credentials(
+    destinations: &[crate::config::EgressDestination],
+    keep: &dyn Fn(&str) -> Option<Arc<Credential>>,
+) -> HashMap<String, Arc<Credential>> {
+    let mut sources: HashMap<(String, String, Vec<String>), Arc<TokenSource>> = HashMap::new();
+    let mut out = HashMap::new();
+    for d in destinations {
+        if let Some(current) = keep(&d.name).filter(|c| c.same_as(&d.credential)) {
+            if let Credential::Tokens(ts) = &*current {
+                let key = (ts.client_id.clone(), ts.token_url.clone(), ts.scopes.clone());
+                sources.entry(key).or_insert_with(|| ts.clone());
+            }
+            out.insert(d.name.clone(), current);
+            continue;
+        }
+        let credential = match &d.credential {
+            EgressCredential::ApiKey(k) => Credential::ApiKey(k.clone()),
+            EgressCredential::ClientCredentials {
+                client_id,
+                secret,
+                scopes,
+                token_url,
+            } => {
+                let key = (client_id.clone(), token_url.clone(), scopes.clone());
+                let source = sources.entry(key).or_insert_with(|| {
+                    Arc::new(TokenSource {
+                        client_id: client_id.clone(),
+                        secret: secret.clone(),
+                        scopes: scopes.clone(),
+                        token_url: token_url.clone(),
+                        cached: Mutex::new(None),
+                        flight: tokio::sync::Mutex::new(()),
+                    })
+                });
+                Credential::Tokens(source.clone())
+            }
+        };
+        out.insert(d.name.clone(), Arc::new(credential));
+    }
+    out
+}
+
 struct Destination {
     name: String,
     url: String,
-    credential: Credential,
+    /// Replaced whole by a reload; a request keeps the one it loaded.
+    credential: arc_swap::ArcSwap<Credential>,
     breaker: Mutex<Breaker>,
     counters: EgressCounters,
 }
@@ -201,37 +273,16 @@ impl Egress {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("http client");
-        let mut sources: HashMap<(String, String, Vec<String>), Arc<TokenSource>> = HashMap::new();
+        let mut credentials = build_credentials(&cfg.destinations, &|_| None);
         let destinations = cfg
             .destinations
             .iter()
             .map(|d| {
-                let credential = match &d.credential {
-                    EgressCredential::ApiKey(k) => Credential::ApiKey(k.clone()),
-                    EgressCredential::ClientCredentials {
-                        client_id,
-                        secret,
-                        scopes,
-                        token_url,
-                    } => {
-                        let key = (client_id.clone(), token_url.clone(), scopes.clone());
-                        let source = sources.entry(key).or_insert_with(|| {
-                            Arc::new(TokenSource {
-                                client_id: client_id.clone(),
-                                secret: secret.clone(),
-                                scopes: scopes.clone(),
-                                token_url: token_url.clone(),
-                                cached: Mutex::new(None),
-                                flight: tokio::sync::Mutex::new(()),
-                            })
-                        });
-                        Credential::Tokens(source.clone())
-                    }
-                };
+                let credential = credentials.remove(&d.name).expect("built for every destination");
                 let dest = Destination {
                     name: d.name.clone(),
                     url: d.url.clone(),
-                    credential,
+                    credential: arc_swap::ArcSwap::new(credential),
                     breaker: Mutex::new(Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown)),
                     counters: metrics.egress(&d.name),
                 };
@@ -246,8 +297,35 @@ impl Egress {
         }
     }
 
-    async fn credential(&self, d: &Destination, rejected: Option<&str>) -> Result<Arc<str>, EgressError> {
-        match &d.credential {
+    /// Takes up the credentials of a reloaded config: each destination still at the same URL
+    /// gets its new credential (a token source is kept when its client, secret, scopes and
+    /// token URL are unchanged). A destination whose URL changed keeps its old credential: the
+    /// new one is meant for another host, and the URL itself only changes on restart. Returns
+    /// the names of the destinations whose credential was replaced.
+    pub fn reload_credentials(&self, cfg: &EgressConfig) -> Vec<String> {
+        let same_place: Vec<_> = cfg
+            .destinations
+            .iter()
+            .filter(|n| self.destinations.get(&n.name).is_some_and(|d| d.url == n.url))
+            .cloned()
+            .collect();
+        let fresh = build_credentials(&same_place, &|name| {
+            self.destinations.get(name).map(|d| d.credential.load_full())
+        });
+        let mut replaced = Vec::new();
+        for (name, credential) in fresh {
+            let d = &self.destinations[&name];
+            if !Arc::ptr_eq(&d.credential.load(), &credential) {
+                d.credential.store(credential);
+                replaced.push(name);
+            }
+        }
+        replaced.sort();
+        replaced
+    }
+
+    async fn credential(&self, c: &Credential, rejected: Option<&str>) -> Result<Arc<str>, EgressError> {
+        match c {
             Credential::ApiKey(k) => Ok(Arc::from(k.expose())),
             Credential::Tokens(ts) => ts.token(&self.http, self.retry_deadline, rejected).await,
         }
@@ -358,18 +436,22 @@ impl Egress {
         };
         let rmethod = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
         let outcome = async {
-            let cred = self.credential(d, None).await.map_err(Failure::Credential)?;
+            let credential = d.credential.load_full();
+            let cred = self
+                .credential(&credential, None)
+                .await
+                .map_err(Failure::Credential)?;
             let mut resp = self
                 .send(d, &rmethod, &url, &headers, &body, &cred)
                 .await
                 .map_err(Failure::Network)?;
             let mut attempts = 1;
             if resp.status() == reqwest::StatusCode::UNAUTHORIZED
-                && matches!(d.credential, Credential::Tokens(_))
+                && matches!(*credential, Credential::Tokens(_))
             {
                 // The token may have been revoked or the signing key rotated: refresh once.
                 let fresh = self
-                    .credential(d, Some(&cred))
+                    .credential(&credential, Some(&cred))
                     .await
                     .map_err(Failure::Credential)?;
                 if idempotent(method.as_str()) {
@@ -510,13 +592,12 @@ pub async fn serve(
 /// Binds and runs the egress listener on its own thread.
 pub fn spawn(
     cfg: &EgressConfig,
-    metrics: &SidecarMetrics,
+    egress: Arc<Egress>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let listener = std::net::TcpListener::bind(cfg.listen)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let egress = Arc::new(Egress::new(cfg, metrics));
     let thread = std::thread::Builder::new().name("permiso-egress".into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
         rt.block_on(async move {
@@ -593,6 +674,89 @@ mod tests {
             .lock()
             .unwrap()
             .is_open(Instant::now())
+    }
+
+    /// A reload replaces a destination's key when the destination is where it was, keeps a
+    /// token source whose client is unchanged, and never hands a new credential to an old URL.
+    #[tokio::test]
+    async fn a_reload_replaces_credentials_only_where_the_destination_stayed() {
+        let app = axum::Router::new().fallback(|h: HeaderMap| async move {
+            h.get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        let dest = |name: &str, url: String, credential: EgressCredential| crate::config::EgressDestination {
+            name: name.into(),
+            url,
+            credential,
+        };
+        let key = |k: &str| EgressCredential::ApiKey(Secret::new(k.into()));
+        let client = |secret: &str| EgressCredential::ClientCredentials {
+            client_id: "srv_a".into(),
+            secret: Secret::new(secret.into()),
+            scopes: vec!["a:b".into()],
+            token_url: "http://127.0.0.1:1/oauth/token".into(),
+        };
+        let cfg = |d: Vec<crate::config::EgressDestination>| EgressConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            retry_deadline: Duration::from_millis(100),
+            request_timeout: Duration::from_secs(5),
+            max_body_bytes: 1024,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::ZERO,
+            destinations: d,
+        };
+        let here = format!("http://{addr}");
+        let eg = Egress::new(
+            &cfg(vec![
+                dest("d", here.clone(), key("svc_live_old")),
+                dest("moved", "http://127.0.0.1:2".into(), key("svc_live_m")),
+                dest("t", "http://127.0.0.1:3".into(), client("s1")),
+            ]),
+            &SidecarMetrics::new(10),
+        );
+        async fn sent(eg: &Egress) -> String {
+            let r = Request::builder().uri("/d/x").body(Body::empty()).unwrap();
+            let body = axum::body::to_bytes(eg.forward(r).await.into_body(), 1024)
+                .await
+                .unwrap();
+            String::from_utf8(body.to_vec()).unwrap()
+        }
+        assert_eq!(sent(&eg).await, "Bearer svc_live_old");
+        let source = |eg: &Egress| match &*eg.destinations["t"].credential.load_full() {
+            Credential::Tokens(ts) => ts.clone(),
+            Credential::ApiKey(_) => panic!("t uses client credentials"),
+        };
+        let before = source(&eg);
+        let replaced = eg.reload_credentials(&cfg(vec![
+            dest("d", here.clone(), key("svc_live_new")),
+            dest("moved", "http://127.0.0.1:4".into(), key("svc_live_other")),
+            dest("t", "http://127.0.0.1:3".into(), client("s1")),
+            dest("added", "http://127.0.0.1:5".into(), key("svc_live_a")),
+        ]));
+        assert_eq!(replaced, ["d"], "only d stayed put with a new credential");
+        assert_eq!(sent(&eg).await, "Bearer svc_live_new");
+        assert!(
+            matches!(&*eg.destinations["moved"].credential.load_full(),
+            Credential::ApiKey(k) if k.expose() == "svc_live_m"),
+            "a moved destination keeps its credential"
+        );
+        assert!(
+            Arc::ptr_eq(&before, &source(&eg)),
+            "an unchanged client keeps its cached token"
+        );
+        assert_eq!(
+            eg.reload_credentials(&cfg(vec![dest("t", "http://127.0.0.1:3".into(), client("s2"))])),
+            ["t"]
+        );
+        assert!(
+            !Arc::ptr_eq(&before, &source(&eg)),
+            "a new secret gets a new token source"
+        );
     }
 
     /// Many concurrent callers on a cold source cause one token fetch (single flight).

@@ -28,6 +28,8 @@ pub struct Health {
     pub metrics: Arc<crate::sidecar::metrics::SidecarMetrics>,
     /// The proxy listener's connections, for the open-connections gauge.
     pub connections: Option<Arc<crate::conn_limit::ConnTable>>,
+    /// For the token-cache gauge.
+    pub token_cache: Arc<crate::core::token_cache::TokenCache>,
 }
 
 async fn metrics(State(h): State<Arc<Health>>) -> impl axum::response::IntoResponse {

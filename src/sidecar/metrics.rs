@@ -81,6 +81,7 @@ pub struct SidecarMetrics {
     snapshot_age: IntGauge,
     snapshot_keys: IntGauge,
     snapshot_services: IntGauge,
+    token_cache_entries: IntGauge,
     usage_reports: IntCounterVec,
     egress_requests: IntCounterVec,
     egress_latency: prometheus::HistogramVec,
@@ -201,6 +202,11 @@ impl SidecarMetrics {
             ),
             snapshot_keys: gauge(&registry, "permiso_sidecar_snapshot_keys", "API keys in the snapshot in use."),
             snapshot_services: gauge(&registry, "permiso_sidecar_snapshot_services", "Services in the snapshot in use."),
+            token_cache_entries: gauge(
+                &registry,
+                "permiso_sidecar_token_cache_entries",
+                "Verified access tokens in the cache (bounded by tokens.cache_entries; revoked ones are evicted when the deny list changes).",
+            ),
             usage_reports: counter_vec(
                 &registry,
                 "permiso_sidecar_usage_reports_total",
@@ -318,6 +324,7 @@ impl SidecarMetrics {
             .set(snapshot.as_ref().map_or(0, |s| s.key_count() as i64));
         self.snapshot_services
             .set(snapshot.as_ref().map_or(0, |s| s.service_count() as i64));
+        self.token_cache_entries.set(health.token_cache.len() as i64);
         let mut families = self.registry.gather();
         if let Some(s) = &snapshot {
             // The encoder refuses a family without samples (no service has called yet).

@@ -121,8 +121,50 @@ fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> 
             o.tokens.early_sync_min_interval != n.tokens.early_sync_min_interval,
             "tokens.early_sync_min_interval_ms",
         ),
-        // Egress holds listeners and credentials read at start: never reloaded.
-        (o.egress.is_some() || n.egress.is_some(), "egress"),
+    ]
+    .into_iter()
+    .filter_map(|(changed, name)| changed.then_some(name))
+    .chain(egress_needs_restart(o.egress.as_ref(), n.egress.as_ref()))
+    .collect()
+}
+
+/// Egress takes up new credentials on a reload; its listener, limits and the set of
+/// destinations (names and URLs) are bound at start.
+fn egress_needs_restart(
+    o: Option<&crate::config::EgressConfig>,
+    n: Option<&crate::config::EgressConfig>,
+) -> Vec<&'static str> {
+    let (o, n) = match (o, n) {
+        (None, None) => return vec![],
+        (Some(o), Some(n)) => (o, n),
+        _ => return vec!["egress"],
+    };
+    let places = |e: &crate::config::EgressConfig| -> Vec<(String, String)> {
+        let mut v: Vec<_> = e
+            .destinations
+            .iter()
+            .map(|d| (d.name.clone(), d.url.clone()))
+            .collect();
+        v.sort();
+        v
+    };
+    [
+        (o.listen != n.listen, "egress.listen"),
+        (o.retry_deadline != n.retry_deadline, "egress.retry_deadline_ms"),
+        (
+            o.request_timeout != n.request_timeout,
+            "egress.request_timeout_ms",
+        ),
+        (o.max_body_bytes != n.max_body_bytes, "egress.max_body_bytes"),
+        (
+            o.breaker_failures != n.breaker_failures,
+            "egress.breaker_failures",
+        ),
+        (
+            o.breaker_cooldown != n.breaker_cooldown,
+            "egress.breaker_cooldown_ms",
+        ),
+        (places(o) != places(n), "egress.destinations (names and urls)"),
     ]
     .into_iter()
     .filter_map(|(changed, name)| changed.then_some(name))
@@ -133,6 +175,8 @@ fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> 
 /// requests finish with the settings they started with; no connection is dropped.
 pub struct Reloader {
     shared: Arc<Shared>,
+    /// Takes up the destinations' credentials (a rotated key file is read again).
+    egress: Option<Arc<egress::Egress>>,
     /// The config the process started with: what restart-only settings still are.
     started: SidecarConfig,
 }
@@ -140,10 +184,17 @@ pub struct Reloader {
 impl Reloader {
     /// `next` has been validated already (`SidecarConfig::from_file`): a bad file never gets
     /// here, and the running config stays. Cached access tokens are re-judged against the new
-    /// audience on their next use (the cache keeps each token's `aud`).
+    /// audience on their next use (the cache keeps each token's `aud`). Egress credentials
+    /// are replaced for every destination still at its URL.
     pub fn apply(&self, next: SidecarConfig) {
         let pending = needs_restart(&self.started, &next);
         self.shared.live.store(Arc::new(live_of(&next)));
+        if let (Some(eg), Some(cfg)) = (&self.egress, &next.egress) {
+            let replaced = eg.reload_credentials(cfg);
+            if !replaced.is_empty() {
+                tracing::info!(destinations = ?replaced, "egress credentials replaced");
+            }
+        }
         tracing::info!(upstream = %next.upstream, routes = next.routes.len(), "config reloaded");
         if !pending.is_empty() {
             tracing::warn!(settings = ?pending, "config reload: these settings only change on restart");
@@ -154,6 +205,7 @@ impl Reloader {
 struct Parts {
     server: Server,
     reloader: Arc<Reloader>,
+    egress: Option<Arc<egress::Egress>>,
     sync: SyncClient,
     usage: usage_report::UsageReporter,
     health: health::Health,
@@ -186,8 +238,13 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     });
     let mut server = Server::new_with_opt_and_conf(None, server_conf(cfg.threads, cfg.shutdown_grace));
     server.bootstrap();
+    let egress = cfg
+        .egress
+        .as_ref()
+        .map(|e| Arc::new(egress::Egress::new(e, &metrics)));
     let reloader = Arc::new(Reloader {
         shared: shared.clone(),
+        egress: egress.clone(),
         started: cfg.clone(),
     });
     let mut proxy = pingora::proxy::http_proxy(&server.configuration, SidecarProxy { shared });
@@ -230,7 +287,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         environment: cfg.environment,
         snapshot_file: cfg.snapshot_file.clone(),
         current: current.clone(),
-        token_cache,
+        token_cache: token_cache.clone(),
         early,
         last_sync: last_sync.clone(),
         clock: clock.clone(),
@@ -254,10 +311,12 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         max_age: cfg.ready_max_snapshot_age,
         metrics,
         connections: Some(connections),
+        token_cache: token_cache.clone(),
     };
     Ok(Parts {
         server,
         reloader,
+        egress,
         sync,
         usage,
         health,
@@ -274,19 +333,20 @@ struct SideJobs {
 /// Starts egress and health (when configured) and the sync loop, all stopping on `stop`.
 fn spawn_side_jobs(
     cfg: &SidecarConfig,
+    egress: Option<Arc<egress::Egress>>,
     sync: SyncClient,
     usage: usage_report::UsageReporter,
     health: health::Health,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<SideJobs> {
     let mut threads = Vec::new();
-    let egress_addr = match &cfg.egress {
-        Some(e) => {
-            let (addr, t) = egress::spawn(e, &health.metrics, stop.clone())?;
+    let egress_addr = match (&cfg.egress, egress) {
+        (Some(e), Some(eg)) => {
+            let (addr, t) = egress::spawn(e, eg, stop.clone())?;
             threads.push(t);
             Some(addr)
         }
-        None => None,
+        _ => None,
     };
     let health_addr = match cfg.admin_listen {
         Some(addr) => {
@@ -375,13 +435,14 @@ pub fn run(
     let Parts {
         server,
         reloader,
+        egress,
         sync,
         usage,
         health,
     } = build(&cfg, clock)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let reload_thread = spawn_reload_on_sighup(reloader, reload, stop_rx.clone())?;
-    let side = spawn_side_jobs(&cfg, sync, usage, health, stop_rx)?;
+    let side = spawn_side_jobs(&cfg, egress, sync, usage, health, stop_rx)?;
     tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, environment = %cfg.environment, routes = cfg.routes.len(), "sidecar starting");
     server.run(RunArgs::default());
     let _ = stop_tx.send(true);
@@ -438,6 +499,7 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
     let Parts {
         server,
         reloader,
+        egress,
         sync,
         usage,
         health,
@@ -448,7 +510,7 @@ pub fn start(cfg: SidecarConfig, clock: SharedClock) -> anyhow::Result<SidecarHa
         egress_addr,
         health_addr,
         mut threads,
-    } = spawn_side_jobs(&cfg, sync, usage, health, sync_rx)?;
+    } = spawn_side_jobs(&cfg, egress, sync, usage, health, sync_rx)?;
     threads.push(
         std::thread::Builder::new()
             .name("permiso-sidecar".into())
@@ -504,5 +566,33 @@ mod tests {
             needs_restart(&base, &cfg("listen = \"127.0.0.1:9\"\nthreads = 2", two)),
             ["listen", "threads"]
         );
+    }
+
+    #[test]
+    fn egress_credentials_reload_live_its_listener_and_urls_wait_for_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "svc_live_one").unwrap();
+        let egress = |listen: &str, url: &str| {
+            format!(
+                "[sidecar.egress]\nlisten = \"{listen}\"\n[sidecar.egress.destinations.d]\nurl = \"{url}\"\napi_key_file = \"{}\"\n",
+                key.display()
+            )
+        };
+        let base = cfg("", &egress("127.0.0.1:9100", "http://127.0.0.1:9002"));
+        std::fs::write(&key, "svc_live_two").unwrap();
+        let rotated = cfg("", &egress("127.0.0.1:9100", "http://127.0.0.1:9002"));
+        assert!(
+            needs_restart(&base, &rotated).is_empty(),
+            "a new key file reloads live"
+        );
+        assert_eq!(
+            needs_restart(
+                &base,
+                &cfg("", &egress("127.0.0.1:9101", "http://127.0.0.1:9003"))
+            ),
+            ["egress.listen", "egress.destinations (names and urls)"]
+        );
+        assert_eq!(needs_restart(&base, &cfg("", "")), ["egress"]);
     }
 }

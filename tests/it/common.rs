@@ -169,12 +169,31 @@ impl Harness {
     }
 
     pub fn sidecar_config(&self, routes: &str) -> SidecarConfig {
-        let text = format!(
-            "[sidecar]\nlisten = \"{}\"\nupstream = \"{}\"\nsnapshot_file = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\nusage_report_interval_ms = 50\n[sidecar.sync]\nadmin_url = \"http://{}\"\nwait_seconds = 5\n{}",
+        self.sidecar_config_at(
             self.sidecar_addr,
-            self.upstream.addr,
-            self.snapshot_path().display(),
             self.admin_addr,
+            &self.snapshot_path(),
+            5,
+            routes,
+        )
+    }
+
+    /// A sidecar config for this harness's upstream with its own listener, admin address (a
+    /// relay in front of the admin plane, say), snapshot file and long-poll wait.
+    pub fn sidecar_config_at(
+        &self,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        snapshot: &Path,
+        wait_seconds: u64,
+        routes: &str,
+    ) -> SidecarConfig {
+        let text = format!(
+            "[sidecar]\nlisten = \"{}\"\nupstream = \"{}\"\nsnapshot_file = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\nusage_report_interval_ms = 50\n[sidecar.sync]\nadmin_url = \"http://{}\"\nwait_seconds = {wait_seconds}\n{}",
+            listen,
+            self.upstream.addr,
+            snapshot.display(),
+            admin,
             routes
         );
         let f = config::parse_file(&text, std::path::Path::new("test.toml")).unwrap();
@@ -440,6 +459,71 @@ fn init_logs() {
     });
 }
 
+/// A TCP relay in front of a server, to lose a server's answers the way a broken network
+/// does: after `mute()`, whatever the server sends on connections opened before it is
+/// dropped (their clients wait for answers that never come), while connections opened after
+/// it relay normally. Its threads end when both ends close; the listener lives as long as
+/// the test binary.
+pub struct Relay {
+    pub addr: SocketAddr,
+    opened: Arc<std::sync::atomic::AtomicU64>,
+    muted_below: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    pub fn start(target: SocketAddr) -> Relay {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let opened = Arc::new(AtomicU64::new(0));
+        let muted_below = Arc::new(AtomicU64::new(0));
+        let (o, m) = (opened.clone(), muted_below.clone());
+        std::thread::spawn(move || {
+            for client in l.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let id = o.fetch_add(1, Ordering::SeqCst);
+                let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_in, mut c_out, m) = (server, client, m.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        match s_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) if id >= m.load(Ordering::SeqCst) => {
+                                if c_out.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {} // muted: lost on the way
+                        }
+                    }
+                    let _ = c_out.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Relay {
+            addr,
+            opened,
+            muted_below,
+        }
+    }
+
+    /// From now on, answers on the connections already open are lost.
+    pub fn mute(&self) {
+        use std::sync::atomic::Ordering;
+        self.muted_below
+            .store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
 /// A child process, killed (SIGKILL) and reaped when dropped.
 pub struct Proc(pub Child);
 
@@ -448,6 +532,17 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Sends a signal (`-HUP`, `-TERM`, …) to a child process.
+pub fn signal(p: &Proc, sig: &str) {
+    // The shell's builtin kill: no dependency on procps being installed.
+    let ok = Command::new("sh")
+        .args(["-c", &format!("kill {sig} {}", p.0.id())])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
 }
 
 /// Starts one of our binaries with its output in `<dir>/<name>.log`.

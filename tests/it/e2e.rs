@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{free_port, spawn, wait_ok, Proc, ADMIN_KEY};
+use crate::common::{free_port, signal, spawn, wait_ok, Proc, ADMIN_KEY};
 
 /// A child process killed when dropped.
 /// The shipped example config with this run's ports and paths.
@@ -28,14 +28,18 @@ fn example_config(name: &str, ports: &[(&str, String)], dir: &Path) -> PathBuf {
 }
 
 struct Deployment {
-    _procs: Vec<Proc>,
+    procs: Vec<Proc>,
     http: reqwest::blocking::Client,
     admin: String,
     mt5_sidecar: String,
+    account_sidecar: String,
     dashboard_key: String,
     mt5: Value,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
+
+/// Index of the MT5 sidecar in `Deployment::procs`.
+const MT5_SIDECAR: usize = 4;
 
 impl Deployment {
     fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -171,14 +175,16 @@ fn deploy() -> Deployment {
     ));
     wait_ok(&http, &format!("http://{acct_sc}/health"), "account sidecar");
     wait_ok(&http, &format!("http://{mt5_sc}/health"), "MT5 sidecar");
+    assert_eq!(procs.len(), MT5_SIDECAR + 1);
     let dep = Deployment {
-        _procs: procs,
+        procs,
         http,
         admin: admin_url,
         mt5_sidecar: format!("http://{mt5_sc}"),
+        account_sidecar: format!("http://{acct_sc}"),
         dashboard_key: dashboard["api_key"].as_str().unwrap().to_string(),
         mt5,
-        _dir: dir,
+        dir,
     };
     dep.until_account(200, Duration::from_secs(10));
     dep
@@ -199,7 +205,11 @@ fn mt5_and_account_services_behind_sidecars() {
     assert_eq!(v["account"]["caller"]["key_id"], dep.mt5["key_id"]);
     assert_eq!(v["account"]["caller"]["credential_reached_service"], false);
 
-    // Rotating the MT5 service's key and secret during a steady stream fails no call.
+    // The MT5 key is rotated the way an operator does it, during a steady stream: a new key
+    // from the admin plane, written over the key file the MT5 sidecar's egress reads (replaced
+    // whole, as a mounted secret is), SIGHUP, the account service seen called with the new
+    // key, then the old key revoked and refused. No call fails; the old key is dead, so every
+    // call that succeeds after that used the new one.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (http, url, key, flag) = (
         dep.http.clone(),
@@ -218,23 +228,75 @@ fn mt5_and_account_services_behind_sidecars() {
         }
         (ok, failed)
     });
-    std::thread::sleep(Duration::from_millis(200));
-    dep.admin(
+    let old_key = dep.mt5["api_key"].as_str().unwrap().to_string();
+    let old_key_id = dep.mt5["key_id"].as_str().unwrap().to_string();
+    let rotated = dep.admin(
         reqwest::Method::POST,
         &format!("/auth/admin/services/{mt5_id}/rotate"),
         None,
     );
-    std::thread::sleep(Duration::from_millis(200));
+    let new_key = rotated["api_key"].as_str().unwrap();
+    let new_key_id = rotated["key_id"].as_str().unwrap().to_string();
+    assert_ne!(new_key_id, old_key_id);
+    let key_file = dep.dir.path().join("mt5-api-service.key");
+    let staged = dep.dir.path().join("mt5-api-service.key.new");
+    std::fs::write(&staged, new_key).unwrap();
+    std::fs::rename(&staged, &key_file).unwrap();
+    signal(&dep.procs[MT5_SIDECAR], "-HUP");
+    let caller_key = |dep: &Deployment| {
+        let (status, v) = dep.account();
+        assert_eq!(status, 200, "{v}");
+        v["account"]["caller"]["key_id"].as_str().unwrap().to_string()
+    };
+    let started = Instant::now();
+    while caller_key(&dep) != new_key_id {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the egress never took up the rotated key file"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("egress took up the new key {:?} after SIGHUP", started.elapsed());
+    dep.admin(
+        reqwest::Method::POST,
+        &format!("/auth/admin/services/{mt5_id}/keys/{old_key_id}/revoke"),
+        None,
+    );
+    let started = Instant::now();
+    loop {
+        let r = dep
+            .http
+            .get(format!("{}/api/v1/accounts/5012345", dep.account_sidecar))
+            .bearer_auth(&old_key)
+            .send()
+            .unwrap();
+        if r.status() == 401 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "old key still {}",
+            r.status()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The client secret rotates too; nothing uses it here, and it must disturb nothing.
     dep.admin(
         reqwest::Method::POST,
         &format!("/auth/admin/services/{mt5_id}/secret/rotate"),
         None,
     );
-    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..20 {
+        assert_eq!(
+            caller_key(&dep),
+            new_key_id,
+            "a call after the old key's revocation"
+        );
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = stream.join().unwrap();
     eprintln!(
-        "steady stream through both sidecars during rotation: {ok} ok, {} failed",
+        "steady stream through both sidecars during key rotation and revocation: {ok} ok, {} failed",
         failed.len()
     );
     assert!(ok > 10);
@@ -262,11 +324,10 @@ fn mt5_and_account_services_behind_sidecars() {
     );
     dep.until_account(200, Duration::from_secs(1));
 
-    // Revoking the MT5 service's key (the one its sidecar holds) stops its calls.
-    let key_id = dep.mt5["key_id"].as_str().unwrap();
+    // Revoking the MT5 service's key (the one its sidecar holds now) stops its calls.
     dep.admin(
         reqwest::Method::POST,
-        &format!("/auth/admin/services/{mt5_id}/keys/{key_id}/revoke"),
+        &format!("/auth/admin/services/{mt5_id}/keys/{new_key_id}/revoke"),
         None,
     );
     let took = dep.until_account(401, Duration::from_secs(1));

@@ -225,3 +225,123 @@ fn egress_attaches_refreshes_and_cuts_off() {
     assert!(metrics.contains("permiso_sidecar_egress_request_duration_seconds_count{destination=\"dead\"} 2"));
     drop(side);
 }
+
+/// A destination that reads each request and drops the connection without answering (it may
+/// have acted on the request: a replayed POST is a duplicate trade). Counted where it arrives:
+/// a GET is sent again within the retry deadline, a POST and a PATCH exactly once; once the
+/// circuit is open, nothing reaches the destination at all.
+#[test]
+fn a_failed_attempt_is_replayed_only_for_idempotent_methods() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let h = Harness::start();
+    let dir = tempfile::tempdir().unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let drop_addr = l.local_addr().unwrap();
+    let connections = Arc::new(AtomicU64::new(0));
+    let methods: Arc<Mutex<Vec<String>>> = Default::default();
+    {
+        let (connections, methods) = (connections.clone(), methods.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                connections.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                methods
+                    .lock()
+                    .unwrap()
+                    .push(line.split(' ').next().unwrap_or("").to_string());
+                // Dropped here: the request was received, no answer is sent.
+            }
+        });
+    }
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "svc_live_whatever").unwrap();
+    let text = format!(
+        r#"
+[sidecar]
+listen = "{listen}"
+upstream = "{upstream}"
+snapshot_file = "{snap}"
+admin_listen = "127.0.0.1:0"
+[sidecar.sync]
+admin_url = "http://{admin}"
+[sidecar.egress]
+listen = "127.0.0.1:0"
+retry_deadline_ms = 400
+breaker_failures = 3
+breaker_cooldown_ms = 60000
+[sidecar.egress.destinations.drop]
+url = "http://{drop_addr}"
+api_key_file = "{key}"
+[[sidecar.routes]]
+prefix = "/health"
+public = true
+"#,
+        listen = free_port(),
+        upstream = h.upstream.addr,
+        snap = dir.path().join("snap.json").display(),
+        admin = h.admin_addr,
+        key = key_file.display(),
+    );
+    let f = permiso::config::parse_file(&text, std::path::Path::new("egress.toml")).unwrap();
+    let cfg = permiso::config::SidecarConfig::from_file(
+        f.sidecar.as_ref().unwrap(),
+        permiso::core::key::Secret::new(h.sync_key.clone()),
+    )
+    .unwrap();
+    let side = permiso::sidecar::start(cfg, std::sync::Arc::new(permiso::core::clock::SystemClock)).unwrap();
+    let egress = format!("http://{}/drop/order", side.egress_addr.unwrap());
+    let count = |m: &str| methods.lock().unwrap().iter().filter(|x| *x == m).count();
+
+    let r = h.http.get(&egress).send().unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.json::<Value>().unwrap()["error"], "destination_unreachable");
+    let gets = count("GET");
+    assert!(
+        gets >= 2,
+        "a GET that failed after it was sent is retried; sent {gets}×"
+    );
+    eprintln!("a failed GET was sent {gets} times within the 400 ms retry deadline");
+    for m in ["POST", "PATCH"] {
+        let r = h
+            .http
+            .request(reqwest::Method::from_bytes(m.as_bytes()).unwrap(), &egress)
+            .body("buy 1 lot")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 502, "{m}");
+        assert_eq!(count(m), 1, "a {m} is never replayed after it was sent");
+    }
+    // Three failures: the circuit is open. The answer is 503 and no connection is made.
+    let before = connections.load(Ordering::SeqCst);
+    for m in ["GET", "POST"] {
+        let r = h
+            .http
+            .request(reqwest::Method::from_bytes(m.as_bytes()).unwrap(), &egress)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 503, "{m}");
+        assert_eq!(r.json::<Value>().unwrap()["error"], "destination_unavailable");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        before,
+        "an open circuit sends nothing"
+    );
+    assert_eq!(count("GET"), gets);
+    drop(side);
+}

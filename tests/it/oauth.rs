@@ -8,7 +8,7 @@ use base64::Engine;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::common::{header, Created, Harness, ADMIN_KEY, ROUTES};
+use crate::common::{free_port, header, scrape, Created, Harness, Relay, ADMIN_KEY, ROUTES};
 
 fn trader(h: &Harness) -> Created {
     h.create(json!({"service_name": "trader", "scopes": ["trade:read", "account:read"]}))
@@ -442,6 +442,89 @@ fn revocation_is_200_for_unknown_and_foreign_tokens_and_revokes_nothing_else() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().unwrap()["error"], "invalid_request");
+}
+
+/// The sync evicts a revoked token from the sidecar's cache (the per-hit deny check would
+/// refuse it anyway, so only the cache's size shows the eviction), and presenting the revoked
+/// token again does not put it back.
+#[test]
+fn a_revoked_token_leaves_the_sidecar_cache() {
+    let h = Harness::start();
+    let a = trader(&h);
+    let (keep, drop) = (h.token(&a, None), h.token(&a, None));
+    for t in [&keep, &drop] {
+        assert_eq!(h.get("/api/v1/trades", Some(t)).status(), 200);
+    }
+    let health = h.sidecar.as_ref().unwrap().health_addr.unwrap();
+    let entries = || {
+        scrape(
+            &h.http,
+            &format!("http://{health}/metrics"),
+            "permiso_sidecar_token_cache_entries",
+        )
+    };
+    assert_eq!(entries(), Some(2));
+    let r = h
+        .http
+        .post(h.admin_url("/oauth/revoke"))
+        .header("X-Admin-Api-Key", ADMIN_KEY)
+        .form(&[("token", &drop)])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    h.wait_sidecar_caught_up();
+    assert_eq!(entries(), Some(1), "the revoked token is still cached");
+    assert_eq!(h.get("/api/v1/trades", Some(&drop)).status(), 401);
+    assert_eq!(entries(), Some(1), "a replay put the revoked token back");
+    assert_eq!(h.get("/api/v1/trades", Some(&keep)).status(), 200);
+}
+
+/// A token signed by a key the sidecar has not heard of makes it sync at once instead of
+/// waiting for its long poll. The relay loses the admin plane's answer to the parked long
+/// poll (wait 30 s), so within the 5 s allowed only the early sync can bring the new key.
+#[test]
+fn a_token_with_an_unknown_key_id_triggers_an_early_sync() {
+    let h = Harness::start();
+    let svc = trader(&h);
+    let relay = Relay::start(h.admin_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = h.sidecar_config_at(free_port(), relay.addr, &dir.path().join("snap.json"), 30, ROUTES);
+    let listen = cfg.listen;
+    let side = permiso::sidecar::start(cfg, std::sync::Arc::new(h.clock.clone())).unwrap();
+    let call = |token: &str| {
+        h.http
+            .get(format!("http://{listen}/api/v1/trades"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let wait_for = |token: &str, what: &str| {
+        let started = std::time::Instant::now();
+        while call(token) != 200 {
+            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for(&h.token(&svc, None), "the relayed sidecar never synced");
+    // Its long poll is on a relayed connection now; the answer to it will be lost.
+    relay.mute();
+    let (s, v) = h.admin_req(Method::POST, "/auth/admin/signing-keys/rotate", None);
+    assert_eq!(s, 200, "{v}");
+    let new_kid = v["new_kid"].as_str().unwrap().to_string();
+    h.clock.advance(Duration::from_secs(300));
+    let token = h.token(&svc, None);
+    let header: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(
+        header["kid"],
+        new_kid.as_str(),
+        "the new key signs after the publish delay"
+    );
+    assert_eq!(call(&token), 401, "the sidecar cannot know the new key yet");
+    wait_for(&token, "no early sync brought the new signing key");
+    drop(side);
 }
 
 fn token_request(

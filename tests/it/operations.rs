@@ -2,7 +2,6 @@
 //! (SIGTERM), kill -9 in the middle of writes, and steady traffic through all of it.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +9,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::common::{free_port, spawn, wait_ok, EchoUpstream, Harness, Proc, ADMIN_KEY, ROUTES};
+use crate::common::{free_port, signal, spawn, wait_ok, EchoUpstream, Harness, Proc, ADMIN_KEY, ROUTES};
 
 const ACCOUNT_ROUTE: &str =
     "\n[[sidecar.routes]]\nprefix = \"/api/v1/account\"\nscopes = [\"account:read\"]\n";
@@ -21,16 +20,6 @@ fn routes_without_account() -> String {
         .find("[[sidecar.routes]]\nprefix = \"/api/v1/account\"")
         .unwrap();
     ROUTES[..i].to_string()
-}
-
-fn signal(p: &Proc, sig: &str) {
-    // The shell's builtin kill: no dependency on procps being installed.
-    let ok = Command::new("sh")
-        .args(["-c", &format!("kill {sig} {}", p.0.id())])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
 }
 
 struct SidecarProc {
