@@ -8,7 +8,7 @@ in its fixture, so seeded requests are allowed all the way through `decide`.
 Needs the `blake3` and `cryptography` Python packages:
     python3 -m venv /tmp/seedenv && /tmp/seedenv/bin/pip install blake3 cryptography
     /tmp/seedenv/bin/python fuzz/gen_seeds.py
-Only rerun it when the key format or the checksum context in src/core/key.rs changes.
+Only rerun it when the key format or the checksum context in crates/core/src/key.rs changes.
 """
 import base64
 import hashlib
@@ -30,7 +30,7 @@ def b64(b: bytes) -> str:
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 
 
-# src/core/key.rs: derive_key(CHECKSUM_CONTEXT, b"checksum key"), keyed blake3 of prefix+body,
+# crates/core/src/key.rs: derive_key(CHECKSUM_CONTEXT, b"checksum key"), keyed blake3 of prefix+body,
 # first 4 bytes in base64url.
 CHECKSUM_KEY = blake3.blake3(
     b"checksum key", derive_key_context="permiso 2026-11 api key checksum v1"

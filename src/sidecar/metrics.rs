@@ -378,7 +378,7 @@ mod tests {
     #[test]
     fn per_service_labels_stay_with_the_first_services_seen() {
         use crate::core::key::Environment;
-        use crate::core::snapshot::tests::service;
+        use crate::core::snapshot::fixtures::service;
         use crate::core::sync::SyncPayload;
         let payload = SyncPayload {
             epoch: "e".into(),

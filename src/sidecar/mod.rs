@@ -573,9 +573,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         std::fs::write(&key, "svc_live_one").unwrap();
+        let route = "[[sidecar.routes]]\nprefix = \"/\"\npublic = true\n";
         let egress = |listen: &str, url: &str| {
             format!(
-                "[sidecar.egress]\nlisten = \"{listen}\"\n[sidecar.egress.destinations.d]\nurl = \"{url}\"\napi_key_file = \"{}\"\n",
+                "[sidecar.egress]\nlisten = \"{listen}\"\n[sidecar.egress.destinations.d]\nurl = \"{url}\"\napi_key_file = \"{}\"\n{route}",
                 key.display()
             )
         };
@@ -593,6 +594,6 @@ mod tests {
             ),
             ["egress.listen", "egress.destinations (names and urls)"]
         );
-        assert_eq!(needs_restart(&base, &cfg("", "")), ["egress"]);
+        assert_eq!(needs_restart(&base, &cfg("", route)), ["egress"]);
     }
 }

@@ -134,7 +134,7 @@ pub fn write(path: &Path, snapshot: &Snapshot, key: &FileKey, written_at: i64) -
 mod tests {
     use super::*;
     use crate::core::key;
-    use crate::core::snapshot::tests::{service, sync_key};
+    use crate::core::snapshot::fixtures::{service, sync_key};
 
     fn snapshot(k: &key::NewKey) -> Snapshot {
         let payload = SyncPayload {

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::core::key::KeyHash;
+use crate::key::KeyHash;
 
 /// One API key's marks. `reported` is the last `last_used` handed to a report.
 #[derive(Debug, Default)]

@@ -6,15 +6,15 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::core::denial::{BadRequest, Denial, InvalidToken};
-use crate::core::jwt::{self, Expectations, JwtError};
-use crate::core::key::{self, Environment};
-use crate::core::path;
-use crate::core::ratelimit::RateStatus;
-use crate::core::routes::{Access, Route, RouteTable};
-use crate::core::scope::ScopeSet;
-use crate::core::snapshot::{ServiceEntry, Snapshot};
-use crate::core::token_cache::{TokenCache, VerifiedToken};
+use crate::denial::{BadRequest, Denial, InvalidToken};
+use crate::jwt::{self, Expectations, JwtError};
+use crate::key::{self, Environment};
+use crate::path;
+use crate::ratelimit::RateStatus;
+use crate::routes::{Access, Route, RouteTable};
+use crate::scope::ScopeSet;
+use crate::snapshot::{ServiceEntry, Snapshot};
+use crate::token_cache::{TokenCache, VerifiedToken};
 
 /// What the proxy extracted from the request; borrowed, nothing copied.
 #[derive(Debug, Clone, Copy)]
@@ -334,10 +334,10 @@ fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::key::NewKey;
-    use crate::core::scope::Scope;
-    use crate::core::snapshot::tests::{service, sync_key};
-    use crate::core::sync::SyncPayload;
+    use crate::key::NewKey;
+    use crate::scope::Scope;
+    use crate::snapshot::fixtures::{service, sync_key};
+    use crate::sync::SyncPayload;
 
     const NOW: u64 = 1_800_000_000 * 1_000_000_000;
 
@@ -348,7 +348,7 @@ mod tests {
         other_env_key: NewKey,
     }
 
-    fn fixture(tweak: impl FnOnce(&mut crate::core::sync::SyncService)) -> Fixture {
+    fn fixture(tweak: impl FnOnce(&mut crate::sync::SyncService)) -> Fixture {
         let key = key::generate(Environment::Live);
         let other_env_key = key::generate(Environment::Test);
         let mut s = service("srv_a", &["trade:*"], vec![sync_key("key_1", &key)]);
@@ -529,7 +529,7 @@ mod tests {
             Route::new(
                 vec![],
                 "/pub/secret".into(),
-                Access::Scopes(vec![crate::core::scope::Scope::parse("account:read").unwrap()]),
+                Access::Scopes(vec![crate::scope::Scope::parse("account:read").unwrap()]),
             ),
         ]);
         let facts = RequestFacts {
@@ -703,8 +703,8 @@ mod tests {
 
     mod tokens {
         use super::*;
-        use crate::core::jwt::{generate_ed25519, AccessClaims, Signer};
-        use crate::core::sync::{SyncRevokedToken, SyncSigningKey};
+        use crate::jwt::{generate_ed25519, AccessClaims, Signer};
+        use crate::sync::{SyncRevokedToken, SyncSigningKey};
 
         const SECS: i64 = (NOW / 1_000_000_000) as i64;
 

@@ -1,6 +1,7 @@
 //! Pure auth logic: key format, scopes, routes, rate limits, snapshots and the allow/deny
 //! decision. Nothing here does I/O or knows about pingora or axum, so it is unit-tested and
-//! benchmarked directly.
+//! benchmarked directly. The gateway crate re-exports it as `permiso::core`.
+#![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod clock;

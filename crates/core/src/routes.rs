@@ -10,7 +10,7 @@
 //! route only when case is ignored matches none. `case_sensitive_routes = true` drops the
 //! second reading, for upstreams known to be case-sensitive.
 
-use crate::core::scope::Scope;
+use crate::scope::Scope;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
@@ -36,7 +36,7 @@ impl Route {
     pub fn new(methods: Vec<String>, prefix: String, access: Access) -> Route {
         let scope_attr = match &access {
             Access::Public => String::new(),
-            Access::Scopes(s) => crate::core::scope::join(s),
+            Access::Scopes(s) => crate::scope::join(s),
         };
         Route {
             methods,

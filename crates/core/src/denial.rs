@@ -2,10 +2,10 @@
 //! headers and body. Callers see the RFC error code and a generic description; the precise
 //! reason goes to the log only (`Denial::reason`).
 
-use crate::core::jwt::JwtError;
-use crate::core::key::KeyError;
-use crate::core::path::PathError;
-use crate::core::ratelimit::Exceeded;
+use crate::jwt::JwtError;
+use crate::key::KeyError;
+use crate::path::PathError;
+use crate::ratelimit::Exceeded;
 
 /// Why a presented credential is not accepted. All of these look the same to the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,8 +127,8 @@ impl Denial {
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::IpNotAllowed => "ip_not_allowed",
             Denial::RateLimited(e) => match e.window {
-                crate::core::ratelimit::Window::Minute => "rate_limited_minute",
-                crate::core::ratelimit::Window::Hour => "rate_limited_hour",
+                crate::ratelimit::Window::Minute => "rate_limited_minute",
+                crate::ratelimit::Window::Hour => "rate_limited_hour",
             },
             Denial::NoRoute => "no_route",
             Denial::BadRequest(b) => match b {
@@ -163,7 +163,7 @@ impl Denial {
     /// One denial of every reason, so metrics can create each counter before the first
     /// request (the request path then only increments).
     pub fn every_kind() -> Vec<Denial> {
-        use crate::core::ratelimit::{Limits, Window};
+        use crate::ratelimit::{Limits, Window};
         let mut all = vec![
             Denial::MissingCredential,
             Denial::InsufficientScope {
@@ -277,7 +277,7 @@ impl Denial {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::ratelimit::{Limits, Window};
+    use crate::ratelimit::{Limits, Window};
 
     fn header<'a>(r: &'a DenialResponse, name: &str) -> Option<&'a str> {
         r.headers

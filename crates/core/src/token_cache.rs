@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::core::scope::ScopeSet;
+use crate::scope::ScopeSet;
 
 #[derive(Debug)]
 pub struct VerifiedToken {

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use http::HeaderValue;
 use ipnet::IpNet;
 
-use crate::core::jwt::KeySet;
-use crate::core::key::{Environment, KeyHash};
-use crate::core::ratelimit::{LimiterState, Limits};
-use crate::core::scope::{ScopeError, ScopeSet};
-use crate::core::sharded::{Shard, ShardedMap};
-use crate::core::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
-use crate::core::usage::ServiceUsage;
+use crate::jwt::KeySet;
+use crate::key::{Environment, KeyHash};
+use crate::ratelimit::{LimiterState, Limits};
+use crate::scope::{ScopeError, ScopeSet};
+use crate::sharded::{Shard, ShardedMap};
+use crate::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
+use crate::usage::ServiceUsage;
 
 /// Why a payload was refused; the previous snapshot stays in force.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +143,7 @@ impl Hasher for KeyHashHasher {
 impl Shard for KeyHash {
     fn shard(&self) -> usize {
         // The hasher folds in every byte; the last two alone pick the shard.
-        u16::from_le_bytes([self.0[30], self.0[31]]) as usize % crate::core::sharded::SHARDS
+        u16::from_le_bytes([self.0[30], self.0[31]]) as usize % crate::sharded::SHARDS
     }
 }
 
@@ -413,10 +413,11 @@ impl Snapshot {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Building blocks for tests here and in the crates above (payload entries without a
+/// database); not used by the product itself.
+pub mod fixtures {
     use super::*;
-    use crate::core::key;
+    use crate::key;
 
     pub fn service(id: &str, scopes: &[&str], keys: Vec<SyncKey>) -> SyncService {
         SyncService {
@@ -440,6 +441,13 @@ pub(crate) mod tests {
             expires_at: None,
         }
     }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::fixtures::{service, sync_key};
+    use super::*;
+    use crate::key;
 
     fn payload(version: u64, full: bool, services: Vec<SyncService>) -> SyncPayload {
         SyncPayload {
