@@ -236,6 +236,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn environment_names_are_the_wire_format() {
+        for (e, name) in [(Environment::Live, "live"), (Environment::Test, "test")] {
+            assert_eq!(e.as_str(), name);
+            assert_eq!(e.to_string(), name);
+            assert_eq!(Environment::parse(name), Some(e));
+            assert_eq!(serde_json::to_string(&e).unwrap(), format!("\"{name}\""));
+        }
+        for bad in ["", "LIVE", "Live", "prod", "live "] {
+            assert_eq!(Environment::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_hash_prints_only_its_first_characters() {
+        let h = KeyHash::of("svc_live_x");
+        let hex = h.to_hex();
+        assert_eq!(format!("{h:?}"), format!("KeyHash({}…)", &hex[..12]));
+    }
+
+    #[test]
+    fn client_secrets_show_only_a_short_prefix() {
+        let s = generate_client_secret();
+        let text = s.secret.expose();
+        assert!(text.starts_with(CLIENT_SECRET_PREFIX));
+        assert_eq!(s.display_prefix, text[..CLIENT_SECRET_PREFIX.len() + DISPLAY_BODY_CHARS]);
+        assert_eq!(s.hash, KeyHash::of(text));
+        assert_ne!(generate_client_secret().secret.expose(), text);
+    }
+
+    #[test]
     fn generated_keys_parse_and_carry_environment() {
         for env in [Environment::Live, Environment::Test] {
             let k = generate(env);

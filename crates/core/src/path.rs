@@ -133,11 +133,10 @@ pub fn canonicalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
     while i < b.len() {
         let c = b[i];
         // The common case: a plain path character while the output still is the input.
-        if out.is_none() && c != b'%' && c != b'/' && class(c) == Class::Raw {
-            if high_len > 0 {
-                utf8_char(&high[..high_len])?;
-                high_len = 0;
-            }
+        // ('%' and '/' are never `Raw`.)
+        if out.is_none() && class(c) == Class::Raw {
+            utf8_char(&high[..high_len])?;
+            high_len = 0;
             i += 1;
             n += 1;
             continue;
@@ -152,9 +151,8 @@ pub fn canonicalize(raw: &str) -> Result<Cow<'_, str>, PathError> {
                 i += 1;
                 continue;
             }
-            if n > 0 {
-                check_segment(output(&out, b, seg_start, n))?;
-            }
+            // (Before the first '/', the segment is empty and passes.)
+            check_segment(output(&out, b, seg_start, n))?;
             push(&mut out, b, &mut n, &mut i, b"/", 1);
             seg_start = n;
             continue;
@@ -285,6 +283,25 @@ mod tests {
         canonicalize(raw)
             .unwrap_or_else(|e| panic!("{raw:?}: {e:?}"))
             .into_owned()
+    }
+
+    #[test]
+    fn every_refusal_has_its_own_description() {
+        let all = [
+            PathError::NotAbsolute,
+            PathError::DotSegment,
+            PathError::EncodedSeparator,
+            PathError::Backslash,
+            PathError::BadEscape,
+            PathError::DoubleEncoded,
+            PathError::ControlCharacter,
+            PathError::Semicolon,
+            PathError::TrailingDotOrBlank,
+            PathError::NotUtf8,
+        ];
+        let texts: std::collections::HashSet<&str> = all.iter().map(|e| e.describe()).collect();
+        assert_eq!(texts.len(), all.len(), "descriptions must tell the refusals apart");
+        assert!(texts.iter().all(|t| t.contains("path")), "{texts:?}");
     }
 
     #[test]

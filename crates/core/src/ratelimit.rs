@@ -276,6 +276,39 @@ mod tests {
         for _ in 0..10_000 {
             assert_eq!(st.check(&l, T0).unwrap().header(), None);
         }
+        // What lets the decision skip the limiter altogether.
+        assert!(l.is_unlimited());
+        for one in [
+            Limits { per_minute: Some(1), per_hour: None },
+            Limits { per_minute: None, per_hour: Some(1) },
+        ] {
+            assert!(!one.is_unlimited(), "{one:?}");
+        }
+    }
+
+    #[test]
+    fn equal_waits_name_the_minute() {
+        // Both windows refuse with the same wait: the shorter window is reported.
+        let l = Limits { per_minute: Some(1), per_hour: Some(1) };
+        let st = LimiterState::default();
+        st.minute_tat.store(T0 + 10 * NANOS_PER_SEC, Ordering::Relaxed);
+        st.hour_tat.store(T0 + 10 * NANOS_PER_SEC, Ordering::Relaxed);
+        let e = st.check(&l, T0).unwrap_err();
+        assert_eq!((e.window, e.retry_after_secs), (Window::Minute, 10));
+    }
+
+    #[test]
+    fn giving_back_undoes_one_emission_interval() {
+        let c = AtomicU64::new(1_000 * NANOS_PER_SEC);
+        give_back(&c, Window::Minute, Some(60));
+        assert_eq!(c.load(Ordering::Relaxed), 999 * NANOS_PER_SEC);
+        give_back(&c, Window::Hour, Some(1800));
+        assert_eq!(c.load(Ordering::Relaxed), 997 * NANOS_PER_SEC);
+        give_back(&c, Window::Minute, None);
+        assert_eq!(c.load(Ordering::Relaxed), 937 * NANOS_PER_SEC);
+        let small = AtomicU64::new(5);
+        give_back(&small, Window::Hour, Some(1));
+        assert_eq!(small.load(Ordering::Relaxed), 0, "never below zero");
     }
 
     #[test]

@@ -240,6 +240,52 @@ mod tests {
         ])
     }
 
+    fn required_scopes(t: &RouteTable, method: &str, path: &str) -> Vec<String> {
+        let j = t.judge(method, path).expect("a route matches");
+        j.required(method, path).map(|r| r.scope_attr.to_string()).collect()
+    }
+
+    #[test]
+    fn a_format_suffix_is_read_off_the_last_segment_only() {
+        assert_eq!(suffix_stem("/a/balance.json"), Some("/a/balance"));
+        assert_eq!(suffix_stem("/a.b/c"), None, "the dot is not in the last segment");
+        assert_eq!(suffix_stem("/a/.json"), None, "nothing before the dot");
+        assert_eq!(suffix_stem("/.json"), None);
+        assert_eq!(suffix_stem("/a/b"), None);
+    }
+
+    #[test]
+    fn the_suffix_reading_follows_the_case_setting() {
+        let routes = || {
+            vec![
+                Route::new(vec![], "/x".into(), scopes(&["x:read"])),
+                Route::new(vec![], "/x/balance".into(), scopes(&["x:balance"])),
+            ]
+        };
+        let folded = RouteTable::new(routes());
+        assert!(!folded.case_sensitive());
+        assert_eq!(required_scopes(&folded, "GET", "/x/BALANCE.json"), ["x:balance", "x:read"]);
+        let exact = RouteTable::with_case(routes(), true);
+        assert!(exact.case_sensitive());
+        assert_eq!(required_scopes(&exact, "GET", "/x/BALANCE.json"), ["x:read"]);
+        assert_eq!((folded.len(), folded.is_empty()), (2, false));
+        assert!(RouteTable::default().is_empty());
+        assert_eq!(RouteTable::default().len(), 0);
+    }
+
+    #[test]
+    fn a_public_root_covers_only_itself_under_a_protected_catch_all() {
+        let t = RouteTable::new(vec![
+            Route::new(vec![], "/".into(), scopes(&["site:read"])),
+            Route::new(vec!["GET".into()], "/".into(), Access::Public),
+        ]);
+        let j = t.judge("GET", "/").unwrap();
+        assert!(j.public.is_some());
+        assert!(j.required("GET", "/").next().is_none(), "GET / is public");
+        assert_eq!(required_scopes(&t, "GET", "/x"), ["site:read"], "below it, the catch-all applies");
+        assert_eq!(required_scopes(&t, "POST", "/"), ["site:read"]);
+    }
+
     #[test]
     fn longest_prefix_and_method() {
         let t = table();

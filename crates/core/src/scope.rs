@@ -136,6 +136,34 @@ pub fn join(scopes: &[Scope]) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn limits_are_inclusive() {
+        let longest = format!("a:{}", "b".repeat(MAX_SCOPE_LEN - 2));
+        assert!(Scope::parse(&longest).is_ok());
+        assert_eq!(Scope::parse(&format!("{longest}c")), Err(ScopeError::Length));
+        let many: Vec<String> = (0..MAX_SCOPES).map(|i| format!("s:{i}")).collect();
+        assert_eq!(ScopeSet::parse(&many).unwrap().iter().count(), MAX_SCOPES);
+        let too_many: Vec<String> = (0..=MAX_SCOPES).map(|i| format!("s:{i}")).collect();
+        assert_eq!(ScopeSet::parse(&too_many), Err(ScopeError::TooMany));
+    }
+
+    #[test]
+    fn a_wildcard_grants_only_strictly_below_its_stem() {
+        let g = Scope::parse("trade:*").unwrap();
+        assert!(g.grants("trade:open"));
+        assert!(!g.grants("trade:"), "the stem itself is not below it");
+        assert!(!g.grants("trade"));
+    }
+
+    #[test]
+    fn scopes_print_as_written_and_iterate_in_order() {
+        let s = Scope::parse("account:read").unwrap();
+        assert_eq!(s.to_string(), "account:read");
+        assert_eq!(format!("{s:?}"), "\"account:read\"");
+        let names: Vec<String> = set(&["b:x", "a:y"]).iter().map(|s| s.to_string()).collect();
+        assert_eq!(names, ["b:x", "a:y"]);
+    }
+
     fn set(items: &[&str]) -> ScopeSet {
         ScopeSet::parse(items).unwrap()
     }
