@@ -44,6 +44,10 @@ pub struct AdminArgs {
     /// The admin key. Prefer the environment variable: arguments show in `ps`.
     #[arg(long, env = "PERMISO_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_key: String,
+    /// PEM CA bundle the admin plane's certificate must chain to (https:// admin URLs).
+    /// Default: the system roots.
+    #[arg(long, env = "PERMISO_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -173,10 +177,15 @@ struct Api {
 
 impl Api {
     fn new(a: &AdminArgs) -> Result<Api, CliError> {
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(30))
-            .build()
-            .map_err(|e| CliError::new(1, e.to_string()))?;
+        let tls = crate::tls::ClientTls {
+            ca_file: a.ca_file.clone(),
+            ..Default::default()
+        };
+        let http = crate::tls::client::http_client(
+            &tls,
+            reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)),
+        )
+        .map_err(|e| CliError::new(1, e.to_string()))?;
         Ok(Api {
             base: a.admin_url.trim_end_matches('/').to_string(),
             key: a.admin_key.clone(),
@@ -199,9 +208,13 @@ impl Api {
             rb = rb.json(&b);
         }
         let resp = rb.send().await.map_err(|e| {
+            let why = match crate::tls::client::tls_failure(&e) {
+                Some(reason) => format!("TLS failed: {reason}"),
+                None => e.to_string(),
+            };
             CliError::new(
                 exit::UNREACHABLE,
-                format!("cannot reach the admin plane at {}: {e}", self.base),
+                format!("cannot reach the admin plane at {}: {why}", self.base),
             )
         })?;
         let status = resp.status();

@@ -64,11 +64,39 @@ pub mod file {
         Json,
     }
 
+    /// `[sidecar.tls]`, `[admin_plane.tls]`: the listener speaks HTTPS.
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ServerTls {
+        /// PEM certificate chain, leaf first. Required. Reloaded on SIGHUP and when it changes.
+        pub cert_file: String,
+        /// PEM private key (PKCS#8, PKCS#1 or SEC1). Required.
+        pub key_file: String,
+        /// PEM bundle of the CAs client certificates must chain to. Required when
+        /// `client_auth` is not "off"; refused when it is.
+        pub client_ca_file: Option<String>,
+        /// "off" (default): no client certificate asked for; "optional": asked for, a
+        /// connection without one goes on; "required": the handshake fails without one.
+        #[serde(default)]
+        pub client_auth: ClientAuthMode,
+    }
+
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum ClientAuthMode {
+        #[default]
+        Off,
+        Optional,
+        Required,
+    }
+
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields, default)]
     pub struct AdminPlane {
         /// Default "127.0.0.1:8000".
         pub listen: String,
+        /// HTTPS for the admin API, OAuth endpoints and /v1/sync. Default: none (plain HTTP).
+        pub tls: Option<ServerTls>,
         /// SQLite file. Default "permiso.db".
         pub database: String,
         /// How long old keys keep working after a rotation. Default 604800 (7 days).
@@ -127,6 +155,7 @@ pub mod file {
         fn default() -> Self {
             AdminPlane {
                 listen: "127.0.0.1:8000".into(),
+                tls: None,
                 database: "permiso.db".into(),
                 rotation_grace_seconds: 7 * 24 * 3600,
                 max_body_bytes: 64 * 1024,
@@ -157,6 +186,8 @@ pub mod file {
         /// Where callers connect. Default "127.0.0.1:9001".
         #[serde(default = "default_sidecar_listen")]
         pub listen: String,
+        /// HTTPS on `listen`. Default: none (plain HTTP).
+        pub tls: Option<ServerTls>,
         /// The protected service, host:port, plain HTTP. Required.
         pub upstream: String,
         /// Which keys this sidecar accepts: "live" or "test". Default "live".
@@ -270,8 +301,15 @@ pub mod file {
         /// Scopes to request with client credentials. Default: all the client holds.
         #[serde(default)]
         pub scopes: Vec<String>,
-        /// Token endpoint. Default "<sidecar.sync.admin_url>/oauth/token".
+        /// Token endpoint. Default "<sidecar.sync.admin_url>/oauth/token". Reached with the
+        /// `[sidecar.sync]` TLS settings (it is the admin plane's).
         pub token_url: Option<String>,
+        /// PEM CA bundle the destination's certificate must chain to. Default: system roots.
+        pub ca_file: Option<String>,
+        /// Client certificate chain (PEM) presented to the destination. Default: none.
+        pub client_cert_file: Option<String>,
+        /// Its private key (PEM). Required with `client_cert_file`.
+        pub client_key_file: Option<String>,
     }
 
     fn default_egress_listen() -> String {
@@ -332,6 +370,13 @@ pub mod file {
         /// Long-poll duration asked of the admin plane. Default 25.
         #[serde(default = "default_wait")]
         pub wait_seconds: u64,
+        /// PEM CA bundle the admin plane's certificate must chain to (sync, usage reports,
+        /// egress token fetches). Default: system roots.
+        pub ca_file: Option<String>,
+        /// Client certificate chain (PEM) presented to the admin plane. Default: none.
+        pub client_cert_file: Option<String>,
+        /// Its private key (PEM). Required with `client_cert_file`.
+        pub client_key_file: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -435,12 +480,16 @@ pub struct AdminConfig {
     /// From PERMISO_SIGNING_KEK (read by the binary, like the admin key); None means the
     /// `<database>.kek` file.
     pub signing_kek: Option<Secret>,
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Validated sidecar settings.
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
     pub listen: SocketAddr,
+    pub tls: Option<crate::tls::ServerTls>,
+    /// How sync, usage reports and egress token fetches reach the admin plane.
+    pub sync_tls: crate::tls::ClientTls,
     pub upstream: SocketAddr,
     pub environment: Environment,
     pub snapshot_file: PathBuf,
@@ -491,6 +540,7 @@ pub struct EgressDestination {
     pub name: String,
     /// Without a trailing '/'.
     pub url: String,
+    pub tls: crate::tls::ClientTls,
     pub credential: EgressCredential,
 }
 
@@ -631,6 +681,11 @@ impl AdminConfig {
             token_audience: f.token_audience.clone(),
             signing_key_publish_delay: Duration::from_secs(f.signing_key_publish_delay_seconds),
             signing_kek: None,
+            tls: f
+                .tls
+                .as_ref()
+                .map(|t| server_tls("admin_plane.tls", t))
+                .transpose()?,
             listen,
             database: PathBuf::from(&f.database),
             rotation_grace: Duration::from_secs(f.rotation_grace_seconds),
@@ -769,6 +824,58 @@ fn read_secret(
     Ok(Some(Secret::new(value)))
 }
 
+/// A TLS listener's settings: both files named, a CA exactly when client certificates are
+/// asked for. The files themselves are read at start (and on reload), not here.
+fn server_tls(field: &str, t: &file::ServerTls) -> Result<crate::tls::ServerTls, ConfigError> {
+    use crate::tls::ClientAuth;
+    if t.cert_file.is_empty() || t.key_file.is_empty() {
+        return Err(invalid(field, "cert_file and key_file are both required"));
+    }
+    let client_auth = match t.client_auth {
+        file::ClientAuthMode::Off => ClientAuth::Off,
+        file::ClientAuthMode::Optional => ClientAuth::Optional,
+        file::ClientAuthMode::Required => ClientAuth::Required,
+    };
+    match (client_auth, &t.client_ca_file) {
+        (ClientAuth::Off, Some(_)) => {
+            return Err(invalid(
+                format!("{field}.client_ca_file"),
+                "set while client_auth is \"off\": no client certificate would be asked for; set client_auth = \"optional\" or \"required\"",
+            ))
+        }
+        (ClientAuth::Optional | ClientAuth::Required, None) => {
+            return Err(invalid(
+                format!("{field}.client_ca_file"),
+                "required when client_auth is \"optional\" or \"required\"",
+            ))
+        }
+        _ => {}
+    }
+    Ok(crate::tls::ServerTls {
+        cert_file: PathBuf::from(&t.cert_file),
+        key_file: PathBuf::from(&t.key_file),
+        client_ca_file: t.client_ca_file.as_ref().map(PathBuf::from),
+        client_auth,
+    })
+}
+
+/// A client's TLS settings: a certificate and its key go together.
+fn client_tls(
+    field: &str,
+    ca: &Option<String>,
+    cert: &Option<String>,
+    key: &Option<String>,
+) -> Result<crate::tls::ClientTls, ConfigError> {
+    if cert.is_some() != key.is_some() {
+        return Err(invalid(field, "client_cert_file and client_key_file go together"));
+    }
+    Ok(crate::tls::ClientTls {
+        ca_file: ca.as_ref().map(PathBuf::from),
+        client_cert_file: cert.as_ref().map(PathBuf::from),
+        client_key_file: key.as_ref().map(PathBuf::from),
+    })
+}
+
 fn build_egress(e: &file::Egress, admin_url: &str) -> Result<EgressConfig, ConfigError> {
     let listen = resolve("sidecar.egress.listen", &e.listen)?;
     if !listen.ip().is_loopback() && !e.allow_non_loopback {
@@ -823,6 +930,7 @@ fn build_egress(e: &file::Egress, admin_url: &str) -> Result<EgressConfig, Confi
             }
         };
         destinations.push(EgressDestination {
+            tls: client_tls(&field, &d.ca_file, &d.client_cert_file, &d.client_key_file)?,
             name: name.clone(),
             url: d.url.trim_end_matches('/').to_string(),
             credential,
@@ -917,6 +1025,13 @@ impl SidecarConfig {
             metrics_max_service_labels: f.metrics_max_service_labels,
             usage_report_interval: Duration::from_millis(f.usage_report_interval_ms),
             admin_url: f.sync.admin_url.trim_end_matches('/').to_string(),
+            tls: f.tls.as_ref().map(|t| server_tls("sidecar.tls", t)).transpose()?,
+            sync_tls: client_tls(
+                "sidecar.sync",
+                &f.sync.ca_file,
+                &f.sync.client_cert_file,
+                &f.sync.client_key_file,
+            )?,
             sync_credential: credential,
             sync_wait: Duration::from_secs(f.sync.wait_seconds),
             routes: build_routes(&f.routes, f.case_sensitive_routes)?,

@@ -41,13 +41,25 @@ pub enum AtCapacity {
     ShedOldestIdle,
 }
 
-/// Serves `app` until `shutdown` turns true, then waits for open requests to finish.
+/// A connection's byte stream, plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The client certificate a TLS connection presented (DER of the leaf), as a request
+/// extension; absent on plain connections and on TLS ones without a certificate.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Arc<Vec<u8>>);
+
+/// Serves `app` until `shutdown` turns true, then waits for open requests to finish. With
+/// `tls`, each connection's handshake must complete within the header-read timeout.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: ConnLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -101,35 +113,71 @@ pub async fn serve(
         };
         let served = Arc::new(AtomicU32::new(0));
         let max = limits.max_requests_per_connection;
-        let (busy, idle) = (tracked.clone(), tracked.clone());
-        let table_for_idle = table.clone();
-        let svc = app
-            .clone()
-            .map_request(move |mut req: Request<hyper::body::Incoming>| {
-                if let Some(c) = &busy {
-                    c.busy();
-                }
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req.map(axum::body::Body::new)
-            })
-            .map_response(move |mut resp: axum::response::Response| {
-                if let Some(c) = &idle {
-                    table_for_idle.idle(c);
-                }
-                if served.fetch_add(1, Ordering::Relaxed) + 1 >= max {
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                resp
-            });
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            hyper_util::service::TowerToHyperService::new(svc),
+        let (app, http, watcher, table, acceptor) = (
+            app.clone(),
+            http.clone(),
+            graceful.watcher(),
+            table.clone(),
+            acceptor.clone(),
         );
-        let conn = graceful.watch(conn);
-        let table = table.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let (io, peer_cert): (Box<dyn Io>, Option<PeerCertificate>) = match acceptor {
+                None => (Box::new(stream), None),
+                Some(a) => match tokio::time::timeout(limits.header_read_timeout, a.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let cert = s
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| PeerCertificate(Arc::new(c.to_vec())));
+                        (Box::new(s), cert)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        if let Some(c) = &tracked {
+                            table.remove(key, c);
+                        }
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        if let Some(c) = &tracked {
+                            table.remove(key, c);
+                        }
+                        return;
+                    }
+                },
+            };
+            let (busy, idle) = (tracked.clone(), tracked.clone());
+            let table_for_idle = table.clone();
+            let svc = app
+                .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                    if let Some(c) = &busy {
+                        c.busy();
+                    }
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    if let Some(cert) = &peer_cert {
+                        req.extensions_mut().insert(cert.clone());
+                    }
+                    req.map(axum::body::Body::new)
+                })
+                .map_response(move |mut resp: axum::response::Response| {
+                    if let Some(c) = &idle {
+                        table_for_idle.idle(c);
+                    }
+                    if served.fetch_add(1, Ordering::Relaxed) + 1 >= max {
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    resp
+                });
+            let conn = http.serve_connection(
+                TokioIo::new(io),
+                hyper_util::service::TowerToHyperService::new(svc),
+            );
+            let conn = watcher.watch(conn);
             let ended = match &tracked {
                 // Dropping the connection future closes it.
                 Some(c) => tokio::select! {

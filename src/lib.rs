@@ -17,3 +17,4 @@ pub mod dev;
 pub mod http_server;
 pub mod sidecar;
 pub mod telemetry;
+pub mod tls;

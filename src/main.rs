@@ -93,6 +93,8 @@ fn finish(r: Result<String, cli::CliError>) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // One rustls crypto provider (ring) for the process, before anything builds a TLS config.
+    permiso::tls::install_default_provider();
     // The config file may choose the log format, so read it before logging starts.
     let file = match &cli.command {
         Command::Admin { config: Some(p), .. } | Command::Sidecar { config: p } => {

@@ -22,6 +22,7 @@ pub struct AdminMetrics {
     full_syncs_built: IntCounter,
     long_polls: IntGauge,
     version: IntGauge,
+    tls_cert_expiry: prometheus::IntGaugeVec,
 }
 
 /// Counts one parked long poll while it lives.
@@ -44,6 +45,17 @@ impl Default for AdminMetrics {
         let counter =
             |name: &str, help: &str| register(&r, IntCounter::new(name, help).expect("valid metric"));
         AdminMetrics {
+            tls_cert_expiry: register(
+                &r,
+                prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "permiso_tls_cert_expiry_seconds",
+                        "Seconds until the certificate a TLS listener serves expires (negative: expired); a warning is logged under 14 days.",
+                    ),
+                    &["listener"],
+                )
+                .expect("valid metric"),
+            ),
             requests: register(
                 &r,
                 IntCounterVec::new(
@@ -141,8 +153,14 @@ impl AdminMetrics {
             .observe(took.as_secs_f64());
     }
 
-    pub fn render(&self, version: u64) -> String {
+    /// `cert`: the listener's certificate and the time now, when it serves TLS.
+    pub fn render(&self, version: u64, cert: Option<(&crate::tls::ReloadingCert, i64)>) -> String {
         self.version.set(version as i64);
+        if let Some((c, now)) = cert {
+            self.tls_cert_expiry
+                .with_label_values(&[c.listener])
+                .set(c.not_after() - now);
+        }
         prometheus::TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_default()
@@ -180,6 +198,9 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
 pub async fn metrics(State(st): State<AppState>) -> impl axum::response::IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(*st.versions.borrow()),
+        st.metrics.render(
+            *st.versions.borrow(),
+            st.tls_cert.as_deref().map(|c| (c, st.clock.now_secs())),
+        ),
     )
 }

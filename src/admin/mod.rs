@@ -35,6 +35,8 @@ use error::ApiError;
 pub struct Inner {
     /// `iss` of minted tokens and the base of the metadata URLs.
     pub issuer: String,
+    /// The listener's certificate, when it serves TLS (for the expiry gauge).
+    pub tls_cert: Option<Arc<crate::tls::ReloadingCert>>,
     pub store: Arc<Store>,
     pub cfg: AdminConfig,
     pub clock: SharedClock,
@@ -193,6 +195,7 @@ impl Drop for AdminHandle {
 fn build_state(
     cfg: AdminConfig,
     clock: SharedClock,
+    tls_cert: Option<Arc<crate::tls::ReloadingCert>>,
     shutdown: watch::Receiver<bool>,
     bound: SocketAddr,
 ) -> anyhow::Result<AppState> {
@@ -212,7 +215,11 @@ fn build_state(
     let audit_budget = cfg.audited_auth_failures_per_minute;
     let sync_slots = sync::SyncSlots::new(cfg.sync_max_concurrent_per_credential);
     Ok(Arc::new(Inner {
-        issuer: cfg.issuer.clone().unwrap_or_else(|| format!("http://{bound}")),
+        issuer: cfg
+            .issuer
+            .clone()
+            .unwrap_or_else(|| format!("{}://{bound}", if cfg.tls.is_some() { "https" } else { "http" })),
+        tls_cert,
         admin_key_hash: blake3::hash(cfg.admin_api_key.expose().as_bytes()),
         ip_limiter: RateLimiter::keyed(Quota::per_minute(cfg.token_rate_per_ip)),
         client_pair_failures: throttle::FailureThrottle::new(cfg.client_auth_failures_per_minute),
@@ -247,6 +254,23 @@ async fn prune_throttles(st: AppState, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// The admin plane's TLS listener config and certificate, read at start.
+pub struct AdminTls {
+    config: Arc<rustls::ServerConfig>,
+    cert: Arc<crate::tls::ReloadingCert>,
+}
+
+impl AdminTls {
+    pub fn load(cfg: &AdminConfig) -> Result<Option<AdminTls>, crate::tls::TlsError> {
+        let Some(t) = &cfg.tls else { return Ok(None) };
+        let cert = crate::tls::ReloadingCert::load("admin", t.cert_file.clone(), t.key_file.clone())?;
+        Ok(Some(AdminTls {
+            config: crate::tls::server_config(t, cert.clone())?,
+            cert,
+        }))
+    }
+}
+
 /// Serves until `shutdown` turns true.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -254,7 +278,28 @@ pub async fn serve(
     clock: SharedClock,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let state = build_state(cfg, clock, shutdown.clone(), listener.local_addr()?)?;
+    let tls = AdminTls::load(&cfg)?;
+    serve_prepared(listener, cfg, tls, clock, shutdown).await
+}
+
+async fn serve_prepared(
+    listener: tokio::net::TcpListener,
+    cfg: AdminConfig,
+    tls: Option<AdminTls>,
+    clock: SharedClock,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let tls_cert = tls.as_ref().map(|t| t.cert.clone());
+    if let Some(c) = &tls_cert {
+        // New certificate files are taken up without a restart.
+        tokio::spawn(crate::tls::reload::watch(
+            vec![c.clone()],
+            std::time::Duration::from_secs(2),
+            clock.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let state = build_state(cfg, clock, tls_cert, shutdown.clone(), listener.local_addr()?)?;
     tracing::info!(addr = %listener.local_addr()?, epoch = state.store.epoch(), "admin plane listening");
     tokio::spawn(prune_throttles(state.clone(), shutdown.clone()));
     let limits = crate::http_server::ConnLimits {
@@ -264,7 +309,7 @@ pub async fn serve(
         max_connections: state.cfg.max_connections,
         at_capacity: crate::http_server::AtCapacity::Wait,
     };
-    crate::http_server::serve(listener, router(state), limits, shutdown).await?;
+    crate::http_server::serve(listener, router(state), limits, tls.map(|t| t.config), shutdown).await?;
     Ok(())
 }
 
@@ -274,7 +319,9 @@ pub fn start(cfg: AdminConfig, clock: SharedClock) -> anyhow::Result<AdminHandle
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
     let (tx, rx) = watch::channel(false);
-    // Open the database here so errors surface to the caller, not in the thread.
+    // Read the certificate and open the database here so errors surface to the caller, not
+    // in the thread.
+    let tls = AdminTls::load(&cfg)?;
     drop(
         Store::open(&cfg.database)
             .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cfg.database.display()))?,
@@ -289,7 +336,7 @@ pub fn start(cfg: AdminConfig, clock: SharedClock) -> anyhow::Result<AdminHandle
                 .expect("tokio runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-                if let Err(e) = serve(listener, cfg, clock, rx).await {
+                if let Err(e) = serve_prepared(listener, cfg, tls, clock, rx).await {
                     tracing::error!(error = %e, "admin plane stopped with an error");
                 }
             });

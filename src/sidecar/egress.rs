@@ -222,6 +222,8 @@ fn build_credentials(
 }
 
 struct Destination {
+    /// For this destination's TLS settings (CA, client certificate).
+    http: reqwest::Client,
     name: String,
     url: String,
     /// Replaced whole by a reload; a request keeps the one it loaded.
@@ -232,6 +234,7 @@ struct Destination {
 
 pub struct Egress {
     destinations: HashMap<String, Destination>,
+    /// Token fetches from the admin plane.
     http: reqwest::Client,
     retry_deadline: Duration,
     max_body_bytes: usize,
@@ -266,35 +269,47 @@ fn forwardable(name: &HeaderName) -> bool {
 }
 
 impl Egress {
-    pub fn new(cfg: &EgressConfig, metrics: &SidecarMetrics) -> Egress {
-        let http = reqwest::Client::builder()
-            .timeout(cfg.request_timeout)
-            .connect_timeout(Duration::from_secs(2))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("http client");
+    /// `admin_tls`: how token fetches reach the admin plane (the sync's settings). Each
+    /// destination gets its own client for its own TLS settings.
+    pub fn new(
+        cfg: &EgressConfig,
+        admin_tls: &crate::tls::ClientTls,
+        metrics: &SidecarMetrics,
+    ) -> Result<Egress, crate::tls::TlsError> {
+        let client = |tls: &crate::tls::ClientTls| {
+            crate::tls::client::http_client(
+                tls,
+                reqwest::Client::builder()
+                    .timeout(cfg.request_timeout)
+                    .connect_timeout(Duration::from_secs(2))
+                    .redirect(reqwest::redirect::Policy::none()),
+            )
+        };
+        let http = client(admin_tls)?;
         let mut credentials = build_credentials(&cfg.destinations, &|_| None);
         let destinations = cfg
             .destinations
             .iter()
             .map(|d| {
                 let credential = credentials.remove(&d.name).expect("built for every destination");
+                crate::tls::client::warn_if_clear(&format!("sidecar.egress.destinations.{}", d.name), &d.url);
                 let dest = Destination {
+                    http: client(&d.tls)?,
                     name: d.name.clone(),
                     url: d.url.clone(),
                     credential: arc_swap::ArcSwap::new(credential),
                     breaker: Mutex::new(Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown)),
                     counters: metrics.egress(&d.name),
                 };
-                (d.name.clone(), dest)
+                Ok((d.name.clone(), dest))
             })
-            .collect();
-        Egress {
+            .collect::<Result<_, crate::tls::TlsError>>()?;
+        Ok(Egress {
             destinations,
             http,
             retry_deadline: cfg.retry_deadline,
             max_body_bytes: cfg.max_body_bytes,
-        }
+        })
     }
 
     /// Takes up the credentials of a reloaded config: each destination still at the same URL
@@ -345,7 +360,7 @@ impl Egress {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
-            let mut rb = self
+            let mut rb = d
                 .http
                 .request(method.clone(), url)
                 .body(body.clone())
@@ -643,12 +658,13 @@ mod tests {
             // Half-open at once after a failure: no sleeping in the test.
             breaker_cooldown: Duration::ZERO,
             destinations: vec![crate::config::EgressDestination {
+                tls: Default::default(),
                 name: "d".into(),
                 url: format!("http://{addr}"),
                 credential: EgressCredential::ApiKey(Secret::new("svc_live_x".into())),
             }],
         };
-        let eg = Egress::new(&cfg, &SidecarMetrics::new(10));
+        let eg = Egress::new(&cfg, &Default::default(), &SidecarMetrics::new(10)).unwrap();
         let req = |path: &str| {
             Request::builder()
                 .uri(format!("/d{path}"))
@@ -690,6 +706,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
         let dest = |name: &str, url: String, credential: EgressCredential| crate::config::EgressDestination {
+            tls: Default::default(),
             name: name.into(),
             url,
             credential,
@@ -717,8 +734,10 @@ mod tests {
                 dest("moved", "http://127.0.0.1:2".into(), key("svc_live_m")),
                 dest("t", "http://127.0.0.1:3".into(), client("s1")),
             ]),
+            &Default::default(),
             &SidecarMetrics::new(10),
-        );
+        )
+        .unwrap();
         async fn sent(eg: &Egress) -> String {
             let r = Request::builder().uri("/d/x").body(Body::empty()).unwrap();
             let body = axum::body::to_bytes(eg.forward(r).await.into_body(), 1024)

@@ -30,6 +30,8 @@ pub struct Health {
     pub connections: Option<Arc<crate::conn_limit::ConnTable>>,
     /// For the token-cache gauge.
     pub token_cache: Arc<crate::core::token_cache::TokenCache>,
+    /// Listener certificates, for the expiry gauge.
+    pub certs: Vec<Arc<crate::tls::ReloadingCert>>,
 }
 
 async fn metrics(State(h): State<Arc<Health>>) -> impl axum::response::IntoResponse {
@@ -106,7 +108,7 @@ pub fn spawn(
     };
     let thread = crate::sidecar::spawn_on_own_thread("permiso-health", async move {
         let l = tokio::net::TcpListener::from_std(listener).expect("listener");
-        let _ = crate::http_server::serve(l, app, limits, shutdown).await;
+        let _ = crate::http_server::serve(l, app, limits, None, shutdown).await;
     })?;
     Ok((addr, thread))
 }

@@ -82,6 +82,7 @@ pub struct SidecarMetrics {
     snapshot_keys: IntGauge,
     snapshot_services: IntGauge,
     token_cache_entries: IntGauge,
+    tls_cert_expiry: prometheus::IntGaugeVec,
     usage_reports: IntCounterVec,
     egress_requests: IntCounterVec,
     egress_latency: prometheus::HistogramVec,
@@ -202,6 +203,18 @@ impl SidecarMetrics {
             ),
             snapshot_keys: gauge(&registry, "permiso_sidecar_snapshot_keys", "API keys in the snapshot in use."),
             snapshot_services: gauge(&registry, "permiso_sidecar_snapshot_services", "Services in the snapshot in use."),
+            tls_cert_expiry: {
+                let g = prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "permiso_tls_cert_expiry_seconds",
+                        "Seconds until the certificate a TLS listener serves expires (negative: expired); a warning is logged under 14 days.",
+                    ),
+                    &["listener"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             token_cache_entries: gauge(
                 &registry,
                 "permiso_sidecar_token_cache_entries",
@@ -325,6 +338,12 @@ impl SidecarMetrics {
         self.snapshot_services
             .set(snapshot.as_ref().map_or(0, |s| s.service_count() as i64));
         self.token_cache_entries.set(health.token_cache.len() as i64);
+        let now = health.clock.now_secs();
+        for c in &health.certs {
+            self.tls_cert_expiry
+                .with_label_values(&[c.listener])
+                .set(c.not_after() - now);
+        }
         let mut families = self.registry.gather();
         if let Some(s) = &snapshot {
             // The encoder refuses a family without samples (no service has called yet).

@@ -13,7 +13,7 @@ pub mod sync_client;
 pub mod usage_report;
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -108,6 +108,11 @@ fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> 
             "usage_report_interval_ms",
         ),
         (o.admin_url != n.admin_url, "sync.admin_url"),
+        (
+            o.tls != n.tls,
+            "tls (listener settings; new certificate files reload live)",
+        ),
+        (o.sync_tls != n.sync_tls, "sync TLS settings"),
         (o.sync_wait != n.sync_wait, "sync.wait_seconds"),
         (
             o.sync_credential.expose() != n.sync_credential.expose(),
@@ -164,7 +169,10 @@ fn egress_needs_restart(
             o.breaker_cooldown != n.breaker_cooldown,
             "egress.breaker_cooldown_ms",
         ),
-        (places(o) != places(n), "egress.destinations (names and urls)"),
+        (
+            places(o) != places(n),
+            "egress.destinations (names, urls and TLS settings)",
+        ),
     ]
     .into_iter()
     .filter_map(|(changed, name)| changed.then_some(name))
@@ -175,6 +183,8 @@ fn egress_needs_restart(
 /// requests finish with the settings they started with; no connection is dropped.
 pub struct Reloader {
     shared: Arc<Shared>,
+    /// The listener certificates, re-read on every reload.
+    certs: Mutex<Vec<Arc<crate::tls::ReloadingCert>>>,
     /// Takes up the destinations' credentials (a rotated key file is read again).
     egress: Option<Arc<egress::Egress>>,
     /// The config the process started with: what restart-only settings still are.
@@ -188,6 +198,10 @@ impl Reloader {
     /// are replaced for every destination still at its URL.
     pub fn apply(&self, next: SidecarConfig) {
         let pending = needs_restart(&self.started, &next);
+        for c in self.certs.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            // A bad new pair is refused (and logged) inside; the old one stays.
+            let _ = c.reload();
+        }
         self.shared.live.store(Arc::new(live_of(&next)));
         if let (Some(eg), Some(cfg)) = (&self.egress, &next.egress) {
             let replaced = eg.reload_credentials(cfg);
@@ -241,9 +255,11 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     let egress = cfg
         .egress
         .as_ref()
-        .map(|e| Arc::new(egress::Egress::new(e, &metrics)));
+        .map(|e| egress::Egress::new(e, &cfg.sync_tls, &metrics).map(Arc::new))
+        .transpose()?;
     let reloader = Arc::new(Reloader {
         shared: shared.clone(),
+        certs: Mutex::new(Vec::new()),
         egress: egress.clone(),
         started: cfg.clone(),
     });
@@ -278,10 +294,33 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
             metrics: metrics.clone(),
         },
     );
-    service.add_tcp(&cfg.listen.to_string());
+    let mut certs = Vec::new();
+    match &cfg.tls {
+        Some(t) => {
+            let cert = crate::tls::ReloadingCert::load("sidecar", t.cert_file.clone(), t.key_file.clone())?;
+            // pingora's rustls listener: TLS 1.2 and 1.3 only; our resolver (reloaded without a
+            // restart) and client-certificate verifier.
+            let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")?;
+            settings.set_cert_resolver(cert.clone());
+            if let Some(v) = crate::tls::client_verifier(t)? {
+                settings.set_client_cert_verifier(v);
+            }
+            settings.set_alpn(pingora::listeners::ALPN::H1);
+            service.add_tls_with_settings(&cfg.listen.to_string(), None, settings);
+            certs.push(cert);
+        }
+        None => service.add_tcp(&cfg.listen.to_string()),
+    }
     server.add_service(service);
+    *reloader.certs.lock().unwrap_or_else(|p| p.into_inner()) = certs.clone();
+    crate::tls::client::warn_if_clear("sidecar.sync.admin_url", &cfg.admin_url);
+    let admin_http = crate::tls::client::http_client(
+        &cfg.sync_tls,
+        reqwest::Client::builder().connect_timeout(Duration::from_secs(3)),
+    )?;
     let sync = SyncClient {
         admin_url: cfg.admin_url.clone(),
+        http: admin_http.clone(),
         credential: cfg.sync_credential.clone(),
         wait: cfg.sync_wait,
         environment: cfg.environment,
@@ -298,6 +337,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     };
     let usage = usage_report::UsageReporter {
         admin_url: cfg.admin_url.clone(),
+        http: admin_http.clone(),
         credential: cfg.sync_credential.clone(),
         current: current.clone(),
         interval: cfg.usage_report_interval,
@@ -312,6 +352,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         metrics,
         connections: Some(connections),
         token_cache: token_cache.clone(),
+        certs: certs.clone(),
     };
     Ok(Parts {
         server,
@@ -339,6 +380,7 @@ fn spawn_side_jobs(
     health: health::Health,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<SideJobs> {
+    let certs = health.certs.clone();
     let mut threads = Vec::new();
     let egress_addr = match (&cfg.egress, egress) {
         (Some(e), Some(eg)) => {
@@ -356,7 +398,7 @@ fn spawn_side_jobs(
         }
         None => None,
     };
-    threads.push(spawn_sync(sync, usage, stop)?);
+    threads.push(spawn_sync(sync, usage, certs, stop)?);
     Ok(SideJobs {
         egress_addr,
         health_addr,
@@ -380,15 +422,26 @@ where
 }
 
 /// The sync loop and the usage reporter share one thread: both are mostly waiting.
+/// The sync loop, the usage reporter and the certificate watch share one thread: all are
+/// mostly waiting.
 fn spawn_sync(
     sync: SyncClient,
     usage: usage_report::UsageReporter,
+    certs: Vec<Arc<crate::tls::ReloadingCert>>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let clock = sync.clock.clone();
     spawn_on_own_thread("permiso-sync", async move {
-        tokio::join!(sync.run(stop.clone()), usage.run(stop));
+        tokio::join!(
+            sync.run(stop.clone()),
+            usage.run(stop.clone()),
+            crate::tls::reload::watch(certs, CERT_CHECK_INTERVAL, clock, stop)
+        );
     })
 }
+
+/// How often certificate files are checked for a change.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Re-reads the config file on every SIGHUP and applies it if it is valid; a file that fails
 /// to parse or validate is refused with a log line and the running config stays.
@@ -592,7 +645,10 @@ mod tests {
                 &base,
                 &cfg("", &egress("127.0.0.1:9101", "http://127.0.0.1:9003"))
             ),
-            ["egress.listen", "egress.destinations (names and urls)"]
+            [
+                "egress.listen",
+                "egress.destinations (names, urls and TLS settings)"
+            ]
         );
         assert_eq!(needs_restart(&base, &cfg("", route)), ["egress"]);
     }

@@ -58,6 +58,8 @@ impl EarlySync {
 
 pub struct SyncClient {
     pub admin_url: String,
+    /// From `tls::client` (the admin plane's CA, our client certificate).
+    pub http: reqwest::Client,
     pub credential: Secret,
     pub wait: Duration,
     pub environment: Environment,
@@ -82,6 +84,10 @@ pub struct SyncClient {
 enum SyncError {
     #[error("request failed: {0}")]
     Http(#[from] reqwest::Error),
+    /// The admin plane's certificate did not verify (or ours was refused): named, because
+    /// it will not fix itself by retrying.
+    #[error("TLS with {url} failed: {reason}")]
+    Tls { url: String, reason: String },
     #[error("admin plane answered {0}")]
     Status(reqwest::StatusCode),
     #[error("payload refused: {0}")]
@@ -96,6 +102,7 @@ impl SyncError {
             SyncError::Http(_) => "request",
             SyncError::Status(_) => "status",
             SyncError::Invalid(_) => "invalid",
+            SyncError::Tls { .. } => "tls",
         }
     }
 }
@@ -117,7 +124,14 @@ impl SyncClient {
             .bearer_auth(self.credential.expose())
             .timeout(wait + Duration::from_secs(10))
             .send()
-            .await?;
+            .await
+            .map_err(|e| match crate::tls::client::tls_failure(&e) {
+                Some(reason) => SyncError::Tls {
+                    url: self.admin_url.clone(),
+                    reason,
+                },
+                None => SyncError::Http(e),
+            })?;
         if !resp.status().is_success() {
             return Err(SyncError::Status(resp.status()));
         }
@@ -204,10 +218,7 @@ impl SyncClient {
     }
 
     async fn sync_loop(&self, writer: &std::sync::mpsc::SyncSender<()>, mut shutdown: watch::Receiver<bool>) {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .expect("http client");
+        let http = self.http.clone();
         let mut backoff = MIN_BACKOFF;
         let mut wait = self.wait;
         loop {

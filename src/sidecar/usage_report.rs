@@ -18,6 +18,8 @@ const BATCH: usize = 500;
 
 pub struct UsageReporter {
     pub admin_url: String,
+    /// The sync's client (same admin plane, same TLS settings); each report has a 10 s timeout.
+    pub http: reqwest::Client,
     pub credential: Secret,
     pub current: Arc<ArcSwapOption<Snapshot>>,
     pub interval: Duration,
@@ -33,11 +35,7 @@ struct Entry<'a> {
 impl UsageReporter {
     /// Runs until `shutdown`, then sends what is left once.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("http client");
+        let http = self.http.clone();
         // Marks taken from the snapshot but not yet accepted by the admin plane; bounded by
         // the number of keys.
         let mut pending: HashMap<Arc<str>, i64> = HashMap::new();
@@ -91,6 +89,7 @@ impl UsageReporter {
                 .post(format!("{}/v1/usage", self.admin_url))
                 .bearer_auth(self.credential.expose())
                 .json(&serde_json::json!({ "keys": keys }))
+                .timeout(Duration::from_secs(10))
                 .send()
                 .await;
             match sent {

@@ -391,7 +391,7 @@ pub fn start_admin_with(
     db: &std::path::Path,
     listen: SocketAddr,
     clock: &ManualClock,
-    tweak: fn(&mut config::file::AdminPlane),
+    tweak: impl FnOnce(&mut config::file::AdminPlane),
 ) -> AdminHandle {
     let mut f = config::file::AdminPlane {
         listen: listen.to_string(),

@@ -2,6 +2,7 @@
 //! pingora sidecar and an upstream. One test binary, one module per area.
 
 mod admin_api;
+mod certs;
 mod cli;
 mod common;
 mod e2e;
@@ -14,3 +15,4 @@ mod paths;
 mod resilience;
 mod rotation;
 mod sidecar_auth;
+mod tls;

@@ -434,7 +434,8 @@ mod tests {
     #[test]
     fn recording_a_use_counts_the_request_and_marks_the_key() {
         let f = fixture(|_| {});
-        let Ok(Verdict::Allowed { principal, .. }) = run(&f, "/api/v1/trades/1", bearer(&f.key), "127.0.0.1", NOW)
+        let Ok(Verdict::Allowed { principal, .. }) =
+            run(&f, "/api/v1/trades/1", bearer(&f.key), "127.0.0.1", NOW)
         else {
             panic!("allowed expected")
         };
@@ -444,7 +445,11 @@ mod tests {
         assert_eq!(usage.requests(), 1);
         let mut marks = Vec::new();
         usage.take_unreported(&mut marks);
-        assert_eq!(marks, [(0, 1_800_000_000)], "the key's slot is marked used at that second");
+        assert_eq!(
+            marks,
+            [(0, 1_800_000_000)],
+            "the key's slot is marked used at that second"
+        );
     }
 
     #[test]

@@ -260,7 +260,10 @@ mod tests {
         let s = generate_client_secret();
         let text = s.secret.expose();
         assert!(text.starts_with(CLIENT_SECRET_PREFIX));
-        assert_eq!(s.display_prefix, text[..CLIENT_SECRET_PREFIX.len() + DISPLAY_BODY_CHARS]);
+        assert_eq!(
+            s.display_prefix,
+            text[..CLIENT_SECRET_PREFIX.len() + DISPLAY_BODY_CHARS]
+        );
         assert_eq!(s.hash, KeyHash::of(text));
         assert_ne!(generate_client_secret().secret.expose(), text);
     }

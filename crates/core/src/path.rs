@@ -300,7 +300,11 @@ mod tests {
             PathError::NotUtf8,
         ];
         let texts: std::collections::HashSet<&str> = all.iter().map(|e| e.describe()).collect();
-        assert_eq!(texts.len(), all.len(), "descriptions must tell the refusals apart");
+        assert_eq!(
+            texts.len(),
+            all.len(),
+            "descriptions must tell the refusals apart"
+        );
         assert!(texts.iter().all(|t| t.contains("path")), "{texts:?}");
     }
 

@@ -279,8 +279,14 @@ mod tests {
         // What lets the decision skip the limiter altogether.
         assert!(l.is_unlimited());
         for one in [
-            Limits { per_minute: Some(1), per_hour: None },
-            Limits { per_minute: None, per_hour: Some(1) },
+            Limits {
+                per_minute: Some(1),
+                per_hour: None,
+            },
+            Limits {
+                per_minute: None,
+                per_hour: Some(1),
+            },
         ] {
             assert!(!one.is_unlimited(), "{one:?}");
         }
@@ -289,7 +295,10 @@ mod tests {
     #[test]
     fn equal_waits_name_the_minute() {
         // Both windows refuse with the same wait: the shorter window is reported.
-        let l = Limits { per_minute: Some(1), per_hour: Some(1) };
+        let l = Limits {
+            per_minute: Some(1),
+            per_hour: Some(1),
+        };
         let st = LimiterState::default();
         st.minute_tat.store(T0 + 10 * NANOS_PER_SEC, Ordering::Relaxed);
         st.hour_tat.store(T0 + 10 * NANOS_PER_SEC, Ordering::Relaxed);

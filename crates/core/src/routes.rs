@@ -242,7 +242,9 @@ mod tests {
 
     fn required_scopes(t: &RouteTable, method: &str, path: &str) -> Vec<String> {
         let j = t.judge(method, path).expect("a route matches");
-        j.required(method, path).map(|r| r.scope_attr.to_string()).collect()
+        j.required(method, path)
+            .map(|r| r.scope_attr.to_string())
+            .collect()
     }
 
     #[test]
@@ -264,7 +266,10 @@ mod tests {
         };
         let folded = RouteTable::new(routes());
         assert!(!folded.case_sensitive());
-        assert_eq!(required_scopes(&folded, "GET", "/x/BALANCE.json"), ["x:balance", "x:read"]);
+        assert_eq!(
+            required_scopes(&folded, "GET", "/x/BALANCE.json"),
+            ["x:balance", "x:read"]
+        );
         let exact = RouteTable::with_case(routes(), true);
         assert!(exact.case_sensitive());
         assert_eq!(required_scopes(&exact, "GET", "/x/BALANCE.json"), ["x:read"]);
@@ -282,7 +287,11 @@ mod tests {
         let j = t.judge("GET", "/").unwrap();
         assert!(j.public.is_some());
         assert!(j.required("GET", "/").next().is_none(), "GET / is public");
-        assert_eq!(required_scopes(&t, "GET", "/x"), ["site:read"], "below it, the catch-all applies");
+        assert_eq!(
+            required_scopes(&t, "GET", "/x"),
+            ["site:read"],
+            "below it, the catch-all applies"
+        );
         assert_eq!(required_scopes(&t, "POST", "/"), ["site:read"]);
     }
 

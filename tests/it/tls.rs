@@ -1,0 +1,300 @@
+//! TLS on every hop, over real loopback connections with certificates generated in the test:
+//! the sidecar's HTTPS listener (versions, plain HTTP, client-certificate modes, rotation),
+//! the admin plane over HTTPS with sync, usage reports, egress and the CLI verifying it against
+//! a private CA, and an unverifiable admin plane named in the sync failure.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::certs::{Ca, Issued};
+use crate::common::{free_port, scrape, Harness, ROUTES};
+
+fn https_client(ca: Option<&Ca>, identity: Option<&Issued>) -> reqwest::blocking::Client {
+    let mut b = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .tls_info(true)
+        .timeout(Duration::from_secs(10));
+    if let Some(ca) = ca {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap());
+    }
+    if let Some(id) = identity {
+        b = b.identity(reqwest::Identity::from_pem(&id.identity_pem()).unwrap());
+    }
+    b.build().unwrap()
+}
+
+fn tls_section(table: &str, server: &Issued, client_ca: Option<&Ca>, mode: &str) -> String {
+    let mut s = format!(
+        "[{table}]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_auth = \"{mode}\"\n",
+        server.cert_file.display(),
+        server.key_file.display()
+    );
+    if let Some(ca) = client_ca {
+        s.push_str(&format!("client_ca_file = \"{}\"\n", ca.pem_file.display()));
+    }
+    s
+}
+
+/// A second sidecar of the harness's upstream, listening with `tls` (a `[sidecar.tls]` text).
+fn tls_sidecar(h: &Harness, dir: &Path, tls: &str) -> (permiso::sidecar::SidecarHandle, SocketAddr) {
+    let cfg = h.sidecar_config_at(
+        free_port(),
+        h.admin_addr,
+        &dir.join("tls-snap.json"),
+        5,
+        &format!("{tls}{ROUTES}"),
+    );
+    let listen = cfg.listen;
+    let side = permiso::sidecar::start(cfg, std::sync::Arc::new(h.clock.clone())).unwrap();
+    (side, listen)
+}
+
+fn get(
+    c: &reqwest::blocking::Client,
+    url: &str,
+    key: Option<&str>,
+) -> reqwest::Result<reqwest::blocking::Response> {
+    let mut rb = c.get(url);
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    rb.send()
+}
+
+/// Waits for the sidecar at `url` to know the service (its own sync), then returns.
+fn until_ok(c: &reqwest::blocking::Client, url: &str, key: &str) {
+    let started = Instant::now();
+    loop {
+        match get(c, url, Some(key)) {
+            Ok(r) if r.status() == 200 => return,
+            other => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{url} never answered 200: {:?}",
+                other.map(|r| r.status())
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A hand-written TLS 1.1 ClientHello (rustls clients cannot send one): the answer must be
+/// an alert or a closed connection, never a ServerHello.
+fn tls11_client_hello(addr: SocketAddr) -> Option<u8> {
+    let mut hello = vec![0x03, 0x02]; // client_version TLS 1.1
+    hello.extend_from_slice(&[7u8; 32]); // random
+    hello.push(0); // session id
+    hello.extend_from_slice(&[0x00, 0x04, 0xc0, 0x13, 0x00, 0x2f]); // ECDHE-RSA-AES128-SHA, AES128-SHA
+    hello.extend_from_slice(&[0x01, 0x00]); // null compression
+    let mut handshake = vec![0x01, 0x00, (hello.len() >> 8) as u8, hello.len() as u8];
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![
+        0x16,
+        0x03,
+        0x02,
+        (handshake.len() >> 8) as u8,
+        handshake.len() as u8,
+    ];
+    record.extend_from_slice(&handshake);
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&record).unwrap();
+    let mut first = [0u8; 1];
+    match s.read(&mut first) {
+        Ok(1) => Some(first[0]),
+        _ => None,
+    }
+}
+
+#[test]
+fn the_sidecar_serves_https_and_refuses_plain_http_old_versions_and_unknown_cas() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "trader", "scopes": ["trade:read"]}));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "site");
+    let server = ca.server("sidecar", 2040);
+    let (side, addr) = tls_sidecar(&h, dir.path(), &tls_section("sidecar.tls", &server, None, "off"));
+    let url = format!("https://127.0.0.1:{}/api/v1/trades", addr.port());
+    let client = https_client(Some(&ca), None);
+    until_ok(&client, &url, &svc.api_key);
+    let r = get(&client, &url, Some(&svc.api_key)).unwrap();
+    let echo: Value = r.json().unwrap();
+    assert_eq!(echo["headers"]["x-permiso-service-id"], svc.service_id.as_str());
+    // Under localhost too (the DNS SAN), and without a key the usual 401.
+    let r = get(
+        &client,
+        &format!("https://localhost:{}/api/v1/trades", addr.port()),
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // A client that does not trust the CA: the handshake fails on its side.
+    let stranger = Ca::new(dir.path(), "stranger");
+    let e = get(&https_client(Some(&stranger), None), &url, Some(&svc.api_key)).unwrap_err();
+    assert!(
+        permiso::tls::client::tls_failure(&e).is_some_and(|r| r.contains("UnknownIssuer")),
+        "{e:?}"
+    );
+    // Plain HTTP to the TLS port: no answer but a closed connection, and the listener lives on.
+    let plain = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = get(
+        &plain,
+        &format!("http://{addr}/api/v1/trades"),
+        Some(&svc.api_key),
+    );
+    assert!(
+        r.is_err(),
+        "plain HTTP got an answer: {:?}",
+        r.map(|r| r.status())
+    );
+    // TLS 1.1: an alert (0x15) or a closed connection, never a handshake record (0x16).
+    let answer = tls11_client_hello(addr);
+    assert!(
+        matches!(answer, None | Some(0x15)),
+        "TLS 1.1 answered with record type {answer:?}"
+    );
+    assert_eq!(get(&client, &url, Some(&svc.api_key)).unwrap().status(), 200);
+
+    // The certificate's expiry is a metric.
+    let health = side.health_addr.unwrap();
+    let left = scrape(
+        &h.http,
+        &format!("http://{health}/metrics"),
+        "permiso_tls_cert_expiry_seconds{listener=\"sidecar\"}",
+    )
+    .expect("expiry gauge");
+    let expected = 2_208_988_800 - h.clock_secs(); // 2040-01-01T00:00:00Z
+    assert_eq!(left, expected);
+    drop(side);
+}
+
+#[test]
+fn client_certificates_required_optional_and_from_an_untrusted_ca() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "trader", "scopes": ["trade:read"]}));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "site");
+    let clients = Ca::new(dir.path(), "clients");
+    let other = Ca::new(dir.path(), "other");
+    let server = ca.server("sidecar", 2040);
+    let mine = clients.client("mt5", "spiffe://permiso/mt5");
+    let foreign = other.client("foreign", "spiffe://permiso/mt5");
+
+    for mode in ["required", "optional"] {
+        let (side, addr) = tls_sidecar(
+            &h,
+            dir.path(),
+            &tls_section("sidecar.tls", &server, Some(&clients), mode),
+        );
+        let url = format!("https://127.0.0.1:{}/api/v1/trades", addr.port());
+        let with_cert = https_client(Some(&ca), Some(&mine));
+        until_ok(&with_cert, &url, &svc.api_key);
+        // A certificate from another CA fails the handshake in either mode.
+        let e = get(&https_client(Some(&ca), Some(&foreign)), &url, Some(&svc.api_key)).unwrap_err();
+        assert!(e.is_connect() || e.is_request(), "{mode}: {e:?}");
+        let without = https_client(Some(&ca), None);
+        match mode {
+            "required" => {
+                let e = get(&without, &url, Some(&svc.api_key)).unwrap_err();
+                assert!(e.is_connect() || e.is_request(), "{e:?}");
+            }
+            _ => {
+                assert_eq!(get(&without, &url, None).unwrap().status(), 401);
+                assert_eq!(get(&without, &url, Some(&svc.api_key)).unwrap().status(), 200);
+            }
+        }
+        drop(side);
+    }
+}
+
+#[test]
+fn a_new_certificate_is_served_without_a_restart_and_a_bad_one_is_refused() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "trader", "scopes": ["trade:read"]}));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "site");
+    let first = ca.server("sidecar", 2040);
+    let (side, addr) = tls_sidecar(&h, dir.path(), &tls_section("sidecar.tls", &first, None, "off"));
+    let url = format!("https://127.0.0.1:{}/api/v1/trades", addr.port());
+    until_ok(&https_client(Some(&ca), None), &url, &svc.api_key);
+    // A new client per request: every request is a new handshake.
+    let presented = || -> (u16, Vec<u8>) {
+        let r = get(&https_client(Some(&ca), None), &url, Some(&svc.api_key)).unwrap();
+        let der = r
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|i| i.peer_certificate())
+            .unwrap()
+            .to_vec();
+        (r.status().as_u16(), der)
+    };
+    assert_eq!(presented(), (200, first.der.clone()));
+
+    // Steady traffic on kept-alive connections while the files are replaced.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = {
+        let (c, url, key, stop) = (
+            https_client(Some(&ca), None),
+            url.clone(),
+            svc.api_key.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(&c, &url, Some(&key)) {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let second = ca.server("sidecar-next", 2041);
+    std::fs::copy(&second.key_file, &first.key_file).unwrap();
+    std::fs::copy(&second.cert_file, &first.cert_file).unwrap();
+    let started = Instant::now();
+    loop {
+        let (status, der) = presented();
+        assert_eq!(status, 200);
+        if der == second.der {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the new certificate was never served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "new certificate served {:?} after the files changed",
+        started.elapsed()
+    );
+
+    // A broken certificate file is refused: the one in use stays.
+    std::fs::write(&first.cert_file, "not a certificate").unwrap();
+    side.reloader.apply(h.sidecar_config_at(
+        addr,
+        h.admin_addr,
+        &dir.path().join("tls-snap.json"),
+        5,
+        &format!("{}{ROUTES}", tls_section("sidecar.tls", &first, None, "off")),
+    ));
+    for _ in 0..5 {
+        assert_eq!(presented(), (200, second.der.clone()));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = stream.join().unwrap();
+    eprintln!("steady stream during certificate rotation: {ok} ok, {failed} failed");
+    assert!(ok > 0);
+    assert_eq!(failed, 0);
+    drop(side);
+}
