@@ -46,7 +46,7 @@ pub struct AdminArgs {
     pub admin_key: String,
     /// PEM CA bundle the admin plane's certificate must chain to (https:// admin URLs).
     /// Default: the system roots.
-    #[arg(long, env = "PERMISO_CA_FILE")]
+    #[arg(long, env = "PERMISO_CA_FILE", global = true)]
     pub ca_file: Option<std::path::PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]

@@ -1126,6 +1126,50 @@ mod tests {
         );
     }
 
+    #[test]
+    fn tls_settings_name_a_ca_exactly_when_client_certificates_are_asked_for() {
+        let route = "[[sidecar.routes]]\nprefix = \"/x\"\npublic = true\n";
+        let tls = |extra: &str| {
+            sidecar(&format!(
+                "[sidecar.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n{extra}\n{route}"
+            ))
+        };
+        let off = tls("").unwrap().tls.unwrap();
+        assert_eq!(off.client_auth, crate::tls::ClientAuth::Off);
+        assert_eq!(off.cert_file, PathBuf::from("c.pem"));
+        let err = |extra: &str| match tls(extra) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{extra:?} accepted: {other:?}"),
+        };
+        assert_eq!(
+            err("client_ca_file = \"ca.pem\""),
+            "sidecar.tls.client_ca_file",
+            "a CA that does nothing"
+        );
+        assert_eq!(err("client_auth = \"optional\""), "sidecar.tls.client_ca_file");
+        assert_eq!(err("client_auth = \"required\""), "sidecar.tls.client_ca_file");
+        assert!(tls("client_auth = \"sometimes\"\nclient_ca_file = \"ca.pem\"").is_err());
+        let req = tls("client_auth = \"required\"\nclient_ca_file = \"ca.pem\"")
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!(req.client_auth, crate::tls::ClientAuth::Required);
+        assert!(
+            sidecar(&format!("[sidecar.tls]\ncert_file = \"c.pem\"\n{route}")).is_err(),
+            "no key_file"
+        );
+        // Client side: a certificate needs its key.
+        let sync = |extra: &str| {
+            let text = format!("[sidecar]\nupstream = \"127.0.0.1:1\"\n[sidecar.sync]\nadmin_url = \"https://a\"\n{extra}\n{route}");
+            let f = parse_file(&text, std::path::Path::new("t.toml")).unwrap();
+            SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new("k".into()))
+        };
+        assert!(sync("client_cert_file = \"c.pem\"").is_err());
+        let ok =
+            sync("ca_file = \"ca.pem\"\nclient_cert_file = \"c.pem\"\nclient_key_file = \"k.pem\"").unwrap();
+        assert_eq!(ok.sync_tls.ca_file, Some(PathBuf::from("ca.pem")));
+    }
+
     fn sidecar(extra: &str) -> Result<SidecarConfig, ConfigError> {
         let text = format!(
             "[sidecar]\nupstream = \"127.0.0.1:8001\"\n[sidecar.sync]\nadmin_url = \"http://127.0.0.1:8000\"\n{extra}"

@@ -298,3 +298,217 @@ fn a_new_certificate_is_served_without_a_restart_and_a_bad_one_is_refused() {
     assert_eq!(failed, 0);
     drop(side);
 }
+
+/// A sidecar config as text: `sync_extra` goes into `[sidecar.sync]`, `tables` after it.
+fn sidecar_text(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    snapshot: &Path,
+    admin_url: &str,
+    sync_extra: &str,
+    tables: &str,
+) -> String {
+    format!(
+        "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\nsnapshot_file = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\nusage_report_interval_ms = 50\n[sidecar.sync]\nadmin_url = \"{admin_url}\"\nwait_seconds = 5\n{sync_extra}\n{tables}{ROUTES}",
+        snapshot.display()
+    )
+}
+
+fn start_sidecar(
+    text: &str,
+    sync_key: &str,
+    clock: &permiso::core::clock::ManualClock,
+) -> permiso::sidecar::SidecarHandle {
+    let f = permiso::config::parse_file(text, Path::new("tls.toml")).unwrap();
+    let cfg = permiso::config::SidecarConfig::from_file(
+        f.sidecar.as_ref().unwrap(),
+        permiso::core::key::Secret::new(sync_key.to_string()),
+    )
+    .unwrap();
+    permiso::sidecar::start(cfg, std::sync::Arc::new(clock.clone())).unwrap()
+}
+
+#[test]
+fn sync_usage_egress_and_the_cli_reach_an_https_admin_plane_through_a_private_ca() {
+    use crate::common::{start_admin_with, EchoUpstream, ADMIN_KEY};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new(d, "site");
+    let clients = Ca::new(d, "clients");
+    let admin_cert = ca.server("admin", 2040);
+    let clock = permiso::core::clock::ManualClock::starting_now();
+    let (cert, key) = (
+        admin_cert.cert_file.display().to_string(),
+        admin_cert.key_file.display().to_string(),
+    );
+    let admin = start_admin_with(
+        &d.join("permiso.db"),
+        "127.0.0.1:0".parse().unwrap(),
+        &clock,
+        |f| {
+            f.tls = Some(permiso::config::file::ServerTls {
+                cert_file: cert,
+                key_file: key,
+                client_ca_file: None,
+                client_auth: Default::default(),
+            })
+        },
+    );
+    let admin_url = format!("https://127.0.0.1:{}", admin.addr.port());
+    let https = https_client(Some(&ca), None);
+    // Plain HTTP to the admin plane's TLS port gets nothing.
+    assert!(reqwest::blocking::get(format!("http://{}/healthz", admin.addr)).is_err());
+    let create = |name: &str, scopes: Value| -> Value {
+        let r = https
+            .post(format!("{admin_url}/auth/admin/services"))
+            .header("X-Admin-Api-Key", ADMIN_KEY)
+            .json(&json!({"service_name": name, "scopes": scopes}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json().unwrap()
+    };
+    let sync_key = create("sidecar-sync", json!(["sync:read"]))["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let trader = create("trader", json!(["trade:read"]));
+    let trader_key = trader["api_key"].as_str().unwrap().to_string();
+    // Metadata names the HTTPS issuer.
+    let meta: Value = get(
+        &https,
+        &format!("{admin_url}/.well-known/oauth-authorization-server"),
+        None,
+    )
+    .unwrap()
+    .json()
+    .unwrap();
+    assert_eq!(meta["issuer"], admin_url.as_str());
+
+    // A sidecar whose sync trusts the private CA: it syncs, serves, and reports usage.
+    let upstream = EchoUpstream::start();
+    let site = ca.server("sidecar", 2040);
+    let snap = d.join("a.json");
+    let a = start_sidecar(
+        &sidecar_text(
+            free_port(),
+            upstream.addr,
+            &snap,
+            &admin_url,
+            &format!("ca_file = \"{}\"", ca.pem_file.display()),
+            &tls_section("sidecar.tls", &site, Some(&clients), "required"),
+        ),
+        &sync_key,
+        &clock,
+    );
+    let a_url = format!("https://127.0.0.1:{}/api/v1/trades", a.addr.port());
+    let mt5_cert = clients.client("mt5", "spiffe://permiso/mt5");
+    until_ok(&https_client(Some(&ca), Some(&mt5_cert)), &a_url, &trader_key);
+    let started = Instant::now();
+    loop {
+        let v: Value = https
+            .get(format!(
+                "{admin_url}/auth/admin/services/{}",
+                trader["service_id"].as_str().unwrap()
+            ))
+            .header("X-Admin-Api-Key", ADMIN_KEY)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if v["keys"][0]["last_used_at"].is_string() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "usage never reported over HTTPS: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Egress over HTTPS to that sidecar, which requires a client certificate: the egress
+    // presents one and trusts the private CA.
+    let egress_text = sidecar_text(
+        free_port(),
+        upstream.addr,
+        &d.join("b.json"),
+        &admin_url,
+        &format!("ca_file = \"{}\"", ca.pem_file.display()),
+        &format!(
+            "[sidecar.egress]\nlisten = \"127.0.0.1:0\"\n[sidecar.egress.destinations.trades]\nurl = \"https://127.0.0.1:{}\"\napi_key_file = \"{}\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+            a.addr.port(),
+            {
+                let p = d.join("trader.key");
+                std::fs::write(&p, &trader_key).unwrap();
+                p.display().to_string()
+            },
+            ca.pem_file.display(),
+            mt5_cert.cert_file.display(),
+            mt5_cert.key_file.display(),
+        ),
+    );
+    let b = start_sidecar(&egress_text, &sync_key, &clock);
+    let r =
+        reqwest::blocking::get(format!("http://{}/trades/api/v1/trades", b.egress_addr.unwrap())).unwrap();
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().unwrap();
+    assert_eq!(echo["headers"]["x-permiso-service-id"], trader["service_id"]);
+
+    // The CLI, trusting the CA through --ca-file.
+    let cli = |ca_file: Option<&Path>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_permiso"));
+        c.args(["services", "list", "--json"])
+            .env("PERMISO_ADMIN_URL", &admin_url)
+            .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
+            .env("RUST_LOG", "off");
+        if let Some(f) = ca_file {
+            c.arg("--ca-file").arg(f);
+        }
+        c.output().unwrap()
+    };
+    let out = cli(Some(&ca.pem_file));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("trader"));
+    let out = cli(None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TLS failed") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+
+    // A sidecar that cannot verify the admin plane (system roots only): the sync fails with
+    // cause "tls", and it serves from the snapshot file sidecar A wrote.
+    let c_snap = d.join("c.json");
+    std::fs::copy(&snap, &c_snap).unwrap();
+    let c = start_sidecar(
+        &sidecar_text(free_port(), upstream.addr, &c_snap, &admin_url, "", ""),
+        &sync_key,
+        &clock,
+    );
+    let health = c.health_addr.unwrap();
+    let plain = reqwest::blocking::Client::new();
+    let started = Instant::now();
+    while scrape(
+        &plain,
+        &format!("http://{health}/metrics"),
+        "permiso_sidecar_sync_failures_total{cause=\"tls\"}",
+    )
+    .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no TLS sync failure counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = get(
+        &plain,
+        &format!("http://{}/api/v1/trades", c.addr),
+        Some(&trader_key),
+    )
+    .unwrap();
+    assert_eq!(r.status(), 200, "serving from the snapshot file");
+    drop((a, b, c, admin));
+}
