@@ -38,6 +38,14 @@ CREATE INDEX IF NOT EXISTS services_by_version ON services (version);
 
 -- API keys (kind 'api_key') and OAuth2 client secrets (kind 'client_secret') share one
 -- lifecycle: issue, rotate with a grace window, revoke.
+-- Client-certificate identities (canonical: spiffe://<domain>/<path> or dns:<name>), each
+-- belonging to one service at most: a certificate carrying it authenticates as that service.
+CREATE TABLE IF NOT EXISTS tls_identities (
+    identity   TEXT PRIMARY KEY,
+    service_id TEXT NOT NULL REFERENCES services(id)
+);
+CREATE INDEX IF NOT EXISTS tls_identities_by_service ON tls_identities (service_id);
+
 CREATE TABLE IF NOT EXISTS credentials (
     id             TEXT PRIMARY KEY,
     service_id     TEXT NOT NULL REFERENCES services (id),

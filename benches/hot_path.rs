@@ -32,6 +32,7 @@ fn snapshot(n: usize) -> (Snapshot, String) {
                 })
                 .collect();
             SyncService {
+                tls_identities: vec![],
                 service_id: format!("srv_{s}"),
                 service_name: format!("service-{s}"),
                 environment: Environment::Live,
@@ -134,6 +135,7 @@ fn benches(c: &mut Criterion) {
             path: "/api/v1/trades/42",
             authorization: Authorization::One(black_box(header)),
             client_ip: Some([127, 0, 0, 1].into()),
+            peer: None,
         };
         decide(&routes, Some(snap), Environment::Live, &facts, now_nanos, policy).is_ok()
     };

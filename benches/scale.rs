@@ -24,6 +24,7 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 const KEYS_PER_SERVICE: usize = 10;
 
 fn service(i: usize, keys: Vec<SyncKey>) -> SyncService {
+    tls_identities: vec![],
     SyncService {
         service_id: format!("srv_{i:022}"),
         service_name: format!("service-{i}"),
@@ -144,6 +145,7 @@ fn main() {
                 path: "/api/v1/trades/1",
                 authorization: Authorization::One(black_box(&header)),
                 client_ip: None,
+                peer: None,
             };
             assert!(decide(
                 &routes,

@@ -56,6 +56,7 @@ fn sync_key(id: &str, secret: &str, expires_at: Option<i64>) -> SyncKey {
 }
 
 fn service(id: &str, env: Environment, scopes: &[&str], keys: Vec<SyncKey>) -> SyncService {
+    tls_identities: vec![],
     SyncService {
         service_id: id.into(),
         service_name: format!("name-{id}"),
@@ -195,6 +196,7 @@ fuzz_target!(|data: &[u8]| {
         path: &path,
         authorization,
         client_ip,
+        peer: None,
     };
     // With and without the token cache: the cached path re-judges a verified token, and must
     // reach the same verdict.
@@ -219,7 +221,7 @@ fuzz_target!(|data: &[u8]| {
                         assert!(j.required(method, &canonical).next().is_none(), "public with a protected route: {path:?}");
                         "public".to_string()
                     }
-                    Verdict::Allowed { principal, rate } => {
+                    Verdict::Allowed { principal, rate, .. } => {
                         let snap = snapshot.expect("allowed without a snapshot");
                         let svc = &principal.service;
                         assert!(!svc.disabled);

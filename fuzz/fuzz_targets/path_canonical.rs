@@ -79,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
     for t in tables() {
         assert_eq!(judged(t, method, forwarded), judged(t, method, &canonicalize(forwarded).unwrap()));
         let decide = |path: &str| {
-            let facts = RequestFacts { method, path, authorization: Authorization::Absent, client_ip: None };
+            let facts = RequestFacts { method, path, authorization: Authorization::Absent, client_ip: None , peer: None };
             match decision::decide(t, None, Environment::Live, &facts, 0, &policy) {
                 Ok(p) => format!("{:?}", p.verdict),
                 Err(d) => format!("{d:?}"),

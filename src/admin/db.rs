@@ -38,6 +38,7 @@ pub struct NewService {
     pub rate_limit_per_hour: Option<u32>,
     pub allowed_ips: Vec<String>,
     pub access_token_lifetime: u32,
+    pub tls_identities: Vec<String>,
 }
 
 /// The two credential kinds share one lifecycle (issue, rotate with grace, revoke).
@@ -85,6 +86,8 @@ pub struct ServicePatch {
     pub disabled: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_token_lifetime: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_identities: Option<Vec<String>>,
 }
 
 /// Who asked for a change, as the audit log records it.
@@ -222,6 +225,7 @@ pub struct ServiceRecord {
     pub access_token_lifetime: u32,
     /// Access tokens with an `iat` before this are refused (set on disable).
     pub tokens_not_before: i64,
+    pub tls_identities: Vec<String>,
     pub created_at: i64,
     pub updated_at: i64,
     pub keys: Vec<KeyRecord>,
@@ -295,6 +299,7 @@ fn raw_service(r: &Row<'_>) -> rusqlite::Result<RawService> {
             updated_at: r.get(12)?,
             access_token_lifetime: r.get(13)?,
             tokens_not_before: r.get(14)?,
+            tls_identities: vec![],
             keys: vec![],
             secrets: vec![],
         },
@@ -343,7 +348,33 @@ fn load_service(conn: &Connection, id: &str) -> StoreResult<ServiceRecord> {
     let mut rec = finish(raw)?;
     rec.keys = load_keys(conn, &rec.id, CredentialKind::ApiKey)?;
     rec.secrets = load_keys(conn, &rec.id, CredentialKind::ClientSecret)?;
+    rec.tls_identities = load_identities(conn, &rec.id)?;
     Ok(rec)
+}
+
+fn load_identities(conn: &Connection, service_id: &str) -> StoreResult<Vec<String>> {
+    let mut st =
+        conn.prepare_cached("SELECT identity FROM tls_identities WHERE service_id = ?1 ORDER BY rowid")?;
+    let rows = st.query_map([service_id], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+}
+
+/// Replaces a service's identities; one held by another service is a conflict.
+fn set_identities(tx: &Transaction<'_>, service_id: &str, identities: &[String]) -> StoreResult<()> {
+    tx.execute("DELETE FROM tls_identities WHERE service_id = ?1", [service_id])?;
+    for i in identities {
+        if let Err(e) = tx.execute(
+            "INSERT INTO tls_identities (identity, service_id) VALUES (?1, ?2)",
+            params![i, service_id],
+        ) {
+            return Err(if is_unique_violation(&e) {
+                StoreError::Conflict(format!("the identity {i:?} belongs to another service"))
+            } else {
+                e.into()
+            });
+        }
+    }
+    Ok(())
 }
 
 fn bump_version(tx: &Transaction<'_>) -> StoreResult<u64> {
@@ -421,7 +452,9 @@ fn insert_credential(
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(
         e,
-        rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
     )
 }
 
@@ -588,6 +621,7 @@ impl Store {
         }
         insert_credential(&tx, id, CredentialKind::ApiKey, key.0, key.1, now)?;
         insert_credential(&tx, id, CredentialKind::ClientSecret, secret.0, secret.1, now)?;
+        set_identities(&tx, id, &s.tls_identities)?;
         let rec = load_service(&tx, id)?;
         let mut change = serde_json::to_value(s).unwrap_or_default();
         change["key_id"] = key.0.into();
@@ -676,6 +710,9 @@ impl Store {
                 id
             ],
         )?;
+        if let Some(ids) = &p.tls_identities {
+            set_identities(&tx, id, ids)?;
+        }
         if p.disabled == Some(true) && !cur.disabled {
             // Every access token issued so far dies with the disable, for good: tokens carry
             // whole seconds, so the floor is the next second.
@@ -1141,6 +1178,7 @@ impl Store {
                     rate_limit_per_hour: rec.rate_limit_per_hour,
                     allowed_ips: rec.allowed_ips,
                     tokens_not_before: rec.tokens_not_before,
+                    tls_identities: rec.tls_identities,
                     keys,
                 });
             }

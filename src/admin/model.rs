@@ -39,6 +39,8 @@ pub struct CreateService {
     pub contact_email: Option<String>,
     /// Seconds; default 3600, 60..=86400.
     pub access_token_lifetime: Option<u32>,
+    /// Client-certificate identities (`spiffe://…` URI SANs, `dns:<name>` DNS SANs).
+    pub tls_identities: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +59,7 @@ pub struct PatchService {
     pub is_trusted: Option<bool>,
     pub disabled: Option<bool>,
     pub access_token_lifetime: Option<u32>,
+    pub tls_identities: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,6 +103,29 @@ fn validate_limit(field: &str, v: Option<u32>) -> Result<Option<u32>, ApiError> 
         ))),
         other => Ok(other),
     }
+}
+
+/// Client-certificate identities per service.
+pub const MAX_TLS_IDENTITIES: usize = 10;
+
+fn validate_identities(ids: &[String]) -> Result<Vec<String>, ApiError> {
+    if ids.len() > MAX_TLS_IDENTITIES {
+        return Err(ApiError::bad_request(format!(
+            "tls_identities: at most {MAX_TLS_IDENTITIES} entries"
+        )));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(ids.len());
+    for id in ids {
+        let c = crate::core::peer::canonical_identity(id)
+            .map_err(|e| ApiError::bad_request(format!("tls_identities: {id:?}: {e}")))?;
+        if out.contains(&c) {
+            return Err(ApiError::bad_request(format!(
+                "tls_identities: {id:?} is listed twice"
+            )));
+        }
+        out.push(c);
+    }
+    Ok(out)
 }
 
 fn validate_ips(ips: &[String]) -> Result<Vec<String>, ApiError> {
@@ -176,6 +202,7 @@ impl CreateService {
             allowed_ips: validate_ips(self.allowed_ips.as_deref().unwrap_or(&[]))?,
             access_token_lifetime: validate_lifetime(self.access_token_lifetime)?
                 .unwrap_or(DEFAULT_TOKEN_LIFETIME),
+            tls_identities: validate_identities(self.tls_identities.as_deref().unwrap_or(&[]))?,
         })
     }
 }
@@ -198,6 +225,11 @@ impl PatchService {
             is_trusted: self.is_trusted,
             disabled: self.disabled,
             access_token_lifetime: validate_lifetime(self.access_token_lifetime)?,
+            tls_identities: self
+                .tls_identities
+                .as_deref()
+                .map(validate_identities)
+                .transpose()?,
         };
         let empty = p.scopes.is_none()
             && p.rate_limit_per_minute.is_none()
@@ -207,7 +239,8 @@ impl PatchService {
             && p.contact_email.is_none()
             && p.is_trusted.is_none()
             && p.disabled.is_none()
-            && p.access_token_lifetime.is_none();
+            && p.access_token_lifetime.is_none()
+            && p.tls_identities.is_none();
         if empty {
             return Err(ApiError::bad_request("the patch changes nothing"));
         }
@@ -265,6 +298,7 @@ pub struct ServiceView {
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
     pub allowed_ips: Vec<String>,
+    pub tls_identities: Vec<String>,
     pub disabled: bool,
     /// The OAuth2 client id: the service id.
     pub client_id: String,
@@ -292,6 +326,7 @@ impl ServiceView {
             rate_limit_per_minute: s.rate_limit_per_minute,
             rate_limit_per_hour: s.rate_limit_per_hour,
             allowed_ips: s.allowed_ips,
+            tls_identities: s.tls_identities,
             disabled: s.disabled,
             created_at: rfc3339(s.created_at),
             updated_at: rfc3339(s.updated_at),

@@ -300,7 +300,10 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
             let cert = crate::tls::ReloadingCert::load("sidecar", t.cert_file.clone(), t.key_file.clone())?;
             // pingora's rustls listener: TLS 1.2 and 1.3 only; our resolver (reloaded without a
             // restart) and client-certificate verifier.
-            let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")?;
+            // The callback reads a client certificate's identities once per connection.
+            let mut settings = pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(
+                crate::tls::peer::PeerCertCallback,
+            ))?;
             settings.set_cert_resolver(cert.clone());
             if let Some(v) = crate::tls::client_verifier(t)? {
                 settings.set_client_cert_verifier(v);

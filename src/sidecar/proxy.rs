@@ -247,6 +247,10 @@ impl ProxyHttp for SidecarProxy {
                 path: req.uri.path(),
                 authorization,
                 client_ip: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
+                peer: session
+                    .digest()
+                    .and_then(|d| d.ssl_digest.as_ref())
+                    .and_then(|s| s.extension.get::<crate::core::peer::PeerCert>()),
             };
             let tokens = TokenPolicy {
                 audience: &live.tokens.audience,
@@ -356,8 +360,15 @@ impl ProxyHttp for SidecarProxy {
         set_forwarding(upstream, peer, mode)?;
         upstream.insert_header("X-Request-Id", ctx.request_id.clone())?;
         match &ctx.verdict {
-            Some(Verdict::Allowed { principal, .. }) => {
+            Some(Verdict::Allowed {
+                principal,
+                cert_identity,
+                ..
+            }) => {
                 upstream.remove_header(&http::header::AUTHORIZATION);
+                if let Some(identity) = cert_identity {
+                    upstream.insert_header("X-Permiso-Client-Cert-Identity", identity.clone())?;
+                }
                 let s = &principal.service;
                 // Prebuilt values: each insert clones a reference count.
                 upstream.insert_header("X-Permiso-Service-Id", s.id_header.clone())?;
@@ -370,6 +381,8 @@ impl ProxyHttp for SidecarProxy {
                     Credential::AccessToken(t) => {
                         upstream.insert_header("X-Permiso-Token-Id", t.jti_header.clone())?
                     }
+                    // The identity is in X-Permiso-Client-Cert-Identity.
+                    Credential::ClientCert { .. } => {}
                 }
                 let env = HeaderValue::from_static(s.environment.as_str());
                 upstream.insert_header("X-Permiso-Environment", env)?;
@@ -407,7 +420,7 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         response.insert_header("X-Request-Id", ctx.request_id.clone())?;
-        if let Some(Verdict::Allowed { principal, rate }) = &ctx.verdict {
+        if let Some(Verdict::Allowed { principal, rate, .. }) = &ctx.verdict {
             if let Some(value) = rate.header() {
                 response.insert_header("RateLimit-Policy", principal.service.policy_header.clone())?;
                 response.insert_header("RateLimit", value)?;

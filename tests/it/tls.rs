@@ -512,3 +512,130 @@ fn sync_usage_egress_and_the_cli_reach_an_https_admin_plane_through_a_private_ca
     assert_eq!(r.status(), 200, "serving from the snapshot file");
     drop((a, b, c, admin));
 }
+
+/// A client certificate mapped to a service is its credential: identity headers upstream,
+/// scopes enforced, a bearer credential of another service over it refused, and removing the
+/// mapping at the admin plane stops it within a second. Identities are unique and canonical.
+#[test]
+fn a_mapped_client_certificate_authenticates_as_its_service() {
+    let h = Harness::start();
+    let mt5 = h.create(json!({"service_name": "mt5", "scopes": ["trade:read"],
+        "tls_identities": ["SPIFFE://Permiso/mt5", "dns:MT5.internal"]}));
+    let acct = h.create(json!({"service_name": "acct", "scopes": ["account:read"],
+        "tls_identities": ["spiffe://permiso/acct"]}));
+    // Stored in canonical form, shown on the service.
+    let (_, v) = h.admin_req(
+        reqwest::Method::GET,
+        &format!("/auth/admin/services/{}", mt5.service_id),
+        None,
+    );
+    assert_eq!(
+        v["tls_identities"],
+        json!(["spiffe://permiso/mt5", "dns:mt5.internal"])
+    );
+    // One identity, one service: 409, and nothing written.
+    let (s, v) = h.admin_req(
+        reqwest::Method::POST,
+        "/auth/admin/services",
+        Some(
+            json!({"service_name": "thief", "tls_identities": ["spiffe://permiso/MT5", "dns:mt5.internal"]}),
+        ),
+    );
+    assert_eq!((s, v["error"].as_str()), (409, Some("conflict")), "{v}");
+    let (s, _) = h.admin_req(reqwest::Method::GET, "/auth/admin/services?limit=100", None);
+    assert_eq!(s, 200);
+    assert!(
+        !h.list_all().to_string().contains("thief"),
+        "the refused service was written"
+    );
+    for bad in ["CN=mt5", "spiffe://permiso/../x", "https://mt5", "dns:*.internal"] {
+        let (s, v) = h.admin_req(
+            reqwest::Method::PATCH,
+            &format!("/auth/admin/services/{}", acct.service_id),
+            Some(json!({"tls_identities": [bad]})),
+        );
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{bad}: {v}"
+        );
+        assert!(v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("tls_identities"));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "site");
+    let clients = Ca::new(dir.path(), "clients");
+    let server = ca.server("sidecar", 2040);
+    let mt5_cert = clients.client("mt5", "spiffe://permiso/mt5");
+    let acct_cert = clients.client("acct", "spiffe://permiso/acct");
+    let (side, addr) = tls_sidecar(
+        &h,
+        dir.path(),
+        &tls_section("sidecar.tls", &server, Some(&clients), "optional"),
+    );
+    let url = format!("https://127.0.0.1:{}/api/v1/trades", addr.port());
+    let as_mt5 = https_client(Some(&ca), Some(&mt5_cert));
+    until_ok(&as_mt5, &url, &mt5.api_key);
+
+    // The certificate alone: mt5, with its identity.
+    let r = get(&as_mt5, &url, None).unwrap();
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().unwrap();
+    assert_eq!(echo["headers"]["x-permiso-service-id"], mt5.service_id.as_str());
+    assert_eq!(
+        echo["headers"]["x-permiso-client-cert-identity"],
+        "spiffe://permiso/mt5"
+    );
+    assert!(echo["headers"].get("authorization").is_none());
+    // acct's certificate lacks the route's scope.
+    let as_acct = https_client(Some(&ca), Some(&acct_cert));
+    let r = get(&as_acct, &url, None).unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().unwrap()["error"], "insufficient_scope");
+    // mt5's key over acct's certificate: 401 invalid_token; over its own: 200.
+    let r = get(&as_acct, &url, Some(&mt5.api_key)).unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().unwrap()["error"], "invalid_token");
+    assert_eq!(get(&as_mt5, &url, Some(&mt5.api_key)).unwrap().status(), 200);
+    // A caller sending its own identity header gets it replaced, not forwarded.
+    let echo: Value = as_mt5
+        .get(&url)
+        .header("X-Permiso-Client-Cert-Identity", "spiffe://permiso/admin")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        echo["headers"]["x-permiso-client-cert-identity"],
+        "spiffe://permiso/mt5"
+    );
+
+    // The mapping removed at the admin plane: the certificate alone is no credential within 1 s.
+    let (s, _) = h.admin_req(
+        reqwest::Method::PATCH,
+        &format!("/auth/admin/services/{}", mt5.service_id),
+        Some(json!({"tls_identities": []})),
+    );
+    assert_eq!(s, 200);
+    let started = Instant::now();
+    loop {
+        let r = get(&as_mt5, &url, None).unwrap();
+        if r.status() == 401 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "still {} after 1 s",
+            r.status()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    eprintln!(
+        "certificate mapping removal reached the sidecar in {:?}",
+        started.elapsed()
+    );
+    drop(side);
+}

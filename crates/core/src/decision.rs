@@ -24,6 +24,8 @@ pub struct RequestFacts<'a> {
     pub path: &'a str,
     pub authorization: Authorization<'a>,
     pub client_ip: Option<IpAddr>,
+    /// The verified client certificate of the connection, if any.
+    pub peer: Option<&'a crate::peer::PeerCert>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,10 @@ pub enum Credential {
         slot: u32,
     },
     AccessToken(Arc<VerifiedToken>),
+    /// A verified client certificate carrying `identity`, mapped to the service.
+    ClientCert {
+        identity: Arc<str>,
+    },
 }
 
 /// Who is calling, once authenticated.
@@ -55,7 +61,7 @@ impl Principal {
     /// An API key acts with its service's scopes; a token with the scopes it was granted.
     pub fn scopes_header(&self) -> &http::HeaderValue {
         match &self.credential {
-            Credential::ApiKey { .. } => &self.service.scopes_header,
+            Credential::ApiKey { .. } | Credential::ClientCert { .. } => &self.service.scopes_header,
             Credential::AccessToken(t) => &t.scopes_header,
         }
     }
@@ -64,7 +70,7 @@ impl Principal {
     pub fn record_use(&self, now_secs: i64) {
         let slot = match &self.credential {
             Credential::ApiKey { slot, .. } => Some(*slot),
-            Credential::AccessToken(_) => None,
+            Credential::AccessToken(_) | Credential::ClientCert { .. } => None,
         };
         self.service.usage.record(slot, now_secs);
     }
@@ -74,6 +80,7 @@ impl Principal {
         match &self.credential {
             Credential::ApiKey { key_id, .. } => key_id,
             Credential::AccessToken(t) => &t.jti,
+            Credential::ClientCert { identity } => identity,
         }
     }
 }
@@ -90,12 +97,13 @@ pub struct TokenPolicy<'a> {
 pub enum Verdict {
     /// A public route: forward without identity, and without the caller's `Authorization`
     /// unless the route says otherwise.
-    Public {
-        forward_authorization: bool,
-    },
+    Public { forward_authorization: bool },
     Allowed {
         principal: Principal,
         rate: RateStatus,
+        /// `X-Permiso-Client-Cert-Identity`: the identity of the connection's certificate
+        /// that belongs to the calling service, when there is one.
+        cert_identity: Option<http::HeaderValue>,
     },
 }
 
@@ -256,7 +264,7 @@ pub fn authorize(principal: &Principal, route: &Route, client_ip: Option<IpAddr>
         // A token never grants more than its service holds now, even if the admin narrowed
         // the service after the token was issued.
         let token_ok = match &principal.credential {
-            Credential::ApiKey { .. } => true,
+            Credential::ApiKey { .. } | Credential::ClientCert { .. } => true,
             Credential::AccessToken(t) => t.scopes.allows_all(needed),
         };
         if !token_ok || !principal.service.scopes.allows_all(needed) {
@@ -316,19 +324,92 @@ fn judge(
             forward_authorization: judgement.public.is_some_and(|r| r.forward_authorization),
         });
     }
-    let token = bearer_token(req.authorization)?.ok_or(Denial::MissingCredential)?;
+    let token = bearer_token(req.authorization)?;
+    if token.is_none() && req.peer.is_none() {
+        return Err(Denial::MissingCredential);
+    }
     let snapshot = snapshot.ok_or(Denial::NoSnapshot)?;
     let now_secs = (now_nanos / 1_000_000_000) as i64;
-    let principal = if jwt::looks_like_jwt(token) {
-        authenticate_token(snapshot, environment, token, tokens, now_secs)?
-    } else {
-        authenticate(snapshot, environment, token, now_secs)?
+    let by_cert = match req.peer {
+        Some(p) => certificate_service(snapshot, p)?,
+        None => None,
+    };
+    // A bearer credential decides who calls; a certificate mapped to a service must then be
+    // that service's. Without one, a mapped certificate is the credential.
+    let principal = match (token, &by_cert) {
+        (Some(token), _) => {
+            let p = if jwt::looks_like_jwt(token) {
+                authenticate_token(snapshot, environment, token, tokens, now_secs)?
+            } else {
+                authenticate(snapshot, environment, token, now_secs)?
+            };
+            if by_cert.as_ref().is_some_and(|(s, _)| s.id != p.service.id) {
+                return Err(Denial::InvalidToken(InvalidToken::CertificateOfAnotherService));
+            }
+            p
+        }
+        (None, Some((service, i))) => authenticate_certificate(service, *i, environment)?,
+        (None, None) => return Err(Denial::MissingCredential),
     };
     for route in required {
         authorize(&principal, route, req.client_ip)?;
     }
     let rate = rate_limit(&principal, now_nanos)?;
-    Ok(Verdict::Allowed { principal, rate })
+    let cert_identity = by_cert.map(|(s, i)| s.identity_headers[i].clone());
+    Ok(Verdict::Allowed {
+        principal,
+        rate,
+        cert_identity,
+    })
+}
+
+/// The one service the certificate's identities belong to (with the index of the matching
+/// identity in that service's list), None when none does, refused when several do.
+fn certificate_service(
+    snapshot: &Snapshot,
+    peer: &crate::peer::PeerCert,
+) -> Result<Option<(Arc<ServiceEntry>, usize)>, Denial> {
+    let mut found: Option<(Arc<ServiceEntry>, usize)> = None;
+    for identity in &peer.identities {
+        let Some(service) = snapshot.service_by_identity(identity) else {
+            continue;
+        };
+        match &found {
+            Some((s, _)) if s.id != service.id => {
+                return Err(Denial::InvalidToken(InvalidToken::CertificateAmbiguous))
+            }
+            Some(_) => {}
+            None => {
+                let i = service
+                    .tls_identities
+                    .iter()
+                    .position(|x| **x == **identity)
+                    .expect("the identity map and the service agree");
+                found = Some((service.clone(), i));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A certificate mapped to `service` (its identity number `i`) as the credential.
+fn authenticate_certificate(
+    service: &Arc<ServiceEntry>,
+    i: usize,
+    environment: Environment,
+) -> Result<Principal, Denial> {
+    if service.environment != environment {
+        return Err(Denial::InvalidToken(InvalidToken::WrongEnvironment));
+    }
+    if service.disabled {
+        return Err(Denial::InvalidToken(InvalidToken::ServiceDisabled));
+    }
+    Ok(Principal {
+        service: service.clone(),
+        credential: Credential::ClientCert {
+            identity: service.tls_identities[i].clone(),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -391,6 +472,7 @@ mod tests {
                 None => Authorization::Absent,
             },
             client_ip: Some(ip.parse().unwrap()),
+            peer: None,
         };
         decide(
             &f.routes,
@@ -401,6 +483,122 @@ mod tests {
             &NO_TOKENS,
         )
         .map(|p| p.verdict)
+    }
+
+    /// A client certificate: alone it is the credential of the service its identity maps
+    /// to; beside a bearer credential it must be that credential's service's; identities of
+    /// two services, or of none, authenticate nothing.
+    #[test]
+    fn client_certificates_authenticate_as_their_service() {
+        let (ka, kb) = (key::generate(Environment::Live), key::generate(Environment::Live));
+        let mut a = service("srv_a", &["trade:read"], vec![sync_key("key_a", &ka)]);
+        a.tls_identities = vec!["spiffe://permiso/a".into(), "dns:a.internal".into()];
+        let mut b = service("srv_b", &["other:read"], vec![sync_key("key_b", &kb)]);
+        b.tls_identities = vec!["spiffe://permiso/b".into()];
+        let payload = SyncPayload {
+            epoch: "e".into(),
+            version: 1,
+            full: true,
+            services: vec![a, b],
+            ..Default::default()
+        };
+        let snap = Snapshot::from_full(&payload, Environment::Live, None).unwrap();
+        let routes = RouteTable::new(vec![Route::new(
+            vec![],
+            "/t".into(),
+            Access::Scopes(vec![Scope::parse("trade:read").unwrap()]),
+        )]);
+        let cert = |ids: &[&str]| crate::peer::PeerCert {
+            identities: ids.iter().map(|s| s.to_string()).collect(),
+            x5t_s256: "x".into(),
+        };
+        let run = |peer: Option<&crate::peer::PeerCert>, auth: Option<String>| {
+            let header = auth.map(String::into_bytes);
+            let facts = RequestFacts {
+                method: "GET",
+                path: "/t",
+                authorization: header
+                    .as_deref()
+                    .map_or(Authorization::Absent, Authorization::One),
+                client_ip: None,
+                peer,
+            };
+            decide(&routes, Some(&snap), Environment::Live, &facts, NOW, &NO_TOKENS).map(|p| p.verdict)
+        };
+        // The second SAN maps: authenticated as srv_a, identity forwarded.
+        let a_cert = cert(&["spiffe://elsewhere/x", "dns:a.internal"]);
+        match run(Some(&a_cert), None).unwrap() {
+            Verdict::Allowed {
+                principal,
+                cert_identity,
+                ..
+            } => {
+                assert_eq!(&*principal.service.id, "srv_a");
+                assert_eq!(principal.credential_id(), "dns:a.internal");
+                assert_eq!(cert_identity.unwrap(), "dns:a.internal");
+            }
+            v => panic!("{v:?}"),
+        }
+        // srv_b's certificate: authenticated, but srv_b lacks the route's scope.
+        assert!(matches!(
+            run(Some(&cert(&["spiffe://permiso/b"])), None),
+            Err(Denial::InsufficientScope { .. })
+        ));
+        // An unmapped certificate is no credential.
+        assert_eq!(
+            run(Some(&cert(&["spiffe://permiso/z"])), None).unwrap_err(),
+            Denial::MissingCredential
+        );
+        // Identities of two services: refused.
+        assert_eq!(
+            run(Some(&cert(&["spiffe://permiso/a", "spiffe://permiso/b"])), None).unwrap_err(),
+            Denial::InvalidToken(InvalidToken::CertificateAmbiguous)
+        );
+        // A bearer key decides; over its own service's certificate the identity is forwarded.
+        match run(Some(&a_cert), bearer(&ka)).unwrap() {
+            Verdict::Allowed {
+                principal,
+                cert_identity,
+                ..
+            } => {
+                assert_eq!(principal.credential_id(), "key_a");
+                assert!(cert_identity.is_some());
+            }
+            v => panic!("{v:?}"),
+        }
+        // srv_b's key over srv_a's certificate, or srv_a's key over srv_b's: 401.
+        assert_eq!(
+            run(Some(&a_cert), bearer(&kb)).unwrap_err(),
+            Denial::InvalidToken(InvalidToken::CertificateOfAnotherService)
+        );
+        assert_eq!(
+            run(Some(&cert(&["spiffe://permiso/b"])), bearer(&ka)).unwrap_err(),
+            Denial::InvalidToken(InvalidToken::CertificateOfAnotherService)
+        );
+        // A key over an unmapped certificate: the key decides.
+        assert!(run(Some(&cert(&["spiffe://permiso/z"])), bearer(&ka)).is_ok());
+        // One identity in two services' lists: the payload is refused whole.
+        let mut dup = payload.clone();
+        dup.services[1].tls_identities = vec!["dns:a.internal".into()];
+        assert!(matches!(
+            Snapshot::from_full(&dup, Environment::Live, None),
+            Err(crate::snapshot::SnapshotError::DuplicateIdentity(_))
+        ));
+        let mut odd = payload.clone();
+        odd.services[0].tls_identities = vec!["DNS:A.internal".into()];
+        assert!(
+            Snapshot::from_full(&odd, Environment::Live, None).is_err(),
+            "not canonical"
+        );
+        // A delta that drops srv_a's identities frees them.
+        let mut delta = payload.clone();
+        delta.full = false;
+        delta.version = 2;
+        delta.services = vec![payload.services[0].clone()];
+        delta.services[0].tls_identities.clear();
+        let next = snap.apply_delta(&delta).unwrap();
+        assert!(next.service_by_identity("dns:a.internal").is_none());
+        assert!(next.service_by_identity("spiffe://permiso/b").is_some());
     }
 
     const NO_TOKENS: TokenPolicy<'static> = TokenPolicy {
@@ -508,6 +706,7 @@ mod tests {
                 path: p,
                 authorization: h.as_deref().map_or(Authorization::Absent, Authorization::One),
                 client_ip: Some("127.0.0.1".parse().unwrap()),
+                peer: None,
             };
             decide(
                 &f.routes,
@@ -558,6 +757,7 @@ mod tests {
             path: "/pub/SECRET",
             authorization: Authorization::Absent,
             client_ip: None,
+            peer: None,
         };
         assert_eq!(
             decide(&routes, Some(&f.snap), Environment::Live, &facts, NOW, &NO_TOKENS).unwrap_err(),
@@ -570,6 +770,7 @@ mod tests {
                 path: "/api/v1/trades",
                 authorization: Authorization::Absent,
                 client_ip: None,
+                peer: None,
             };
             assert_eq!(
                 decide(
@@ -628,6 +829,7 @@ mod tests {
             path: "/api/v1/trades",
             authorization: Authorization::Absent,
             client_ip: None,
+            peer: None,
         };
         assert_eq!(
             decide(&f.routes, None, Environment::Live, &facts, NOW, &NO_TOKENS).unwrap_err(),
@@ -691,6 +893,7 @@ mod tests {
             path: "/api/v1/trades",
             authorization: Authorization::One(&h),
             client_ip: None,
+            peer: None,
         };
         assert_eq!(
             decide(&f.routes, None, Environment::Live, &facts, NOW, &NO_TOKENS).unwrap_err(),
@@ -793,6 +996,7 @@ mod tests {
                 path,
                 authorization: Authorization::One(&h),
                 client_ip: None,
+                peer: None,
             };
             let policy = TokenPolicy {
                 audience: "permiso",
@@ -906,6 +1110,7 @@ mod tests {
                 path: "/t",
                 authorization: Authorization::One(&h),
                 client_ip: None,
+                peer: None,
             };
             let reloaded = TokenPolicy {
                 audience: "another-audience",

@@ -22,11 +22,15 @@ pub enum InvalidToken {
     Jwt(JwtError),
     /// A valid token whose client no longer exists in the snapshot.
     UnknownClient,
+    /// A bearer credential of one service over a client certificate of another.
+    CertificateOfAnotherService,
+    /// A client certificate whose identities belong to more than one service.
+    CertificateAmbiguous,
 }
 
 impl InvalidToken {
     /// Every reason except the JWT ones (`JwtError::ALL` has those).
-    pub const NOT_JWT: [InvalidToken; 7] = [
+    pub const NOT_JWT: [InvalidToken; 9] = [
         InvalidToken::Malformed,
         InvalidToken::BadChecksum,
         InvalidToken::WrongEnvironment,
@@ -34,6 +38,8 @@ impl InvalidToken {
         InvalidToken::GraceEnded,
         InvalidToken::ServiceDisabled,
         InvalidToken::UnknownClient,
+        InvalidToken::CertificateOfAnotherService,
+        InvalidToken::CertificateAmbiguous,
     ];
 }
 
@@ -123,6 +129,8 @@ impl Denial {
                 InvalidToken::ServiceDisabled => "service_disabled",
                 InvalidToken::Jwt(e) => e.reason(),
                 InvalidToken::UnknownClient => "jwt_unknown_client",
+                InvalidToken::CertificateOfAnotherService => "certificate_of_another_service",
+                InvalidToken::CertificateAmbiguous => "certificate_ambiguous",
             },
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::IpNotAllowed => "ip_not_allowed",
@@ -290,9 +298,9 @@ mod tests {
     fn every_kind_covers_each_reason_once() {
         let all = Denial::every_kind();
         let reasons: std::collections::HashSet<_> = all.iter().map(|d| d.reason()).collect();
-        // 8 + 2 rate windows + 7 key reasons + 11 JWT reasons; path errors share one reason.
+        // 8 + 2 rate windows + 9 credential reasons + 11 JWT reasons; path errors share one reason.
         assert_eq!(reasons.len(), all.len());
-        assert_eq!(reasons.len(), 29);
+        assert_eq!(reasons.len(), 31);
         let outcomes: std::collections::HashSet<_> = all.iter().map(|d| d.outcome()).collect();
         for o in [
             "missing",

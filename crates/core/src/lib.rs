@@ -13,6 +13,7 @@ pub mod ids;
 pub mod jwt;
 pub mod key;
 pub mod path;
+pub mod peer;
 pub mod ratelimit;
 pub mod request_id;
 pub mod routes;

@@ -33,6 +33,10 @@ pub enum SnapshotError {
     DuplicateKey { key_id: String },
     #[error("service id {0} appears twice")]
     DuplicateService(String),
+    #[error("service {service}: {identity:?} is not a canonical client-certificate identity")]
+    Identity { service: String, identity: String },
+    #[error("client-certificate identity {0} belongs to two services")]
+    DuplicateIdentity(String),
     #[error("delta for epoch {got} cannot apply to a snapshot of epoch {have}")]
     EpochMismatch { have: String, got: String },
     #[error("delta to version {got} does not advance version {have}")]
@@ -101,6 +105,10 @@ pub struct ServiceEntry {
     pub keys: Vec<KeyHash>,
     /// Request count and key last-used marks, carried across rebuilds.
     pub usage: ServiceUsage,
+    /// Client-certificate identities of this service (canonical), so a delta can drop them.
+    pub tls_identities: Vec<Arc<str>>,
+    /// `X-Permiso-Client-Cert-Identity` values, one per identity, built once.
+    pub identity_headers: Vec<HeaderValue>,
 }
 
 impl ServiceEntry {
@@ -150,6 +158,8 @@ impl Shard for KeyHash {
 /// Sharded copy-on-write maps: a delta copies only the shards it touches.
 type KeyMap = ShardedMap<KeyHash, KeyEntry, BuildHasherDefault<KeyHashHasher>>;
 type ServiceMap = ShardedMap<Arc<str>, Arc<ServiceEntry>, std::collections::hash_map::RandomState>;
+/// Client-certificate identity → the service it authenticates as.
+type IdentityMap = ShardedMap<Arc<str>, Arc<ServiceEntry>, std::collections::hash_map::RandomState>;
 
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -158,6 +168,7 @@ pub struct Snapshot {
     pub environment: Environment,
     services: ServiceMap,
     keys: KeyMap,
+    identities: IdentityMap,
     pub tokens: TokenState,
 }
 
@@ -212,7 +223,22 @@ fn build_service(
             service: s.service_id.clone(),
         })
     };
+    let mut tls_identities = Vec::with_capacity(s.tls_identities.len());
+    let mut identity_headers = Vec::with_capacity(s.tls_identities.len());
+    for i in &s.tls_identities {
+        // Only canonical spellings: the sidecar compares certificates' identities verbatim.
+        if crate::peer::canonical_identity(i).ok().as_deref() != Some(i.as_str()) {
+            return Err(SnapshotError::Identity {
+                service: s.service_id.clone(),
+                identity: i.clone(),
+            });
+        }
+        identity_headers.push(header(i)?);
+        tls_identities.push(Arc::from(i.as_str()));
+    }
     Ok(Arc::new(ServiceEntry {
+        tls_identities,
+        identity_headers,
         id: Arc::from(s.service_id.as_str()),
         name: Arc::from(s.service_name.as_str()),
         environment: s.environment,
@@ -268,6 +294,7 @@ impl Snapshot {
             environment,
             services: ServiceMap::default(),
             keys: KeyMap::default(),
+            identities: IdentityMap::default(),
             tokens: TokenState::default(),
         }
     }
@@ -305,6 +332,7 @@ impl Snapshot {
             environment: self.environment,
             services: self.services.clone(),
             keys: self.keys.clone(),
+            identities: self.identities.clone(),
             tokens: TokenState::from_payload(payload)?,
         };
         next.upsert_all(&payload.services, Some(self))?;
@@ -326,6 +354,9 @@ impl Snapshot {
                 for h in &old.keys {
                     self.keys.remove(h);
                 }
+                for i in &old.tls_identities {
+                    self.identities.remove(i);
+                }
             }
             if s.environment != self.environment {
                 continue;
@@ -345,6 +376,11 @@ impl Snapshot {
                     });
                 }
             }
+            for i in &entry.tls_identities {
+                if self.identities.insert(i.clone(), entry.clone()).is_some() {
+                    return Err(SnapshotError::DuplicateIdentity(i.to_string()));
+                }
+            }
             self.services.insert(entry.id.clone(), entry);
         }
         Ok(())
@@ -356,6 +392,11 @@ impl Snapshot {
 
     pub fn service(&self, id: &str) -> Option<&Arc<ServiceEntry>> {
         self.services.get(id)
+    }
+
+    /// The service a client-certificate identity (canonical) authenticates as.
+    pub fn service_by_identity(&self, identity: &str) -> Option<&Arc<ServiceEntry>> {
+        self.identities.get(identity)
     }
 
     pub fn services_iter(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
@@ -386,6 +427,7 @@ impl Snapshot {
                 rate_limit_per_minute: s.limits.per_minute,
                 rate_limit_per_hour: s.limits.per_hour,
                 allowed_ips: s.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                tls_identities: s.tls_identities.iter().map(|i| i.to_string()).collect(),
                 keys: s
                     .keys
                     .iter()
@@ -421,6 +463,7 @@ pub mod fixtures {
 
     pub fn service(id: &str, scopes: &[&str], keys: Vec<SyncKey>) -> SyncService {
         SyncService {
+            tls_identities: vec![],
             service_id: id.into(),
             service_name: format!("name-{id}"),
             environment: Environment::Live,

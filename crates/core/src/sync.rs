@@ -63,6 +63,10 @@ pub struct SyncService {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tokens_not_before: i64,
     pub keys: Vec<SyncKey>,
+    /// Client-certificate identities that authenticate as this service (canonical spelling,
+    /// `core::peer`); each belongs to one service at most.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_identities: Vec<String>,
 }
 
 fn is_zero(v: &i64) -> bool {
