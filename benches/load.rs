@@ -288,6 +288,7 @@ fn request(auth: Option<&str>) -> Vec<u8> {
 
 fn new_service(name: &str, scopes: &[&str], per_minute: Option<u32>) -> NewService {
     NewService {
+        tls_identities: vec![],
         name: name.into(),
         environment: Environment::Live,
         description: None,

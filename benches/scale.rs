@@ -24,8 +24,8 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 const KEYS_PER_SERVICE: usize = 10;
 
 fn service(i: usize, keys: Vec<SyncKey>) -> SyncService {
-    tls_identities: vec![],
     SyncService {
+        tls_identities: vec![],
         service_id: format!("srv_{i:022}"),
         service_name: format!("service-{i}"),
         environment: Environment::Live,

@@ -56,8 +56,8 @@ fn sync_key(id: &str, secret: &str, expires_at: Option<i64>) -> SyncKey {
 }
 
 fn service(id: &str, env: Environment, scopes: &[&str], keys: Vec<SyncKey>) -> SyncService {
-    tls_identities: vec![],
     SyncService {
+        tls_identities: vec![],
         service_id: id.into(),
         service_name: format!("name-{id}"),
         environment: env,
@@ -256,6 +256,7 @@ fuzz_target!(|data: &[u8]| {
                                 assert!(t.exp + 30 > NOW_SECS, "expired token allowed");
                                 assert!(t.iat >= svc.tokens_not_before);
                             }
+                            Credential::ClientCert { .. } => panic!("no client certificate is presented here"),
                         }
                         let _ = (principal.scopes_header(), rate.header());
                         // What the proxy does next for an allowed request.

@@ -51,17 +51,6 @@ pub fn http_client(tls: &ClientTls, builder: reqwest::ClientBuilder) -> Result<r
         .map_err(|e| TlsError::Config(e.to_string()))
 }
 
-/// The blocking flavour, for the CLI.
-pub fn blocking_client(
-    tls: &ClientTls,
-    builder: reqwest::blocking::ClientBuilder,
-) -> Result<reqwest::blocking::Client, TlsError> {
-    builder
-        .use_preconfigured_tls(client_config(tls)?)
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))
-}
-
 /// Whether `url` is plain http:// to a host other than this one.
 pub fn is_clear_to_another_host(url: &str) -> bool {
     let Some(rest) = url.strip_prefix("http://") else {
