@@ -115,6 +115,7 @@ fn benches(c: &mut Criterion) {
         jti: "jti".into(),
         client_id: "srv_0".into(),
         scope: "trade:read".into(),
+        cnf: None,
     };
     let token = signer.sign(&claims).unwrap();
     let mut keys = permiso::core::jwt::KeySet::default();

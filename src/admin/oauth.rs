@@ -206,13 +206,82 @@ fn granted_scope(requested: Option<&String>, held: &ScopeSet) -> Result<String, 
     Ok(crate::core::scope::join(&out))
 }
 
+/// `{"cnf": null}` is dropped: unbound tokens have no confirmation at all.
+trait StripNullCnf {
+    fn pipe_strip_null_cnf(self) -> Self;
+}
+
+impl StripNullCnf for Json<Value> {
+    fn pipe_strip_null_cnf(mut self) -> Self {
+        if self.0["cnf"].is_null() {
+            if let Some(o) = self.0.as_object_mut() {
+                o.remove("cnf");
+            }
+        }
+        self
+    }
+}
+
+/// RFC 8705 §2.1 `tls_client_auth`: the client names itself with `client_id` and proves it
+/// with the verified certificate of the connection, one of whose identities must be among
+/// the client's `tls_identities`. Failures count like wrong secrets.
+async fn authenticate_tls_client(
+    st: &AppState,
+    client_id: &str,
+    cert: &crate::core::peer::PeerCert,
+    peer: IpAddr,
+) -> Result<AuthenticatedClient, ApiError> {
+    let now = st.clock.now_secs();
+    let addr = throttle::bucket(peer);
+    if let Some(retry) = st.client_addr_failures.blocked(&addr, now) {
+        st.metrics.auth_throttled();
+        return Err(ApiError::rate_limited(retry));
+    }
+    let record = if ids::looks_like_id(client_id, ids::SERVICE_ID_PREFIX) {
+        let id = client_id.to_string();
+        st.db(move |s| match s.get_service(&id) {
+            Ok(r) => Ok(Some(r)),
+            Err(crate::admin::db::StoreError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await?
+    } else {
+        None
+    };
+    match record {
+        Some(record) if record.tls_identities.iter().any(|i| cert.identities.contains(i)) => {
+            Ok(AuthenticatedClient {
+                service_id: client_id.to_string(),
+                record: crate::admin::db::ClientRecord {
+                    service_id: record.id,
+                    scopes: record.scopes,
+                    disabled: record.disabled,
+                    allowed_ips: record.allowed_ips,
+                    access_token_lifetime: record.access_token_lifetime,
+                },
+            })
+        }
+        _ => {
+            tracing::warn!(source = %peer, "client certificate authentication failed");
+            st.metrics.auth_failed();
+            st.client_addr_failures.record(addr, now);
+            let target = ids::looks_like_id(client_id, ids::SERVICE_ID_PREFIX).then(|| client_id.to_string());
+            auth::audit_failure(st, Some(peer), "client certificate not among the client's identities", target)
+                .await;
+            Err(invalid_client())
+        }
+    }
+}
+
 async fn issue(
     st: AppState,
     peer: SocketAddr,
+    peer_cert: Option<crate::http_server::PeerCertificate>,
     headers: HeaderMap,
     form: HashMap<String, String>,
     grant_required: bool,
 ) -> Result<Response, ApiError> {
+    let cert = peer_cert.map(|c| crate::tls::peer::read_peer_cert(&c.0));
     throttle(&st.ip_limiter, &peer.ip())?;
     match form.get("grant_type").map(String::as_str) {
         None if grant_required => return Err(invalid_request("grant_type is required")),
@@ -225,8 +294,11 @@ async fn issue(
             ))
         }
     }
-    let creds = client_credentials(&headers, &form)?.ok_or_else(invalid_client)?;
-    let client = authenticate_client(&st, creds, peer.ip()).await?;
+    let client = match (client_credentials(&headers, &form)?, &cert, form.get("client_id")) {
+        (Some(creds), _, _) => authenticate_client(&st, creds, peer.ip()).await?,
+        (None, Some(cert), Some(id)) => authenticate_tls_client(&st, id, cert, peer.ip()).await?,
+        _ => return Err(invalid_client()),
+    };
     if client.record.disabled {
         return Err(oauth_error(
             StatusCode::BAD_REQUEST,
@@ -256,6 +328,11 @@ async fn issue(
         jti: ids::new_jti(),
         client_id: client.service_id.clone(),
         scope: scope.clone(),
+        // RFC 8705 §3: a token asked for over a connection with a client certificate is
+        // bound to that certificate, whatever authenticated the client.
+        cnf: cert.as_ref().map(|c| jwt::Confirmation {
+            x5t_s256: c.x5t_s256.clone(),
+        }),
     };
     let ring = st.keyring.load();
     let signer = ring
@@ -282,10 +359,11 @@ async fn issue(
 pub async fn token(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    cert: Option<axum::Extension<crate::http_server::PeerCertificate>>,
     headers: HeaderMap,
     FormBody(form): FormBody,
 ) -> Result<Response, ApiError> {
-    issue(st, peer, headers, form, true).await
+    issue(st, peer, cert.map(|c| c.0), headers, form, true).await
 }
 
 /// `POST /auth/service-token`: the same grant for clients written against the seed documents,
@@ -293,10 +371,11 @@ pub async fn token(
 pub async fn service_token(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    cert: Option<axum::Extension<crate::http_server::PeerCertificate>>,
     headers: HeaderMap,
     FormBody(form): FormBody,
 ) -> Result<Response, ApiError> {
-    issue(st, peer, headers, form, false).await
+    issue(st, peer, cert.map(|c| c.0), headers, form, false).await
 }
 
 /// `GET /.well-known/jwks.json`.
@@ -324,7 +403,19 @@ pub async fn jwks(State(st): State<AppState>) -> Response {
 pub async fn metadata(State(st): State<AppState>) -> Json<Value> {
     let iss = &st.issuer;
     let methods = ["client_secret_basic", "client_secret_post"];
+    // Certificates reach the token endpoint only when the listener asks for them.
+    let mtls = st
+        .cfg
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_auth != crate::tls::ClientAuth::Off);
+    let token_methods: Vec<&str> = methods
+        .iter()
+        .copied()
+        .chain(mtls.then_some("tls_client_auth"))
+        .collect();
     Json(json!({
+        "tls_client_certificate_bound_access_tokens": mtls,
         "issuer": iss,
         "token_endpoint": format!("{iss}/oauth/token"),
         "jwks_uri": format!("{iss}/.well-known/jwks.json"),
@@ -332,7 +423,7 @@ pub async fn metadata(State(st): State<AppState>) -> Json<Value> {
         "revocation_endpoint": format!("{iss}/oauth/revoke"),
         "grant_types_supported": ["client_credentials"],
         "response_types_supported": [],
-        "token_endpoint_auth_methods_supported": methods,
+        "token_endpoint_auth_methods_supported": token_methods,
         "introspection_endpoint_auth_methods_supported": methods,
         "revocation_endpoint_auth_methods_supported": methods,
         "access_token_signing_alg_values_supported": ["EdDSA"],
@@ -457,7 +548,10 @@ pub async fn introspect(
                 "nbf": c.nbf,
                 "jti": c.jti,
                 "token_type": "Bearer",
-            })),
+                // RFC 8705 §3.2: a bound token's confirmation.
+                "cnf": c.cnf,
+            }))
+            .pipe_strip_null_cnf(),
             _ => inactive(),
         });
     }

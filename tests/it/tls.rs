@@ -639,3 +639,147 @@ fn a_mapped_client_certificate_authenticates_as_its_service() {
     );
     drop(side);
 }
+
+/// RFC 8705: a client authenticating with its certificate (`tls_client_auth`) over an mTLS
+/// admin plane gets a token bound to that certificate (`cnf.x5t#S256`), which a sidecar only
+/// accepts over a connection presenting the same certificate. Introspection shows `cnf`.
+#[test]
+fn certificate_bound_tokens_work_only_with_their_certificate() {
+    use crate::common::{start_admin_with, EchoUpstream, ADMIN_KEY};
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new(d, "site");
+    let clients = Ca::new(d, "clients");
+    let admin_cert = ca.server("admin", 2040);
+    let clock = permiso::core::clock::ManualClock::starting_now();
+    let (cert, key, cca) = (
+        admin_cert.cert_file.display().to_string(),
+        admin_cert.key_file.display().to_string(),
+        clients.pem_file.display().to_string(),
+    );
+    let admin = start_admin_with(&d.join("permiso.db"), "127.0.0.1:0".parse().unwrap(), &clock, |f| {
+        f.tls = Some(permiso::config::file::ServerTls {
+            cert_file: cert,
+            key_file: key,
+            client_ca_file: Some(cca),
+            client_auth: permiso::config::file::ClientAuthMode::Optional,
+        })
+    });
+    let admin_url = format!("https://127.0.0.1:{}", admin.addr.port());
+    let https = https_client(Some(&ca), None);
+    let admin_post = |path: &str, body: Value| -> Value {
+        let r = https
+            .post(format!("{admin_url}{path}"))
+            .header("X-Admin-Api-Key", ADMIN_KEY)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().unwrap()
+    };
+    let sync_key = admin_post("/auth/admin/services", json!({"service_name": "sync", "scopes": ["sync:read"]}))
+        ["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mt5 = admin_post(
+        "/auth/admin/services",
+        json!({"service_name": "mt5", "scopes": ["trade:read"], "tls_identities": ["spiffe://permiso/mt5"]}),
+    );
+    let mt5_id = mt5["service_id"].as_str().unwrap().to_string();
+    let x = clients.client("mt5", "spiffe://permiso/mt5");
+    let y = clients.client("other", "spiffe://permiso/other");
+    let meta: Value = get(&https, &format!("{admin_url}/.well-known/oauth-authorization-server"), None)
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(meta["tls_client_certificate_bound_access_tokens"], true);
+    assert!(meta["token_endpoint_auth_methods_supported"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m == "tls_client_auth"));
+
+    // tls_client_auth: client_id in the form, the certificate as the proof.
+    let token_with = |cert: &Issued| {
+        https_client(Some(&ca), Some(cert))
+            .post(format!("{admin_url}/oauth/token"))
+            .form(&[("grant_type", "client_credentials"), ("client_id", mt5_id.as_str())])
+            .send()
+            .unwrap()
+    };
+    let r = token_with(&x);
+    assert_eq!(r.status(), 200);
+    let bound = r.json::<Value>().unwrap()["access_token"].as_str().unwrap().to_string();
+    let payload: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(bound.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    let thumb = permiso::tls::peer::read_peer_cert(&x.der).x5t_s256;
+    assert_eq!(payload["cnf"]["x5t#S256"], thumb.as_str());
+    // A certificate that is not among the client's identities: invalid_client.
+    let r = token_with(&y);
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().unwrap()["error"], "invalid_client");
+    // Introspection shows the binding.
+    let v: Value = https
+        .post(format!("{admin_url}/oauth/introspect"))
+        .header("X-Admin-Api-Key", ADMIN_KEY)
+        .form(&[("token", bound.as_str())])
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(v["active"], true);
+    assert_eq!(v["cnf"]["x5t#S256"], thumb.as_str());
+    // A token asked for with the secret and no certificate is not bound.
+    let secret = mt5["client_secret"].as_str().unwrap();
+    let free: Value = https
+        .post(format!("{admin_url}/oauth/token"))
+        .basic_auth(&mt5_id, Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let free = free["access_token"].as_str().unwrap().to_string();
+
+    // At a sidecar asking for client certificates.
+    let upstream = EchoUpstream::start();
+    let site = ca.server("sidecar", 2040);
+    let side = start_sidecar(
+        &sidecar_text(
+            free_port(),
+            upstream.addr,
+            &d.join("s.json"),
+            &admin_url,
+            &format!("ca_file = \"{}\"", ca.pem_file.display()),
+            &tls_section("sidecar.tls", &site, Some(&clients), "optional"),
+        ),
+        &sync_key,
+        &clock,
+    );
+    let url = format!("https://127.0.0.1:{}/api/v1/trades", side.addr.port());
+    let over_x = https_client(Some(&ca), Some(&x));
+    until_ok(&over_x, &url, &free);
+    assert_eq!(get(&over_x, &url, Some(&bound)).unwrap().status(), 200);
+    for (what, c) in [
+        ("another certificate", https_client(Some(&ca), Some(&y))),
+        ("no certificate", https_client(Some(&ca), None)),
+    ] {
+        let r = get(&c, &url, Some(&bound)).unwrap();
+        assert_eq!(r.status(), 401, "{what}");
+        assert_eq!(r.json::<Value>().unwrap()["error"], "invalid_token", "{what}");
+        assert_eq!(get(&c, &url, Some(&free)).unwrap().status(), 200, "unbound token, {what}");
+    }
+    let health = side.health_addr.unwrap();
+    assert_eq!(
+        scrape(
+            &reqwest::blocking::Client::new(),
+            &format!("http://{health}/metrics"),
+            "permiso_sidecar_decisions_total{outcome=\"invalid\",reason=\"certificate_binding_mismatch\"}"
+        ),
+        Some(2)
+    );
+    drop((side, admin));
+}

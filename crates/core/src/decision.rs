@@ -213,6 +213,7 @@ pub fn authenticate_token(
                 |v: &str| http::HeaderValue::from_str(v).map_err(|_| jwt_denial(JwtError::Malformed));
             let (scopes_header, jti_header) = (header(&scopes.joined())?, header(&c.jti)?);
             let v = Arc::new(VerifiedToken {
+                cnf_x5t: c.cnf.map(|c| Arc::from(c.x5t_s256.as_str())),
                 iss: c.iss,
                 aud: c.aud,
                 kid,
@@ -343,6 +344,14 @@ fn judge(
             } else {
                 authenticate(snapshot, environment, token, now_secs)?
             };
+            // RFC 8705 §3: a bound token only over the connection of its certificate.
+            if let Credential::AccessToken(t) = &p.credential {
+                if let Some(x5t) = &t.cnf_x5t {
+                    if req.peer.is_none_or(|peer| peer.x5t_s256 != **x5t) {
+                        return Err(Denial::InvalidToken(InvalidToken::CertificateBinding));
+                    }
+                }
+            }
             if by_cert.as_ref().is_some_and(|(s, _)| s.id != p.service.id) {
                 return Err(Denial::InvalidToken(InvalidToken::CertificateOfAnotherService));
             }
@@ -967,6 +976,7 @@ mod tests {
                     jti: jti.into(),
                     client_id: "srv_a".into(),
                     scope: scope.into(),
+                    cnf: None,
                 })
                 .unwrap()
         }
@@ -977,6 +987,17 @@ mod tests {
             tok: &str,
             now: u64,
             cache: Option<&TokenCache>,
+        ) -> Result<Verdict, Denial> {
+            call_over(snap, path, tok, now, cache, None)
+        }
+
+        fn call_over(
+            snap: &Snapshot,
+            path: &str,
+            tok: &str,
+            now: u64,
+            cache: Option<&TokenCache>,
+            peer: Option<&crate::peer::PeerCert>,
         ) -> Result<Verdict, Denial> {
             let routes = RouteTable::new(vec![
                 Route::new(
@@ -996,7 +1017,7 @@ mod tests {
                 path,
                 authorization: Authorization::One(&h),
                 client_ip: None,
-                peer: None,
+                peer,
             };
             let policy = TokenPolicy {
                 audience: "permiso",
@@ -1055,6 +1076,47 @@ mod tests {
                 call(&at_iat, "/t", &t, NOW, None).is_ok(),
                 "issued at the floor: valid"
             );
+        }
+
+        /// RFC 8705 §3: a token carrying `cnf.x5t#S256` works only over a connection whose
+        /// client certificate has that thumbprint, cached or not.
+        #[test]
+        fn a_certificate_bound_token_needs_its_certificate() {
+            let (der, x) = generate_ed25519();
+            let signer = Signer::new("k1".into(), &der);
+            let snap = snapshot(&["trade:read"], &[], &x);
+            let bound = signer
+                .sign(&AccessClaims {
+                    iss: "https://auth".into(),
+                    sub: "srv_a".into(),
+                    aud: "permiso".into(),
+                    exp: SECS + 600,
+                    iat: SECS,
+                    nbf: SECS,
+                    jti: "j-bound".into(),
+                    client_id: "srv_a".into(),
+                    scope: "trade:read".into(),
+                    cnf: Some(jwt::Confirmation { x5t_s256: "thumb-x".into() }),
+                })
+                .unwrap();
+            let cert = |t: &str| crate::peer::PeerCert {
+                identities: vec![],
+                x5t_s256: t.into(),
+            };
+            let cache = TokenCache::new(10);
+            for c in [None, Some(&cache), Some(&cache)] {
+                assert!(call_over(&snap, "/t", &bound, NOW, c, Some(&cert("thumb-x"))).is_ok());
+                for peer in [None, Some(&cert("thumb-y"))] {
+                    assert_eq!(
+                        call_over(&snap, "/t", &bound, NOW, c, peer).unwrap_err(),
+                        Denial::InvalidToken(InvalidToken::CertificateBinding)
+                    );
+                }
+            }
+            // An unbound token does not care about the connection.
+            let free = token(&signer, "trade:read", "j-free");
+            assert!(call_over(&snap, "/t", &free, NOW, None, Some(&cert("thumb-y"))).is_ok());
+            assert!(call(&snap, "/t", &free, NOW, None).is_ok());
         }
 
         #[test]

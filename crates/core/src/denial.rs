@@ -26,11 +26,13 @@ pub enum InvalidToken {
     CertificateOfAnotherService,
     /// A client certificate whose identities belong to more than one service.
     CertificateAmbiguous,
+    /// A certificate-bound token (RFC 8705) over a connection without that certificate.
+    CertificateBinding,
 }
 
 impl InvalidToken {
     /// Every reason except the JWT ones (`JwtError::ALL` has those).
-    pub const NOT_JWT: [InvalidToken; 9] = [
+    pub const NOT_JWT: [InvalidToken; 10] = [
         InvalidToken::Malformed,
         InvalidToken::BadChecksum,
         InvalidToken::WrongEnvironment,
@@ -40,6 +42,7 @@ impl InvalidToken {
         InvalidToken::UnknownClient,
         InvalidToken::CertificateOfAnotherService,
         InvalidToken::CertificateAmbiguous,
+        InvalidToken::CertificateBinding,
     ];
 }
 
@@ -131,6 +134,7 @@ impl Denial {
                 InvalidToken::UnknownClient => "jwt_unknown_client",
                 InvalidToken::CertificateOfAnotherService => "certificate_of_another_service",
                 InvalidToken::CertificateAmbiguous => "certificate_ambiguous",
+                InvalidToken::CertificateBinding => "certificate_binding_mismatch",
             },
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::IpNotAllowed => "ip_not_allowed",
@@ -298,9 +302,9 @@ mod tests {
     fn every_kind_covers_each_reason_once() {
         let all = Denial::every_kind();
         let reasons: std::collections::HashSet<_> = all.iter().map(|d| d.reason()).collect();
-        // 8 + 2 rate windows + 9 credential reasons + 11 JWT reasons; path errors share one reason.
+        // 8 + 2 rate windows + 10 credential reasons + 11 JWT reasons; path errors share one reason.
         assert_eq!(reasons.len(), all.len());
-        assert_eq!(reasons.len(), 31);
+        assert_eq!(reasons.len(), 32);
         let outcomes: std::collections::HashSet<_> = all.iter().map(|d| d.outcome()).collect();
         for o in [
             "missing",

@@ -23,6 +23,17 @@ pub struct AccessClaims {
     pub client_id: String,
     /// Space-separated.
     pub scope: String,
+    /// RFC 8705 §3.1: the token is bound to the client certificate with this thumbprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// The `cnf` claim of a certificate-bound token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// base64url (no padding) SHA-256 of the certificate's DER.
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: String,
 }
 
 /// Why a JWT was refused. Logged; the caller only ever sees `invalid_token`.
@@ -282,6 +293,7 @@ pub(crate) mod tests {
             jti: "jti-1".into(),
             client_id: "srv_a".into(),
             scope: "trade:read".into(),
+            cnf: None,
         }
     }
 

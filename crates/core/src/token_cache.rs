@@ -21,6 +21,8 @@ pub struct VerifiedToken {
     /// Checked against the client's `tokens_not_before` (a disable kills earlier tokens).
     pub iat: i64,
     pub scopes: ScopeSet,
+    /// RFC 8705: the thumbprint of the certificate the token is bound to.
+    pub cnf_x5t: Option<Arc<str>>,
     /// `X-Permiso-Scopes` and `X-Permiso-Token-Id` values, built once per verified token.
     pub scopes_header: http::HeaderValue,
     pub jti_header: http::HeaderValue,
@@ -80,6 +82,7 @@ mod tests {
             nbf: 0,
             iat: 0,
             scopes: ScopeSet::default(),
+            cnf_x5t: None,
             scopes_header: http::HeaderValue::from_static(""),
             jti_header: http::HeaderValue::from_static("j"),
         })
