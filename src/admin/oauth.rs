@@ -266,8 +266,13 @@ async fn authenticate_tls_client(
             st.metrics.auth_failed();
             st.client_addr_failures.record(addr, now);
             let target = ids::looks_like_id(client_id, ids::SERVICE_ID_PREFIX).then(|| client_id.to_string());
-            auth::audit_failure(st, Some(peer), "client certificate not among the client's identities", target)
-                .await;
+            auth::audit_failure(
+                st,
+                Some(peer),
+                "client certificate not among the client's identities",
+                target,
+            )
+            .await;
             Err(invalid_client())
         }
     }

@@ -659,14 +659,19 @@ fn certificate_bound_tokens_work_only_with_their_certificate() {
         admin_cert.key_file.display().to_string(),
         clients.pem_file.display().to_string(),
     );
-    let admin = start_admin_with(&d.join("permiso.db"), "127.0.0.1:0".parse().unwrap(), &clock, |f| {
-        f.tls = Some(permiso::config::file::ServerTls {
-            cert_file: cert,
-            key_file: key,
-            client_ca_file: Some(cca),
-            client_auth: permiso::config::file::ClientAuthMode::Optional,
-        })
-    });
+    let admin = start_admin_with(
+        &d.join("permiso.db"),
+        "127.0.0.1:0".parse().unwrap(),
+        &clock,
+        |f| {
+            f.tls = Some(permiso::config::file::ServerTls {
+                cert_file: cert,
+                key_file: key,
+                client_ca_file: Some(cca),
+                client_auth: permiso::config::file::ClientAuthMode::Optional,
+            })
+        },
+    );
     let admin_url = format!("https://127.0.0.1:{}", admin.addr.port());
     let https = https_client(Some(&ca), None);
     let admin_post = |path: &str, body: Value| -> Value {
@@ -679,8 +684,10 @@ fn certificate_bound_tokens_work_only_with_their_certificate() {
         assert!(r.status().is_success(), "{path}: {}", r.status());
         r.json().unwrap()
     };
-    let sync_key = admin_post("/auth/admin/services", json!({"service_name": "sync", "scopes": ["sync:read"]}))
-        ["api_key"]
+    let sync_key = admin_post(
+        "/auth/admin/services",
+        json!({"service_name": "sync", "scopes": ["sync:read"]}),
+    )["api_key"]
         .as_str()
         .unwrap()
         .to_string();
@@ -691,10 +698,14 @@ fn certificate_bound_tokens_work_only_with_their_certificate() {
     let mt5_id = mt5["service_id"].as_str().unwrap().to_string();
     let x = clients.client("mt5", "spiffe://permiso/mt5");
     let y = clients.client("other", "spiffe://permiso/other");
-    let meta: Value = get(&https, &format!("{admin_url}/.well-known/oauth-authorization-server"), None)
-        .unwrap()
-        .json()
-        .unwrap();
+    let meta: Value = get(
+        &https,
+        &format!("{admin_url}/.well-known/oauth-authorization-server"),
+        None,
+    )
+    .unwrap()
+    .json()
+    .unwrap();
     assert_eq!(meta["tls_client_certificate_bound_access_tokens"], true);
     assert!(meta["token_endpoint_auth_methods_supported"]
         .as_array()
@@ -706,13 +717,19 @@ fn certificate_bound_tokens_work_only_with_their_certificate() {
     let token_with = |cert: &Issued| {
         https_client(Some(&ca), Some(cert))
             .post(format!("{admin_url}/oauth/token"))
-            .form(&[("grant_type", "client_credentials"), ("client_id", mt5_id.as_str())])
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", mt5_id.as_str()),
+            ])
             .send()
             .unwrap()
     };
     let r = token_with(&x);
     assert_eq!(r.status(), 200);
-    let bound = r.json::<Value>().unwrap()["access_token"].as_str().unwrap().to_string();
+    let bound = r.json::<Value>().unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let payload: Value =
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(bound.split('.').nth(1).unwrap()).unwrap()).unwrap();
     let thumb = permiso::tls::peer::read_peer_cert(&x.der).x5t_s256;
@@ -770,7 +787,11 @@ fn certificate_bound_tokens_work_only_with_their_certificate() {
         let r = get(&c, &url, Some(&bound)).unwrap();
         assert_eq!(r.status(), 401, "{what}");
         assert_eq!(r.json::<Value>().unwrap()["error"], "invalid_token", "{what}");
-        assert_eq!(get(&c, &url, Some(&free)).unwrap().status(), 200, "unbound token, {what}");
+        assert_eq!(
+            get(&c, &url, Some(&free)).unwrap().status(),
+            200,
+            "unbound token, {what}"
+        );
     }
     let health = side.health_addr.unwrap();
     assert_eq!(

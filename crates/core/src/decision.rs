@@ -1096,7 +1096,9 @@ mod tests {
                     jti: "j-bound".into(),
                     client_id: "srv_a".into(),
                     scope: "trade:read".into(),
-                    cnf: Some(jwt::Confirmation { x5t_s256: "thumb-x".into() }),
+                    cnf: Some(jwt::Confirmation {
+                        x5t_s256: "thumb-x".into(),
+                    }),
                 })
                 .unwrap();
             let cert = |t: &str| crate::peer::PeerCert {
