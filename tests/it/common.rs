@@ -534,6 +534,38 @@ impl Drop for Proc {
     }
 }
 
+/// A Python venv under the target dir (one per `name`, made once) with `spec` installed from
+/// PyPI; returns its interpreter. `import` is the module whose presence means it is ready.
+pub fn python_venv(name: &str, import: &str, spec: &str) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let py = venv.join("bin/python");
+    let ready = |py: &Path| {
+        Command::new(py)
+            .args(["-c", &format!("import {import}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready(&py) {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "python3 -m venv {} failed (Debian: apt-get install python3-venv)",
+            venv.display()
+        );
+        let ok = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", spec])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "pip install {spec} failed: this test needs PyPI");
+    }
+    py
+}
+
 /// Sends a signal (`-HUP`, `-TERM`, …) to a child process.
 pub fn signal(p: &Proc, sig: &str) {
     // The shell's builtin kill: no dependency on procps being installed.

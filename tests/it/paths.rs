@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,35 +62,7 @@ fn python_with_flask() -> PathBuf {
     if let Ok(p) = std::env::var("PERMISO_TEST_PYTHON") {
         return PathBuf::from(p);
     }
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("flask-venv");
-    let py = venv.join("bin/python");
-    let has_flask = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import flask"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_flask(&py) {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "python3 -m venv {} failed (Debian: apt-get install python3-venv)",
-            venv.display()
-        );
-        let ok = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "flask==3.1.*"])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "pip install flask failed: the differential test needs PyPI (or PERMISO_TEST_PYTHON)"
-        );
-    }
-    py
+    crate::common::python_venv("flask-venv", "flask", "flask==3.1.*")
 }
 
 fn start_flask(lower: bool) -> (Proc, SocketAddr) {

@@ -802,5 +802,51 @@ fn certificate_bound_tokens_work_only_with_their_certificate() {
         ),
         Some(2)
     );
+
+    // The oauth2 crate over mTLS: client_secret_basic on a connection with certificate x, so
+    // the token is bound to x.
+    {
+        use oauth2::basic::BasicClient;
+        use oauth2::{AuthType, ClientId, ClientSecret, TokenResponse, TokenUrl};
+        let client = BasicClient::new(ClientId::new(mt5_id.clone()))
+            .set_client_secret(ClientSecret::new(secret.to_string()))
+            .set_token_uri(TokenUrl::new(format!("{admin_url}/oauth/token")).unwrap())
+            .set_auth_type(AuthType::BasicAuth);
+        let tok = client.exchange_client_credentials().request(&over_x).unwrap();
+        let t = tok.access_token().secret().clone();
+        assert_eq!(get(&over_x, &url, Some(&t)).unwrap().status(), 200);
+        let over_y = https_client(Some(&ca), Some(&y));
+        assert_eq!(get(&over_y, &url, Some(&t)).unwrap().status(), 401);
+    }
+
+    // Python `requests` with a client certificate: tls_client_auth, then the bound token with
+    // and without the certificate.
+    let py = crate::common::python_venv("requests-venv", "requests", "requests==2.32.*");
+    let script = r#"
+import json, sys, requests
+admin, sidecar, ca, cert, key, client_id = sys.argv[1:7]
+r = requests.post(admin + "/oauth/token", cert=(cert, key), verify=ca,
+                  data={"grant_type": "client_credentials", "client_id": client_id})
+token = r.json()["access_token"]
+h = {"Authorization": "Bearer " + token}
+with_cert = requests.get(sidecar, headers=h, cert=(cert, key), verify=ca).status_code
+without = requests.get(sidecar, headers=h, verify=ca).status_code
+print(json.dumps([r.status_code, with_cert, without]))
+"#;
+    let out = std::process::Command::new(py)
+        .args(["-c", script, &admin_url, &url])
+        .arg(&ca.pem_file)
+        .arg(&x.cert_file)
+        .arg(&x.key_file)
+        .arg(&mt5_id)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let statuses: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        statuses,
+        json!([200, 200, 401]),
+        "token, with the certificate, without"
+    );
     drop((side, admin));
 }
