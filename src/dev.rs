@@ -30,7 +30,14 @@ pub struct DevArgs {
     /// Run the walkthrough (create, call, 401/403, rotate, revoke) and exit.
     #[arg(long)]
     pub self_test: bool,
+    /// Serve everything over HTTPS with a throwaway CA, server and client certificates
+    /// (generated into the temporary directory); adds the mTLS and RFC 8705 steps.
+    #[arg(long)]
+    pub tls: bool,
 }
+
+/// The identity of the demo client certificate.
+const CLIENT_IDENTITY: &str = "spiffe://permiso/trading-dashboard";
 
 const SHIPPED_CONFIG: &str = include_str!("../config.toml");
 
@@ -68,10 +75,20 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+fn server_tls(pki: &crate::tls::dev_pki::DevPki) -> config::file::ServerTls {
+    config::file::ServerTls {
+        cert_file: pki.server_cert.display().to_string(),
+        key_file: pki.server_key.display().to_string(),
+        client_ca_file: Some(pki.ca.display().to_string()),
+        client_auth: config::file::ClientAuthMode::Optional,
+    }
+}
+
 fn sidecar_config(
     dir: &Path,
     args: &DevArgs,
-    admin: SocketAddr,
+    admin_url: &str,
+    pki: Option<&crate::tls::dev_pki::DevPki>,
     credential: Secret,
 ) -> anyhow::Result<SidecarConfig> {
     let mut file = config::parse_file(SHIPPED_CONFIG, Path::new("config.toml"))?;
@@ -84,7 +101,11 @@ fn sidecar_config(
     sc.snapshot_file = dir.join("snapshot.json").display().to_string();
     // The demo binds only the three ports it prints.
     sc.admin_listen = None;
-    sc.sync.admin_url = format!("http://{admin}");
+    sc.sync.admin_url = admin_url.to_string();
+    if let Some(pki) = pki {
+        sc.tls = Some(server_tls(pki));
+        sc.sync.ca_file = Some(pki.ca.display().to_string());
+    }
     Ok(SidecarConfig::from_file(sc, credential)?)
 }
 
@@ -93,13 +114,20 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let clock: SharedClock = Arc::new(SystemClock);
     let admin_key = random_admin_key();
     let file = config::parse_file(SHIPPED_CONFIG, Path::new("config.toml"))?;
+    let pki = if args.tls {
+        Some(crate::tls::dev_pki::DevPki::generate(&dir.0, CLIENT_IDENTITY)?)
+    } else {
+        None
+    };
+    let scheme = if pki.is_some() { "https" } else { "http" };
     let mut admin_file = file.admin_plane;
     admin_file.listen = local(args.admin_port).to_string();
     admin_file.database = dir.0.join("permiso.db").display().to_string();
+    admin_file.tls = pki.as_ref().map(server_tls);
     let admin_cfg = AdminConfig::from_file(&admin_file, Some(admin_key.clone()))?;
     let admin = crate::admin::start(admin_cfg, clock.clone())
         .with_context(|| format!("starting the admin plane on port {}", args.admin_port))?;
-    let admin_url = format!("http://{}", admin.addr);
+    let admin_url = format!("{scheme}://{}", admin.addr);
 
     let rt = tokio::runtime::Runtime::new()?;
     let upstream_addr = local(args.upstream_port);
@@ -111,7 +139,14 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         let _ = axum::serve(l, crate::demo_upstream::router()).await;
     });
 
-    let http = reqwest::Client::new();
+    // Trusts the throwaway CA in --tls mode; `with_cert` also presents the client certificate.
+    let client_tls = |with_cert: bool| crate::tls::ClientTls {
+        ca_file: pki.as_ref().map(|p| p.ca.clone()),
+        client_cert_file: pki.as_ref().filter(|_| with_cert).map(|p| p.client_cert.clone()),
+        client_key_file: pki.as_ref().filter(|_| with_cert).map(|p| p.client_key.clone()),
+    };
+    let http = crate::tls::client::http_client(&client_tls(false), reqwest::Client::builder())?;
+    let with_cert = crate::tls::client::http_client(&client_tls(true), reqwest::Client::builder())?;
     let sync_key = rt.block_on(async {
         let r = http
             .post(format!("{admin_url}/auth/admin/services"))
@@ -125,14 +160,28 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         let v: Value = r.error_for_status()?.json().await?;
         anyhow::Ok(v["api_key"].as_str().context("no api_key")?.to_string())
     })?;
-    let sidecar_cfg = sidecar_config(&dir.0, &args, admin.addr, Secret::new(sync_key))?;
+    let sidecar_cfg = sidecar_config(&dir.0, &args, &admin_url, pki.as_ref(), Secret::new(sync_key))?;
     let sidecar = crate::sidecar::start(sidecar_cfg, clock)?;
-    let sidecar_url = format!("http://{}", sidecar.addr);
+    let sidecar_url = format!("{scheme}://{}", sidecar.addr);
 
-    print_banner(&admin_url, &sidecar_url, &admin_key, upstream_addr);
+    let curl = match &pki {
+        Some(p) => format!("curl --cacert {}", p.ca.display()),
+        None => "curl".to_string(),
+    };
+    print_banner(&admin_url, &sidecar_url, &admin_key, upstream_addr, &curl);
+    if let Some(p) = &pki {
+        print_tls_banner(&admin_url, &sidecar_url, &curl, p);
+    }
 
     let result = if args.self_test {
-        rt.block_on(self_test(&http, &admin_url, &sidecar_url, &admin_key))
+        rt.block_on(async {
+            self_test(&http, &admin_url, &sidecar_url, &admin_key).await?;
+            if pki.is_some() {
+                mtls_self_test(&http, &with_cert, &admin_url, &sidecar_url, &admin_key).await?;
+            }
+            println!("self-test passed");
+            anyhow::Ok(())
+        })
     } else {
         rt.block_on(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -146,7 +195,32 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     result
 }
 
-fn print_banner(admin: &str, sidecar: &str, admin_key: &str, upstream: SocketAddr) {
+fn print_tls_banner(admin: &str, sidecar: &str, curl: &str, p: &crate::tls::dev_pki::DevPki) {
+    let cert = format!(
+        "--cert {} --key {}",
+        p.client_cert.display(),
+        p.client_key.display()
+    );
+    println!(
+        r#"# 8. mTLS: give the service the demo client certificate's identity; the certificate alone
+#    is then its credential (X-Permiso-Client-Cert-Identity upstream).
+{curl} -s -X PATCH {admin}/auth/admin/services/$SID -H "X-Admin-Api-Key: $ADMIN_KEY" \
+  -H 'Content-Type: application/json' -d '{{"tls_identities":["{CLIENT_IDENTITY}"]}}'
+{curl} {cert} -s {sidecar}/api/v1/trades
+
+# 9. RFC 8705: a token asked for with the certificate is bound to it (cnf.x5t#S256).
+{curl} {cert} -s -X POST {admin}/oauth/token -d grant_type=client_credentials -d client_id=$SID
+{curl} {cert} -s {sidecar}/api/v1/trades -H "Authorization: Bearer <access_token>"   # 200
+{curl} -si {sidecar}/api/v1/trades -H "Authorization: Bearer <access_token>"   # 401 without it
+"#
+    );
+}
+
+fn print_banner(admin: &str, sidecar: &str, admin_key: &str, upstream: SocketAddr, curl: &str) {
+    let ca_arg = curl
+        .strip_prefix("curl --cacert ")
+        .map(|ca| format!(" --ca-file {ca}"))
+        .unwrap_or_default();
     println!(
         r#"
 Permiso dev is running (Ctrl-C stops it; all state is temporary).
@@ -158,33 +232,33 @@ Permiso dev is running (Ctrl-C stops it; all state is temporary).
 export ADMIN_KEY='{admin_key}'
 
 # 1. Create a service account; the key is shown only in this response.
-curl -s -X POST {admin}/auth/admin/services -H "X-Admin-Api-Key: $ADMIN_KEY" \
+{curl} -s -X POST {admin}/auth/admin/services -H "X-Admin-Api-Key: $ADMIN_KEY" \
   -H 'Content-Type: application/json' \
   -d '{{"service_name":"trading-dashboard","scopes":["trade:read","account:read","market:data"]}}'
 export KEY=<api_key from the response>; export SID=<service_id from the response>
 
 # 2. Call the MT5 API through the sidecar: 200, with the caller identified upstream.
-curl -s {sidecar}/api/v1/trades -H "Authorization: Bearer $KEY"
+{curl} -s {sidecar}/api/v1/trades -H "Authorization: Bearer $KEY"
 
 # 3. Denials: no key -> 401; missing scope trade:open -> 403; unknown route -> 403.
-curl -si {sidecar}/api/v1/trades
-curl -si -X POST {sidecar}/api/v1/trades -H "Authorization: Bearer $KEY"
+{curl} -si {sidecar}/api/v1/trades
+{curl} -si -X POST {sidecar}/api/v1/trades -H "Authorization: Bearer $KEY"
 
 # 4. Rotate: a new key; the old one keeps working for the grace window (7 days by default).
-curl -s -X POST {admin}/auth/admin/services/$SID/rotate -H "X-Admin-Api-Key: $ADMIN_KEY"
+{curl} -s -X POST {admin}/auth/admin/services/$SID/rotate -H "X-Admin-Api-Key: $ADMIN_KEY"
 
 # 5. OAuth2 client credentials: the create response also holds client_id and client_secret.
-curl -s -X POST {admin}/oauth/token -u "$SID:<client_secret>" \
+{curl} -s -X POST {admin}/oauth/token -u "$SID:<client_secret>" \
   -d grant_type=client_credentials -d scope=trade:read
-curl -s {sidecar}/api/v1/trades -H "Authorization: Bearer <access_token>"
+{curl} -s {sidecar}/api/v1/trades -H "Authorization: Bearer <access_token>"
 
 # 6. Revoke a key by id (GET {admin}/auth/admin/services/$SID lists them): it stops at once.
-curl -s -X POST {admin}/auth/admin/services/$SID/keys/<key_id>/revoke -H "X-Admin-Api-Key: $ADMIN_KEY"
+{curl} -s -X POST {admin}/auth/admin/services/$SID/keys/<key_id>/revoke -H "X-Admin-Api-Key: $ADMIN_KEY"
 
 # 7. What happened: the hash-chained audit log, checked client-side, and the metrics.
 export PERMISO_ADMIN_URL={admin} PERMISO_ADMIN_API_KEY=$ADMIN_KEY
-cargo run --release -- audit && cargo run --release -- audit verify
-curl -s {admin}/metrics | grep '^permiso_admin_http_requests_total'
+cargo run --release -- audit{ca_arg} && cargo run --release -- audit verify{ca_arg}
+{curl} -s {admin}/metrics | grep '^permiso_admin_http_requests_total'
 "#
     );
 }
@@ -408,6 +482,86 @@ async fn self_test(
         head.seq,
         &head.hash[..16]
     );
-    println!("self-test passed");
+    Ok(())
+}
+
+/// The `--tls` steps: a certificate as the service's credential, and a token bound to it.
+async fn mtls_self_test(
+    http: &reqwest::Client,
+    with_cert: &reqwest::Client,
+    admin: &str,
+    sidecar: &str,
+    admin_key: &str,
+) -> anyhow::Result<()> {
+    let list = expect(
+        "list services",
+        http.get(format!("{admin}/auth/admin/services"))
+            .header("X-Admin-Api-Key", admin_key)
+            .send()
+            .await?,
+        200,
+    )
+    .await?;
+    let sid = list["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["service_name"] == "trading-dashboard"))
+        .and_then(|s| s["service_id"].as_str())
+        .context("the walkthrough's service")?
+        .to_string();
+    let trades = format!("{sidecar}/api/v1/trades");
+    expect(
+        "certificate before it is mapped",
+        with_cert.get(&trades).send().await?,
+        401,
+    )
+    .await?;
+    expect(
+        "map the certificate's identity",
+        http.patch(format!("{admin}/auth/admin/services/{sid}"))
+            .header("X-Admin-Api-Key", admin_key)
+            .json(&json!({ "tls_identities": [CLIENT_IDENTITY] }))
+            .send()
+            .await?,
+        200,
+    )
+    .await?;
+    let start = Instant::now();
+    loop {
+        let got = with_cert.get(&trades).send().await?.status().as_u16();
+        if got == 200 {
+            println!(
+                "ok  the certificate alone: 200 after {} ms",
+                start.elapsed().as_millis()
+            );
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(2) {
+            bail!("the certificate alone: still {got}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let tok = expect(
+        "token by tls_client_auth",
+        with_cert
+            .post(format!("{admin}/oauth/token"))
+            .form(&[("grant_type", "client_credentials"), ("client_id", sid.as_str())])
+            .send()
+            .await?,
+        200,
+    )
+    .await?;
+    let bound = tok["access_token"].as_str().context("access_token")?.to_string();
+    expect(
+        "bound token with its certificate",
+        with_cert.get(&trades).bearer_auth(&bound).send().await?,
+        200,
+    )
+    .await?;
+    expect(
+        "bound token without its certificate",
+        http.get(&trades).bearer_auth(&bound).send().await?,
+        401,
+    )
+    .await?;
     Ok(())
 }

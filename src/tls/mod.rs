@@ -4,6 +4,7 @@
 //! the provider pingora-rustls uses; TLS 1.2 and 1.3 only.
 
 pub mod client;
+pub mod dev_pki;
 pub mod peer;
 pub mod reload;
 
