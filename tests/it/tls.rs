@@ -328,33 +328,43 @@ fn start_sidecar(
     permiso::sidecar::start(cfg, std::sync::Arc::new(clock.clone())).unwrap()
 }
 
+/// An admin plane serving HTTPS with a certificate from `ca`; with `clients`, it asks for
+/// client certificates from that CA (optional). Returns it and its https:// URL.
+fn https_admin(
+    d: &Path,
+    ca: &Ca,
+    clients: Option<&Ca>,
+    clock: &permiso::core::clock::ManualClock,
+) -> (permiso::admin::AdminHandle, String) {
+    let admin_cert = ca.server("admin", 2040);
+    let tls = permiso::config::file::ServerTls {
+        cert_file: admin_cert.cert_file.display().to_string(),
+        key_file: admin_cert.key_file.display().to_string(),
+        client_ca_file: clients.map(|c| c.pem_file.display().to_string()),
+        client_auth: match clients {
+            Some(_) => permiso::config::file::ClientAuthMode::Optional,
+            None => permiso::config::file::ClientAuthMode::Off,
+        },
+    };
+    let admin = crate::common::start_admin_with(
+        &d.join("permiso.db"),
+        "127.0.0.1:0".parse().unwrap(),
+        clock,
+        |f| f.tls = Some(tls),
+    );
+    let url = format!("https://127.0.0.1:{}", admin.addr.port());
+    (admin, url)
+}
+
 #[test]
 fn sync_usage_egress_and_the_cli_reach_an_https_admin_plane_through_a_private_ca() {
-    use crate::common::{start_admin_with, EchoUpstream, ADMIN_KEY};
+    use crate::common::{EchoUpstream, ADMIN_KEY};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let ca = Ca::new(d, "site");
     let clients = Ca::new(d, "clients");
-    let admin_cert = ca.server("admin", 2040);
     let clock = permiso::core::clock::ManualClock::starting_now();
-    let (cert, key) = (
-        admin_cert.cert_file.display().to_string(),
-        admin_cert.key_file.display().to_string(),
-    );
-    let admin = start_admin_with(
-        &d.join("permiso.db"),
-        "127.0.0.1:0".parse().unwrap(),
-        &clock,
-        |f| {
-            f.tls = Some(permiso::config::file::ServerTls {
-                cert_file: cert,
-                key_file: key,
-                client_ca_file: None,
-                client_auth: Default::default(),
-            })
-        },
-    );
-    let admin_url = format!("https://127.0.0.1:{}", admin.addr.port());
+    let (admin, admin_url) = https_admin(d, &ca, None, &clock);
     let https = https_client(Some(&ca), None);
     // Plain HTTP to the admin plane's TLS port gets nothing.
     assert!(reqwest::blocking::get(format!("http://{}/healthz", admin.addr)).is_err());
@@ -645,34 +655,15 @@ fn a_mapped_client_certificate_authenticates_as_its_service() {
 /// accepts over a connection presenting the same certificate. Introspection shows `cnf`.
 #[test]
 fn certificate_bound_tokens_work_only_with_their_certificate() {
-    use crate::common::{start_admin_with, EchoUpstream, ADMIN_KEY};
+    use crate::common::{EchoUpstream, ADMIN_KEY};
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let ca = Ca::new(d, "site");
     let clients = Ca::new(d, "clients");
-    let admin_cert = ca.server("admin", 2040);
     let clock = permiso::core::clock::ManualClock::starting_now();
-    let (cert, key, cca) = (
-        admin_cert.cert_file.display().to_string(),
-        admin_cert.key_file.display().to_string(),
-        clients.pem_file.display().to_string(),
-    );
-    let admin = start_admin_with(
-        &d.join("permiso.db"),
-        "127.0.0.1:0".parse().unwrap(),
-        &clock,
-        |f| {
-            f.tls = Some(permiso::config::file::ServerTls {
-                cert_file: cert,
-                key_file: key,
-                client_ca_file: Some(cca),
-                client_auth: permiso::config::file::ClientAuthMode::Optional,
-            })
-        },
-    );
-    let admin_url = format!("https://127.0.0.1:{}", admin.addr.port());
+    let (admin, admin_url) = https_admin(d, &ca, Some(&clients), &clock);
     let https = https_client(Some(&ca), None);
     let admin_post = |path: &str, body: Value| -> Value {
         let r = https
