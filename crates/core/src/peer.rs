@@ -38,7 +38,8 @@ pub fn canonical_identity(s: &str) -> Result<String, IdentityError> {
     if s.len() > MAX_LEN {
         return Err(IdentityError::TooLong);
     }
-    let lower_prefix = |p: &str| s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p);
+    // `get`, not indexing: a multi-byte character across the prefix's end is no prefix.
+    let lower_prefix = |p: &str| s.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
     if lower_prefix("spiffe://") {
         let rest = &s["spiffe://".len()..];
         let (domain, path) = rest.split_once('/').ok_or(IdentityError::Path)?;
@@ -132,6 +133,12 @@ mod tests {
             ("dns:mt5..internal", IdentityError::DnsName),
             ("dns:*.internal", IdentityError::DnsName),
             ("dns:mt5_api.internal", IdentityError::DnsName),
+            // Multi-byte characters, also where a prefix would end: refused, never a panic.
+            ("spiffe:/é/x", IdentityError::Scheme),
+            ("dnsé", IdentityError::Scheme),
+            ("spiffe://pérmiso/x", IdentityError::TrustDomain),
+            ("spiffe://permiso/é", IdentityError::Path),
+            ("dns:mt5.ïnternal", IdentityError::DnsName),
         ] {
             assert_eq!(canonical_identity(bad), Err(why), "{bad}");
         }
