@@ -335,7 +335,7 @@ fn https_admin(
     ca: &Ca,
     clients: Option<&Ca>,
     clock: &permiso::core::clock::ManualClock,
-) -> (permiso::admin::AdminHandle, String) {
+) -> (permiso::admin::AdminHandle, String, Issued) {
     let admin_cert = ca.server("admin", 2040);
     let tls = permiso::config::file::ServerTls {
         cert_file: admin_cert.cert_file.display().to_string(),
@@ -353,7 +353,7 @@ fn https_admin(
         |f| f.tls = Some(tls),
     );
     let url = format!("https://127.0.0.1:{}", admin.addr.port());
-    (admin, url)
+    (admin, url, admin_cert)
 }
 
 #[test]
@@ -364,7 +364,7 @@ fn sync_usage_egress_and_the_cli_reach_an_https_admin_plane_through_a_private_ca
     let ca = Ca::new(d, "site");
     let clients = Ca::new(d, "clients");
     let clock = permiso::core::clock::ManualClock::starting_now();
-    let (admin, admin_url) = https_admin(d, &ca, None, &clock);
+    let (admin, admin_url, admin_cert) = https_admin(d, &ca, None, &clock);
     let https = https_client(Some(&ca), None);
     // Plain HTTP to the admin plane's TLS port gets nothing.
     assert!(reqwest::blocking::get(format!("http://{}/healthz", admin.addr)).is_err());
@@ -520,6 +520,54 @@ fn sync_usage_egress_and_the_cli_reach_an_https_admin_plane_through_a_private_ca
     )
     .unwrap();
     assert_eq!(r.status(), 200, "serving from the snapshot file");
+
+    // The admin plane's certificate: its expiry on /metrics, and new files served without a
+    // restart (the same watch as the sidecar's, here on the admin listener).
+    let expiry = || {
+        let text = https
+            .get(format!("{admin_url}/metrics"))
+            .header("X-Admin-Api-Key", ADMIN_KEY)
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("permiso_tls_cert_expiry_seconds{listener=\"admin\"} "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    };
+    let now = permiso::core::clock::Clock::now_secs(&clock);
+    assert_eq!(expiry(), Some(2_208_988_800 - now), "notAfter 2040-01-01");
+    let next = ca.server("admin-next", 2041);
+    std::fs::copy(&next.key_file, &admin_cert.key_file).unwrap();
+    std::fs::copy(&next.cert_file, &admin_cert.cert_file).unwrap();
+    let started = Instant::now();
+    loop {
+        let r = get(
+            &https_client(Some(&ca), None),
+            &format!("{admin_url}/healthz"),
+            None,
+        )
+        .unwrap();
+        let der = r
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|i| i.peer_certificate())
+            .unwrap()
+            .to_vec();
+        if der == next.der {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the admin plane never served the new certificate"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        expiry(),
+        Some(2_240_611_200 - now),
+        "notAfter 2041-01-01 (2040 is a leap year)"
+    );
     drop((a, b, c, admin));
 }
 
@@ -663,7 +711,7 @@ fn certificate_bound_tokens_work_only_with_their_certificate() {
     let ca = Ca::new(d, "site");
     let clients = Ca::new(d, "clients");
     let clock = permiso::core::clock::ManualClock::starting_now();
-    let (admin, admin_url) = https_admin(d, &ca, Some(&clients), &clock);
+    let (admin, admin_url, _) = https_admin(d, &ca, Some(&clients), &clock);
     let https = https_client(Some(&ca), None);
     let admin_post = |path: &str, body: Value| -> Value {
         let r = https
