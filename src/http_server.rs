@@ -122,8 +122,8 @@ pub async fn serve(
         );
         tokio::spawn(async move {
             let _slot = slot;
-            let (io, peer_cert): (Box<dyn Io>, Option<PeerCertificate>) = match acceptor {
-                None => (Box::new(stream), None),
+            let accepted: Result<(Box<dyn Io>, Option<PeerCertificate>), String> = match acceptor {
+                None => Ok((Box::new(stream), None)),
                 Some(a) => match tokio::time::timeout(limits.header_read_timeout, a.accept(stream)).await {
                     Ok(Ok(s)) => {
                         let cert = s
@@ -132,23 +132,21 @@ pub async fn serve(
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .map(|c| PeerCertificate(Arc::new(c.to_vec())));
-                        (Box::new(s), cert)
+                        Ok((Box::new(s), cert))
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        if let Some(c) = &tracked {
-                            table.remove(key, c);
-                        }
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        if let Some(c) = &tracked {
-                            table.remove(key, c);
-                        }
-                        return;
-                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".into()),
                 },
+            };
+            let (io, peer_cert) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    if let Some(c) = &tracked {
+                        table.remove(key, c);
+                    }
+                    return;
+                }
             };
             let (busy, idle) = (tracked.clone(), tracked.clone());
             let table_for_idle = table.clone();
