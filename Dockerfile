@@ -8,6 +8,7 @@ RUN apt-get update \
 WORKDIR /src
 # The manifest names the test and bench targets, so their files must be present to build.
 COPY Cargo.toml Cargo.lock schema.sql config.toml ./
+COPY crates crates
 COPY src src
 COPY tests tests
 COPY benches benches

@@ -19,6 +19,7 @@ pub fn caller(h: &HeaderMap) -> Value {
         "key_id": get("x-permiso-key-id"),
         "environment": get("x-permiso-environment"),
         "token_id": get("x-permiso-token-id"),
+        "client_cert_identity": get("x-permiso-client-cert-identity"),
         "credential_reached_service": h.contains_key("authorization"),
     })
 }

@@ -1,6 +1,7 @@
 //! The deployment from the seeds as real processes on loopback, configured with the shipped
 //! examples/*.toml: caller → MT5 sidecar → mt5-demo → MT5 sidecar egress → account sidecar →
-//! account-demo.
+//! account-demo. Every hop is TLS as shipped: certificates from examples/certs.sh, accounts from
+//! examples/setup.sh, mutual TLS between the MT5 sidecar's egress and the account sidecar.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,7 +10,6 @@ use serde_json::{json, Value};
 
 use crate::common::{free_port, signal, spawn, wait_ok, Proc, ADMIN_KEY};
 
-/// A child process killed when dropped.
 /// The shipped example config with this run's ports and paths.
 fn example_config(name: &str, ports: &[(&str, String)], dir: &Path) -> PathBuf {
     let mut text =
@@ -29,7 +29,10 @@ fn example_config(name: &str, ports: &[(&str, String)], dir: &Path) -> PathBuf {
 
 struct Deployment {
     procs: Vec<Proc>,
+    /// Trusts the example CA, no client certificate (the trading dashboard).
     http: reqwest::blocking::Client,
+    /// With the MT5 API service's client certificate: the account sidecar requires one.
+    as_mt5: reqwest::blocking::Client,
     admin: String,
     mt5_sidecar: String,
     account_sidecar: String,
@@ -88,57 +91,48 @@ impl Deployment {
     }
 }
 
+/// Runs one of the example scripts (examples/certs.sh, examples/setup.sh) as the README does.
+fn run_script(script: &str, args: &[&str], env: &[(&str, String)]) {
+    let out = std::process::Command::new("bash")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples")
+                .join(script),
+        )
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap_or_else(|e| panic!("bash {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An HTTPS client trusting only the example CA, with a client certificate if given.
+fn client(dir: &Path, identity: Option<&str>) -> reqwest::blocking::Client {
+    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    let mut b = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap());
+    if let Some(name) = identity {
+        let mut pem = std::fs::read(dir.join(format!("{name}.pem"))).unwrap();
+        pem.extend(std::fs::read(dir.join(format!("{name}.key"))).unwrap());
+        b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
 fn deploy() -> Deployment {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let http = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    // The example PKI, made by the shipped script (openssl CLI).
+    run_script("certs.sh", &[&d.display().to_string()], &[]);
+    let http = client(d, None);
     let [admin, mt5_svc, mt5_sc, egress, acct_svc, acct_sc] = [(); 6].map(|_| free_port().to_string());
-    let permiso = env!("CARGO_BIN_EXE_permiso");
-    let mut procs = vec![spawn(
-        d,
-        "admin",
-        permiso,
-        &[
-            "admin",
-            "--listen",
-            &admin,
-            "--database",
-            &d.join("permiso.db").display().to_string(),
-        ],
-    )];
-    let admin_url = format!("http://{admin}");
-    wait_ok(&http, &format!("{admin_url}/healthz"), "admin plane");
-
-    // What examples/setup.sh does.
-    let create = |name: &str, scopes: Value| -> Value {
-        let r = http
-            .post(format!("{admin_url}/auth/admin/services"))
-            .header("X-Admin-Api-Key", ADMIN_KEY)
-            .json(&json!({"service_name": name, "scopes": scopes}))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        r.json().unwrap()
-    };
-    let write = |file: &str, v: &Value| std::fs::write(d.join(file), v.as_str().unwrap()).unwrap();
-    write(
-        "mt5-sidecar.sync",
-        &create("mt5-sidecar", json!(["sync:read"]))["api_key"],
-    );
-    write(
-        "account-sidecar.sync",
-        &create("account-sidecar", json!(["sync:read"]))["api_key"],
-    );
-    let mt5 = create("mt5-api-service", json!(["account:read", "account:balance"]));
-    write("mt5-api-service.key", &mt5["api_key"]);
-    let dashboard = create(
-        "trading-dashboard",
-        json!(["trade:read", "account:read", "account:balance", "market:data"]),
-    );
-
     let ports: Vec<(&str, String)> = vec![
         ("127.0.0.1:8000", admin.clone()),
         ("127.0.0.1:8001", mt5_svc.clone()),
@@ -147,6 +141,55 @@ fn deploy() -> Deployment {
         ("127.0.0.1:8002", acct_svc.clone()),
         ("127.0.0.1:9002", acct_sc.clone()),
     ];
+    let permiso = env!("CARGO_BIN_EXE_permiso");
+    let admin_cfg = example_config("admin.toml", &ports, d);
+    let mut procs = vec![spawn(
+        d,
+        "admin",
+        permiso,
+        &[
+            "admin",
+            "--config",
+            &admin_cfg.display().to_string(),
+            "--database",
+            &d.join("permiso.db").display().to_string(),
+        ],
+    )];
+    let admin_url = format!("https://{admin}");
+    wait_ok(&http, &format!("{admin_url}/healthz"), "admin plane");
+
+    // The accounts, by the shipped script (curl + jq), verified against the example CA.
+    run_script(
+        "setup.sh",
+        &[],
+        &[
+            ("ADMIN_URL", admin_url.clone()),
+            ("PERMISO_ADMIN_API_KEY", ADMIN_KEY.to_string()),
+            ("PERMISO_SECRETS_DIR", d.display().to_string()),
+        ],
+    );
+    let list: Value = http
+        .get(format!("{admin_url}/auth/admin/services?limit=200"))
+        .header("X-Admin-Api-Key", ADMIN_KEY)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let mt5 = list["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service_name"] == "mt5-api-service")
+        .expect("setup.sh registered mt5-api-service")
+        .clone();
+    assert_eq!(mt5["tls_identities"], json!(["spiffe://permiso/mt5-api-service"]));
+    let read = |file: &str| std::fs::read_to_string(d.join(file)).unwrap().trim().to_string();
+    let mt5 = json!({
+        "service_id": mt5["service_id"],
+        "key_id": mt5["keys"][0]["key_id"],
+        "api_key": read("mt5-api-service.key"),
+    });
+
     let acct_cfg = example_config("account-sidecar.toml", &ports, d);
     let mt5_cfg = example_config("mt5-sidecar.toml", &ports, d);
     procs.push(spawn(
@@ -173,16 +216,18 @@ fn deploy() -> Deployment {
         permiso,
         &["sidecar", "--config", &mt5_cfg.display().to_string()],
     ));
-    wait_ok(&http, &format!("http://{acct_sc}/health"), "account sidecar");
-    wait_ok(&http, &format!("http://{mt5_sc}/health"), "MT5 sidecar");
+    let as_mt5 = client(d, Some("mt5-api-service-cert"));
+    wait_ok(&as_mt5, &format!("https://{acct_sc}/health"), "account sidecar");
+    wait_ok(&http, &format!("https://{mt5_sc}/health"), "MT5 sidecar");
     assert_eq!(procs.len(), MT5_SIDECAR + 1);
     let dep = Deployment {
         procs,
         http,
+        as_mt5,
         admin: admin_url,
-        mt5_sidecar: format!("http://{mt5_sc}"),
-        account_sidecar: format!("http://{acct_sc}"),
-        dashboard_key: dashboard["api_key"].as_str().unwrap().to_string(),
+        mt5_sidecar: format!("https://{mt5_sc}"),
+        account_sidecar: format!("https://{acct_sc}"),
+        dashboard_key: read("trading-dashboard.key"),
         mt5,
         dir,
     };
@@ -204,6 +249,27 @@ fn mt5_and_account_services_behind_sidecars() {
     assert_eq!(v["account"]["caller"]["service_name"], "mt5-api-service");
     assert_eq!(v["account"]["caller"]["key_id"], dep.mt5["key_id"]);
     assert_eq!(v["account"]["caller"]["credential_reached_service"], false);
+    // The egress presented the MT5 service's certificate; the dashboard presented none.
+    assert_eq!(
+        v["account"]["caller"]["client_cert_identity"],
+        "spiffe://permiso/mt5-api-service"
+    );
+    assert_eq!(v["caller"]["client_cert_identity"], Value::Null);
+
+    // The account sidecar requires a certificate: without one the handshake fails, and with
+    // the MT5 service's the certificate alone is a credential.
+    let url = format!("{}/api/v1/accounts/5012345", dep.account_sidecar);
+    let e = dep
+        .http
+        .get(&url)
+        .send()
+        .expect_err("no client certificate, yet a response");
+    assert!(e.is_connect() || e.is_request(), "{e:?}");
+    let r = dep.as_mt5.get(&url).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["caller"]["service_id"], mt5_id.as_str());
+    assert_eq!(v["caller"]["key_id"], Value::Null);
 
     // The MT5 key is rotated the way an operator does it, during a steady stream: a new key
     // from the admin plane, written over the key file the MT5 sidecar's egress reads (replaced
@@ -265,7 +331,7 @@ fn mt5_and_account_services_behind_sidecars() {
     let started = Instant::now();
     loop {
         let r = dep
-            .http
+            .as_mt5
             .get(format!("{}/api/v1/accounts/5012345", dep.account_sidecar))
             .bearer_auth(&old_key)
             .send()
