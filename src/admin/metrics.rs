@@ -158,7 +158,7 @@ impl AdminMetrics {
         self.version.set(version as i64);
         if let Some((c, now)) = cert {
             self.tls_cert_expiry
-                .with_label_values(&[c.listener])
+                .with_label_values(&[&*c.listener])
                 .set(c.not_after() - now);
         }
         prometheus::TextEncoder::new()

@@ -223,7 +223,7 @@ fn build_credentials(
 
 struct Destination {
     /// For this destination's TLS settings (CA, client certificate).
-    http: reqwest::Client,
+    http: crate::tls::client::RotatingClient,
     name: String,
     url: String,
     /// Replaced whole by a reload; a request keeps the one it loaded.
@@ -234,8 +234,11 @@ struct Destination {
 
 pub struct Egress {
     destinations: HashMap<String, Destination>,
+    /// The client certificates the destinations (and token fetches) present, re-read by the
+    /// sidecar's certificate watch and on SIGHUP like its listener's.
+    client_certs: Vec<Arc<crate::tls::ReloadingCert>>,
     /// Token fetches from the admin plane.
-    http: reqwest::Client,
+    http: crate::tls::client::RotatingClient,
     retry_deadline: Duration,
     max_body_bytes: usize,
 }
@@ -276,16 +279,20 @@ impl Egress {
         admin_tls: &crate::tls::ClientTls,
         metrics: &SidecarMetrics,
     ) -> Result<Egress, crate::tls::TlsError> {
-        let client = |tls: &crate::tls::ClientTls| {
-            crate::tls::client::http_client(
-                tls,
+        let mut client_certs = Vec::new();
+        let timeout = cfg.request_timeout;
+        let mut client = |tls: &crate::tls::ClientTls, label: String| {
+            let c = crate::tls::client::RotatingClient::new(tls, &label, move || {
                 reqwest::Client::builder()
-                    .timeout(cfg.request_timeout)
+                    .timeout(timeout)
                     .connect_timeout(Duration::from_secs(2))
-                    .redirect(reqwest::redirect::Policy::none()),
-            )
+                    .redirect(reqwest::redirect::Policy::none())
+            })?;
+            client_certs.extend(c.cert().cloned());
+            Ok::<_, crate::tls::TlsError>(c)
         };
-        let http = client(admin_tls)?;
+        // Token fetches go where the sync goes, with its certificate (same files, same label).
+        let http = client(admin_tls, "client:sync".into())?;
         let mut credentials = build_credentials(&cfg.destinations, &|_| None);
         let destinations = cfg
             .destinations
@@ -294,7 +301,7 @@ impl Egress {
                 let credential = credentials.remove(&d.name).expect("built for every destination");
                 crate::tls::client::warn_if_clear(&format!("sidecar.egress.destinations.{}", d.name), &d.url);
                 let dest = Destination {
-                    http: client(&d.tls)?,
+                    http: client(&d.tls, format!("client:egress:{}", d.name))?,
                     name: d.name.clone(),
                     url: d.url.clone(),
                     credential: arc_swap::ArcSwap::new(credential),
@@ -306,10 +313,15 @@ impl Egress {
             .collect::<Result<_, crate::tls::TlsError>>()?;
         Ok(Egress {
             destinations,
+            client_certs,
             http,
             retry_deadline: cfg.retry_deadline,
             max_body_bytes: cfg.max_body_bytes,
         })
+    }
+
+    pub fn client_certs(&self) -> &[Arc<crate::tls::ReloadingCert>] {
+        &self.client_certs
     }
 
     /// Takes up the credentials of a reloaded config: each destination still at the same URL
@@ -342,7 +354,7 @@ impl Egress {
     async fn credential(&self, c: &Credential, rejected: Option<&str>) -> Result<Arc<str>, EgressError> {
         match c {
             Credential::ApiKey(k) => Ok(Arc::from(k.expose())),
-            Credential::Tokens(ts) => ts.token(&self.http, self.retry_deadline, rejected).await,
+            Credential::Tokens(ts) => ts.token(&self.http.get(), self.retry_deadline, rejected).await,
         }
     }
 
@@ -362,6 +374,7 @@ impl Egress {
         loop {
             let mut rb = d
                 .http
+                .get()
                 .request(method.clone(), url)
                 .body(body.clone())
                 .bearer_auth(credential);

@@ -341,7 +341,7 @@ impl SidecarMetrics {
         let now = health.clock.now_secs();
         for c in &health.certs {
             self.tls_cert_expiry
-                .with_label_values(&[c.listener])
+                .with_label_values(&[&*c.listener])
                 .set(c.not_after() - now);
         }
         let mut families = self.registry.gather();

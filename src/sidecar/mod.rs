@@ -183,7 +183,7 @@ fn egress_needs_restart(
 /// requests finish with the settings they started with; no connection is dropped.
 pub struct Reloader {
     shared: Arc<Shared>,
-    /// The listener certificates, re-read on every reload.
+    /// The listener's and the clients' (sync, egress) certificates, re-read on every reload.
     certs: Mutex<Vec<Arc<crate::tls::ReloadingCert>>>,
     /// Takes up the destinations' credentials (a rotated key file is read again).
     egress: Option<Arc<egress::Egress>>,
@@ -315,12 +315,21 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         None => service.add_tcp(&cfg.listen.to_string()),
     }
     server.add_service(service);
-    *reloader.certs.lock().unwrap_or_else(|p| p.into_inner()) = certs.clone();
     crate::tls::client::warn_if_clear("sidecar.sync.admin_url", &cfg.admin_url);
-    let admin_http = crate::tls::client::http_client(
+    // The sync's long poll and the usage reports share one client; it starts a new pool when
+    // its client certificate is replaced.
+    let admin_http = Arc::new(crate::tls::client::RotatingClient::new(
         &cfg.sync_tls,
-        reqwest::Client::builder().connect_timeout(Duration::from_secs(3)),
-    )?;
+        "client:sync",
+        || reqwest::Client::builder().connect_timeout(Duration::from_secs(3)),
+    )?);
+    let sync_cert = admin_http.cert().cloned();
+    // Client certificates are watched, reloaded on SIGHUP and reported like the listener's.
+    certs.extend(sync_cert);
+    if let Some(eg) = &egress {
+        certs.extend(eg.client_certs().iter().cloned());
+    }
+    *reloader.certs.lock().unwrap_or_else(|p| p.into_inner()) = certs.clone();
     let sync = SyncClient {
         admin_url: cfg.admin_url.clone(),
         http: admin_http.clone(),

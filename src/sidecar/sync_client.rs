@@ -59,7 +59,8 @@ impl EarlySync {
 pub struct SyncClient {
     pub admin_url: String,
     /// From `tls::client` (the admin plane's CA, our client certificate).
-    pub http: reqwest::Client,
+    /// Presents the current client certificate (a new pool after it changes).
+    pub http: Arc<crate::tls::client::RotatingClient>,
     pub credential: Secret,
     pub wait: Duration,
     pub environment: Environment,
@@ -218,13 +219,13 @@ impl SyncClient {
     }
 
     async fn sync_loop(&self, writer: &std::sync::mpsc::SyncSender<()>, mut shutdown: watch::Receiver<bool>) {
-        let http = self.http.clone();
         let mut backoff = MIN_BACKOFF;
         let mut wait = self.wait;
         loop {
             if *shutdown.borrow() {
                 return;
             }
+            let http = self.http.get();
             let outcome = tokio::select! {
                 r = self.fetch(&http, wait) => r,
                 _ = self.early.notify.notified() => {

@@ -19,7 +19,7 @@ const BATCH: usize = 500;
 pub struct UsageReporter {
     pub admin_url: String,
     /// The sync's client (same admin plane, same TLS settings); each report has a 10 s timeout.
-    pub http: reqwest::Client,
+    pub http: Arc<crate::tls::client::RotatingClient>,
     pub credential: Secret,
     pub current: Arc<ArcSwapOption<Snapshot>>,
     pub interval: Duration,
@@ -35,7 +35,6 @@ struct Entry<'a> {
 impl UsageReporter {
     /// Runs until `shutdown`, then sends what is left once.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let http = self.http.clone();
         // Marks taken from the snapshot but not yet accepted by the admin plane; bounded by
         // the number of keys.
         let mut pending: HashMap<Arc<str>, i64> = HashMap::new();
@@ -48,7 +47,7 @@ impl UsageReporter {
                 _ = shutdown.wait_for(|s| *s) => true,
             };
             self.collect(&mut pending);
-            self.send(&http, &mut pending).await;
+            self.send(&self.http.get(), &mut pending).await;
             if stopping {
                 return;
             }

@@ -1,11 +1,12 @@
-//! A listener's certificate, replaced whole without a restart: new handshakes get the new
-//! certificate, connections already open keep theirs. `reload` re-reads the files (on SIGHUP
+//! A certificate, replaced whole without a restart: a listener's (`ResolvesServerCert`) or a
+//! client's (`ResolvesClientCert`: sync, egress). New handshakes get the new certificate,
+//! connections already open keep theirs. `reload` re-reads the files (on SIGHUP
 //! and when `watch` sees them change); a pair that does not load or whose key does not match
 //! its certificate is refused with a log line and the old one kept. Its notAfter feeds the
 //! `permiso_tls_cert_expiry_seconds` gauge and a warning under 14 days.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,8 +20,9 @@ use super::{provider, read_certs, read_key, TlsError};
 pub const EXPIRY_WARNING_SECS: i64 = 14 * 24 * 3600;
 
 pub struct ReloadingCert {
-    /// Which listener, for logs and the metric label.
-    pub listener: &'static str,
+    /// Which listener (`sidecar`, `admin`) or client (`client:sync`,
+    /// `client:egress:<destination>`), for logs and the metric label.
+    pub listener: Arc<str>,
     cert_file: PathBuf,
     key_file: PathBuf,
     current: ArcSwap<CertifiedKey>,
@@ -28,6 +30,9 @@ pub struct ReloadingCert {
     not_after: AtomicI64,
     /// blake3 of the files' bytes as last loaded (change detection independent of mtimes).
     loaded: Mutex<[u8; 32]>,
+    /// Counts successful loads: a client that pools connections (`RotatingClient`) starts a
+    /// new pool when it moves.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for ReloadingCert {
@@ -69,19 +74,20 @@ fn load(cert_file: &Path, key_file: &Path) -> Result<(CertifiedKey, i64), TlsErr
 impl ReloadingCert {
     /// Loads the pair; an error here stops the start.
     pub fn load(
-        listener: &'static str,
+        listener: impl Into<Arc<str>>,
         cert_file: PathBuf,
         key_file: PathBuf,
     ) -> Result<Arc<Self>, TlsError> {
         let stamp = fingerprint(&cert_file, &key_file);
         let (ck, not_after) = load(&cert_file, &key_file)?;
         Ok(Arc::new(ReloadingCert {
-            listener,
+            listener: listener.into(),
             cert_file,
             key_file,
             current: ArcSwap::from_pointee(ck),
             not_after: AtomicI64::new(not_after),
             loaded: Mutex::new(stamp),
+            generation: AtomicU64::new(0),
         }))
     }
 
@@ -94,11 +100,12 @@ impl ReloadingCert {
                 self.current.store(Arc::new(ck));
                 self.not_after.store(not_after, Ordering::Relaxed);
                 *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
-                tracing::info!(listener = self.listener, cert_file = %self.cert_file.display(), not_after, "TLS certificate loaded");
+                self.generation.fetch_add(1, Ordering::Release);
+                tracing::info!(listener = %self.listener, cert_file = %self.cert_file.display(), not_after, "TLS certificate loaded");
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(listener = self.listener, error = %e, "new TLS certificate refused; the one in use stays");
+                tracing::error!(listener = %self.listener, error = %e, "new TLS certificate refused; the one in use stays");
                 Err(e)
             }
         }
@@ -109,6 +116,11 @@ impl ReloadingCert {
         let stamp = fingerprint(&self.cert_file, &self.key_file);
         let same = *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) == stamp;
         (!same).then(|| self.reload())
+    }
+
+    /// How many times the pair was replaced since it was first loaded.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Unix seconds at which the certificate in use expires.
@@ -125,7 +137,7 @@ impl ReloadingCert {
     pub fn warn_if_expiring(&self, now_secs: i64) {
         let left = self.not_after() - now_secs;
         if left < EXPIRY_WARNING_SECS {
-            tracing::warn!(listener = self.listener, seconds_left = left, cert_file = %self.cert_file.display(), "TLS certificate expires soon");
+            tracing::warn!(listener = %self.listener, seconds_left = left, cert_file = %self.cert_file.display(), "TLS certificate expires soon");
         }
     }
 }
@@ -133,6 +145,23 @@ impl ReloadingCert {
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
+    }
+}
+
+/// A client presents its one certificate whatever the server asks for, as rustls' own
+/// single-certificate resolver (`with_client_auth_cert`) does: the server's CA hints and
+/// signature schemes are for choosing among several.
+impl rustls::client::ResolvesClientCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

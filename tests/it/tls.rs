@@ -464,6 +464,52 @@ fn sync_usage_egress_and_the_cli_reach_an_https_admin_plane_through_a_private_ca
     let echo: Value = r.json().unwrap();
     assert_eq!(echo["headers"]["x-permiso-service-id"], trader["service_id"]);
 
+    // The egress's client certificate is rotated without a restart: both identities mapped
+    // to the trader, the files replaced (key first, as examples/certs.sh does), and the next
+    // calls present the new certificate although the old one's connection is still pooled.
+    let patched = https
+        .patch(format!(
+            "{admin_url}/auth/admin/services/{}",
+            trader["service_id"].as_str().unwrap()
+        ))
+        .header("X-Admin-Api-Key", ADMIN_KEY)
+        .json(&json!({"tls_identities": ["spiffe://permiso/mt5", "spiffe://permiso/mt5-next"]}))
+        .send()
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    let egress_url = format!("http://{}/trades/api/v1/trades", b.egress_addr.unwrap());
+    let presented = || -> Value {
+        let r = reqwest::blocking::get(&egress_url).unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().unwrap()["headers"]["x-permiso-client-cert-identity"].clone()
+    };
+    let until_presented = |want: &str| {
+        let started = Instant::now();
+        while presented() != want {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the egress never presented {want}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until_presented("spiffe://permiso/mt5");
+    let b_metrics = format!("http://{}/metrics", b.health_addr.unwrap());
+    let plain = reqwest::blocking::Client::new();
+    assert!(
+        scrape(
+            &plain,
+            &b_metrics,
+            "permiso_tls_cert_expiry_seconds{listener=\"client:egress:trades\"}"
+        )
+        .is_some_and(|left| left > 0),
+        "the egress client certificate's expiry is reported"
+    );
+    let next = clients.client("mt5-next", "spiffe://permiso/mt5-next");
+    std::fs::copy(&next.key_file, &mt5_cert.key_file).unwrap();
+    std::fs::copy(&next.cert_file, &mt5_cert.cert_file).unwrap();
+    until_presented("spiffe://permiso/mt5-next");
+
     // The CLI, trusting the CA through --ca-file.
     let cli = |ca_file: Option<&Path>| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_permiso"));
