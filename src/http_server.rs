@@ -142,6 +142,7 @@ pub async fn serve(
                 Ok(a) => a,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    crate::telemetry::tls_handshake_failed();
                     if let Some(c) = &tracked {
                         table.remove(key, c);
                     }

@@ -23,7 +23,10 @@ pub struct AdminMetrics {
     long_polls: IntGauge,
     version: IntGauge,
     tls_cert_expiry: prometheus::IntGaugeVec,
+    tls_handshake_failures: IntCounter,
 }
+
+pub const HANDSHAKE_FAILURES_HELP: &str = "TLS handshakes that failed or timed out on this process's listeners (a plain-HTTP client, an untrusted or missing client certificate, an old TLS version). Logged at most once per 10 s.";
 
 /// Counts one parked long poll while it lives.
 pub struct Parked<'a>(&'a IntGauge);
@@ -45,6 +48,10 @@ impl Default for AdminMetrics {
         let counter =
             |name: &str, help: &str| register(&r, IntCounter::new(name, help).expect("valid metric"));
         AdminMetrics {
+            tls_handshake_failures: counter(
+                "permiso_tls_handshake_failures_total",
+                HANDSHAKE_FAILURES_HELP,
+            ),
             tls_cert_expiry: register(
                 &r,
                 prometheus::IntGaugeVec::new(
@@ -156,6 +163,9 @@ impl AdminMetrics {
     /// `cert`: the listener's certificate and the time now, when it serves TLS.
     pub fn render(&self, version: u64, cert: Option<(&crate::tls::ReloadingCert, i64)>) -> String {
         self.version.set(version as i64);
+        let failures = crate::telemetry::tls_handshake_failures();
+        self.tls_handshake_failures
+            .inc_by(failures.saturating_sub(self.tls_handshake_failures.get()));
         if let Some((c, now)) = cert {
             self.tls_cert_expiry
                 .with_label_values(&[&*c.listener])

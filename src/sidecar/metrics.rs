@@ -83,6 +83,7 @@ pub struct SidecarMetrics {
     snapshot_services: IntGauge,
     token_cache_entries: IntGauge,
     tls_cert_expiry: prometheus::IntGaugeVec,
+    tls_handshake_failures: IntCounter,
     usage_reports: IntCounterVec,
     egress_requests: IntCounterVec,
     egress_latency: prometheus::HistogramVec,
@@ -203,6 +204,11 @@ impl SidecarMetrics {
             ),
             snapshot_keys: gauge(&registry, "permiso_sidecar_snapshot_keys", "API keys in the snapshot in use."),
             snapshot_services: gauge(&registry, "permiso_sidecar_snapshot_services", "Services in the snapshot in use."),
+            tls_handshake_failures: counter(
+                &registry,
+                "permiso_tls_handshake_failures_total",
+                crate::admin::metrics::HANDSHAKE_FAILURES_HELP,
+            ),
             tls_cert_expiry: {
                 let g = prometheus::IntGaugeVec::new(
                     Opts::new(
@@ -339,6 +345,9 @@ impl SidecarMetrics {
             .set(snapshot.as_ref().map_or(0, |s| s.service_count() as i64));
         self.token_cache_entries.set(health.token_cache.len() as i64);
         let now = health.clock.now_secs();
+        let failures = crate::telemetry::tls_handshake_failures();
+        self.tls_handshake_failures
+            .inc_by(failures.saturating_sub(self.tls_handshake_failures.get()));
         for c in &health.certs {
             self.tls_cert_expiry
                 .with_label_values(&[&*c.listener])

@@ -935,3 +935,94 @@ print(json.dumps([r.status_code, with_cert, without]))
     );
     drop((side, admin));
 }
+
+/// A port scan against the TLS listener (plain HTTP, bare connects, a client certificate from
+/// another CA) is counted exactly, and pingora's ERROR line for each failed handshake reaches
+/// the log at most once per 10 s. A real `permiso sidecar` process: the counting lives in
+/// the binary's log setup.
+#[test]
+fn failed_handshakes_are_counted_and_logged_once_per_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new(d, "site");
+    let stranger = Ca::new(d, "stranger");
+    let site = ca.server("sidecar", 2040);
+    let (listen, health) = (free_port(), free_port());
+    let key = permiso::core::key::generate(permiso::core::key::Environment::Live);
+    std::fs::write(d.join("sync.key"), key.secret.expose()).unwrap();
+    // No admin plane: the listener serves while the sync retries.
+    let text = format!(
+        "[sidecar]\nlisten = \"{listen}\"\nupstream = \"127.0.0.1:9\"\nsnapshot_file = \"{}\"\nadmin_listen = \"{health}\"\n\
+         [sidecar.sync]\nadmin_url = \"http://127.0.0.1:9\"\ncredential_file = \"{}\"\n{}{ROUTES}",
+        d.join("snap.json").display(),
+        d.join("sync.key").display(),
+        tls_section("sidecar.tls", &site, Some(&ca), "optional"),
+    );
+    std::fs::write(d.join("sidecar.toml"), text).unwrap();
+    let _sidecar = crate::common::spawn(
+        d,
+        "sidecar",
+        env!("CARGO_BIN_EXE_permiso"),
+        &[
+            "sidecar",
+            "--config",
+            &d.join("sidecar.toml").display().to_string(),
+        ],
+    );
+    let plain = reqwest::blocking::Client::new();
+    crate::common::wait_ok(&plain, &format!("http://{health}/healthz"), "sidecar");
+    let started = Instant::now();
+    // A handshake that works is not counted.
+    let r = get(
+        &https_client(Some(&ca), None),
+        &format!("https://127.0.0.1:{}/api/v1/trades", listen.port()),
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status(), 401, "no credential");
+    let mut attempts = 0;
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(listen).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        attempts += 1;
+    }
+    for _ in 0..10 {
+        drop(TcpStream::connect(listen).unwrap());
+        attempts += 1;
+    }
+    let foreign = stranger.client("intruder", "spiffe://permiso/intruder");
+    for _ in 0..10 {
+        let r = https_client(Some(&ca), Some(&foreign))
+            .get(format!("https://127.0.0.1:{}/api/v1/trades", listen.port()))
+            .send();
+        assert!(r.is_err(), "a certificate from another CA got an answer");
+        attempts += 1;
+    }
+    let counted = || {
+        scrape(
+            &plain,
+            &format!("http://{health}/metrics"),
+            "permiso_tls_handshake_failures_total",
+        )
+        .unwrap()
+    };
+    let waiting = Instant::now();
+    while counted() < attempts {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "{} of {attempts} failed handshakes counted",
+            counted()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(counted(), attempts, "only the failed handshakes are counted");
+    let log = std::fs::read_to_string(d.join("sidecar.log")).unwrap();
+    let lines = log.matches("Downstream handshake").count() as u64;
+    let windows = 1 + started.elapsed().as_secs() / 10;
+    assert!(
+        (1..=windows).contains(&lines),
+        "{lines} handshake lines logged for {attempts} failures over {windows} window(s)"
+    );
+}
