@@ -24,9 +24,12 @@ pub struct AdminMetrics {
     version: IntGauge,
     tls_cert_expiry: prometheus::IntGaugeVec,
     tls_handshake_failures: IntCounter,
+    tls_cert_reload_failures: IntCounterVec,
 }
 
 pub const HANDSHAKE_FAILURES_HELP: &str = "TLS handshakes that failed or timed out on this process's listeners (a plain-HTTP client, an untrusted or missing client certificate, an old TLS version). Logged at most once per 10 s.";
+
+pub const RELOAD_FAILURES_HELP: &str = "New certificate files refused (unreadable, or a key that does not match its certificate): the certificate in use stays and keeps counting down to its expiry.";
 
 /// Counts one parked long poll while it lives.
 pub struct Parked<'a>(&'a IntGauge);
@@ -51,6 +54,14 @@ impl Default for AdminMetrics {
             tls_handshake_failures: counter(
                 "permiso_tls_handshake_failures_total",
                 HANDSHAKE_FAILURES_HELP,
+            ),
+            tls_cert_reload_failures: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("permiso_tls_cert_reload_failures_total", RELOAD_FAILURES_HELP),
+                    &["listener"],
+                )
+                .expect("valid metric"),
             ),
             tls_cert_expiry: register(
                 &r,
@@ -170,6 +181,8 @@ impl AdminMetrics {
             self.tls_cert_expiry
                 .with_label_values(&[&*c.listener])
                 .set(c.not_after() - now);
+            let refused = self.tls_cert_reload_failures.with_label_values(&[&*c.listener]);
+            refused.inc_by(c.failures().saturating_sub(refused.get()));
         }
         prometheus::TextEncoder::new()
             .encode_to_string(&self.registry.gather())

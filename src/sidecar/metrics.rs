@@ -84,6 +84,7 @@ pub struct SidecarMetrics {
     token_cache_entries: IntGauge,
     tls_cert_expiry: prometheus::IntGaugeVec,
     tls_handshake_failures: IntCounter,
+    tls_cert_reload_failures: IntCounterVec,
     usage_reports: IntCounterVec,
     egress_requests: IntCounterVec,
     egress_latency: prometheus::HistogramVec,
@@ -208,6 +209,12 @@ impl SidecarMetrics {
                 &registry,
                 "permiso_tls_handshake_failures_total",
                 crate::admin::metrics::HANDSHAKE_FAILURES_HELP,
+            ),
+            tls_cert_reload_failures: counter_vec(
+                &registry,
+                "permiso_tls_cert_reload_failures_total",
+                crate::admin::metrics::RELOAD_FAILURES_HELP,
+                &["listener"],
             ),
             tls_cert_expiry: {
                 let g = prometheus::IntGaugeVec::new(
@@ -352,6 +359,8 @@ impl SidecarMetrics {
             self.tls_cert_expiry
                 .with_label_values(&[&*c.listener])
                 .set(c.not_after() - now);
+            let refused = self.tls_cert_reload_failures.with_label_values(&[&*c.listener]);
+            refused.inc_by(c.failures().saturating_sub(refused.get()));
         }
         let mut families = self.registry.gather();
         if let Some(s) = &snapshot {

@@ -30,9 +30,15 @@ pub struct ReloadingCert {
     not_after: AtomicI64,
     /// blake3 of the files' bytes as last loaded (change detection independent of mtimes).
     loaded: Mutex<[u8; 32]>,
+    /// blake3 of the files as last refused: the watch does not try (and log) the same broken
+    /// contents every 2 s, only a change of them; SIGHUP always tries.
+    refused: Mutex<[u8; 32]>,
     /// Counts successful loads: a client that pools connections (`RotatingClient`) starts a
     /// new pool when it moves.
     generation: AtomicU64,
+    /// Reloads refused (files unreadable, or a key that does not match): the rotation an
+    /// operator expects did not happen, and the old certificate keeps counting down.
+    failures: AtomicU64,
 }
 
 impl std::fmt::Debug for ReloadingCert {
@@ -87,7 +93,9 @@ impl ReloadingCert {
             current: ArcSwap::from_pointee(ck),
             not_after: AtomicI64::new(not_after),
             loaded: Mutex::new(stamp),
+            refused: Mutex::new([0; 32]),
             generation: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         }))
     }
 
@@ -105,17 +113,25 @@ impl ReloadingCert {
                 Ok(())
             }
             Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
                 tracing::error!(listener = %self.listener, error = %e, "new TLS certificate refused; the one in use stays");
                 Err(e)
             }
         }
     }
 
-    /// Reloads when the files' contents differ from what was last loaded.
+    /// Reloads when the files' contents differ from what was last loaded (or refused).
     pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
         let stamp = fingerprint(&self.cert_file, &self.key_file);
-        let same = *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) == stamp;
-        (!same).then(|| self.reload())
+        let seen = *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) == stamp
+            || *self.refused.lock().unwrap_or_else(|p| p.into_inner()) == stamp;
+        (!seen).then(|| self.reload())
+    }
+
+    /// How many reloads were refused.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// How many times the pair was replaced since it was first loaded.
@@ -189,5 +205,40 @@ pub async fn watch(
         for c in &certs {
             let _ = c.reload_if_changed();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_files_are_refused_once_per_content_and_the_old_pair_stays() {
+        super::super::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::tls::dev_pki::DevPki::generate(dir.path(), "spiffe://permiso/t").unwrap();
+        let c = ReloadingCert::load("test", pki.server_cert.clone(), pki.server_key.clone()).unwrap();
+        let served = c.leaf_der();
+        assert!(c.reload_if_changed().is_none(), "nothing changed");
+
+        // A key that does not match the certificate (the client's): refused, counted, kept.
+        std::fs::copy(&pki.client_key, &pki.server_key).unwrap();
+        assert!(matches!(c.reload_if_changed(), Some(Err(_))));
+        assert_eq!(
+            (c.failures(), c.generation(), c.leaf_der()),
+            (1, 0, served.clone())
+        );
+        // The same broken contents are not tried again by the watch...
+        assert!(c.reload_if_changed().is_none());
+        assert_eq!(c.failures(), 1);
+        // ... but SIGHUP (reload) does try.
+        assert!(c.reload().is_err());
+        assert_eq!(c.failures(), 2);
+
+        // A matching pair again (the client's certificate with its key): loaded.
+        std::fs::copy(&pki.client_cert, &pki.server_cert).unwrap();
+        assert!(matches!(c.reload_if_changed(), Some(Ok(()))));
+        assert_eq!((c.failures(), c.generation()), (2, 1));
+        assert_ne!(c.leaf_der(), served);
     }
 }

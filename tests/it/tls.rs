@@ -279,7 +279,17 @@ fn a_new_certificate_is_served_without_a_restart_and_a_bad_one_is_refused() {
         started.elapsed()
     );
 
-    // A broken certificate file is refused: the one in use stays.
+    // A broken certificate file is refused and counted: the one in use stays.
+    let metrics = format!("http://{}/metrics", side.health_addr.unwrap());
+    let refused = || {
+        scrape(
+            &reqwest::blocking::Client::new(),
+            &metrics,
+            "permiso_tls_cert_reload_failures_total{listener=\"sidecar\"}",
+        )
+        .unwrap_or(0)
+    };
+    let refused_before = refused();
     std::fs::write(&first.cert_file, "not a certificate").unwrap();
     side.reloader.apply(h.sidecar_config_at(
         addr,
@@ -288,6 +298,10 @@ fn a_new_certificate_is_served_without_a_restart_and_a_bad_one_is_refused() {
         5,
         &format!("{}{ROUTES}", tls_section("sidecar.tls", &first, None, "off")),
     ));
+    assert!(
+        refused() > refused_before,
+        "the broken file was not refused by the reload"
+    );
     for _ in 0..5 {
         assert_eq!(presented(), (200, second.der.clone()));
     }
