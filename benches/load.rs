@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use permiso::admin::db::{BulkService, NewService, Store, StoredKey};
@@ -22,6 +23,8 @@ use permiso::core::ids;
 use permiso::core::key::{self, Environment};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+// The bench's TLS client (the library's own rustls).
+use tokio_rustls::rustls;
 
 const ADMIN_KEY: &str = "load-test-admin-key-0123456789";
 
@@ -155,9 +158,56 @@ struct LoadResult {
     elapsed: Duration,
 }
 
+/// Where the generator connects: plain TCP, or TLS verified against the bench's CA.
+#[derive(Clone)]
+enum Target {
+    Plain(SocketAddr),
+    Tls(SocketAddr, Arc<rustls::ClientConfig>),
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+async fn connect(t: &Target) -> std::io::Result<Box<dyn Stream>> {
+    let addr = match t {
+        Target::Plain(a) | Target::Tls(a, _) => *a,
+    };
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    let _ = s.set_nodelay(true);
+    match t {
+        Target::Plain(_) => Ok(Box::new(s)),
+        Target::Tls(_, cfg) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(name, s)
+                .await?;
+            Ok(Box::new(tls))
+        }
+    }
+}
+
+/// The bench's TLS client: TLS 1.3 or 1.2 as the server picks, the bench CA only, and no
+/// session resumption when `full_handshakes` (every connection pays the whole handshake).
+fn tls_client(ca: &Path, full_handshakes: bool) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in permiso::tls::read_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(permiso::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if full_handshakes {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Arc::new(cfg)
+}
+
 /// Reads one response; returns its status and whether the server closes the connection after
 /// it (`Connection: close`, as the sidecar says after `max_requests_per_connection`).
-async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> std::io::Result<(u16, bool)> {
+async fn read_response(s: &mut Box<dyn Stream>, buf: &mut Vec<u8>) -> std::io::Result<(u16, bool)> {
     let mut chunk = [0u8; 8192];
     loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
@@ -189,8 +239,17 @@ async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> std:
     }
 }
 
-/// `conns` keep-alive connections sending `request` back to back for `dur`.
-fn run_load(addr: SocketAddr, request: Vec<u8>, conns: usize, dur: Duration) -> LoadResult {
+/// `conns` connections sending `request` back to back for `dur`: kept alive, or with
+/// `new_conn_each` a new connection (and for TLS a full handshake) per request, timed from
+/// the connect. A connection the server announces it will close is reopened, as a client
+/// would; one it drops is counted as an error and reopened.
+fn run_load(
+    target: Target,
+    request: Vec<u8>,
+    conns: usize,
+    dur: Duration,
+    new_conn_each: bool,
+) -> LoadResult {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -200,54 +259,45 @@ fn run_load(addr: SocketAddr, request: Vec<u8>, conns: usize, dur: Duration) -> 
         let deadline = started + dur;
         let tasks: Vec<_> = (0..conns)
             .map(|_| {
-                let request = request.clone();
+                let (request, target) = (request.clone(), target.clone());
                 tokio::spawn(async move {
                     let mut r = LoadResult::default();
-                    let mut s = match tokio::net::TcpStream::connect(addr).await {
-                        Ok(s) => s,
-                        Err(_) => {
-                            r.errors += 1;
-                            return r;
-                        }
-                    };
-                    let _ = s.set_nodelay(true);
+                    let mut conn: Option<Box<dyn Stream>> = None;
                     let mut buf = Vec::with_capacity(8192);
                     while Instant::now() < deadline {
-                        let t = Instant::now();
+                        let mut t = Instant::now();
+                        let s = match conn.as_mut() {
+                            Some(s) => s,
+                            None => match connect(&target).await {
+                                Ok(s) => {
+                                    if !new_conn_each {
+                                        t = Instant::now();
+                                    }
+                                    buf.clear();
+                                    conn.insert(s)
+                                }
+                                Err(_) => {
+                                    r.errors += 1;
+                                    break;
+                                }
+                            },
+                        };
                         if s.write_all(&request).await.is_err() {
                             r.errors += 1;
-                            break;
+                            conn = None;
+                            continue;
                         }
-                        match read_response(&mut s, &mut buf).await {
+                        match read_response(s, &mut buf).await {
                             Ok((status, close)) => {
                                 r.latencies_us.push(t.elapsed().as_micros() as u32);
                                 *r.statuses.entry(status).or_default() += 1;
-                                if close {
-                                    // Announced: reconnect, as a client would; not an error.
-                                    match tokio::net::TcpStream::connect(addr).await {
-                                        Ok(n) => {
-                                            s = n;
-                                            let _ = s.set_nodelay(true);
-                                            buf.clear();
-                                        }
-                                        Err(_) => {
-                                            r.errors += 1;
-                                            break;
-                                        }
-                                    }
+                                if close || new_conn_each {
+                                    conn = None;
                                 }
                             }
                             Err(_) => {
                                 r.errors += 1;
-                                // The proxy closed the connection: reconnect, as a client would.
-                                match tokio::net::TcpStream::connect(addr).await {
-                                    Ok(n) => {
-                                        s = n;
-                                        let _ = s.set_nodelay(true);
-                                        buf.clear();
-                                    }
-                                    Err(_) => break,
-                                }
+                                conn = None;
                             }
                         }
                     }
@@ -284,6 +334,15 @@ fn request(auth: Option<&str>) -> Vec<u8> {
     }
     r.push_str("\r\n");
     r.into_bytes()
+}
+
+/// A request after which the server closes the connection (so the server, not the
+/// generator, holds the TIME_WAIT of each of the many short connections).
+fn request_then_close(auth: Option<&str>) -> Vec<u8> {
+    let mut r = request(auth);
+    r.truncate(r.len() - 2);
+    r.extend_from_slice(b"Connection: close\r\n\r\n");
+    r
 }
 
 fn new_service(name: &str, scopes: &[&str], per_minute: Option<u32>) -> NewService {
@@ -435,6 +494,50 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
 
+    // The same sidecar over TLS (a second process on the same admin plane), and nginx below
+    // with the same certificate: ECDSA P-256 from a throwaway CA.
+    let pki = permiso::tls::dev_pki::DevPki::generate(d, "spiffe://permiso/bench").unwrap();
+    let sidecar_tls = free_port();
+    std::fs::write(
+        d.join("sidecar-tls.toml"),
+        format!(
+            "[sidecar]\nlisten = \"{sidecar_tls}\"\nupstream = \"{upstream}\"\nsnapshot_file = \"{}\"\nthreads = 1\n\
+             [sidecar.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+             [sidecar.sync]\nadmin_url = \"http://{admin}\"\ncredential_file = \"{}\"\n\
+             [[sidecar.routes]]\nprefix = \"/api/v1/trades\"\nscopes = [\"trade:read\"]\n",
+            d.join("snapshot-tls.json").display(),
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            d.join("sync.key").display()
+        ),
+    )
+    .unwrap();
+    let sidecar_tls_proc = spawn(
+        d,
+        "sidecar-tls",
+        permiso,
+        &[
+            "sidecar",
+            "--config",
+            &d.join("sidecar-tls.toml").display().to_string(),
+        ],
+    );
+    let tls_ka = tls_client(&pki.ca, false);
+    let tls_full = tls_client(&pki.ca, true);
+    wait_until("TLS sidecar with its snapshot", || {
+        let r = run_load(
+            Target::Tls(sidecar_tls, tls_ka.clone()),
+            request(Some(&seeded.valid_key)),
+            1,
+            Duration::from_millis(1),
+            false,
+        );
+        r.statuses.get(&200).is_some()
+    });
+    wait_until("TLS sidecar's snapshot file", || {
+        d.join("snapshot-tls.json").exists()
+    });
+
     // Let start-up work finish before measuring anything: the sidecar writes its snapshot
     // file (15 MB at 100k keys) right after the first sync, and that would land in the first row.
     wait_until("snapshot file", || d.join("snapshot.json").exists());
@@ -458,18 +561,23 @@ fn main() {
     wait_until("bare pingora", || std::net::TcpStream::connect(bare).is_ok());
 
     let nginx = which_nginx().map(|exe| {
-        let port = free_port();
+        let (port, tls_port) = (free_port(), free_port());
+        let (cert, key) = (pki.server_cert.display(), pki.server_key.display());
         let conf = format!(
             "worker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\nevents {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  keepalive_requests 1000000;\n  upstream u {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}\n  \
              server {{\n    listen {port};\n    location / {{ proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n\
+             server {{\n    listen {tls_port} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    \
+             location / {{ proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n\
                client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n}}\n",
             dir = d.display()
         );
         std::fs::write(d.join("nginx.conf"), conf).unwrap();
         let p = spawn(d, "nginx", &exe, &["-c", &d.join("nginx.conf").display().to_string(), "-p", &d.display().to_string(), "-g", "daemon off;"]);
-        wait_until("nginx", || std::net::TcpStream::connect(port).is_ok());
-        (port, p)
+        wait_until("nginx", || {
+            std::net::TcpStream::connect(port).is_ok() && std::net::TcpStream::connect(tls_port).is_ok()
+        });
+        (port, tls_port, p)
     });
 
     let token: String = {
@@ -498,40 +606,50 @@ fn main() {
     // `expected`: the statuses this row may see, the first of them for most responses. A row
     // with any other status, or any connection error, is refused: an all-401 "valid key" row
     // would otherwise just look fast.
-    let measure = |name: &str, addr: SocketAddr, pid: u32, req: Vec<u8>, expected: &[u16]| -> Row {
-        // Warm up connections and caches, then measure.
-        let _ = run_load(addr, req.clone(), conns, Duration::from_millis(500));
-        let c0 = cpu_ticks(pid);
-        let r = run_load(addr, req, conns, dur);
-        let c1 = cpu_ticks(pid);
-        let total: u64 = r.statuses.values().sum();
-        assert!(
-            r.errors == 0
-                && r.statuses.keys().all(|s| expected.contains(s))
-                && r.statuses.get(&expected[0]).copied().unwrap_or(0) * 2 > total,
-            "{name}: refusing to report a row with statuses {:?} and {} errors (expected mostly {})",
-            r.statuses,
-            r.errors,
-            expected[0]
-        );
-        let n = r.latencies_us.len() as f64;
-        Row {
-            name: name.into(),
-            rps: n / r.elapsed.as_secs_f64(),
-            p50: pct(&r.latencies_us, 0.5),
-            p99: pct(&r.latencies_us, 0.99),
-            p999: pct(&r.latencies_us, 0.999),
-            cpu_us: (c1 - c0) as f64 / ticks * 1e6 / n.max(1.0),
-            statuses: format!(
-                "{:?}{}",
+    let measure_with =
+        |name: &str, target: Target, new_conn_each: bool, pid: u32, req: Vec<u8>, expected: &[u16]| -> Row {
+            // Warm up connections and caches, then measure.
+            let _ = run_load(
+                target.clone(),
+                req.clone(),
+                conns,
+                Duration::from_millis(500),
+                new_conn_each,
+            );
+            let c0 = cpu_ticks(pid);
+            let r = run_load(target, req, conns, dur, new_conn_each);
+            let c1 = cpu_ticks(pid);
+            let total: u64 = r.statuses.values().sum();
+            assert!(
+                r.errors == 0
+                    && r.statuses.keys().all(|s| expected.contains(s))
+                    && r.statuses.get(&expected[0]).copied().unwrap_or(0) * 2 > total,
+                "{name}: refusing to report a row with statuses {:?} and {} errors (expected mostly {})",
                 r.statuses,
-                if r.errors > 0 {
-                    format!(" errors={}", r.errors)
-                } else {
-                    String::new()
-                }
-            ),
-        }
+                r.errors,
+                expected[0]
+            );
+            let n = r.latencies_us.len() as f64;
+            Row {
+                name: name.into(),
+                rps: n / r.elapsed.as_secs_f64(),
+                p50: pct(&r.latencies_us, 0.5),
+                p99: pct(&r.latencies_us, 0.99),
+                p999: pct(&r.latencies_us, 0.999),
+                cpu_us: (c1 - c0) as f64 / ticks * 1e6 / n.max(1.0),
+                statuses: format!(
+                    "{:?}{}",
+                    r.statuses,
+                    if r.errors > 0 {
+                        format!(" errors={}", r.errors)
+                    } else {
+                        String::new()
+                    }
+                ),
+            }
+        };
+    let measure = |name: &str, addr: SocketAddr, pid: u32, req: Vec<u8>, expected: &[u16]| -> Row {
+        measure_with(name, Target::Plain(addr), false, pid, req, expected)
     };
     let mut rows = vec![measure(
         "bare pingora passthrough",
@@ -540,7 +658,7 @@ fn main() {
         request(Some(&seeded.valid_key)),
         &[200],
     )];
-    if let Some((port, p)) = &nginx {
+    if let Some((port, _, p)) = &nginx {
         rows.push(measure(
             "nginx proxy_pass (no auth)",
             *port,
@@ -613,6 +731,127 @@ fn main() {
         );
     }
 
+    // TLS: the same proxies behind TLS 1.3 (ECDSA P-256 certificate, both from one CA),
+    // kept alive, then with a new connection and a full handshake (no resumption) per
+    // request. Each row against nginx in the same mode.
+    let stid = sidecar_tls_proc.0.id();
+    let tls_ka_to = |a: SocketAddr| Target::Tls(a, tls_ka.clone());
+    let tls_full_to = |a: SocketAddr| Target::Tls(a, tls_full.clone());
+    let mut tls_rows: Vec<(Row, Option<usize>)> = Vec::new();
+    let nginx_ka = nginx.as_ref().map(|(_, tls_port, p)| {
+        tls_rows.push((
+            measure_with(
+                "nginx TLS proxy_pass, keep-alive",
+                tls_ka_to(*tls_port),
+                false,
+                p.0.id(),
+                request(Some(&seeded.valid_key)),
+                &[200],
+            ),
+            None,
+        ));
+        tls_rows.len() - 1
+    });
+    tls_rows.push((
+        measure_with(
+            "sidecar TLS: valid API key, keep-alive",
+            tls_ka_to(sidecar_tls),
+            false,
+            stid,
+            request(Some(&seeded.valid_key)),
+            &[200],
+        ),
+        nginx_ka,
+    ));
+    tls_rows.push((
+        measure_with(
+            "sidecar TLS: valid JWT, keep-alive",
+            tls_ka_to(sidecar_tls),
+            false,
+            stid,
+            request(Some(&token)),
+            &[200],
+        ),
+        nginx_ka,
+    ));
+    let nginx_full = nginx.as_ref().map(|(_, tls_port, p)| {
+        tls_rows.push((
+            measure_with(
+                "nginx TLS: full handshake per request",
+                tls_full_to(*tls_port),
+                true,
+                p.0.id(),
+                request_then_close(Some(&seeded.valid_key)),
+                &[200],
+            ),
+            None,
+        ));
+        tls_rows.len() - 1
+    });
+    tls_rows.push((
+        measure_with(
+            "sidecar TLS: full handshake per request, valid key",
+            tls_full_to(sidecar_tls),
+            true,
+            stid,
+            request_then_close(Some(&seeded.valid_key)),
+            &[200],
+        ),
+        nginx_full,
+    ));
+    let nginx_plain_new = nginx.as_ref().map(|(port, _, p)| {
+        tls_rows.push((
+            measure_with(
+                "nginx plain: new connection per request",
+                Target::Plain(*port),
+                true,
+                p.0.id(),
+                request_then_close(Some(&seeded.valid_key)),
+                &[200],
+            ),
+            None,
+        ));
+        tls_rows.len() - 1
+    });
+    tls_rows.push((
+        measure_with(
+            "sidecar plain: new connection per request, valid key",
+            Target::Plain(sidecar),
+            true,
+            sid,
+            request_then_close(Some(&seeded.valid_key)),
+            &[200],
+        ),
+        nginx_plain_new,
+    ));
+    println!("\nTLS 1.3 (rustls in the sidecar, OpenSSL in nginx; the generator shares the 2 cores): {conns} connections, {secs} s per row\n");
+    println!(
+        "| path | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | × nginx, same mode | statuses |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (r, reference) in &tls_rows {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            r.name,
+            r.rps,
+            r.p50,
+            r.p99,
+            r.p999,
+            r.cpu_us,
+            match reference {
+                Some(i) => format!(
+                    "{:.2}× req/s, {:.2}× CPU",
+                    r.rps / tls_rows[*i].0.rps,
+                    r.cpu_us / tls_rows[*i].0.cpu_us
+                ),
+                None if nginx.is_none() => "n/a (nginx not installed)".into(),
+                None => "1.00 (reference)".into(),
+            },
+            r.statuses
+        );
+    }
+    drop(sidecar_tls_proc);
+
     // Revocation under load: the sidecar serves the valid-key load while keys are revoked.
     let load_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (flag, key_for_load) = (load_stop.clone(), seeded.valid_key.clone());
@@ -620,10 +859,11 @@ fn main() {
         let mut total = 0usize;
         while !flag.load(std::sync::atomic::Ordering::Relaxed) {
             total += run_load(
-                sidecar,
+                Target::Plain(sidecar),
                 request(Some(&key_for_load)),
                 conns,
                 Duration::from_secs(1),
+                false,
             )
             .latencies_us
             .len();
