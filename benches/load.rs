@@ -532,7 +532,7 @@ fn main() {
             Duration::from_millis(1),
             false,
         );
-        r.statuses.get(&200).is_some()
+        r.statuses.contains_key(&200)
     });
     wait_until("TLS sidecar's snapshot file", || {
         d.join("snapshot-tls.json").exists()
