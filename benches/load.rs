@@ -18,7 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use permiso::admin::db::{BulkService, NewService, Store, StoredKey};
+use permiso::admin::storage::sqlite::Store;
+use permiso::admin::storage::{BulkService, NewService, StoredKey};
 use permiso::core::ids;
 use permiso::core::key::{self, Environment};
 use serde_json::{json, Value};
@@ -42,7 +43,18 @@ fn free_port() -> SocketAddr {
 struct Proc(Child);
 
 impl Drop for Proc {
+    /// SIGTERM first: nginx's master stops its workers on it (SIGKILL would orphan them).
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -407,7 +419,7 @@ fn seed(db: &Path, n: usize) -> Seeded {
     let (_, limited, _) = make("bench-limited".into(), &["trade:read"], Some(1), 1);
     let (jwt_id, _, jwt_secret) = make("bench-jwt".into(), &["trade:read"], None, 1);
     store
-        .bulk_create(&bulk, now, &permiso::admin::db::Audit::system())
+        .bulk_create(&bulk, now, &permiso::admin::storage::Audit::system())
         .unwrap();
     Seeded {
         valid_key: first_key.unwrap(),

@@ -35,6 +35,16 @@ enum Command {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Apply the database's schema migrations (PostgreSQL replicas never migrate on their own;
+    /// a SQLite database is migrated by `permiso admin` at start too).
+    Migrate {
+        /// Config file; its [admin_plane] database is used.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides admin_plane.database.
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// Run a sidecar in front of one service.
     Sidecar {
         #[arg(long, default_value = "config.toml")]
@@ -97,9 +107,9 @@ fn main() -> anyhow::Result<()> {
     permiso::tls::install_default_provider();
     // The config file may choose the log format, so read it before logging starts.
     let file = match &cli.command {
-        Command::Admin { config: Some(p), .. } | Command::Sidecar { config: p } => {
-            Some(config::load_file(p)?)
-        }
+        Command::Admin { config: Some(p), .. }
+        | Command::Migrate { config: Some(p), .. }
+        | Command::Sidecar { config: p } => Some(config::load_file(p)?),
         _ => None,
     };
     let json = cli.log_json
@@ -128,6 +138,9 @@ fn main() -> anyhow::Result<()> {
             cfg.signing_kek = std::env::var("PERMISO_SIGNING_KEK")
                 .ok()
                 .map(permiso::core::key::Secret::new);
+            cfg.database_password = std::env::var("PERMISO_DATABASE_PASSWORD")
+                .ok()
+                .map(permiso::core::key::Secret::new);
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -140,6 +153,24 @@ fn main() -> anyhow::Result<()> {
                 });
                 permiso::admin::serve(listener, cfg, Arc::new(SystemClock), rx).await
             })
+        }
+        Command::Migrate { config: _, database } => {
+            let mut file = file.unwrap_or_default();
+            if let Some(d) = database {
+                file.admin_plane.database = d;
+            }
+            let db = config::database::parse(
+                &file.admin_plane.database,
+                file.admin_plane.database_password_file.as_deref(),
+                file.admin_plane.database_pool_size,
+            )?;
+            let password = std::env::var("PERMISO_DATABASE_PASSWORD")
+                .ok()
+                .map(permiso::core::key::Secret::new);
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(permiso::admin::storage::migrate(&db, password.as_ref()))?;
+            println!("{report}");
+            Ok(())
         }
         Command::Sidecar { config } => {
             // The same steps at start and on every SIGHUP.

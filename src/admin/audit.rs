@@ -6,8 +6,8 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::auth::Admin;
-use crate::admin::db::AuditQuery;
 use crate::admin::error::ApiError;
+use crate::admin::storage::AuditQuery;
 use crate::admin::AppState;
 use crate::core::audit::AuditEntry;
 
@@ -59,7 +59,7 @@ pub async fn list(
         after: p.after.unwrap_or(0),
         limit,
     };
-    let (entries, more) = st.db(move |s| s.audit_page(&query)).await?;
+    let (entries, more) = st.db(st.store.audit_page(&query)).await?;
     let next_after = if more { entries.last().map(|e| e.seq) } else { None };
     Ok(Json(AuditPage { entries, next_after }))
 }

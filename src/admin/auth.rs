@@ -7,8 +7,8 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 
-use crate::admin::db::Audit;
 use crate::admin::error::ApiError;
+use crate::admin::storage::Audit;
 use crate::admin::throttle;
 use crate::admin::AppState;
 use crate::core::decision::{bearer_token, Authorization};
@@ -118,7 +118,9 @@ pub async fn audit_failure(
     };
     // A database error here must not turn a 401 into a 500.
     let audited = state
-        .db(move |s| s.audit_failed_auth(now, &who, reason, target.as_deref(), left_out))
+        .db(state
+            .store
+            .audit_failed_auth(now, &who, reason, target.as_deref(), left_out))
         .await;
     if let Err(e) = audited {
         tracing::error!(error = ?e, "could not audit a failed authentication");
@@ -171,7 +173,7 @@ async fn check_credential(
     let hash = parsed.hash();
     let now = state.clock.now_secs();
     let owner = state
-        .db(move |s| s.key_owner(&hash, now))
+        .db(state.store.key_owner(&hash, now))
         .await?
         .ok_or(Failure::Denied("unknown, revoked or expired service key"))?;
     // The same address check the sidecar makes: a key restricted to some networks is refused

@@ -3,7 +3,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::admin::db::StoreError;
+use crate::admin::storage::StoreError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -71,6 +71,17 @@ impl ApiError {
         match e {
             StoreError::NotFound => Self::not_found(what),
             StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            // The database is down or unreachable: a temporary condition, nothing was written.
+            StoreError::Unavailable(detail) => {
+                tracing::error!(error = %detail, "database unavailable");
+                let mut e = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    "the database is unavailable; retry shortly",
+                );
+                e.retry_after = Some(1);
+                e
+            }
             other => Self::internal(other),
         }
     }

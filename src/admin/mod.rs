@@ -1,9 +1,9 @@
-//! The admin plane: an axum HTTP API over the SQLite store. Handlers are thin: validate, call
-//! the store on a blocking thread, publish the new sync version, answer.
+//! The admin plane: an axum HTTP API over the storage (SQLite, or PostgreSQL for several
+//! replicas). Handlers are thin: validate, call the storage, publish the new sync version,
+//! answer.
 
 pub mod audit;
 pub mod auth;
-pub mod db;
 pub mod error;
 pub mod extract;
 pub mod metrics;
@@ -12,6 +12,7 @@ pub mod oauth;
 pub mod services;
 pub mod signing;
 pub mod signing_keys;
+pub mod storage;
 pub mod sync;
 pub mod throttle;
 pub mod usage;
@@ -29,15 +30,15 @@ use tokio::sync::watch;
 
 use crate::config::AdminConfig;
 use crate::core::clock::SharedClock;
-use db::{Store, StoreError, StoreResult};
 use error::ApiError;
+use storage::{SharedStorage, StoreError, StoreResult};
 
 pub struct Inner {
     /// `iss` of minted tokens and the base of the metadata URLs.
     pub issuer: String,
     /// The listener's certificate, when it serves TLS (for the expiry gauge).
     pub tls_cert: Option<Arc<crate::tls::ReloadingCert>>,
-    pub store: Arc<Store>,
+    pub store: SharedStorage,
     pub cfg: AdminConfig,
     pub clock: SharedClock,
     pub admin_key_hash: blake3::Hash,
@@ -64,26 +65,21 @@ pub struct Inner {
 pub type AppState = Arc<Inner>;
 
 impl Inner {
-    /// Runs a store call on the blocking pool (SQLite is synchronous).
-    pub async fn db<T, F>(&self, f: F) -> Result<T, ApiError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store) -> StoreResult<T> + Send + 'static,
-    {
-        self.db_named("resource", f).await
+    /// Awaits a storage call, turning its failure into the API's answer.
+    pub async fn db<T>(
+        &self,
+        call: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> Result<T, ApiError> {
+        self.db_named("resource", call).await
     }
 
     /// Same, naming the thing a NotFound refers to.
-    pub async fn db_named<T, F>(&self, what: &'static str, f: F) -> Result<T, ApiError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store) -> StoreResult<T> + Send + 'static,
-    {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(|e: StoreError| ApiError::from_store(e, what))
+    pub async fn db_named<T>(
+        &self,
+        what: &'static str,
+        call: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> Result<T, ApiError> {
+        call.await.map_err(|e: StoreError| ApiError::from_store(e, what))
     }
 
     /// Wakes long-polling sidecars after a commit.
@@ -152,7 +148,7 @@ pub fn router(state: AppState) -> Router {
 /// Ready when the database accepts a write transaction.
 async fn readyz(axum::extract::State(st): axum::extract::State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match st.db(|s| s.check_writable()).await {
+    match st.store.check_writable().await {
         Ok(()) => axum::Json(serde_json::json!({"ready": true})).into_response(),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -192,25 +188,28 @@ impl Drop for AdminHandle {
     }
 }
 
-fn build_state(
+async fn build_state(
     cfg: AdminConfig,
+    store: SharedStorage,
     clock: SharedClock,
     tls_cert: Option<Arc<crate::tls::ReloadingCert>>,
     shutdown: watch::Receiver<bool>,
     bound: SocketAddr,
 ) -> anyhow::Result<AppState> {
-    let store = Store::open(&cfg.database)
-        .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cfg.database.display()))?;
-    let kek = signing::Kek::load(&cfg.database, cfg.signing_kek.as_ref().map(|s| s.expose()))?;
-    let mut ring = signing::KeyRing::load(&store, &kek)?;
+    let sqlite_file = match &cfg.database {
+        crate::config::Database::Sqlite(p) => Some(p.as_path()),
+        crate::config::Database::Postgres(_) => None,
+    };
+    let kek = signing::Kek::load(sqlite_file, cfg.signing_kek.as_ref().map(|s| s.expose()))?;
+    let mut ring = signing::KeyRing::load(&*store, &kek).await?;
     if ring.signer_at(clock.now_secs()).is_none() {
         // First start: a key that signs at once (nothing can have cached an older JWKS).
         let now = clock.now_secs();
-        let (kid, _) = signing::add_key(&store, &kek, now, now, &db::Audit::system())?;
+        let (kid, _) = signing::add_key(&*store, &kek, now, now, &storage::Audit::system()).await?;
         tracing::info!(kid = %kid, "created the first token signing key");
-        ring = signing::KeyRing::load(&store, &kek)?;
+        ring = signing::KeyRing::load(&*store, &kek).await?;
     }
-    let version = store.version()?;
+    let version = store.version().await?;
     let auth_failure_limit = cfg.auth_failures_per_minute_per_ip;
     let audit_budget = cfg.audited_auth_failures_per_minute;
     let sync_slots = sync::SyncSlots::new(cfg.sync_max_concurrent_per_credential);
@@ -224,7 +223,7 @@ fn build_state(
         ip_limiter: RateLimiter::keyed(Quota::per_minute(cfg.token_rate_per_ip)),
         client_pair_failures: throttle::FailureThrottle::new(cfg.client_auth_failures_per_minute),
         client_addr_failures: throttle::FailureThrottle::new(cfg.client_auth_failures_per_minute_per_ip),
-        store: Arc::new(store),
+        store,
         cfg,
         clock,
         versions: watch::channel(version).0,
@@ -237,6 +236,40 @@ fn build_state(
         auth_audit_budget: throttle::AuditBudget::new(audit_budget),
         metrics: metrics::AdminMetrics::default(),
     }))
+}
+
+/// Follows commits made by other replicas (PostgreSQL): on a notification, and every second
+/// as a safety net for a lost one, reads the version; when it moved, wakes this replica's long
+/// polls and reloads the signing keys if they changed (a rotation through another replica is
+/// served here at once). With SQLite this process is the only writer and it only ticks.
+async fn follow_other_writers(st: AppState, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = st.store.changed_elsewhere() => {}
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let Ok(version) = st.store.version().await else {
+            continue;
+        };
+        if version <= *st.versions.borrow() {
+            continue;
+        }
+        if let Ok(rows) = st.store.signing_keys().await {
+            let ring = st.keyring.load();
+            if rows.iter().map(|r| &r.kid).ne(ring.rows().iter().map(|r| &r.kid)) {
+                match signing::KeyRing::load(&*st.store, &st.kek).await {
+                    Ok(ring) => st.keyring.store(Arc::new(ring)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reloading signing keys written by another replica")
+                    }
+                }
+            }
+        }
+        st.published(version);
+    }
 }
 
 /// The token endpoint's keyed limiter keeps an entry per address it has seen; drop the ones
@@ -279,12 +312,16 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let tls = AdminTls::load(&cfg)?;
-    serve_prepared(listener, cfg, tls, clock, shutdown).await
+    let store = storage::open(&cfg.database, cfg.database_password.as_ref())
+        .await
+        .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cfg.database.describe()))?;
+    serve_prepared(listener, cfg, store, tls, clock, shutdown).await
 }
 
 async fn serve_prepared(
     listener: tokio::net::TcpListener,
     cfg: AdminConfig,
+    store: SharedStorage,
     tls: Option<AdminTls>,
     clock: SharedClock,
     shutdown: watch::Receiver<bool>,
@@ -299,9 +336,24 @@ async fn serve_prepared(
             shutdown.clone(),
         ));
     }
-    let state = build_state(cfg, clock, tls_cert, shutdown.clone(), listener.local_addr()?)?;
-    tracing::info!(addr = %listener.local_addr()?, epoch = state.store.epoch(), "admin plane listening");
+    let state = build_state(
+        cfg,
+        store,
+        clock,
+        tls_cert,
+        shutdown.clone(),
+        listener.local_addr()?,
+    )
+    .await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        epoch = state.store.epoch(),
+        database = %state.cfg.database.describe(),
+        backend = state.store.backend(),
+        "admin plane listening"
+    );
     tokio::spawn(prune_throttles(state.clone(), shutdown.clone()));
+    tokio::spawn(follow_other_writers(state.clone(), shutdown.clone()));
     let limits = crate::http_server::ConnLimits {
         max_header_bytes: state.cfg.max_header_bytes,
         header_read_timeout: state.cfg.header_read_timeout,
@@ -322,21 +374,19 @@ pub fn start(cfg: AdminConfig, clock: SharedClock) -> anyhow::Result<AdminHandle
     // Read the certificate and open the database here so errors surface to the caller, not
     // in the thread.
     let tls = AdminTls::load(&cfg)?;
-    drop(
-        Store::open(&cfg.database)
-            .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cfg.database.display()))?,
-    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let store = rt
+        .block_on(storage::open(&cfg.database, cfg.database_password.as_ref()))
+        .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cfg.database.describe()))?;
     let thread = std::thread::Builder::new()
         .name("permiso-admin".into())
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-                if let Err(e) = serve_prepared(listener, cfg, tls, clock, rx).await {
+                if let Err(e) = serve_prepared(listener, cfg, store, tls, clock, rx).await {
                     tracing::error!(error = %e, "admin plane stopped with an error");
                 }
             });

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::admin::db::{KeyRecord, NewService, ServicePatch, ServiceRecord};
 use crate::admin::error::ApiError;
+use crate::admin::storage::{KeyRecord, NewService, ServicePatch, ServiceRecord};
 use crate::core::key::Environment;
 use crate::core::scope::ScopeSet;
 use crate::core::snapshot::parse_cidr;

@@ -116,7 +116,7 @@ fn throttle<K: std::hash::Hash + Eq + Clone>(
 /// A client whose secret checked out.
 struct AuthenticatedClient {
     service_id: String,
-    record: crate::admin::db::ClientRecord,
+    record: crate::admin::storage::ClientRecord,
 }
 
 /// Checks a client secret. Only failures are counted, per (client, address) and per address,
@@ -145,7 +145,7 @@ async fn authenticate_client(
     } else {
         let hash = KeyHash::of(&c.secret);
         let id = c.client_id.clone();
-        st.db(move |s| s.authenticate_client(&id, &hash, now)).await?
+        st.db(st.store.authenticate_client(&id, &hash, now)).await?
     };
     match record {
         Some(record) => Ok(AuthenticatedClient {
@@ -239,10 +239,12 @@ async fn authenticate_tls_client(
     }
     let record = if ids::looks_like_id(client_id, ids::SERVICE_ID_PREFIX) {
         let id = client_id.to_string();
-        st.db(move |s| match s.get_service(&id) {
-            Ok(r) => Ok(Some(r)),
-            Err(crate::admin::db::StoreError::NotFound) => Ok(None),
-            Err(e) => Err(e),
+        st.db(async {
+            match st.store.get_service(&id).await {
+                Ok(r) => Ok(Some(r)),
+                Err(crate::admin::storage::StoreError::NotFound) => Ok(None),
+                Err(e) => Err(e),
+            }
         })
         .await?
     } else {
@@ -252,7 +254,7 @@ async fn authenticate_tls_client(
         Some(record) if record.tls_identities.iter().any(|i| cert.identities.contains(i)) => {
             Ok(AuthenticatedClient {
                 service_id: client_id.to_string(),
-                record: crate::admin::db::ClientRecord {
+                record: crate::admin::storage::ClientRecord {
                     service_id: record.id,
                     scopes: record.scopes,
                     disabled: record.disabled,
@@ -455,8 +457,8 @@ impl Caller {
         }
     }
 
-    fn audit(&self, source: SocketAddr) -> crate::admin::db::Audit {
-        crate::admin::db::Audit {
+    fn audit(&self, source: SocketAddr) -> crate::admin::storage::Audit {
+        crate::admin::storage::Audit {
             actor: match self {
                 Caller::Admin => "admin-key".to_string(),
                 Caller::Client { id, .. } => format!("client:{id}"),
@@ -517,7 +519,12 @@ async fn active_claims(st: &AppState, token: &str) -> Result<Option<AccessClaims
     };
     let (jti, client, iat) = (c.jti.clone(), c.client_id.clone(), c.iat);
     let (revoked, client_ok) = st
-        .db(move |s| Ok((s.token_revoked(&jti)?, s.token_client_ok(&client, iat)?)))
+        .db(async {
+            Ok((
+                st.store.token_revoked(&jti).await?,
+                st.store.token_client_ok(&client, iat).await?,
+            ))
+        })
         .await?;
     Ok((!revoked && client_ok).then_some(c))
 }
@@ -565,7 +572,7 @@ pub async fn introspect(
     };
     let hash = parsed.hash();
     let now = st.clock.now_secs();
-    Ok(match st.db(move |s| s.key_info(&hash, now)).await? {
+    Ok(match st.db(st.store.key_info(&hash, now)).await? {
         Some(info) if who.may_see(&info.service_id) => {
             let mut v = json!({
                 "active": true,
@@ -610,7 +617,7 @@ pub async fn revoke(
                 let (jti, client) = (c.jti.clone(), c.client_id.clone());
                 let audit = audit.clone();
                 if let Some(v) = st
-                    .db(move |s| s.revoke_token(&jti, &client, c.exp, now, &audit))
+                    .db(st.store.revoke_token(&jti, &client, c.exp, now, &audit))
                     .await?
                 {
                     st.published(v);
@@ -621,7 +628,7 @@ pub async fn revoke(
     } else if let Ok(parsed) = key::parse(token) {
         let hash = parsed.hash();
         if let Some(v) = st
-            .db(move |s| s.revoke_key_by_hash(&hash, owner.as_deref(), now, &audit))
+            .db(st.store.revoke_key_by_hash(&hash, owner.as_deref(), now, &audit))
             .await?
         {
             st.published(v);

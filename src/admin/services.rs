@@ -5,10 +5,10 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use crate::admin::auth::Admin;
-use crate::admin::db::{CredentialKind, StoredKey};
 use crate::admin::error::ApiError;
 use crate::admin::extract::JsonBody;
 use crate::admin::model::*;
+use crate::admin::storage::{CredentialKind, StoredKey};
 use crate::admin::AppState;
 use crate::core::ids::{self, KEY_ID_PREFIX, SERVICE_ID_PREFIX};
 use crate::core::key;
@@ -38,16 +38,17 @@ pub async fn create(
         let stored = StoredKey::of(&key);
         let stored_secret = StoredKey::of(&secret);
         let who = actor.audit();
-        st.db_named("service", move |s| {
-            s.create_service(
+        st.db_named(
+            "service",
+            st.store.create_service(
                 &id,
                 &new,
                 (&key_id, &stored),
                 (&secret_id, &stored_secret),
                 now,
                 &who,
-            )
-        })
+            ),
+        )
         .await?
     };
     st.published(version);
@@ -82,7 +83,7 @@ pub async fn list(
     let now = st.clock.now_secs();
     let cursor = q.cursor.clone();
     let (recs, more) = st
-        .db(move |s| s.list_services(limit, cursor.as_deref()))
+        .db(st.store.list_services(limit, cursor.as_deref()))
         .await
         .map_err(|e| {
             if e.code == "not_found" {
@@ -109,7 +110,7 @@ pub async fn show(
 ) -> Result<Json<ServiceView>, ApiError> {
     let id = service_id(id)?;
     let now = st.clock.now_secs();
-    let rec = st.db_named("service", move |s| s.get_service(&id)).await?;
+    let rec = st.db_named("service", st.store.get_service(&id)).await?;
     Ok(Json(ServiceView::of(rec, now)))
 }
 
@@ -124,9 +125,10 @@ pub async fn patch(
     let now = st.clock.now_secs();
     let who = actor.audit();
     let (rec, version) = st
-        .db_named("service", move |s| {
-            s.patch_service(&id, &patch, now, &who, "service.patch")
-        })
+        .db_named(
+            "service",
+            st.store.patch_service(&id, &patch, now, &who, "service.patch"),
+        )
         .await?;
     st.published(version);
     tracing::info!(%actor, service_id = %rec.id, version, "service patched");
@@ -141,15 +143,16 @@ pub async fn disable(
 ) -> Result<Json<ServiceView>, ApiError> {
     let id = service_id(id)?;
     let now = st.clock.now_secs();
-    let patch = crate::admin::db::ServicePatch {
+    let patch = crate::admin::storage::ServicePatch {
         disabled: Some(true),
         ..Default::default()
     };
     let who = actor.audit();
     let (rec, version) = st
-        .db_named("service", move |s| {
-            s.patch_service(&id, &patch, now, &who, "service.disable")
-        })
+        .db_named(
+            "service",
+            st.store.patch_service(&id, &patch, now, &who, "service.disable"),
+        )
         .await?;
     st.published(version);
     tracing::info!(%actor, service_id = %rec.id, version, "service disabled");
@@ -174,16 +177,13 @@ async fn rotate_credential(
     id: String,
     kind: CredentialKind,
     grace: u64,
-    who: crate::admin::db::Audit,
-) -> Result<(crate::admin::db::Rotation, key::NewKey, String), ApiError> {
+    who: crate::admin::storage::Audit,
+) -> Result<(crate::admin::storage::Rotation, key::NewKey, String), ApiError> {
     let now = st.clock.now_secs();
     let (new, new_id) = match kind {
         CredentialKind::ApiKey => {
             let environment = st
-                .db_named("service", {
-                    let id = id.clone();
-                    move |s| s.get_service(&id)
-                })
+                .db_named("service", st.store.get_service(&id))
                 .await?
                 .environment;
             (key::generate(environment), ids::new_key_id())
@@ -194,16 +194,18 @@ async fn rotate_credential(
     let stored = StoredKey::of(&new);
     let (rotation, version) = {
         let new_id = new_id.clone();
-        st.db_named("service", move |s| {
-            s.rotate(&id, kind, &new_id, &stored, grace, max_active, now, &who)
-        })
+        st.db_named(
+            "service",
+            st.store
+                .rotate(&id, kind, &new_id, &stored, grace, max_active, now, &who),
+        )
         .await?
     };
     st.published(version);
     Ok((rotation, new, new_id))
 }
 
-fn ended(rotation: &crate::admin::db::Rotation) -> (Option<String>, Vec<EndedKey>) {
+fn ended(rotation: &crate::admin::storage::Rotation) -> (Option<String>, Vec<EndedKey>) {
     (
         rotation.ended.iter().map(|(_, e)| *e).max().map(rfc3339),
         rotation
@@ -279,7 +281,7 @@ pub async fn revoke(
     let (rec, version) = {
         let (id, key_id) = (id.clone(), key_id.clone());
         let who = actor.audit();
-        st.db_named("key", move |s| s.revoke_key(&id, &key_id, now, &who))
+        st.db_named("key", st.store.revoke_key(&id, &key_id, now, &who))
             .await?
     };
     st.published(version);

@@ -13,7 +13,7 @@ use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::TryRngCore;
 
-use crate::admin::db::{SigningKeyRow, Store, StoreError};
+use crate::admin::storage::{SigningKeyRow, Storage, StoreError};
 use crate::core::jwt::{self, KeySet, Signer};
 use crate::core::sync::SyncSigningKey;
 
@@ -34,12 +34,19 @@ impl Kek {
     /// From `PERMISO_SIGNING_KEK` (base64url of 32 bytes) when given, else from the file beside
     /// the database (`<database>.kek`, created with mode 0600 on first start). Either way the
     /// KEK is not in the database, so a copy of the database alone cannot mint tokens.
-    pub fn load(database: &Path, from_env: Option<&str>) -> Result<Kek, SigningError> {
-        let bytes = match from_env {
-            Some(v) => URL_SAFE_NO_PAD
+    /// With PostgreSQL (`database` None) there is no file beside the database and every
+    /// replica must hold the same KEK: the variable is required.
+    pub fn load(database: Option<&Path>, from_env: Option<&str>) -> Result<Kek, SigningError> {
+        let bytes = match (from_env, database) {
+            (Some(v), _) => URL_SAFE_NO_PAD
                 .decode(v.trim())
                 .map_err(|_| SigningError::Kek("PERMISO_SIGNING_KEK is not base64url".into()))?,
-            None => read_or_create(&kek_path(database))?,
+            (None, Some(db)) => read_or_create(&kek_path(db))?,
+            (None, None) => {
+                return Err(SigningError::Kek(
+                    "PERMISO_SIGNING_KEK is required with a PostgreSQL database: every replica needs the same key-encryption key (base64url of 32 bytes)".into(),
+                ))
+            }
         };
         let key: [u8; 32] = bytes
             .try_into()
@@ -124,8 +131,8 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
-    pub fn load(store: &Store, kek: &Kek) -> Result<KeyRing, SigningError> {
-        let rows = store.signing_keys()?;
+    pub async fn load(store: &dyn Storage, kek: &Kek) -> Result<KeyRing, SigningError> {
+        let rows = store.signing_keys().await?;
         let mut signers = HashMap::new();
         for r in &rows {
             let der = kek
@@ -164,12 +171,12 @@ impl KeyRing {
 }
 
 /// Creates a key that signs from `activates_at`. Returns its kid and the new sync version.
-pub fn add_key(
-    store: &Store,
+pub async fn add_key(
+    store: &dyn Storage,
     kek: &Kek,
     now: i64,
     activates_at: i64,
-    who: &crate::admin::db::Audit,
+    who: &crate::admin::storage::Audit,
 ) -> Result<(String, u64), SigningError> {
     let (der, x) = jwt::generate_ed25519();
     let kid = format!("k{}", &crate::core::ids::new_jti()[..16]);
@@ -180,7 +187,7 @@ pub fn add_key(
         created_at: now,
         activates_at,
     };
-    let v = store.add_signing_key(&row, who)?;
+    let v = store.add_signing_key(&row, who).await?;
     Ok((kid, v))
 }
 
@@ -218,13 +225,17 @@ mod tests {
     fn seal_round_trip_and_wrong_kek() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("p.db");
-        let kek = Kek::load(&db, None).unwrap();
-        let again = Kek::load(&db, None).unwrap();
+        let kek = Kek::load(Some(&db), None).unwrap();
+        let again = Kek::load(Some(&db), None).unwrap();
         let sealed = kek.seal(b"private");
         assert_ne!(&sealed[24..], b"private");
         assert_eq!(again.open(&sealed).unwrap(), b"private");
-        let other = Kek::load(&db, Some(&URL_SAFE_NO_PAD.encode([7u8; 32]))).unwrap();
+        let other = Kek::load(Some(&db), Some(&URL_SAFE_NO_PAD.encode([7u8; 32]))).unwrap();
         assert!(other.open(&sealed).is_none());
-        assert!(Kek::load(&db, Some("short")).is_err());
+        assert!(Kek::load(Some(&db), Some("short")).is_err());
+        // No file beside a PostgreSQL database: the variable is required.
+        let e = Kek::load(None, None).err().unwrap().to_string();
+        assert!(e.contains("PERMISO_SIGNING_KEK is required"), "{e}");
+        assert!(Kek::load(None, Some(&URL_SAFE_NO_PAD.encode([7u8; 32]))).is_ok());
     }
 }

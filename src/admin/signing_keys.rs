@@ -44,17 +44,15 @@ pub async fn list(State(st): State<AppState>, Admin(_): Admin) -> Json<Value> {
 pub async fn rotate(State(st): State<AppState>, Admin(actor): Admin) -> Result<Json<Value>, ApiError> {
     let now = st.clock.now_secs();
     let activates_at = now + st.cfg.signing_key_publish_delay.as_secs() as i64;
-    let st2 = st.clone();
     let who = actor.audit();
-    let (kid, version) = tokio::task::spawn_blocking(move || {
-        let r = signing::add_key(&st2.store, &st2.kek, now, activates_at, &who)?;
-        st2.keyring
-            .store(std::sync::Arc::new(KeyRing::load(&st2.store, &st2.kek)?));
-        Ok::<_, signing::SigningError>(r)
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    let (kid, version) = signing::add_key(&*st.store, &st.kek, now, activates_at, &who)
+        .await
+        .map_err(ApiError::internal)?;
+    st.keyring.store(std::sync::Arc::new(
+        KeyRing::load(&*st.store, &st.kek)
+            .await
+            .map_err(ApiError::internal)?,
+    ));
     st.published(version);
     tracing::info!(%actor, kid = %kid, activates_at, "signing key rotated");
     let mut v = describe(&st.keyring.load(), now);

@@ -81,13 +81,8 @@ async fn build(
     now: i64,
 ) -> Result<(u64, Bytes), ApiError> {
     let max_lifetime = i64::from(crate::admin::model::MAX_TOKEN_LIFETIME);
-    let mut payload = st
-        .db(move |s| {
-            s.sync_payload(epoch.as_deref(), after, now, &|rows, now| {
-                crate::admin::signing::published(rows, now, max_lifetime)
-            })
-        })
-        .await?;
+    let (mut payload, signing) = st.db(st.store.sync_payload(epoch.as_deref(), after, now)).await?;
+    payload.signing_keys = crate::admin::signing::published(&signing, now, max_lifetime);
     payload.issuer = st.issuer.clone();
     payload.generated_at_ms = Some(crate::core::clock::unix_millis());
     let body = serde_json::to_vec(&payload).map_err(ApiError::internal)?;

@@ -61,7 +61,7 @@ pub async fn report(
         marks.push((m.key_id, m.last_used_at.min(now)));
     }
     let received = marks.len();
-    let moved = st.db(move |s| s.record_usage(&marks)).await?;
+    let moved = st.db(st.store.record_usage(&marks)).await?;
     st.metrics.usage_marks(received);
     tracing::debug!(%caller, received, moved, "key usage recorded");
     Ok(Json(json!({ "received": received, "updated": moved })))

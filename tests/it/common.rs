@@ -399,8 +399,17 @@ pub fn start_admin_with(
         max_body_bytes: 4096,
         ..Default::default()
     };
+    // PERMISO_TEST_BACKEND=postgres: the same tests on PostgreSQL, one database per SQLite
+    // path (a restart with the same path finds the same data).
+    let postgres = on_postgres().then(|| pg_database_for(db));
+    if let Some(url) = &postgres {
+        f.database = url.clone();
+    }
     tweak(&mut f);
-    let cfg = AdminConfig::from_file(&f, Some(ADMIN_KEY.to_string())).unwrap();
+    let mut cfg = AdminConfig::from_file(&f, Some(ADMIN_KEY.to_string())).unwrap();
+    if postgres.is_some() {
+        cfg.signing_kek = Some(permiso::core::key::Secret::new(TEST_KEK.to_string()));
+    }
     let clock: SharedClock = Arc::new(clock.clone());
     // The previous instance may take a moment to release the port.
     let started = Instant::now();
@@ -600,4 +609,59 @@ pub fn wait_ok(http: &reqwest::blocking::Client, url: &str, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether this run puts the admin plane on PostgreSQL (`PERMISO_TEST_BACKEND=postgres`).
+pub fn on_postgres() -> bool {
+    std::env::var("PERMISO_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// The PostgreSQL server the tests use: `PERMISO_TEST_POSTGRES`, default the local one with
+/// trust authentication (.ci/run starts one when nothing listens).
+pub fn pg_server() -> String {
+    std::env::var("PERMISO_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// The KEK every replica of a PostgreSQL test shares (base64url of 32 bytes).
+pub const TEST_KEK: &str = "dGVzdC1rZWstMzItYnl0ZXMtZm9yLXBlcm1pc28tISE";
+
+/// A fresh, migrated database on the test server, named after `key`; its URL. Created once
+/// per name (a second call, a restart, reuses it).
+pub fn pg_database_for(key: &std::path::Path) -> String {
+    let name = format!(
+        "permiso_t_{}",
+        &blake3::hash(key.display().to_string().as_bytes()).to_hex()[..16]
+    );
+    pg_database(&name)
+}
+
+pub fn pg_database(name: &str) -> String {
+    let server = pg_server();
+    let url = format!("{server}/{name}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {server} (PERMISO_TEST_POSTGRES): {e}"));
+        let driver = tokio::spawn(conn);
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+            .await
+            .unwrap()
+            .is_some();
+        if !exists {
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+        }
+        drop(client);
+        let _ = driver.await;
+        let db = permiso::config::database::parse(&url, None, 4).unwrap();
+        permiso::admin::storage::migrate(&db, None).await.unwrap();
+    });
+    url
 }

@@ -15,4 +15,5 @@ mod paths;
 mod resilience;
 mod rotation;
 mod sidecar_auth;
+mod storage;
 mod tls;

@@ -1,124 +1,22 @@
-//! The admin plane's SQLite store (schema.sql). Every mutation runs in one transaction that also
-//! bumps the sync version, so sidecars see either all of a change or none of it.
+//! The SQLite backend (schema.sql, the embedded default): one process, one connection behind a
+//! mutex, WAL. `Store` is the synchronous core; `Sqlite` runs it on tokio's blocking pool
+//! behind the storage traits. SQLite serializes writers itself, so the version bump and the
+//! audit append need no extra lock.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use rand::TryRngCore;
+use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
+use super::{
+    create_change, failed_auth_change, json_list, patched, rotate_change, rotation_plan, to_json, Audit,
+    AuditQuery, AuditStore, BulkService, ClientRecord, CredentialKind, CredentialStore, KeyInfo, KeyOwner,
+    KeyRecord, NewService, Rotation, ServicePatch, ServiceRecord, ServiceStore, SigningKeyRow, Storage,
+    StoreError, StoreResult, StoredKey, SyncStore, TokenStore,
+};
 use crate::core::key::{Environment, KeyHash};
-use crate::core::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
-
-const SCHEMA: &str = include_str!("../../schema.sql");
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("not found")]
-    NotFound,
-    #[error("conflict: {0}")]
-    Conflict(String),
-    #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
-}
-
-pub type StoreResult<T> = Result<T, StoreError>;
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct NewService {
-    pub name: String,
-    pub environment: Environment,
-    pub description: Option<String>,
-    pub contact_email: Option<String>,
-    pub is_trusted: bool,
-    pub scopes: Vec<String>,
-    pub rate_limit_per_minute: Option<u32>,
-    pub rate_limit_per_hour: Option<u32>,
-    pub allowed_ips: Vec<String>,
-    pub access_token_lifetime: u32,
-    pub tls_identities: Vec<String>,
-}
-
-/// The two credential kinds share one lifecycle (issue, rotate with grace, revoke).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CredentialKind {
-    ApiKey,
-    ClientSecret,
-}
-
-impl CredentialKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            CredentialKind::ApiKey => "api_key",
-            CredentialKind::ClientSecret => "client_secret",
-        }
-    }
-
-    pub fn noun(self) -> &'static str {
-        match self {
-            CredentialKind::ApiKey => "keys",
-            CredentialKind::ClientSecret => "client secrets",
-        }
-    }
-}
-
-/// A validated change; `None` leaves a field alone, `Some(None)` clears a nullable one.
-/// Serialized (for the audit log) with only the fields it changes.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ServicePatch {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scopes: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_limit_per_minute: Option<Option<u32>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_limit_per_hour: Option<Option<u32>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub allowed_ips: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub description: Option<Option<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub contact_email: Option<Option<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub is_trusted: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub disabled: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub access_token_lifetime: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_identities: Option<Vec<String>>,
-}
-
-/// Who asked for a change, as the audit log records it.
-#[derive(Debug, Clone)]
-pub struct Audit {
-    pub actor: String,
-    pub source_ip: Option<String>,
-}
-
-impl Audit {
-    /// Changes the admin plane makes on its own (the first signing key).
-    pub fn system() -> Audit {
-        Audit {
-            actor: "system".into(),
-            source_ip: None,
-        }
-    }
-}
-
-/// Filters for reading the audit log; all optional, combined with AND.
-#[derive(Debug, Clone, Default)]
-pub struct AuditQuery {
-    pub actor: Option<String>,
-    pub action: Option<String>,
-    pub target: Option<String>,
-    pub since: Option<i64>,
-    pub until: Option<i64>,
-    /// Entries after this sequence number (the pagination cursor).
-    pub after: u64,
-    pub limit: u32,
-}
+use crate::core::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService};
 
 /// Appends one entry, chained to the last, inside the caller's transaction: the change and
 /// its audit entry commit together or not at all.
@@ -193,81 +91,9 @@ fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditRow> {
     })
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyRecord {
-    pub id: String,
-    pub display_prefix: String,
-    pub created_at: i64,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
-    pub last_used_at: Option<i64>,
-}
-
-impl KeyRecord {
-    pub fn is_active(&self, now: i64) -> bool {
-        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ServiceRecord {
-    pub id: String,
-    pub name: String,
-    pub environment: Environment,
-    pub description: Option<String>,
-    pub contact_email: Option<String>,
-    pub is_trusted: bool,
-    pub scopes: Vec<String>,
-    pub rate_limit_per_minute: Option<u32>,
-    pub rate_limit_per_hour: Option<u32>,
-    pub allowed_ips: Vec<String>,
-    pub disabled: bool,
-    pub access_token_lifetime: u32,
-    /// Access tokens with an `iat` before this are refused (set on disable).
-    pub tokens_not_before: i64,
-    pub tls_identities: Vec<String>,
-    pub created_at: i64,
-    pub updated_at: i64,
-    pub keys: Vec<KeyRecord>,
-    pub secrets: Vec<KeyRecord>,
-}
-
-/// What is stored of a new key: its hash and display prefix, never the key.
-#[derive(Debug, Clone)]
-pub struct StoredKey {
-    pub hash: KeyHash,
-    pub display_prefix: String,
-}
-
-impl StoredKey {
-    pub fn of(k: &crate::core::key::NewKey) -> StoredKey {
-        StoredKey {
-            hash: k.hash,
-            display_prefix: k.display_prefix.clone(),
-        }
-    }
-}
-
-/// What admin and sync authentication need to know about a presented key.
-#[derive(Debug, Clone)]
-pub struct KeyOwner {
-    pub service_id: String,
-    pub key_id: String,
-    pub scopes: Vec<String>,
-    pub allowed_ips: Vec<String>,
-}
-
 pub struct Store {
     conn: Mutex<Connection>,
     epoch: String,
-}
-
-fn json_list(s: &str) -> StoreResult<Vec<String>> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn to_json(v: &[String]) -> String {
-    serde_json::to_string(v).expect("string list serialises")
 }
 
 const SERVICE_COLS: &str = "id, name, environment, description, contact_email, is_trusted, scopes, \
@@ -458,51 +284,6 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// One service for `bulk_create`.
-#[derive(Debug, Clone)]
-pub struct BulkService {
-    pub id: String,
-    pub service: NewService,
-    pub keys: Vec<(String, StoredKey)>,
-    pub secret: (String, StoredKey),
-}
-
-/// Outcome of a rotation: the new key's record and when each old key stops.
-#[derive(Debug, Clone)]
-pub struct Rotation {
-    pub service: ServiceRecord,
-    pub ended: Vec<(String, i64)>,
-}
-
-/// What the token endpoint needs to know about an authenticated client.
-#[derive(Debug, Clone)]
-pub struct ClientRecord {
-    pub service_id: String,
-    pub scopes: Vec<String>,
-    pub disabled: bool,
-    pub allowed_ips: Vec<String>,
-    pub access_token_lifetime: u32,
-}
-
-/// What introspection reports about an API key.
-#[derive(Debug, Clone)]
-pub struct KeyInfo {
-    pub service_id: String,
-    pub scopes: Vec<String>,
-    pub created_at: i64,
-    pub expires_at: Option<i64>,
-}
-
-/// A signing key as stored: the private part is sealed.
-#[derive(Debug, Clone)]
-pub struct SigningKeyRow {
-    pub kid: String,
-    pub public_x: String,
-    pub private_sealed: Vec<u8>,
-    pub created_at: i64,
-    pub activates_at: i64,
-}
-
 fn read_version(conn: &Connection) -> StoreResult<u64> {
     let v: i64 = conn.query_row(
         "SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'version'",
@@ -545,14 +326,14 @@ fn add_missing_columns(conn: &Connection) -> StoreResult<()> {
 
 impl Store {
     pub fn open(path: &Path) -> StoreResult<Store> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a committed transaction survives a process crash (kill -9); only
         // an OS crash can lose the last commits.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        super::migrations::sqlite(&mut conn)?;
         add_missing_columns(&conn)?;
         let epoch: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE name = 'epoch'", [], |r| r.get(0))
@@ -560,11 +341,7 @@ impl Store {
         let epoch = match epoch {
             Some(e) => e,
             None => {
-                let mut b = [0u8; 12];
-                rand::rngs::OsRng
-                    .try_fill_bytes(&mut b)
-                    .expect("OS CSPRNG unavailable");
-                let e: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                let e = super::new_epoch();
                 conn.execute("INSERT INTO meta (name, value) VALUES ('epoch', ?1)", [&e])?;
                 e
             }
@@ -623,11 +400,14 @@ impl Store {
         insert_credential(&tx, id, CredentialKind::ClientSecret, secret.0, secret.1, now)?;
         set_identities(&tx, id, &s.tls_identities)?;
         let rec = load_service(&tx, id)?;
-        let mut change = serde_json::to_value(s).unwrap_or_default();
-        change["key_id"] = key.0.into();
-        change["key_prefix"] = key.1.display_prefix.clone().into();
-        change["client_secret_id"] = secret.0.into();
-        append_audit(&tx, now, who, "service.create", Some(id), change)?;
+        append_audit(
+            &tx,
+            now,
+            who,
+            "service.create",
+            Some(id),
+            create_change(s, key, secret.0),
+        )?;
         tx.commit()?;
         Ok((rec, v))
     }
@@ -690,30 +470,29 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let cur = load_service(&tx, id)?;
-        let scopes = p.scopes.clone().unwrap_or(cur.scopes);
-        let ips = p.allowed_ips.clone().unwrap_or(cur.allowed_ips);
+        let n = patched(&cur, p);
         tx.execute(
             "UPDATE services SET scopes = ?1, rate_limit_per_minute = ?2, rate_limit_per_hour = ?3,
                  allowed_ips = ?4, description = ?5, contact_email = ?6, is_trusted = ?7, disabled = ?8,
                  access_token_lifetime = ?9
              WHERE id = ?10",
             params![
-                to_json(&scopes),
-                p.rate_limit_per_minute.unwrap_or(cur.rate_limit_per_minute),
-                p.rate_limit_per_hour.unwrap_or(cur.rate_limit_per_hour),
-                to_json(&ips),
-                p.description.clone().unwrap_or(cur.description),
-                p.contact_email.clone().unwrap_or(cur.contact_email),
-                p.is_trusted.unwrap_or(cur.is_trusted),
-                p.disabled.unwrap_or(cur.disabled),
-                p.access_token_lifetime.unwrap_or(cur.access_token_lifetime),
+                to_json(&n.scopes),
+                n.rate_limit_per_minute,
+                n.rate_limit_per_hour,
+                to_json(&n.allowed_ips),
+                n.description,
+                n.contact_email,
+                n.is_trusted,
+                n.disabled,
+                n.access_token_lifetime,
                 id
             ],
         )?;
         if let Some(ids) = &p.tls_identities {
             set_identities(&tx, id, ids)?;
         }
-        if p.disabled == Some(true) && !cur.disabled {
+        if n.disabling {
             // Every access token issued so far dies with the disable, for good: tokens carry
             // whole seconds, so the floor is the next second.
             tx.execute(
@@ -752,48 +531,17 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let cur = load_service(&tx, id)?;
-        if cur.disabled {
-            return Err(StoreError::Conflict(
-                "the service is disabled; enable it before rotating".into(),
-            ));
-        }
-        let existing = match kind {
-            CredentialKind::ApiKey => &cur.keys,
-            CredentialKind::ClientSecret => &cur.secrets,
-        };
-        let active: Vec<&KeyRecord> = existing.iter().filter(|k| k.is_active(now)).collect();
-        // grace 0 ends every old credential now, so it never adds to the count: a leaked one
-        // can always be replaced.
-        if grace_secs > 0 && active.len() >= max_active as usize {
-            return Err(StoreError::Conflict(format!(
-                "the service already has {} active {} (limit {max_active}); revoke one or rotate with grace_seconds 0",
-                active.len(),
-                kind.noun()
-            )));
-        }
-        let end = now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX));
-        let mut ended = Vec::with_capacity(active.len());
-        for k in &active {
-            let new_end = k.expires_at.map_or(end, |e| e.min(end));
+        let ended = rotation_plan(&cur, kind, grace_secs, max_active, now)?;
+        for (key_id, new_end) in &ended {
             tx.execute(
                 "UPDATE credentials SET expires_at = ?1 WHERE id = ?2",
-                params![new_end, k.id],
+                params![new_end, key_id],
             )?;
-            ended.push((k.id.clone(), new_end));
         }
         insert_credential(&tx, id, kind, new_id, key, now)?;
         let v = touch_service(&tx, id, now)?;
         let service = load_service(&tx, id)?;
-        let action = match kind {
-            CredentialKind::ApiKey => "key.rotate",
-            CredentialKind::ClientSecret => "secret.rotate",
-        };
-        let change = serde_json::json!({
-            "new_id": new_id,
-            "new_prefix": key.display_prefix,
-            "grace_seconds": grace_secs,
-            "ended": ended.iter().map(|(id, end)| serde_json::json!({"id": id, "expires_at": end})).collect::<Vec<_>>(),
-        });
+        let (action, change) = rotate_change(kind, new_id, key, grace_secs, &ended);
         append_audit(&tx, now, who, action, Some(id), change)?;
         tx.commit()?;
         Ok((Rotation { service, ended }, v))
@@ -1025,11 +773,14 @@ impl Store {
     ) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let mut change = serde_json::json!({ "reason": reason });
-        if left_out > 0 {
-            change["not_audited_before_this"] = left_out.into();
-        }
-        append_audit(&tx, now, who, "auth.failed", target, change)?;
+        append_audit(
+            &tx,
+            now,
+            who,
+            "auth.failed",
+            target,
+            failed_auth_change(reason, left_out),
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -1127,8 +878,7 @@ impl Store {
         epoch: Option<&str>,
         after: Option<u64>,
         now: i64,
-        published: &dyn Fn(&[SigningKeyRow], i64) -> Vec<SyncSigningKey>,
-    ) -> StoreResult<SyncPayload> {
+    ) -> StoreResult<(SyncPayload, Vec<SigningKeyRow>)> {
         let mut conn = self.conn();
         // One read transaction, so the version and the rows agree.
         let tx = conn.transaction()?;
@@ -1205,22 +955,264 @@ impl Store {
             })?
             .collect::<Result<_, _>>()?;
         tx.commit()?;
-        Ok(SyncPayload {
+        let payload = SyncPayload {
             epoch: self.epoch.clone(),
             version,
             full: since.is_none(),
             services,
             issuer: String::new(),
-            signing_keys: published(&signing, now),
+            signing_keys: vec![],
             revoked_tokens,
             generated_at_ms: None,
+        };
+        Ok((payload, signing))
+    }
+}
+
+/// `Store` behind the storage traits: each call on tokio's blocking pool (SQLite is
+/// synchronous), arguments copied in.
+#[derive(Clone)]
+pub struct Sqlite {
+    store: Arc<Store>,
+}
+
+impl Sqlite {
+    pub fn open(path: &Path) -> StoreResult<Sqlite> {
+        Ok(Sqlite {
+            store: Arc::new(Store::open(path)?),
         })
+    }
+
+    /// The synchronous store (bulk loading in benches and tests).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> StoreResult<T> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Internal(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl ServiceStore for Sqlite {
+    async fn create_service(
+        &self,
+        id: &str,
+        s: &NewService,
+        key: (&str, &StoredKey),
+        secret: (&str, &StoredKey),
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(ServiceRecord, u64)> {
+        let (id, s, who) = (id.to_string(), s.clone(), who.clone());
+        let (kid, k) = (key.0.to_string(), key.1.clone());
+        let (sid, sk) = (secret.0.to_string(), secret.1.clone());
+        self.run(move |st| st.create_service(&id, &s, (&kid, &k), (&sid, &sk), now, &who))
+            .await
+    }
+
+    async fn bulk_create(&self, services: &[BulkService], now: i64, who: &Audit) -> StoreResult<u64> {
+        let (services, who) = (services.to_vec(), who.clone());
+        self.run(move |st| st.bulk_create(&services, now, &who)).await
+    }
+
+    async fn get_service(&self, id: &str) -> StoreResult<ServiceRecord> {
+        let id = id.to_string();
+        self.run(move |st| st.get_service(&id)).await
+    }
+
+    async fn list_services(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+    ) -> StoreResult<(Vec<ServiceRecord>, bool)> {
+        let after = after.map(str::to_string);
+        self.run(move |st| st.list_services(limit, after.as_deref()))
+            .await
+    }
+
+    async fn patch_service(
+        &self,
+        id: &str,
+        p: &ServicePatch,
+        now: i64,
+        who: &Audit,
+        action: &str,
+    ) -> StoreResult<(ServiceRecord, u64)> {
+        let (id, p, who, action) = (id.to_string(), p.clone(), who.clone(), action.to_string());
+        self.run(move |st| st.patch_service(&id, &p, now, &who, &action))
+            .await
+    }
+}
+
+#[async_trait]
+impl CredentialStore for Sqlite {
+    async fn rotate(
+        &self,
+        id: &str,
+        kind: CredentialKind,
+        new_id: &str,
+        key: &StoredKey,
+        grace_secs: u64,
+        max_active: u32,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(Rotation, u64)> {
+        let (id, new_id, key, who) = (id.to_string(), new_id.to_string(), key.clone(), who.clone());
+        self.run(move |st| st.rotate(&id, kind, &new_id, &key, grace_secs, max_active, now, &who))
+            .await
+    }
+
+    async fn revoke_key(
+        &self,
+        id: &str,
+        key_id: &str,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(KeyRecord, u64)> {
+        let (id, key_id, who) = (id.to_string(), key_id.to_string(), who.clone());
+        self.run(move |st| st.revoke_key(&id, &key_id, now, &who)).await
+    }
+
+    async fn revoke_key_by_hash(
+        &self,
+        hash: &KeyHash,
+        owner: Option<&str>,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<Option<u64>> {
+        let (hash, owner, who) = (*hash, owner.map(str::to_string), who.clone());
+        self.run(move |st| st.revoke_key_by_hash(&hash, owner.as_deref(), now, &who))
+            .await
+    }
+
+    async fn key_owner(&self, hash: &KeyHash, now: i64) -> StoreResult<Option<KeyOwner>> {
+        let hash = *hash;
+        self.run(move |st| st.key_owner(&hash, now)).await
+    }
+
+    async fn key_info(&self, hash: &KeyHash, now: i64) -> StoreResult<Option<KeyInfo>> {
+        let hash = *hash;
+        self.run(move |st| st.key_info(&hash, now)).await
+    }
+
+    async fn authenticate_client(
+        &self,
+        client_id: &str,
+        secret_hash: &KeyHash,
+        now: i64,
+    ) -> StoreResult<Option<ClientRecord>> {
+        let (client_id, hash) = (client_id.to_string(), *secret_hash);
+        self.run(move |st| st.authenticate_client(&client_id, &hash, now))
+            .await
+    }
+
+    async fn record_usage(&self, marks: &[(String, i64)]) -> StoreResult<usize> {
+        let marks = marks.to_vec();
+        self.run(move |st| st.record_usage(&marks)).await
+    }
+}
+
+#[async_trait]
+impl TokenStore for Sqlite {
+    async fn token_client_ok(&self, id: &str, iat: i64) -> StoreResult<bool> {
+        let id = id.to_string();
+        self.run(move |st| st.token_client_ok(&id, iat)).await
+    }
+
+    async fn revoke_token(
+        &self,
+        jti: &str,
+        client_id: &str,
+        expires_at: i64,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<Option<u64>> {
+        let (jti, client_id, who) = (jti.to_string(), client_id.to_string(), who.clone());
+        self.run(move |st| st.revoke_token(&jti, &client_id, expires_at, now, &who))
+            .await
+    }
+
+    async fn token_revoked(&self, jti: &str) -> StoreResult<bool> {
+        let jti = jti.to_string();
+        self.run(move |st| st.token_revoked(&jti)).await
+    }
+
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>> {
+        self.run(|st| st.signing_keys()).await
+    }
+
+    async fn add_signing_key(&self, row: &SigningKeyRow, who: &Audit) -> StoreResult<u64> {
+        let (row, who) = (row.clone(), who.clone());
+        self.run(move |st| st.add_signing_key(&row, &who)).await
+    }
+}
+
+#[async_trait]
+impl AuditStore for Sqlite {
+    async fn audit_failed_auth(
+        &self,
+        now: i64,
+        who: &Audit,
+        reason: &str,
+        target: Option<&str>,
+        left_out: u64,
+    ) -> StoreResult<()> {
+        let (who, reason, target) = (who.clone(), reason.to_string(), target.map(str::to_string));
+        self.run(move |st| st.audit_failed_auth(now, &who, &reason, target.as_deref(), left_out))
+            .await
+    }
+
+    async fn audit_page(&self, q: &AuditQuery) -> StoreResult<(Vec<crate::core::audit::AuditEntry>, bool)> {
+        let q = q.clone();
+        self.run(move |st| st.audit_page(&q)).await
+    }
+}
+
+#[async_trait]
+impl SyncStore for Sqlite {
+    fn epoch(&self) -> &str {
+        self.store.epoch()
+    }
+
+    async fn version(&self) -> StoreResult<u64> {
+        self.run(|st| st.version()).await
+    }
+
+    async fn sync_payload(
+        &self,
+        epoch: Option<&str>,
+        after: Option<u64>,
+        now: i64,
+    ) -> StoreResult<(SyncPayload, Vec<SigningKeyRow>)> {
+        let epoch = epoch.map(str::to_string);
+        self.run(move |st| st.sync_payload(epoch.as_deref(), after, now))
+            .await
+    }
+
+    async fn check_writable(&self) -> StoreResult<()> {
+        self.run(|st| st.check_writable()).await
+    }
+}
+
+impl Storage for Sqlite {
+    fn backend(&self) -> &'static str {
+        "sqlite"
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SCHEMA: &str = include_str!("../../../schema.sql");
 
     /// A database created before `tokens_not_before` existed gets the column at start.
     #[test]

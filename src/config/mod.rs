@@ -2,6 +2,9 @@
 //! types are validated once (addresses resolved, scopes and routes parsed) and are what the
 //! program uses. Bad config is an error, never a panic.
 
+pub mod database;
+pub use database::Database;
+
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -97,8 +100,14 @@ pub mod file {
         pub listen: String,
         /// HTTPS for the admin API, OAuth endpoints and /v1/sync. Default: none (plain HTTP).
         pub tls: Option<ServerTls>,
-        /// SQLite file. Default "permiso.db".
+        /// A SQLite file, or a `postgres://user@host:port/dbname` URL (several replicas; the
+        /// password from PERMISO_DATABASE_PASSWORD or `database_password_file`, never the
+        /// URL). Default "permiso.db".
         pub database: String,
+        /// PostgreSQL only: a file holding the password. Default: none.
+        pub database_password_file: Option<String>,
+        /// PostgreSQL only: connections per replica. Default 16.
+        pub database_pool_size: usize,
         /// How long old keys keep working after a rotation. Default 604800 (7 days).
         pub rotation_grace_seconds: u64,
         /// Largest accepted request body. Default 65536.
@@ -157,6 +166,8 @@ pub mod file {
                 listen: "127.0.0.1:8000".into(),
                 tls: None,
                 database: "permiso.db".into(),
+                database_password_file: None,
+                database_pool_size: 16,
                 rotation_grace_seconds: 7 * 24 * 3600,
                 max_body_bytes: 64 * 1024,
                 max_header_bytes: 16 * 1024,
@@ -456,7 +467,9 @@ pub mod file {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
-    pub database: PathBuf,
+    pub database: Database,
+    /// From PERMISO_DATABASE_PASSWORD (read by the binary); else `database_password_file`.
+    pub database_password: Option<Secret>,
     pub rotation_grace: Duration,
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
@@ -687,7 +700,12 @@ impl AdminConfig {
                 .map(|t| server_tls("admin_plane.tls", t))
                 .transpose()?,
             listen,
-            database: PathBuf::from(&f.database),
+            database: database::parse(
+                &f.database,
+                f.database_password_file.as_deref(),
+                f.database_pool_size,
+            )?,
+            database_password: None,
             rotation_grace: Duration::from_secs(f.rotation_grace_seconds),
             max_body_bytes: f.max_body_bytes,
             max_header_bytes: f.max_header_bytes,

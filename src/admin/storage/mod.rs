@@ -1,0 +1,605 @@
+//! The admin plane's storage: one interface split by concern (services, credentials, tokens
+//! and signing keys, audit, sync), with a SQLite implementation (the embedded default, one
+//! process) and a PostgreSQL one (several replicas). Every mutation runs in one transaction
+//! that also bumps the sync version, so sidecars see either all of a change or none of it, and
+//! appends its audit entry to the one hash chain. The rules both backends share (what a
+//! rotation ends, what an audit entry records) live here, not in either backend.
+
+pub mod migrations;
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::core::key::{Environment, KeyHash};
+use crate::core::sync::SyncPayload;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database: {0}")]
+    Postgres(tokio_postgres::Error),
+    /// The database cannot be reached now (pool exhausted or timed out, connection lost):
+    /// the request gets 503 and may be retried; nothing was written.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database's schema is not the one this binary knows (run `permiso migrate`, or
+    /// upgrade the binary).
+    #[error("{0}")]
+    Schema(String),
+    #[error("internal: {0}")]
+    Internal(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NewService {
+    pub name: String,
+    pub environment: Environment,
+    pub description: Option<String>,
+    pub contact_email: Option<String>,
+    pub is_trusted: bool,
+    pub scopes: Vec<String>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_per_hour: Option<u32>,
+    pub allowed_ips: Vec<String>,
+    pub access_token_lifetime: u32,
+    pub tls_identities: Vec<String>,
+}
+
+/// The two credential kinds share one lifecycle (issue, rotate with grace, revoke).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    ApiKey,
+    ClientSecret,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::ApiKey => "api_key",
+            CredentialKind::ClientSecret => "client_secret",
+        }
+    }
+
+    pub fn noun(self) -> &'static str {
+        match self {
+            CredentialKind::ApiKey => "keys",
+            CredentialKind::ClientSecret => "client secrets",
+        }
+    }
+}
+
+/// A validated change; `None` leaves a field alone, `Some(None)` clears a nullable one.
+/// Serialized (for the audit log) with only the fields it changes.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ServicePatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_minute: Option<Option<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_hour: Option<Option<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_ips: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contact_email: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_trusted: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token_lifetime: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_identities: Option<Vec<String>>,
+}
+
+/// Who asked for a change, as the audit log records it.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub actor: String,
+    pub source_ip: Option<String>,
+}
+
+impl Audit {
+    /// Changes the admin plane makes on its own (the first signing key).
+    pub fn system() -> Audit {
+        Audit {
+            actor: "system".into(),
+            source_ip: None,
+        }
+    }
+}
+
+/// Filters for reading the audit log; all optional, combined with AND.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub target: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    /// Entries after this sequence number (the pagination cursor).
+    pub after: u64,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub display_prefix: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+impl KeyRecord {
+    pub fn is_active(&self, now: i64) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceRecord {
+    pub id: String,
+    pub name: String,
+    pub environment: Environment,
+    pub description: Option<String>,
+    pub contact_email: Option<String>,
+    pub is_trusted: bool,
+    pub scopes: Vec<String>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_per_hour: Option<u32>,
+    pub allowed_ips: Vec<String>,
+    pub disabled: bool,
+    pub access_token_lifetime: u32,
+    /// Access tokens with an `iat` before this are refused (set on disable).
+    pub tokens_not_before: i64,
+    pub tls_identities: Vec<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub keys: Vec<KeyRecord>,
+    pub secrets: Vec<KeyRecord>,
+}
+
+/// What is stored of a new key: its hash and display prefix, never the key.
+#[derive(Debug, Clone)]
+pub struct StoredKey {
+    pub hash: KeyHash,
+    pub display_prefix: String,
+}
+
+impl StoredKey {
+    pub fn of(k: &crate::core::key::NewKey) -> StoredKey {
+        StoredKey {
+            hash: k.hash,
+            display_prefix: k.display_prefix.clone(),
+        }
+    }
+}
+
+/// What admin and sync authentication need to know about a presented key.
+#[derive(Debug, Clone)]
+pub struct KeyOwner {
+    pub service_id: String,
+    pub key_id: String,
+    pub scopes: Vec<String>,
+    pub allowed_ips: Vec<String>,
+}
+
+/// One service for `bulk_create`.
+#[derive(Debug, Clone)]
+pub struct BulkService {
+    pub id: String,
+    pub service: NewService,
+    pub keys: Vec<(String, StoredKey)>,
+    pub secret: (String, StoredKey),
+}
+
+/// Outcome of a rotation: the new key's record and when each old key stops.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub service: ServiceRecord,
+    pub ended: Vec<(String, i64)>,
+}
+
+/// What the token endpoint needs to know about an authenticated client.
+#[derive(Debug, Clone)]
+pub struct ClientRecord {
+    pub service_id: String,
+    pub scopes: Vec<String>,
+    pub disabled: bool,
+    pub allowed_ips: Vec<String>,
+    pub access_token_lifetime: u32,
+}
+
+/// What introspection reports about an API key.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub service_id: String,
+    pub scopes: Vec<String>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// A signing key as stored: the private part is sealed.
+#[derive(Debug, Clone)]
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub public_x: String,
+    pub private_sealed: Vec<u8>,
+    pub created_at: i64,
+    pub activates_at: i64,
+}
+
+/// Services: create, read, change.
+#[async_trait]
+pub trait ServiceStore: Send + Sync {
+    /// Creates a service with its first API key and client secret. Returns the record and the
+    /// new sync version.
+    async fn create_service(
+        &self,
+        id: &str,
+        s: &NewService,
+        key: (&str, &StoredKey),
+        secret: (&str, &StoredKey),
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(ServiceRecord, u64)>;
+    /// Many services with their keys in one transaction (load tests and benchmarks).
+    async fn bulk_create(&self, services: &[BulkService], now: i64, who: &Audit) -> StoreResult<u64>;
+    async fn get_service(&self, id: &str) -> StoreResult<ServiceRecord>;
+    /// A page of services in creation order, after the service `after` (a cursor).
+    async fn list_services(&self, limit: u32, after: Option<&str>)
+        -> StoreResult<(Vec<ServiceRecord>, bool)>;
+    async fn patch_service(
+        &self,
+        id: &str,
+        p: &ServicePatch,
+        now: i64,
+        who: &Audit,
+        action: &str,
+    ) -> StoreResult<(ServiceRecord, u64)>;
+}
+
+/// API keys and client secrets: rotation, revocation, lookups by hash, usage marks.
+#[async_trait]
+pub trait CredentialStore: Send + Sync {
+    /// Adds a credential of `kind` and cuts every active one's life to `now + grace_secs`.
+    #[allow(clippy::too_many_arguments)]
+    async fn rotate(
+        &self,
+        id: &str,
+        kind: CredentialKind,
+        new_id: &str,
+        key: &StoredKey,
+        grace_secs: u64,
+        max_active: u32,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(Rotation, u64)>;
+    async fn revoke_key(
+        &self,
+        id: &str,
+        key_id: &str,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(KeyRecord, u64)>;
+    /// Revokes the API key with this hash if it belongs to `owner` (any owner when None).
+    async fn revoke_key_by_hash(
+        &self,
+        hash: &KeyHash,
+        owner: Option<&str>,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<Option<u64>>;
+    /// The service behind a usable API key; marks it used (at most once a minute).
+    async fn key_owner(&self, hash: &KeyHash, now: i64) -> StoreResult<Option<KeyOwner>>;
+    /// For introspection: the API key's service and times, if it is usable now.
+    async fn key_info(&self, hash: &KeyHash, now: i64) -> StoreResult<Option<KeyInfo>>;
+    /// Checks a client secret; disabled clients are returned, unusable secrets are None.
+    async fn authenticate_client(
+        &self,
+        client_id: &str,
+        secret_hash: &KeyHash,
+        now: i64,
+    ) -> StoreResult<Option<ClientRecord>>;
+    /// Key last-used times from sidecars (only ever forward). Returns how many moved.
+    async fn record_usage(&self, marks: &[(String, i64)]) -> StoreResult<usize>;
+}
+
+/// Access tokens and the keys that sign them.
+#[async_trait]
+pub trait TokenStore: Send + Sync {
+    /// Whether a token of client `id` issued at `iat` may still be honoured.
+    async fn token_client_ok(&self, id: &str, iat: i64) -> StoreResult<bool>;
+    /// Adds `jti` to the deny list; the new version, or None if it was there.
+    async fn revoke_token(
+        &self,
+        jti: &str,
+        client_id: &str,
+        expires_at: i64,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<Option<u64>>;
+    async fn token_revoked(&self, jti: &str) -> StoreResult<bool>;
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>>;
+    /// Adds a signing key; published at once, signs from `activates_at`.
+    async fn add_signing_key(&self, row: &SigningKeyRow, who: &Audit) -> StoreResult<u64>;
+}
+
+/// The hash-chained audit log.
+#[async_trait]
+pub trait AuditStore: Send + Sync {
+    /// A failed admin authentication (its own transaction).
+    async fn audit_failed_auth(
+        &self,
+        now: i64,
+        who: &Audit,
+        reason: &str,
+        target: Option<&str>,
+        left_out: u64,
+    ) -> StoreResult<()>;
+    async fn audit_page(&self, q: &AuditQuery) -> StoreResult<(Vec<crate::core::audit::AuditEntry>, bool)>;
+}
+
+/// What sidecars pull.
+#[async_trait]
+pub trait SyncStore: Send + Sync {
+    /// Random id of this database: sidecars never apply a delta across a database reset.
+    fn epoch(&self) -> &str;
+    async fn version(&self) -> StoreResult<u64>;
+    /// What a sidecar at (`epoch`, `after`) needs: the services changed since, or everything;
+    /// always the deny list; `signing_keys` left empty (the caller publishes from the rows
+    /// returned beside it, which carry no private part).
+    async fn sync_payload(
+        &self,
+        epoch: Option<&str>,
+        after: Option<u64>,
+        now: i64,
+    ) -> StoreResult<(SyncPayload, Vec<SigningKeyRow>)>;
+    /// Whether a write transaction can start now (readiness). Writes nothing.
+    async fn check_writable(&self) -> StoreResult<()>;
+    /// Resolves when another process (replica) may have committed a change: PostgreSQL's
+    /// LISTEN/NOTIFY. A single SQLite process is the only writer, so it never resolves.
+    async fn changed_elsewhere(&self) {
+        std::future::pending::<()>().await
+    }
+}
+
+/// Everything the admin plane needs from its database.
+pub trait Storage: ServiceStore + CredentialStore + TokenStore + AuditStore + SyncStore {
+    /// "sqlite" or "postgres", for logs.
+    fn backend(&self) -> &'static str;
+}
+
+pub type SharedStorage = Arc<dyn Storage>;
+
+/// The audit `change` of a service creation.
+pub fn create_change(s: &NewService, key: (&str, &StoredKey), secret_id: &str) -> serde_json::Value {
+    let mut change = serde_json::to_value(s).unwrap_or_default();
+    change["key_id"] = key.0.into();
+    change["key_prefix"] = key.1.display_prefix.clone().into();
+    change["client_secret_id"] = secret_id.into();
+    change
+}
+
+/// Which active credentials a rotation ends, and when: every active one's life is cut to
+/// `now + grace_secs` (0 ends them now). Refused when `max_active` would be exceeded, unless
+/// grace is 0 (a leaked credential can always be replaced).
+pub fn rotation_plan(
+    cur: &ServiceRecord,
+    kind: CredentialKind,
+    grace_secs: u64,
+    max_active: u32,
+    now: i64,
+) -> StoreResult<Vec<(String, i64)>> {
+    if cur.disabled {
+        return Err(StoreError::Conflict(
+            "the service is disabled; enable it before rotating".into(),
+        ));
+    }
+    let existing = match kind {
+        CredentialKind::ApiKey => &cur.keys,
+        CredentialKind::ClientSecret => &cur.secrets,
+    };
+    let active: Vec<&KeyRecord> = existing.iter().filter(|k| k.is_active(now)).collect();
+    if grace_secs > 0 && active.len() >= max_active as usize {
+        return Err(StoreError::Conflict(format!(
+            "the service already has {} active {} (limit {max_active}); revoke one or rotate with grace_seconds 0",
+            active.len(),
+            kind.noun()
+        )));
+    }
+    let end = now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX));
+    Ok(active
+        .iter()
+        .map(|k| (k.id.clone(), k.expires_at.map_or(end, |e| e.min(end))))
+        .collect())
+}
+
+/// The audit action and `change` of a rotation.
+pub fn rotate_change(
+    kind: CredentialKind,
+    new_id: &str,
+    key: &StoredKey,
+    grace_secs: u64,
+    ended: &[(String, i64)],
+) -> (&'static str, serde_json::Value) {
+    let action = match kind {
+        CredentialKind::ApiKey => "key.rotate",
+        CredentialKind::ClientSecret => "secret.rotate",
+    };
+    let change = serde_json::json!({
+        "new_id": new_id,
+        "new_prefix": key.display_prefix,
+        "grace_seconds": grace_secs,
+        "ended": ended.iter().map(|(id, end)| serde_json::json!({"id": id, "expires_at": end})).collect::<Vec<_>>(),
+    });
+    (action, change)
+}
+
+/// The audit `change` of a failed admin authentication.
+pub fn failed_auth_change(reason: &str, left_out: u64) -> serde_json::Value {
+    let mut change = serde_json::json!({ "reason": reason });
+    if left_out > 0 {
+        change["not_audited_before_this"] = left_out.into();
+    }
+    change
+}
+
+/// The values a patch leaves in place: the patch's where it sets one, the current ones
+/// elsewhere.
+pub struct Patched {
+    pub scopes: Vec<String>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_per_hour: Option<u32>,
+    pub allowed_ips: Vec<String>,
+    pub description: Option<String>,
+    pub contact_email: Option<String>,
+    pub is_trusted: bool,
+    pub disabled: bool,
+    pub access_token_lifetime: u32,
+    /// The service goes from enabled to disabled: its tokens die (`tokens_not_before`).
+    pub disabling: bool,
+}
+
+pub fn patched(cur: &ServiceRecord, p: &ServicePatch) -> Patched {
+    let cur = cur.clone();
+    Patched {
+        scopes: p.scopes.clone().unwrap_or(cur.scopes),
+        rate_limit_per_minute: p.rate_limit_per_minute.unwrap_or(cur.rate_limit_per_minute),
+        rate_limit_per_hour: p.rate_limit_per_hour.unwrap_or(cur.rate_limit_per_hour),
+        allowed_ips: p.allowed_ips.clone().unwrap_or(cur.allowed_ips),
+        description: p.description.clone().unwrap_or(cur.description),
+        contact_email: p.contact_email.clone().unwrap_or(cur.contact_email),
+        is_trusted: p.is_trusted.unwrap_or(cur.is_trusted),
+        disabled: p.disabled.unwrap_or(cur.disabled),
+        access_token_lifetime: p.access_token_lifetime.unwrap_or(cur.access_token_lifetime),
+        disabling: p.disabled == Some(true) && !cur.disabled,
+    }
+}
+
+pub fn json_list(s: &str) -> StoreResult<Vec<String>> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub fn to_json(v: &[String]) -> String {
+    serde_json::to_string(v).expect("string list serialises")
+}
+
+/// A 32-byte hash column.
+pub fn hash32(b: Vec<u8>, what: &str) -> StoreResult<[u8; 32]> {
+    b.try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
+}
+
+/// A fresh database's random epoch (hex of 12 bytes).
+pub fn new_epoch() -> String {
+    use rand::TryRngCore;
+    let mut b = [0u8; 12];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut b)
+        .expect("OS CSPRNG unavailable");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn pg_settings(
+    p: &crate::config::database::Postgres,
+    password: Option<&crate::core::key::Secret>,
+) -> StoreResult<postgres::PgSettings> {
+    let mut config = p.config.clone();
+    // The environment wins over the file; neither means the server needs none (trust, peer).
+    let from_file = match (&password, &p.password_file) {
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| StoreError::Unavailable(format!("database_password_file {}: {e}", f.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ),
+        _ => None,
+    };
+    if let Some(pw) = password.map(|s| s.expose().to_string()).or(from_file) {
+        config.password(pw);
+    }
+    Ok(postgres::PgSettings {
+        config,
+        pool_size: p.pool_size,
+        connect_timeout: std::time::Duration::from_secs(5),
+    })
+}
+
+/// Opens the configured database: SQLite is migrated at once (one process owns it);
+/// PostgreSQL is only checked (`permiso migrate` applies, see `migrations`).
+pub async fn open(
+    db: &crate::config::Database,
+    password: Option<&crate::core::key::Secret>,
+) -> StoreResult<SharedStorage> {
+    match db {
+        crate::config::Database::Sqlite(path) => {
+            let path = path.clone();
+            let s = tokio::task::spawn_blocking(move || sqlite::Sqlite::open(&path))
+                .await
+                .map_err(|e| StoreError::Internal(e.to_string()))??;
+            Ok(Arc::new(s))
+        }
+        crate::config::Database::Postgres(p) => Ok(Arc::new(
+            postgres::Postgres::connect(pg_settings(p, password)?).await?,
+        )),
+    }
+}
+
+/// `permiso migrate`: brings the database to this binary's schema; says what it did.
+pub async fn migrate(
+    db: &crate::config::Database,
+    password: Option<&crate::core::key::Secret>,
+) -> StoreResult<String> {
+    match db {
+        crate::config::Database::Sqlite(_) => {
+            open(db, password).await?;
+            Ok(format!(
+                "SQLite database {} is at schema version {}",
+                db.describe(),
+                migrations::known(false)
+            ))
+        }
+        crate::config::Database::Postgres(p) => {
+            let settings = pg_settings(p, password)?;
+            let mut cfg = settings.config.clone();
+            cfg.connect_timeout(settings.connect_timeout);
+            let (mut client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+            let driver = tokio::spawn(conn);
+            let applied = migrations::postgres_apply(&mut client).await;
+            drop(client);
+            let _ = driver.await;
+            let applied = applied?;
+            Ok(if applied.is_empty() {
+                format!(
+                    "PostgreSQL database {} is at schema version {}; nothing to apply",
+                    db.describe(),
+                    migrations::known(true)
+                )
+            } else {
+                format!(
+                    "PostgreSQL database {}: applied {:?}, now at schema version {}",
+                    db.describe(),
+                    applied,
+                    migrations::known(true)
+                )
+            })
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! One conformance suite for both storage backends (SQLite file, PostgreSQL database), run
+//! through the storage traits the admin plane uses; then what only several writers on
+//! PostgreSQL can show: versions that commit in order when a second writer commits late, and
+//! one audit chain under concurrent writers.
+
+use permiso::admin::storage::{
+    self, Audit, AuditQuery, CredentialKind, NewService, ServicePatch, SharedStorage, SigningKeyRow,
+    StoreError, StoredKey,
+};
+use permiso::core::key::{self, Environment};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn new_service(name: &str, scopes: &[&str]) -> NewService {
+    NewService {
+        name: name.into(),
+        environment: Environment::Live,
+        description: None,
+        contact_email: None,
+        is_trusted: false,
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        rate_limit_per_minute: None,
+        rate_limit_per_hour: None,
+        allowed_ips: vec![],
+        access_token_lifetime: 3600,
+        tls_identities: vec![],
+    }
+}
+
+fn verify(entries: &[permiso::core::audit::AuditEntry]) {
+    let mut v = permiso::core::audit::Verifier::default();
+    for e in entries {
+        v.push(e)
+            .unwrap_or_else(|err| panic!("audit chain broken at {}: {err:?}", e.seq));
+    }
+    assert_eq!(v.finish().entries, entries.len() as u64);
+}
+
+fn who() -> Audit {
+    Audit {
+        actor: "admin-key".into(),
+        source_ip: Some("127.0.0.1".into()),
+    }
+}
+
+/// A service with its first key and secret; returns (id, key id, key secret).
+async fn create(
+    s: &SharedStorage,
+    name: &str,
+    identities: &[&str],
+) -> Result<(String, String, String), StoreError> {
+    let id = permiso::core::ids::new_service_id();
+    let k = key::generate(Environment::Live);
+    let c = key::generate_client_secret();
+    let kid = permiso::core::ids::new_key_id();
+    let mut svc = new_service(name, &["trade:read"]);
+    svc.tls_identities = identities.iter().map(|s| s.to_string()).collect();
+    s.create_service(
+        &id,
+        &svc,
+        (&kid, &StoredKey::of(&k)),
+        (&permiso::core::ids::new_secret_id(), &StoredKey::of(&c)),
+        1_000,
+        &who(),
+    )
+    .await?;
+    Ok((id, kid, k.secret.expose().to_string()))
+}
+
+async fn open_sqlite(dir: &std::path::Path) -> SharedStorage {
+    let db = permiso::config::database::parse(&dir.join("c.db").display().to_string(), None, 4).unwrap();
+    storage::open(&db, None).await.unwrap()
+}
+
+async fn open_postgres(url: &str) -> SharedStorage {
+    let db = permiso::config::database::parse(url, None, 4).unwrap();
+    storage::open(&db, None).await.unwrap()
+}
+
+/// What every backend must do, walked in one sequence (each step depends on the last).
+async fn conformance(s: SharedStorage) {
+    let v0 = s.version().await.unwrap();
+    let (a, a_kid, a_key) = create(&s, "alpha", &["spiffe://permiso/alpha"]).await.unwrap();
+    assert_eq!(s.version().await.unwrap(), v0 + 1, "one change, one version");
+
+    // Names are unique regardless of case; identities belong to one service.
+    let dup = create(&s, "ALPHA", &[]).await.unwrap_err();
+    assert!(
+        matches!(dup, StoreError::Conflict(ref m) if m.contains("already exists")),
+        "{dup}"
+    );
+    let taken = create(&s, "beta", &["spiffe://permiso/alpha"]).await.unwrap_err();
+    assert!(
+        matches!(taken, StoreError::Conflict(ref m) if m.contains("another service")),
+        "{taken}"
+    );
+    assert_eq!(
+        s.version().await.unwrap(),
+        v0 + 1,
+        "refused writes change nothing"
+    );
+    let (b, _, _) = create(&s, "beta", &[]).await.unwrap();
+
+    let rec = s.get_service(&a).await.unwrap();
+    assert_eq!(
+        (rec.name.as_str(), rec.keys.len(), rec.secrets.len()),
+        ("alpha", 1, 1)
+    );
+    assert_eq!(rec.tls_identities, vec!["spiffe://permiso/alpha".to_string()]);
+    assert!(matches!(
+        s.get_service("svc_nope").await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Pages in creation order, with a cursor.
+    let (page, more) = s.list_services(1, None).await.unwrap();
+    assert_eq!((page[0].id.as_str(), more), (a.as_str(), true));
+    let (page, more) = s.list_services(5, Some(&a)).await.unwrap();
+    assert_eq!((page.len(), page[0].id.as_str(), more), (1, b.as_str(), false));
+    assert!(matches!(
+        s.list_services(5, Some("svc_nope")).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Key lookups, usage marks only forward.
+    let hash = key::parse(&a_key).unwrap().hash();
+    let owner = s.key_owner(&hash, 2_000).await.unwrap().unwrap();
+    assert_eq!(
+        (owner.service_id.as_str(), owner.key_id.as_str()),
+        (a.as_str(), a_kid.as_str())
+    );
+    assert_eq!(s.key_info(&hash, 2_000).await.unwrap().unwrap().service_id, a);
+    assert_eq!(s.record_usage(&[(a_kid.clone(), 5_000)]).await.unwrap(), 1);
+    assert_eq!(
+        s.record_usage(&[(a_kid.clone(), 4_000), ("k_nope".into(), 9)])
+            .await
+            .unwrap(),
+        0
+    );
+    let rec = s.get_service(&a).await.unwrap();
+    assert_eq!(rec.keys[0].last_used_at, Some(5_000));
+
+    // Patch: fields change, the version moves, disabling sets the token floor.
+    let before = s.version().await.unwrap();
+    let patch = ServicePatch {
+        scopes: Some(vec!["trade:read".into(), "trade:open".into()]),
+        rate_limit_per_minute: Some(Some(600)),
+        ..Default::default()
+    };
+    let (rec, v) = s
+        .patch_service(&a, &patch, 3_000, &who(), "service.patch")
+        .await
+        .unwrap();
+    assert_eq!(v, before + 1);
+    assert_eq!(rec.scopes, vec!["trade:read", "trade:open"]);
+    assert_eq!(rec.rate_limit_per_minute, Some(600));
+    assert!(s.token_client_ok(&a, 2_999).await.unwrap());
+
+    // Rotation ends the old key after the grace; the limit is enforced unless grace is 0.
+    let k2 = key::generate(Environment::Live);
+    let (rot, _) = s
+        .rotate(
+            &a,
+            CredentialKind::ApiKey,
+            "k_second",
+            &StoredKey::of(&k2),
+            100,
+            2,
+            4_000,
+            &who(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rot.ended, vec![(a_kid.clone(), 4_100)]);
+    assert_eq!(rot.service.keys.len(), 2);
+    let k3 = key::generate(Environment::Live);
+    let over = s
+        .rotate(
+            &a,
+            CredentialKind::ApiKey,
+            "k_third",
+            &StoredKey::of(&k3),
+            100,
+            2,
+            4_000,
+            &who(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(over, StoreError::Conflict(_)), "{over}");
+    assert!(s.key_owner(&hash, 4_099).await.unwrap().is_some());
+    assert!(s.key_owner(&hash, 4_100).await.unwrap().is_none(), "grace over");
+
+    // Revocation by id, and by hash only for its owner.
+    let (k, _) = s.revoke_key(&a, "k_second", 4_200, &who()).await.unwrap();
+    assert_eq!(k.revoked_at, Some(4_200));
+    assert!(matches!(
+        s.revoke_key(&a, "k_nope", 4_200, &who()).await,
+        Err(StoreError::NotFound)
+    ));
+    let (_, _, b_key) = create(&s, "gamma", &[]).await.unwrap();
+    let b_hash = key::parse(&b_key).unwrap().hash();
+    assert_eq!(
+        s.revoke_key_by_hash(&b_hash, Some(&a), 4_300, &who())
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(s
+        .revoke_key_by_hash(&b_hash, None, 4_300, &who())
+        .await
+        .unwrap()
+        .is_some());
+    assert!(s.key_owner(&b_hash, 4_301).await.unwrap().is_none());
+
+    // Client secrets.
+    let c = key::generate_client_secret();
+    s.rotate(
+        &b,
+        CredentialKind::ClientSecret,
+        "cs_two",
+        &StoredKey::of(&c),
+        0,
+        2,
+        5_000,
+        &who(),
+    )
+    .await
+    .unwrap();
+    let cli = s.authenticate_client(&b, &c.hash, 5_001).await.unwrap().unwrap();
+    assert_eq!(cli.service_id, b);
+    assert!(s.authenticate_client(&a, &c.hash, 5_001).await.unwrap().is_none());
+
+    // The deny list: once, then already there.
+    assert!(s
+        .revoke_token("jti-1", &a, 9_000, 5_000, &who())
+        .await
+        .unwrap()
+        .is_some());
+    assert!(s
+        .revoke_token("jti-1", &a, 9_000, 5_000, &who())
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.token_revoked("jti-1").await.unwrap());
+    assert!(!s.token_revoked("jti-2").await.unwrap());
+
+    // Signing keys, sealed part kept.
+    let row = SigningKeyRow {
+        kid: "k-conf".into(),
+        public_x: "x".into(),
+        private_sealed: vec![1, 2, 3],
+        created_at: 5_000,
+        activates_at: 5_100,
+    };
+    s.add_signing_key(&row, &who()).await.unwrap();
+    let keys = s.signing_keys().await.unwrap();
+    assert_eq!(keys.last().unwrap().private_sealed, vec![1, 2, 3]);
+
+    // Disabling: the token floor moves past now.
+    let off = ServicePatch {
+        disabled: Some(true),
+        ..Default::default()
+    };
+    let (rec, _) = s
+        .patch_service(&a, &off, 6_000, &who(), "service.disable")
+        .await
+        .unwrap();
+    assert_eq!(rec.tokens_not_before, 6_001);
+    assert!(!s.token_client_ok(&a, 6_000).await.unwrap());
+
+    // Sync: everything, then only what changed since, and a full one for another epoch.
+    let (full, signing) = s.sync_payload(None, None, 6_000).await.unwrap();
+    assert!(full.full);
+    assert_eq!(full.services.len(), 3);
+    assert!(
+        signing.iter().all(|r| r.private_sealed.is_empty()),
+        "no private part leaves"
+    );
+    assert_eq!(full.revoked_tokens.len(), 1);
+    let seen = full.version;
+    s.patch_service(&b, &patch, 6_100, &who(), "service.patch")
+        .await
+        .unwrap();
+    let (delta, _) = s.sync_payload(Some(s.epoch()), Some(seen), 6_100).await.unwrap();
+    assert!(!delta.full);
+    assert_eq!(
+        delta
+            .services
+            .iter()
+            .map(|x| x.service_id.as_str())
+            .collect::<Vec<_>>(),
+        vec![b.as_str()]
+    );
+    let (other, _) = s
+        .sync_payload(Some("another-epoch"), Some(seen), 6_100)
+        .await
+        .unwrap();
+    assert!(other.full);
+
+    // The audit log: every change above and the failed login, one verified chain.
+    s.audit_failed_auth(7_000, &who(), "unknown admin key", None, 3)
+        .await
+        .unwrap();
+    let mut entries = Vec::new();
+    let mut after = 0;
+    loop {
+        let (page, more) = s
+            .audit_page(&AuditQuery {
+                after,
+                limit: 4,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        after = page.last().map_or(after, |e| e.seq);
+        entries.extend(page);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(entries.first().unwrap().seq, 1);
+    assert_eq!(entries.last().unwrap().action, "auth.failed");
+    assert_eq!(entries.last().unwrap().change["not_audited_before_this"], 3);
+    verify(&entries);
+    let only = s
+        .audit_page(&AuditQuery {
+            action: Some("key.revoke".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(only.len(), 2);
+    s.check_writable().await.unwrap();
+}
+
+#[test]
+fn conformance_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async { conformance(open_sqlite(dir.path()).await).await });
+}
+
+#[test]
+fn conformance_on_postgres() {
+    let url = crate::common::pg_database(&format!("permiso_conf_{}", std::process::id()));
+    rt().block_on(async { conformance(open_postgres(&url).await).await });
+}
+
+/// A second writer that took the next version but commits late: nobody may commit a later
+/// version meanwhile (else a sidecar that read past it would miss its change forever). Replica
+/// B's write waits for the lock (seen in pg_stat_activity, no sleeping), a reader meanwhile
+/// still sees the old version, and after the late commit B's version follows it and a delta
+/// from what the reader saw holds both changes.
+#[test]
+fn a_late_commit_cannot_be_overtaken() {
+    let name = format!("permiso_late_{}", std::process::id());
+    let url = crate::common::pg_database(&name);
+    rt().block_on(async {
+        let b = open_postgres(&url).await;
+        let (first, _, _) = create(&b, "first", &[]).await.unwrap();
+        let seen = b.version().await.unwrap();
+
+        // Writer A, by hand: takes the next version for a change and holds its commit.
+        let (mut a, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let tx = a.transaction().await.unwrap();
+        let late: i64 = tx
+            .query_one(
+                "UPDATE meta SET value = (value::bigint + 1)::text WHERE name = 'version' RETURNING value::bigint",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        tx.execute(
+            "UPDATE services SET version = $1, description = 'late' WHERE id = $2",
+            &[&late, &first],
+        )
+        .await
+        .unwrap();
+
+        // Replica B writes meanwhile: it must wait for A.
+        let b2 = b.clone();
+        let write = tokio::spawn(async move { create(&b2, "second", &[]).await.unwrap() });
+        let (probe, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let started = std::time::Instant::now();
+        loop {
+            let waiting: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting == 1 {
+                break;
+            }
+            assert!(!write.is_finished(), "replica B committed while A held the next version");
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "B never waited");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(b.version().await.unwrap(), seen, "nothing committed yet");
+        let (during, _) = b.sync_payload(Some(b.epoch()), Some(seen), 2_000).await.unwrap();
+        assert!(during.services.is_empty());
+
+        tx.commit().await.unwrap();
+        let (second, _, _) = write.await.unwrap();
+        let now = b.version().await.unwrap();
+        assert_eq!(now, late as u64 + 1, "B's version follows the late commit");
+        let (delta, _) = b.sync_payload(Some(b.epoch()), Some(seen), 2_000).await.unwrap();
+        let ids: Vec<&str> = delta.services.iter().map(|s| s.service_id.as_str()).collect();
+        assert_eq!(ids, vec![first.as_str(), second.as_str()], "the late change is not lost");
+    });
+}
+
+/// Two replicas writing at once keep one audit chain and distinct, gap-free versions.
+#[test]
+fn concurrent_writers_on_two_replicas_keep_one_chain() {
+    let url = crate::common::pg_database(&format!("permiso_chain_{}", std::process::id()));
+    rt().block_on(async {
+        let (r1, r2) = (open_postgres(&url).await, open_postgres(&url).await);
+        let v0 = r1.version().await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let r = if i % 2 == 0 { r1.clone() } else { r2.clone() };
+            tasks.push(tokio::spawn(async move {
+                let (id, _, _) = create(&r, &format!("svc-{i}"), &[]).await.unwrap();
+                let p = ServicePatch {
+                    description: Some(Some(format!("n{i}"))),
+                    ..Default::default()
+                };
+                let (_, v) = r
+                    .patch_service(&id, &p, 1_001, &who(), "service.patch")
+                    .await
+                    .unwrap();
+                r.audit_failed_auth(1_002, &who(), "bad key", None, 0)
+                    .await
+                    .unwrap();
+                v
+            }));
+        }
+        let mut versions = Vec::new();
+        for t in tasks {
+            versions.push(t.await.unwrap());
+        }
+        assert_eq!(r2.version().await.unwrap(), v0 + 80, "40 creates + 40 patches");
+        versions.sort();
+        versions.dedup();
+        assert_eq!(versions.len(), 40, "every patch its own version");
+        let (entries, more) = r2
+            .audit_page(&AuditQuery {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(!more);
+        assert_eq!(entries.len(), 120);
+        verify(&entries);
+    });
+}
