@@ -407,7 +407,7 @@ pub fn start_admin_with(
     }
     tweak(&mut f);
     let mut cfg = AdminConfig::from_file(&f, Some(ADMIN_KEY.to_string())).unwrap();
-    if postgres.is_some() {
+    if postgres.is_some() || cfg.database.is_postgres() {
         cfg.signing_kek = Some(permiso::core::key::Secret::new(TEST_KEK.to_string()));
     }
     let clock: SharedClock = Arc::new(clock.clone());
@@ -664,4 +664,15 @@ pub fn pg_database(name: &str) -> String {
         permiso::admin::storage::migrate(&db, None).await.unwrap();
     });
     url
+}
+
+/// An admin-plane replica on the PostgreSQL database `url` (migrated), in this process.
+pub fn start_admin_postgres(url: &str, clock: &ManualClock) -> AdminHandle {
+    let url = url.to_string();
+    start_admin_with(
+        std::path::Path::new("unused.db"),
+        "127.0.0.1:0".parse().unwrap(),
+        clock,
+        move |f| f.database = url,
+    )
 }

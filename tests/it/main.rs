@@ -12,6 +12,7 @@ mod oauth;
 mod observability;
 mod operations;
 mod paths;
+mod replicas;
 mod resilience;
 mod rotation;
 mod sidecar_auth;

@@ -45,11 +45,10 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
+/// Every pool failure is one of getting a connection (the server down, restarting, refusing
+/// connections, the pool exhausted): temporary.
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    match e {
-        deadpool_postgres::PoolError::Backend(e) => e.into(),
-        other => StoreError::Unavailable(other.to_string()),
-    }
+    StoreError::Unavailable(e.to_string())
 }
 
 fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
