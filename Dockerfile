@@ -9,6 +9,7 @@ WORKDIR /src
 # The manifest names the test and bench targets, so their files must be present to build.
 COPY Cargo.toml Cargo.lock schema.sql config.toml ./
 COPY crates crates
+COPY migrations migrations
 COPY src src
 COPY tests tests
 COPY benches benches

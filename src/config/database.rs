@@ -40,6 +40,9 @@ impl Database {
 
 pub fn parse(value: &str, password_file: Option<&str>, pool_size: usize) -> Result<Database, ConfigError> {
     const KEY: &str = "admin_plane.database";
+    if !(1..=256).contains(&pool_size) {
+        return Err(invalid("admin_plane.database_pool_size", "must be 1..=256"));
+    }
     let is_url = value.starts_with("postgres://") || value.starts_with("postgresql://");
     if !is_url {
         if value.contains("://") {
@@ -79,9 +82,6 @@ pub fn parse(value: &str, password_file: Option<&str>, pool_size: usize) -> Resu
             KEY,
             "sslmode=require is not supported yet: reach PostgreSQL over loopback or a private network",
         ));
-    }
-    if !(1..=256).contains(&pool_size) {
-        return Err(invalid("admin_plane.database_pool_size", "must be 1..=256"));
     }
     let host = config
         .get_hosts()
@@ -136,6 +136,7 @@ mod tests {
             ("postgres://u@h", None, 16, "name a database"),
             ("postgres://u@h/d?sslmode=require", None, 16, "sslmode"),
             ("postgres://u@h/d", None, 0, "1..=256"),
+            ("permiso.db", None, 257, "1..=256"),
             ("mysql://u@h/d", None, 16, "postgres://"),
             ("", None, 16, "SQLite file"),
             ("permiso.db", Some("/pw"), 16, "only for a postgres"),

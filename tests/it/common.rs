@@ -636,6 +636,20 @@ pub fn pg_database_for(key: &std::path::Path) -> String {
 }
 
 pub fn pg_database(name: &str) -> String {
+    let url = pg_empty_database(name);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let db = permiso::config::database::parse(&url, None, 4).unwrap();
+        permiso::admin::storage::migrate(&db, None).await.unwrap();
+    });
+    url
+}
+
+/// A database on the test server, created if missing, not migrated; its URL.
+pub fn pg_empty_database(name: &str) -> String {
     let server = pg_server();
     let url = format!("{server}/{name}");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -660,8 +674,6 @@ pub fn pg_database(name: &str) -> String {
         }
         drop(client);
         let _ = driver.await;
-        let db = permiso::config::database::parse(&url, None, 4).unwrap();
-        permiso::admin::storage::migrate(&db, None).await.unwrap();
     });
     url
 }

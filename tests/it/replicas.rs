@@ -430,3 +430,57 @@ fn a_database_outage_gives_503_and_the_replica_recovers_by_itself() {
     assert!(!names.contains(&"during"), "a refused write wrote nothing");
     assert!(names.contains(&"after"));
 }
+
+/// A replica never migrates: on a database without the schema it refuses to start and names
+/// `permiso migrate`; `permiso migrate` applies version 1 once; then the replica serves.
+#[test]
+fn a_replica_refuses_an_unmigrated_database_until_permiso_migrate() {
+    let url = crate::common::pg_empty_database(&format!("permiso_mig_{}", std::process::id()));
+    let permiso = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_permiso"))
+            .args(args)
+            .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
+            .env("PERMISO_SIGNING_KEK", TEST_KEK)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap()
+    };
+    let port = free_port().to_string();
+    let refused = permiso(&["admin", "--listen", &port, "--database", &url]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("version 0") && err.contains("run `permiso migrate`"),
+        "{err}"
+    );
+
+    let first = permiso(&["migrate", "--database", &url]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("applied [1]"));
+    let again = permiso(&["migrate", "--database", &url]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to apply"));
+
+    // Without the shared KEK a PostgreSQL replica does not start either.
+    let no_kek = std::process::Command::new(env!("CARGO_BIN_EXE_permiso"))
+        .args(["admin", "--listen", &port, "--database", &url])
+        .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
+        .env_remove("PERMISO_SIGNING_KEK")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!no_kek.status.success());
+    assert!(String::from_utf8_lossy(&no_kek.stderr).contains("PERMISO_SIGNING_KEK is required"));
+
+    let clock = permiso::core::clock::ManualClock::starting_now();
+    let replica = start_admin_postgres(&url, &clock);
+    let http = Client::new();
+    crate::common::wait_ok(
+        &http,
+        &format!("http://{}/readyz", replica.addr),
+        "migrated replica",
+    );
+}
