@@ -1,10 +1,17 @@
-//! Many sidecars on one admin plane: what long-polling costs the admin plane with a simulated
-//! fleet of sync clients (`cargo bench --bench fleet`; PERMISO_FLEET=1000 clients by default).
+//! Many sidecars on the admin plane: what long-polling costs it with a simulated fleet of sync
+//! clients, and its write throughput (`cargo bench --bench fleet`; PERMISO_FLEET=1000 clients
+//! by default).
 //!
-//! The admin plane runs as its own process (so its CPU and memory are its own). Each simulated
-//! sidecar does what `sidecar::sync_client` does: a full sync, then `GET /v1/sync?after=…&
-//! wait=25` in a loop on its own connection. Measured: admin memory and CPU with the whole
-//! fleet parked in long polls, and how long one change takes to reach every client.
+//! PERMISO_FLEET_BACKEND=postgres runs two admin replicas on one PostgreSQL database
+//! (PERMISO_TEST_POSTGRES, default postgres://postgres@127.0.0.1:5432; the bench makes and
+//! migrates database permiso_fleet_bench), half the fleet polling each, every change made
+//! through replica A: a change reaches the other half only through the NOTIFY wake-up.
+//!
+//! Each admin plane runs as its own process (so its CPU and memory are its own; PostgreSQL's
+//! CPU is not counted). Each simulated sidecar does what `sidecar::sync_client` does: a full
+//! sync, then `GET /v1/sync?after=…&wait=25` in a loop on its own connection. Measured: write
+//! throughput (creates, then rotations, from 8 concurrent clients), admin memory and CPU with
+//! the whole fleet parked in long polls, and how long one change takes to reach every client.
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +24,78 @@ use serde_json::{json, Value};
 const ADMIN_KEY: &str = "fleet-bench-admin-key-0123456789";
 
 struct Proc(Child);
+
+/// The PostgreSQL database of a `postgres` run, made fresh and migrated.
+fn fresh_postgres() -> String {
+    let server = std::env::var("PERMISO_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL (PERMISO_TEST_POSTGRES)");
+        tokio::spawn(conn);
+        c.batch_execute("DROP DATABASE IF EXISTS permiso_fleet_bench WITH (FORCE)")
+            .await
+            .unwrap();
+        c.batch_execute("CREATE DATABASE permiso_fleet_bench")
+            .await
+            .unwrap();
+    });
+    let url = format!("{server}/permiso_fleet_bench");
+    let out = Command::new(env!("CARGO_BIN_EXE_permiso"))
+        .args(["migrate", "--database", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    url
+}
+
+/// Creates (`rotate` false) or rotations of `services` (true) from `clients` concurrent
+/// clients for `dur`, spread over `bases`; returns the acknowledged count per second.
+fn write_rate(bases: &[String], services: &[String], rotate: bool, clients: usize, dur: Duration) -> f64 {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + dur;
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..clients)
+            .map(|c| {
+                let (base, done) = (bases[c % bases.len()].clone(), done.clone());
+                let services = services.to_vec();
+                tokio::spawn(async move {
+                    let http = reqwest::Client::new();
+                    let mut i = 0usize;
+                    while Instant::now() < deadline {
+                        let rb = if rotate {
+                            let id = &services[(c + i * clients) % services.len()];
+                            http.post(format!("{base}/auth/admin/services/{id}/rotate"))
+                                .json(&json!({"grace_seconds": 0}))
+                        } else {
+                            http.post(format!("{base}/auth/admin/services")).json(
+                                &json!({"service_name": format!("w-{c}-{i}"), "scopes": ["trade:read"]}),
+                            )
+                        };
+                        let r = rb.header("X-Admin-Api-Key", ADMIN_KEY).send().await.unwrap();
+                        assert!(r.status().is_success(), "{}", r.status());
+                        done.fetch_add(1, Ordering::Relaxed);
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    done.load(Ordering::Relaxed) as f64 / dur.as_secs_f64()
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -48,9 +127,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     let changes = 10;
+    let postgres = std::env::var("PERMISO_FLEET_BACKEND").is_ok_and(|b| b == "postgres");
     let dir = tempfile::tempdir().unwrap();
-    let addr: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let log = std::fs::File::create(dir.path().join("admin.log")).unwrap();
     // Every simulated sidecar shares one sync key: allow them all a long poll at once.
     let config = dir.path().join("admin.toml");
     std::fs::write(
@@ -61,31 +139,53 @@ fn main() {
         ),
     )
     .unwrap();
-    let admin = Proc(
-        Command::new(env!("CARGO_BIN_EXE_permiso"))
-            .args([
-                "admin",
-                "--config",
-                &config.display().to_string(),
-                "--listen",
-                &addr.to_string(),
-                "--database",
-                &dir.path().join("p.db").display().to_string(),
-            ])
-            .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap(),
-    );
-    let pid = admin.0.id();
-    let base = format!("http://{addr}");
+    let database = if postgres {
+        fresh_postgres()
+    } else {
+        dir.path().join("p.db").display().to_string()
+    };
+    let replicas = if postgres { 2 } else { 1 };
+    let admins: Vec<(Proc, String)> = (0..replicas)
+        .map(|r| {
+            let addr: SocketAddr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let log = std::fs::File::create(dir.path().join(format!("admin-{r}.log"))).unwrap();
+            let p = Proc(
+                Command::new(env!("CARGO_BIN_EXE_permiso"))
+                    .args([
+                        "admin",
+                        "--config",
+                        &config.display().to_string(),
+                        "--listen",
+                        &addr.to_string(),
+                        "--database",
+                        &database,
+                    ])
+                    .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
+                    .env(
+                        "PERMISO_SIGNING_KEK",
+                        "ZmxlZXQtYmVuY2gta2VrLTMyLWJ5dGVzLWxvbmctISE",
+                    )
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::from(log.try_clone().unwrap()))
+                    .stderr(Stdio::from(log))
+                    .spawn()
+                    .unwrap(),
+            );
+            (p, format!("http://{addr}"))
+        })
+        .collect();
+    let pids: Vec<u32> = admins.iter().map(|(p, _)| p.0.id()).collect();
+    let bases: Vec<String> = admins.iter().map(|(_, b)| b.clone()).collect();
+    let cpu = || pids.iter().map(|p| proc_cpu_ticks(*p)).sum::<u64>();
+    let rss = || pids.iter().map(|p| rss_mb(*p)).sum::<f64>();
+    let base = bases[0].clone();
     let blocking = reqwest::blocking::Client::new();
     let started = Instant::now();
-    while blocking.get(format!("{base}/healthz")).send().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(20));
+    for b in &bases {
+        while blocking.get(format!("{b}/healthz")).send().is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     let create = |name: String, scopes: Value| -> Value {
         blocking
@@ -101,10 +201,16 @@ fn main() {
         .as_str()
         .unwrap()
         .to_string();
+    let mut ids = Vec::new();
     for i in 0..100 {
-        create(format!("svc-{i}"), json!(["trade:read"]));
+        ids.push(
+            create(format!("svc-{i}"), json!(["trade:read"]))["service_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
-    let rss_before = rss_mb(pid);
+    let rss_before = rss();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -114,7 +220,7 @@ fn main() {
     // Each client records the version it has; the bench watches them converge.
     let versions: Arc<Vec<AtomicU64>> = Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
     for i in 0..clients {
-        let (versions, base, key) = (versions.clone(), base.clone(), sync_key.clone());
+        let (versions, base, key) = (versions.clone(), bases[i % bases.len()].clone(), sync_key.clone());
         rt.spawn(async move {
             // One connection per client, as separate sidecars would have.
             let http = reqwest::Client::builder()
@@ -149,15 +255,15 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
 
     let idle_window = Duration::from_secs(10);
-    let c0 = proc_cpu_ticks(pid);
+    let c0 = cpu();
     std::thread::sleep(idle_window);
-    let idle_cpu = (proc_cpu_ticks(pid) - c0) as f64 / 100.0 / idle_window.as_secs_f64() * 100.0;
-    let rss_parked = rss_mb(pid);
+    let idle_cpu = (cpu() - c0) as f64 / 100.0 / idle_window.as_secs_f64() * 100.0;
+    let rss_parked = rss();
 
     let mut fanout = Vec::new();
     let mut cpu_per_change = Vec::new();
     for i in 0..changes {
-        let c0 = proc_cpu_ticks(pid);
+        let c0 = cpu();
         let t = Instant::now();
         let v = create(format!("change-{i}"), json!(["trade:read"]))["service_id"].clone();
         assert!(v.is_string());
@@ -193,16 +299,37 @@ fn main() {
             reached[clients - 1],
         ));
         std::thread::sleep(Duration::from_millis(300));
-        cpu_per_change.push((proc_cpu_ticks(pid) - c0) as f64 * 10.0);
+        cpu_per_change.push((cpu() - c0) as f64 * 10.0);
     }
+    // The fleet stops; then write throughput, through every replica at once (a fleet parked
+    // on a database of thousands of services would measure the fan-out instead).
+    drop(rt);
+    let window = Duration::from_secs(5);
+    let c0 = cpu();
+    let creates = write_rate(&bases, &ids, false, 8, window);
+    let create_cpu = (cpu() - c0) as f64 * 10_000.0 / (creates * window.as_secs_f64());
+    let c0 = cpu();
+    let rotations = write_rate(&bases, &ids, true, 8, window);
+    let rotate_cpu = (cpu() - c0) as f64 * 10_000.0 / (rotations * window.as_secs_f64());
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let avg = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-    println!("\nfleet: {clients} simulated sidecars long-polling one admin plane (1 worker thread for the fleet)\n");
+    let what = if postgres {
+        "two admin replicas on PostgreSQL, half the fleet on each, changes through replica A"
+    } else {
+        "one admin plane on SQLite"
+    };
+    println!("\nfleet: {clients} simulated sidecars long-polling {what} (1 worker thread for the fleet)\n");
     println!("| measure | value |");
     println!("|---|---|");
+    println!(
+        "| admin writes, 8 concurrent clients: creates / rotations per second | {creates:.0} / {rotations:.0} |"
+    );
+    println!(
+        "| admin CPU per create / per rotation (all replicas; not the database's) | {create_cpu:.0} / {rotate_cpu:.0} µs |"
+    );
     println!("| initial full sync of the whole fleet | {:.0} ms |", ms(initial));
     println!(
-        "| admin RSS before the fleet / with the fleet parked | {rss_before:.1} MB / {rss_parked:.1} MB |"
+        "| admin RSS (all replicas) before the fleet / with the fleet parked | {rss_before:.1} MB / {rss_parked:.1} MB |"
     );
     println!("| admin CPU with the fleet parked in long polls | {idle_cpu:.2} % of one core |");
     println!(
@@ -212,10 +339,9 @@ fn main() {
         ms(median(fanout.iter().map(|f| f.2).collect()))
     );
     println!(
-        "| admin CPU per change fanned out to the fleet | {:.0} ms |",
+        "| admin CPU (all replicas) per change fanned out to the fleet | {:.0} ms |",
         avg(&cpu_per_change)
     );
-    drop(rt);
 }
 
 fn median(mut xs: Vec<Duration>) -> Duration {
