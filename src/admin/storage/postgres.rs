@@ -656,11 +656,22 @@ impl CredentialStore for Postgres {
     }
 
     async fn key_owner(&self, hash: &KeyHash, now: i64) -> StoreResult<Option<KeyOwner>> {
+        // One round trip: every sync long poll authenticates here, and a fleet waking at once
+        // after a change would queue on the pool with one query more each.
         let c = self.client().await?;
-        let Some((key_id, service_id, last)) = owner_of(&**c, hash, CredentialKind::ApiKey, now).await?
+        let Some(r) = c
+            .query_opt(
+                "SELECT k.id, k.service_id, k.last_used_at, s.scopes, s.allowed_ips
+                 FROM credentials k JOIN services s ON s.id = k.service_id
+                 WHERE k.hash = $1 AND k.kind = 'api_key' AND k.revoked_at IS NULL
+                   AND (k.expires_at IS NULL OR k.expires_at > $2) AND NOT s.disabled",
+                &[&&hash.0[..], &now],
+            )
+            .await?
         else {
             return Ok(None);
         };
+        let (key_id, service_id, last): (String, String, Option<i64>) = (r.get(0), r.get(1), r.get(2));
         if last.is_none_or(|l| now - l >= 60) {
             c.execute(
                 "UPDATE credentials SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",
@@ -668,17 +679,11 @@ impl CredentialStore for Postgres {
             )
             .await?;
         }
-        let r = c
-            .query_one(
-                "SELECT scopes, allowed_ips FROM services WHERE id = $1",
-                &[&service_id],
-            )
-            .await?;
         Ok(Some(KeyOwner {
             service_id,
             key_id,
-            scopes: json_list(r.get(0))?,
-            allowed_ips: json_list(r.get(1))?,
+            scopes: json_list(r.get(3))?,
+            allowed_ips: json_list(r.get(4))?,
         }))
     }
 
