@@ -359,17 +359,8 @@ fn request_then_close(auth: Option<&str>) -> Vec<u8> {
 
 fn new_service(name: &str, scopes: &[&str], per_minute: Option<u32>) -> NewService {
     NewService {
-        tls_identities: vec![],
-        name: name.into(),
-        environment: Environment::Live,
-        description: None,
-        contact_email: None,
-        is_trusted: false,
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
         rate_limit_per_minute: per_minute,
-        rate_limit_per_hour: None,
-        allowed_ips: vec![],
-        access_token_lifetime: 3600,
+        ..NewService::named(name, scopes)
     }
 }
 

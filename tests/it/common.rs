@@ -376,6 +376,30 @@ impl Harness {
         self.clock.now_secs() as u64
     }
 
+    /// Runs SQL on the admin plane's database behind its back (SQLite file or PostgreSQL),
+    /// as someone with access to the database would; the database's error text on failure.
+    pub fn exec_sql(&self, sql: &str) -> Result<(), String> {
+        if !on_postgres() {
+            let conn = rusqlite::Connection::open(self.db_path()).map_err(|e| e.to_string())?;
+            return conn.execute_batch(sql).map_err(|e| e.to_string());
+        }
+        let url = pg_database_for(&self.db_path());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            c.batch_execute(sql).await.map_err(|e| {
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
+            })
+        })
+    }
+
     pub fn list_all(&self) -> Value {
         let (s, v) = self.admin_req(reqwest::Method::GET, "/auth/admin/services?limit=200", None);
         assert_eq!(s, 200);

@@ -1,7 +1,8 @@
 //! Several admin-plane replicas on one PostgreSQL database: changes made through replica A
 //! reach a sidecar long-polling replica B; a signing key rotated through A is served by B; a
-//! replica killed with SIGKILL mid-burst loses no acknowledged write; a database outage gives
-//! 503 JSON meanwhile, the replica recovers by itself and the sidecar keeps serving.
+//! replica killed with SIGKILL mid-burst loses no acknowledged write; PostgreSQL restarted
+//! under a replica gives 503 JSON meanwhile, the replica recovers by itself and the sidecar
+//! keeps serving; a replica refuses a schema it does not know.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -223,7 +224,29 @@ fn changes_through_replica_a_reach_a_sidecar_polling_replica_b_within_a_second()
         "{listed}"
     );
 
-    // One audit chain over both replicas' writes.
+    // Writes through both replicas at once, then one audit chain over all of them.
+    let writers: Vec<_> = [a_url.clone(), b_url.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(n, base)| {
+            let http = http.clone();
+            std::thread::spawn(move || {
+                for i in 0..20 {
+                    let (s, v) = admin(
+                        &http,
+                        &base,
+                        reqwest::Method::POST,
+                        "/auth/admin/services",
+                        Some(json!({"service_name": format!("both-{n}-{i}"), "scopes": ["trade:read"]})),
+                    );
+                    assert_eq!(s, 201, "{v}");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_permiso"))
         .args(["audit", "verify"])
         .env("PERMISO_ADMIN_URL", &b_url)
@@ -313,14 +336,119 @@ fn a_replica_killed_mid_burst_loses_no_acknowledged_write() {
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
 }
 
-/// The database goes away under a running replica the way a restart looks from outside: the
-/// server terminates its connections (SQLSTATE 57P01) and refuses new ones for a while.
-/// Writes answer 503 JSON meanwhile, the sidecar keeps serving from its snapshot, and when
-/// the database is back the replica serves writes again by itself.
+/// A PostgreSQL server of its own (Debian's binaries, a cluster in a temporary directory, run
+/// as the `postgres` user), so the test can restart it without disturbing the others.
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    fn start() -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL's server binaries (/usr/lib/postgresql/<version>/bin; .ci/run installs them)")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("pg_ctl").exists())
+            .max()
+            .expect("pg_ctl");
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres", &dir.path().display().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chown to postgres (the test runs as root, as .ci/run does)");
+        let pg = PrivatePostgres {
+            port: free_port().port(),
+            dir,
+            bin,
+        };
+        pg.run(
+            "initdb",
+            &["-D", &pg.data(), "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
+        pg.ctl("start");
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(tool))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ctl(&self, action: &str) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        let mut args = vec!["-D".to_string(), self.data(), "-w".into(), "-l".into(), log];
+        if action == "stop" {
+            args.extend(["-m".into(), "fast".into()]);
+        } else {
+            args.extend(["-o".into(), opts]);
+        }
+        args.push(action.into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run("pg_ctl", &args);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// PostgreSQL restarted under a running replica (a real stop and start of the server): writes
+/// answer 503 JSON and write nothing meanwhile, the sidecar keeps serving from its snapshot,
+/// and once the server is back the replica writes again by itself.
 #[test]
-fn a_database_outage_gives_503_and_the_replica_recovers_by_itself() {
-    let name = format!("permiso_outage_{}", std::process::id());
-    let url = pg_database(&name);
+fn a_postgres_restart_gives_503_meanwhile_and_the_replica_recovers_by_itself() {
+    let pg = PrivatePostgres::start();
+    let url = {
+        let server = pg.url();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            c.batch_execute("CREATE DATABASE permiso").await.unwrap();
+            let url = format!("{server}/permiso");
+            let db = permiso::config::database::parse(&url, None, 4).unwrap();
+            permiso::admin::storage::migrate(&db, None).await.unwrap();
+            url
+        })
+    };
     let clock = permiso::core::clock::ManualClock::starting_now();
     let a = start_admin_postgres(&url, &clock);
     let base = format!("http://{}", a.addr);
@@ -354,24 +482,7 @@ fn a_database_outage_gives_503_and_the_replica_recovers_by_itself() {
     );
     until(&http, side, &key, 200);
 
-    let server = crate::common::pg_server();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let sql = |q: String| {
-        rt.block_on(async {
-            let (c, conn) = tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            c.batch_execute(&q).await.unwrap();
-        })
-    };
-    sql(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"));
-    sql(format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
-    ));
+    pg.ctl("stop");
     let (status, body) = admin(
         &http,
         &base,
@@ -382,6 +493,8 @@ fn a_database_outage_gives_503_and_the_replica_recovers_by_itself() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"], "temporarily_unavailable");
     assert!(body["error_description"].is_string());
+    let ready = http.get(format!("{base}/readyz")).send().unwrap();
+    assert_eq!(ready.status(), 503, "not ready without its database");
     for _ in 0..20 {
         assert_eq!(
             sidecar_status(&http, side, &key),
@@ -390,7 +503,7 @@ fn a_database_outage_gives_503_and_the_replica_recovers_by_itself() {
         );
     }
 
-    sql(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"));
+    pg.ctl("start");
     let started = Instant::now();
     loop {
         let (status, _) = admin(
@@ -411,7 +524,7 @@ fn a_database_outage_gives_503_and_the_replica_recovers_by_itself() {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!(
-        "replica writing again {:?} after the database came back",
+        "replica writing again {:?} after PostgreSQL was back",
         started.elapsed()
     );
     let (_, listed) = admin(
@@ -429,6 +542,15 @@ fn a_database_outage_gives_503_and_the_replica_recovers_by_itself() {
         .collect();
     assert!(!names.contains(&"during"), "a refused write wrote nothing");
     assert!(names.contains(&"after"));
+    // And a change made after the restart reaches the sidecar.
+    let (_, late) = admin(
+        &http,
+        &base,
+        reqwest::Method::POST,
+        "/auth/admin/services",
+        Some(json!({"service_name": "late", "scopes": ["trade:read"]})),
+    );
+    until(&http, side, late["api_key"].as_str().unwrap(), 200);
 }
 
 /// A replica never migrates: on a database without the schema it refuses to start and names

@@ -17,22 +17,6 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn new_service(name: &str, scopes: &[&str]) -> NewService {
-    NewService {
-        name: name.into(),
-        environment: Environment::Live,
-        description: None,
-        contact_email: None,
-        is_trusted: false,
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        rate_limit_per_minute: None,
-        rate_limit_per_hour: None,
-        allowed_ips: vec![],
-        access_token_lifetime: 3600,
-        tls_identities: vec![],
-    }
-}
-
 fn verify(entries: &[permiso::core::audit::AuditEntry]) {
     let mut v = permiso::core::audit::Verifier::default();
     for e in entries {
@@ -59,7 +43,7 @@ async fn create(
     let k = key::generate(Environment::Live);
     let c = key::generate_client_secret();
     let kid = permiso::core::ids::new_key_id();
-    let mut svc = new_service(name, &["trade:read"]);
+    let mut svc = NewService::named(name, &["trade:read"]);
     svc.tls_identities = identities.iter().map(|s| s.to_string()).collect();
     s.create_service(
         &id,

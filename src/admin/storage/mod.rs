@@ -501,6 +501,60 @@ pub fn to_json(v: &[String]) -> String {
     serde_json::to_string(v).expect("string list serialises")
 }
 
+/// A service as sidecars receive it, with its usable keys.
+pub fn sync_service(
+    rec: ServiceRecord,
+    keys: Vec<crate::core::sync::SyncKey>,
+) -> crate::core::sync::SyncService {
+    crate::core::sync::SyncService {
+        service_id: rec.id,
+        service_name: rec.name,
+        environment: rec.environment,
+        scopes: rec.scopes,
+        disabled: rec.disabled,
+        rate_limit_per_minute: rec.rate_limit_per_minute,
+        rate_limit_per_hour: rec.rate_limit_per_hour,
+        allowed_ips: rec.allowed_ips,
+        tokens_not_before: rec.tokens_not_before,
+        tls_identities: rec.tls_identities,
+        keys,
+    }
+}
+
+/// One usable key as sidecars receive it: its hash in hex.
+pub fn sync_key(
+    key_id: String,
+    hash: Vec<u8>,
+    expires_at: Option<i64>,
+) -> StoreResult<crate::core::sync::SyncKey> {
+    let hash = hash32(hash, &format!("hash of key {key_id}"))?;
+    Ok(crate::core::sync::SyncKey {
+        key_id,
+        hash: KeyHash(hash).to_hex(),
+        expires_at,
+    })
+}
+
+impl NewService {
+    /// A live service with these scopes and every other field at its default (benchmarks,
+    /// tests and bulk loads).
+    pub fn named(name: &str, scopes: &[&str]) -> NewService {
+        NewService {
+            name: name.into(),
+            environment: Environment::Live,
+            description: None,
+            contact_email: None,
+            is_trusted: false,
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            rate_limit_per_minute: None,
+            rate_limit_per_hour: None,
+            allowed_ips: vec![],
+            access_token_lifetime: 3600,
+            tls_identities: vec![],
+        }
+    }
+}
+
 /// A 32-byte hash column.
 pub fn hash32(b: Vec<u8>, what: &str) -> StoreResult<[u8; 32]> {
     b.try_into()

@@ -17,13 +17,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{GenericClient, NoTls, Row, Transaction};
 
 use super::{
-    create_change, failed_auth_change, hash32, json_list, patched, rotate_change, rotation_plan, to_json,
-    Audit, AuditQuery, AuditStore, BulkService, ClientRecord, CredentialKind, CredentialStore, KeyInfo,
-    KeyOwner, KeyRecord, NewService, Rotation, ServicePatch, ServiceRecord, ServiceStore, SigningKeyRow,
-    Storage, StoreError, StoreResult, StoredKey, SyncStore, TokenStore,
+    create_change, failed_auth_change, hash32, json_list, patched, rotate_change, rotation_plan, sync_key,
+    sync_service, to_json, Audit, AuditQuery, AuditStore, BulkService, ClientRecord, CredentialKind,
+    CredentialStore, KeyInfo, KeyOwner, KeyRecord, NewService, Rotation, ServicePatch, ServiceRecord,
+    ServiceStore, SigningKeyRow, Storage, StoreError, StoreResult, StoredKey, SyncStore, TokenStore,
 };
 use crate::core::key::{Environment, KeyHash};
-use crate::core::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService};
+use crate::core::sync::{SyncPayload, SyncRevokedToken};
 
 /// The NOTIFY channel of committed changes.
 const CHANNEL: &str = "permiso_changes";
@@ -173,6 +173,17 @@ async fn listen(config: tokio_postgres::Config, timeout: Duration, changes: Arc<
 const SERVICE_COLS: &str = "id, name, environment, description, contact_email, is_trusted, scopes, \
      rate_limit_per_minute, rate_limit_per_hour, allowed_ips, disabled, created_at, updated_at, \
      access_token_lifetime, tokens_not_before";
+
+/// kid, public_x, (private_sealed), created_at, activates_at.
+fn signing_row(r: &Row, private_sealed: Vec<u8>) -> SigningKeyRow {
+    SigningKeyRow {
+        kid: r.get(0),
+        public_x: r.get(1),
+        private_sealed,
+        created_at: r.get(3),
+        activates_at: r.get(4),
+    }
+}
 
 fn u32_of(v: Option<i64>) -> Option<u32> {
     v.and_then(|v| u32::try_from(v).ok())
@@ -821,13 +832,7 @@ impl TokenStore for Postgres {
             )
             .await?
             .iter()
-            .map(|r| SigningKeyRow {
-                kid: r.get(0),
-                public_x: r.get(1),
-                private_sealed: r.get(2),
-                created_at: r.get(3),
-                activates_at: r.get(4),
-            })
+            .map(|r| signing_row(r, r.get(2)))
             .collect())
     }
 
@@ -983,42 +988,19 @@ impl SyncStore for Postgres {
             let rec = load_service(&tx, &id).await?;
             let mut keys = Vec::new();
             for r in tx.query(&keys_of, &[&rec.id, &now]).await? {
-                let key_id: String = r.get(0);
-                let hash = hash32(r.get(1), &format!("hash of key {key_id}"))?;
-                keys.push(SyncKey {
-                    key_id,
-                    hash: KeyHash(hash).to_hex(),
-                    expires_at: r.get(2),
-                });
+                keys.push(sync_key(r.get(0), r.get(1), r.get(2))?);
             }
-            services.push(SyncService {
-                service_id: rec.id,
-                service_name: rec.name,
-                environment: rec.environment,
-                scopes: rec.scopes,
-                disabled: rec.disabled,
-                rate_limit_per_minute: rec.rate_limit_per_minute,
-                rate_limit_per_hour: rec.rate_limit_per_hour,
-                allowed_ips: rec.allowed_ips,
-                tokens_not_before: rec.tokens_not_before,
-                tls_identities: rec.tls_identities,
-                keys,
-            });
+            services.push(sync_service(rec, keys));
         }
+        // The private part never leaves for a sidecar: an empty column in its place.
         let signing = tx
             .query(
-                "SELECT kid, public_x, created_at, activates_at FROM signing_keys ORDER BY activates_at, seq",
+                "SELECT kid, public_x, ''::bytea, created_at, activates_at FROM signing_keys ORDER BY activates_at, seq",
                 &[],
             )
             .await?
             .iter()
-            .map(|r| SigningKeyRow {
-                kid: r.get(0),
-                public_x: r.get(1),
-                private_sealed: vec![],
-                created_at: r.get(2),
-                activates_at: r.get(3),
-            })
+            .map(|r| signing_row(r, vec![]))
             .collect();
         let revoked_tokens = tx
             .query(

@@ -16,7 +16,7 @@ use super::{
     StoreError, StoreResult, StoredKey, SyncStore, TokenStore,
 };
 use crate::core::key::{Environment, KeyHash};
-use crate::core::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService};
+use crate::core::sync::{SyncPayload, SyncRevokedToken};
 
 /// Appends one entry, chained to the last, inside the caller's transaction: the change and
 /// its audit entry commit together or not at all.
@@ -902,35 +902,13 @@ impl Store {
             for id in ids {
                 let rec = load_service(&tx, &id)?;
                 let keys = kst
-                    .query_map(params![rec.id, now], |r| {
-                        let hash: Vec<u8> = r.get(1)?;
-                        Ok((r.get::<_, String>(0)?, hash, r.get::<_, Option<i64>>(2)?))
-                    })?
+                    .query_map(params![rec.id, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .map(|row| {
                         let (key_id, hash, expires_at) = row?;
-                        let hash: [u8; 32] = hash
-                            .try_into()
-                            .map_err(|_| StoreError::Corrupt(format!("hash length of key {key_id}")))?;
-                        Ok(SyncKey {
-                            key_id,
-                            hash: KeyHash(hash).to_hex(),
-                            expires_at,
-                        })
+                        super::sync_key(key_id, hash, expires_at)
                     })
                     .collect::<StoreResult<Vec<_>>>()?;
-                services.push(SyncService {
-                    service_id: rec.id,
-                    service_name: rec.name,
-                    environment: rec.environment,
-                    scopes: rec.scopes,
-                    disabled: rec.disabled,
-                    rate_limit_per_minute: rec.rate_limit_per_minute,
-                    rate_limit_per_hour: rec.rate_limit_per_hour,
-                    allowed_ips: rec.allowed_ips,
-                    tokens_not_before: rec.tokens_not_before,
-                    tls_identities: rec.tls_identities,
-                    keys,
-                });
+                services.push(super::sync_service(rec, keys));
             }
         }
         let signing: Vec<SigningKeyRow> = tx
