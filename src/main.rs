@@ -163,6 +163,7 @@ fn main() -> anyhow::Result<()> {
                 &file.admin_plane.database,
                 file.admin_plane.database_password_file.as_deref(),
                 file.admin_plane.database_pool_size,
+                file.admin_plane.database_ca_file.as_deref(),
             )?;
             let password = std::env::var("PERMISO_DATABASE_PASSWORD")
                 .ok()

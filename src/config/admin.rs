@@ -108,6 +108,7 @@ impl AdminConfig {
                 &f.database,
                 f.database_password_file.as_deref(),
                 f.database_pool_size,
+                f.database_ca_file.as_deref(),
             )?,
             database_password: None,
             rotation_grace: Duration::from_secs(f.rotation_grace_seconds),

@@ -22,6 +22,23 @@ pub struct Postgres {
     pub display: String,
     pub password_file: Option<PathBuf>,
     pub pool_size: usize,
+    /// CA bundle the server's certificate must chain to with `sslmode=require` (TLS is used
+    /// then only, always verified); None: the system roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Postgres {
+    /// Whether the password and the data may cross a network in clear: TLS not required
+    /// (`sslmode` disable or prefer) and a host that is not this machine.
+    pub fn clear_to_another_host(&self) -> bool {
+        use tokio_postgres::config::{Host, SslMode};
+        let required = matches!(self.config.get_ssl_mode(), SslMode::Require);
+        !required
+            && self.config.get_hosts().iter().any(|h| match h {
+                Host::Tcp(name) => !matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1"),
+                Host::Unix(_) => false,
+            })
+    }
 }
 
 impl Database {
@@ -38,7 +55,12 @@ impl Database {
     }
 }
 
-pub fn parse(value: &str, password_file: Option<&str>, pool_size: usize) -> Result<Database, ConfigError> {
+pub fn parse(
+    value: &str,
+    password_file: Option<&str>,
+    pool_size: usize,
+    ca_file: Option<&str>,
+) -> Result<Database, ConfigError> {
     const KEY: &str = "admin_plane.database";
     if !(1..=256).contains(&pool_size) {
         return Err(invalid("admin_plane.database_pool_size", "must be 1..=256"));
@@ -51,6 +73,12 @@ pub fn parse(value: &str, password_file: Option<&str>, pool_size: usize) -> Resu
         if password_file.is_some() {
             return Err(invalid(
                 "admin_plane.database_password_file",
+                "only for a postgres:// database",
+            ));
+        }
+        if ca_file.is_some() {
+            return Err(invalid(
+                "admin_plane.database_ca_file",
                 "only for a postgres:// database",
             ));
         }
@@ -70,17 +98,6 @@ pub fn parse(value: &str, password_file: Option<&str>, pool_size: usize) -> Resu
         return Err(invalid(
             KEY,
             "the URL must name a database (postgres://user@host/dbname)",
-        ));
-    }
-    // No TLS client for PostgreSQL yet: a URL that asks for it would fail at the first
-    // connection; refuse it now, with the reason.
-    if !matches!(
-        config.get_ssl_mode(),
-        tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
-    ) {
-        return Err(invalid(
-            KEY,
-            "sslmode=require is not supported yet: reach PostgreSQL over loopback or a private network",
         ));
     }
     let host = config
@@ -103,6 +120,7 @@ pub fn parse(value: &str, password_file: Option<&str>, pool_size: usize) -> Resu
         display,
         password_file: password_file.map(PathBuf::from),
         pool_size,
+        ca_file: ca_file.map(PathBuf::from),
     })))
 }
 
@@ -113,12 +131,13 @@ mod tests {
     #[test]
     fn sqlite_files_and_postgres_urls() {
         assert!(
-            matches!(parse("permiso.db", None, 16).unwrap(), Database::Sqlite(p) if p == std::path::Path::new("permiso.db"))
+            matches!(parse("permiso.db", None, 16, None).unwrap(), Database::Sqlite(p) if p == std::path::Path::new("permiso.db"))
         );
         let pg = parse(
             "postgres://permiso@db.internal:5433/permiso",
             Some("/run/secrets/pg"),
             8,
+            None,
         )
         .unwrap();
         let Database::Postgres(p) = pg else { panic!() };
@@ -126,22 +145,35 @@ mod tests {
         assert_eq!(p.pool_size, 8);
         assert_eq!(p.password_file, Some(PathBuf::from("/run/secrets/pg")));
         assert!(p.config.get_password().is_none());
-        assert!(parse("postgresql://u@h/d", None, 16).unwrap().is_postgres());
+        assert!(parse("postgresql://u@h/d", None, 16, None).unwrap().is_postgres());
     }
 
     #[test]
     fn refused_with_the_reason() {
+        assert!(parse("postgres://u@h/d?sslmode=require", None, 16, Some("/ca.pem")).is_ok());
+        let e = parse("permiso.db", None, 16, Some("/ca.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only for a postgres"), "{e}");
+        let clear = |url: &str| match parse(url, None, 16, None).unwrap() {
+            Database::Postgres(p) => p.clear_to_another_host(),
+            Database::Sqlite(_) => unreachable!(),
+        };
+        assert!(clear("postgres://u@db.internal/d"));
+        assert!(clear("postgres://u@db.internal/d?sslmode=prefer"));
+        assert!(!clear("postgres://u@db.internal/d?sslmode=require"));
+        assert!(!clear("postgres://u@127.0.0.1/d"));
+        assert!(!clear("postgres://u@localhost/d?sslmode=disable"));
         for (value, file, pool, why) in [
             ("postgres://u:secret@h/d", None, 16, "password"),
             ("postgres://u@h", None, 16, "name a database"),
-            ("postgres://u@h/d?sslmode=require", None, 16, "sslmode"),
             ("postgres://u@h/d", None, 0, "1..=256"),
             ("permiso.db", None, 257, "1..=256"),
             ("mysql://u@h/d", None, 16, "postgres://"),
             ("", None, 16, "SQLite file"),
             ("permiso.db", Some("/pw"), 16, "only for a postgres"),
         ] {
-            let e = parse(value, file, pool).unwrap_err().to_string();
+            let e = parse(value, file, pool, None).unwrap_err().to_string();
             assert!(e.contains(why), "{value}: {e}");
             assert!(!e.contains("secret"), "the password reached the error: {e}");
         }

@@ -69,6 +69,9 @@ pub struct AdminPlane {
     pub database_password_file: Option<String>,
     /// PostgreSQL only: connections per replica. Default 16.
     pub database_pool_size: usize,
+    /// PostgreSQL only: the CA bundle its certificate must chain to with `sslmode=require` in
+    /// the URL (the only mode that uses TLS, always verified). Default: the system roots.
+    pub database_ca_file: Option<String>,
     /// How long old keys keep working after a rotation. Default 604800 (7 days).
     pub rotation_grace_seconds: u64,
     /// Largest accepted request body. Default 65536.
@@ -129,6 +132,7 @@ impl Default for AdminPlane {
             database: "permiso.db".into(),
             database_password_file: None,
             database_pool_size: 16,
+            database_ca_file: None,
             rotation_grace_seconds: 7 * 24 * 3600,
             max_body_bytes: 64 * 1024,
             max_header_bytes: 16 * 1024,

@@ -666,7 +666,7 @@ pub fn pg_database(name: &str) -> String {
         .build()
         .unwrap();
     rt.block_on(async {
-        let db = permiso::config::database::parse(&url, None, 4).unwrap();
+        let db = permiso::config::database::parse(&url, None, 4, None).unwrap();
         permiso::admin::storage::migrate(&db, None).await.unwrap();
     });
     url

@@ -346,6 +346,11 @@ struct PrivatePostgres {
 
 impl PrivatePostgres {
     fn start() -> PrivatePostgres {
+        Self::start_with(None)
+    }
+
+    /// With `tls`, the server also speaks TLS with this certificate (cert PEM, key PEM).
+    fn start_with(tls: Option<(&str, &str)>) -> PrivatePostgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL's server binaries (/usr/lib/postgresql/<version>/bin; .ci/run installs them)")
             .flatten()
@@ -354,6 +359,13 @@ impl PrivatePostgres {
             .max()
             .expect("pg_ctl");
         let dir = tempfile::tempdir().unwrap();
+        if let Some((cert, key)) = tls {
+            std::fs::write(dir.path().join("server.crt"), cert).unwrap();
+            let key_file = dir.path().join("server.key");
+            std::fs::write(&key_file, key).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let ok = std::process::Command::new("chown")
             .args(["-R", "postgres:postgres", &dir.path().display().to_string()])
             .status()
@@ -393,11 +405,17 @@ impl PrivatePostgres {
     }
 
     fn ctl(&self, action: &str) {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
             self.dir.path().display()
         );
+        if self.dir.path().join("server.crt").exists() {
+            let d = self.dir.path().display();
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key"
+            ));
+        }
         let log = self.dir.path().join("server.log").display().to_string();
         let mut args = vec!["-D".to_string(), self.data(), "-w".into(), "-l".into(), log];
         if action == "stop" {
@@ -444,7 +462,7 @@ fn a_postgres_restart_gives_503_meanwhile_and_the_replica_recovers_by_itself() {
             tokio::spawn(conn);
             c.batch_execute("CREATE DATABASE permiso").await.unwrap();
             let url = format!("{server}/permiso");
-            let db = permiso::config::database::parse(&url, None, 4).unwrap();
+            let db = permiso::config::database::parse(&url, None, 4, None).unwrap();
             permiso::admin::storage::migrate(&db, None).await.unwrap();
             url
         })
@@ -605,4 +623,74 @@ fn a_replica_refuses_an_unmigrated_database_until_permiso_migrate() {
         &format!("http://{}/readyz", replica.addr),
         "migrated replica",
     );
+}
+
+/// A replica reaches PostgreSQL over TLS verified against `database_ca_file`
+/// (`sslmode=require`): every connection it holds is encrypted (pg_stat_ssl), and without the
+/// CA it does not start, naming the certificate problem.
+#[test]
+fn replicas_reach_postgres_over_tls_verified_against_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::certs::Ca::new(dir.path(), "db-ca");
+    let server = ca.server("db", 2040);
+    let pg = PrivatePostgres::start_with(Some((&server.cert_pem, &server.key_pem)));
+    let admin_sql = |q: &str| -> Vec<tokio_postgres::Row> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&format!("{}/postgres", pg.url()), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            c.query(q, &[]).await.unwrap()
+        })
+    };
+    admin_sql("CREATE DATABASE permiso");
+    let url = format!("{}/permiso?sslmode=require", pg.url());
+    let ca_file = ca.pem_file.display().to_string();
+    let db = permiso::config::database::parse(&url, None, 4, Some(&ca_file)).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(permiso::admin::storage::migrate(&db, None))
+        .unwrap();
+
+    let clock = permiso::core::clock::ManualClock::starting_now();
+    let config = |ca: Option<String>| {
+        let f = permiso::config::file::AdminPlane {
+            listen: "127.0.0.1:0".into(),
+            database: url.clone(),
+            database_ca_file: ca,
+            ..Default::default()
+        };
+        let mut cfg = permiso::config::AdminConfig::from_file(&f, Some(ADMIN_KEY.to_string())).unwrap();
+        cfg.signing_kek = Some(permiso::core::key::Secret::new(TEST_KEK.to_string()));
+        cfg
+    };
+    let replica = permiso::admin::start(config(Some(ca_file.clone())), Arc::new(clock.clone())).unwrap();
+    let http = Client::new();
+    let (s, v) = admin(
+        &http,
+        &format!("http://{}", replica.addr),
+        reqwest::Method::POST,
+        "/auth/admin/services",
+        Some(json!({"service_name": "over-tls", "scopes": ["trade:read"]})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let rows = admin_sql(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = 'permiso'",
+    );
+    let (all, encrypted): (i64, i64) = (rows[0].get(0), rows[0].get(1));
+    assert!(all >= 2, "the pool and the listener hold connections ({all})");
+    assert_eq!(encrypted, all, "every connection of the replica is TLS");
+
+    let refused = permiso::admin::start(config(None), Arc::new(clock.clone()))
+        .err()
+        .expect("a replica that cannot verify the database started")
+        .to_string();
+    assert!(refused.contains("UnknownIssuer"), "{refused}");
+    drop(replica);
 }

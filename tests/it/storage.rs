@@ -58,12 +58,13 @@ async fn create(
 }
 
 async fn open_sqlite(dir: &std::path::Path) -> SharedStorage {
-    let db = permiso::config::database::parse(&dir.join("c.db").display().to_string(), None, 4).unwrap();
+    let db =
+        permiso::config::database::parse(&dir.join("c.db").display().to_string(), None, 4, None).unwrap();
     storage::open(&db, None).await.unwrap()
 }
 
 async fn open_postgres(url: &str) -> SharedStorage {
-    let db = permiso::config::database::parse(url, None, 4).unwrap();
+    let db = permiso::config::database::parse(url, None, 4, None).unwrap();
     storage::open(&db, None).await.unwrap()
 }
 

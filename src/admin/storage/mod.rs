@@ -576,6 +576,12 @@ fn pg_settings(
     password: Option<&crate::core::key::Secret>,
 ) -> StoreResult<postgres::PgSettings> {
     let mut config = p.config.clone();
+    // TLS only when the URL requires it, and then verified (like libpq's verify-full): an
+    // unverified, optional TLS (libpq's `prefer`) stops nothing an active attacker does, and
+    // fails against servers with self-signed certificates (Debian's snakeoil default).
+    if !matches!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
     // The environment wins over the file; neither means the server needs none (trust, peer).
     let from_file = match (&password, &p.password_file) {
         (None, Some(f)) => Some(
@@ -589,8 +595,18 @@ fn pg_settings(
     if let Some(pw) = password.map(|s| s.expose().to_string()).or(from_file) {
         config.password(pw);
     }
+    let client_tls = crate::tls::ClientTls {
+        ca_file: p.ca_file.clone(),
+        client_cert_file: None,
+        client_key_file: None,
+    };
+    let mut rustls_config = crate::tls::client::client_config(&client_tls)
+        .map_err(|e| StoreError::Unavailable(format!("database TLS settings: {e}")))?;
+    // PostgreSQL 17 refuses an ALPN other than its own; the others ignore it.
+    rustls_config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(postgres::PgSettings {
         config,
+        tls: tokio_postgres_rustls::MakeRustlsConnect::new(rustls_config),
         pool_size: p.pool_size,
         connect_timeout: std::time::Duration::from_secs(5),
     })
@@ -634,7 +650,7 @@ pub async fn migrate(
             let settings = pg_settings(p, password)?;
             let mut cfg = settings.config.clone();
             cfg.connect_timeout(settings.connect_timeout);
-            let (mut client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+            let (mut client, conn) = cfg.connect(settings.tls.clone()).await?;
             let driver = tokio::spawn(conn);
             let applied = migrations::postgres_apply(&mut client).await;
             drop(client);

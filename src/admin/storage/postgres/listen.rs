@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
-
 use super::CHANNEL;
 
 /// Holds a LISTEN connection and signals `changes` on each notification; reconnects with
@@ -12,6 +10,7 @@ use super::CHANNEL;
 /// is lost). Ends with the runtime.
 pub(super) async fn listen(
     config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     timeout: Duration,
     changes: Arc<tokio::sync::Notify>,
 ) {
@@ -20,7 +19,7 @@ pub(super) async fn listen(
     loop {
         let mut cfg = config.clone();
         cfg.connect_timeout(timeout);
-        match cfg.connect(NoTls).await {
+        match cfg.connect(tls.clone()).await {
             Ok((client, mut conn)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 use super::{
     create_change, failed_auth_change, hash32, patched, sync_key, sync_service, to_json, Audit, AuditQuery,
@@ -38,11 +37,11 @@ impl From<tokio_postgres::Error> for StoreError {
         // anything else (a bad statement, a parameter of the wrong type) is ours.
         let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
         if e.is_closed() || io {
-            return StoreError::Unavailable(e.to_string());
+            return StoreError::Unavailable(with_causes(&e));
         }
         match e.code() {
             Some(c) if c.code().starts_with("08") || c.code().starts_with("57P") => {
-                StoreError::Unavailable(e.to_string())
+                StoreError::Unavailable(with_causes(&e))
             }
             _ => StoreError::Postgres(e),
         }
@@ -52,7 +51,23 @@ impl From<tokio_postgres::Error> for StoreError {
 /// Every pool failure is one of getting a connection (the server down, restarting, refusing
 /// connections, the pool exhausted): temporary.
 pub(super) fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    StoreError::Unavailable(with_causes(&e))
+}
+
+/// An error with its causes (tokio-postgres keeps the TLS reason, such as an unknown issuer,
+/// in the source chain, not in its own message).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 pub(super) fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
@@ -63,6 +78,9 @@ pub(super) fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
 #[derive(Clone)]
 pub struct PgSettings {
     pub config: tokio_postgres::Config,
+    /// TLS when the URL says `sslmode=require` (rustls, verified against `database_ca_file`
+    /// or the system roots); unused otherwise.
+    pub tls: tokio_postgres_rustls::MakeRustlsConnect,
     pub pool_size: usize,
     pub connect_timeout: Duration,
 }
@@ -83,7 +101,7 @@ impl Postgres {
         cfg.connect_timeout(settings.connect_timeout);
         let mgr = Manager::from_config(
             cfg,
-            NoTls,
+            settings.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -107,6 +125,7 @@ impl Postgres {
         let changes = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(listen(
             settings.config.clone(),
+            settings.tls.clone(),
             settings.connect_timeout,
             changes.clone(),
         ));
