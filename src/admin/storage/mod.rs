@@ -521,6 +521,35 @@ pub fn sync_service(
     }
 }
 
+/// The version a sidecar's delta starts after: its `after` when it names this database's
+/// epoch and is not ahead of it; None (a full snapshot) otherwise.
+pub fn delta_since(ours: &str, version: u64, epoch: Option<&str>, after: Option<u64>) -> Option<u64> {
+    match (epoch, after) {
+        (Some(e), Some(a)) if e == ours && a <= version => Some(a),
+        _ => None,
+    }
+}
+
+/// The sync payload of a read (issuer, signing keys and send time are the caller's).
+pub fn sync_payload(
+    epoch: &str,
+    version: u64,
+    since: Option<u64>,
+    services: Vec<crate::core::sync::SyncService>,
+    revoked_tokens: Vec<crate::core::sync::SyncRevokedToken>,
+) -> SyncPayload {
+    SyncPayload {
+        epoch: epoch.to_string(),
+        version,
+        full: since.is_none(),
+        services,
+        issuer: String::new(),
+        signing_keys: vec![],
+        revoked_tokens,
+        generated_at_ms: None,
+    }
+}
+
 /// One usable key as sidecars receive it: its hash in hex.
 pub fn sync_key(
     key_id: String,

@@ -488,10 +488,7 @@ impl SyncStore for Postgres {
             .query_one("SELECT value::bigint FROM meta WHERE name = 'version'", &[])
             .await?
             .get::<_, i64>(0) as u64;
-        let since = match (epoch, after) {
-            (Some(e), Some(a)) if e == self.epoch && a <= version => Some(a),
-            _ => None,
-        };
+        let since = super::delta_since(&self.epoch, version, epoch, after);
         let ids: Vec<String> = tx
             .query(
                 "SELECT id FROM services WHERE version > $1 ORDER BY seq",
@@ -541,17 +538,10 @@ impl SyncStore for Postgres {
             })
             .collect();
         tx.commit().await?;
-        let payload = SyncPayload {
-            epoch: self.epoch.clone(),
-            version,
-            full: since.is_none(),
-            services,
-            issuer: String::new(),
-            signing_keys: vec![],
-            revoked_tokens,
-            generated_at_ms: None,
-        };
-        Ok((payload, signing))
+        Ok((
+            super::sync_payload(&self.epoch, version, since, services, revoked_tokens),
+            signing,
+        ))
     }
 
     async fn check_writable(&self) -> StoreResult<()> {

@@ -585,10 +585,7 @@ impl Store {
         // One read transaction, so the version and the rows agree.
         let tx = conn.transaction()?;
         let version = read_version(&tx)?;
-        let since = match (epoch, after) {
-            (Some(e), Some(a)) if e == self.epoch && a <= version => Some(a),
-            _ => None,
-        };
+        let since = super::delta_since(&self.epoch, version, epoch, after);
         let mut services = Vec::new();
         {
             let ids: Vec<String> = tx
@@ -635,17 +632,10 @@ impl Store {
             })?
             .collect::<Result<_, _>>()?;
         tx.commit()?;
-        let payload = SyncPayload {
-            epoch: self.epoch.clone(),
-            version,
-            full: since.is_none(),
-            services,
-            issuer: String::new(),
-            signing_keys: vec![],
-            revoked_tokens,
-            generated_at_ms: None,
-        };
-        Ok((payload, signing))
+        Ok((
+            super::sync_payload(&self.epoch, version, since, services, revoked_tokens),
+            signing,
+        ))
     }
 }
 
