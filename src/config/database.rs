@@ -100,6 +100,14 @@ pub fn parse(
             "the URL must name a database (postgres://user@host/dbname)",
         ));
     }
+    // The CA is only used for TLS, and TLS only with sslmode=require: a CA without it would be
+    // accepted and do nothing (a plain connection the operator believes verified).
+    if ca_file.is_some() && !matches!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
+        return Err(invalid(
+            "admin_plane.database_ca_file",
+            "needs ?sslmode=require in the database URL (without it no TLS is used)",
+        ));
+    }
     let host = config
         .get_hosts()
         .iter()

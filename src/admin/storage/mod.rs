@@ -550,6 +550,51 @@ pub fn sync_payload(
     }
 }
 
+/// One audit_log row as either backend reads it, before its hashes and change are decoded.
+pub struct AuditRow {
+    pub seq: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub source_ip: Option<String>,
+    pub change: String,
+    pub prev: Vec<u8>,
+    pub hash: Vec<u8>,
+}
+
+impl AuditRow {
+    pub fn into_entry(self) -> StoreResult<crate::core::audit::AuditEntry> {
+        use crate::core::audit::to_hex;
+        Ok(crate::core::audit::AuditEntry {
+            seq: self.seq as u64,
+            at: self.at,
+            actor: self.actor,
+            action: self.action,
+            target: self.target,
+            source_ip: self.source_ip,
+            change: serde_json::from_str(&self.change)
+                .map_err(|e| StoreError::Corrupt(format!("audit change: {e}")))?,
+            prev_hash: to_hex(&hash32(self.prev, "audit hash")?),
+            hash: to_hex(&hash32(self.hash, "audit hash")?),
+        })
+    }
+}
+
+/// A page of the audit log from `limit + 1` rows read: the entries, and whether more follow.
+pub fn audit_page_of(
+    rows: Vec<AuditRow>,
+    limit: u32,
+) -> StoreResult<(Vec<crate::core::audit::AuditEntry>, bool)> {
+    let more = rows.len() > limit as usize;
+    let entries = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(AuditRow::into_entry)
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok((entries, more))
+}
+
 /// One usable key as sidecars receive it: its hash in hex.
 pub fn sync_key(
     key_id: String,

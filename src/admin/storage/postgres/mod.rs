@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use super::{
-    create_change, failed_auth_change, hash32, patched, sync_key, sync_service, to_json, Audit, AuditQuery,
+    create_change, failed_auth_change, patched, sync_key, sync_service, to_json, Audit, AuditQuery,
     AuditStore, BulkService, CredentialKind, NewService, ServicePatch, ServiceRecord, ServiceStore,
     SigningKeyRow, Storage, StoreError, StoreResult, StoredKey, SyncStore, TokenStore,
 };
@@ -87,7 +87,6 @@ pub struct PgSettings {
 
 pub struct Postgres {
     pool: Pool,
-    settings: PgSettings,
     epoch: String,
     /// Signalled by the LISTEN connection on every NOTIFY (and when it reconnects, since
     /// notifications may have been lost meanwhile).
@@ -129,16 +128,7 @@ impl Postgres {
             settings.connect_timeout,
             changes.clone(),
         ));
-        Ok(Postgres {
-            pool,
-            settings,
-            epoch,
-            changes,
-        })
-    }
-
-    pub fn settings(&self) -> &PgSettings {
-        &self.settings
+        Ok(Postgres { pool, epoch, changes })
     }
 
     pub(super) async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
@@ -413,7 +403,6 @@ impl AuditStore for Postgres {
     }
 
     async fn audit_page(&self, q: &AuditQuery) -> StoreResult<(Vec<crate::core::audit::AuditEntry>, bool)> {
-        use crate::core::audit::{to_hex, AuditEntry};
         let rows = self
             .client()
             .await?
@@ -434,23 +423,21 @@ impl AuditStore for Postgres {
                 ],
             )
             .await?;
-        let more = rows.len() > q.limit as usize;
-        let mut out = Vec::with_capacity(rows.len().min(q.limit as usize));
-        for r in rows.iter().take(q.limit as usize) {
-            out.push(AuditEntry {
-                seq: r.get::<_, i64>(0) as u64,
+        let rows = rows
+            .iter()
+            .map(|r| super::AuditRow {
+                seq: r.get(0),
                 at: r.get(1),
                 actor: r.get(2),
                 action: r.get(3),
                 target: r.get(4),
                 source_ip: r.get(5),
-                change: serde_json::from_str(r.get(6))
-                    .map_err(|e| StoreError::Corrupt(format!("audit change: {e}")))?,
-                prev_hash: to_hex(&hash32(r.get(7), "audit hash")?),
-                hash: to_hex(&hash32(r.get(8), "audit hash")?),
-            });
-        }
-        Ok((out, more))
+                change: r.get(6),
+                prev: r.get(7),
+                hash: r.get(8),
+            })
+            .collect();
+        super::audit_page_of(rows, q.limit)
     }
 }
 

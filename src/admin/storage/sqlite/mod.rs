@@ -489,7 +489,6 @@ impl Store {
 
     /// A page of the audit log in sequence order, and whether more follow.
     pub fn audit_page(&self, q: &AuditQuery) -> StoreResult<(Vec<crate::core::audit::AuditEntry>, bool)> {
-        use crate::core::audit::{to_hex, AuditEntry};
         let conn = self.conn();
         let rows = conn
             .prepare_cached(
@@ -511,29 +510,7 @@ impl Store {
                 audit_row,
             )?
             .collect::<Result<Vec<_>, _>>()?;
-        let more = rows.len() > q.limit as usize;
-        let hash = |b: Vec<u8>| -> StoreResult<String> {
-            let a: [u8; 32] = b
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("audit hash is not 32 bytes".into()))?;
-            Ok(to_hex(&a))
-        };
-        let mut out = Vec::with_capacity(rows.len().min(q.limit as usize));
-        for r in rows.into_iter().take(q.limit as usize) {
-            out.push(AuditEntry {
-                seq: r.seq as u64,
-                at: r.at,
-                actor: r.actor,
-                action: r.action,
-                target: r.target,
-                source_ip: r.source_ip,
-                change: serde_json::from_str(&r.change)
-                    .map_err(|e| StoreError::Corrupt(format!("audit change: {e}")))?,
-                prev_hash: hash(r.prev)?,
-                hash: hash(r.hash)?,
-            });
-        }
-        Ok((out, more))
+        super::audit_page_of(rows, q.limit)
     }
 
     /// Adds `jti` to the deny list until `expires_at`. Returns the new version, or None if it

@@ -55,21 +55,8 @@ pub(super) fn append_audit(
     Ok(())
 }
 
-/// One audit_log row as read, before its hashes and change are decoded.
-pub(super) struct AuditRow {
-    pub(super) seq: i64,
-    pub(super) at: i64,
-    pub(super) actor: String,
-    pub(super) action: String,
-    pub(super) target: Option<String>,
-    pub(super) source_ip: Option<String>,
-    pub(super) change: String,
-    pub(super) prev: Vec<u8>,
-    pub(super) hash: Vec<u8>,
-}
-
-pub(super) fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditRow> {
-    Ok(AuditRow {
+pub(super) fn audit_row(r: &Row<'_>) -> rusqlite::Result<super::super::AuditRow> {
+    Ok(super::super::AuditRow {
         seq: r.get(0)?,
         at: r.get(1)?,
         actor: r.get(2)?,

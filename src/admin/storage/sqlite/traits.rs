@@ -29,11 +29,6 @@ impl Sqlite {
         })
     }
 
-    /// The synchronous store (bulk loading in benches and tests).
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
