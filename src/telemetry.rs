@@ -125,6 +125,12 @@ impl LogWindow {
     }
 }
 
+/// Milliseconds since the first call: the clock of the process's log windows.
+pub fn monotonic_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// Counts every failed handshake, whatever the log filter lets through.
 struct CountHandshakeFailures;
 
@@ -145,9 +151,7 @@ impl<S> Filter<S> for SampleHandshakeFailures {
     }
 
     fn event_enabled(&self, event: &Event<'_>, _: &Context<'_, S>) -> bool {
-        static START: OnceLock<Instant> = OnceLock::new();
-        let now_ms = START.get_or_init(Instant::now).elapsed().as_millis() as u64;
-        !is_handshake_failure(event) || self.0.admit(now_ms)
+        !is_handshake_failure(event) || self.0.admit(monotonic_ms())
     }
 }
 

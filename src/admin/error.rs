@@ -73,7 +73,15 @@ impl ApiError {
             StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
             // The database is down or unreachable: a temporary condition, nothing was written.
             StoreError::Unavailable(detail) => {
-                tracing::error!(error = %detail, "database unavailable");
+                // Every request fails the same way while the database is away: one line per
+                // 10 s, the rest at debug (the 503s are counted by the HTTP metrics).
+                static WINDOW: std::sync::OnceLock<crate::telemetry::LogWindow> = std::sync::OnceLock::new();
+                let window = WINDOW.get_or_init(|| crate::telemetry::LogWindow::new(10_000));
+                if window.admit(crate::telemetry::monotonic_ms()) {
+                    tracing::error!(error = %detail, "database unavailable");
+                } else {
+                    tracing::debug!(error = %detail, "database unavailable");
+                }
                 let mut e = Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "temporarily_unavailable",
