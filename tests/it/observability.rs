@@ -141,14 +141,16 @@ fn sidecar_metrics_count_decisions_by_outcome_and_service() {
 #[test]
 fn sidecar_failures_to_sync_are_counted_and_the_age_grows() {
     let mut h = Harness::start();
+    let failures =
+        |text: &str| sample(text, r#"permiso_sidecar_sync_failures_total{cause="request"}"#).unwrap_or(0.0);
+    let before = failures(&sidecar_metrics(&h));
     h.stop_admin();
-    h.clock.advance(Duration::from_secs(30));
+    // A stopping admin plane answers its parked long polls: wait for a failure after the stop,
+    // so the sidecar's last successful sync is behind it, then let time pass.
     let started = Instant::now();
     loop {
         let text = sidecar_metrics(&h);
-        let failures = sample(&text, r#"permiso_sidecar_sync_failures_total{cause="request"}"#);
-        if failures.is_some_and(|n| n >= 1.0) {
-            assert_eq!(sample(&text, "permiso_sidecar_snapshot_age_seconds"), Some(30.0));
+        if failures(&text) > before {
             break;
         }
         assert!(
@@ -157,6 +159,10 @@ fn sidecar_failures_to_sync_are_counted_and_the_age_grows() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    h.clock.advance(Duration::from_secs(30));
+    let text = sidecar_metrics(&h);
+    assert!(failures(&text) >= 1.0);
+    assert_eq!(sample(&text, "permiso_sidecar_snapshot_age_seconds"), Some(30.0));
 }
 
 #[test]

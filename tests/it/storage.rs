@@ -454,3 +454,34 @@ fn concurrent_writers_on_two_replicas_keep_one_chain() {
         verify(&entries);
     });
 }
+
+/// A commit through one replica wakes the other through NOTIFY, not only through the 1 s
+/// poll: `changed_elsewhere` resolves on a notification alone. (The listener also wakes once
+/// when it connects; the first phase waits that out.)
+#[test]
+fn a_commit_on_one_replica_notifies_the_other() {
+    let url = crate::common::pg_database(&format!("permiso_notify_{}", std::process::id()));
+    rt().block_on(async {
+        let (r1, r2) = (open_postgres(&url).await, open_postgres(&url).await);
+        let mut n = 0;
+        for phase in ["listener up", "a commit notified"] {
+            let listener = r2.clone();
+            let mut woken = tokio::spawn(async move { listener.changed_elsewhere().await });
+            // Each write notifies; the waiter registers when its task first runs, so write
+            // until it is woken (a deadline per write, no sleeping).
+            let mut done = false;
+            for _ in 0..25 {
+                create(&r1, &format!("notify-{n}"), &[]).await.unwrap();
+                n += 1;
+                if tokio::time::timeout(std::time::Duration::from_millis(200), &mut woken)
+                    .await
+                    .is_ok()
+                {
+                    done = true;
+                    break;
+                }
+            }
+            assert!(done, "{phase}: 25 commits on replica 1, replica 2 never woke");
+        }
+    });
+}
