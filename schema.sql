@@ -1,4 +1,5 @@
--- Permiso admin plane schema (SQLite, WAL). Applied at startup; every statement is idempotent.
+-- Permiso admin plane schema (SQLite, WAL), version 1 of its migrations; later versions are
+-- migrations/sqlite/V<n>__*.sql (V2: services.rate_limit_scope).
 -- Secrets are never stored in clear: credentials.hash is the blake3 hash of an API key or a
 -- client secret; signing_keys.private_sealed is sealed with a key-encryption key kept outside
 -- the database.

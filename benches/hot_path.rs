@@ -40,6 +40,7 @@ fn snapshot(n: usize) -> (Snapshot, String) {
                 disabled: false,
                 rate_limit_per_minute: None,
                 rate_limit_per_hour: None,
+                rate_limit_scope: Default::default(),
                 allowed_ips: vec![],
                 tokens_not_before: 0,
                 keys,

@@ -33,6 +33,7 @@ fn service(i: usize, keys: Vec<SyncKey>) -> SyncService {
         disabled: false,
         rate_limit_per_minute: None,
         rate_limit_per_hour: None,
+        rate_limit_scope: Default::default(),
         allowed_ips: vec![],
         tokens_not_before: 0,
         keys,

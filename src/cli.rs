@@ -69,6 +69,10 @@ pub enum ServicesCmd {
         rate_limit_per_minute: Option<u32>,
         #[arg(long)]
         rate_limit_per_hour: Option<u32>,
+        /// Where the limits are counted: "sidecar" (each sidecar alone, the default) or
+        /// "cluster" (one count shared by every sidecar with the Redis limiter).
+        #[arg(long, value_parser = ["sidecar", "cluster"])]
+        rate_limit_scope: Option<String>,
         /// A CIDR the service may call from (repeat for several; none means anywhere).
         #[arg(long = "allowed-ip")]
         allowed_ips: Vec<String>,
@@ -96,6 +100,9 @@ pub enum ServicesCmd {
         /// A number, or "none" for unlimited.
         #[arg(long)]
         rate_limit_per_hour: Option<String>,
+        /// "sidecar" or "cluster".
+        #[arg(long, value_parser = ["sidecar", "cluster"])]
+        rate_limit_scope: Option<String>,
         /// Replaces the allowed source ranges (repeat for several).
         #[arg(long = "allowed-ip")]
         allowed_ips: Vec<String>,
@@ -316,6 +323,7 @@ fn show_service(s: &Value) -> String {
         ("scopes", "scopes"),
         ("rate limit / min", "rate_limit_per_minute"),
         ("rate limit / hour", "rate_limit_per_hour"),
+        ("rate limit scope", "rate_limit_scope"),
         ("allowed ips", "allowed_ips"),
         ("client id", "client_id"),
         ("created", "created_at"),
@@ -370,6 +378,7 @@ fn patch_body(cmd: &ServicesCmd) -> Result<Value, CliError> {
         clear_scopes,
         rate_limit_per_minute,
         rate_limit_per_hour,
+        rate_limit_scope,
         allowed_ips,
         any_ip,
         description,
@@ -389,6 +398,9 @@ fn patch_body(cmd: &ServicesCmd) -> Result<Value, CliError> {
     }
     if let Some(v) = limit("rate-limit-per-hour", rate_limit_per_hour)? {
         body.insert("rate_limit_per_hour".into(), v);
+    }
+    if let Some(s) = rate_limit_scope {
+        body.insert("rate_limit_scope".into(), json!(s));
     }
     if !allowed_ips.is_empty() || *any_ip {
         body.insert("allowed_ips".into(), json!(allowed_ips));
@@ -434,6 +446,7 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                 scopes,
                 rate_limit_per_minute,
                 rate_limit_per_hour,
+                rate_limit_scope,
                 allowed_ips,
                 description,
                 contact_email,
@@ -442,6 +455,7 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                 for (k, v) in [
                     ("rate_limit_per_minute", rate_limit_per_minute.map(|n| json!(n))),
                     ("rate_limit_per_hour", rate_limit_per_hour.map(|n| json!(n))),
+                    ("rate_limit_scope", rate_limit_scope.as_ref().map(|s| json!(s))),
                     (
                         "allowed_ips",
                         (!allowed_ips.is_empty()).then(|| json!(allowed_ips)),

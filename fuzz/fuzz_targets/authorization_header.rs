@@ -65,6 +65,7 @@ fn service(id: &str, env: Environment, scopes: &[&str], keys: Vec<SyncKey>) -> S
         disabled: false,
         rate_limit_per_minute: None,
         rate_limit_per_hour: None,
+        rate_limit_scope: Default::default(),
         allowed_ips: vec![],
         tokens_not_before: 0,
         keys,

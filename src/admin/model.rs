@@ -6,6 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::admin::error::ApiError;
 use crate::admin::storage::{KeyRecord, NewService, ServicePatch, ServiceRecord};
 use crate::core::key::Environment;
+use crate::core::ratelimit::Scope;
 use crate::core::scope::ScopeSet;
 use crate::core::snapshot::parse_cidr;
 
@@ -35,6 +36,9 @@ pub struct CreateService {
     pub is_trusted: Option<bool>,
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
+    /// `sidecar` (default): each sidecar counts alone; `cluster`: one count shared by every
+    /// sidecar with the Redis limiter.
+    pub rate_limit_scope: Option<Scope>,
     pub allowed_ips: Option<Vec<String>>,
     pub contact_email: Option<String>,
     /// Seconds; default 3600, 60..=86400.
@@ -51,6 +55,7 @@ pub struct PatchService {
     pub rate_limit_per_minute: Option<Option<u32>>,
     #[serde(default, deserialize_with = "nullable")]
     pub rate_limit_per_hour: Option<Option<u32>>,
+    pub rate_limit_scope: Option<Scope>,
     pub allowed_ips: Option<Vec<String>>,
     #[serde(default, deserialize_with = "nullable")]
     pub description: Option<Option<String>>,
@@ -199,6 +204,7 @@ impl CreateService {
             scopes: validate_scopes(&self.scopes)?,
             rate_limit_per_minute: validate_limit("rate_limit_per_minute", self.rate_limit_per_minute)?,
             rate_limit_per_hour: validate_limit("rate_limit_per_hour", self.rate_limit_per_hour)?,
+            rate_limit_scope: self.rate_limit_scope.unwrap_or_default(),
             allowed_ips: validate_ips(self.allowed_ips.as_deref().unwrap_or(&[]))?,
             access_token_lifetime: validate_lifetime(self.access_token_lifetime)?
                 .unwrap_or(DEFAULT_TOKEN_LIFETIME),
@@ -219,6 +225,7 @@ impl PatchService {
                 .rate_limit_per_hour
                 .map(|v| validate_limit("rate_limit_per_hour", v))
                 .transpose()?,
+            rate_limit_scope: self.rate_limit_scope,
             allowed_ips: self.allowed_ips.as_deref().map(validate_ips).transpose()?,
             description: self.description.map(validate_description).transpose()?,
             contact_email: self.contact_email.map(validate_email).transpose()?,
@@ -234,6 +241,7 @@ impl PatchService {
         let empty = p.scopes.is_none()
             && p.rate_limit_per_minute.is_none()
             && p.rate_limit_per_hour.is_none()
+            && p.rate_limit_scope.is_none()
             && p.allowed_ips.is_none()
             && p.description.is_none()
             && p.contact_email.is_none()
@@ -297,6 +305,7 @@ pub struct ServiceView {
     pub scopes: Vec<String>,
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
+    pub rate_limit_scope: Scope,
     pub allowed_ips: Vec<String>,
     pub tls_identities: Vec<String>,
     pub disabled: bool,
@@ -325,6 +334,7 @@ impl ServiceView {
             scopes: s.scopes,
             rate_limit_per_minute: s.rate_limit_per_minute,
             rate_limit_per_hour: s.rate_limit_per_hour,
+            rate_limit_scope: s.rate_limit_scope,
             allowed_ips: s.allowed_ips,
             tls_identities: s.tls_identities,
             disabled: s.disabled,

@@ -228,6 +228,9 @@ pub struct Sidecar {
     pub tokens: Tokens,
     /// Calls out from the local service. Default: none (no egress listener).
     pub egress: Option<Egress>,
+    /// Where rate limits are counted (`[sidecar.rate_limit]`).
+    #[serde(default)]
+    pub rate_limit: RateLimit,
     #[serde(default)]
     pub routes: Vec<Route>,
 }
@@ -425,4 +428,61 @@ fn default_credential_env() -> String {
 }
 fn default_wait() -> u64 {
     25
+}
+
+/// `[sidecar.rate_limit]`: the limiter of services whose `rate_limit_scope` is `cluster`
+/// (services with `sidecar` scope are always counted here alone). Every key but `backend` is
+/// optional so a key that would do nothing can be refused rather than ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// `local` (default): no shared counter; cluster-scope services get this sidecar's share
+    /// (limit / `replicas`). `redis`: one count in Redis shared by every sidecar.
+    #[serde(default)]
+    pub backend: RateLimitBackend,
+    /// `redis://host:port[/db]`; the password comes from PERMISO_REDIS_PASSWORD.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (default `permiso:rl:`), so several fleets or tests can share
+    /// one Redis.
+    pub key_prefix: Option<String>,
+    /// Budget of one Redis round trip, connecting included (default 5 ms, 1..=1000).
+    pub timeout_ms: Option<u64>,
+    /// What a request of a cluster-scope service gets while Redis cannot answer: `local`
+    /// (default: this sidecar's share, limit / `replicas`), `open` (no limit), `closed` (503).
+    pub on_redis_error: Option<OnRedisError>,
+    /// The number of sidecars in front of this upstream: each enforces 1/`replicas` of a
+    /// cluster limit when counting alone. Required for `on_redis_error = "local"` and for
+    /// cluster-scope services on the local backend (default 1 there).
+    pub replicas: Option<u32>,
+    /// Consecutive Redis failures that open the breaker (default 3): while open, requests go
+    /// straight to the fallback without waiting for Redis.
+    pub breaker_failures: Option<u32>,
+    /// How long the breaker stays open before one request tries Redis again (default 1000).
+    pub breaker_cooldown_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    Local,
+    Open,
+    Closed,
+}
+
+impl OnRedisError {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local",
+            OnRedisError::Open => "open",
+            OnRedisError::Closed => "closed",
+        }
+    }
 }

@@ -5,8 +5,10 @@
 mod admin;
 pub mod database;
 pub mod file;
+pub mod ratelimit;
 mod sidecar;
 pub use database::Database;
+pub use ratelimit::RateLimitConfig;
 pub use sidecar::read_sync_credential;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -104,6 +106,7 @@ pub struct SidecarConfig {
     pub forwarded_for: ForwardedFor,
     pub tokens: TokenSettings,
     pub egress: Option<EgressConfig>,
+    pub rate_limit: RateLimitConfig,
 }
 
 /// How the sidecar sets `X-Forwarded-For` and `Forwarded` for the upstream.

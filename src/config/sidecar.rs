@@ -306,6 +306,7 @@ impl SidecarConfig {
                 .as_ref()
                 .map(|e| build_egress(e, f.sync.admin_url.trim_end_matches('/')))
                 .transpose()?,
+            rate_limit: RateLimitConfig::from_file(&f.rate_limit)?,
             tokens: {
                 let t = &f.tokens;
                 if t.audience.is_empty() {

@@ -330,6 +330,33 @@ impl SidecarMetrics {
         }
     }
 
+    /// The shared rate limiter's counters (created once, when the limiter is built).
+    pub fn limiter_counters(&self) -> crate::sidecar::ratelimit::LimiterCounters {
+        let calls = counter_vec(
+            &self.registry,
+            "permiso_ratelimit_redis_calls_total",
+            "Calls to the shared (Redis) rate limiter by result: answered, timeout (over the time budget), error.",
+            &["result"],
+        );
+        let fallback = counter_vec(
+            &self.registry,
+            "permiso_ratelimit_fallback_total",
+            "Requests of cluster-scope services decided without Redis (it failed or the breaker was open), by the on_redis_error mode applied.",
+            &["mode"],
+        );
+        crate::sidecar::ratelimit::LimiterCounters {
+            answered: calls.with_label_values(&["answered"]),
+            timeouts: calls.with_label_values(&["timeout"]),
+            errors: calls.with_label_values(&["error"]),
+            fallback: ["local", "open", "closed"].map(|m| fallback.with_label_values(&[m])),
+            up: gauge(
+                &self.registry,
+                "permiso_ratelimit_redis_up",
+                "1 while the shared rate limiter's Redis answers (breaker closed), 0 while cluster-scope services fall back.",
+            ),
+        }
+    }
+
     pub fn usage_report(&self, ok: bool) {
         self.usage_reports
             .with_label_values(&[if ok { "ok" } else { "failed" }])

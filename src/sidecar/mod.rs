@@ -8,6 +8,7 @@ pub mod listener;
 pub mod metrics;
 pub mod passthrough;
 pub mod proxy;
+pub mod ratelimit;
 pub mod snapshot_file;
 pub mod sync_client;
 pub mod usage_report;
@@ -93,6 +94,7 @@ fn needs_restart(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> 
             "body_min_rate_bytes_per_second",
         ),
         (o.max_connections != n.max_connections, "max_connections"),
+        (o.rate_limit != n.rate_limit, "rate_limit"),
         (o.environment != n.environment, "environment"),
         (o.snapshot_file != n.snapshot_file, "snapshot_file"),
         (
@@ -248,6 +250,11 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         token_cache: token_cache.clone(),
         early_sync: early.clone(),
         request_ids: Default::default(),
+        limiter: crate::sidecar::ratelimit::SidecarLimiter::new(
+            &cfg.rate_limit,
+            std::env::var("PERMISO_REDIS_PASSWORD").ok(),
+            &metrics,
+        )?,
         metrics: metrics.clone(),
     });
     let mut server = Server::new_with_opt_and_conf(None, server_conf(cfg.threads, cfg.shutdown_grace));

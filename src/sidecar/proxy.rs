@@ -15,11 +15,14 @@ use pingora::Result;
 
 use crate::config::{ForwardedFor, TokenSettings};
 use crate::core::clock::SharedClock;
-use crate::core::decision::{decide, Authorization, Credential, RequestFacts, TokenPolicy, Verdict};
+use crate::core::decision::{
+    admit, Admission, Authorization, Credential, RequestFacts, TokenPolicy, Verdict,
+};
 use crate::core::denial::{BadRequest, Denial, DenialResponse, InvalidToken};
 use crate::core::headers;
 use crate::core::jwt::JwtError;
 use crate::core::key::Environment;
+use crate::core::limiter::RateLimiter;
 use crate::core::path::PathError;
 use crate::core::routes::RouteTable;
 use crate::core::snapshot::Snapshot;
@@ -47,6 +50,7 @@ pub struct Shared {
     pub early_sync: Arc<EarlySync>,
     pub request_ids: crate::core::request_id::RequestIds,
     pub metrics: Arc<SidecarMetrics>,
+    pub limiter: crate::sidecar::ratelimit::SidecarLimiter,
 }
 
 pub struct SidecarProxy {
@@ -260,7 +264,7 @@ impl ProxyHttp for SidecarProxy {
             if lossy {
                 Err(Denial::BadRequest(BadRequest::Path(PathError::NotUtf8)))
             } else {
-                decide(
+                admit(
                     &live.routes,
                     snapshot.as_deref(),
                     shared.environment,
@@ -269,6 +273,18 @@ impl ProxyHttp for SidecarProxy {
                     &tokens,
                 )
             }
+        };
+        // The snapshot guard is not held across the limiter's round trip (the pending
+        // decision holds what it needs).
+        drop(snapshot);
+        // The last step: the limiter (atomics here, or one round trip to the shared one).
+        let decision = match decision {
+            Ok(Admission::Pass(pass)) => Ok(pass),
+            Ok(Admission::Limit(pending)) => {
+                let outcome = shared.limiter.check(pending.service(), now_nanos).outcome().await;
+                pending.finish(outcome)
+            }
+            Err(d) => Err(d),
         };
         ctx.live = Some(live);
         match decision {
@@ -422,7 +438,13 @@ impl ProxyHttp for SidecarProxy {
         response.insert_header("X-Request-Id", ctx.request_id.clone())?;
         if let Some(Verdict::Allowed { principal, rate, .. }) = &ctx.verdict {
             if let Some(value) = rate.header() {
-                response.insert_header("RateLimit-Policy", principal.service.policy_header.clone())?;
+                match &rate.applied {
+                    // A share of the limit, counted here while Redis is out of reach.
+                    Some(l) => response.insert_header("RateLimit-Policy", l.policy_header())?,
+                    None => {
+                        response.insert_header("RateLimit-Policy", principal.service.policy_header.clone())?
+                    }
+                }
                 response.insert_header("RateLimit", value)?;
             }
         }

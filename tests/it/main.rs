@@ -15,6 +15,7 @@ mod paths;
 mod replicas;
 mod resilience;
 mod rotation;
+mod shared_limits;
 mod sidecar_auth;
 mod storage;
 mod tls;

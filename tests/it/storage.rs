@@ -136,8 +136,14 @@ async fn conformance(s: SharedStorage) {
     let patch = ServicePatch {
         scopes: Some(vec!["trade:read".into(), "trade:open".into()]),
         rate_limit_per_minute: Some(Some(600)),
+        rate_limit_scope: Some(permiso::core::ratelimit::Scope::Cluster),
         ..Default::default()
     };
+    assert_eq!(
+        s.get_service(&a).await.unwrap().rate_limit_scope,
+        permiso::core::ratelimit::Scope::Sidecar,
+        "a new service is counted by each sidecar"
+    );
     let (rec, v) = s
         .patch_service(&a, &patch, 3_000, &who(), "service.patch")
         .await
@@ -145,6 +151,14 @@ async fn conformance(s: SharedStorage) {
     assert_eq!(v, before + 1);
     assert_eq!(rec.scopes, vec!["trade:read", "trade:open"]);
     assert_eq!(rec.rate_limit_per_minute, Some(600));
+    assert_eq!(rec.rate_limit_scope, permiso::core::ratelimit::Scope::Cluster);
+    let (synced, _) = s.sync_payload(None, None, 3_000).await.unwrap();
+    let mine = synced.services.iter().find(|x| x.service_id == a).unwrap();
+    assert_eq!(
+        mine.rate_limit_scope,
+        permiso::core::ratelimit::Scope::Cluster,
+        "sidecars get the scope"
+    );
     assert!(s.token_client_ok(&a, 2_999).await.unwrap());
 
     // Rotation ends the old key after the grace; the limit is enforced unless grace is 0.

@@ -2,6 +2,11 @@
 //! canonical path → route → authenticate (API key or JWT) → authorize → rate-limit. Each
 //! returns `Result<_, Denial>`. What passes carries the path to forward, so the upstream reads
 //! the path that was routed and no other.
+//!
+//! The rate limit is the last step and may need a round trip (the shared limiter), so the
+//! checklist is split there: `admit` runs everything before it and hands back a `Pending`
+//! when a limit applies; any `limiter::RateLimiter` answers; `Pending::finish` judges the
+//! answer. `decide` is the whole checklist with this sidecar's own (local) limiter.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -9,6 +14,7 @@ use std::sync::Arc;
 use crate::denial::{BadRequest, Denial, InvalidToken};
 use crate::jwt::{self, Expectations, JwtError};
 use crate::key::{self, Environment};
+use crate::limiter::{Local, Outcome, Refused};
 use crate::path;
 use crate::ratelimit::RateStatus;
 use crate::routes::{Access, Route, RouteTable};
@@ -277,15 +283,96 @@ pub fn authorize(principal: &Principal, route: &Route, client_ip: Option<IpAddr>
     Ok(())
 }
 
-pub fn rate_limit(principal: &Principal, now_nanos: u64) -> Result<RateStatus, Denial> {
-    let s = &principal.service;
-    if s.limits.is_unlimited() {
-        return Ok(RateStatus { tightest: None });
-    }
-    s.limiter.check(&s.limits, now_nanos).map_err(Denial::RateLimited)
+/// The checklist up to the rate limit.
+pub enum Admission {
+    /// Decided: public, or a caller without limits.
+    Pass(Pass),
+    /// Allowed if the caller's service's limits allow one more request.
+    Limit(Pending),
 }
 
-/// The checklist. `snapshot` is None before the first sync: protected routes fail closed.
+/// An authenticated, authorized request waiting for a limiter's answer.
+#[derive(Debug)]
+pub struct Pending {
+    principal: Principal,
+    cert_identity: Option<http::HeaderValue>,
+    rewritten_path: Option<Box<str>>,
+}
+
+impl Pending {
+    /// The service whose limits apply.
+    pub fn service(&self) -> &Arc<ServiceEntry> {
+        &self.principal.service
+    }
+
+    /// The last step: the limiter's answer decides.
+    pub fn finish(self, outcome: Outcome) -> Result<Pass, Denial> {
+        let rate = outcome.map_err(|r| match r {
+            Refused::Exceeded(e) => Denial::RateLimited(e),
+            Refused::Unavailable => Denial::LimiterUnavailable,
+        })?;
+        Ok(Pass {
+            verdict: Verdict::Allowed {
+                principal: self.principal,
+                rate,
+                cert_identity: self.cert_identity,
+            },
+            rewritten_path: self.rewritten_path,
+        })
+    }
+}
+
+/// The checklist before the rate limit. `snapshot` is None before the first sync: protected
+/// routes fail closed.
+pub fn admit(
+    routes: &RouteTable,
+    snapshot: Option<&Snapshot>,
+    environment: Environment,
+    req: &RequestFacts<'_>,
+    now_nanos: u64,
+    tokens: &TokenPolicy<'_>,
+) -> Result<Admission, Denial> {
+    if req.method.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(Denial::BadRequest(BadRequest::MethodCase));
+    }
+    let canonical = path::canonicalize(req.path).map_err(|e| Denial::BadRequest(BadRequest::Path(e)))?;
+    let judged = judge(routes, snapshot, environment, req, &canonical, now_nanos, tokens)?;
+    let rewritten_path = match canonical {
+        std::borrow::Cow::Borrowed(_) => None,
+        std::borrow::Cow::Owned(p) => Some(p.into_boxed_str()),
+    };
+    Ok(match judged {
+        Judged::Public {
+            forward_authorization,
+        } => Admission::Pass(Pass {
+            verdict: Verdict::Public {
+                forward_authorization,
+            },
+            rewritten_path,
+        }),
+        Judged::Authenticated {
+            principal,
+            cert_identity,
+        } if principal.service.limits.is_unlimited() => Admission::Pass(Pass {
+            verdict: Verdict::Allowed {
+                principal,
+                rate: RateStatus::default(),
+                cert_identity,
+            },
+            rewritten_path,
+        }),
+        Judged::Authenticated {
+            principal,
+            cert_identity,
+        } => Admission::Limit(Pending {
+            principal,
+            cert_identity,
+            rewritten_path,
+        }),
+    })
+}
+
+/// The whole checklist, with this sidecar's own count as the limiter.
 pub fn decide(
     routes: &RouteTable,
     snapshot: Option<&Snapshot>,
@@ -294,19 +381,24 @@ pub fn decide(
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
 ) -> Result<Pass, Denial> {
-    if req.method.bytes().any(|b| b.is_ascii_lowercase()) {
-        return Err(Denial::BadRequest(BadRequest::MethodCase));
+    match admit(routes, snapshot, environment, req, now_nanos, tokens)? {
+        Admission::Pass(p) => Ok(p),
+        Admission::Limit(p) => {
+            let outcome = Local::outcome(p.service(), now_nanos);
+            p.finish(outcome)
+        }
     }
-    let canonical = path::canonicalize(req.path).map_err(|e| Denial::BadRequest(BadRequest::Path(e)))?;
-    let verdict = judge(routes, snapshot, environment, req, &canonical, now_nanos, tokens)?;
-    let rewritten_path = match canonical {
-        std::borrow::Cow::Borrowed(_) => None,
-        std::borrow::Cow::Owned(p) => Some(p.into_boxed_str()),
-    };
-    Ok(Pass {
-        verdict,
-        rewritten_path,
-    })
+}
+
+/// What `judge` leaves for the limiter step.
+enum Judged {
+    Public {
+        forward_authorization: bool,
+    },
+    Authenticated {
+        principal: Principal,
+        cert_identity: Option<http::HeaderValue>,
+    },
 }
 
 fn judge(
@@ -317,11 +409,11 @@ fn judge(
     canonical_path: &str,
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
-) -> Result<Verdict, Denial> {
+) -> Result<Judged, Denial> {
     let judgement = routes.judge(req.method, canonical_path).ok_or(Denial::NoRoute)?;
     let mut required = judgement.required(req.method, canonical_path).peekable();
     if required.peek().is_none() {
-        return Ok(Verdict::Public {
+        return Ok(Judged::Public {
             forward_authorization: judgement.public.is_some_and(|r| r.forward_authorization),
         });
     }
@@ -363,11 +455,9 @@ fn judge(
     for route in required {
         authorize(&principal, route, req.client_ip)?;
     }
-    let rate = rate_limit(&principal, now_nanos)?;
     let cert_identity = by_cert.map(|(s, i)| s.identity_headers[i].clone());
-    Ok(Verdict::Allowed {
+    Ok(Judged::Authenticated {
         principal,
-        rate,
         cert_identity,
     })
 }
@@ -891,6 +981,66 @@ mod tests {
             ));
         }
         assert!(run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).is_ok());
+    }
+
+    #[test]
+    fn admission_stops_before_the_limiter_and_finish_judges_its_answer() {
+        use crate::limiter::{Outcome, Refused};
+        use crate::ratelimit::{Exceeded, Window};
+        let admit_one = |f: &Fixture| {
+            let h = bearer(&f.key).unwrap().into_bytes();
+            let facts = RequestFacts {
+                method: "GET",
+                path: "/api/v1/%74rades",
+                authorization: Authorization::One(&h),
+                client_ip: Some("127.0.0.1".parse().unwrap()),
+                peer: None,
+            };
+            admit(
+                &f.routes,
+                Some(&f.snap),
+                Environment::Live,
+                &facts,
+                NOW,
+                &NO_TOKENS,
+            )
+            .unwrap()
+        };
+        // Without limits there is nothing to ask a limiter.
+        let f = fixture(|_| {});
+        assert!(matches!(admit_one(&f), Admission::Pass(_)));
+        // With limits: admitting consumes nothing; only the limiter's answer decides.
+        let f = fixture(|s| s.rate_limit_per_minute = Some(1));
+        for _ in 0..3 {
+            assert!(matches!(admit_one(&f), Admission::Limit(_)));
+        }
+        let Admission::Limit(p) = admit_one(&f) else {
+            panic!()
+        };
+        let exceeded = Exceeded {
+            window: Window::Minute,
+            retry_after_secs: 9,
+            limits: p.service().limits,
+        };
+        let refusals: [(Outcome, Denial); 2] = [
+            (Err(Refused::Exceeded(exceeded)), Denial::RateLimited(exceeded)),
+            (Err(Refused::Unavailable), Denial::LimiterUnavailable),
+        ];
+        for (outcome, denial) in refusals {
+            let Admission::Limit(p) = admit_one(&f) else {
+                panic!()
+            };
+            assert_eq!(p.finish(outcome).unwrap_err(), denial);
+        }
+        let Admission::Limit(p) = admit_one(&f) else {
+            panic!()
+        };
+        let pass = p.finish(Ok(RateStatus::default())).unwrap();
+        assert_eq!(pass.rewritten_path.as_deref(), Some("/api/v1/trades"));
+        assert!(matches!(pass.verdict, Verdict::Allowed { .. }));
+        // None of the above touched the local count: the whole quota of one is still there.
+        assert!(run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).is_ok());
+        assert!(run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).is_err());
     }
 
     #[test]

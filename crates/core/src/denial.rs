@@ -70,6 +70,9 @@ pub enum Denial {
     BadRequest(BadRequest),
     /// No snapshot yet (never synced, no snapshot file): fail closed.
     NoSnapshot,
+    /// The shared rate limiter could not answer and this sidecar refuses then
+    /// (`on_redis_error = "closed"`).
+    LimiterUnavailable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +153,7 @@ impl Denial {
                 BadRequest::AuthorizationNotAscii => "authorization_not_ascii",
             },
             Denial::NoSnapshot => "no_snapshot",
+            Denial::LimiterUnavailable => "rate_limiter_unavailable",
         }
     }
 
@@ -168,7 +172,7 @@ impl Denial {
             Denial::RateLimited(_) => "rate_limited",
             Denial::NoRoute => "no_route",
             Denial::BadRequest(_) => "bad_request",
-            Denial::NoSnapshot => "unavailable",
+            Denial::NoSnapshot | Denial::LimiterUnavailable => "unavailable",
         }
     }
 
@@ -184,6 +188,7 @@ impl Denial {
             Denial::IpNotAllowed,
             Denial::NoRoute,
             Denial::NoSnapshot,
+            Denial::LimiterUnavailable,
             Denial::BadRequest(BadRequest::Path(PathError::NotAbsolute)),
             Denial::BadRequest(BadRequest::DuplicateAuthorization),
             Denial::BadRequest(BadRequest::MethodCase),
@@ -282,6 +287,14 @@ impl Denial {
                     "The sidecar has no key state yet; try again shortly",
                 ),
             },
+            Denial::LimiterUnavailable => DenialResponse {
+                status: 503,
+                headers: vec![("Retry-After", "1".to_string())],
+                body: body(
+                    "temporarily_unavailable",
+                    "The rate limiter cannot be reached; try again shortly",
+                ),
+            },
         }
     }
 }
@@ -302,9 +315,9 @@ mod tests {
     fn every_kind_covers_each_reason_once() {
         let all = Denial::every_kind();
         let reasons: std::collections::HashSet<_> = all.iter().map(|d| d.reason()).collect();
-        // 8 + 2 rate windows + 10 credential reasons + 11 JWT reasons; path errors share one reason.
+        // 9 + 2 rate windows + 10 credential reasons + 11 JWT reasons; path errors share one reason.
         assert_eq!(reasons.len(), all.len());
-        assert_eq!(reasons.len(), 32);
+        assert_eq!(reasons.len(), 33);
         let outcomes: std::collections::HashSet<_> = all.iter().map(|d| d.outcome()).collect();
         for o in [
             "missing",

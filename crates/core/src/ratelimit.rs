@@ -1,6 +1,11 @@
 //! Per-service rate limits: a per-minute and a per-hour quota checked together with GCRA (the
 //! algorithm governor uses), lock-free on atomics.
 //!
+//! The arithmetic is in whole microseconds so the shared limiter's Lua script (run in Redis,
+//! whose numbers are doubles: exact to 2^53, enough for microseconds since 1970 but not for
+//! nanoseconds) computes exactly the same answers; `tests/vectors/ratelimit.json` holds
+//! sequences both must answer alike.
+//!
 //! Why not two governor limiters: governor checks one quota at a time and cannot undo a
 //! consumed cell, so a request the hour limit refuses would still use up minute capacity. The
 //! issue requires that a request denied by one limit consumes neither; here both quotas are
@@ -9,7 +14,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const NANOS_PER_SEC: u64 = 1_000_000_000;
+const MICROS_PER_SEC: u64 = 1_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
@@ -33,6 +38,38 @@ impl Window {
     }
 }
 
+/// Where a service's limits are counted, set per service on the admin plane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Each sidecar counts alone (n replicas admit up to n times the limit).
+    #[default]
+    Sidecar,
+    /// Every sidecar with a shared (Redis) limiter counts against one limit.
+    Cluster,
+}
+
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Sidecar => "sidecar",
+            Scope::Cluster => "cluster",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        match s {
+            "sidecar" => Some(Scope::Sidecar),
+            "cluster" => Some(Scope::Cluster),
+            _ => None,
+        }
+    }
+
+    pub fn is_sidecar(&self) -> bool {
+        *self == Scope::Sidecar
+    }
+}
+
 /// The limits of one service. `None` means unlimited for that window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -45,7 +82,18 @@ impl Limits {
         self.per_minute.is_none() && self.per_hour.is_none()
     }
 
-    fn quota(&self, w: Window) -> Option<u32> {
+    /// One sidecar's share of a cluster limit when `replicas` sidecars enforce it alone
+    /// (the shared limiter unreachable): rounded down so the replicas together never admit
+    /// more than the limit, but at least one request per window.
+    pub fn share(&self, replicas: u32) -> Limits {
+        let n = replicas.max(1);
+        Limits {
+            per_minute: self.per_minute.map(|q| (q / n).max(1)),
+            per_hour: self.per_hour.map(|q| (q / n).max(1)),
+        }
+    }
+
+    pub fn quota(&self, w: Window) -> Option<u32> {
         match w {
             Window::Minute => self.per_minute,
             Window::Hour => self.per_hour,
@@ -78,9 +126,12 @@ pub struct WindowStatus {
 }
 
 /// What a successful check leaves: the tightest window, for the `RateLimit` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RateStatus {
     pub tightest: Option<WindowStatus>,
+    /// The limits applied when they are not the service's own (a sidecar's share while the
+    /// shared limiter is unreachable), so `RateLimit-Policy` names what was enforced.
+    pub applied: Option<Limits>,
 }
 
 impl RateStatus {
@@ -105,7 +156,7 @@ impl Exceeded {
     }
 }
 
-/// The theoretical arrival times of the two windows, in clock nanoseconds. Lives as long as the
+/// The theoretical arrival times of the two windows, in clock microseconds. Lives as long as the
 /// service's limits stay the same, across snapshot swaps.
 #[derive(Debug, Default)]
 pub struct LimiterState {
@@ -121,20 +172,20 @@ struct Plan {
 /// GCRA for one window: emission interval `t = window / quota`; a request fits when the new
 /// theoretical arrival time is at most one window ahead of now (a full quota may burst).
 fn plan(tat: u64, now: u64, quota: u32, window: Window) -> Result<Plan, u64> {
-    let window_ns = window.seconds() * NANOS_PER_SEC;
-    let t = window_ns / quota.max(1) as u64;
+    let window_us = window.seconds() * MICROS_PER_SEC;
+    let t = window_us / quota.max(1) as u64;
     let new_tat = tat.max(now) + t;
-    if new_tat - now > window_ns {
+    if new_tat - now > window_us {
         // Wait until new_tat - window <= now.
-        return Err(new_tat - window_ns - now);
+        return Err(new_tat - window_us - now);
     }
     let ahead = new_tat - now;
     Ok(Plan {
         new_tat,
         status: WindowStatus {
             window,
-            remaining: (window_ns - ahead) / t,
-            reset_secs: ahead.div_ceil(NANOS_PER_SEC),
+            remaining: (window_us - ahead) / t,
+            reset_secs: ahead.div_ceil(MICROS_PER_SEC),
         },
     })
 }
@@ -148,7 +199,9 @@ fn cell(state: &LimiterState, w: Window) -> &AtomicU64 {
 
 impl LimiterState {
     /// Checks both windows and consumes one request from each only if both allow it.
-    pub fn check(&self, limits: &Limits, now: u64) -> Result<RateStatus, Exceeded> {
+    /// `now_nanos` is the clock's reading; the windows count whole microseconds.
+    pub fn check(&self, limits: &Limits, now_nanos: u64) -> Result<RateStatus, Exceeded> {
+        let now = now_nanos / 1_000;
         let windows: [(Window, Option<u32>); 2] = [
             (Window::Minute, limits.per_minute),
             (Window::Hour, limits.per_hour),
@@ -162,7 +215,7 @@ impl LimiterState {
                 match plan(old, now, *q, *w) {
                     Ok(p) => plans[i] = Some((old, p)),
                     Err(wait) => {
-                        let secs = wait.div_ceil(NANOS_PER_SEC).max(1);
+                        let secs = wait.div_ceil(MICROS_PER_SEC).max(1);
                         if refused.is_none_or(|r| secs > r.retry_after_secs) {
                             refused = Some(Exceeded {
                                 window: *w,
@@ -197,7 +250,10 @@ impl LimiterState {
                 .flatten()
                 .map(|(_, p)| p.status)
                 .min_by_key(|s| s.remaining);
-            return Ok(RateStatus { tightest });
+            return Ok(RateStatus {
+                tightest,
+                applied: None,
+            });
         }
     }
 }
@@ -205,7 +261,7 @@ impl LimiterState {
 /// Undo one request's worth of a window. Subtracting the emission interval is exact when the
 /// window was busy and errs on the strict side (forgets idle credit) when it was idle.
 fn give_back(c: &AtomicU64, w: Window, quota: Option<u32>) {
-    let t = w.seconds() * NANOS_PER_SEC / quota.unwrap_or(1).max(1) as u64;
+    let t = w.seconds() * MICROS_PER_SEC / quota.unwrap_or(1).max(1) as u64;
     let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(t)));
 }
 
@@ -213,7 +269,7 @@ fn give_back(c: &AtomicU64, w: Window, quota: Option<u32>) {
 mod tests {
     use super::*;
 
-    const S: u64 = NANOS_PER_SEC;
+    const S: u64 = 1_000_000_000;
     const T0: u64 = 1_700_000_000 * S;
 
     #[test]
@@ -300,21 +356,22 @@ mod tests {
             per_hour: Some(1),
         };
         let st = LimiterState::default();
-        st.minute_tat.store(T0 + 10 * NANOS_PER_SEC, Ordering::Relaxed);
-        st.hour_tat.store(T0 + 10 * NANOS_PER_SEC, Ordering::Relaxed);
+        // The cells hold microseconds.
+        st.minute_tat.store((T0 + 10 * S) / 1_000, Ordering::Relaxed);
+        st.hour_tat.store((T0 + 10 * S) / 1_000, Ordering::Relaxed);
         let e = st.check(&l, T0).unwrap_err();
         assert_eq!((e.window, e.retry_after_secs), (Window::Minute, 10));
     }
 
     #[test]
     fn giving_back_undoes_one_emission_interval() {
-        let c = AtomicU64::new(1_000 * NANOS_PER_SEC);
+        let c = AtomicU64::new(1_000 * MICROS_PER_SEC);
         give_back(&c, Window::Minute, Some(60));
-        assert_eq!(c.load(Ordering::Relaxed), 999 * NANOS_PER_SEC);
+        assert_eq!(c.load(Ordering::Relaxed), 999 * MICROS_PER_SEC);
         give_back(&c, Window::Hour, Some(1800));
-        assert_eq!(c.load(Ordering::Relaxed), 997 * NANOS_PER_SEC);
+        assert_eq!(c.load(Ordering::Relaxed), 997 * MICROS_PER_SEC);
         give_back(&c, Window::Minute, None);
-        assert_eq!(c.load(Ordering::Relaxed), 937 * NANOS_PER_SEC);
+        assert_eq!(c.load(Ordering::Relaxed), 937 * MICROS_PER_SEC);
         let small = AtomicU64::new(5);
         give_back(&small, Window::Hour, Some(1));
         assert_eq!(small.load(Ordering::Relaxed), 0, "never below zero");

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::jwt::KeySet;
 use crate::key::{Environment, KeyHash};
-use crate::ratelimit::{LimiterState, Limits};
+use crate::ratelimit::{LimiterState, Limits, Scope};
 use crate::scope::{ScopeError, ScopeSet};
 use crate::sharded::{Shard, ShardedMap};
 use crate::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
@@ -99,7 +99,13 @@ pub struct ServiceEntry {
     pub tokens_not_before: i64,
     pub allowed_ips: Vec<IpNet>,
     pub limits: Limits,
+    /// Where the limits are counted: by each sidecar, or across the cluster.
+    pub rate_limit_scope: Scope,
+    /// This sidecar's count at the full limits (`scope = sidecar`).
     pub limiter: Arc<LimiterState>,
+    /// This sidecar's count of its share of a cluster limit, used while the shared limiter is
+    /// out of reach (`limiter::local_share`).
+    pub share_limiter: Arc<LimiterState>,
     /// The hashes of this service's keys (details in the key map), so a delta can drop them
     /// and the snapshot can be written back out.
     pub keys: Vec<KeyHash>,
@@ -214,9 +220,9 @@ fn build_service(
         per_hour: s.rate_limit_per_hour,
     };
     // Rate-limit state survives syncs while the limits stay the same; new limits start fresh.
-    let limiter = match previous {
-        Some(p) if p.limits == limits => p.limiter.clone(),
-        _ => Arc::new(LimiterState::default()),
+    let (limiter, share_limiter) = match previous {
+        Some(p) if p.limits == limits => (p.limiter.clone(), p.share_limiter.clone()),
+        _ => Default::default(),
     };
     let header = |v: &str| {
         HeaderValue::from_str(v).map_err(|_| SnapshotError::HeaderUnsafe {
@@ -251,7 +257,9 @@ fn build_service(
         tokens_not_before: s.tokens_not_before,
         allowed_ips,
         limits,
+        rate_limit_scope: s.rate_limit_scope,
         limiter,
+        share_limiter,
         usage: ServiceUsage::new(&keys, previous.map(|p| (&p.keys[..], &p.usage))),
         keys,
     }))
@@ -426,6 +434,7 @@ impl Snapshot {
                 tokens_not_before: s.tokens_not_before,
                 rate_limit_per_minute: s.limits.per_minute,
                 rate_limit_per_hour: s.limits.per_hour,
+                rate_limit_scope: s.rate_limit_scope,
                 allowed_ips: s.allowed_ips.iter().map(|n| n.to_string()).collect(),
                 tls_identities: s.tls_identities.iter().map(|i| i.to_string()).collect(),
                 keys: s
@@ -471,6 +480,7 @@ pub mod fixtures {
             disabled: false,
             rate_limit_per_minute: None,
             rate_limit_per_hour: None,
+            rate_limit_scope: Default::default(),
             allowed_ips: vec![],
             tokens_not_before: 0,
             keys,

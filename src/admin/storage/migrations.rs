@@ -1,6 +1,6 @@
 //! Versioned schema migrations (refinery), one list per backend. Version 1 of SQLite is
 //! schema.sql, the readable reference; PostgreSQL's is migrations/postgres/V1__initial.sql.
-//! A later change adds `V2__…` to both lists. refinery records what ran in
+//! Later changes are `migrations/{sqlite,postgres}/V<n>__…sql`, one per backend. refinery records what ran in
 //! `refinery_schema_history` and refuses a database whose applied migrations differ from ours
 //! (edited or missing ones).
 //!
@@ -12,11 +12,23 @@ use refinery::{Migration, Runner};
 
 use super::{StoreError, StoreResult};
 
-const SQLITE: [(&str, &str); 1] = [("V1__initial", include_str!("../../../schema.sql"))];
-const POSTGRES: [(&str, &str); 1] = [(
-    "V1__initial",
-    include_str!("../../../migrations/postgres/V1__initial.sql"),
-)];
+const SQLITE: [(&str, &str); 2] = [
+    ("V1__initial", include_str!("../../../schema.sql")),
+    (
+        "V2__rate_limit_scope",
+        include_str!("../../../migrations/sqlite/V2__rate_limit_scope.sql"),
+    ),
+];
+const POSTGRES: [(&str, &str); 2] = [
+    (
+        "V1__initial",
+        include_str!("../../../migrations/postgres/V1__initial.sql"),
+    ),
+    (
+        "V2__rate_limit_scope",
+        include_str!("../../../migrations/postgres/V2__rate_limit_scope.sql"),
+    ),
+];
 
 fn runner(list: &[(&str, &str)]) -> Runner {
     let migrations: Vec<Migration> = list
@@ -117,6 +129,32 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_sqlite_database_gains_the_rate_limit_scope() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        runner(&SQLITE[..1]).run(&mut conn).unwrap();
+        conn.execute(
+            "INSERT INTO services (id, name, environment, scopes, allowed_ips, created_at, updated_at, version)
+             VALUES ('srv_old', 'old', 'live', '[]', '[]', 1, 1, 1)",
+            [],
+        )
+        .unwrap();
+        sqlite(&mut conn).unwrap();
+        let scope: String = conn
+            .query_row(
+                "SELECT rate_limit_scope FROM services WHERE id = 'srv_old'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            scope, "sidecar",
+            "existing services keep being counted by each sidecar"
+        );
+        let bad = conn.execute("UPDATE services SET rate_limit_scope = 'global'", []);
+        assert!(bad.is_err(), "the column only takes the two scopes");
+    }
+
+    #[test]
     fn sqlite_migrates_once_and_refuses_a_newer_database() {
         let mut conn = rusqlite::Connection::open_in_memory().unwrap();
         sqlite(&mut conn).unwrap();
@@ -124,7 +162,7 @@ mod tests {
         let n: i64 = conn
             .query_row("SELECT count(*) FROM refinery_schema_history", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(n, known(false) as i64);
         conn.execute(
             "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (9, 'future', '2026-01-01T00:00:00Z', '0')",
             [],

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::core::key::{Environment, KeyHash};
+use crate::core::ratelimit::Scope;
 use crate::core::sync::SyncPayload;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,7 @@ pub struct NewService {
     pub scopes: Vec<String>,
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
+    pub rate_limit_scope: Scope,
     pub allowed_ips: Vec<String>,
     pub access_token_lifetime: u32,
     pub tls_identities: Vec<String>,
@@ -90,6 +92,8 @@ pub struct ServicePatch {
     pub rate_limit_per_minute: Option<Option<u32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_hour: Option<Option<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_scope: Option<Scope>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_ips: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,6 +167,7 @@ pub struct ServiceRecord {
     pub scopes: Vec<String>,
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
+    pub rate_limit_scope: Scope,
     pub allowed_ips: Vec<String>,
     pub disabled: bool,
     pub access_token_lifetime: u32,
@@ -467,6 +472,7 @@ pub struct Patched {
     pub scopes: Vec<String>,
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
+    pub rate_limit_scope: Scope,
     pub allowed_ips: Vec<String>,
     pub description: Option<String>,
     pub contact_email: Option<String>,
@@ -483,6 +489,7 @@ pub fn patched(cur: &ServiceRecord, p: &ServicePatch) -> Patched {
         scopes: p.scopes.clone().unwrap_or(cur.scopes),
         rate_limit_per_minute: p.rate_limit_per_minute.unwrap_or(cur.rate_limit_per_minute),
         rate_limit_per_hour: p.rate_limit_per_hour.unwrap_or(cur.rate_limit_per_hour),
+        rate_limit_scope: p.rate_limit_scope.unwrap_or(cur.rate_limit_scope),
         allowed_ips: p.allowed_ips.clone().unwrap_or(cur.allowed_ips),
         description: p.description.clone().unwrap_or(cur.description),
         contact_email: p.contact_email.clone().unwrap_or(cur.contact_email),
@@ -514,6 +521,7 @@ pub fn sync_service(
         disabled: rec.disabled,
         rate_limit_per_minute: rec.rate_limit_per_minute,
         rate_limit_per_hour: rec.rate_limit_per_hour,
+        rate_limit_scope: rec.rate_limit_scope,
         allowed_ips: rec.allowed_ips,
         tokens_not_before: rec.tokens_not_before,
         tls_identities: rec.tls_identities,
@@ -622,6 +630,7 @@ impl NewService {
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             rate_limit_per_minute: None,
             rate_limit_per_hour: None,
+            rate_limit_scope: Scope::Sidecar,
             allowed_ips: vec![],
             access_token_lifetime: 3600,
             tls_identities: vec![],

@@ -243,7 +243,7 @@ impl ServiceStore for Postgres {
         tx.execute(
             "UPDATE services SET scopes = $1, rate_limit_per_minute = $2, rate_limit_per_hour = $3,
                  allowed_ips = $4, description = $5, contact_email = $6, is_trusted = $7, disabled = $8,
-                 access_token_lifetime = $9
+                 access_token_lifetime = $9, rate_limit_scope = $11
              WHERE id = $10",
             &[
                 &to_json(&n.scopes),
@@ -256,6 +256,7 @@ impl ServiceStore for Postgres {
                 &n.disabled,
                 &i64::from(n.access_token_lifetime),
                 &id,
+                &n.rate_limit_scope.name(),
             ],
         )
         .await?;

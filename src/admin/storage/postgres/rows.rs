@@ -9,11 +9,12 @@ use super::super::{
 };
 use super::{is_unique_violation, CHANNEL};
 use crate::core::key::{Environment, KeyHash};
+use crate::core::ratelimit::Scope;
 
 pub(super) const SERVICE_COLS: &str =
     "id, name, environment, description, contact_email, is_trusted, scopes, \
      rate_limit_per_minute, rate_limit_per_hour, allowed_ips, disabled, created_at, updated_at, \
-     access_token_lifetime, tokens_not_before";
+     access_token_lifetime, tokens_not_before, rate_limit_scope";
 
 /// kid, public_x, (private_sealed), created_at, activates_at.
 pub(super) fn signing_row(r: &Row, private_sealed: Vec<u8>) -> SigningKeyRow {
@@ -43,6 +44,10 @@ pub(super) fn service_of(r: &Row) -> StoreResult<ServiceRecord> {
         scopes: json_list(r.get(6))?,
         rate_limit_per_minute: u32_of(r.get(7)),
         rate_limit_per_hour: u32_of(r.get(8)),
+        rate_limit_scope: {
+            let s: String = r.get(15);
+            Scope::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("rate_limit_scope {s:?}")))?
+        },
         allowed_ips: json_list(r.get(9))?,
         disabled: r.get(10),
         created_at: r.get(11),
@@ -184,7 +189,7 @@ pub(super) async fn insert_service(
 ) -> Result<u64, tokio_postgres::Error> {
     tx.execute(
         &format!(
-            "INSERT INTO services ({SERVICE_COLS}, version) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,false,$11,$11,$12,0,$13)"
+            "INSERT INTO services ({SERVICE_COLS}, version) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,false,$11,$11,$12,0,$14,$13)"
         ),
         &[
             &id,
@@ -200,6 +205,7 @@ pub(super) async fn insert_service(
             &now,
             &i64::from(s.access_token_lifetime),
             &(v as i64),
+            &s.rate_limit_scope.name(),
         ],
     )
     .await

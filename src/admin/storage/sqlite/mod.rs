@@ -176,7 +176,7 @@ impl Store {
         tx.execute(
             "UPDATE services SET scopes = ?1, rate_limit_per_minute = ?2, rate_limit_per_hour = ?3,
                  allowed_ips = ?4, description = ?5, contact_email = ?6, is_trusted = ?7, disabled = ?8,
-                 access_token_lifetime = ?9
+                 access_token_lifetime = ?9, rate_limit_scope = ?11
              WHERE id = ?10",
             params![
                 to_json(&n.scopes),
@@ -188,7 +188,8 @@ impl Store {
                 n.is_trusted,
                 n.disabled,
                 n.access_token_lifetime,
-                id
+                id,
+                n.rate_limit_scope.name()
             ],
         )?;
         if let Some(ids) = &p.tls_identities {

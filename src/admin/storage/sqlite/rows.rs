@@ -8,6 +8,7 @@ use super::super::{
     StoredKey,
 };
 use crate::core::key::{Environment, KeyHash};
+use crate::core::ratelimit::Scope;
 
 /// Appends one entry, chained to the last, inside the caller's transaction: the change and
 /// its audit entry commit together or not at all.
@@ -72,13 +73,14 @@ pub(super) fn audit_row(r: &Row<'_>) -> rusqlite::Result<super::super::AuditRow>
 pub(super) const SERVICE_COLS: &str =
     "id, name, environment, description, contact_email, is_trusted, scopes, \
      rate_limit_per_minute, rate_limit_per_hour, allowed_ips, disabled, created_at, updated_at, \
-     access_token_lifetime, tokens_not_before";
+     access_token_lifetime, tokens_not_before, rate_limit_scope";
 
 pub(super) struct RawService {
     rec: ServiceRecord,
     scopes_json: String,
     ips_json: String,
     env: String,
+    scope: String,
 }
 
 pub(super) fn raw_service(r: &Row<'_>) -> rusqlite::Result<RawService> {
@@ -93,6 +95,7 @@ pub(super) fn raw_service(r: &Row<'_>) -> rusqlite::Result<RawService> {
             scopes: vec![],
             rate_limit_per_minute: r.get(7)?,
             rate_limit_per_hour: r.get(8)?,
+            rate_limit_scope: Scope::Sidecar,
             allowed_ips: vec![],
             disabled: r.get(10)?,
             created_at: r.get(11)?,
@@ -106,6 +109,7 @@ pub(super) fn raw_service(r: &Row<'_>) -> rusqlite::Result<RawService> {
         env: r.get(2)?,
         scopes_json: r.get(6)?,
         ips_json: r.get(9)?,
+        scope: r.get(15)?,
     })
 }
 
@@ -113,6 +117,8 @@ pub(super) fn finish(raw: RawService) -> StoreResult<ServiceRecord> {
     let mut rec = raw.rec;
     rec.environment = Environment::parse(&raw.env)
         .ok_or_else(|| StoreError::Corrupt(format!("environment {:?}", raw.env)))?;
+    rec.rate_limit_scope = Scope::parse(&raw.scope)
+        .ok_or_else(|| StoreError::Corrupt(format!("rate_limit_scope {:?}", raw.scope)))?;
     rec.scopes = json_list(&raw.scopes_json)?;
     rec.allowed_ips = json_list(&raw.ips_json)?;
     Ok(rec)
@@ -215,7 +221,7 @@ pub(super) fn insert_service(
     version: u64,
 ) -> rusqlite::Result<usize> {
     tx.prepare_cached(&format!(
-        "INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12,0,?13)"
+        "INSERT INTO services ({SERVICE_COLS}, version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,?11,?11,?12,0,?14,?13)"
     ))?
     .execute(params![
         id,
@@ -230,7 +236,8 @@ pub(super) fn insert_service(
         to_json(&s.allowed_ips),
         now,
         s.access_token_lifetime,
-        version as i64
+        version as i64,
+        s.rate_limit_scope.name()
     ])
 }
 

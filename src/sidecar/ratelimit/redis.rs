@@ -1,0 +1,177 @@
+//! The shared limiter's Redis side: one connection (multiplexed, reconnecting by itself), one
+//! Lua script (`gcra.lua`, sent by EVALSHA) and a time budget per call. The script does the
+//! same two-window GCRA as `core::ratelimit`, atomically, on Redis' clock.
+
+use std::time::Duration;
+
+use crate::config::ratelimit::RedisLimit;
+use crate::core::limiter::{Outcome, Refused};
+use crate::core::ratelimit::{Exceeded, Limits, RateStatus, Window, WindowStatus};
+use crate::core::snapshot::ServiceEntry;
+
+/// The script, shared with the tests that replay the shared vectors against it.
+pub const GCRA_LUA: &str = include_str!("gcra.lua");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("no answer within the time budget")]
+    Timeout,
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("unexpected reply from the rate-limit script: {0}")]
+    Reply(String),
+}
+
+pub struct RedisLimiter {
+    /// The connection's own runtime (one thread, `permiso-redis`): its driver and reconnects
+    /// run there whatever runtime the caller is on (pingora's, a test's), and it lives exactly
+    /// as long as the limiter.
+    runtime: Option<tokio::runtime::Runtime>,
+    conn: ::redis::aio::ConnectionManager,
+    script: ::redis::Script,
+    key_prefix: String,
+    timeout: Duration,
+}
+
+impl RedisLimiter {
+    pub fn new(cfg: &RedisLimit, password: Option<String>) -> anyhow::Result<RedisLimiter> {
+        let mut info = ::redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())?;
+        if let Some(p) = password {
+            let settings = info.redis_settings().clone().set_password(p);
+            info = info.set_redis_settings(settings);
+        }
+        let client = ::redis::Client::open(info)?;
+        // The budget bounds each call from outside; the manager's own timeouts only stop a
+        // dead connection from being waited on for ever, and it reconnects in the background
+        // (few quick retries: the breaker, not the manager, paces attempts while Redis is out).
+        let config = ::redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("permiso-redis")
+            .enable_all()
+            .build()?;
+        let conn = {
+            let _in = runtime.enter();
+            ::redis::aio::ConnectionManager::new_lazy_with_config(client, config)?
+        };
+        Ok(RedisLimiter {
+            runtime: Some(runtime),
+            conn,
+            script: ::redis::Script::new(GCRA_LUA),
+            key_prefix: cfg.key_prefix.clone(),
+            timeout: cfg.timeout,
+        })
+    }
+
+    /// One round trip (EVALSHA; the script is loaded once per Redis server).
+    pub async fn check(&self, service: &ServiceEntry) -> Result<Outcome, SharedError> {
+        self.count(&service.id, service.limits, None).await
+    }
+
+    /// Counts one request of `service_id` at `limits`, on Redis' clock, or at `at_us`
+    /// (microseconds; only the tests that replay the shared vectors pass one).
+    pub async fn count(
+        &self,
+        service_id: &str,
+        limits: Limits,
+        at_us: Option<u64>,
+    ) -> Result<Outcome, SharedError> {
+        let key = state_key(&self.key_prefix, service_id, &limits);
+        let mut conn = self.conn.clone();
+        let mut call = self.script.key(key);
+        call.arg(at_us.map(|t| t.to_string()).unwrap_or_default())
+            .arg(limits.per_minute.unwrap_or(0))
+            .arg(limits.per_hour.unwrap_or(0));
+        let reply: Vec<i64> = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
+            .await
+            .map_err(|_| SharedError::Timeout)??;
+        outcome_of(&reply, limits)
+    }
+}
+
+impl Drop for RedisLimiter {
+    fn drop(&mut self) {
+        // Dropped from inside another runtime when the sidecar stops, where a blocking
+        // shutdown would panic.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One hash per service and limits: new limits start a fresh count, as they do locally. The
+/// service id sits in a hash tag so the key's slot is the service's on Redis Cluster.
+pub fn state_key(prefix: &str, service_id: &str, limits: &Limits) -> String {
+    let q = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |n| n.to_string());
+    format!(
+        "{prefix}{{{service_id}}}:{}:{}",
+        q(limits.per_minute),
+        q(limits.per_hour)
+    )
+}
+
+fn window_of(n: i64) -> Result<Window, SharedError> {
+    match n {
+        1 => Ok(Window::Minute),
+        2 => Ok(Window::Hour),
+        _ => Err(SharedError::Reply(format!("window {n}"))),
+    }
+}
+
+/// The script's reply as the limiter's answer (the format is in `gcra.lua`).
+pub fn outcome_of(reply: &[i64], limits: Limits) -> Result<Outcome, SharedError> {
+    let n = |v: i64| u64::try_from(v).map_err(|_| SharedError::Reply(format!("{reply:?}")));
+    match reply {
+        [1, 0, _, _] => Ok(Ok(RateStatus::default())),
+        [1, w, remaining, reset] => Ok(Ok(RateStatus {
+            tightest: Some(WindowStatus {
+                window: window_of(*w)?,
+                remaining: n(*remaining)?,
+                reset_secs: n(*reset)?,
+            }),
+            applied: None,
+        })),
+        [0, w, retry] => Ok(Err(Refused::Exceeded(Exceeded {
+            window: window_of(*w)?,
+            retry_after_secs: n(*retry)?,
+            limits,
+        }))),
+        _ => Err(SharedError::Reply(format!("{reply:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_the_service_and_its_limits() {
+        let l = Limits {
+            per_minute: Some(60),
+            per_hour: None,
+        };
+        assert_eq!(state_key("p:", "srv_1", &l), "p:{srv_1}:60:-");
+    }
+
+    #[test]
+    fn replies() {
+        let l = Limits {
+            per_minute: Some(3),
+            per_hour: None,
+        };
+        let ok = outcome_of(&[1, 1, 2, 20], l).unwrap().unwrap();
+        assert_eq!(ok.header().unwrap(), "\"minute\";r=2;t=20");
+        match outcome_of(&[0, 2, 7], l).unwrap() {
+            Err(Refused::Exceeded(e)) => assert_eq!((e.window, e.retry_after_secs), (Window::Hour, 7)),
+            o => panic!("{o:?}"),
+        }
+        for bad in [&[][..], &[1, 3, 0, 0], &[0, 1], &[0, 1, -1], &[2, 1, 1, 1]] {
+            assert!(outcome_of(bad, l).is_err(), "{bad:?}");
+        }
+    }
+}
