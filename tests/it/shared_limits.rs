@@ -295,14 +295,20 @@ struct PrivateRedis {
     port: u16,
     proc: Option<Proc>,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl PrivateRedis {
     fn start() -> PrivateRedis {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> PrivateRedis {
         let mut r = PrivateRedis {
             port: free_port().port(),
             proc: None,
             dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         r.launch();
         r
@@ -333,6 +339,7 @@ impl PrivateRedis {
                 "--dir",
                 &self.dir.path().display().to_string(),
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -355,7 +362,10 @@ impl PrivateRedis {
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
         let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        // A server with a password answers -NOAUTH: it is up all the same.
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut buf).is_ok()
+            && (&buf == b"+PONG\r\n" || buf[0] == b'-')
     }
 
     fn signal(&self, sig: &str) {
@@ -566,4 +576,46 @@ fn the_admin_api_sets_and_refuses_rate_limit_scopes() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(last["change"]["rate_limit_scope"], "cluster", "{audit}");
+}
+
+/// The password reaches Redis from PERMISO_REDIS_PASSWORD (passed to the limiter at start),
+/// never from the URL: with it the script answers; without it or with a wrong one the call
+/// fails (and the sidecar would fall back).
+#[test]
+fn a_redis_password_comes_from_the_environment_not_the_url() {
+    let redis = PrivateRedis::start_with(&["--requirepass", "s3cret-for-tests"]);
+    let limits = Limits {
+        per_minute: Some(5),
+        per_hour: None,
+    };
+    let cfg = |password: Option<&str>| {
+        RedisLimiter::new(
+            &RedisLimit {
+                url: redis.url(),
+                key_prefix: "auth:".into(),
+                timeout: Duration::from_secs(2),
+                on_error: OnRedisError::Closed,
+                breaker_failures: 1,
+                breaker_cooldown: Duration::from_secs(1),
+            },
+            password.map(str::to_string),
+        )
+        .unwrap()
+    };
+    rt().block_on(async {
+        let ok = cfg(Some("s3cret-for-tests"))
+            .count("srv_a", limits, None)
+            .await
+            .unwrap();
+        assert_eq!(ok.unwrap().header().unwrap(), "\"minute\";r=4;t=12");
+        for wrong in [None, Some("guess")] {
+            let e = cfg(wrong).count("srv_a", limits, None).await.unwrap_err();
+            let text = e.to_string();
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(
+                text.contains("NOAUTH") || text.contains("WRONGPASS") || text.contains("auth"),
+                "{wrong:?}: {text}"
+            );
+        }
+    });
 }
