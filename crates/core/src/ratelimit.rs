@@ -173,7 +173,9 @@ struct Plan {
 /// theoretical arrival time is at most one window ahead of now (a full quota may burst).
 fn plan(tat: u64, now: u64, quota: u32, window: Window) -> Result<Plan, u64> {
     let window_us = window.seconds() * MICROS_PER_SEC;
-    let t = window_us / quota.max(1) as u64;
+    // At least 1 µs: a quota above one per microsecond (a sync payload can carry any u32)
+    // must not make the interval 0.
+    let t = (window_us / quota.max(1) as u64).max(1);
     let new_tat = tat.max(now) + t;
     if new_tat - now > window_us {
         // Wait until new_tat - window <= now.
@@ -261,7 +263,7 @@ impl LimiterState {
 /// Undo one request's worth of a window. Subtracting the emission interval is exact when the
 /// window was busy and errs on the strict side (forgets idle credit) when it was idle.
 fn give_back(c: &AtomicU64, w: Window, quota: Option<u32>) {
-    let t = w.seconds() * MICROS_PER_SEC / quota.unwrap_or(1).max(1) as u64;
+    let t = (w.seconds() * MICROS_PER_SEC / quota.unwrap_or(1).max(1) as u64).max(1);
     let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(t)));
 }
 

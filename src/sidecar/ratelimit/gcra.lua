@@ -47,6 +47,7 @@ for i = 1, 2 do
   if q > 0 then
     local window = lengths[i]
     local t = idiv(window, q)
+    if t < 1 then t = 1 end
     local tat = tonumber(tats[i]) or 0
     local new_tat = math.max(tat, now) + t
     local ahead = new_tat - now
