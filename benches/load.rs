@@ -22,6 +22,7 @@ use permiso::admin::storage::sqlite::Store;
 use permiso::admin::storage::{BulkService, NewService, StoredKey};
 use permiso::core::ids;
 use permiso::core::key::{self, Environment};
+use permiso::core::ratelimit::Scope;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // The bench's TLS client (the library's own rustls).
@@ -357,9 +358,10 @@ fn request_then_close(auth: Option<&str>) -> Vec<u8> {
     r
 }
 
-fn new_service(name: &str, scopes: &[&str], per_minute: Option<u32>) -> NewService {
+fn new_service(name: &str, scopes: &[&str], per_minute: Option<u32>, scope: Scope) -> NewService {
     NewService {
         rate_limit_per_minute: per_minute,
+        rate_limit_scope: scope,
         ..NewService::named(name, scopes)
     }
 }
@@ -367,6 +369,10 @@ fn new_service(name: &str, scopes: &[&str], per_minute: Option<u32>) -> NewServi
 struct Seeded {
     valid_key: String,
     limited_key: String,
+    /// Limits high enough never to refuse, so every request runs the limiter and passes:
+    /// counted by the sidecar alone, and in Redis (cluster scope).
+    metered_local_key: String,
+    metered_cluster_key: String,
     sync_key: String,
     jwt_client: (String, String),
 }
@@ -383,7 +389,8 @@ fn seed(db: &Path, n: usize) -> Seeded {
     let mut make = |name: String,
                     scopes: &[&str],
                     per_minute: Option<u32>,
-                    keys: usize|
+                    keys: usize,
+                    scope: Scope|
      -> (String, Vec<String>, String) {
         let id = ids::new_service_id();
         let mut secrets = Vec::new();
@@ -396,25 +403,47 @@ fn seed(db: &Path, n: usize) -> Seeded {
         let cs = key::generate_client_secret();
         bulk.push(BulkService {
             id: id.clone(),
-            service: new_service(&name, scopes, per_minute),
+            service: new_service(&name, scopes, per_minute, scope),
             keys: stored,
             secret: (ids::new_secret_id(), StoredKey::of(&cs)),
         });
         (id, secrets, cs.secret.expose().to_string())
     };
     for i in 0..n / 10 {
-        let (_, keys, _) = make(format!("svc-{i}"), &["trade:read"], None, 10);
+        let (_, keys, _) = make(format!("svc-{i}"), &["trade:read"], None, 10, Scope::Sidecar);
         first_key.get_or_insert(keys[0].clone());
     }
-    let (_, sync, _) = make("bench-sync".into(), &["sync:read"], None, 1);
-    let (_, limited, _) = make("bench-limited".into(), &["trade:read"], Some(1), 1);
-    let (jwt_id, _, jwt_secret) = make("bench-jwt".into(), &["trade:read"], None, 1);
+    let (_, sync, _) = make("bench-sync".into(), &["sync:read"], None, 1, Scope::Sidecar);
+    let (_, limited, _) = make(
+        "bench-limited".into(),
+        &["trade:read"],
+        Some(1),
+        1,
+        Scope::Sidecar,
+    );
+    let (jwt_id, _, jwt_secret) = make("bench-jwt".into(), &["trade:read"], None, 1, Scope::Sidecar);
+    let (_, metered_local, _) = make(
+        "bench-metered-local".into(),
+        &["trade:read"],
+        Some(10_000_000),
+        1,
+        Scope::Sidecar,
+    );
+    let (_, metered_cluster, _) = make(
+        "bench-metered-cluster".into(),
+        &["trade:read"],
+        Some(10_000_000),
+        1,
+        Scope::Cluster,
+    );
     store
         .bulk_create(&bulk, now, &permiso::admin::storage::Audit::system())
         .unwrap();
     Seeded {
         valid_key: first_key.unwrap(),
         limited_key: limited[0].clone(),
+        metered_local_key: metered_local[0].clone(),
+        metered_cluster_key: metered_cluster[0].clone(),
         sync_key: sync[0].clone(),
         jwt_client: (jwt_id, jwt_secret),
     }
@@ -467,9 +496,26 @@ fn main() {
 
     let sidecar = free_port();
     std::fs::write(d.join("sync.key"), &seeded.sync_key).unwrap();
+    // The shared limiter's rows need Redis (PERMISO_LOAD_REDIS, default 127.0.0.1:6379); the
+    // other rows never touch it (their services are counted by the sidecar alone).
+    let redis = std::env::var("PERMISO_LOAD_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis_addr = redis
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let redis_pid = redis_pid(&redis_addr);
+    let rate_limit = match redis_pid {
+        Some(_) => format!(
+            "[sidecar.rate_limit]\nbackend = \"redis\"\nredis_url = \"{redis}\"\nkey_prefix = \"permiso-load:{}:\"\nreplicas = 1\n",
+            std::process::id()
+        ),
+        None => String::new(),
+    };
     let cfg = format!(
         "[sidecar]\nlisten = \"{sidecar}\"\nupstream = \"{upstream}\"\nsnapshot_file = \"{}\"\nthreads = 1\n\
-         [sidecar.sync]\nadmin_url = \"http://{admin}\"\ncredential_file = \"{}\"\n\
+         [sidecar.sync]\nadmin_url = \"http://{admin}\"\ncredential_file = \"{}\"\n{rate_limit}\
          [[sidecar.routes]]\nprefix = \"/api/v1/trades\"\nscopes = [\"trade:read\"]\n",
         d.join("snapshot.json").display(),
         d.join("sync.key").display()
@@ -700,6 +746,27 @@ fn main() {
         // The per-minute window lets a request through now and then.
         &[429, 200],
     ));
+    // A limiter on every request: counted here, then in Redis (one round trip each).
+    let metered_local = rows.len();
+    rows.push(measure(
+        "sidecar: limited key, local limiter",
+        sidecar,
+        sid,
+        request(Some(&seeded.metered_local_key)),
+        &[200],
+    ));
+    let redis_cpu0 = redis_pid.map(cpu_ticks);
+    let metered_redis = redis_pid.map(|_| {
+        rows.push(measure(
+            "sidecar: limited key, Redis limiter (cluster scope)",
+            sidecar,
+            sid,
+            request(Some(&seeded.metered_cluster_key)),
+            &[200],
+        ));
+        rows.len() - 1
+    });
+    let redis_cpu = redis_pid.zip(redis_cpu0).map(|(p, c0)| cpu_ticks(p) - c0);
     // The same baseline again, last: the spread between the two rows is this run's drift.
     rows.push(measure(
         "bare pingora passthrough (again)",
@@ -732,6 +799,24 @@ fn main() {
             )),
             r.statuses
         );
+    }
+
+    match metered_redis {
+        Some(i) => {
+            let (l, r) = (&rows[metered_local], &rows[i]);
+            // Redis' own CPU over the Redis row (its warm-up included: an upper bound).
+            let redis_us = redis_cpu.unwrap_or(0) as f64 / ticks * 1e6 / (r.rps * secs as f64).max(1.0);
+            println!(
+                "\nshared limiter (Redis at {redis}, same machine): added p50 {:+.3} ms, p99 {:+.3} ms, proxy CPU {:+.1} µs/req ({:.2}× the local limiter's), throughput {:.2}× ; Redis server CPU ≈ {:.1} µs/req",
+                r.p50 - l.p50,
+                r.p99 - l.p99,
+                r.cpu_us - l.cpu_us,
+                r.cpu_us / l.cpu_us,
+                r.rps / l.rps,
+                redis_us
+            );
+        }
+        None => println!("\nshared limiter: no Redis at {redis} (PERMISO_LOAD_REDIS), rows skipped"),
     }
 
     // TLS: the same proxies behind TLS 1.3 (ECDSA P-256 certificate, both from one CA),
@@ -932,4 +1017,18 @@ fn which_nginx() -> Option<String> {
         .iter()
         .find(|p| Path::new(p).exists())
         .map(|p| p.to_string())
+}
+
+/// The pid of the Redis server at `addr` (INFO server), when one answers there.
+fn redis_pid(addr: &str) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"INFO server\r\n").ok()?;
+    let mut buf = vec![0u8; 8192];
+    let n = s.read(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
 }
