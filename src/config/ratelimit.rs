@@ -78,21 +78,37 @@ impl RateLimitConfig {
                     "required with on_redis_error = \"local\": the number of sidecars in front of this upstream, each enforcing 1/replicas of a cluster limit while Redis is unreachable",
                 ))
             }
-            (_, n) => n.unwrap_or(1),
+            (OnRedisError::Local, Some(n)) => n,
+            (_, Some(_)) => {
+                return Err(invalid(
+                    field("replicas"),
+                    "only read with on_redis_error = \"local\" (or backend = \"local\")",
+                ))
+            }
+            (_, None) => 1,
         };
+        let breaker_failures = r.breaker_failures.unwrap_or(3);
+        if breaker_failures == 0 {
+            return Err(invalid(field("breaker_failures"), "must be at least 1"));
+        }
+        let cooldown_ms = r.breaker_cooldown_ms.unwrap_or(1000);
+        if !(1..=3_600_000).contains(&cooldown_ms) {
+            return Err(invalid(field("breaker_cooldown_ms"), "must be 1..=3600000"));
+        }
         let timeout_ms = r.timeout_ms.unwrap_or(5);
         if !(1..=1000).contains(&timeout_ms) {
             return Err(invalid(field("timeout_ms"), "must be 1..=1000"));
         }
         let key_prefix = r.key_prefix.clone().unwrap_or_else(|| "permiso:rl:".into());
+        // Braces would open a Redis Cluster hash tag of their own before the service's.
         if key_prefix.is_empty()
             || key_prefix
                 .bytes()
-                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'{' || b == b'}')
         {
             return Err(invalid(
                 field("key_prefix"),
-                "must be non-empty, without spaces or control characters",
+                "must be non-empty, without spaces, control characters or braces",
             ));
         }
         Ok(RateLimitConfig {
@@ -102,8 +118,8 @@ impl RateLimitConfig {
                 key_prefix,
                 timeout: Duration::from_millis(timeout_ms),
                 on_error,
-                breaker_failures: r.breaker_failures.unwrap_or(3).max(1),
-                breaker_cooldown: Duration::from_millis(r.breaker_cooldown_ms.unwrap_or(1000)),
+                breaker_failures,
+                breaker_cooldown: Duration::from_millis(cooldown_ms),
             }),
         })
     }
@@ -197,6 +213,27 @@ mod tests {
             "key_prefix",
         );
         refused("replicas = 0", "at least 1");
+        let redis = "backend = \"redis\"\nredis_url = \"redis://127.0.0.1\"\n";
+        refused(
+            &format!("{redis}on_redis_error = \"open\"\nreplicas = 3"),
+            "only read with on_redis_error",
+        );
+        refused(
+            &format!("{redis}replicas = 3\nbreaker_failures = 0"),
+            "at least 1",
+        );
+        refused(
+            &format!("{redis}replicas = 3\nbreaker_cooldown_ms = 0"),
+            "1..=3600000",
+        );
+        refused(
+            &format!("{redis}replicas = 3\nbreaker_cooldown_ms = 3600001"),
+            "1..=3600000",
+        );
+        refused(
+            &format!("{redis}replicas = 3\nkey_prefix = \"a{{b}}:\""),
+            "braces",
+        );
         let e = toml::from_str::<file::RateLimit>("backend = \"memcached\"").unwrap_err();
         assert!(e.to_string().contains("unknown variant"), "{e}");
         let e = toml::from_str::<file::RateLimit>("on_redis_error = \"maybe\"").unwrap_err();

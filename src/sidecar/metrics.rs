@@ -348,11 +348,16 @@ impl SidecarMetrics {
             answered: calls.with_label_values(&["answered"]),
             timeouts: calls.with_label_values(&["timeout"]),
             errors: calls.with_label_values(&["error"]),
+            cached_refusals: counter(
+                &self.registry,
+                "permiso_ratelimit_cached_refusals_total",
+                "429s of cluster-scope services answered without a round trip, repeating a refusal Redis gave before its wait ended.",
+            ),
             fallback: ["local", "open", "closed"].map(|m| fallback.with_label_values(&[m])),
             up: gauge(
                 &self.registry,
                 "permiso_ratelimit_redis_up",
-                "1 while the shared rate limiter's Redis answers (breaker closed), 0 while cluster-scope services fall back.",
+                "1 while the shared rate limiter's breaker is closed (Redis is asked), 0 while cluster-scope services fall back.",
             ),
         }
     }

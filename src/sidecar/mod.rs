@@ -254,6 +254,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
             &cfg.rate_limit,
             std::env::var("PERMISO_REDIS_PASSWORD").ok(),
             &metrics,
+            clock.clone(),
         )?,
         metrics: metrics.clone(),
     });

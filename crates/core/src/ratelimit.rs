@@ -156,6 +156,44 @@ impl Exceeded {
     }
 }
 
+/// The last refusal a shared limiter gave a service, kept by each sidecar so it answers 429
+/// alone until the shared count would admit again: a refused caller that keeps calling costs no
+/// round trip (and cannot load Redis into its time budget for everyone). Exact, never early:
+/// the wait is the script's own, counted from before the call was sent.
+#[derive(Debug, Default)]
+pub struct RefusedUntil {
+    /// Clock nanoseconds; 0 when nothing is cached.
+    until: AtomicU64,
+    /// 0 minute, 1 hour: the window the refusal named.
+    hour: std::sync::atomic::AtomicBool,
+}
+
+impl RefusedUntil {
+    pub fn set(&self, sent_at_nanos: u64, wait_us: u64, window: Window) {
+        self.hour.store(window == Window::Hour, Ordering::Relaxed);
+        let until = sent_at_nanos.saturating_add(wait_us.saturating_mul(1_000));
+        self.until.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// The refusal to repeat at `now_nanos`, if one still holds.
+    pub fn check(&self, now_nanos: u64, limits: &Limits) -> Option<Exceeded> {
+        let until = self.until.load(Ordering::Acquire);
+        if now_nanos >= until {
+            return None;
+        }
+        let window = if self.hour.load(Ordering::Relaxed) {
+            Window::Hour
+        } else {
+            Window::Minute
+        };
+        Some(Exceeded {
+            window,
+            retry_after_secs: (until - now_nanos).div_ceil(1_000_000_000).max(1),
+            limits: *limits,
+        })
+    }
+}
+
 /// The theoretical arrival times of the two windows, in clock microseconds. Lives as long as the
 /// service's limits stay the same, across snapshot swaps.
 #[derive(Debug, Default)]
@@ -377,6 +415,29 @@ mod tests {
         let small = AtomicU64::new(5);
         give_back(&small, Window::Hour, Some(1));
         assert_eq!(small.load(Ordering::Relaxed), 0, "never below zero");
+    }
+
+    #[test]
+    fn a_cached_refusal_holds_exactly_until_its_wait_ends() {
+        let l = Limits {
+            per_minute: Some(3),
+            per_hour: None,
+        };
+        let r = RefusedUntil::default();
+        assert_eq!(r.check(T0, &l), None, "nothing cached");
+        r.set(T0, 2_500_000, Window::Minute);
+        let e = r.check(T0 + S, &l).unwrap();
+        assert_eq!((e.window, e.retry_after_secs, e.limits), (Window::Minute, 2, l));
+        assert_eq!(r.check(T0 + 2_499_999_999, &l).unwrap().retry_after_secs, 1);
+        assert_eq!(
+            r.check(T0 + 2_500_000_000, &l),
+            None,
+            "free again at the end of the wait"
+        );
+        // An earlier-ending refusal never shortens a later one.
+        r.set(T0, 9_000_000, Window::Hour);
+        r.set(T0, 1_000_000, Window::Hour);
+        assert_eq!(r.check(T0 + 8 * S, &l).unwrap().window, Window::Hour);
     }
 
     #[test]

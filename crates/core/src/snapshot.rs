@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::jwt::KeySet;
 use crate::key::{Environment, KeyHash};
-use crate::ratelimit::{LimiterState, Limits, Scope};
+use crate::ratelimit::{LimiterState, Limits, RefusedUntil, Scope};
 use crate::scope::{ScopeError, ScopeSet};
 use crate::sharded::{Shard, ShardedMap};
 use crate::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
@@ -106,6 +106,8 @@ pub struct ServiceEntry {
     /// This sidecar's count of its share of a cluster limit, used while the shared limiter is
     /// out of reach (`limiter::local_share`).
     pub share_limiter: Arc<LimiterState>,
+    /// The shared limiter's last refusal of this service, repeated locally until it ends.
+    pub shared_refusal: Arc<RefusedUntil>,
     /// The hashes of this service's keys (details in the key map), so a delta can drop them
     /// and the snapshot can be written back out.
     pub keys: Vec<KeyHash>,
@@ -220,8 +222,12 @@ fn build_service(
         per_hour: s.rate_limit_per_hour,
     };
     // Rate-limit state survives syncs while the limits stay the same; new limits start fresh.
-    let (limiter, share_limiter) = match previous {
-        Some(p) if p.limits == limits => (p.limiter.clone(), p.share_limiter.clone()),
+    let (limiter, share_limiter, shared_refusal) = match previous {
+        Some(p) if p.limits == limits => (
+            p.limiter.clone(),
+            p.share_limiter.clone(),
+            p.shared_refusal.clone(),
+        ),
         _ => Default::default(),
     };
     let header = |v: &str| {
@@ -260,6 +266,7 @@ fn build_service(
         rate_limit_scope: s.rate_limit_scope,
         limiter,
         share_limiter,
+        shared_refusal,
         usage: ServiceUsage::new(&keys, previous.map(|p| (&p.keys[..], &p.usage))),
         keys,
     }))

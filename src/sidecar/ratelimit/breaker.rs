@@ -70,22 +70,31 @@ impl Breaker {
         })
     }
 
-    #[cfg(test)]
     pub fn is_open(&self) -> bool {
         self.open_until.load(Ordering::Acquire) != 0
     }
 }
 
 impl Attempt<'_> {
-    /// Redis answered. True when this closed an open breaker.
+    pub fn is_trial(&self) -> bool {
+        self.trial
+    }
+
+    /// Redis answered. True when this closed an open breaker. Only the trial closes it: a
+    /// call sent before the breaker opened and answered late says nothing about Redis now
+    /// (letting it close the breaker would make a Redis hovering at the budget flap).
     pub fn succeeded(mut self) -> bool {
         self.settled = true;
         let b = self.breaker;
+        if !self.trial {
+            if b.open_until.load(Ordering::Acquire) == 0 {
+                b.failures.store(0, Ordering::Release);
+            }
+            return false;
+        }
         b.failures.store(0, Ordering::Release);
         let was_open = b.open_until.swap(0, Ordering::AcqRel) != 0;
-        if self.trial {
-            b.trial.store(false, Ordering::Release);
-        }
+        b.trial.store(false, Ordering::Release);
         was_open
     }
 
@@ -175,6 +184,16 @@ mod tests {
             attempt(&b, 11 * MS).is_some(),
             "the dropped trial did not keep the slot"
         );
+    }
+
+    #[test]
+    fn a_late_answer_to_a_call_sent_before_opening_does_not_close_it() {
+        let b = Breaker::new(1, Duration::from_millis(10));
+        let early = attempt(&b, MS).unwrap();
+        assert!(attempt(&b, MS).unwrap().failed(MS));
+        assert!(!early.succeeded(), "not the trial: no transition");
+        assert!(b.is_open(), "still open until a trial answers");
+        assert!(attempt(&b, 11 * MS).unwrap().succeeded());
     }
 
     #[test]

@@ -9,7 +9,8 @@
 -- ARGV[2]  quota per minute, 0 for none
 -- ARGV[3]  quota per hour, 0 for none
 -- Returns {1, window, remaining, reset_secs} when allowed (window: 1 minute, 2 hour, 0 none)
---      or {0, window, retry_after_secs} when refused.
+--      or {0, window, retry_after_secs, wait_us} when refused (wait_us: exactly how long until
+--      it would admit, so a sidecar can answer 429 alone until then).
 
 local now
 if ARGV[1] == '' then
@@ -41,7 +42,7 @@ local tats = redis.call('HMGET', KEYS[1], 'm', 'h')
 
 local new_tats = {}
 local best_window, best_remaining, best_reset = 0, nil, 0
-local refused_window, refused_secs = 0, 0
+local refused_window, refused_secs, refused_wait = 0, 0, 0
 for i = 1, 2 do
   local q = quotas[i]
   if q > 0 then
@@ -52,11 +53,13 @@ for i = 1, 2 do
     local new_tat = math.max(tat, now) + t
     local ahead = new_tat - now
     if ahead > window then
-      local secs = ceil_secs(new_tat - window - now)
+      local wait = new_tat - window - now
+      local secs = ceil_secs(wait)
       if secs < 1 then secs = 1 end
       if refused_window == 0 or secs > refused_secs then
         refused_window, refused_secs = i, secs
       end
+      if wait > refused_wait then refused_wait = wait end
     else
       new_tats[i] = new_tat
       local remaining = idiv(window - ahead, t)
@@ -69,7 +72,7 @@ for i = 1, 2 do
 end
 
 if refused_window ~= 0 then
-  return { 0, refused_window, refused_secs }
+  return { 0, refused_window, refused_secs, refused_wait }
 end
 
 local ttl = 0

@@ -17,6 +17,7 @@ use prometheus::{IntCounter, IntGauge};
 
 use crate::config::file::OnRedisError;
 use crate::config::RateLimitConfig;
+use crate::core::clock::SharedClock;
 use crate::core::limiter::{local_share, LimitCheck, Local, Outcome, RateLimiter, Refused};
 use crate::core::ratelimit::{RateStatus, Scope};
 use crate::core::snapshot::ServiceEntry;
@@ -30,9 +31,11 @@ pub struct LimiterCounters {
     pub answered: IntCounter,
     pub timeouts: IntCounter,
     pub errors: IntCounter,
+    /// 429s repeated from a refusal Redis gave, before its wait ended: no round trip.
+    pub cached_refusals: IntCounter,
     /// By mode: local, open, closed.
     pub fallback: [IntCounter; 3],
-    /// 1 while Redis answers (breaker closed), 0 while this sidecar counts alone.
+    /// 1 while the breaker is closed (Redis is asked), 0 while this sidecar decides alone.
     pub up: IntGauge,
 }
 
@@ -60,15 +63,20 @@ struct Shared {
     breaker: Breaker,
     on_error: OnRedisError,
     counters: LimiterCounters,
+    clock: SharedClock,
+    /// Server-side errors (not outages) are logged at most once per window.
+    errors_logged: crate::telemetry::LogWindow,
 }
 
 impl SidecarLimiter {
-    /// `password`: PERMISO_REDIS_PASSWORD, read by the caller. Nothing is dialled here: the
-    /// first cluster-scope request connects, so a sidecar starts while Redis is down.
+    /// `password`: PERMISO_REDIS_PASSWORD, read by the caller. Requests never wait for a
+    /// connection made here: it is made in the background, so a sidecar starts while Redis is
+    /// down.
     pub fn new(
         cfg: &RateLimitConfig,
         password: Option<String>,
         metrics: &SidecarMetrics,
+        clock: SharedClock,
     ) -> anyhow::Result<SidecarLimiter> {
         let shared = match &cfg.redis {
             None => None,
@@ -80,6 +88,8 @@ impl SidecarLimiter {
                     breaker: Breaker::new(r.breaker_failures, r.breaker_cooldown),
                     on_error: r.on_error,
                     counters,
+                    clock,
+                    errors_logged: crate::telemetry::LogWindow::new(10_000),
                 })
             }
         };
@@ -108,31 +118,39 @@ impl RateLimiter for SidecarLimiter {
             // No shared counter configured: this sidecar enforces its share.
             return LimitCheck::Ready(local_share(service, self.replicas, now_nanos));
         };
+        if let Some(e) = service.shared_refusal.check(now_nanos, &service.limits) {
+            shared.counters.cached_refusals.inc();
+            return LimitCheck::Ready(Err(Refused::Exceeded(e)));
+        }
         let attempt = match shared.breaker.admit(now_nanos) {
             Try::No => return LimitCheck::Ready(self.fallback(shared, service, now_nanos)),
             Try::Yes(attempt) => attempt,
         };
         LimitCheck::Pending(Box::pin(async move {
             match shared.redis.check(service).await {
-                Ok(outcome) => {
+                Ok(verdict) => {
                     shared.counters.answered.inc();
                     if attempt.succeeded() {
-                        shared.counters.up.set(1);
+                        shared.counters.up.set(i64::from(!shared.breaker.is_open()));
                         tracing::warn!(
                             "shared rate limiter: Redis answers again; cluster limits are shared again"
                         );
                     }
-                    outcome
+                    if let (Err(Refused::Exceeded(e)), Some(wait_us)) = (&verdict.outcome, verdict.wait_us) {
+                        service.shared_refusal.set(now_nanos, wait_us, e.window);
+                    }
+                    verdict.outcome
                 }
-                Err(e) => {
+                Err(e) if e.is_transport() => {
                     match e {
                         redis::SharedError::Timeout => shared.counters.timeouts.inc(),
-                        redis::SharedError::Redis(_) | redis::SharedError::Reply(_) => {
-                            shared.counters.errors.inc()
-                        }
+                        _ => shared.counters.errors.inc(),
                     }
-                    if attempt.failed(now_nanos) {
-                        shared.counters.up.set(0);
+                    let trial = attempt.is_trial();
+                    // The cooldown runs from when the call failed, not from when it was sent
+                    // (a budget as long as the cooldown would otherwise start a trial at once).
+                    if attempt.failed(shared.clock.now_nanos()) {
+                        shared.counters.up.set(i64::from(!shared.breaker.is_open()));
                         tracing::error!(
                             error = %e,
                             fallback = shared.on_error.name(),
@@ -140,6 +158,21 @@ impl RateLimiter for SidecarLimiter {
                         );
                     } else {
                         tracing::debug!(error = %e, "shared rate limiter: Redis call failed");
+                    }
+                    if trial && !matches!(e, redis::SharedError::Timeout) {
+                        // A failed trial on a broken (not slow) connection: start afresh, in
+                        // case the failure is cached in the connection manager.
+                        shared.redis.reconnect();
+                    }
+                    self.fallback(shared, service, now_nanos)
+                }
+                Err(e) => {
+                    // Redis answered, with an error for this key or an unreadable reply: this
+                    // request falls back; Redis is not down, so the breaker is left alone.
+                    drop(attempt);
+                    shared.counters.errors.inc();
+                    if shared.errors_logged.admit(crate::telemetry::monotonic_ms()) {
+                        tracing::error!(error = %e, service = %service.id, "shared rate limiter: Redis refused the call");
                     }
                     self.fallback(shared, service, now_nanos)
                 }

@@ -22,12 +22,39 @@ pub enum SharedError {
     Reply(String),
 }
 
+impl SharedError {
+    /// Redis (or the way to it) is unavailable: the breaker counts these. A server error on one
+    /// key (a Lua error, WRONGTYPE, MOVED, OOM) or a reply we cannot read is this request's
+    /// problem, not Redis being down: it falls back alone and leaves the breaker be.
+    pub fn is_transport(&self) -> bool {
+        match self {
+            SharedError::Timeout => true,
+            SharedError::Redis(e) => {
+                e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+            }
+            SharedError::Reply(_) => false,
+        }
+    }
+}
+
+/// The script's answer, and on a refusal how long until it would admit (µs).
+#[derive(Debug)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    pub wait_us: Option<u64>,
+}
+
 pub struct RedisLimiter {
-    /// The connection's own runtime (one thread, `permiso-redis`): its driver and reconnects
-    /// run there whatever runtime the caller is on (pingora's, a test's), and it lives exactly
-    /// as long as the limiter.
+    /// A one-thread runtime (`permiso-redis`) that makes the connection and loads the script
+    /// at start, so the first requests do not pay for connecting inside their budget; the
+    /// connection's driver task lives there. (The manager spawns reconnects on whichever
+    /// runtime notices the failure; that is fine, pingora's runtimes outlive the limiter.)
     runtime: Option<tokio::runtime::Runtime>,
-    conn: ::redis::aio::ConnectionManager,
+    client: ::redis::Client,
+    config: ::redis::aio::ConnectionManagerConfig,
+    /// Replaced whole when a trial fails on a connection the manager would not rebuild itself
+    /// (it only reconnects after I/O errors; a failed handshake would otherwise stay cached).
+    conn: arc_swap::ArcSwap<::redis::aio::ConnectionManager>,
     script: ::redis::Script,
     key_prefix: String,
     timeout: Duration,
@@ -41,12 +68,14 @@ impl RedisLimiter {
             info = info.set_redis_settings(settings);
         }
         let client = ::redis::Client::open(info)?;
-        // The budget bounds each call from outside; the manager's own timeouts only stop a
-        // dead connection from being waited on for ever, and it reconnects in the background
-        // (few quick retries: the breaker, not the manager, paces attempts while Redis is out).
+        // The budget bounds each call from outside; the manager's own timeouts (longer, so the
+        // budget always fires first and is counted as a timeout) only stop a dead connection
+        // from being waited on for ever. Few quick retries: the breaker, not the manager,
+        // paces attempts while Redis is out.
+        let slack = (cfg.timeout * 2).max(Duration::from_millis(500));
         let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_connection_timeout(Some(slack))
+            .set_response_timeout(Some(slack))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
@@ -57,19 +86,45 @@ impl RedisLimiter {
             .build()?;
         let conn = {
             let _in = runtime.enter();
-            ::redis::aio::ConnectionManager::new_lazy_with_config(client, config)?
+            ::redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?
         };
+        let script = ::redis::Script::new(GCRA_LUA);
+        // Connect and load the script now, off the request path; a Redis that is down just
+        // leaves the first requests to find out (within their budget).
+        {
+            let mut c = conn.clone();
+            let script = ::redis::Script::new(GCRA_LUA);
+            let load = async move {
+                if let Err(e) = script.prepare_invoke().load_async(&mut c).await {
+                    tracing::warn!(error = %e, "shared rate limiter: Redis not reachable at start");
+                }
+            };
+            runtime.spawn(load);
+        }
         Ok(RedisLimiter {
             runtime: Some(runtime),
-            conn,
-            script: ::redis::Script::new(GCRA_LUA),
+            client,
+            config,
+            conn: arc_swap::ArcSwap::from_pointee(conn),
+            script,
             key_prefix: cfg.key_prefix.clone(),
             timeout: cfg.timeout,
         })
     }
 
+    /// A new connection manager in place of the current one (see `conn`).
+    pub fn reconnect(&self) {
+        let Some(rt) = &self.runtime else { return };
+        let _in = rt.enter();
+        match ::redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+        {
+            Ok(c) => self.conn.store(std::sync::Arc::new(c)),
+            Err(e) => tracing::debug!(error = %e, "shared rate limiter: new connection refused"),
+        }
+    }
+
     /// One round trip (EVALSHA; the script is loaded once per Redis server).
-    pub async fn check(&self, service: &ServiceEntry) -> Result<Outcome, SharedError> {
+    pub async fn check(&self, service: &ServiceEntry) -> Result<Verdict, SharedError> {
         self.count(&service.id, service.limits, None).await
     }
 
@@ -80,17 +135,19 @@ impl RedisLimiter {
         service_id: &str,
         limits: Limits,
         at_us: Option<u64>,
-    ) -> Result<Outcome, SharedError> {
+    ) -> Result<Verdict, SharedError> {
         let key = state_key(&self.key_prefix, service_id, &limits);
-        let mut conn = self.conn.clone();
+        let mut conn = (**self.conn.load()).clone();
         let mut call = self.script.key(key);
+        // A quota of 0 (only a hand-made payload can carry one) counts as 1, as it does locally;
+        // 0 on the wire means "no limit".
         call.arg(at_us.map(|t| t.to_string()).unwrap_or_default())
-            .arg(limits.per_minute.unwrap_or(0))
-            .arg(limits.per_hour.unwrap_or(0));
+            .arg(limits.per_minute.map_or(0, |q| q.max(1)))
+            .arg(limits.per_hour.map_or(0, |q| q.max(1)));
         let reply: Vec<i64> = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
             .await
             .map_err(|_| SharedError::Timeout)??;
-        outcome_of(&reply, limits)
+        verdict_of(&reply, limits)
     }
 }
 
@@ -124,23 +181,30 @@ fn window_of(n: i64) -> Result<Window, SharedError> {
 }
 
 /// The script's reply as the limiter's answer (the format is in `gcra.lua`).
-pub fn outcome_of(reply: &[i64], limits: Limits) -> Result<Outcome, SharedError> {
+pub fn verdict_of(reply: &[i64], limits: Limits) -> Result<Verdict, SharedError> {
     let n = |v: i64| u64::try_from(v).map_err(|_| SharedError::Reply(format!("{reply:?}")));
+    let outcome = |outcome| Verdict {
+        outcome,
+        wait_us: None,
+    };
     match reply {
-        [1, 0, _, _] => Ok(Ok(RateStatus::default())),
-        [1, w, remaining, reset] => Ok(Ok(RateStatus {
+        [1, 0, _, _] => Ok(outcome(Ok(RateStatus::default()))),
+        [1, w, remaining, reset] => Ok(outcome(Ok(RateStatus {
             tightest: Some(WindowStatus {
                 window: window_of(*w)?,
                 remaining: n(*remaining)?,
                 reset_secs: n(*reset)?,
             }),
             applied: None,
-        })),
-        [0, w, retry] => Ok(Err(Refused::Exceeded(Exceeded {
-            window: window_of(*w)?,
-            retry_after_secs: n(*retry)?,
-            limits,
         }))),
+        [0, w, retry, wait_us] => Ok(Verdict {
+            outcome: Err(Refused::Exceeded(Exceeded {
+                window: window_of(*w)?,
+                retry_after_secs: n(*retry)?,
+                limits,
+            })),
+            wait_us: Some(n(*wait_us)?),
+        }),
         _ => Err(SharedError::Reply(format!("{reply:?}"))),
     }
 }
@@ -164,14 +228,23 @@ mod tests {
             per_minute: Some(3),
             per_hour: None,
         };
-        let ok = outcome_of(&[1, 1, 2, 20], l).unwrap().unwrap();
+        let ok = verdict_of(&[1, 1, 2, 20], l).unwrap().outcome.unwrap();
         assert_eq!(ok.header().unwrap(), "\"minute\";r=2;t=20");
-        match outcome_of(&[0, 2, 7], l).unwrap() {
+        let v = verdict_of(&[0, 2, 7, 6_500_000], l).unwrap();
+        assert_eq!(v.wait_us, Some(6_500_000));
+        match v.outcome {
             Err(Refused::Exceeded(e)) => assert_eq!((e.window, e.retry_after_secs), (Window::Hour, 7)),
             o => panic!("{o:?}"),
         }
-        for bad in [&[][..], &[1, 3, 0, 0], &[0, 1], &[0, 1, -1], &[2, 1, 1, 1]] {
-            assert!(outcome_of(bad, l).is_err(), "{bad:?}");
+        for bad in [
+            &[][..],
+            &[1, 3, 0, 0],
+            &[0, 1],
+            &[0, 1, 7],
+            &[0, 1, -1, 5],
+            &[2, 1, 1, 1],
+        ] {
+            assert!(verdict_of(bad, l).is_err(), "{bad:?}");
         }
     }
 }
