@@ -10,76 +10,14 @@
 //!
 //! Knobs: PERMISO_ACCURACY_LIMIT (N, default 300), PERMISO_ACCURACY_SECS (default 60).
 
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use permiso::core::ratelimit::{LimiterState, Limits};
 use serde_json::{json, Value};
 
-const ADMIN_KEY: &str = "accuracy-bench-admin-key-0123456789";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn spawn(dir: &std::path::Path, name: &str, args: &[&str]) -> Proc {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_permiso"))
-            .args(args)
-            .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let started = Instant::now();
-    while !f() {
-        assert!(started.elapsed() < Duration::from_secs(60), "{what} not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A plain upstream answering 200 to everything.
-fn start_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            axum::serve(l, axum::Router::new().fallback(|| async { "ok" }))
-                .await
-                .unwrap();
-        });
-    });
-    addr
-}
+mod support;
+use support::*;
 
 fn main() {
     let redis = std::env::var("PERMISO_BENCH_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -105,6 +43,7 @@ fn main() {
     let _admin = spawn(
         d,
         "admin",
+        env!("CARGO_BIN_EXE_permiso"),
         &[
             "admin",
             "--listen",
@@ -163,7 +102,7 @@ fn main() {
                 ),
             )
             .unwrap();
-            let p = spawn(d, &format!("sidecar-{i}"), &["sidecar", "--config", &cfg.display().to_string()]);
+            let p = spawn(d, &format!("sidecar-{i}"), env!("CARGO_BIN_EXE_permiso"), &["sidecar", "--config", &cfg.display().to_string()]);
             (listen, p)
         })
         .collect();
