@@ -488,6 +488,22 @@ fn main() {
         (port, tls_port, p)
     });
 
+    // haproxy (Debian's, when installed) as a second reference: one thread, HTTP mode, upstream
+    // connections reused, no logging.
+    let haproxy = which(&["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"]).map(|exe| {
+        let port = free_port();
+        let conf = format!(
+            "global\n  nbthread 1\n  maxconn 4096\n\
+             defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n\
+             frontend f\n  bind {port}\n  default_backend b\n\
+             backend b\n  server u {upstream}\n"
+        );
+        std::fs::write(d.join("haproxy.cfg"), conf).unwrap();
+        let p = spawn(d, "haproxy", &exe, &["-f", &d.join("haproxy.cfg").display().to_string(), "-db"]);
+        wait_until("haproxy", || std::net::TcpStream::connect(port).is_ok());
+        (port, p)
+    });
+
     let token: String = {
         let r: Value = http
             .post(format!("http://{admin}/oauth/token"))
@@ -569,6 +585,15 @@ fn main() {
     if let Some((port, _, p)) = &nginx {
         rows.push(measure(
             "nginx proxy_pass (no auth)",
+            *port,
+            p.0.id(),
+            request(Some(&seeded.valid_key)),
+            &[200],
+        ));
+    }
+    if let Some((port, p)) = &haproxy {
+        rows.push(measure(
+            "haproxy (no auth)",
             *port,
             p.0.id(),
             request(Some(&seeded.valid_key)),
@@ -872,7 +897,11 @@ fn main() {
 }
 
 fn which_nginx() -> Option<String> {
-    ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+    which(&["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"])
+}
+
+fn which(candidates: &[&str]) -> Option<String> {
+    candidates
         .iter()
         .find(|p| Path::new(p).exists())
         .map(|p| p.to_string())

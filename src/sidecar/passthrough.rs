@@ -16,6 +16,9 @@ pub struct Passthrough {
 impl ProxyHttp for Passthrough {
     type CTX = ();
 
+    /// As the sidecar: no downstream modules, so the baseline carries the same framework cost.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> pingora::Result<Box<HttpPeer>> {

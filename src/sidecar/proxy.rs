@@ -211,6 +211,11 @@ fn set_forwarding(
 impl ProxyHttp for SidecarProxy {
     type CTX = Ctx;
 
+    /// No downstream modules. pingora's default adds a response-compression module, disabled,
+    /// that still costs a box and two boxed calls per request; a sidecar forwards bodies as the
+    /// upstream wrote them.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
