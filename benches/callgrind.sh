@@ -67,6 +67,10 @@ s1=$(measure sidecar $N1 $BIN/permiso sidecar --config "$work/sidecar.toml")
 s2=$(measure sidecar $N2 $BIN/permiso sidecar --config "$work/sidecar.toml")
 b1=$(measure bare $N1 $BIN/permiso passthrough --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
 b2=$(measure bare $N2 $BIN/permiso passthrough --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
+# Issue 15's experiment: pingora-core's HTTP/1 sessions, one upstream connection pinned per
+# downstream connection, no pingora-proxy.
+l1=$(measure lean $N1 $BIN/permiso passthrough --lean --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
+l2=$(measure lean $N2 $BIN/permiso passthrough --lean --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
 n1=0; n2=0
 if command -v nginx >/dev/null 2>&1; then
   # nginx as a plain reverse proxy, one process (no master) so callgrind sees all its work.
@@ -87,12 +91,14 @@ NGINX
   n1=$(measure nginx $N1 nginx -c "$work/nginx.conf" -p "$work")
   n2=$(measure nginx $N2 nginx -c "$work/nginx.conf" -p "$work")
 fi
-python3 - "$s1" "$s2" "$b1" "$b2" "$n1" "$n2" "$N1" "$N2" <<'PY'
+python3 - "$s1" "$s2" "$b1" "$b2" "$n1" "$n2" "$N1" "$N2" "$l1" "$l2" <<'PY'
 import sys
-s1, s2, b1, b2, n1, n2, r1, r2 = map(int, sys.argv[1:])
+s1, s2, b1, b2, n1, n2, r1, r2, l1, l2 = map(int, sys.argv[1:])
 side, bare = (s2 - s1) / (r2 - r1), (b2 - b1) / (r2 - r1)
+lean = (l2 - l1) / (r2 - r1)
 print(f"instructions per request: sidecar {side:,.0f}, bare pingora {bare:,.0f}, "
       f"auth adds {side - bare:,.0f} ({(side / bare - 1) * 100:+.1f} %)")
+print(f"lean passthrough (pingora-core sessions, pinned upstream) {lean:,.0f}: {lean / bare:.2f}x the pingora-proxy passthrough")
 if n2:
     ngx = (n2 - n1) / (r2 - r1)
     print(f"nginx proxy_pass {ngx:,.0f} instructions per request: bare pingora is {bare / ngx:.1f}x nginx, the sidecar {side / ngx:.1f}x")

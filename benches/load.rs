@@ -467,6 +467,25 @@ fn main() {
         ],
     );
     wait_until("bare pingora", || std::net::TcpStream::connect(bare).is_ok());
+    // Issue 15's experiment: the same forwarding on pingora-core's HTTP/1 sessions with one
+    // upstream connection pinned per downstream connection.
+    let lean = free_port();
+    let lean_proc = spawn(
+        d,
+        "passthrough-lean",
+        permiso,
+        &[
+            "passthrough",
+            "--lean",
+            "--listen",
+            &lean.to_string(),
+            "--upstream",
+            &upstream.to_string(),
+            "--threads",
+            "1",
+        ],
+    );
+    wait_until("lean passthrough", || std::net::TcpStream::connect(lean).is_ok());
 
     let nginx = which_nginx().map(|exe| {
         let (port, tls_port) = (free_port(), free_port());
@@ -591,6 +610,13 @@ fn main() {
             &[200],
         ));
     }
+    rows.push(measure(
+        "lean passthrough (pingora-core sessions, pinned upstream; issue 15 experiment)",
+        lean,
+        lean_proc.0.id(),
+        request(Some(&seeded.valid_key)),
+        &[200],
+    ));
     if let Some((port, p)) = &haproxy {
         rows.push(measure(
             "haproxy (no auth)",

@@ -61,6 +61,10 @@ enum Command {
         upstream: std::net::SocketAddr,
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// The issue-15 experiment: pingora-core's HTTP/1 sessions with a pinned upstream
+        /// connection instead of pingora-proxy.
+        #[arg(long)]
+        lean: bool,
     },
     /// Manage service accounts through the admin API (tables, or --json).
     Services {
@@ -194,8 +198,13 @@ fn main() -> anyhow::Result<()> {
             listen,
             upstream,
             threads,
+            lean,
         } => {
-            permiso::sidecar::passthrough::run(listen, upstream, threads);
+            if lean {
+                permiso::sidecar::passthrough::lean::run(listen, upstream, threads);
+            } else {
+                permiso::sidecar::passthrough::run(listen, upstream, threads);
+            }
             Ok(())
         }
         Command::Services { admin, cmd } => finish(cli::services(&admin, &cmd)),

@@ -8,6 +8,7 @@ mod common;
 mod e2e;
 mod egress;
 mod hardening;
+mod lean;
 mod oauth;
 mod observability;
 mod operations;
