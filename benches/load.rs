@@ -357,13 +357,7 @@ fn main() {
     std::fs::write(d.join("sync.key"), &seeded.sync_key).unwrap();
     // The shared limiter's rows need Redis (PERMISO_LOAD_REDIS, default 127.0.0.1:6379); the
     // other rows never touch it (their services are counted by the sidecar alone).
-    let redis = std::env::var("PERMISO_LOAD_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let redis_addr = redis
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let (redis, redis_addr) = redis_from_env("PERMISO_LOAD_REDIS");
     let redis_pid = redis_pid(&redis_addr);
     let rate_limit = match redis_pid {
         Some(_) => format!(

@@ -20,13 +20,7 @@ mod support;
 use support::*;
 
 fn main() {
-    let redis = std::env::var("PERMISO_BENCH_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let redis_addr = redis
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let (redis, redis_addr) = redis_from_env("PERMISO_BENCH_REDIS");
     if std::net::TcpStream::connect(&redis_addr).is_err() {
         eprintln!(
             "shared_limits bench: no Redis at {redis}; start one (redis-server) or set PERMISO_BENCH_REDIS"

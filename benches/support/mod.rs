@@ -152,3 +152,15 @@ pub fn wait_until(what: &str, f: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The Redis URL from `var` (default the local one) and its host:port.
+pub fn redis_from_env(var: &str) -> (String, String) {
+    let url = std::env::var(var).unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let addr = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    (url, addr)
+}
