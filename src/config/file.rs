@@ -442,6 +442,9 @@ pub struct RateLimit {
     pub backend: RateLimitBackend,
     /// `redis://host:port[/db]`; the password comes from PERMISO_REDIS_PASSWORD.
     pub redis_url: Option<String>,
+    /// `redis_url` is one node of a Redis Cluster (the client learns the others and follows
+    /// MOVED/ASK); default false: a standalone Redis.
+    pub redis_cluster: Option<bool>,
     /// Prefix of every Redis key (default `permiso:rl:`), so several fleets or tests can share
     /// one Redis.
     pub key_prefix: Option<String>,

@@ -22,6 +22,8 @@ pub struct RateLimitConfig {
 pub struct RedisLimit {
     /// Without a password.
     pub url: String,
+    /// `url` is a node of a Redis Cluster.
+    pub cluster: bool,
     pub key_prefix: String,
     pub timeout: Duration,
     pub on_error: OnRedisError,
@@ -51,6 +53,7 @@ impl RateLimitConfig {
             // Every Redis setting would do nothing without Redis: refuse rather than ignore.
             let redis_only = [
                 ("redis_url", r.redis_url.is_some()),
+                ("redis_cluster", r.redis_cluster.is_some()),
                 ("key_prefix", r.key_prefix.is_some()),
                 ("timeout_ms", r.timeout_ms.is_some()),
                 ("on_redis_error", r.on_redis_error.is_some()),
@@ -115,6 +118,7 @@ impl RateLimitConfig {
             replicas,
             redis: Some(RedisLimit {
                 url: info,
+                cluster: r.redis_cluster.unwrap_or(false),
                 key_prefix,
                 timeout: Duration::from_millis(timeout_ms),
                 on_error,
@@ -187,6 +191,7 @@ mod tests {
         );
         refused("on_redis_error = \"open\"", "only read with backend");
         refused("timeout_ms = 3", "only read with backend");
+        refused("redis_cluster = true", "only read with backend");
         refused("backend = \"redis\"", "required with backend");
         refused(
             "backend = \"redis\"\nredis_url = \"redis://127.0.0.1\"",

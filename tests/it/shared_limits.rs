@@ -39,6 +39,7 @@ fn limiter(url: &str, prefix: &str) -> RedisLimiter {
     RedisLimiter::new(
         &RedisLimit {
             url: url.into(),
+            cluster: false,
             key_prefix: prefix.into(),
             // Generous: these calls judge answers, not speed, on a busy 2-core machine.
             timeout: Duration::from_secs(2),
@@ -619,6 +620,7 @@ fn a_redis_password_comes_from_the_environment_not_the_url() {
         RedisLimiter::new(
             &RedisLimit {
                 url: redis.url(),
+                cluster: false,
                 key_prefix: "auth:".into(),
                 timeout: Duration::from_secs(2),
                 on_error: OnRedisError::Closed,
@@ -644,5 +646,132 @@ fn a_redis_password_comes_from_the_environment_not_the_url() {
                 "{wrong:?}: {text}"
             );
         }
+    });
+}
+
+/// A three-node Redis Cluster of this test's own (no replicas), nothing on disk.
+struct PrivateCluster {
+    nodes: Vec<PrivateRedis>,
+}
+
+impl PrivateCluster {
+    fn start() -> PrivateCluster {
+        let nodes: Vec<PrivateRedis> = (0..3)
+            .map(|_| {
+                // The bus port explicitly: the default (port + 10000) may be past 65535, or a
+                // port another test just picked.
+                let bus = free_port().port().to_string();
+                PrivateRedis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (Debian's redis-tools)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let started = Instant::now();
+        for a in &addrs {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-u", &format!("redis://{a}"), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "cluster never ok at {a}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        PrivateCluster { nodes }
+    }
+}
+
+/// On a Redis Cluster the script's one key per call lands on its slot's node: with
+/// `redis_cluster = true` every service's answers (spread over the three nodes' slots) are the
+/// shared vectors'; a single-node client on the same cluster is refused (MOVED) for the
+/// services whose slot is elsewhere, and that counts as Redis' answer, not an outage.
+#[test]
+fn on_a_redis_cluster_every_slot_answers_the_shared_vectors() {
+    let cluster = PrivateCluster::start();
+    let url = cluster.nodes[0].url();
+    let make = |is_cluster: bool| {
+        RedisLimiter::new(
+            &RedisLimit {
+                url: url.clone(),
+                cluster: is_cluster,
+                key_prefix: "cluster:".into(),
+                timeout: Duration::from_secs(2),
+                on_error: OnRedisError::Closed,
+                breaker_failures: 1,
+                breaker_cooldown: Duration::from_secs(1),
+            },
+            None,
+        )
+        .unwrap()
+    };
+    let v = vectors::load();
+    let case = &v.cases[0];
+    rt().block_on(async {
+        let clustered = make(true);
+        // The cluster connection is made in the background.
+        let started = Instant::now();
+        while let Err(e) = clustered.count("srv_warmup", case.limits(), Some(v.t0_us)).await {
+            assert!(e.is_transport(), "{e}");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never connected: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for n in 0..24 {
+            let service = format!("srv_spread_{n}");
+            for (i, step) in case.steps.iter().enumerate() {
+                let got = clustered
+                    .count(&service, case.limits(), Some(v.t0_us + step.at_us))
+                    .await
+                    .unwrap()
+                    .outcome;
+                assert_eq!(vectors::observed(step.at_us, &got), *step, "{service}: step {i}");
+            }
+        }
+        let single = make(false);
+        let mut moved = 0;
+        for n in 0..24 {
+            match single
+                .count(&format!("srv_single_{n}"), case.limits(), Some(v.t0_us))
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => {
+                    assert!(!e.is_transport(), "a redirect is an answer, not an outage: {e}");
+                    assert!(
+                        e.to_string().contains("MOVED") || e.to_string().contains("Moved"),
+                        "{e}"
+                    );
+                    moved += 1;
+                }
+            }
+        }
+        assert!(
+            moved > 0 && moved < 24,
+            "{moved} of 24 services live on other nodes"
+        );
     });
 }

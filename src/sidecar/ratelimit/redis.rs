@@ -20,6 +20,8 @@ pub enum SharedError {
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from the rate-limit script: {0}")]
     Reply(String),
+    #[error("not connected to the Redis Cluster yet")]
+    NotConnected,
 }
 
 impl SharedError {
@@ -28,7 +30,7 @@ impl SharedError {
     /// problem, not Redis being down: it falls back alone and leaves the breaker be.
     pub fn is_transport(&self) -> bool {
         match self {
-            SharedError::Timeout => true,
+            SharedError::Timeout | SharedError::NotConnected => true,
             SharedError::Redis(e) => {
                 e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
             }
@@ -44,17 +46,31 @@ pub struct Verdict {
     pub wait_us: Option<u64>,
 }
 
+/// How the limiter reaches Redis.
+enum Conn {
+    /// One node. The manager is replaced whole when a trial fails on a connection it would not
+    /// rebuild itself (it only reconnects after I/O errors; a failed handshake would otherwise
+    /// stay cached).
+    Single {
+        client: ::redis::Client,
+        config: ::redis::aio::ConnectionManagerConfig,
+        manager: arc_swap::ArcSwap<::redis::aio::ConnectionManager>,
+    },
+    /// A Redis Cluster: the client keeps the slot map and follows MOVED/ASK. Empty until the
+    /// first connection is made (in the background; calls meanwhile fail fast and fall back).
+    Cluster {
+        client: ::redis::cluster::ClusterClient,
+        conn: arc_swap::ArcSwapOption<::redis::cluster_async::ClusterConnection>,
+    },
+}
+
 pub struct RedisLimiter {
     /// A one-thread runtime (`permiso-redis`) that makes the connection and loads the script
     /// at start, so the first requests do not pay for connecting inside their budget; the
     /// connection's driver task lives there. (The manager spawns reconnects on whichever
     /// runtime notices the failure; that is fine, pingora's runtimes outlive the limiter.)
     runtime: Option<tokio::runtime::Runtime>,
-    client: ::redis::Client,
-    config: ::redis::aio::ConnectionManagerConfig,
-    /// Replaced whole when a trial fails on a connection the manager would not rebuild itself
-    /// (it only reconnects after I/O errors; a failed handshake would otherwise stay cached).
-    conn: arc_swap::ArcSwap<::redis::aio::ConnectionManager>,
+    conn: std::sync::Arc<Conn>,
     script: ::redis::Script,
     key_prefix: String,
     timeout: Duration,
@@ -67,60 +83,92 @@ impl RedisLimiter {
             let settings = info.redis_settings().clone().set_password(p);
             info = info.set_redis_settings(settings);
         }
-        let client = ::redis::Client::open(info)?;
-        // The budget bounds each call from outside; the manager's own timeouts (longer, so the
+        // The budget bounds each call from outside; the clients' own timeouts (longer, so the
         // budget always fires first and is counted as a timeout) only stop a dead connection
-        // from being waited on for ever. Few quick retries: the breaker, not the manager,
-        // paces attempts while Redis is out.
+        // from being waited on for ever.
         let slack = (cfg.timeout * 2).max(Duration::from_millis(500));
-        let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(slack))
-            .set_response_timeout(Some(slack))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(100));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("permiso-redis")
             .enable_all()
             .build()?;
-        let conn = {
-            let _in = runtime.enter();
-            ::redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?
-        };
-        let script = ::redis::Script::new(GCRA_LUA);
-        // Connect and load the script now, off the request path; a Redis that is down just
-        // leaves the first requests to find out (within their budget).
-        {
-            let mut c = conn.clone();
-            let script = ::redis::Script::new(GCRA_LUA);
-            let load = async move {
-                if let Err(e) = script.prepare_invoke().load_async(&mut c).await {
-                    tracing::warn!(error = %e, "shared rate limiter: Redis not reachable at start");
-                }
+        let conn = if cfg.cluster {
+            let client = ::redis::cluster::ClusterClient::builder(vec![info])
+                .connection_timeout(slack)
+                .response_timeout(slack)
+                .build()?;
+            Conn::Cluster {
+                client,
+                conn: arc_swap::ArcSwapOption::empty(),
+            }
+        } else {
+            let client = ::redis::Client::open(info)?;
+            // Few quick retries: the breaker, not the manager, paces attempts while Redis is out.
+            let config = ::redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(slack))
+                .set_response_timeout(Some(slack))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(10))
+                .set_max_delay(Duration::from_millis(100));
+            let manager = {
+                let _in = runtime.enter();
+                ::redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?
             };
-            runtime.spawn(load);
-        }
-        Ok(RedisLimiter {
+            Conn::Single {
+                client,
+                config,
+                manager: arc_swap::ArcSwap::from_pointee(manager),
+            }
+        };
+        let limiter = RedisLimiter {
             runtime: Some(runtime),
-            client,
-            config,
-            conn: arc_swap::ArcSwap::from_pointee(conn),
-            script,
+            conn: std::sync::Arc::new(conn),
+            script: ::redis::Script::new(GCRA_LUA),
             key_prefix: cfg.key_prefix.clone(),
             timeout: cfg.timeout,
-        })
+        };
+        limiter.reconnect();
+        Ok(limiter)
     }
 
-    /// A new connection manager in place of the current one (see `conn`).
+    /// Connects (again) in the background and loads the script: at start, and after a trial
+    /// failed on a broken connection. A Redis that is down just leaves requests to fall back.
     pub fn reconnect(&self) {
         let Some(rt) = &self.runtime else { return };
-        let _in = rt.enter();
-        match ::redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-        {
-            Ok(c) => self.conn.store(std::sync::Arc::new(c)),
-            Err(e) => tracing::debug!(error = %e, "shared rate limiter: new connection refused"),
-        }
+        let conn = self.conn.clone();
+        rt.spawn(async move {
+            let script = ::redis::Script::new(GCRA_LUA);
+            let loaded = match &*conn {
+                Conn::Single {
+                    client,
+                    config,
+                    manager,
+                } => {
+                    let fresh = match ::redis::aio::ConnectionManager::new_lazy_with_config(
+                        client.clone(),
+                        config.clone(),
+                    ) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            return tracing::debug!(error = %e, "shared rate limiter: no new connection")
+                        }
+                    };
+                    manager.store(std::sync::Arc::new(fresh.clone()));
+                    let mut c = fresh;
+                    script.prepare_invoke().load_async(&mut c).await
+                }
+                Conn::Cluster { client, conn } => match client.get_async_connection().await {
+                    Ok(mut c) => {
+                        conn.store(Some(std::sync::Arc::new(c.clone())));
+                        script.prepare_invoke().load_async(&mut c).await
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = loaded {
+                tracing::warn!(error = %e, "shared rate limiter: Redis not reachable (yet)");
+            }
+        });
     }
 
     /// One round trip (EVALSHA; the script is loaded once per Redis server).
@@ -137,16 +185,26 @@ impl RedisLimiter {
         at_us: Option<u64>,
     ) -> Result<Verdict, SharedError> {
         let key = state_key(&self.key_prefix, service_id, &limits);
-        let mut conn = (**self.conn.load()).clone();
         let mut call = self.script.key(key);
         // A quota of 0 (only a hand-made payload can carry one) counts as 1, as it does locally;
         // 0 on the wire means "no limit".
         call.arg(at_us.map(|t| t.to_string()).unwrap_or_default())
             .arg(limits.per_minute.map_or(0, |q| q.max(1)))
             .arg(limits.per_hour.map_or(0, |q| q.max(1)));
-        let reply: Vec<i64> = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
-            .await
-            .map_err(|_| SharedError::Timeout)??;
+        let reply: Vec<i64> = match &*self.conn {
+            Conn::Single { manager, .. } => {
+                let mut c = (**manager.load()).clone();
+                tokio::time::timeout(self.timeout, call.invoke_async(&mut c)).await
+            }
+            Conn::Cluster { conn, .. } => {
+                let Some(c) = conn.load_full() else {
+                    return Err(SharedError::NotConnected);
+                };
+                let mut c = (*c).clone();
+                tokio::time::timeout(self.timeout, call.invoke_async(&mut c)).await
+            }
+        }
+        .map_err(|_| SharedError::Timeout)??;
         verdict_of(&reply, limits)
     }
 }
