@@ -36,10 +36,16 @@ fn prefix(test: &str) -> String {
 }
 
 fn limiter(url: &str, prefix: &str) -> RedisLimiter {
+    limiter_with(url, prefix, false, None)
+}
+
+/// A limiter called directly (no sidecar): `cluster` for a Redis Cluster node, `password` as
+/// PERMISO_REDIS_PASSWORD would give it.
+fn limiter_with(url: &str, prefix: &str, cluster: bool, password: Option<&str>) -> RedisLimiter {
     RedisLimiter::new(
         &RedisLimit {
             url: url.into(),
-            cluster: false,
+            cluster,
             key_prefix: prefix.into(),
             // Generous: these calls judge answers, not speed, on a busy 2-core machine.
             timeout: Duration::from_secs(2),
@@ -47,7 +53,7 @@ fn limiter(url: &str, prefix: &str) -> RedisLimiter {
             breaker_failures: 1,
             breaker_cooldown: Duration::from_secs(1),
         },
-        None,
+        password.map(str::to_string),
     )
     .unwrap()
 }
@@ -616,21 +622,7 @@ fn a_redis_password_comes_from_the_environment_not_the_url() {
         per_minute: Some(5),
         per_hour: None,
     };
-    let cfg = |password: Option<&str>| {
-        RedisLimiter::new(
-            &RedisLimit {
-                url: redis.url(),
-                cluster: false,
-                key_prefix: "auth:".into(),
-                timeout: Duration::from_secs(2),
-                on_error: OnRedisError::Closed,
-                breaker_failures: 1,
-                breaker_cooldown: Duration::from_secs(1),
-            },
-            password.map(str::to_string),
-        )
-        .unwrap()
-    };
+    let cfg = |password: Option<&str>| limiter_with(&redis.url(), "auth:", false, password);
     rt().block_on(async {
         let ok = cfg(Some("s3cret-for-tests"))
             .count("srv_a", limits, None)
@@ -711,21 +703,7 @@ impl PrivateCluster {
 fn on_a_redis_cluster_every_slot_answers_the_shared_vectors() {
     let cluster = PrivateCluster::start();
     let url = cluster.nodes[0].url();
-    let make = |is_cluster: bool| {
-        RedisLimiter::new(
-            &RedisLimit {
-                url: url.clone(),
-                cluster: is_cluster,
-                key_prefix: "cluster:".into(),
-                timeout: Duration::from_secs(2),
-                on_error: OnRedisError::Closed,
-                breaker_failures: 1,
-                breaker_cooldown: Duration::from_secs(1),
-            },
-            None,
-        )
-        .unwrap()
-    };
+    let make = |is_cluster: bool| limiter_with(&url, "cluster:", is_cluster, None);
     let v = vectors::load();
     let case = &v.cases[0];
     rt().block_on(async {
