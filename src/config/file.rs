@@ -454,8 +454,8 @@ pub struct RateLimit {
     /// (default: this sidecar's share, limit / `replicas`), `open` (no limit), `closed` (503).
     pub on_redis_error: Option<OnRedisError>,
     /// The number of sidecars in front of this upstream: each enforces 1/`replicas` of a
-    /// cluster limit when counting alone. Required for `on_redis_error = "local"` and for
-    /// cluster-scope services on the local backend (default 1 there).
+    /// cluster limit when counting alone. Required with `on_redis_error = "local"`; refused
+    /// with "open" and "closed"; with the local backend it defaults to 1.
     pub replicas: Option<u32>,
     /// Consecutive Redis failures that open the breaker (default 3): while open, requests go
     /// straight to the fallback without waiting for Redis.

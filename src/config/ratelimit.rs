@@ -179,6 +179,11 @@ mod tests {
         assert_eq!(r.key_prefix, "permiso:rl:");
         assert_eq!(r.breaker_failures, 3);
         assert_eq!(r.breaker_cooldown, Duration::from_millis(1000));
+        assert!(!r.cluster, "a standalone Redis unless said otherwise");
+        let c =
+            parse("backend = \"redis\"\nredis_url = \"redis://r:7000\"\nreplicas = 3\nredis_cluster = true")
+                .unwrap();
+        assert!(c.redis.unwrap().cluster);
         let c = parse("backend = \"redis\"\nredis_url = \"redis://r:6379/2\"\non_redis_error = \"closed\"\ntimeout_ms = 20").unwrap();
         assert_eq!(c.redis.unwrap().on_error, OnRedisError::Closed);
     }

@@ -50,43 +50,54 @@ pub struct EchoUpstream {
     _thread: std::thread::JoinHandle<()>,
 }
 
+/// Serves a loopback listener on a thread of its own with a current-thread runtime (the
+/// tests' upstreams): `serve` gets the listener. Returns its address and the thread.
+pub fn serve_on_own_thread<F, Fut>(serve: F) -> (SocketAddr, std::thread::JoinHandle<()>)
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move { serve(tokio::net::TcpListener::from_std(l).unwrap()).await });
+    });
+    (addr, thread)
+}
+
 impl EchoUpstream {
     pub fn start() -> EchoUpstream {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let addr = l.local_addr().unwrap();
         let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = hits.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(l).unwrap();
-                let app = axum::Router::new().fallback(
-                    move |method: axum::http::Method,
-                          uri: axum::http::Uri,
-                          headers: axum::http::HeaderMap| async move {
-                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        // A slow upstream, for in-flight requests across reloads and shutdowns.
-                        if uri.path().contains("/slow") {
-                            tokio::time::sleep(Duration::from_millis(1000)).await;
-                        }
-                        let mut h = serde_json::Map::new();
-                        for (k, v) in headers.iter() {
-                            h.insert(
-                                k.as_str().to_string(),
-                                json!(String::from_utf8_lossy(v.as_bytes())),
-                            );
-                        }
-                        axum::Json(
-                            json!({"method": method.as_str(), "path": uri.path(), "headers": h, "upstream": addr.to_string()}),
-                        )
-                    },
-                );
-                axum::serve(l, app).await.unwrap();
-            });
+        let (addr, thread) = serve_on_own_thread(move |l| async move {
+            let addr = l.local_addr().unwrap();
+            let app = axum::Router::new().fallback(
+                move |method: axum::http::Method,
+                      uri: axum::http::Uri,
+                      headers: axum::http::HeaderMap| async move {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // A slow upstream, for in-flight requests across reloads and shutdowns.
+                    if uri.path().contains("/slow") {
+                        tokio::time::sleep(Duration::from_millis(1000)).await;
+                    }
+                    let mut h = serde_json::Map::new();
+                    for (k, v) in headers.iter() {
+                        h.insert(
+                            k.as_str().to_string(),
+                            json!(String::from_utf8_lossy(v.as_bytes())),
+                        );
+                    }
+                    axum::Json(
+                        json!({"method": method.as_str(), "path": uri.path(), "headers": h, "upstream": addr.to_string()}),
+                    )
+                },
+            );
+            axum::serve(l, app).await.unwrap();
         });
         EchoUpstream {
             addr,

@@ -4,53 +4,42 @@
 //! one, many requests on one kept-alive client connection riding one upstream connection.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{free_port, spawn, Proc};
+use crate::common::{free_port, serve_on_own_thread, spawn, Proc};
 
 /// Answers `<method> <path> <body length> <body>` and counts the connections it accepted.
 fn upstream() -> (SocketAddr, Arc<AtomicU64>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let addr = l.local_addr().unwrap();
     let conns = Arc::new(AtomicU64::new(0));
     let counted = conns.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let Ok((s, _)) = l.accept().await else { continue };
-                counted.fetch_add(1, Ordering::SeqCst);
-                let svc =
-                    hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                        use http_body_util::BodyExt;
-                        let (parts, body) = req.into_parts();
-                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        let text = format!(
-                            "{} {} {} {}",
-                            parts.method,
-                            parts.uri.path(),
-                            body.len(),
-                            String::from_utf8_lossy(&body)
-                        );
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from(text),
-                        )))
-                    });
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
+    let (addr, _thread) = serve_on_own_thread(move |l| async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { continue };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                use http_body_util::BodyExt;
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let text = format!(
+                    "{} {} {} {}",
+                    parts.method,
+                    parts.uri.path(),
+                    body.len(),
+                    String::from_utf8_lossy(&body)
+                );
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from(text),
+                )))
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
     });
     (addr, conns)
 }

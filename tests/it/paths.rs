@@ -90,43 +90,33 @@ fn start_flask(lower: bool) -> (Proc, SocketAddr) {
 /// The same handlers in axum, which matches routes on the raw (still encoded) path.
 fn start_axum() -> SocketAddr {
     use axum::routing::any;
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let reply = |name: &'static str| {
-                move |uri: axum::http::Uri| async move {
-                    let raw = uri
-                        .path_and_query()
-                        .map(|p| p.as_str().to_string())
-                        .unwrap_or_default();
-                    (
-                        [("x-handler", name.to_string()), ("x-raw-target", raw.clone())],
-                        axum::Json(json!({"handler": name, "raw": raw})),
-                    )
-                }
-            };
-            let mut app = axum::Router::new();
-            for (prefix, name) in [
-                ("/health", "health"),
-                ("/api/v1/account", "account"),
-                ("/api/v1/account/balance", "balance"),
-                ("/api/v1/trades", "trades"),
-                ("/api/v1/admin", "admin"),
-            ] {
-                app = app
-                    .route(prefix, any(reply(name)))
-                    .route(&format!("{prefix}/{{*rest}}"), any(reply(name)));
+    let (addr, _thread) = crate::common::serve_on_own_thread(|l| async move {
+        let reply = |name: &'static str| {
+            move |uri: axum::http::Uri| async move {
+                let raw = uri
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default();
+                (
+                    [("x-handler", name.to_string()), ("x-raw-target", raw.clone())],
+                    axum::Json(json!({"handler": name, "raw": raw})),
+                )
             }
-            app = app.route("/api/v1/account/help", any(reply("help")));
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            axum::serve(l, app).await.unwrap();
-        });
+        };
+        let mut app = axum::Router::new();
+        for (prefix, name) in [
+            ("/health", "health"),
+            ("/api/v1/account", "account"),
+            ("/api/v1/account/balance", "balance"),
+            ("/api/v1/trades", "trades"),
+            ("/api/v1/admin", "admin"),
+        ] {
+            app = app
+                .route(prefix, any(reply(name)))
+                .route(&format!("{prefix}/{{*rest}}"), any(reply(name)));
+        }
+        app = app.route("/api/v1/account/help", any(reply("help")));
+        axum::serve(l, app).await.unwrap();
     });
     addr
 }

@@ -561,18 +561,20 @@ mod tests {
         }
     }
 
-    fn run(f: &Fixture, path: &str, auth: Option<String>, ip: &str, now: u64) -> Result<Verdict, Denial> {
-        let header = auth.map(|a| a.into_bytes());
-        let facts = RequestFacts {
+    /// A GET of `path` from `ip` with this Authorization value, if any.
+    fn get_facts<'a>(path: &'a str, auth: Option<&'a [u8]>, ip: &str) -> RequestFacts<'a> {
+        RequestFacts {
             method: "GET",
             path,
-            authorization: match &header {
-                Some(h) => Authorization::One(h),
-                None => Authorization::Absent,
-            },
+            authorization: auth.map_or(Authorization::Absent, Authorization::One),
             client_ip: Some(ip.parse().unwrap()),
             peer: None,
-        };
+        }
+    }
+
+    fn run(f: &Fixture, path: &str, auth: Option<String>, ip: &str, now: u64) -> Result<Verdict, Denial> {
+        let header = auth.map(|a| a.into_bytes());
+        let facts = get_facts(path, header.as_deref(), ip);
         decide(
             &f.routes,
             Some(&f.snap),
@@ -800,13 +802,7 @@ mod tests {
         let f = fixture(|_| {});
         let pass = |p: &str, a: Option<String>| {
             let h = a.map(|a| a.into_bytes());
-            let facts = RequestFacts {
-                method: "GET",
-                path: p,
-                authorization: h.as_deref().map_or(Authorization::Absent, Authorization::One),
-                client_ip: Some("127.0.0.1".parse().unwrap()),
-                peer: None,
-            };
+            let facts = get_facts(p, h.as_deref(), "127.0.0.1");
             decide(
                 &f.routes,
                 Some(&f.snap),
@@ -989,13 +985,7 @@ mod tests {
         use crate::ratelimit::{Exceeded, Window};
         let admit_one = |f: &Fixture| {
             let h = bearer(&f.key).unwrap().into_bytes();
-            let facts = RequestFacts {
-                method: "GET",
-                path: "/api/v1/%74rades",
-                authorization: Authorization::One(&h),
-                client_ip: Some("127.0.0.1".parse().unwrap()),
-                peer: None,
-            };
+            let facts = get_facts("/api/v1/%74rades", Some(&h), "127.0.0.1");
             admit(
                 &f.routes,
                 Some(&f.snap),

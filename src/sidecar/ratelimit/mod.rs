@@ -40,10 +40,6 @@ pub struct LimiterCounters {
 }
 
 impl LimiterCounters {
-    pub fn new(metrics: &SidecarMetrics) -> LimiterCounters {
-        metrics.limiter_counters()
-    }
-
     fn fallback(&self, mode: OnRedisError) -> &IntCounter {
         &self.fallback[match mode {
             OnRedisError::Local => 0,
@@ -81,7 +77,7 @@ impl SidecarLimiter {
         let shared = match &cfg.redis {
             None => None,
             Some(r) => {
-                let counters = LimiterCounters::new(metrics);
+                let counters = metrics.limiter_counters();
                 counters.up.set(1);
                 Some(Shared {
                     redis: RedisLimiter::new(r, password)?,

@@ -127,34 +127,41 @@ impl RedisLimiter {
             key_prefix: cfg.key_prefix.clone(),
             timeout: cfg.timeout,
         };
-        limiter.reconnect();
+        limiter.connect(false);
         Ok(limiter)
     }
 
-    /// Connects (again) in the background and loads the script: at start, and after a trial
-    /// failed on a broken connection. A Redis that is down just leaves requests to fall back.
+    /// After a trial failed on a broken connection: a new connection, in the background.
     pub fn reconnect(&self) {
+        self.connect(true);
+    }
+
+    /// Connects in the background and loads the script: at start (on the connection made in
+    /// `new`), and with a new single-node manager when `replace`. A Redis that is down just
+    /// leaves requests to fall back.
+    fn connect(&self, replace: bool) {
         let Some(rt) = &self.runtime else { return };
         let conn = self.conn.clone();
+        let script = self.script.clone();
         rt.spawn(async move {
-            let script = ::redis::Script::new(GCRA_LUA);
             let loaded = match &*conn {
                 Conn::Single {
                     client,
                     config,
                     manager,
                 } => {
-                    let fresh = match ::redis::aio::ConnectionManager::new_lazy_with_config(
-                        client.clone(),
-                        config.clone(),
-                    ) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            return tracing::debug!(error = %e, "shared rate limiter: no new connection")
+                    if replace {
+                        match ::redis::aio::ConnectionManager::new_lazy_with_config(
+                            client.clone(),
+                            config.clone(),
+                        ) {
+                            Ok(m) => manager.store(std::sync::Arc::new(m)),
+                            Err(e) => {
+                                return tracing::debug!(error = %e, "shared rate limiter: no new connection")
+                            }
                         }
-                    };
-                    manager.store(std::sync::Arc::new(fresh.clone()));
-                    let mut c = fresh;
+                    }
+                    let mut c = (**manager.load()).clone();
                     script.prepare_invoke().load_async(&mut c).await
                 }
                 Conn::Cluster { client, conn } => match client.get_async_connection().await {
