@@ -21,7 +21,7 @@ use permiso::admin::storage::sqlite::Store;
 use permiso::admin::storage::{BulkService, NewService, StoredKey};
 use permiso::core::ids;
 use permiso::core::key::{self, Environment};
-use permiso::core::ratelimit::Scope;
+use permiso::core::ratelimit::LimitScope;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // The bench's TLS client (the library's own rustls).
@@ -225,7 +225,7 @@ fn request_then_close(auth: Option<&str>) -> Vec<u8> {
     r
 }
 
-fn new_service(name: &str, scopes: &[&str], per_minute: Option<u32>, scope: Scope) -> NewService {
+fn new_service(name: &str, scopes: &[&str], per_minute: Option<u32>, scope: LimitScope) -> NewService {
     NewService {
         rate_limit_per_minute: per_minute,
         rate_limit_scope: scope,
@@ -257,7 +257,7 @@ fn seed(db: &Path, n: usize) -> Seeded {
                     scopes: &[&str],
                     per_minute: Option<u32>,
                     keys: usize,
-                    scope: Scope|
+                    scope: LimitScope|
      -> (String, Vec<String>, String) {
         let id = ids::new_service_id();
         let mut secrets = Vec::new();
@@ -277,31 +277,31 @@ fn seed(db: &Path, n: usize) -> Seeded {
         (id, secrets, cs.secret.expose().to_string())
     };
     for i in 0..n / 10 {
-        let (_, keys, _) = make(format!("svc-{i}"), &["trade:read"], None, 10, Scope::Sidecar);
+        let (_, keys, _) = make(format!("svc-{i}"), &["trade:read"], None, 10, LimitScope::Sidecar);
         first_key.get_or_insert(keys[0].clone());
     }
-    let (_, sync, _) = make("bench-sync".into(), &["sync:read"], None, 1, Scope::Sidecar);
+    let (_, sync, _) = make("bench-sync".into(), &["sync:read"], None, 1, LimitScope::Sidecar);
     let (_, limited, _) = make(
         "bench-limited".into(),
         &["trade:read"],
         Some(1),
         1,
-        Scope::Sidecar,
+        LimitScope::Sidecar,
     );
-    let (jwt_id, _, jwt_secret) = make("bench-jwt".into(), &["trade:read"], None, 1, Scope::Sidecar);
+    let (jwt_id, _, jwt_secret) = make("bench-jwt".into(), &["trade:read"], None, 1, LimitScope::Sidecar);
     let (_, metered_local, _) = make(
         "bench-metered-local".into(),
         &["trade:read"],
         Some(10_000_000),
         1,
-        Scope::Sidecar,
+        LimitScope::Sidecar,
     );
     let (_, metered_cluster, _) = make(
         "bench-metered-cluster".into(),
         &["trade:read"],
         Some(10_000_000),
         1,
-        Scope::Cluster,
+        LimitScope::Cluster,
     );
     store
         .bulk_create(&bulk, now, &permiso::admin::storage::Audit::system())

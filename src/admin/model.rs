@@ -6,7 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::admin::error::ApiError;
 use crate::admin::storage::{KeyRecord, NewService, ServicePatch, ServiceRecord};
 use crate::core::key::Environment;
-use crate::core::ratelimit::Scope;
+use crate::core::ratelimit::LimitScope;
 use crate::core::scope::ScopeSet;
 use crate::core::snapshot::parse_cidr;
 
@@ -38,7 +38,7 @@ pub struct CreateService {
     pub rate_limit_per_hour: Option<u32>,
     /// `sidecar` (default): each sidecar counts alone; `cluster`: one count shared by every
     /// sidecar with the Redis limiter.
-    pub rate_limit_scope: Option<Scope>,
+    pub rate_limit_scope: Option<LimitScope>,
     pub allowed_ips: Option<Vec<String>>,
     pub contact_email: Option<String>,
     /// Seconds; default 3600, 60..=86400.
@@ -55,7 +55,7 @@ pub struct PatchService {
     pub rate_limit_per_minute: Option<Option<u32>>,
     #[serde(default, deserialize_with = "nullable")]
     pub rate_limit_per_hour: Option<Option<u32>>,
-    pub rate_limit_scope: Option<Scope>,
+    pub rate_limit_scope: Option<LimitScope>,
     pub allowed_ips: Option<Vec<String>>,
     #[serde(default, deserialize_with = "nullable")]
     pub description: Option<Option<String>>,
@@ -305,7 +305,7 @@ pub struct ServiceView {
     pub scopes: Vec<String>,
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
-    pub rate_limit_scope: Scope,
+    pub rate_limit_scope: LimitScope,
     pub allowed_ips: Vec<String>,
     pub tls_identities: Vec<String>,
     pub disabled: bool,

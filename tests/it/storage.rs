@@ -136,12 +136,12 @@ async fn conformance(s: SharedStorage) {
     let patch = ServicePatch {
         scopes: Some(vec!["trade:read".into(), "trade:open".into()]),
         rate_limit_per_minute: Some(Some(600)),
-        rate_limit_scope: Some(permiso::core::ratelimit::Scope::Cluster),
+        rate_limit_scope: Some(permiso::core::ratelimit::LimitScope::Cluster),
         ..Default::default()
     };
     assert_eq!(
         s.get_service(&a).await.unwrap().rate_limit_scope,
-        permiso::core::ratelimit::Scope::Sidecar,
+        permiso::core::ratelimit::LimitScope::Sidecar,
         "a new service is counted by each sidecar"
     );
     let (rec, v) = s
@@ -151,12 +151,15 @@ async fn conformance(s: SharedStorage) {
     assert_eq!(v, before + 1);
     assert_eq!(rec.scopes, vec!["trade:read", "trade:open"]);
     assert_eq!(rec.rate_limit_per_minute, Some(600));
-    assert_eq!(rec.rate_limit_scope, permiso::core::ratelimit::Scope::Cluster);
+    assert_eq!(
+        rec.rate_limit_scope,
+        permiso::core::ratelimit::LimitScope::Cluster
+    );
     let (synced, _) = s.sync_payload(None, None, 3_000).await.unwrap();
     let mine = synced.services.iter().find(|x| x.service_id == a).unwrap();
     assert_eq!(
         mine.rate_limit_scope,
-        permiso::core::ratelimit::Scope::Cluster,
+        permiso::core::ratelimit::LimitScope::Cluster,
         "sidecars get the scope"
     );
     assert!(s.token_client_ok(&a, 2_999).await.unwrap());

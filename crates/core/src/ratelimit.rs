@@ -38,10 +38,11 @@ impl Window {
     }
 }
 
-/// Where a service's limits are counted, set per service on the admin plane.
+/// Where a service's limits are counted, set per service on the admin plane (not to be
+/// confused with `scope::Scope`, what a caller may do).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Scope {
+pub enum LimitScope {
     /// Each sidecar counts alone (n replicas admit up to n times the limit).
     #[default]
     Sidecar,
@@ -49,24 +50,24 @@ pub enum Scope {
     Cluster,
 }
 
-impl Scope {
+impl LimitScope {
     pub fn name(self) -> &'static str {
         match self {
-            Scope::Sidecar => "sidecar",
-            Scope::Cluster => "cluster",
+            LimitScope::Sidecar => "sidecar",
+            LimitScope::Cluster => "cluster",
         }
     }
 
-    pub fn parse(s: &str) -> Option<Scope> {
+    pub fn parse(s: &str) -> Option<LimitScope> {
         match s {
-            "sidecar" => Some(Scope::Sidecar),
-            "cluster" => Some(Scope::Cluster),
+            "sidecar" => Some(LimitScope::Sidecar),
+            "cluster" => Some(LimitScope::Cluster),
             _ => None,
         }
     }
 
     pub fn is_sidecar(&self) -> bool {
-        *self == Scope::Sidecar
+        *self == LimitScope::Sidecar
     }
 }
 

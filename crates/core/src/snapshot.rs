@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::jwt::KeySet;
 use crate::key::{Environment, KeyHash};
-use crate::ratelimit::{LimiterState, Limits, RefusedUntil, Scope};
+use crate::ratelimit::{LimitScope, LimiterState, Limits, RefusedUntil};
 use crate::scope::{ScopeError, ScopeSet};
 use crate::sharded::{Shard, ShardedMap};
 use crate::sync::{SyncKey, SyncPayload, SyncRevokedToken, SyncService, SyncSigningKey};
@@ -100,7 +100,7 @@ pub struct ServiceEntry {
     pub allowed_ips: Vec<IpNet>,
     pub limits: Limits,
     /// Where the limits are counted: by each sidecar, or across the cluster.
-    pub rate_limit_scope: Scope,
+    pub rate_limit_scope: LimitScope,
     /// This sidecar's count at the full limits (`scope = sidecar`).
     pub limiter: Arc<LimiterState>,
     /// This sidecar's count of its share of a cluster limit, used while the shared limiter is

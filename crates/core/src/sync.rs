@@ -1,7 +1,7 @@
 //! The wire format sidecars pull from `GET /v1/sync`, also the format of the snapshot file.
 //! It carries key hashes and policies, never keys.
 
-use crate::ratelimit::Scope;
+use crate::ratelimit::LimitScope;
 use serde::{Deserialize, Serialize};
 
 use crate::key::Environment;
@@ -61,8 +61,8 @@ pub struct SyncService {
     pub rate_limit_per_hour: Option<u32>,
     /// Where the limits are counted; absent means `sidecar` (what every sidecar did before
     /// the shared limiter existed, so an older payload still reads the same).
-    #[serde(default, skip_serializing_if = "Scope::is_sidecar")]
-    pub rate_limit_scope: Scope,
+    #[serde(default, skip_serializing_if = "LimitScope::is_sidecar")]
+    pub rate_limit_scope: LimitScope,
     pub allowed_ips: Vec<String>,
     /// Access tokens issued (`iat`) before this are refused: the service was disabled since.
     #[serde(default, skip_serializing_if = "is_zero")]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::core::key::{Environment, KeyHash};
-use crate::core::ratelimit::Scope;
+use crate::core::ratelimit::LimitScope;
 use crate::core::sync::SyncPayload;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +53,7 @@ pub struct NewService {
     pub scopes: Vec<String>,
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
-    pub rate_limit_scope: Scope,
+    pub rate_limit_scope: LimitScope,
     pub allowed_ips: Vec<String>,
     pub access_token_lifetime: u32,
     pub tls_identities: Vec<String>,
@@ -93,7 +93,7 @@ pub struct ServicePatch {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_hour: Option<Option<u32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_limit_scope: Option<Scope>,
+    pub rate_limit_scope: Option<LimitScope>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_ips: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -167,7 +167,7 @@ pub struct ServiceRecord {
     pub scopes: Vec<String>,
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
-    pub rate_limit_scope: Scope,
+    pub rate_limit_scope: LimitScope,
     pub allowed_ips: Vec<String>,
     pub disabled: bool,
     pub access_token_lifetime: u32,
@@ -472,7 +472,7 @@ pub struct Patched {
     pub scopes: Vec<String>,
     pub rate_limit_per_minute: Option<u32>,
     pub rate_limit_per_hour: Option<u32>,
-    pub rate_limit_scope: Scope,
+    pub rate_limit_scope: LimitScope,
     pub allowed_ips: Vec<String>,
     pub description: Option<String>,
     pub contact_email: Option<String>,
@@ -630,7 +630,7 @@ impl NewService {
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             rate_limit_per_minute: None,
             rate_limit_per_hour: None,
-            rate_limit_scope: Scope::Sidecar,
+            rate_limit_scope: LimitScope::Sidecar,
             allowed_ips: vec![],
             access_token_lifetime: 3600,
             tls_identities: vec![],

@@ -19,7 +19,7 @@ use crate::config::file::OnRedisError;
 use crate::config::RateLimitConfig;
 use crate::core::clock::SharedClock;
 use crate::core::limiter::{local_share, LimitCheck, Local, Outcome, RateLimiter, Refused};
-use crate::core::ratelimit::{RateStatus, Scope};
+use crate::core::ratelimit::{LimitScope, RateStatus};
 use crate::core::snapshot::ServiceEntry;
 use crate::sidecar::metrics::SidecarMetrics;
 
@@ -107,7 +107,7 @@ impl SidecarLimiter {
 
 impl RateLimiter for SidecarLimiter {
     fn check<'a>(&'a self, service: &'a Arc<ServiceEntry>, now_nanos: u64) -> LimitCheck<'a> {
-        if service.rate_limit_scope == Scope::Sidecar {
+        if service.rate_limit_scope == LimitScope::Sidecar {
             return LimitCheck::Ready(Local::outcome(service, now_nanos));
         }
         let Some(shared) = &self.shared else {

@@ -9,7 +9,7 @@ use super::super::{
 };
 use super::{is_unique_violation, CHANNEL};
 use crate::core::key::{Environment, KeyHash};
-use crate::core::ratelimit::Scope;
+use crate::core::ratelimit::LimitScope;
 
 pub(super) const SERVICE_COLS: &str =
     "id, name, environment, description, contact_email, is_trusted, scopes, \
@@ -46,7 +46,7 @@ pub(super) fn service_of(r: &Row) -> StoreResult<ServiceRecord> {
         rate_limit_per_hour: u32_of(r.get(8)),
         rate_limit_scope: {
             let s: String = r.get(15);
-            Scope::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("rate_limit_scope {s:?}")))?
+            LimitScope::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("rate_limit_scope {s:?}")))?
         },
         allowed_ips: json_list(r.get(9))?,
         disabled: r.get(10),

@@ -8,7 +8,7 @@ use super::super::{
     StoredKey,
 };
 use crate::core::key::{Environment, KeyHash};
-use crate::core::ratelimit::Scope;
+use crate::core::ratelimit::LimitScope;
 
 /// Appends one entry, chained to the last, inside the caller's transaction: the change and
 /// its audit entry commit together or not at all.
@@ -95,7 +95,7 @@ pub(super) fn raw_service(r: &Row<'_>) -> rusqlite::Result<RawService> {
             scopes: vec![],
             rate_limit_per_minute: r.get(7)?,
             rate_limit_per_hour: r.get(8)?,
-            rate_limit_scope: Scope::Sidecar,
+            rate_limit_scope: LimitScope::Sidecar,
             allowed_ips: vec![],
             disabled: r.get(10)?,
             created_at: r.get(11)?,
@@ -117,7 +117,7 @@ pub(super) fn finish(raw: RawService) -> StoreResult<ServiceRecord> {
     let mut rec = raw.rec;
     rec.environment = Environment::parse(&raw.env)
         .ok_or_else(|| StoreError::Corrupt(format!("environment {:?}", raw.env)))?;
-    rec.rate_limit_scope = Scope::parse(&raw.scope)
+    rec.rate_limit_scope = LimitScope::parse(&raw.scope)
         .ok_or_else(|| StoreError::Corrupt(format!("rate_limit_scope {:?}", raw.scope)))?;
     rec.scopes = json_list(&raw.scopes_json)?;
     rec.allowed_ips = json_list(&raw.ips_json)?;
