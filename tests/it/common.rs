@@ -79,8 +79,14 @@ impl EchoUpstream {
             let app = axum::Router::new().fallback(
                 move |method: axum::http::Method,
                       uri: axum::http::Uri,
-                      headers: axum::http::HeaderMap| async move {
+                      headers: axum::http::HeaderMap,
+                      body: axum::body::Body| async move {
                     counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // Read the whole body before answering, as a real service would: answering
+                    // first makes hyper close the connection when the body arrives late, and
+                    // the sidecar's pool could hand that closing connection to the next
+                    // request (a 502 seen once under load in a clean-clone .ci/run).
+                    let _ = http_body_util::BodyExt::collect(body).await;
                     // A slow upstream, for in-flight requests across reloads and shutdowns.
                     if uri.path().contains("/slow") {
                         tokio::time::sleep(Duration::from_millis(1000)).await;
