@@ -3,10 +3,13 @@
 //! dev`); `run` runs it in the foreground with pingora's signal handling.
 
 pub mod egress;
+pub mod forward;
+pub mod h1;
 pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod passthrough;
+pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
 pub mod snapshot_file;
@@ -28,7 +31,7 @@ use crate::config::SidecarConfig;
 use crate::core::clock::SharedClock;
 use crate::core::snapshot::Snapshot;
 use crate::core::token_cache::TokenCache;
-use proxy::{Shared, SidecarProxy};
+use proxy::Shared;
 use sync_client::{EarlySync, SyncClient};
 
 /// Loads the snapshot file, if any. A bad file (one that does not verify under this sync
@@ -66,6 +69,7 @@ fn live_of(cfg: &SidecarConfig) -> proxy::Live {
         routes: cfg.routes.clone(),
         forwarded_for: cfg.forwarded_for,
         peer: HttpPeer::new(cfg.upstream, false, String::new()),
+        upstream: cfg.upstream,
         tokens: cfg.tokens.clone(),
     }
 }
@@ -271,12 +275,6 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         egress: egress.clone(),
         started: cfg.clone(),
     });
-    let mut proxy = pingora::proxy::http_proxy(&server.configuration, SidecarProxy { shared });
-    // Like nginx's keepalive_requests: bounds what one client connection can hold on to.
-    let mut options = pingora::apps::HttpServerOptions::default();
-    // pingora counts reuses after the first request.
-    options.keepalive_request_limit = Some(cfg.max_requests_per_connection - 1);
-    proxy.server_options = Some(options);
     let (fd_soft, fd_hard) = listener::raise_fd_limit();
     let max_connections = listener::fit_max_connections(cfg.max_connections, fd_soft);
     if max_connections < cfg.max_connections {
@@ -292,14 +290,16 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     let connections = crate::conn_limit::ConnTable::new(max_connections);
     let mut service = pingora::services::listening::Service::new(
         "permiso sidecar".to_string(),
-        listener::Guarded {
-            inner: Arc::new(proxy),
+        h1::H1Sidecar {
+            shared,
             table: connections.clone(),
-            header_read_timeout: cfg.header_read_timeout,
-            idle_timeout: cfg.idle_timeout,
-            body_rate_grace: cfg.body_rate_grace,
-            body_min_rate: cfg.body_min_rate,
-            metrics: metrics.clone(),
+            limits: h1::ConnLimits {
+                header_read_timeout: cfg.header_read_timeout,
+                idle_timeout: cfg.idle_timeout,
+                body_rate_grace: cfg.body_rate_grace,
+                body_min_rate: cfg.body_min_rate,
+                max_requests: cfg.max_requests_per_connection,
+            },
         },
     );
     let mut certs = Vec::new();

@@ -38,6 +38,8 @@ pub struct Live {
     pub routes: RouteTable,
     pub forwarded_for: ForwardedFor,
     pub peer: HttpPeer,
+    /// The upstream service's address (`peer`'s, for the HTTP/1 path).
+    pub upstream: std::net::SocketAddr,
     pub tokens: TokenSettings,
 }
 

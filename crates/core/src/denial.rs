@@ -95,7 +95,8 @@ pub struct DenialResponse {
 
 impl DenialResponse {
     /// A request that was allowed but could not be proxied: the upstream refused, failed or
-    /// timed out (502/504), the request broke off (400), or we failed (500). Same JSON shape
+    /// timed out (502/504), the request broke off (400), asked for a tunnel (405), or we failed
+    /// (500). Same JSON shape
     /// as a denial; the cause is logged, not sent.
     pub fn proxy_failure(status: u16) -> DenialResponse {
         let (code, description) = match status {
@@ -104,6 +105,7 @@ impl DenialResponse {
                 "bad_gateway",
                 "The upstream service could not be reached or failed",
             ),
+            405 => ("method_not_allowed", "The sidecar does not proxy CONNECT tunnels"),
             400..=499 => ("invalid_request", "The request could not be read"),
             _ => ("server_error", "The sidecar failed to proxy the request"),
         };
