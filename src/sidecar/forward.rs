@@ -1,11 +1,19 @@
-//! What the sidecar changes in a request it forwards and in the answer it returns, on pingora's
-//! header types: the canonical target, body framing, hop-by-hop headers, the forwarding chain,
-//! the identity headers, the request id, the RateLimit headers, and the JSON error answers.
-//! Pure functions of the header and the verdict; the transport (`h1`) calls them.
+//! What the sidecar changes in a request it forwards and in the answer it returns: the
+//! canonical target, body framing, hop-by-hop headers, the forwarding chain, the identity
+//! headers, the request id, the RateLimit headers, and the JSON error answers. Pure functions
+//! of the head and the verdict; the transport (`h1`) calls them.
+//!
+//! They work on `http`'s request and response parts with prebuilt header names: pingora's
+//! `insert_header` parses the name again on every call and keeps a second, case-preserving
+//! map beside the values (an allocation and two map inserts per header). The heads sent on are
+//! built without that map, so header names go out in their canonical spelling (standard names
+//! title-cased, the others lower-case), as Envoy's HTTP/1 codec does; names are
+//! case-insensitive (RFC 9110 §5.1).
 
 use http::header::{self, HeaderName};
+use http::request::Parts as ReqParts;
+use http::response::Parts as RespParts;
 use http::HeaderValue;
-use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType, Result};
 
 use crate::config::ForwardedFor;
@@ -13,49 +21,52 @@ use crate::core::decision::{Credential, Verdict};
 use crate::core::denial::DenialResponse;
 use crate::core::headers;
 
-/// The request id header, exact spelling: the caller's proposal, and what we send both ways.
-pub const X_REQUEST_ID: &str = "X-Request-Id";
+/// The request id: the caller's proposal, and what we send both ways.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const SERVICE_ID: HeaderName = HeaderName::from_static("x-permiso-service-id");
+const SERVICE_NAME: HeaderName = HeaderName::from_static("x-permiso-service-name");
+const SCOPES: HeaderName = HeaderName::from_static("x-permiso-scopes");
+const KEY_ID: HeaderName = HeaderName::from_static("x-permiso-key-id");
+const TOKEN_ID: HeaderName = HeaderName::from_static("x-permiso-token-id");
+const CERT_IDENTITY: HeaderName = HeaderName::from_static("x-permiso-client-cert-identity");
+const ENVIRONMENT: HeaderName = HeaderName::from_static("x-permiso-environment");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
-/// Sets the forwarded request-target to `path` (canonical) and the received query.
-fn set_target(upstream: &mut RequestHeader, path: &str) -> Result<()> {
+fn value(s: String) -> Result<HeaderValue> {
+    HeaderValue::try_from(s).map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "header value", e))
+}
+
+/// The upstream reads exactly the path that was routed: the canonical one when it differs
+/// from the received one, and the received query, in origin-form (also for a request that
+/// came in absolute-form). The head is serialised from this URI.
+pub fn set_canonical_target(upstream: &mut ReqParts, rewritten: Option<&str>) -> Result<()> {
+    // An absolute-form target ("http://host", with or without a path) goes on as its path.
+    let absolute = upstream.uri.scheme().is_some() || upstream.uri.authority().is_some();
+    let path = match rewritten {
+        Some(p) => p,
+        None if absolute => upstream.uri.path(),
+        None => return Ok(()),
+    };
     let target = match upstream.uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     };
-    let uri = http::Uri::builder()
+    upstream.uri = http::Uri::builder()
         .path_and_query(target)
         .build()
         .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "canonical path", e))?;
-    upstream.set_uri(uri);
     Ok(())
-}
-
-/// The upstream reads exactly the path that was routed: the canonical one (when it differs
-/// from the received one), in origin-form (an absolute-form target is otherwise kept verbatim
-/// by pingora's serialiser).
-pub fn set_canonical_target(upstream: &mut RequestHeader, rewritten: Option<&str>) -> Result<()> {
-    match rewritten {
-        Some(p) => set_target(upstream, p),
-        None if upstream.raw_path()
-            != upstream
-                .uri
-                .path_and_query()
-                .map_or(&b""[..], |p| p.as_str().as_bytes()) =>
-        {
-            let p = upstream.uri.path().to_string();
-            set_target(upstream, &p)
-        }
-        None => Ok(()),
-    }
 }
 
 /// Framing: one Content-Length value, never a list (pingora's server already framed the body
 /// by the reconciled value and refused conflicting ones), and none beside Transfer-Encoding
 /// (RFC 9112 §6.3: a proxy removes it).
-pub fn frame_body(upstream: &mut RequestHeader) -> Result<()> {
+pub fn frame_body(upstream: &mut ReqParts) -> Result<()> {
     if upstream.headers.contains_key(header::TRANSFER_ENCODING) {
-        upstream.remove_header(&header::CONTENT_LENGTH);
+        upstream.headers.remove(header::CONTENT_LENGTH);
         return Ok(());
     }
     let mut cl = upstream.headers.get_all(header::CONTENT_LENGTH).iter();
@@ -72,7 +83,7 @@ pub fn frame_body(upstream: &mut RequestHeader) -> Result<()> {
             .map(|v| v.as_bytes());
         let n = headers::single_content_length(values)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(400), "conflicting Content-Length"))?;
-        upstream.insert_header("Content-Length", n.to_string())?;
+        upstream.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(())
 }
@@ -101,7 +112,7 @@ fn must_stay(name: &[u8]) -> bool {
 /// Drops the hop-by-hop headers and every header the caller's `Connection` names (RFC 9110
 /// §7.6.1). Called before the sidecar adds its own headers, so a `Connection:
 /// X-Permiso-Service-Id` cannot remove what the sidecar sets.
-pub fn strip_hop_by_hop(upstream: &mut RequestHeader, upgrade: bool) {
+pub fn strip_hop_by_hop(upstream: &mut ReqParts, upgrade: bool) {
     // One lookup on the usual request, which has none of these.
     if !HOP_BY_HOP.iter().any(|h| upstream.headers.contains_key(h))
         && !upstream.headers.contains_key(header::UPGRADE)
@@ -119,12 +130,14 @@ pub fn strip_hop_by_hop(upstream: &mut RequestHeader, upgrade: bool) {
         .filter(|n| !(upgrade && *n == header::UPGRADE))
         .collect();
     for n in named.iter().chain(HOP_BY_HOP.iter()) {
-        upstream.remove_header(n);
+        upstream.headers.remove(n);
     }
     if upgrade {
-        let _ = upstream.insert_header("Connection", HeaderValue::from_static("upgrade"));
+        upstream
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        upstream.remove_header(&header::UPGRADE);
+        upstream.headers.remove(header::UPGRADE);
     }
 }
 
@@ -162,13 +175,13 @@ fn forwarded_node(ip: std::net::IpAddr, text: &str) -> String {
 /// Drops every header the caller may not send upstream (identity and forwarding headers, in
 /// any spelling), then sets the forwarding chain from the TCP peer.
 pub fn set_forwarding(
-    upstream: &mut RequestHeader,
+    upstream: &mut ReqParts,
     peer: Option<std::net::IpAddr>,
     mode: ForwardedFor,
 ) -> Result<()> {
     let (mut xff, mut fwd) = (None, None);
     if mode == ForwardedFor::Append {
-        let join = |name: &str| {
+        let join = |name: &HeaderName| {
             let v: Vec<&str> = upstream
                 .headers
                 .get_all(name)
@@ -177,7 +190,7 @@ pub fn set_forwarding(
                 .collect();
             (!v.is_empty()).then(|| v.join(", "))
         };
-        (xff, fwd) = (join("x-forwarded-for"), join("forwarded"));
+        (xff, fwd) = (join(&X_FORWARDED_FOR), join(&FORWARDED));
     }
     // One scan; allocation only when a caller sent something to drop.
     if upstream.headers.keys().any(|n| headers::is_reserved(n.as_str())) {
@@ -188,7 +201,7 @@ pub fn set_forwarding(
             .cloned()
             .collect();
         for name in drop {
-            upstream.remove_header(&name);
+            upstream.headers.remove(&name);
         }
     }
     if let Some(ip) = peer {
@@ -202,44 +215,50 @@ pub fn set_forwarding(
             Some(chain) => format!("{chain}, {node}"),
             None => node,
         };
-        upstream.insert_header("X-Forwarded-For", xff)?;
-        upstream.insert_header("Forwarded", fwd)?;
+        upstream.headers.insert(X_FORWARDED_FOR, value(xff)?);
+        upstream.headers.insert(FORWARDED, value(fwd)?);
     }
     Ok(())
 }
 
 /// Who called, for the upstream; and no credential the upstream should not see. A credential
 /// sent to a public route does not leak upstream unless the route says so.
-pub fn set_identity(upstream: &mut RequestHeader, verdict: &Verdict) -> Result<()> {
+pub fn set_identity(upstream: &mut ReqParts, verdict: &Verdict) -> Result<()> {
+    let h = &mut upstream.headers;
     match verdict {
         Verdict::Allowed {
             principal,
             cert_identity,
             ..
         } => {
-            upstream.remove_header(&header::AUTHORIZATION);
+            h.remove(header::AUTHORIZATION);
             if let Some(identity) = cert_identity {
-                upstream.insert_header("X-Permiso-Client-Cert-Identity", identity.clone())?;
+                h.insert(CERT_IDENTITY, identity.clone());
             }
             let s = &principal.service;
             // Prebuilt values: each insert clones a reference count.
-            upstream.insert_header("X-Permiso-Service-Id", s.id_header.clone())?;
-            upstream.insert_header("X-Permiso-Service-Name", s.name_header.clone())?;
-            upstream.insert_header("X-Permiso-Scopes", principal.scopes_header().clone())?;
+            h.insert(SERVICE_ID, s.id_header.clone());
+            h.insert(SERVICE_NAME, s.name_header.clone());
+            h.insert(SCOPES, principal.scopes_header().clone());
             match &principal.credential {
-                Credential::ApiKey { key_id, .. } => upstream.insert_header("X-Permiso-Key-Id", &**key_id)?,
-                Credential::AccessToken(t) => upstream.insert_header("X-Permiso-Token-Id", t.jti_header.clone())?,
+                Credential::ApiKey { key_id, .. } => {
+                    let v = HeaderValue::from_str(key_id)
+                        .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "key id", e))?;
+                    h.insert(KEY_ID, v);
+                }
+                Credential::AccessToken(t) => {
+                    h.insert(TOKEN_ID, t.jti_header.clone());
+                }
                 // The identity is in X-Permiso-Client-Cert-Identity.
                 Credential::ClientCert { .. } => {}
             }
-            let env = HeaderValue::from_static(s.environment.as_str());
-            upstream.insert_header("X-Permiso-Environment", env)?;
+            h.insert(ENVIRONMENT, HeaderValue::from_static(s.environment.as_str()));
         }
         Verdict::Public {
             forward_authorization: true,
         } => {}
         Verdict::Public { .. } => {
-            upstream.remove_header(&header::AUTHORIZATION);
+            h.remove(header::AUTHORIZATION);
         }
     }
     Ok(())
@@ -248,7 +267,7 @@ pub fn set_identity(upstream: &mut RequestHeader, verdict: &Verdict) -> Result<(
 /// Everything above, in the order that makes it safe: framing and target first, then the
 /// caller's hop-by-hop and reserved headers dropped, then the sidecar's own set.
 pub fn rewrite_request(
-    upstream: &mut RequestHeader,
+    upstream: &mut ReqParts,
     rewritten_path: Option<&str>,
     verdict: &Verdict,
     request_id: &HeaderValue,
@@ -260,37 +279,45 @@ pub fn rewrite_request(
     frame_body(upstream)?;
     strip_hop_by_hop(upstream, upgrade);
     set_forwarding(upstream, peer, mode)?;
-    upstream.insert_header(X_REQUEST_ID, request_id.clone())?;
+    upstream.headers.insert(REQUEST_ID, request_id.clone());
     set_identity(upstream, verdict)
 }
 
 /// The request id, and the caller's RateLimit state when its service has limits.
-pub fn decorate_response(response: &mut ResponseHeader, request_id: &HeaderValue, verdict: &Verdict) -> Result<()> {
-    response.insert_header(X_REQUEST_ID, request_id.clone())?;
+pub fn decorate_response(response: &mut RespParts, request_id: &HeaderValue, verdict: &Verdict) -> Result<()> {
+    let h = &mut response.headers;
+    h.insert(REQUEST_ID, request_id.clone());
     if let Verdict::Allowed { principal, rate, .. } = verdict {
-        if let Some(value) = rate.header() {
-            match &rate.applied {
+        if let Some(v) = rate.header() {
+            let policy = match &rate.applied {
                 // A share of the limit, counted here while Redis is out of reach.
-                Some(l) => response.insert_header("RateLimit-Policy", l.policy_header())?,
-                None => response.insert_header("RateLimit-Policy", principal.service.policy_header.clone())?,
-            }
-            response.insert_header("RateLimit", value)?;
+                Some(l) => value(l.policy_header())?,
+                None => principal.service.policy_header.clone(),
+            };
+            h.insert(RATELIMIT_POLICY, policy);
+            h.insert(RATELIMIT, value(v)?);
         }
     }
     Ok(())
 }
 
 /// The head of one of core's JSON answers (a denial or a proxy failure); its body is `r.body`.
-pub fn json_head(r: &DenialResponse, request_id: &HeaderValue) -> Result<ResponseHeader> {
-    let mut h = ResponseHeader::build(r.status, Some(5 + r.headers.len()))?;
-    h.insert_header(X_REQUEST_ID, request_id.clone())?;
-    h.insert_header("Content-Type", HeaderValue::from_static("application/json"))?;
-    h.insert_header("Content-Length", r.body.len())?;
-    h.insert_header("Cache-Control", HeaderValue::from_static("no-store"))?;
-    for (name, value) in &r.headers {
-        h.insert_header(*name, value.as_str())?;
+pub fn json_head(r: &DenialResponse, request_id: &HeaderValue) -> Result<RespParts> {
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = http::StatusCode::from_u16(r.status)
+        .map_err(|e| Error::because(ErrorType::InternalError, "status", e))?;
+    let h = &mut parts.headers;
+    h.reserve(5 + r.headers.len());
+    h.insert(REQUEST_ID, request_id.clone());
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.body.len()));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for (name, v) in &r.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| Error::because(ErrorType::InternalError, "header name", e))?;
+        h.insert(name, value(v.clone())?);
     }
-    Ok(h)
+    Ok(parts)
 }
 
 #[cfg(test)]
@@ -315,10 +342,11 @@ mod tests {
         assert_eq!(forwarded_node(v6, &ip_text(v6)), "for=\"[::1]\"");
     }
 
-    fn request(headers: &[(&str, &str)]) -> RequestHeader {
-        let mut r = RequestHeader::build("GET", b"/x", None).unwrap();
+    fn request(headers: &[(&str, &str)]) -> ReqParts {
+        let mut r = http::Request::get("/x").body(()).unwrap().into_parts().0;
         for (n, v) in headers {
-            r.append_header(n.to_string(), *v).unwrap();
+            r.headers
+                .append(HeaderName::from_bytes(n.as_bytes()).unwrap(), v.parse().unwrap());
         }
         r
     }
@@ -339,12 +367,16 @@ mod tests {
             ("Accept", "*/*"),
         ]);
         strip_hop_by_hop(&mut r, false);
-        let names: Vec<&str> = r.headers.keys().map(|n| n.as_str()).collect();
-        assert_eq!(names, ["content-length", "accept"]);
-        // The serialised head agrees with the map (pingora keeps a second, case-preserving one).
+        let mut names: Vec<&str> = r.headers.keys().map(|n| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["accept", "content-length"]);
+        // What goes on the wire (a removal may reorder fields of different names; standard
+        // names are title-cased, the others lower-case).
         let mut wire = bytes::BytesMut::new();
-        r.header_to_h1_wire(&mut wire);
-        assert_eq!(&wire[..], b"Content-Length: 0\r\nAccept: */*\r\n");
+        pingora::http::RequestHeader::from(r).header_to_h1_wire(&mut wire);
+        assert_eq!(wire.len(), "Content-Length: 0\r\nAccept: */*\r\n".len());
+        let wire = String::from_utf8(wire.to_vec()).unwrap();
+        assert!(wire.contains("accept: */*\r\n") && wire.contains("Content-Length: 0\r\n"), "{wire}");
     }
 
     #[test]
@@ -354,5 +386,20 @@ mod tests {
         assert_eq!(r.headers.get("upgrade").unwrap(), "websocket");
         assert_eq!(r.headers.get("connection").unwrap(), "upgrade");
         assert!(r.headers.get("x-other").is_none());
+    }
+
+    #[test]
+    fn targets_go_on_in_origin_form_with_the_canonical_path() {
+        let target = |uri: &str, rewritten: Option<&str>| {
+            let mut r = http::Request::get(uri).body(()).unwrap().into_parts().0;
+            set_canonical_target(&mut r, rewritten).unwrap();
+            let h = pingora::http::RequestHeader::from(r);
+            String::from_utf8(h.raw_path().to_vec()).unwrap()
+        };
+        assert_eq!(target("/a/b?x=1", None), "/a/b?x=1");
+        assert_eq!(target("/a/./b?x=1", Some("/a/b")), "/a/b?x=1");
+        assert_eq!(target("http://evil.example/a?q", None), "/a?q");
+        assert_eq!(target("http://evil.example", None), "/");
+        assert_eq!(target("http://evil.example/a/../b", Some("/b")), "/b");
     }
 }

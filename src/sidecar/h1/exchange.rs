@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Method};
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession as Upstream;
 use pingora::protocols::http::v1::server::HttpSession as Downstream;
 use pingora::protocols::Stream;
@@ -93,7 +94,7 @@ fn status_of(e: &Error) -> u16 {
 
 /// Writes one of core's JSON answers.
 async fn answer_json(d: &mut Downstream, r: &DenialResponse, request_id: &HeaderValue) -> pingora::Result<()> {
-    let head = forward::json_head(r, request_id)?;
+    let head = ResponseHeader::from(forward::json_head(r, request_id)?);
     d.write_response_header(Box::new(head)).await?;
     d.write_body(r.body.as_bytes()).await?;
     d.finish_body().await?;
@@ -251,7 +252,8 @@ impl Client<'_> {
     async fn forward(&mut self, d: &mut Downstream, live: &Live, pass: &Pass, request_id: &HeaderValue) -> Forwarded {
         let upgrade = d.is_upgrade_req();
         let expect_continue = expects_continue(d) && !d.is_body_done();
-        let mut req = Box::new(d.req_header().clone());
+        // One copy of the head, without pingora's case-preserving name map (`forward`).
+        let mut req = d.req_header().as_owned_parts();
         let rewritten = forward::rewrite_request(
             &mut req,
             pass.rewritten_path.as_deref(),
@@ -271,8 +273,9 @@ impl Client<'_> {
         // Answered here once the request is allowed (as Envoy does): the upstream gets the
         // body without waiting.
         if expect_continue {
-            req.remove_header(&header::EXPECT);
+            req.headers.remove(header::EXPECT);
         }
+        let mut req = Box::new(RequestHeader::from(req));
         let lease = match self.upstream.lease(live.upstream).await {
             Ok(l) => l,
             Err(e) => return self.fail(d, up(e), request_id).await,
@@ -321,7 +324,7 @@ impl Client<'_> {
         &mut self,
         d: &mut Downstream,
         u: &mut Upstream,
-        req: Box<pingora::http::RequestHeader>,
+        req: Box<RequestHeader>,
         expect_continue: bool,
     ) -> Result<bool, Broke> {
         u.write_request_header(req).await.map_err(|e| Broke::Upstream(up(e)))?;
@@ -395,15 +398,17 @@ impl Client<'_> {
         early: bool,
     ) -> Forwarded {
         u.respect_keepalive();
-        // pingora's client session lends its response head only by reference: one clone.
+        // pingora's client session lends its response head only by reference: one copy,
+        // without the case-preserving name map.
         let Some(head) = u.resp_header() else {
             let e = Error::explain(ErrorType::InvalidHTTPHeader, "no response head");
             return self.fail(d, up(e), request_id).await;
         };
-        let mut head = Box::new(head.clone());
+        let mut head = head.as_owned_parts();
         if let Err(e) = forward::decorate_response(&mut head, request_id, &pass.verdict) {
             return self.fail(d, e, request_id).await;
         }
+        let head = Box::new(ResponseHeader::from(head));
         if (early && !d.is_body_done()) || *self.shutdown.borrow() {
             // The rest of the client's body is not read: the connection cannot carry another.
             d.set_server_keepalive(None);
