@@ -11,6 +11,10 @@ use permiso::cli;
 use permiso::config::{self, AdminConfig, SidecarConfig};
 use permiso::core::clock::SystemClock;
 
+/// mimalloc for the whole process (see Cargo.toml for why).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "permiso", version, about = "Service-to-service auth gateway")]
 struct Cli {
