@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Instructions per proxied request, sidecar vs bare pingora passthrough, counted by callgrind:
-# repeatable where wall-clock load tests on this shared machine are not (±20 %).
+# Instructions per proxied request, counted by callgrind: the sidecar, the passthrough on the
+# same HTTP/1 path without auth, pingora-proxy as a passthrough (the sidecar's path before
+# issue 15) and nginx. Repeatable where wall-clock load tests on this shared machine are not.
 #   cargo build --release --bins && bash benches/callgrind.sh
 # Needs valgrind and python3. Each proxy runs under callgrind twice (N1 and N2 keep-alive
 # requests after start-up); (I(N2) - I(N1)) / (N2 - N1) removes start-up and sync costs.
@@ -67,10 +68,8 @@ s1=$(measure sidecar $N1 $BIN/permiso sidecar --config "$work/sidecar.toml")
 s2=$(measure sidecar $N2 $BIN/permiso sidecar --config "$work/sidecar.toml")
 b1=$(measure bare $N1 $BIN/permiso passthrough --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
 b2=$(measure bare $N2 $BIN/permiso passthrough --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
-# Issue 15's experiment: pingora-core's HTTP/1 sessions, one upstream connection pinned per
-# downstream connection, no pingora-proxy.
-l1=$(measure lean $N1 $BIN/permiso passthrough --lean --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
-l2=$(measure lean $N2 $BIN/permiso passthrough --lean --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
+p1=$(measure pproxy $N1 $BIN/permiso passthrough --pingora-proxy --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
+p2=$(measure pproxy $N2 $BIN/permiso passthrough --pingora-proxy --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)
 n1=0; n2=0
 if command -v nginx >/dev/null 2>&1; then
   # nginx as a plain reverse proxy, one process (no master) so callgrind sees all its work.
@@ -91,15 +90,16 @@ NGINX
   n1=$(measure nginx $N1 nginx -c "$work/nginx.conf" -p "$work")
   n2=$(measure nginx $N2 nginx -c "$work/nginx.conf" -p "$work")
 fi
-python3 - "$s1" "$s2" "$b1" "$b2" "$n1" "$n2" "$N1" "$N2" "$l1" "$l2" <<'PY'
+python3 - "$s1" "$s2" "$b1" "$b2" "$n1" "$n2" "$N1" "$N2" "$p1" "$p2" <<'PY'
 import sys
-s1, s2, b1, b2, n1, n2, r1, r2, l1, l2 = map(int, sys.argv[1:])
-side, bare = (s2 - s1) / (r2 - r1), (b2 - b1) / (r2 - r1)
-lean = (l2 - l1) / (r2 - r1)
-print(f"instructions per request: sidecar {side:,.0f}, bare pingora {bare:,.0f}, "
-      f"auth adds {side - bare:,.0f} ({(side / bare - 1) * 100:+.1f} %)")
-print(f"lean passthrough (pingora-core sessions, pinned upstream) {lean:,.0f}: {lean / bare:.2f}x the pingora-proxy passthrough")
+s1, s2, b1, b2, n1, n2, r1, r2, p1, p2 = map(int, sys.argv[1:])
+per = lambda a, b: (b - a) / (r2 - r1)
+side, bare, pproxy = per(s1, s2), per(b1, b2), per(p1, p2)
+print(f"instructions per request: sidecar {side:,.0f}, passthrough on the same path {bare:,.0f} "
+      f"(auth and identity add {side - bare:,.0f}, {(side / bare - 1) * 100:+.1f} %), "
+      f"pingora-proxy passthrough {pproxy:,.0f}")
 if n2:
-    ngx = (n2 - n1) / (r2 - r1)
-    print(f"nginx proxy_pass {ngx:,.0f} instructions per request: bare pingora is {bare / ngx:.1f}x nginx, the sidecar {side / ngx:.1f}x")
+    ngx = per(n1, n2)
+    print(f"nginx proxy_pass {ngx:,.0f}: the sidecar is {side / ngx:.2f}x nginx, the passthrough {bare / ngx:.2f}x, "
+          f"pingora-proxy {pproxy / ngx:.2f}x")
 PY

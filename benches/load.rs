@@ -1,15 +1,17 @@
 //! Bundled load test: `cargo bench --bench load`. Needs only the repository and the Rust
 //! toolchain; uses nginx too when it is installed (`apt-get install -y nginx`).
 //!
-//! On loopback it starts a fast upstream, a bare pingora passthrough built from the same code
-//! and settings as the sidecar, the sidecar with 100k keys (PERMISO_LOAD_KEYS=1000000 for 1M)
+//! On loopback it starts a fast upstream, a passthrough on the sidecar's own HTTP/1 path (no
+//! auth, same settings), pingora-proxy as a passthrough (the sidecar's path before issue 15), the sidecar with 100k keys (PERMISO_LOAD_KEYS=1000000 for 1M)
 //! synced from a real admin plane, and nginx as a plain reverse proxy. Every proxy runs ONE
 //! worker thread/process. A bundled generator drives each with the same load (keep-alive
 //! connections, fixed duration) and the run prints one table, then measures how long a
 //! revocation takes to reach the sidecar while it serves that load.
 //!
 //! Knobs: PERMISO_LOAD_SECS (default 5), PERMISO_LOAD_CONNS (default 32),
-//! PERMISO_LOAD_KEYS (default 100000), PERMISO_LOAD_REVOCATIONS (default 20).
+//! PERMISO_LOAD_KEYS (default 100000), PERMISO_LOAD_REVOCATIONS (default 20),
+//! PERMISO_LOAD_THREADS (default 1: worker threads of the sidecar and the passthroughs, worker
+//! processes of nginx, threads of haproxy).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -321,6 +323,7 @@ fn main() {
     let conns = env_or("PERMISO_LOAD_CONNS", 32) as usize;
     let n_keys = env_or("PERMISO_LOAD_KEYS", 100_000) as usize;
     let revocations = env_or("PERMISO_LOAD_REVOCATIONS", 20) as usize;
+    let workers = env_or("PERMISO_LOAD_THREADS", 1) as usize;
     let dur = Duration::from_secs(secs);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -367,7 +370,7 @@ fn main() {
         None => String::new(),
     };
     let cfg = format!(
-        "[sidecar]\nlisten = \"{sidecar}\"\nupstream = \"{upstream}\"\nsnapshot_file = \"{}\"\nthreads = 1\n\
+        "[sidecar]\nlisten = \"{sidecar}\"\nupstream = \"{upstream}\"\nsnapshot_file = \"{}\"\nthreads = {workers}\n\
          [sidecar.sync]\nadmin_url = \"http://{admin}\"\ncredential_file = \"{}\"\n{rate_limit}\
          [[sidecar.routes]]\nprefix = \"/api/v1/trades\"\nscopes = [\"trade:read\"]\n",
         d.join("snapshot.json").display(),
@@ -403,7 +406,7 @@ fn main() {
     std::fs::write(
         d.join("sidecar-tls.toml"),
         format!(
-            "[sidecar]\nlisten = \"{sidecar_tls}\"\nupstream = \"{upstream}\"\nsnapshot_file = \"{}\"\nthreads = 1\n\
+            "[sidecar]\nlisten = \"{sidecar_tls}\"\nupstream = \"{upstream}\"\nsnapshot_file = \"{}\"\nthreads = {workers}\n\
              [sidecar.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
              [sidecar.sync]\nadmin_url = \"http://{admin}\"\ncredential_file = \"{}\"\n\
              [[sidecar.routes]]\nprefix = \"/api/v1/trades\"\nscopes = [\"trade:read\"]\n",
@@ -445,6 +448,7 @@ fn main() {
     wait_until("snapshot file", || d.join("snapshot.json").exists());
     std::thread::sleep(Duration::from_secs(3));
 
+    // The baseline: the sidecar's own HTTP/1 path with no policy, same settings.
     let bare = free_port();
     let bare_proc = spawn(
         d,
@@ -457,35 +461,36 @@ fn main() {
             "--upstream",
             &upstream.to_string(),
             "--threads",
-            "1",
+            &workers.to_string(),
         ],
     );
-    wait_until("bare pingora", || std::net::TcpStream::connect(bare).is_ok());
-    // Issue 15's experiment: the same forwarding on pingora-core's HTTP/1 sessions with one
-    // upstream connection pinned per downstream connection.
-    let lean = free_port();
-    let lean_proc = spawn(
+    wait_until("passthrough", || std::net::TcpStream::connect(bare).is_ok());
+    // pingora's own reverse proxy (pingora-proxy), the path the sidecar ran on before issue 15.
+    let pproxy = free_port();
+    let pproxy_proc = spawn(
         d,
-        "passthrough-lean",
+        "passthrough-pingora-proxy",
         permiso,
         &[
             "passthrough",
-            "--lean",
+            "--pingora-proxy",
             "--listen",
-            &lean.to_string(),
+            &pproxy.to_string(),
             "--upstream",
             &upstream.to_string(),
             "--threads",
-            "1",
+            &workers.to_string(),
         ],
     );
-    wait_until("lean passthrough", || std::net::TcpStream::connect(lean).is_ok());
+    wait_until("pingora-proxy passthrough", || {
+        std::net::TcpStream::connect(pproxy).is_ok()
+    });
 
     let nginx = which_nginx().map(|exe| {
         let (port, tls_port) = (free_port(), free_port());
         let (cert, key) = (pki.server_cert.display(), pki.server_key.display());
         let conf = format!(
-            "worker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\nevents {{ worker_connections 1024; }}\n\
+            "worker_processes {workers};\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\nevents {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  keepalive_requests 1000000;\n  upstream u {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}\n  \
              server {{\n    listen {port};\n    location / {{ proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n\
              server {{\n    listen {tls_port} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    \
@@ -501,12 +506,12 @@ fn main() {
         (port, tls_port, p)
     });
 
-    // haproxy (Debian's, when installed) as a second reference: one thread, HTTP mode, upstream
+    // haproxy (Debian's, when installed) as a second reference: `workers` threads, HTTP mode, upstream
     // connections reused, no logging.
     let haproxy = which(&["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"]).map(|exe| {
         let port = free_port();
         let conf = format!(
-            "global\n  nbthread 1\n  maxconn 4096\n\
+            "global\n  nbthread {workers}\n  maxconn 4096\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n\
              frontend f\n  bind {port}\n  default_backend b\n\
              backend b\n  server u {upstream}\n"
@@ -589,7 +594,7 @@ fn main() {
         measure_with(name, Target::Plain(addr), false, pid, req, expected)
     };
     let mut rows = vec![measure(
-        "bare pingora passthrough",
+        "passthrough (the sidecar's HTTP/1 path, no auth)",
         bare,
         bare_proc.0.id(),
         request(Some(&seeded.valid_key)),
@@ -604,13 +609,6 @@ fn main() {
             &[200],
         ));
     }
-    rows.push(measure(
-        "lean passthrough (pingora-core sessions, pinned upstream; issue 15 experiment)",
-        lean,
-        lean_proc.0.id(),
-        request(Some(&seeded.valid_key)),
-        &[200],
-    ));
     if let Some((port, p)) = &haproxy {
         rows.push(measure(
             "haproxy (no auth)",
@@ -620,6 +618,13 @@ fn main() {
             &[200],
         ));
     }
+    rows.push(measure(
+        "pingora-proxy passthrough (the sidecar's path before issue 15)",
+        pproxy,
+        pproxy_proc.0.id(),
+        request(Some(&seeded.valid_key)),
+        &[200],
+    ));
     let sid = sidecar_proc.0.id();
     rows.push(measure(
         "sidecar: valid API key",
@@ -673,7 +678,7 @@ fn main() {
     let redis_cpu = redis_pid.zip(redis_cpu0).map(|(p, c0)| cpu_ticks(p) - c0);
     // The same baseline again, last: the spread between the two rows is this run's drift.
     rows.push(measure(
-        "bare pingora passthrough (again)",
+        "passthrough (again)",
         bare,
         bare_proc.0.id(),
         request(Some(&seeded.valid_key)),
@@ -681,15 +686,19 @@ fn main() {
     ));
 
     let bare_rps = rows[0].rps;
-    let nginx_rps = nginx.as_ref().map(|_| rows[1].rps);
+    let nginx_row = nginx.as_ref().map(|_| (rows[1].rps, rows[1].cpu_us));
     println!(
-        "\nload: {conns} keep-alive connections, {secs} s per row, 1 worker thread/process for every proxy, sidecar snapshot {n_keys} keys\n"
+        "\nload: {conns} keep-alive connections, {secs} s per row, {workers} worker thread(s)/process(es) for every proxy, sidecar snapshot {n_keys} keys\n"
     );
-    println!("| path | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | × bare pingora | × nginx | statuses |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| path | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | req/s × passthrough | req/s × nginx | CPU × nginx | statuses |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
+        let (vs_nginx, cpu_vs_nginx) = match nginx_row {
+            Some((rps, cpu)) => (format!("{:.2}", r.rps / rps), format!("{:.2}", r.cpu_us / cpu)),
+            None => ("n/a (nginx not installed)".to_string(), "n/a".to_string()),
+        };
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} | {} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} | {} | {} |",
             r.name,
             r.rps,
             r.p50,
@@ -697,10 +706,8 @@ fn main() {
             r.p999,
             r.cpu_us,
             r.rps / bare_rps,
-            nginx_rps.map_or("n/a (nginx not installed)".to_string(), |x| format!(
-                "{:.2}",
-                r.rps / x
-            )),
+            vs_nginx,
+            cpu_vs_nginx,
             r.statuses
         );
     }

@@ -56,7 +56,7 @@ enum Command {
     },
     /// Admin plane + demo MT5 service + sidecar in one process, with a walkthrough.
     Dev(permiso::dev::DevArgs),
-    /// A bare pingora proxy without auth, with the sidecar's settings (load-test baseline).
+    /// Forwarding without auth on the sidecar's HTTP/1 path (the load bench's baseline).
     #[command(hide = true)]
     Passthrough {
         #[arg(long)]
@@ -65,10 +65,10 @@ enum Command {
         upstream: std::net::SocketAddr,
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// The issue-15 experiment: pingora-core's HTTP/1 sessions with a pinned upstream
-        /// connection instead of pingora-proxy.
+        /// pingora's own reverse proxy (pingora-proxy, a shared upstream pool) instead: the
+        /// sidecar's path before issue 15.
         #[arg(long)]
-        lean: bool,
+        pingora_proxy: bool,
     },
     /// Manage service accounts through the admin API (tables, or --json).
     Services {
@@ -202,13 +202,15 @@ fn main() -> anyhow::Result<()> {
             listen,
             upstream,
             threads,
-            lean,
+            pingora_proxy,
         } => {
-            if lean {
-                permiso::sidecar::passthrough::lean::run(listen, upstream, threads);
+            use permiso::sidecar::passthrough::{run, Engine};
+            let engine = if pingora_proxy {
+                Engine::PingoraProxy
             } else {
-                permiso::sidecar::passthrough::run(listen, upstream, threads);
-            }
+                Engine::H1
+            };
+            run(listen, upstream, threads, engine);
             Ok(())
         }
         Command::Services { admin, cmd } => finish(cli::services(&admin, &cmd)),

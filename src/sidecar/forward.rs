@@ -83,7 +83,9 @@ pub fn frame_body(upstream: &mut ReqParts) -> Result<()> {
             .map(|v| v.as_bytes());
         let n = headers::single_content_length(values)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(400), "conflicting Content-Length"))?;
-        upstream.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        upstream
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(())
 }
@@ -284,7 +286,11 @@ pub fn rewrite_request(
 }
 
 /// The request id, and the caller's RateLimit state when its service has limits.
-pub fn decorate_response(response: &mut RespParts, request_id: &HeaderValue, verdict: &Verdict) -> Result<()> {
+pub fn decorate_response(
+    response: &mut RespParts,
+    request_id: &HeaderValue,
+    verdict: &Verdict,
+) -> Result<()> {
     let h = &mut response.headers;
     h.insert(REQUEST_ID, request_id.clone());
     if let Verdict::Allowed { principal, rate, .. } = verdict {
@@ -308,7 +314,10 @@ pub fn json_head(r: &DenialResponse, request_id: &HeaderValue) -> Result<RespPar
         .map_err(|e| Error::because(ErrorType::InternalError, "status", e))?;
     let h = &mut parts.headers;
     h.reserve(5 + r.headers.len());
-    h.insert(REQUEST_ID, request_id.clone());
+    // None from the bare passthrough.
+    if !request_id.is_empty() {
+        h.insert(REQUEST_ID, request_id.clone());
+    }
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(r.body.len()));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -376,12 +385,19 @@ mod tests {
         pingora::http::RequestHeader::from(r).header_to_h1_wire(&mut wire);
         assert_eq!(wire.len(), "Content-Length: 0\r\nAccept: */*\r\n".len());
         let wire = String::from_utf8(wire.to_vec()).unwrap();
-        assert!(wire.contains("accept: */*\r\n") && wire.contains("Content-Length: 0\r\n"), "{wire}");
+        assert!(
+            wire.contains("accept: */*\r\n") && wire.contains("Content-Length: 0\r\n"),
+            "{wire}"
+        );
     }
 
     #[test]
     fn an_upgrade_keeps_upgrade_and_says_so_in_connection() {
-        let mut r = request(&[("Connection", "Upgrade, X-Other"), ("Upgrade", "websocket"), ("X-Other", "1")]);
+        let mut r = request(&[
+            ("Connection", "Upgrade, X-Other"),
+            ("Upgrade", "websocket"),
+            ("X-Other", "1"),
+        ]);
         strip_hop_by_hop(&mut r, true);
         assert_eq!(r.headers.get("upgrade").unwrap(), "websocket");
         assert_eq!(r.headers.get("connection").unwrap(), "upgrade");

@@ -10,9 +10,9 @@ pub mod listener;
 pub mod metrics;
 pub mod passthrough;
 pub mod policy;
-pub mod proxy;
 pub mod ratelimit;
 pub mod snapshot_file;
+pub mod state;
 pub mod sync_client;
 pub mod usage_report;
 
@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
-use pingora::prelude::HttpPeer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use tokio::sync::watch;
@@ -31,7 +30,7 @@ use crate::config::SidecarConfig;
 use crate::core::clock::SharedClock;
 use crate::core::snapshot::Snapshot;
 use crate::core::token_cache::TokenCache;
-use proxy::Shared;
+use state::Shared;
 use sync_client::{EarlySync, SyncClient};
 
 /// Loads the snapshot file, if any. A bad file (one that does not verify under this sync
@@ -64,11 +63,10 @@ pub(crate) fn server_conf(threads: usize, shutdown_grace: Duration) -> ServerCon
     }
 }
 
-fn live_of(cfg: &SidecarConfig) -> proxy::Live {
-    proxy::Live {
+fn live_of(cfg: &SidecarConfig) -> state::Live {
+    state::Live {
         routes: cfg.routes.clone(),
         forwarded_for: cfg.forwarded_for,
-        peer: HttpPeer::new(cfg.upstream, false, String::new()),
         upstream: cfg.upstream,
         tokens: cfg.tokens.clone(),
     }
@@ -291,7 +289,8 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     let mut service = pingora::services::listening::Service::new(
         "permiso sidecar".to_string(),
         h1::H1Sidecar {
-            shared,
+            gate: h1::Gate::Policy(shared),
+            metrics: metrics.clone(),
             table: connections.clone(),
             limits: h1::ConnLimits {
                 header_read_timeout: cfg.header_read_timeout,

@@ -1,22 +1,41 @@
-//! A bare pingora reverse proxy with no authentication, built with the sidecar's own server
-//! settings: the baseline `cargo bench --bench load` measures the sidecar against.
+//! `permiso passthrough` (hidden): forwarding without authentication, the load bench's
+//! baseline. By default it runs the sidecar's own HTTP/1 path (`h1`) with no policy
+//! (`Gate::Bare`) and the sidecar's default connection bounds, so the sidecar measured against
+//! it differs only by authentication and identity. `--pingora-proxy` runs pingora's own
+//! reverse proxy instead, the path the sidecar used before issue 15, to show what the
+//! transport alone costs.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::{RunArgs, Server};
 
-pub struct Passthrough {
+use crate::sidecar::h1::{ConnLimits, Gate, H1Sidecar};
+use crate::sidecar::metrics::SidecarMetrics;
+
+/// Which proxy forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The sidecar's HTTP/1 path without a policy.
+    H1,
+    /// pingora-proxy with a shared upstream pool.
+    PingoraProxy,
+}
+
+struct PingoraPassthrough {
     peer: HttpPeer,
 }
 
 #[async_trait]
-impl ProxyHttp for Passthrough {
+impl ProxyHttp for PingoraPassthrough {
     type CTX = ();
 
-    /// As the sidecar: no downstream modules, so the baseline carries the same framework cost.
+    /// No downstream modules: the default adds a disabled compression module that still
+    /// costs a box and two boxed calls per request.
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) {}
@@ -26,110 +45,46 @@ impl ProxyHttp for Passthrough {
     }
 }
 
-/// Runs until SIGTERM/SIGINT, like `permiso sidecar`.
-pub fn run(listen: SocketAddr, upstream: SocketAddr, threads: usize) {
-    let mut server = Server::new_with_opt_and_conf(
-        None,
-        super::server_conf(threads, std::time::Duration::from_secs(1)),
-    );
-    server.bootstrap();
-    let mut service = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Passthrough {
-            peer: HttpPeer::new(upstream, false, String::new()),
-        },
-        "bare passthrough",
-    );
-    service.add_tcp(&listen.to_string());
-    server.add_service(service);
-    server.run(RunArgs::default());
+/// The sidecar's defaults (`[sidecar]` in the config file).
+fn default_limits() -> ConnLimits {
+    ConnLimits {
+        header_read_timeout: Duration::from_millis(10_000),
+        idle_timeout: Duration::from_millis(60_000),
+        body_rate_grace: Duration::from_millis(10_000),
+        body_min_rate: 1024,
+        max_requests: 1000,
+    }
 }
 
-/// The experiment for issue 15: the same bare forwarding on pingora-core's HTTP/1 server and
-/// client sessions directly, one upstream connection pinned per downstream connection (no
-/// shared pool, no idle-watch task per request, no `ProxyHttp` hooks). Only the load bench's
-/// traffic is its job: bodies are streamed, but nothing else of the sidecar's request path is
-/// here (`permiso passthrough --lean`, a hidden baseline, never serving users).
-pub mod lean {
-    use std::net::SocketAddr;
-    use std::sync::Arc;
-
-    use async_trait::async_trait;
-    use pingora::apps::ServerApp;
-    use pingora::protocols::http::v1::client::HttpSession as Upstream;
-    use pingora::protocols::http::v1::server::HttpSession as Downstream;
-    use pingora::protocols::Stream;
-    use pingora::server::ShutdownWatch;
-
-    pub struct LeanPassthrough {
-        pub upstream: SocketAddr,
-    }
-
-    async fn connect(addr: SocketAddr) -> Option<Stream> {
-        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let _ = tcp.set_nodelay(true);
-        Some(Box::new(pingora::protocols::l4::stream::Stream::from(tcp)))
-    }
-
-    impl LeanPassthrough {
-        /// One request; the connections to keep, or None to close both.
-        async fn one(&self, down: Stream, up: Option<Stream>) -> Option<(Stream, Option<Stream>)> {
-            let mut d = Downstream::new(down);
-            d.read_request().await.ok()??;
-            // Keep-alive as the client asks (HTTP/1.1 default on), and from the upstream's answer.
-            d.respect_keepalive();
-            let req = Box::new(d.req_header().clone());
-            let up = match up {
-                Some(u) => u,
-                None => connect(self.upstream).await?,
-            };
-            let mut u = Upstream::new(up);
-            u.write_request_header(req).await.ok()?;
-            while let Some(chunk) = d.read_body_bytes().await.ok()? {
-                u.write_body(&chunk).await.ok()?;
-            }
-            u.finish_body().await.ok()?;
-            u.read_response().await.ok()?;
-            u.respect_keepalive();
-            let resp = Box::new(u.resp_header()?.clone());
-            d.write_response_header(resp).await.ok()?;
-            while let Some(chunk) = u.read_body_ref().await.ok()? {
-                d.write_body(chunk).await.ok()?;
-            }
-            d.finish_body().await.ok()?;
-            let up = u.reuse().await;
-            let down = d.reuse().await.ok()??.into_parts().0;
-            Some((down, up))
+/// Runs until SIGTERM/SIGINT, like `permiso sidecar`.
+pub fn run(listen: SocketAddr, upstream: SocketAddr, threads: usize, engine: Engine) {
+    let mut server = Server::new_with_opt_and_conf(None, super::server_conf(threads, Duration::from_secs(1)));
+    server.bootstrap();
+    match engine {
+        Engine::H1 => {
+            let mut service = pingora::services::listening::Service::new(
+                "passthrough".to_string(),
+                H1Sidecar {
+                    gate: Gate::Bare { upstream },
+                    metrics: Arc::new(SidecarMetrics::new(0)),
+                    table: crate::conn_limit::ConnTable::new(10_000),
+                    limits: default_limits(),
+                },
+            );
+            service.add_tcp(&listen.to_string());
+            server.add_service(service);
+        }
+        Engine::PingoraProxy => {
+            let mut service = pingora::proxy::http_proxy_service_with_name(
+                &server.configuration,
+                PingoraPassthrough {
+                    peer: HttpPeer::new(upstream, false, String::new()),
+                },
+                "pingora-proxy passthrough",
+            );
+            service.add_tcp(&listen.to_string());
+            server.add_service(service);
         }
     }
-
-    #[async_trait]
-    impl ServerApp for LeanPassthrough {
-        /// The whole connection in one call: the pinned upstream lives as long as it.
-        async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-            let (mut down, mut up) = (stream, None);
-            loop {
-                (down, up) = self.one(down, up).await?;
-                if *shutdown.borrow() {
-                    return None;
-                }
-            }
-        }
-    }
-
-    /// Runs until SIGTERM/SIGINT, like `permiso passthrough`.
-    pub fn run(listen: SocketAddr, upstream: SocketAddr, threads: usize) {
-        let mut server = pingora::server::Server::new_with_opt_and_conf(
-            None,
-            super::super::server_conf(threads, std::time::Duration::from_secs(1)),
-        );
-        server.bootstrap();
-        let mut service = pingora::services::listening::Service::new(
-            "lean passthrough".to_string(),
-            LeanPassthrough { upstream },
-        );
-        service.add_tcp(&listen.to_string());
-        server.add_service(service);
-        server.run(pingora::server::RunArgs::default());
-    }
+    server.run(RunArgs::default());
 }

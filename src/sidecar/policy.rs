@@ -13,7 +13,7 @@ use crate::core::limiter::RateLimiter;
 use crate::core::path::PathError;
 use crate::core::peer::PeerCert;
 use crate::sidecar::forward::REQUEST_ID;
-use crate::sidecar::proxy::{Live, Shared};
+use crate::sidecar::state::{Live, Shared};
 
 /// What the connection adds to the request head.
 pub struct Peer<'a> {
@@ -23,7 +23,12 @@ pub struct Peer<'a> {
 
 /// The request id to use (the caller's, when it sent exactly one well-formed one) and the
 /// verdict. `live` is the config this request is judged and forwarded under.
-pub async fn judge(shared: &Shared, live: &Live, req: &RequestHeader, peer: Peer<'_>) -> (HeaderValue, Result<Pass, Denial>) {
+pub async fn judge(
+    shared: &Shared,
+    live: &Live,
+    req: &RequestHeader,
+    peer: Peer<'_>,
+) -> (HeaderValue, Result<Pass, Denial>) {
     let now_nanos = shared.clock.now_nanos();
     let mut incoming_ids = req.headers.get_all(REQUEST_ID).iter();
     let incoming = match (incoming_ids.next(), incoming_ids.next()) {
@@ -56,7 +61,14 @@ pub async fn judge(shared: &Shared, live: &Live, req: &RequestHeader, peer: Peer
                 leeway_secs: live.tokens.leeway_secs,
                 cache: Some(&shared.token_cache),
             };
-            admit(&live.routes, snapshot.as_deref(), shared.environment, &facts, now_nanos, &tokens)
+            admit(
+                &live.routes,
+                snapshot.as_deref(),
+                shared.environment,
+                &facts,
+                now_nanos,
+                &tokens,
+            )
         }
         // The snapshot guard is not held across the limiter's round trip (the pending
         // decision holds what it needs).

@@ -4,6 +4,8 @@
 //! failure becomes one JSON answer here (`fail`), while the client can still be answered;
 //! the cause goes to the log and the metrics, never to the caller.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Method};
@@ -13,21 +15,37 @@ use pingora::protocols::http::v1::server::HttpSession as Downstream;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
 
-use super::upstream::{self, RETRY_AFTER_IDLE};
-use super::Client;
+use super::upstream;
+use super::{Client, Gate};
 use crate::core::decision::{Pass, Verdict};
 use crate::core::denial::{Denial, DenialResponse};
 use crate::core::peer::PeerCert;
 use crate::sidecar::forward;
 use crate::sidecar::metrics::Decided;
 use crate::sidecar::policy::{self, Peer};
-use crate::sidecar::proxy::Live;
+use crate::sidecar::state::Live;
 
 /// Request bodies up to this size are read and discarded before a denial, so the connection
 /// stays usable; larger or chunked bodies get the denial and a closed connection instead of
 /// making us read what an unauthenticated caller sends.
 const DRAIN_LIMIT: u64 = 64 * 1024;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where a request goes, and under which config.
+enum Target {
+    /// Judged under this live config (kept for the whole exchange, even if a reload lands).
+    Policy(Arc<Live>),
+    Bare(SocketAddr),
+}
+
+impl Target {
+    fn upstream(&self) -> SocketAddr {
+        match self {
+            Target::Policy(live) => live.upstream,
+            Target::Bare(addr) => *addr,
+        }
+    }
+}
 
 /// How a forwarded request ended.
 struct Forwarded {
@@ -62,6 +80,19 @@ fn expects_continue(d: &Downstream) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
+/// An upgrade request: `Upgrade` with `upgrade` among the `Connection` options (RFC 9110
+/// §7.8; pingora's own test looks at `Upgrade` alone). Anything else is forwarded as a plain
+/// request, its `Upgrade` dropped as hop-by-hop.
+fn asks_upgrade(d: &Downstream) -> bool {
+    d.is_upgrade_req()
+        && d.req_header()
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+}
+
 fn declared_length(d: &Downstream) -> Option<u64> {
     let v = d.req_header().headers.get(header::CONTENT_LENGTH)?;
     std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()
@@ -69,7 +100,19 @@ fn declared_length(d: &Downstream) -> Option<u64> {
 
 /// RFC 9110 §9.2.2.
 fn idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The connection failed under the request (reset, closed, unwritable) rather than the
+/// upstream answering something unreadable or late.
+fn connection_lost(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+    )
 }
 
 fn informational(u: &Upstream) -> bool {
@@ -93,7 +136,11 @@ fn status_of(e: &Error) -> u16 {
 }
 
 /// Writes one of core's JSON answers.
-async fn answer_json(d: &mut Downstream, r: &DenialResponse, request_id: &HeaderValue) -> pingora::Result<()> {
+async fn answer_json(
+    d: &mut Downstream,
+    r: &DenialResponse,
+    request_id: &HeaderValue,
+) -> pingora::Result<()> {
     let head = ResponseHeader::from(forward::json_head(r, request_id)?);
     d.write_response_header(Box::new(head)).await?;
     d.write_body(r.body.as_bytes()).await?;
@@ -112,24 +159,38 @@ impl Client<'_> {
         if self.served >= self.app.limits.max_requests {
             d.set_server_keepalive(None);
         }
-        let shared = &*self.app.shared;
+        let app = self.app;
         if d.req_header().method == Method::CONNECT {
             // As pingora-proxy: a tunnel is not a request this proxy judges or forwards.
             d.set_server_keepalive(None);
-            let id = shared.request_ids.keep_or_mint(None);
+            let id = app.mint_request_id();
             let _ = answer_json(&mut d, &DenialResponse::proxy_failure(405), &id).await;
             return None;
         }
-        let live = shared.live.load_full();
-        let peer = Peer {
-            ip: client_ip(&d),
-            cert: d
-                .digest()
-                .ssl_digest
-                .as_ref()
-                .and_then(|s| s.extension.get::<PeerCert>()),
+        let (request_id, decision, target) = match &app.gate {
+            Gate::Policy(shared) => {
+                let live = shared.live.load_full();
+                let peer = Peer {
+                    ip: client_ip(&d),
+                    cert: d
+                        .digest()
+                        .ssl_digest
+                        .as_ref()
+                        .and_then(|s| s.extension.get::<PeerCert>()),
+                };
+                let (id, decision) = policy::judge(shared, &live, d.req_header(), peer).await;
+                (id, decision, Target::Policy(live))
+            }
+            Gate::Bare { upstream } => {
+                let pass = Pass {
+                    verdict: Verdict::Public {
+                        forward_authorization: true,
+                    },
+                    rewritten_path: None,
+                };
+                (HeaderValue::from_static(""), Ok(pass), Target::Bare(*upstream))
+            }
         };
-        let (request_id, decision) = policy::judge(shared, &live, d.req_header(), peer).await;
         let (decided, outcome) = match &decision {
             Err(denial) => (Decided::Denied, self.deny(&mut d, denial, &request_id).await),
             Ok(pass) => {
@@ -137,11 +198,13 @@ impl Client<'_> {
                     Verdict::Allowed { .. } => Decided::Allowed,
                     Verdict::Public { .. } => Decided::Public,
                 };
-                (decided, self.forward(&mut d, &live, pass, &request_id).await)
+                (decided, self.forward(&mut d, &target, pass, &request_id).await)
             }
         };
-        shared.metrics.latency(decided, start.elapsed().as_secs_f64());
-        self.log(&d, start, &request_id, &decision, &outcome);
+        app.metrics.latency(decided, start.elapsed().as_secs_f64());
+        if let Target::Policy(_) = target {
+            self.log(&d, start, &request_id, &decision, &outcome);
+        }
         if !outcome.keep {
             return None;
         }
@@ -151,7 +214,7 @@ impl Client<'_> {
     /// Reads the next request head, within its deadline; `None` closes the connection.
     async fn read_head(&mut self, d: &mut Downstream) -> Option<()> {
         let limits = self.app.limits;
-        let metrics = &self.app.shared.metrics;
+        let metrics = &self.app.metrics;
         let (limit, reason) = if self.served == 0 {
             (limits.header_read_timeout, "header_timeout")
         } else {
@@ -190,7 +253,7 @@ impl Client<'_> {
                 if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
                     tracing::debug!(error = %e, "unreadable request head");
                     d.set_server_keepalive(None);
-                    let id = self.app.shared.request_ids.keep_or_mint(None);
+                    let id = self.app.mint_request_id();
                     let _ = answer_json(d, &DenialResponse::proxy_failure(400), &id).await;
                 }
                 None
@@ -204,8 +267,11 @@ impl Client<'_> {
     async fn deny(&mut self, d: &mut Downstream, denial: &Denial, request_id: &HeaderValue) -> Forwarded {
         if !d.is_body_done() {
             let small = declared_length(d).is_some_and(|n| n <= DRAIN_LIMIT) && !expects_continue(d);
-            let drained =
-                small && matches!(tokio::time::timeout(DRAIN_TIMEOUT, d.drain_request_body()).await, Ok(Ok(())));
+            let drained = small
+                && matches!(
+                    tokio::time::timeout(DRAIN_TIMEOUT, d.drain_request_body()).await,
+                    Ok(Ok(()))
+                );
             if !drained {
                 d.set_server_keepalive(None);
             }
@@ -227,7 +293,7 @@ impl Client<'_> {
     async fn fail(&mut self, d: &mut Downstream, e: Box<Error>, request_id: &HeaderValue) -> Forwarded {
         let status = status_of(&e);
         if *e.esource() == pingora::ErrorSource::Upstream {
-            self.app.shared.metrics.upstream_error(e.etype().as_str());
+            self.app.metrics.upstream_error(e.etype().as_str());
         }
         if status == 0 {
             return Forwarded {
@@ -249,64 +315,96 @@ impl Client<'_> {
         }
     }
 
-    async fn forward(&mut self, d: &mut Downstream, live: &Live, pass: &Pass, request_id: &HeaderValue) -> Forwarded {
-        let upgrade = d.is_upgrade_req();
-        let expect_continue = expects_continue(d) && !d.is_body_done();
-        // One copy of the head, without pingora's case-preserving name map (`forward`).
+    /// The head sent upstream: one copy of the client's, without pingora's case-preserving
+    /// name map (`forward`), with the sidecar's edits. Built again for a retry rather than
+    /// copied ahead of one that rarely happens.
+    fn upstream_head(
+        d: &Downstream,
+        target: &Target,
+        pass: &Pass,
+        request_id: &HeaderValue,
+        upgrade: bool,
+        expect_continue: bool,
+    ) -> pingora::Result<Box<RequestHeader>> {
         let mut req = d.req_header().as_owned_parts();
-        let rewritten = forward::rewrite_request(
-            &mut req,
-            pass.rewritten_path.as_deref(),
-            &pass.verdict,
-            request_id,
-            client_ip(d),
-            live.forwarded_for,
-            upgrade,
-        );
-        if let Err(mut e) = rewritten {
-            // A request that cannot be forwarded as judged (a Content-Length list that does
-            // not agree): refused, and the body it frames is not read.
-            e.as_down();
-            d.set_server_keepalive(None);
-            return self.fail(d, e, request_id).await;
+        // Room for what the sidecar adds, so the map grows once at most.
+        req.headers.reserve(10);
+        match target {
+            Target::Policy(live) => forward::rewrite_request(
+                &mut req,
+                pass.rewritten_path.as_deref(),
+                &pass.verdict,
+                request_id,
+                client_ip(d),
+                live.forwarded_for,
+                upgrade,
+            )?,
+            Target::Bare(_) => {
+                forward::strip_hop_by_hop(&mut req, upgrade);
+                forward::frame_body(&mut req)?
+            }
         }
         // Answered here once the request is allowed (as Envoy does): the upstream gets the
         // body without waiting.
         if expect_continue {
             req.headers.remove(header::EXPECT);
         }
-        let mut req = Box::new(RequestHeader::from(req));
-        let lease = match self.upstream.lease(live.upstream).await {
+        Ok(Box::new(RequestHeader::from(req)))
+    }
+
+    async fn forward(
+        &mut self,
+        d: &mut Downstream,
+        target: &Target,
+        pass: &Pass,
+        request_id: &HeaderValue,
+    ) -> Forwarded {
+        let upgrade = asks_upgrade(d);
+        let expect_continue = expects_continue(d) && !d.is_body_done();
+        let upstream_addr = target.upstream();
+        let mut req = match Self::upstream_head(d, target, pass, request_id, upgrade, expect_continue) {
+            Ok(r) => r,
+            Err(mut e) => {
+                // A request that cannot be forwarded as judged (a Content-Length list that
+                // does not agree): refused, and the body it frames is not read.
+                e.as_down();
+                d.set_server_keepalive(None);
+                return self.fail(d, e, request_id).await;
+            }
+        };
+        let lease = match self.upstream.lease(upstream_addr).await {
             Ok(l) => l,
             Err(e) => return self.fail(d, up(e), request_id).await,
         };
-        let mut retry = (lease.reused.is_some_and(|idle| idle >= RETRY_AFTER_IDLE)
-            && d.is_body_done()
-            && idempotent(&req.method))
-        .then(|| req.clone());
+        // A kept connection the upstream closed in the instant before we used it (its idle
+        // timeout, a restart) fails the request before any answer: an idempotent request
+        // without a body is sent once more on a new connection (RFC 9110 §9.2.2, nginx's
+        // proxy_next_upstream); anything else gets its 502.
+        let mut may_retry = lease.reused && d.is_body_done() && idempotent(&req.method);
         let mut u = Upstream::new(lease.stream);
         let early = loop {
             match self.send(d, &mut u, req, expect_continue).await {
                 Ok(early) => break early,
-                Err(Broke::Upstream(e)) => match retry.take() {
-                    // Nothing of an answer came: the kept connection was closed under us.
-                    Some(copy) => {
-                        tracing::debug!(error = %e, "kept upstream connection failed; trying a new one");
-                        req = copy;
-                        u = match upstream::connect(live.upstream).await {
-                            Ok(s) => Upstream::new(s),
-                            Err(e) => return self.fail(d, up(e), request_id).await,
-                        };
-                    }
-                    None => return self.fail(d, e, request_id).await,
-                },
+                Err(Broke::Upstream(e)) if may_retry && connection_lost(&e) => {
+                    may_retry = false;
+                    tracing::debug!(error = %e, "kept upstream connection lost; sending again on a new one");
+                    req = match Self::upstream_head(d, target, pass, request_id, upgrade, expect_continue) {
+                        Ok(r) => r,
+                        Err(e) => return self.fail(d, e, request_id).await,
+                    };
+                    u = match upstream::connect(upstream_addr).await {
+                        Ok(s) => Upstream::new(s),
+                        Err(e) => return self.fail(d, up(e), request_id).await,
+                    };
+                }
+                Err(Broke::Upstream(e)) => return self.fail(d, e, request_id).await,
                 Err(Broke::Downstream(mut e)) => {
                     e.as_down();
                     d.set_server_keepalive(None);
                     return self.fail(d, e, request_id).await;
                 }
                 Err(Broke::SlowBody) => {
-                    self.app.shared.metrics.connection_closed("slow_body");
+                    self.app.metrics.connection_closed("slow_body");
                     return Forwarded {
                         status: 0,
                         error: None,
@@ -315,7 +413,7 @@ impl Client<'_> {
                 }
             }
         };
-        self.respond(d, u, live, pass, request_id, early).await
+        self.respond(d, u, target, pass, request_id, early).await
     }
 
     /// Sends the request head and body, and reads the answer's head. `Ok(true)` when the
@@ -327,7 +425,9 @@ impl Client<'_> {
         req: Box<RequestHeader>,
         expect_continue: bool,
     ) -> Result<bool, Broke> {
-        u.write_request_header(req).await.map_err(|e| Broke::Upstream(up(e)))?;
+        u.write_request_header(req)
+            .await
+            .map_err(|e| Broke::Upstream(up(e)))?;
         if expect_continue {
             d.write_continue_response().await.map_err(Broke::Downstream)?;
         }
@@ -392,7 +492,7 @@ impl Client<'_> {
         &mut self,
         d: &mut Downstream,
         mut u: Upstream,
-        live: &Live,
+        target: &Target,
         pass: &Pass,
         request_id: &HeaderValue,
         early: bool,
@@ -405,8 +505,10 @@ impl Client<'_> {
             return self.fail(d, up(e), request_id).await;
         };
         let mut head = head.as_owned_parts();
-        if let Err(e) = forward::decorate_response(&mut head, request_id, &pass.verdict) {
-            return self.fail(d, e, request_id).await;
+        if let Target::Policy(_) = target {
+            if let Err(e) = forward::decorate_response(&mut head, request_id, &pass.verdict) {
+                return self.fail(d, e, request_id).await;
+            }
         }
         let head = Box::new(ResponseHeader::from(head));
         if (early && !d.is_body_done()) || *self.shutdown.borrow() {
@@ -447,7 +549,7 @@ impl Client<'_> {
                     // Too late for another answer: the client sees the connection close
                     // before the body's end.
                     let e = up(e);
-                    self.app.shared.metrics.upstream_error(e.etype().as_str());
+                    self.app.metrics.upstream_error(e.etype().as_str());
                     return Forwarded {
                         status,
                         error: Some(e),
@@ -460,7 +562,7 @@ impl Client<'_> {
         // Kept only when both the request and the answer went through whole.
         if !early {
             if let Some(stream) = u.reuse().await {
-                self.upstream.keep(live.upstream, stream);
+                self.upstream.keep(target.upstream(), stream);
             }
         }
         Forwarded {

@@ -19,18 +19,21 @@
 mod exchange;
 pub mod upstream;
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use http::HeaderValue;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::time::Sleep;
 
 use crate::conn_limit::{Admission, Conn, ConnTable};
-use crate::sidecar::proxy::Shared;
+use crate::sidecar::metrics::SidecarMetrics;
+use crate::sidecar::state::Shared;
 
 /// Per-connection bounds, fixed at start (a reload does not change them).
 #[derive(Clone, Copy, Debug)]
@@ -52,10 +55,33 @@ impl ConnLimits {
     }
 }
 
+/// What stands between the client and the upstream.
+pub enum Gate {
+    /// The sidecar: each request judged under the live config and snapshot, then forwarded
+    /// with the identity and forwarding headers, or answered with its denial.
+    Policy(Arc<Shared>),
+    /// `permiso passthrough`: the same transport with no policy and no edits beyond the
+    /// hop-by-hop ones, to `upstream`; the load bench's baseline, so the difference between
+    /// the two is what authentication and identity cost.
+    Bare { upstream: SocketAddr },
+}
+
 pub struct H1Sidecar {
-    pub shared: Arc<Shared>,
+    pub gate: Gate,
+    pub metrics: Arc<SidecarMetrics>,
     pub table: Arc<ConnTable>,
     pub limits: ConnLimits,
+}
+
+impl H1Sidecar {
+    /// A request id for an answer given before a request was judged (a malformed head, a
+    /// CONNECT): minted by the sidecar, none from the bare passthrough.
+    fn mint_request_id(&self) -> HeaderValue {
+        match &self.gate {
+            Gate::Policy(shared) => shared.request_ids.keep_or_mint(None),
+            Gate::Bare { .. } => HeaderValue::from_static(""),
+        }
+    }
 }
 
 /// Forgets the connection when it ends, however it ends (closed, cut, a panic), so the table
@@ -94,7 +120,7 @@ impl ServerApp for H1Sidecar {
         let conn = match self.table.admit(key) {
             Admission::New(c) | Admission::Known(c) => c,
             Admission::Refused => {
-                self.shared.metrics.connection_closed("refused");
+                self.metrics.connection_closed("refused");
                 return None;
             }
         };

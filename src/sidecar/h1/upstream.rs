@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
@@ -17,15 +17,9 @@ use tokio::io::ReadBuf;
 /// loaded host, short enough that a caller is not left waiting on a dead one).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A kept connection idle this long may have been closed by the upstream's own idle timeout
-/// in the instant before we reuse it: an idempotent request without a body sent on it is
-/// tried once more on a new connection if it fails before any answer (RFC 9110 §9.2.2).
-pub const RETRY_AFTER_IDLE: Duration = Duration::from_secs(1);
-
 pub struct Pinned {
     addr: SocketAddr,
     stream: Stream,
-    last_used: Instant,
 }
 
 #[derive(Default)]
@@ -36,8 +30,8 @@ pub struct UpstreamSlot {
 /// A connection to send the next request on.
 pub struct Lease {
     pub stream: Stream,
-    /// Kept from an earlier request (and idle this long), or new.
-    pub reused: Option<Duration>,
+    /// Kept from an earlier request, or new.
+    pub reused: bool,
 }
 
 impl UpstreamSlot {
@@ -47,7 +41,7 @@ impl UpstreamSlot {
             if p.addr == addr && quiet(&mut p.stream) {
                 return Ok(Lease {
                     stream: p.stream,
-                    reused: Some(p.last_used.elapsed()),
+                    reused: true,
                 });
             }
             // Closed by the upstream, or it sent bytes nobody asked for, or a reload moved
@@ -55,17 +49,13 @@ impl UpstreamSlot {
         }
         Ok(Lease {
             stream: connect(addr).await?,
-            reused: None,
+            reused: false,
         })
     }
 
     /// Keeps `stream` (returned by a finished exchange that left it reusable) for the next.
     pub fn keep(&mut self, addr: SocketAddr, stream: Stream) {
-        self.pinned = Some(Pinned {
-            addr,
-            stream,
-            last_used: Instant::now(),
-        });
+        self.pinned = Some(Pinned { addr, stream });
     }
 }
 
@@ -76,7 +66,10 @@ fn quiet(stream: &mut Stream) -> bool {
     let mut probe = [0u8; 1];
     let mut buf = ReadBuf::new(&mut probe);
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    matches!(Pin::new(&mut **stream).poll_read(&mut cx, &mut buf), Poll::Pending)
+    matches!(
+        Pin::new(&mut **stream).poll_read(&mut cx, &mut buf),
+        Poll::Pending
+    )
 }
 
 /// Opens a connection to the upstream, with Nagle off (requests and answers are small and
