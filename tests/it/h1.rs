@@ -246,7 +246,7 @@ fn one_upstream_connection_serves_a_client_connection_and_hop_by_hop_headers_sto
 #[test]
 fn a_kept_upstream_connection_closed_by_the_upstream_is_replaced() {
     let h = Harness::start();
-    let svc = h.create(json!({"service_name": "closing", "scopes": ["trade:read"]}));
+    let svc = h.create(json!({"service_name": "closing", "scopes": ["trade:read", "trade:open"]}));
     // Answers keep-alive style, then closes the connection without saying so.
     let (up, conns) = raw_upstream(|mut s, _head| async move {
         let _ = s
@@ -257,19 +257,29 @@ fn a_kept_upstream_connection_closed_by_the_upstream_is_replaced() {
     let sc = sidecar_before(&h, up, &svc.api_key);
     let before = conns.load(Ordering::SeqCst);
     let (mut w, mut r) = connect(sc.addr);
-    for _ in 0..5 {
-        write!(
-            w,
-            "GET /api/v1/trades HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-            svc.api_key
-        )
-        .unwrap();
+    // A GET could be sent again after a failure; a POST may not be (RFC 9110 §9.2.2): the
+    // closed connection must be noticed before it is used.
+    let key = &svc.api_key;
+    for i in 0..6 {
+        if i % 2 == 0 {
+            write!(
+                w,
+                "GET /api/v1/trades HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n"
+            )
+            .unwrap();
+        } else {
+            write!(
+                w,
+                "POST /api/v1/trades HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 2\r\n\r\nhi"
+            )
+            .unwrap();
+        }
         let (status, _, body) = response(&mut r);
-        assert_eq!((status, body.as_str()), (200, "ok"));
+        assert_eq!((status, body.as_str()), (200, "ok"), "request {i}");
     }
     assert_eq!(
         conns.load(Ordering::SeqCst) - before,
-        5,
+        6,
         "a new upstream connection for each"
     );
 }
