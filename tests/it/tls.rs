@@ -986,13 +986,19 @@ fn failed_handshakes_are_counted_and_logged_once_per_window() {
     let plain = reqwest::blocking::Client::new();
     crate::common::wait_ok(&plain, &format!("http://{health}/healthz"), "sidecar");
     let started = Instant::now();
-    // A handshake that works is not counted.
-    let r = get(
-        &https_client(Some(&ca), None),
-        &format!("https://127.0.0.1:{}/api/v1/trades", listen.port()),
-        None,
-    )
-    .unwrap();
+    // A handshake that works is not counted. The health listener can answer before pingora's
+    // listener is bound: a refused connection (never accepted, so never counted) is tried
+    // again, nothing else.
+    let client = https_client(Some(&ca), None);
+    let url = format!("https://127.0.0.1:{}/api/v1/trades", listen.port());
+    let r = loop {
+        match get(&client, &url, None) {
+            Err(e) if e.is_connect() && started.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => break r.unwrap(),
+        }
+    };
     assert_eq!(r.status(), 401, "no credential");
     let mut attempts = 0;
     for _ in 0..20 {
