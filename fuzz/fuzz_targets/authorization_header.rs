@@ -250,7 +250,7 @@ fuzz_target!(|data: &[u8]| {
                                 let token = raw.split_once(' ').map(|(_, t)| t.trim_matches(' ')).unwrap();
                                 let entry = snap.lookup(&KeyHash::of(token)).expect("allowed key is in the snapshot");
                                 assert_eq!(&*entry.key_id, &**key_id);
-                                assert!(entry.expires_at.is_none_or(|end| NOW_SECS < end), "grace ended");
+                                assert!(entry.expires_at().is_none_or(|end| NOW_SECS < end), "grace ended");
                             }
                             Credential::AccessToken(t) => {
                                 assert!(!snap.tokens.revoked.contains(&*t.jti), "revoked jti allowed");

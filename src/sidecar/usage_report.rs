@@ -67,7 +67,7 @@ impl UsageReporter {
                 let Some(entry) = service.keys.get(slot).and_then(|h| snapshot.lookup(h)) else {
                     continue;
                 };
-                let e = pending.entry(entry.key_id.clone()).or_insert(at);
+                let e = pending.entry(Arc::from(entry.key_id.as_str())).or_insert(at);
                 *e = (*e).max(at);
             }
         }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::denial::{BadRequest, Denial, InvalidToken};
 use crate::jwt::{self, Expectations, JwtError};
 use crate::key::{self, Environment};
+use crate::key_id::KeyId;
 use crate::limiter::{Local, Outcome, Refused};
 use crate::path;
 use crate::ratelimit::RateStatus;
@@ -46,7 +47,7 @@ pub enum Authorization<'a> {
 pub enum Credential {
     /// `slot` indexes the key's usage marks in its service entry.
     ApiKey {
-        key_id: Arc<str>,
+        key_id: KeyId,
         slot: u32,
     },
     AccessToken(Arc<VerifiedToken>),
@@ -158,7 +159,7 @@ pub fn authenticate(
     let entry = snapshot
         .lookup(&parsed.hash())
         .ok_or(Denial::InvalidToken(InvalidToken::Unknown))?;
-    if entry.expires_at.is_some_and(|end| now_secs >= end) {
+    if entry.expires_at().is_some_and(|end| now_secs >= end) {
         return Err(Denial::InvalidToken(InvalidToken::GraceEnded));
     }
     if entry.service.disabled {

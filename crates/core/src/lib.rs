@@ -12,6 +12,7 @@ pub mod headers;
 pub mod ids;
 pub mod jwt;
 pub mod key;
+pub mod key_id;
 pub mod limiter;
 pub mod path;
 pub mod peer;

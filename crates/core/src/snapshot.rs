@@ -10,6 +10,7 @@ use ipnet::IpNet;
 
 use crate::jwt::KeySet;
 use crate::key::{Environment, KeyHash};
+use crate::key_id::KeyId;
 use crate::ratelimit::{LimitScope, LimiterState, Limits, RefusedUntil};
 use crate::scope::{ScopeError, ScopeSet};
 use crate::sharded::{Shard, ShardedMap};
@@ -127,11 +128,32 @@ impl ServiceEntry {
 
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
-    pub key_id: Arc<str>,
+    pub key_id: KeyId,
     pub service: Arc<ServiceEntry>,
-    pub expires_at: Option<i64>,
+    /// End of a rotated key's grace (Unix seconds), `NEVER` for a key without one: a plain
+    /// integer rather than an `Option`, which would take 16 bytes a key.
+    expires: i64,
     /// This key's slot in `service.usage`.
     pub slot: u32,
+}
+
+/// `KeyEntry::expires` of a key that does not expire.
+const NEVER: i64 = i64::MAX;
+
+impl KeyEntry {
+    pub fn new(key_id: KeyId, service: Arc<ServiceEntry>, expires_at: Option<i64>, slot: u32) -> KeyEntry {
+        KeyEntry {
+            key_id,
+            service,
+            expires: expires_at.unwrap_or(NEVER),
+            slot,
+        }
+    }
+
+    /// When a rotated key's grace ends (Unix seconds); `None` for a key without an end.
+    pub fn expires_at(&self) -> Option<i64> {
+        (self.expires != NEVER).then_some(self.expires)
+    }
 }
 
 /// blake3 output is already uniformly random, so its first eight bytes are a perfect hash;
@@ -379,12 +401,7 @@ impl Snapshot {
             let prev = previous.and_then(|p| p.services.get(s.service_id.as_str()));
             let entry = build_service(s, prev)?;
             for (slot, (k, hash)) in s.keys.iter().zip(entry.keys.iter().copied()).enumerate() {
-                let ke = KeyEntry {
-                    key_id: Arc::from(k.key_id.as_str()),
-                    service: entry.clone(),
-                    expires_at: k.expires_at,
-                    slot: slot as u32,
-                };
+                let ke = KeyEntry::new(KeyId::new(&k.key_id), entry.clone(), k.expires_at, slot as u32);
                 if self.keys.insert(hash, ke).is_some() {
                     return Err(SnapshotError::DuplicateKey {
                         key_id: k.key_id.clone(),
@@ -451,7 +468,7 @@ impl Snapshot {
                         self.keys.get(h).map(|k| SyncKey {
                             key_id: k.key_id.to_string(),
                             hash: h.to_hex(),
-                            expires_at: k.expires_at,
+                            expires_at: k.expires_at(),
                         })
                     })
                     .collect(),
