@@ -54,6 +54,11 @@ fn eq_normalised(name: &[u8], other: &[u8]) -> bool {
 /// well-formed): only its other spellings are dropped here.
 pub fn is_reserved(name: &str) -> bool {
     let n = name.as_bytes();
+    // Every reserved name starts with one of these (after normalisation): most headers
+    // (Host, Accept, Authorization, Content-Type…) are ruled out by their first byte.
+    if !matches!(n.first().map(|&b| norm(b)), Some(b'x' | b'f' | b't' | b'c')) {
+        return false;
+    }
     if RESERVED_PREFIXES
         .iter()
         .any(|p| starts_normalised(n, p.as_bytes()))
@@ -106,6 +111,13 @@ mod tests {
         assert_eq!(one(&["1000000000000000000"]), Some(1_000_000_000_000_000_000));
         assert_eq!(one(&["10000000000000000000"]), None);
         assert_eq!(one(&[]), None);
+    }
+
+    #[test]
+    fn the_first_byte_filter_admits_every_reserved_name() {
+        for n in RESERVED_PREFIXES.iter().chain(RESERVED.iter()) {
+            assert!(matches!(norm(n.as_bytes()[0]), b'x' | b'f' | b't' | b'c'), "{n}");
+        }
     }
 
     #[test]
