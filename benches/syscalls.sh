@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# System calls and futex wake-ups per proxied request, counted by strace -c -f over a wrk run:
+# the sidecar (valid key), the passthrough on the same HTTP/1 path, pingora-proxy as a
+# passthrough, and nginx proxy_pass, each with one worker.
+#   cargo build --release --bins && bash benches/syscalls.sh
+# Needs strace, wrk, curl, python3 (and nginx for its row). strace slows every proxy alike;
+# the counts, not the rates, are the figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=target/release
+SECS=${SECS:-4}
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+export PERMISO_ADMIN_API_KEY=syscalls-admin-key-0123456789 RUST_LOG=warn
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 1 600); do curl -fs -o /dev/null "$1" ${2:+-H "$2"} && return 0; sleep 0.1; done; echo "timeout: $1" >&2; return 1; }
+
+ADMIN=$(port); UP=$(port)
+$BIN/permiso admin --listen 127.0.0.1:$ADMIN --database "$work/p.db" >"$work/admin.log" 2>&1 &
+$BIN/account-demo --listen 127.0.0.1:$UP >"$work/up.log" 2>&1 &
+wait_http "http://127.0.0.1:$ADMIN/healthz"
+create() { curl -fsS -X POST "http://127.0.0.1:$ADMIN/auth/admin/services" -H "X-Admin-Api-Key: $PERMISO_ADMIN_API_KEY" \
+  -H 'Content-Type: application/json' -d "{\"service_name\":\"$1\",\"scopes\":$2}" | python3 -c 'import sys,json; print(json.load(sys.stdin)["api_key"])'; }
+create sc-sync '["sync:read"]' >"$work/sync.key"
+KEY=$(create sc-caller '["account:read"]')
+
+# Runs wrk against $1 while strace counts the syscalls of process $2; prints one row.
+count() { # name port pid
+  local name=$1 p=$2 pid=$3 file="$work/strace.$2"
+  wrk -t1 -c32 -d1s -H "Authorization: Bearer $KEY" "http://127.0.0.1:$p/api/v1/accounts/1" >/dev/null
+  strace -c -f -p "$pid" -o "$file" 2>/dev/null &
+  local st=$!
+  sleep 0.5
+  local out
+  out=$(wrk -t1 -c32 -d${SECS}s -H "Authorization: Bearer $KEY" "http://127.0.0.1:$p/api/v1/accounts/1")
+  kill -INT $st; wait $st 2>/dev/null || true
+  local n
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  python3 - "$name" "$n" "$file" <<'PY'
+import sys, re
+name, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+calls, futex, top = 0, 0, []
+for line in open(path):
+    f = line.split()
+    if len(f) >= 5 and f[0][0].isdigit() and f[-1] not in ("total",):
+        c = int(f[3]); calls += c
+        if f[-1] == "futex": futex += c
+        top.append((c, f[-1]))
+top.sort(reverse=True)
+print(f"| {name} | {n} | {calls / n:.2f} | {futex / n:.3f} | " + ", ".join(f"{s} {c / n:.2f}" for c, s in top[:6]) + " |")
+PY
+}
+
+PROXY=$(port)
+cat >"$work/sidecar.toml" <<TOML
+[sidecar]
+listen = "127.0.0.1:$PROXY"
+upstream = "127.0.0.1:$UP"
+snapshot_file = "$work/snap.json"
+[sidecar.sync]
+admin_url = "http://127.0.0.1:$ADMIN"
+credential_file = "$work/sync.key"
+[[sidecar.routes]]
+prefix = "/api/v1/accounts"
+scopes = ["account:read"]
+TOML
+echo "| proxy (1 worker, wrk -t1 -c32) | requests | syscalls/request | futex/request | most frequent, per request |"
+echo "|---|---|---|---|---|"
+$BIN/permiso sidecar --config "$work/sidecar.toml" >"$work/sidecar.log" 2>&1 &
+S=$!
+wait_http "http://127.0.0.1:$PROXY/api/v1/accounts/1" "Authorization: Bearer $KEY"
+count "sidecar, valid key" $PROXY $S
+kill $S; wait $S 2>/dev/null || true
+BP=$(port)
+$BIN/permiso passthrough --listen 127.0.0.1:$BP --upstream 127.0.0.1:$UP >"$work/bare.log" 2>&1 &
+B=$!
+wait_http "http://127.0.0.1:$BP/api/v1/accounts/1" "Authorization: Bearer $KEY"
+count "passthrough, same HTTP/1 path" $BP $B
+kill $B; wait $B 2>/dev/null || true
+PP=$(port)
+$BIN/permiso passthrough --pingora-proxy --listen 127.0.0.1:$PP --upstream 127.0.0.1:$UP >"$work/pp.log" 2>&1 &
+P=$!
+wait_http "http://127.0.0.1:$PP/api/v1/accounts/1" "Authorization: Bearer $KEY"
+count "pingora-proxy passthrough" $PP $P
+kill $P; wait $P 2>/dev/null || true
+if command -v nginx >/dev/null 2>&1; then
+  NP=$(port)
+  cat >"$work/nginx.conf" <<NGINX
+daemon off;
+master_process off;
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work; uwsgi_temp_path $work; scgi_temp_path $work;
+  upstream u { server 127.0.0.1:$UP; keepalive 64; }
+  server { listen 127.0.0.1:$NP; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+NGINX
+  nginx -c "$work/nginx.conf" -p "$work" &
+  N=$!
+  wait_http "http://127.0.0.1:$NP/api/v1/accounts/1"
+  count "nginx proxy_pass" $NP $N
+fi
