@@ -14,17 +14,10 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && echo "kept $work" || rm -rf "$work"' EXIT
 export PERMISO_ADMIN_API_KEY=callgrind-admin-key-0123456789 RUST_LOG=warn
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 1 600); do curl -fs -o /dev/null "$1" ${2:+-H "$2"} && return 0; sleep 0.1; done; echo "timeout: $1" >&2; return 1; }
-
-ADMIN=$(port); UP=$(port)
-$BIN/permiso admin --listen 127.0.0.1:$ADMIN --database "$work/p.db" >"$work/admin.log" 2>&1 &
+. benches/support/env.sh
+UP=$(port)
 $BIN/account-demo --listen 127.0.0.1:$UP >"$work/up.log" 2>&1 &
-wait_http "http://127.0.0.1:$ADMIN/healthz"
-create() { curl -fsS -X POST "http://127.0.0.1:$ADMIN/auth/admin/services" -H "X-Admin-Api-Key: $PERMISO_ADMIN_API_KEY" \
-  -H 'Content-Type: application/json' -d "{\"service_name\":\"$1\",\"scopes\":$2}" | python3 -c 'import sys,json; print(json.load(sys.stdin)["api_key"])'; }
-create cg-sync '["sync:read"]' >"$work/sync.key"
-KEY=$(create cg-caller '["account:read"]')
+start_admin
 
 # Sends N requests on one keep-alive connection; every answer must be 200.
 drive() {
@@ -52,18 +45,7 @@ measure() { # name n command...
 }
 
 PROXY=$(port)
-cat >"$work/sidecar.toml" <<TOML
-[sidecar]
-listen = "127.0.0.1:$PROXY"
-upstream = "127.0.0.1:$UP"
-snapshot_file = "$work/snap.json"
-[sidecar.sync]
-admin_url = "http://127.0.0.1:$ADMIN"
-credential_file = "$work/sync.key"
-[[sidecar.routes]]
-prefix = "/api/v1/accounts"
-scopes = ["account:read"]
-TOML
+sidecar_toml "$work/sidecar.toml" $PROXY $UP
 s1=$(measure sidecar $N1 $BIN/permiso sidecar --config "$work/sidecar.toml")
 s2=$(measure sidecar $N2 $BIN/permiso sidecar --config "$work/sidecar.toml")
 b1=$(measure bare $N1 $BIN/permiso passthrough --listen 127.0.0.1:$PROXY --upstream 127.0.0.1:$UP)

@@ -17,8 +17,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 export PERMISO_ADMIN_API_KEY=wrk-admin-key-0123456789abcdef RUST_LOG=warn
 TICKS=$(getconf CLK_TCK)
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 1 600); do curl -fs -o /dev/null "$1" ${2:+-H "$2"} && return 0; sleep 0.1; done; echo "timeout: $1" >&2; return 1; }
+. benches/support/env.sh
 nginx_conf() { # file port body-of-location workers
   cat >"$1" <<NGINX
 worker_processes $4;
@@ -41,14 +40,7 @@ nginx_conf "$work/up.conf" $UP 'return 200 "ok";' 2
 nginx -c "$work/up.conf" -p "$work" -g 'daemon off;' &
 wait_http "http://127.0.0.1:$UP/"
 
-ADMIN=$(port)
-$BIN/permiso admin --listen 127.0.0.1:$ADMIN --database "$work/p.db" >"$work/admin.log" 2>&1 &
-wait_http "http://127.0.0.1:$ADMIN/healthz"
-create() { curl -fsS -X POST "http://127.0.0.1:$ADMIN/auth/admin/services" -H "X-Admin-Api-Key: $PERMISO_ADMIN_API_KEY" \
-  -H 'Content-Type: application/json' -d "{\"service_name\":\"$1\",\"scopes\":$2}"; }
-create wrk-sync '["sync:read"]' | python3 -c 'import sys,json; print(json.load(sys.stdin)["api_key"])' >"$work/sync.key"
-create wrk-caller '["account:read"]' >"$work/caller.json"
-KEY=$(python3 -c 'import sys,json; print(json.load(open(sys.argv[1]))["api_key"])' "$work/caller.json")
+start_admin
 SID=$(python3 -c 'import sys,json; print(json.load(open(sys.argv[1]))["service_id"])' "$work/caller.json")
 SECRET=$(python3 -c 'import sys,json; print(json.load(open(sys.argv[1]))["client_secret"])' "$work/caller.json")
 TOKEN=$(curl -fsS -u "$SID:$SECRET" -d grant_type=client_credentials "http://127.0.0.1:$ADMIN/oauth/token" \
@@ -56,20 +48,8 @@ TOKEN=$(curl -fsS -u "$SID:$SECRET" -d grant_type=client_credentials "http://127
 
 declare -A PORT PIDS AUTH
 SC=$(port)
-cat >"$work/sidecar.toml" <<TOML
-[sidecar]
-listen = "127.0.0.1:$SC"
-upstream = "127.0.0.1:$UP"
-snapshot_file = "$work/snap.json"
-threads = $THREADS
-max_requests_per_connection = 1000000
-[sidecar.sync]
-admin_url = "http://127.0.0.1:$ADMIN"
-credential_file = "$work/sync.key"
-[[sidecar.routes]]
-prefix = "/api/v1/accounts"
-scopes = ["account:read"]
-TOML
+sidecar_toml "$work/sidecar.toml" $SC $UP "threads = $THREADS
+max_requests_per_connection = 1000000"
 $BIN/permiso sidecar --config "$work/sidecar.toml" >"$work/sidecar.log" 2>&1 &
 PORT[sidecar-key]=$SC; PIDS[sidecar-key]=$!; AUTH[sidecar-key]="Bearer $KEY"
 PORT[sidecar-jwt]=$SC; PIDS[sidecar-jwt]=$!; AUTH[sidecar-jwt]="Bearer $TOKEN"

@@ -45,7 +45,11 @@ impl RequestIds {
         let mut out = String::with_capacity(self.prefix.len() + 17);
         out.push_str(&self.prefix);
         out.push('-');
-        let digits = if n == 0 { 1 } else { 16 - (n.leading_zeros() as usize) / 4 };
+        let digits = if n == 0 {
+            1
+        } else {
+            16 - (n.leading_zeros() as usize) / 4
+        };
         for i in (0..digits).rev() {
             out.push(char::from(b"0123456789abcdef"[((n >> (i * 4)) & 0xf) as usize]));
         }
@@ -70,7 +74,19 @@ mod tests {
     #[test]
     fn minted_ids_are_the_prefix_a_dash_and_the_counter_in_hex() {
         let ids = RequestIds::default();
-        for n in [0u64, 1, 9, 10, 15, 16, 255, 4096, 0xdead_beef, u64::MAX - 1, u64::MAX] {
+        for n in [
+            0u64,
+            1,
+            9,
+            10,
+            15,
+            16,
+            255,
+            4096,
+            0xdead_beef,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
             ids.counter.store(n, Ordering::Relaxed);
             assert_eq!(ids.next(), format!("{}-{n:x}", ids.prefix));
         }
