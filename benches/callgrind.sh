@@ -55,20 +55,7 @@ p2=$(measure pproxy $N2 $BIN/permiso passthrough --pingora-proxy --listen 127.0.
 n1=0; n2=0
 if command -v nginx >/dev/null 2>&1; then
   # nginx as a plain reverse proxy, one process (no master) so callgrind sees all its work.
-  cat >"$work/nginx.conf" <<NGINX
-daemon off;
-master_process off;
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work; uwsgi_temp_path $work; scgi_temp_path $work;
-  upstream u { server 127.0.0.1:$UP; keepalive 16; }
-  server { listen 127.0.0.1:$PROXY; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-NGINX
+  nginx_proxy_conf "$work/nginx.conf" $PROXY $UP
   n1=$(measure nginx $N1 nginx -c "$work/nginx.conf" -p "$work")
   n2=$(measure nginx $N2 nginx -c "$work/nginx.conf" -p "$work")
 fi

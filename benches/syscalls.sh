@@ -68,20 +68,7 @@ count "pingora-proxy passthrough" $PP $P
 kill $P; wait $P 2>/dev/null || true
 if command -v nginx >/dev/null 2>&1; then
   NP=$(port)
-  cat >"$work/nginx.conf" <<NGINX
-daemon off;
-master_process off;
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work; uwsgi_temp_path $work; scgi_temp_path $work;
-  upstream u { server 127.0.0.1:$UP; keepalive 64; }
-  server { listen 127.0.0.1:$NP; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-NGINX
+  nginx_proxy_conf "$work/nginx.conf" $NP $UP
   nginx -c "$work/nginx.conf" -p "$work" &
   N=$!
   wait_http "http://127.0.0.1:$NP/api/v1/accounts/1"

@@ -34,3 +34,22 @@ prefix = "/api/v1/accounts"
 scopes = ["account:read"]
 TOML
 }
+
+# nginx_proxy_conf FILE LISTEN_PORT UPSTREAM_PORT: nginx as a plain reverse proxy, one process
+# (no master, no daemon) so a tracer attached to it sees all its work.
+nginx_proxy_conf() {
+  cat >"$1" <<NGINX
+daemon off;
+master_process off;
+worker_processes 1;
+pid $1.pid;
+error_log $1.err;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work; uwsgi_temp_path $work; scgi_temp_path $work;
+  upstream u { server 127.0.0.1:$3; keepalive 64; }
+  server { listen 127.0.0.1:$2; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+NGINX
+}
