@@ -378,19 +378,19 @@ pub struct Route {
     pub forward_authorization: bool,
 }
 
-fn default_header_read_timeout() -> u64 {
+pub(crate) fn default_header_read_timeout() -> u64 {
     10_000
 }
-fn default_idle_timeout() -> u64 {
+pub(crate) fn default_idle_timeout() -> u64 {
     60_000
 }
-fn default_body_grace() -> u64 {
+pub(crate) fn default_body_grace() -> u64 {
     10_000
 }
-fn default_body_rate() -> u64 {
+pub(crate) fn default_body_rate() -> u64 {
     1024
 }
-fn default_max_connections() -> usize {
+pub(crate) fn default_max_connections() -> usize {
     10_000
 }
 fn default_forwarded_for() -> String {
@@ -411,7 +411,7 @@ fn default_threads() -> usize {
 fn default_ready_age() -> u64 {
     60
 }
-fn default_requests_per_connection() -> u32 {
+pub(crate) fn default_requests_per_connection() -> u32 {
     1000
 }
 fn default_service_labels() -> usize {

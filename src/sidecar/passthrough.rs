@@ -45,14 +45,15 @@ impl ProxyHttp for PingoraPassthrough {
     }
 }
 
-/// The sidecar's defaults (`[sidecar]` in the config file).
+/// The sidecar's defaults (`[sidecar]` in the config file, `config::file`).
 fn default_limits() -> ConnLimits {
+    use crate::config::file as d;
     ConnLimits {
-        header_read_timeout: Duration::from_millis(10_000),
-        idle_timeout: Duration::from_millis(60_000),
-        body_rate_grace: Duration::from_millis(10_000),
-        body_min_rate: 1024,
-        max_requests: 1000,
+        header_read_timeout: Duration::from_millis(d::default_header_read_timeout()),
+        idle_timeout: Duration::from_millis(d::default_idle_timeout()),
+        body_rate_grace: Duration::from_millis(d::default_body_grace()),
+        body_min_rate: d::default_body_rate(),
+        max_requests: d::default_requests_per_connection(),
     }
 }
 
@@ -67,7 +68,7 @@ pub fn run(listen: SocketAddr, upstream: SocketAddr, threads: usize, engine: Eng
                 H1Sidecar {
                     gate: Gate::Bare { upstream },
                     metrics: Arc::new(SidecarMetrics::new(0)),
-                    table: crate::conn_limit::ConnTable::new(10_000),
+                    table: crate::conn_limit::ConnTable::new(crate::config::file::default_max_connections()),
                     limits: default_limits(),
                 },
             );
