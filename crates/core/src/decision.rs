@@ -7,6 +7,14 @@
 //! checklist is split there: `admit` runs everything before it and hands back a `Pending`
 //! when a limit applies; any `limiter::RateLimiter` answers; `Pending::finish` judges the
 //! answer. `decide` is the whole checklist with this sidecar's own (local) limiter.
+//!
+//! Shadow mode (`Route::shadow`, `RouteTable::shadow`): a would-be denial is forwarded with
+//! `Pass::shadow` naming it. A denial that belongs to one route (scope, trust) follows that
+//! route's mode; one that belongs to the whole request (no credential, a bad one, the source
+//! address, the rate limit, no snapshot) is shadowed only when every route judging the
+//! request is in shadow mode: enforcement wins. Malformed requests (unsafe paths, duplicate
+//! or non-ASCII credentials) are refused in every mode: they guard the upstream's parser,
+//! not a policy being rolled out.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -49,6 +57,8 @@ pub enum Credential {
     ApiKey {
         key_id: KeyId,
         slot: u32,
+        /// A rotated-out key still in its grace window.
+        grace: bool,
     },
     AccessToken(Arc<VerifiedToken>),
     /// A verified client certificate carrying `identity`, mapped to the service.
@@ -71,6 +81,21 @@ impl Principal {
             Credential::ApiKey { .. } | Credential::ClientCert { .. } => &self.service.scopes_header,
             Credential::AccessToken(t) => &t.scopes_header,
         }
+    }
+
+    /// Whether the caller is a trusted service: the service's flag now and, for an access
+    /// token, also its `is_trusted` claim (a token never grants more than its service holds).
+    pub fn trusted(&self) -> bool {
+        self.service.trusted
+            && match &self.credential {
+                Credential::AccessToken(t) => t.is_trusted,
+                Credential::ApiKey { .. } | Credential::ClientCert { .. } => true,
+            }
+    }
+
+    /// An API key in its rotation grace window made the request.
+    pub fn grace_key(&self) -> bool {
+        matches!(self.credential, Credential::ApiKey { grace: true, .. })
     }
 
     /// Counts an allowed request for its service and marks the key used (atomics only).
@@ -120,6 +145,8 @@ pub struct Pass {
     pub verdict: Verdict,
     /// The canonical path to forward instead of the received one; `None` when they are equal.
     pub rewritten_path: Option<Box<str>>,
+    /// Shadow mode: the denial this request would have had (the first one found).
+    pub shadow: Option<Denial>,
 }
 
 /// The Bearer token in an Authorization header, if the scheme is Bearer.
@@ -160,7 +187,11 @@ pub fn authenticate(
         .lookup(&parsed.hash())
         .ok_or(Denial::InvalidToken(InvalidToken::Unknown))?;
     if entry.expires_at().is_some_and(|end| now_secs >= end) {
-        return Err(Denial::InvalidToken(InvalidToken::GraceEnded));
+        return Err(Denial::InvalidToken(if entry.ends_by_grace() {
+            InvalidToken::GraceEnded
+        } else {
+            InvalidToken::Expired
+        }));
     }
     if entry.service.disabled {
         return Err(Denial::InvalidToken(InvalidToken::ServiceDisabled));
@@ -170,6 +201,7 @@ pub fn authenticate(
         credential: Credential::ApiKey {
             key_id: entry.key_id.clone(),
             slot: entry.slot,
+            grace: entry.grace,
         },
     })
 }
@@ -221,6 +253,7 @@ pub fn authenticate_token(
             let (scopes_header, jti_header) = (header(&scopes.joined())?, header(&c.jti)?);
             let v = Arc::new(VerifiedToken {
                 cnf_x5t: c.cnf.map(|c| Arc::from(c.x5t_s256.as_str())),
+                is_trusted: c.is_trusted,
                 iss: c.iss,
                 aud: c.aud,
                 kid,
@@ -263,10 +296,14 @@ pub fn authenticate_token(
     })
 }
 
-/// Source address first (the service may not call from there at all), then scopes.
+/// Source address first (the service may not call from there at all), then trust, then
+/// scopes.
 pub fn authorize(principal: &Principal, route: &Route, client_ip: Option<IpAddr>) -> Result<(), Denial> {
     if !principal.service.ip_allowed(client_ip) {
         return Err(Denial::IpNotAllowed);
+    }
+    if route.trusted && !principal.trusted() {
+        return Err(Denial::NotTrusted);
     }
     if let Access::Scopes(needed) = &route.access {
         // A token never grants more than its service holds now, even if the admin narrowed
@@ -298,6 +335,10 @@ pub struct Pending {
     principal: Principal,
     cert_identity: Option<http::HeaderValue>,
     rewritten_path: Option<Box<str>>,
+    shadow: Option<Denial>,
+    /// The limit is enforced: some route judging the request enforces and nothing was
+    /// shadowed before it. Otherwise the request is counted in the service's shadow count.
+    enforced: bool,
 }
 
 impl Pending {
@@ -306,12 +347,29 @@ impl Pending {
         &self.principal.service
     }
 
+    /// Counted in `ServiceEntry::shadow_limiter` (`Local::shadow_outcome`), never against
+    /// enforced quota.
+    pub fn is_shadow(&self) -> bool {
+        !self.enforced
+    }
+
     /// The last step: the limiter's answer decides.
     pub fn finish(self, outcome: Outcome) -> Result<Pass, Denial> {
-        let rate = outcome.map_err(|r| match r {
-            Refused::Exceeded(e) => Denial::RateLimited(e),
-            Refused::Unavailable => Denial::LimiterUnavailable,
-        })?;
+        let mut shadow = self.shadow;
+        let rate = match outcome {
+            Ok(rate) => rate,
+            Err(r) => {
+                let denial = match r {
+                    Refused::Exceeded(e) => Denial::RateLimited(e),
+                    Refused::Unavailable => Denial::LimiterUnavailable,
+                };
+                if self.enforced {
+                    return Err(denial);
+                }
+                shadow.get_or_insert(denial);
+                RateStatus::default()
+            }
+        };
         Ok(Pass {
             verdict: Verdict::Allowed {
                 principal: self.principal,
@@ -319,6 +377,7 @@ impl Pending {
                 cert_identity: self.cert_identity,
             },
             rewritten_path: self.rewritten_path,
+            shadow,
         })
     }
 }
@@ -350,10 +409,22 @@ pub fn admit(
                 forward_authorization,
             },
             rewritten_path,
+            shadow: None,
+        }),
+        // Nobody identified: forwarded as received, the caller's credential included (during
+        // a rollout the upstream may still check its own).
+        Judged::Shadowed(denial) => Admission::Pass(Pass {
+            verdict: Verdict::Public {
+                forward_authorization: true,
+            },
+            rewritten_path,
+            shadow: Some(denial),
         }),
         Judged::Authenticated {
             principal,
             cert_identity,
+            shadow,
+            ..
         } if principal.service.limits.is_unlimited() => Admission::Pass(Pass {
             verdict: Verdict::Allowed {
                 principal,
@@ -361,14 +432,19 @@ pub fn admit(
                 cert_identity,
             },
             rewritten_path,
+            shadow,
         }),
         Judged::Authenticated {
             principal,
             cert_identity,
+            shadow,
+            enforced,
         } => Admission::Limit(Pending {
             principal,
             cert_identity,
             rewritten_path,
+            shadow,
+            enforced,
         }),
     })
 }
@@ -385,7 +461,11 @@ pub fn decide(
     match admit(routes, snapshot, environment, req, now_nanos, tokens)? {
         Admission::Pass(p) => Ok(p),
         Admission::Limit(p) => {
-            let outcome = Local::outcome(p.service(), now_nanos);
+            let outcome = if p.is_shadow() {
+                Local::shadow_outcome(p.service(), now_nanos)
+            } else {
+                Local::outcome(p.service(), now_nanos)
+            };
             p.finish(outcome)
         }
     }
@@ -399,7 +479,11 @@ enum Judged {
     Authenticated {
         principal: Principal,
         cert_identity: Option<http::HeaderValue>,
+        shadow: Option<Denial>,
+        enforced: bool,
     },
+    /// A would-be denial before anyone was identified, let through in shadow mode.
+    Shadowed(Denial),
 }
 
 fn judge(
@@ -411,13 +495,57 @@ fn judge(
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
 ) -> Result<Judged, Denial> {
-    let judgement = routes.judge(req.method, canonical_path).ok_or(Denial::NoRoute)?;
+    let Some(judgement) = routes.judge(req.method, canonical_path) else {
+        return match routes.shadow() {
+            true => Ok(Judged::Shadowed(Denial::NoRoute)),
+            false => Err(Denial::NoRoute),
+        };
+    };
     let mut required = judgement.required(req.method, canonical_path).peekable();
     if required.peek().is_none() {
         return Ok(Judged::Public {
             forward_authorization: judgement.public.is_some_and(|r| r.forward_authorization),
         });
     }
+    // Whether a denial of the whole request is enforced; only asked once something is denied,
+    // so an allowed request in enforce mode never walks the table twice.
+    let enforced = || judgement.required(req.method, canonical_path).any(|r| !r.shadow);
+    let (principal, by_cert) = match identify(snapshot, environment, req, now_nanos, tokens) {
+        Ok(found) => found,
+        Err(d) if matches!(d, Denial::BadRequest(_)) || enforced() => return Err(d),
+        Err(d) => return Ok(Judged::Shadowed(d)),
+    };
+    let mut shadow = None;
+    for route in required {
+        match authorize(&principal, route, req.client_ip) {
+            Ok(()) => {}
+            // The source address is the service's rule, not the route's.
+            Err(d @ Denial::IpNotAllowed) if enforced() => return Err(d),
+            Err(d) if d != Denial::IpNotAllowed && !route.shadow => return Err(d),
+            Err(d) => {
+                shadow.get_or_insert(d);
+            }
+        }
+    }
+    let cert_identity = by_cert.map(|(s, i)| s.identity_headers[i].clone());
+    let enforced = shadow.is_none() && enforced();
+    Ok(Judged::Authenticated {
+        principal,
+        cert_identity,
+        shadow,
+        enforced,
+    })
+}
+
+/// Who calls: the bearer credential, else a client certificate mapped to a service; with the
+/// certificate's service when there is one.
+fn identify(
+    snapshot: Option<&Snapshot>,
+    environment: Environment,
+    req: &RequestFacts<'_>,
+    now_nanos: u64,
+    tokens: &TokenPolicy<'_>,
+) -> Result<(Principal, Option<(Arc<ServiceEntry>, usize)>), Denial> {
     let token = bearer_token(req.authorization)?;
     if token.is_none() && req.peer.is_none() {
         return Err(Denial::MissingCredential);
@@ -453,14 +581,7 @@ fn judge(
         (None, Some((service, i))) => authenticate_certificate(service, *i, environment)?,
         (None, None) => return Err(Denial::MissingCredential),
     };
-    for route in required {
-        authorize(&principal, route, req.client_ip)?;
-    }
-    let cert_identity = by_cert.map(|(s, i)| s.identity_headers[i].clone());
-    Ok(Judged::Authenticated {
-        principal,
-        cert_identity,
-    })
+    Ok((principal, by_cert))
 }
 
 /// The one service the certificate's identities belong to (with the index of the matching
@@ -938,16 +1059,260 @@ mod tests {
         ));
     }
 
+    /// A key's end is judged by the sidecar's clock, to the second: its own expiry reads
+    /// `expired`, a rotation's grace end `grace_ended`, and the earlier of the two applies.
     #[test]
-    fn grace_end_is_judged_by_the_clock() {
-        let end = (NOW / 1_000_000_000) as i64 + 10;
-        let f = fixture(|s| s.keys[0].expires_at = Some(end));
-        assert!(run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).is_ok());
-        let later = NOW + 10 * 1_000_000_000;
-        assert_eq!(
-            run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", later).unwrap_err(),
-            Denial::InvalidToken(InvalidToken::GraceEnded)
+    fn key_ends_are_judged_by_the_clock() {
+        let secs = (NOW / 1_000_000_000) as i64;
+        let at = |s: i64| NOW + (s as u64) * 1_000_000_000;
+        let cases = [
+            (Some(secs + 10), None, 10, InvalidToken::Expired),
+            (None, Some(secs + 10), 10, InvalidToken::GraceEnded),
+            (Some(secs + 5), Some(secs + 10), 5, InvalidToken::Expired),
+            (Some(secs + 10), Some(secs + 5), 5, InvalidToken::GraceEnded),
+        ];
+        for (own, grace, end, reason) in cases {
+            let f = fixture(|s| {
+                s.keys[0].expires_at = match (own, grace) {
+                    (Some(o), Some(g)) => Some(o.min(g)),
+                    (o, g) => o.or(g),
+                };
+                s.keys[0].grace_ends_at = grace;
+            });
+            let ok = run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", at(end - 1)).unwrap();
+            let Verdict::Allowed { principal, .. } = ok else {
+                panic!("allowed expected")
+            };
+            assert_eq!(principal.grace_key(), grace.is_some(), "{own:?} {grace:?}");
+            assert_eq!(
+                run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", at(end)).unwrap_err(),
+                Denial::InvalidToken(reason),
+                "{own:?} {grace:?}"
+            );
+            // Written to the snapshot file and read back, the key ends the same way.
+            let back = Snapshot::from_full(&f.snap.to_payload(), Environment::Live, None).unwrap();
+            let f2 = Fixture { snap: back, ..f };
+            assert_eq!(
+                run(&f2, "/api/v1/trades", bearer(&f2.key), "127.0.0.1", at(end)).unwrap_err(),
+                Denial::InvalidToken(reason),
+                "{own:?} {grace:?} after a round trip"
+            );
+        }
+    }
+
+    fn trusted_routes() -> RouteTable {
+        let mut admin = Route::new(
+            vec![],
+            "/api/v1/admin".into(),
+            Access::Scopes(vec![Scope::parse("trade:open").unwrap()]),
         );
+        admin.trusted = true;
+        RouteTable::new(vec![admin])
+    }
+
+    /// `trusted = true`: the service must be trusted, and a token must say so too.
+    #[test]
+    fn trusted_routes_admit_trusted_services_only() {
+        for (flag, want) in [(true, None), (false, Some(Denial::NotTrusted))] {
+            let mut f = fixture(|s| s.is_trusted = flag);
+            f.routes = trusted_routes();
+            let got = run(&f, "/api/v1/admin/stats", bearer(&f.key), "127.0.0.1", NOW);
+            match want {
+                None => {
+                    let Verdict::Allowed { principal, .. } = got.unwrap() else {
+                        panic!("allowed expected")
+                    };
+                    assert!(principal.trusted());
+                }
+                Some(d) => assert_eq!(got.unwrap_err(), d),
+            }
+        }
+        // The untrusted caller is refused before its scopes are looked at.
+        let mut f = fixture(|s| s.scopes = vec!["other:read".into()]);
+        f.routes = trusted_routes();
+        assert_eq!(
+            run(&f, "/api/v1/admin", bearer(&f.key), "127.0.0.1", NOW).unwrap_err(),
+            Denial::NotTrusted
+        );
+    }
+
+    /// The same table with every route, and the sidecar as a whole, in shadow mode.
+    fn shadowed(table: &RouteTable) -> RouteTable {
+        let routes = table
+            .routes()
+            .iter()
+            .cloned()
+            .map(|mut r| {
+                r.shadow = true;
+                r
+            })
+            .collect();
+        RouteTable::new(routes).shadowing_unmatched(true)
+    }
+
+    fn shadow_run(f: &Fixture, path: &str, auth: Option<String>, ip: &str, now: u64) -> Result<Pass, Denial> {
+        let header = auth.map(|a| a.into_bytes());
+        let facts = get_facts(path, header.as_deref(), ip);
+        decide(
+            &shadowed(&f.routes),
+            Some(&f.snap),
+            Environment::Live,
+            &facts,
+            now,
+            &NO_TOKENS,
+        )
+    }
+
+    /// Every would-be denial of the checklist, in shadow mode, is forwarded naming it, with
+    /// the caller's identity when one was established; malformed requests stay refused.
+    #[test]
+    fn shadow_mode_forwards_every_would_be_denial() {
+        let f = fixture(|s| s.allowed_ips = vec!["127.0.0.0/8".into()]);
+        let stranger = key::generate(Environment::Live);
+        let mut typo = f.key.secret.expose().to_string();
+        let last = typo.pop().unwrap();
+        typo.push(if last == 'A' { 'B' } else { 'A' });
+        let cases: Vec<(&str, Option<String>, &str, bool)> = vec![
+            ("/nope", bearer(&f.key), "127.0.0.1", false),
+            ("/api/v1/trades", None, "127.0.0.1", false),
+            (
+                "/api/v1/trades",
+                Some("Bearer svc_live_xyz".into()),
+                "127.0.0.1",
+                false,
+            ),
+            (
+                "/api/v1/trades",
+                Some(format!("Bearer {typo}")),
+                "127.0.0.1",
+                false,
+            ),
+            ("/api/v1/trades", bearer(&f.other_env_key), "127.0.0.1", false),
+            ("/api/v1/trades", bearer(&stranger), "127.0.0.1", false),
+            ("/api/v1/account", bearer(&f.key), "127.0.0.1", true),
+            ("/api/v1/trades", bearer(&f.key), "10.9.9.9", true),
+        ];
+        for (path, auth, ip, identified) in cases {
+            let enforced = run(&f, path, auth.clone(), ip, NOW).unwrap_err();
+            let pass = shadow_run(&f, path, auth.clone(), ip, NOW)
+                .unwrap_or_else(|d| panic!("{path} {auth:?}: shadow mode denied {d:?}"));
+            assert_eq!(pass.shadow.as_ref(), Some(&enforced), "{path} {auth:?}");
+            match (&pass.verdict, identified) {
+                (Verdict::Allowed { principal, .. }, true) => assert_eq!(&*principal.service.id, "srv_a"),
+                (
+                    Verdict::Public {
+                        forward_authorization,
+                    },
+                    false,
+                ) => assert!(forward_authorization),
+                (v, _) => panic!("{path}: unexpected verdict {v:?}"),
+            }
+        }
+        // Trust, and no key state at all.
+        let mut f2 = fixture(|_| {});
+        f2.routes = trusted_routes();
+        let pass = shadow_run(&f2, "/api/v1/admin", bearer(&f2.key), "127.0.0.1", NOW).unwrap();
+        assert_eq!(pass.shadow, Some(Denial::NotTrusted));
+        let h = bearer(&f.key).map(String::into_bytes);
+        let facts = get_facts("/api/v1/trades", h.as_deref(), "127.0.0.1");
+        let pass = decide(
+            &shadowed(&f.routes),
+            None,
+            Environment::Live,
+            &facts,
+            NOW,
+            &NO_TOKENS,
+        )
+        .unwrap();
+        assert_eq!(pass.shadow, Some(Denial::NoSnapshot));
+        // Malformed requests are refused in every mode.
+        assert!(matches!(
+            shadow_run(&f, "/health/../api/v1/trades", None, "127.0.0.1", NOW),
+            Err(Denial::BadRequest(_))
+        ));
+        // An allowed request carries no shadow denial.
+        assert!(shadow_run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW)
+            .unwrap()
+            .shadow
+            .is_none());
+    }
+
+    /// A shadowed limit counts in its own cell: shadow traffic over the limit is forwarded
+    /// and never spends what the enforced routes allow, and the reverse.
+    #[test]
+    fn a_shadowed_limit_does_not_consume_enforced_quota() {
+        let mut f = fixture(|s| s.rate_limit_per_minute = Some(2));
+        // /api/v1/account enforced (the service holds its scope here), /api/v1/trades shadowed.
+        let mut trades = Route::new(
+            vec![],
+            "/api/v1/trades".into(),
+            Access::Scopes(vec![Scope::parse("trade:open").unwrap()]),
+        );
+        trades.shadow = true;
+        let account = Route::new(
+            vec![],
+            "/api/v1/account".into(),
+            Access::Scopes(vec![Scope::parse("trade:read").unwrap()]),
+        );
+        f.routes = RouteTable::new(vec![trades, account]);
+        let call = |path: &str| run_pass(&f, path, NOW);
+        for _ in 0..5 {
+            let p = call("/api/v1/trades").unwrap();
+            let _ = p;
+        }
+        let over = call("/api/v1/trades").unwrap();
+        assert!(
+            matches!(over.shadow, Some(Denial::RateLimited(_))),
+            "{:?}",
+            over.shadow
+        );
+        // The enforced route still has its whole quota, and then refuses.
+        assert!(call("/api/v1/account").unwrap().shadow.is_none());
+        assert!(call("/api/v1/account").unwrap().shadow.is_none());
+        assert!(matches!(call("/api/v1/account"), Err(Denial::RateLimited(_))));
+        // A request judged by both an enforced and a shadow route is enforced.
+        let mut all = Route::new(
+            vec![],
+            "/api".into(),
+            Access::Scopes(vec![Scope::parse("trade:open").unwrap()]),
+        );
+        all.shadow = false;
+        let mut f2 = fixture(|_| {});
+        let mut trades = Route::new(
+            vec![],
+            "/api/v1/trades".into(),
+            Access::Scopes(vec![Scope::parse("other:write").unwrap()]),
+        );
+        trades.shadow = true;
+        f2.routes = RouteTable::new(vec![all, trades]);
+        // The shadow route's scope is only flagged; the enforced one still denies a stranger.
+        let pass = run_pass(&f2, "/api/v1/trades", NOW).unwrap();
+        assert!(matches!(pass.shadow, Some(Denial::InsufficientScope { .. })));
+        assert_eq!(
+            decide(
+                &f2.routes,
+                Some(&f2.snap),
+                Environment::Live,
+                &get_facts("/api/v1/trades", None, "127.0.0.1"),
+                NOW,
+                &NO_TOKENS
+            )
+            .unwrap_err(),
+            Denial::MissingCredential
+        );
+    }
+
+    fn run_pass(f: &Fixture, path: &str, now: u64) -> Result<Pass, Denial> {
+        let header = bearer(&f.key).map(String::into_bytes);
+        let facts = get_facts(path, header.as_deref(), "127.0.0.1");
+        decide(
+            &f.routes,
+            Some(&f.snap),
+            Environment::Live,
+            &facts,
+            now,
+            &NO_TOKENS,
+        )
     }
 
     #[test]
@@ -1108,6 +1473,7 @@ mod tests {
         fn token(signer: &Signer, scope: &str, jti: &str) -> String {
             signer
                 .sign(&AccessClaims {
+                    is_trusted: false,
                     iss: "https://auth".into(),
                     sub: "srv_a".into(),
                     aud: "permiso".into(),
@@ -1228,6 +1594,7 @@ mod tests {
             let snap = snapshot(&["trade:read"], &[], &x);
             let bound = signer
                 .sign(&AccessClaims {
+                    is_trusted: false,
                     iss: "https://auth".into(),
                     sub: "srv_a".into(),
                     aud: "permiso".into(),

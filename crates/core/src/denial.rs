@@ -17,6 +17,8 @@ pub enum InvalidToken {
     Unknown,
     /// A rotated key whose grace window has ended.
     GraceEnded,
+    /// A key or client secret past its own expiry (`expires_at` / `ttl_seconds`).
+    Expired,
     ServiceDisabled,
     /// An access token (JWT) that failed verification or was revoked.
     Jwt(JwtError),
@@ -32,12 +34,13 @@ pub enum InvalidToken {
 
 impl InvalidToken {
     /// Every reason except the JWT ones (`JwtError::ALL` has those).
-    pub const NOT_JWT: [InvalidToken; 10] = [
+    pub const NOT_JWT: [InvalidToken; 11] = [
         InvalidToken::Malformed,
         InvalidToken::BadChecksum,
         InvalidToken::WrongEnvironment,
         InvalidToken::Unknown,
         InvalidToken::GraceEnded,
+        InvalidToken::Expired,
         InvalidToken::ServiceDisabled,
         InvalidToken::UnknownClient,
         InvalidToken::CertificateOfAnotherService,
@@ -65,6 +68,8 @@ pub enum Denial {
         required: String,
     },
     IpNotAllowed,
+    /// The route requires a trusted service (`trusted = true`) and the caller is not one.
+    NotTrusted,
     RateLimited(Exceeded),
     NoRoute,
     BadRequest(BadRequest),
@@ -134,6 +139,7 @@ impl Denial {
                 InvalidToken::WrongEnvironment => "wrong_environment",
                 InvalidToken::Unknown => "unknown_or_revoked_key",
                 InvalidToken::GraceEnded => "grace_ended",
+                InvalidToken::Expired => "expired",
                 InvalidToken::ServiceDisabled => "service_disabled",
                 InvalidToken::Jwt(e) => e.reason(),
                 InvalidToken::UnknownClient => "jwt_unknown_client",
@@ -143,6 +149,7 @@ impl Denial {
             },
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::IpNotAllowed => "ip_not_allowed",
+            Denial::NotTrusted => "not_trusted",
             Denial::RateLimited(e) => match e.window {
                 crate::ratelimit::Window::Minute => "rate_limited_minute",
                 crate::ratelimit::Window::Hour => "rate_limited_hour",
@@ -166,11 +173,12 @@ impl Denial {
         match self {
             Denial::MissingCredential => "missing",
             Denial::InvalidToken(InvalidToken::GraceEnded) => "grace_ended",
-            Denial::InvalidToken(InvalidToken::Jwt(JwtError::Expired)) => "expired",
+            Denial::InvalidToken(InvalidToken::Jwt(JwtError::Expired) | InvalidToken::Expired) => "expired",
             Denial::InvalidToken(InvalidToken::Jwt(JwtError::Revoked)) => "revoked",
             Denial::InvalidToken(_) => "invalid",
             Denial::InsufficientScope { .. } => "scope",
             Denial::IpNotAllowed => "ip",
+            Denial::NotTrusted => "trusted",
             Denial::RateLimited(_) => "rate_limited",
             Denial::NoRoute => "no_route",
             Denial::BadRequest(_) => "bad_request",
@@ -188,6 +196,7 @@ impl Denial {
                 required: String::new(),
             },
             Denial::IpNotAllowed,
+            Denial::NotTrusted,
             Denial::NoRoute,
             Denial::NoSnapshot,
             Denial::LimiterUnavailable,
@@ -261,6 +270,11 @@ impl Denial {
                     &format!("Rate limit exceeded; retry after {} s", e.retry_after_secs),
                 ),
             },
+            Denial::NotTrusted => DenialResponse {
+                status: 403,
+                headers: vec![],
+                body: body("access_denied", "This route requires a trusted service client"),
+            },
             Denial::NoRoute => DenialResponse {
                 status: 403,
                 headers: vec![],
@@ -317,9 +331,9 @@ mod tests {
     fn every_kind_covers_each_reason_once() {
         let all = Denial::every_kind();
         let reasons: std::collections::HashSet<_> = all.iter().map(|d| d.reason()).collect();
-        // 9 + 2 rate windows + 10 credential reasons + 11 JWT reasons; path errors share one reason.
+        // 10 + 2 rate windows + 11 credential reasons + 11 JWT reasons; path errors share one reason.
         assert_eq!(reasons.len(), all.len());
-        assert_eq!(reasons.len(), 33);
+        assert_eq!(reasons.len(), 35);
         let outcomes: std::collections::HashSet<_> = all.iter().map(|d| d.outcome()).collect();
         for o in [
             "missing",
@@ -327,6 +341,7 @@ mod tests {
             "revoked",
             "expired",
             "grace_ended",
+            "trusted",
             "scope",
             "ip",
             "rate_limited",

@@ -26,6 +26,10 @@ pub struct AccessClaims {
     /// RFC 8705 §3.1: the token is bound to the client certificate with this thumbprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cnf: Option<Confirmation>,
+    /// Whether the client was a trusted service when the token was issued (seed 002 reads it).
+    /// Routes that require trust also check the service's current flag.
+    #[serde(default)]
+    pub is_trusted: bool,
 }
 
 /// The `cnf` claim of a certificate-bound token.
@@ -284,6 +288,7 @@ pub(crate) mod tests {
 
     pub fn claims() -> AccessClaims {
         AccessClaims {
+            is_trusted: false,
             iss: "https://auth".into(),
             sub: "srv_a".into(),
             aud: "permiso".into(),

@@ -63,6 +63,18 @@ impl Local {
     }
 }
 
+impl Local {
+    /// A shadow-mode request: counted at the full limits in the service's own shadow count,
+    /// so shadow traffic never spends enforced quota (and cluster limits are estimated by
+    /// each sidecar alone).
+    pub fn shadow_outcome(service: &ServiceEntry, now_nanos: u64) -> Outcome {
+        service
+            .shadow_limiter
+            .check(&service.limits, now_nanos)
+            .map_err(Refused::Exceeded)
+    }
+}
+
 impl RateLimiter for Local {
     fn check<'a>(&'a self, service: &'a Arc<ServiceEntry>, now_nanos: u64) -> LimitCheck<'a> {
         LimitCheck::Ready(Local::outcome(service, now_nanos))

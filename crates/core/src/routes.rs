@@ -30,6 +30,10 @@ pub struct Route {
     pub forward_authorization: bool,
     /// `scope` attribute for `insufficient_scope`, precomputed once.
     pub scope_attr: String,
+    /// Only a trusted service may call (seed 002's admin endpoints).
+    pub trusted: bool,
+    /// Shadow mode: what this route would deny is forwarded, flagged and counted instead.
+    pub shadow: bool,
 }
 
 impl Route {
@@ -44,6 +48,8 @@ impl Route {
             access,
             forward_authorization: false,
             scope_attr,
+            trusted: false,
+            shadow: false,
         }
     }
 
@@ -133,6 +139,9 @@ impl<'a> Judgement<'a> {
 pub struct RouteTable {
     routes: Vec<Route>,
     case_sensitive: bool,
+    /// The sidecar as a whole is in shadow mode: a request no route matches is forwarded
+    /// (flagged `no_route`) instead of denied.
+    shadow: bool,
 }
 
 impl Default for RouteTable {
@@ -161,7 +170,23 @@ impl RouteTable {
         RouteTable {
             routes,
             case_sensitive,
+            shadow: false,
         }
+    }
+
+    /// The sidecar-wide shadow mode (`[sidecar] mode = "shadow"`).
+    pub fn shadowing_unmatched(mut self, shadow: bool) -> RouteTable {
+        self.shadow = shadow;
+        self
+    }
+
+    pub fn shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// Every route, most specific first (the fleet report lists them).
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     /// The route matching `path` (canonical, `core::path::canonicalize`) as written.

@@ -118,6 +118,11 @@ pub struct ServiceEntry {
     pub tls_identities: Vec<Arc<str>>,
     /// `X-Permiso-Client-Cert-Identity` values, one per identity, built once.
     pub identity_headers: Vec<HeaderValue>,
+    /// Admitted by routes that require a trusted caller.
+    pub trusted: bool,
+    /// This sidecar's count of shadow-mode requests at the full limits: a would-be limit
+    /// denial in shadow mode is counted here, never in `limiter` (enforced quota).
+    pub shadow_limiter: Arc<LimiterState>,
 }
 
 impl ServiceEntry {
@@ -135,6 +140,10 @@ pub struct KeyEntry {
     expires: i64,
     /// This key's slot in `service.usage`.
     pub slot: u32,
+    /// Rotated out and in its grace window (fits the padding after `slot`).
+    pub grace: bool,
+    /// `expires` is the grace end (reason `grace_ended`), not the key's own expiry (`expired`).
+    ends_by_grace: bool,
 }
 
 /// `KeyEntry::expires` of a key that does not expire.
@@ -147,12 +156,39 @@ impl KeyEntry {
             service,
             expires: expires_at.unwrap_or(NEVER),
             slot,
+            grace: false,
+            ends_by_grace: false,
         }
     }
 
-    /// When a rotated key's grace ends (Unix seconds); `None` for a key without an end.
+    /// A key rotated out whose grace window ends at `grace_ends_at`.
+    pub fn in_grace(mut self, grace_ends_at: i64) -> KeyEntry {
+        self.grace = true;
+        self.ends_by_grace = self.expires >= grace_ends_at;
+        self.expires = self.expires.min(grace_ends_at);
+        self
+    }
+
+    /// When the key stops working (Unix seconds): its grace end or its own expiry, whichever
+    /// comes first; `None` for a key without an end.
     pub fn expires_at(&self) -> Option<i64> {
         (self.expires != NEVER).then_some(self.expires)
+    }
+
+    /// Whether what ends the key is its grace window (else its own expiry).
+    pub fn ends_by_grace(&self) -> bool {
+        self.ends_by_grace
+    }
+
+    /// The grace end, for writing the snapshot back out.
+    fn grace_ends_at(&self) -> Option<i64> {
+        // Only the end that applies is kept: a grace end later than the key's own expiry
+        // never matters here, so it is written as "never" (the key still reads as in grace).
+        match (self.grace, self.ends_by_grace) {
+            (false, _) => None,
+            (true, true) => Some(self.expires),
+            (true, false) => Some(NEVER),
+        }
     }
 }
 
@@ -273,6 +309,11 @@ fn build_service(
     Ok(Arc::new(ServiceEntry {
         tls_identities,
         identity_headers,
+        trusted: s.is_trusted,
+        shadow_limiter: match previous {
+            Some(p) if p.limits == limits => p.shadow_limiter.clone(),
+            _ => Default::default(),
+        },
         id: Arc::from(s.service_id.as_str()),
         name: Arc::from(s.service_name.as_str()),
         environment: s.environment,
@@ -401,7 +442,10 @@ impl Snapshot {
             let prev = previous.and_then(|p| p.services.get(s.service_id.as_str()));
             let entry = build_service(s, prev)?;
             for (slot, (k, hash)) in s.keys.iter().zip(entry.keys.iter().copied()).enumerate() {
-                let ke = KeyEntry::new(KeyId::new(&k.key_id), entry.clone(), k.expires_at, slot as u32);
+                let mut ke = KeyEntry::new(KeyId::new(&k.key_id), entry.clone(), k.expires_at, slot as u32);
+                if let Some(end) = k.grace_ends_at {
+                    ke = ke.in_grace(end);
+                }
                 if self.keys.insert(hash, ke).is_some() {
                     return Err(SnapshotError::DuplicateKey {
                         key_id: k.key_id.clone(),
@@ -461,6 +505,7 @@ impl Snapshot {
                 rate_limit_scope: s.rate_limit_scope,
                 allowed_ips: s.allowed_ips.iter().map(|n| n.to_string()).collect(),
                 tls_identities: s.tls_identities.iter().map(|i| i.to_string()).collect(),
+                is_trusted: s.trusted,
                 keys: s
                     .keys
                     .iter()
@@ -469,6 +514,7 @@ impl Snapshot {
                             key_id: k.key_id.to_string(),
                             hash: h.to_hex(),
                             expires_at: k.expires_at(),
+                            grace_ends_at: k.grace_ends_at(),
                         })
                     })
                     .collect(),
@@ -507,6 +553,7 @@ pub mod fixtures {
             rate_limit_scope: Default::default(),
             allowed_ips: vec![],
             tokens_not_before: 0,
+            is_trusted: false,
             keys,
         }
     }
@@ -516,6 +563,7 @@ pub mod fixtures {
             key_id: id.into(),
             hash: k.hash.to_hex(),
             expires_at: None,
+            grace_ends_at: None,
         }
     }
 }

@@ -72,6 +72,13 @@ pub struct SyncService {
     /// `core::peer`); each belongs to one service at most.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tls_identities: Vec<String>,
+    /// Routes marked `trusted = true` admit this service (seed 002's "trusted service client").
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub is_trusted: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -84,6 +91,12 @@ pub struct SyncKey {
     pub key_id: String,
     /// Lower-case hex blake3 of the key.
     pub hash: String,
-    /// Unix seconds after which the key no longer works (end of a rotation grace window).
+    /// Unix seconds after which the key no longer works: the end of a rotation grace window
+    /// or the key's own expiry, whichever comes first.
     pub expires_at: Option<i64>,
+    /// Set when the key was rotated out: the end of its grace window (`expires_at` is this or
+    /// the key's own earlier expiry). Requests made with such a key are flagged as grace-key
+    /// use; when this is what ends the key the reason is `grace_ended`, else `expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ends_at: Option<i64>,
 }

@@ -23,6 +23,8 @@ pub struct VerifiedToken {
     pub scopes: ScopeSet,
     /// RFC 8705: the thumbprint of the certificate the token is bound to.
     pub cnf_x5t: Option<Arc<str>>,
+    /// The token's `is_trusted` claim.
+    pub is_trusted: bool,
     /// `X-Permiso-Scopes` and `X-Permiso-Token-Id` values, built once per verified token.
     pub scopes_header: http::HeaderValue,
     pub jti_header: http::HeaderValue,
@@ -73,6 +75,7 @@ mod tests {
 
     fn entry(jti: &str) -> Arc<VerifiedToken> {
         Arc::new(VerifiedToken {
+            is_trusted: false,
             iss: "i".into(),
             aud: "a".into(),
             kid: "k".into(),
