@@ -6,6 +6,8 @@ pub mod audit;
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod fleet;
+pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod oauth;
@@ -60,6 +62,8 @@ pub struct Inner {
     /// Failed authentications written to the audit log per minute.
     pub auth_audit_budget: throttle::AuditBudget,
     pub metrics: metrics::AdminMetrics,
+    /// Open long polls of identified sidecars, and what was last recorded of each.
+    pub fleet: fleet::Fleet,
 }
 
 pub type AppState = Arc<Inner>;
@@ -112,9 +116,17 @@ pub fn router(state: AppState) -> Router {
             post(services::revoke),
         )
         .route(
+            "/auth/admin/services/{id}/keys/{key_id}",
+            axum::routing::patch(services::patch_key),
+        )
+        .route(
             "/auth/admin/services/{id}/secret/rotate",
             post(services::rotate_secret),
         )
+        .route("/auth/admin/sidecars", get(fleet::list))
+        .route("/auth/admin/changes/{version}", get(fleet::change))
+        .route("/auth/admin/scopes", get(fleet::scopes))
+        .route("/auth/admin/keys", get(keys::list))
         .route("/auth/admin/signing-keys", get(signing_keys::list))
         .route("/auth/admin/signing-keys/rotate", post(signing_keys::rotate))
         .route("/oauth/token", post(oauth::token))
@@ -235,6 +247,7 @@ async fn build_state(
         auth_failures: throttle::FailureThrottle::new(auth_failure_limit),
         auth_audit_budget: throttle::AuditBudget::new(audit_budget),
         metrics: metrics::AdminMetrics::default(),
+        fleet: fleet::Fleet::default(),
     }))
 }
 

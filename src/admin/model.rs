@@ -45,6 +45,9 @@ pub struct CreateService {
     pub access_token_lifetime: Option<u32>,
     /// Client-certificate identities (`spiffe://…` URI SANs, `dns:<name>` DNS SANs).
     pub tls_identities: Option<Vec<String>>,
+    /// When the first API key and client secret stop working (RFC 3339); or `ttl_seconds`.
+    pub expires_at: Option<String>,
+    pub ttl_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +74,76 @@ pub struct PatchService {
 #[serde(deny_unknown_fields)]
 pub struct Rotate {
     pub grace_seconds: Option<u64>,
+    /// When the new credential stops working (RFC 3339); or `ttl_seconds`.
+    pub expires_at: Option<String>,
+    pub ttl_seconds: Option<u64>,
+}
+
+/// `PATCH /auth/admin/services/{id}/keys/{key_id}`: a credential's own expiry. Exactly one
+/// of `expires_at` (RFC 3339, or null to remove it) and `ttl_seconds`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchKey {
+    #[serde(default, deserialize_with = "nullable")]
+    pub expires_at: Option<Option<String>>,
+    pub ttl_seconds: Option<u64>,
+}
+
+/// The longest a credential's own lifetime may be set to: ten years.
+pub const MAX_CREDENTIAL_LIFETIME: u64 = 10 * 365 * 24 * 3600;
+
+/// A credential's own expiry from `expires_at` (RFC 3339) or `ttl_seconds`, at most one of
+/// them: in the future, within `MAX_CREDENTIAL_LIFETIME`.
+pub fn expiry(expires_at: Option<&str>, ttl_seconds: Option<u64>, now: i64) -> Result<Option<i64>, ApiError> {
+    let max = now.saturating_add(MAX_CREDENTIAL_LIFETIME as i64);
+    let at = match (expires_at, ttl_seconds) {
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("set expires_at or ttl_seconds, not both")),
+        (None, None) => return Ok(None),
+        (None, Some(ttl)) => {
+            if ttl == 0 || ttl > MAX_CREDENTIAL_LIFETIME {
+                return Err(ApiError::bad_request(format!(
+                    "ttl_seconds must be 1..={MAX_CREDENTIAL_LIFETIME}"
+                )));
+            }
+            now.saturating_add(ttl as i64)
+        }
+        (Some(s), None) => {
+            let at = chrono::DateTime::parse_from_rfc3339(s)
+                .map_err(|_| {
+                    ApiError::bad_request("expires_at must be an RFC 3339 date-time (2027-01-31T12:00:00Z)")
+                })?
+                .timestamp();
+            if at <= now {
+                return Err(ApiError::bad_request("expires_at must be in the future"));
+            }
+            if at > max {
+                return Err(ApiError::bad_request("expires_at must be within ten years"));
+            }
+            at
+        }
+    };
+    Ok(Some(at))
+}
+
+/// A write's answer: its body, the sync `version` it created (to check with
+/// `GET /auth/admin/changes/{version}` that every sidecar has it) and any warnings.
+#[derive(Debug, Serialize)]
+pub struct Written<T: Serialize> {
+    #[serde(flatten)]
+    pub body: T,
+    pub version: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+impl<T: Serialize> Written<T> {
+    pub fn new(body: T, version: u64) -> Written<T> {
+        Written {
+            body,
+            version,
+            warnings: vec![],
+        }
+    }
 }
 
 fn validate_name(name: &str) -> Result<String, ApiError> {
@@ -276,11 +349,11 @@ pub struct KeyView {
 
 impl KeyView {
     pub fn of(k: &KeyRecord, now: i64) -> KeyView {
-        let status = match (k.revoked_at, k.expires_at) {
-            (Some(_), _) => "revoked",
-            (None, Some(e)) if e <= now => "expired",
-            (None, Some(_)) => "grace",
-            (None, None) => "active",
+        let status = match (k.revoked_at, k.expires_at, k.grace_ends_at) {
+            (Some(_), _, _) => "revoked",
+            (None, Some(e), _) if e <= now => "expired",
+            (None, _, Some(_)) => "grace",
+            (None, _, None) => "active",
         };
         KeyView {
             key_id: k.id.clone(),
@@ -366,6 +439,9 @@ pub struct Rotated {
     pub service_id: String,
     pub api_key: String,
     pub key_id: String,
+    /// The new key's own expiry, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
     /// When the previously active keys stop working (the latest of them).
     pub old_keys_expire_at: Option<String>,
     pub old_keys: Vec<EndedKey>,
@@ -377,6 +453,8 @@ pub struct SecretRotated {
     pub client_id: String,
     pub client_secret: String,
     pub client_secret_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
     pub old_secrets_expire_at: Option<String>,
     pub old_secrets: Vec<EndedKey>,
 }

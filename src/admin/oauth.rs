@@ -255,6 +255,7 @@ async fn authenticate_tls_client(
             Ok(AuthenticatedClient {
                 service_id: client_id.to_string(),
                 record: crate::admin::storage::ClientRecord {
+                    is_trusted: record.is_trusted,
                     service_id: record.id,
                     scopes: record.scopes,
                     disabled: record.disabled,
@@ -340,6 +341,7 @@ async fn issue(
         cnf: cert.as_ref().map(|c| jwt::Confirmation {
             x5t_s256: c.x5t_s256.clone(),
         }),
+        is_trusted: client.record.is_trusted,
     };
     let ring = st.keyring.load();
     let signer = ring
@@ -559,6 +561,7 @@ pub async fn introspect(
                 "iat": c.iat,
                 "nbf": c.nbf,
                 "jti": c.jti,
+                "is_trusted": c.is_trusted,
                 "token_type": "Bearer",
                 // RFC 8705 §3.2: a bound token's confirmation.
                 "cnf": c.cnf,

@@ -25,18 +25,20 @@ pub async fn create(
     State(st): State<AppState>,
     Admin(actor): Admin,
     JsonBody(body): JsonBody<CreateService>,
-) -> Result<(StatusCode, Json<Created>), ApiError> {
-    let new = body.expect("required body").validate()?;
+) -> Result<(StatusCode, Json<Written<Created>>), ApiError> {
+    let mut body = body.expect("required body");
+    let now = st.clock.now_secs();
+    let ends = expiry(body.expires_at.take().as_deref(), body.ttl_seconds.take(), now)?;
+    let new = body.validate()?;
     let id = ids::new_service_id();
     let key_id = ids::new_key_id();
     let key = key::generate(new.environment);
     let secret_id = ids::new_secret_id();
     let secret = key::generate_client_secret();
-    let now = st.clock.now_secs();
     let (rec, version) = {
         let (id, key_id, secret_id, new) = (id.clone(), key_id.clone(), secret_id.clone(), new.clone());
-        let stored = StoredKey::of(&key);
-        let stored_secret = StoredKey::of(&secret);
+        let stored = StoredKey::of(&key).expiring(ends);
+        let stored_secret = StoredKey::of(&secret).expiring(ends);
         let who = actor.audit();
         st.db_named(
             "service",
@@ -53,14 +55,19 @@ pub async fn create(
     };
     st.published(version);
     tracing::info!(%actor, service_id = %rec.id, key_id = %key_id, key_prefix = %key.display_prefix, version, "service created");
+    let warnings = crate::admin::fleet::unknown_scopes(&st, &rec.scopes).await;
+    let created = Created {
+        service: ServiceView::of(rec, now),
+        api_key: key.secret.expose().to_string(),
+        key_id,
+        client_secret: secret.secret.expose().to_string(),
+        client_secret_id: secret_id,
+    };
     Ok((
         StatusCode::CREATED,
-        Json(Created {
-            service: ServiceView::of(rec, now),
-            api_key: key.secret.expose().to_string(),
-            key_id,
-            client_secret: secret.secret.expose().to_string(),
-            client_secret_id: secret_id,
+        Json(Written {
+            warnings,
+            ..Written::new(created, version)
         }),
     ))
 }
@@ -119,7 +126,7 @@ pub async fn patch(
     Admin(actor): Admin,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<PatchService>,
-) -> Result<Json<ServiceView>, ApiError> {
+) -> Result<Json<Written<ServiceView>>, ApiError> {
     let id = service_id(id)?;
     let patch = body.expect("required body").validate()?;
     let now = st.clock.now_secs();
@@ -132,7 +139,15 @@ pub async fn patch(
         .await?;
     st.published(version);
     tracing::info!(%actor, service_id = %rec.id, version, "service patched");
-    Ok(Json(ServiceView::of(rec, now)))
+    // Only the scopes this patch sets are checked against the routes sidecars report.
+    let warnings = match patch.scopes.as_deref() {
+        Some(s) => crate::admin::fleet::unknown_scopes(&st, s).await,
+        None => vec![],
+    };
+    Ok(Json(Written {
+        warnings,
+        ..Written::new(ServiceView::of(rec, now), version)
+    }))
 }
 
 /// Disables the service: every key stops working. The record stays for the audit trail.
@@ -140,7 +155,7 @@ pub async fn disable(
     State(st): State<AppState>,
     Admin(actor): Admin,
     Path(id): Path<String>,
-) -> Result<Json<ServiceView>, ApiError> {
+) -> Result<Json<Written<ServiceView>>, ApiError> {
     let id = service_id(id)?;
     let now = st.clock.now_secs();
     let patch = crate::admin::storage::ServicePatch {
@@ -156,19 +171,19 @@ pub async fn disable(
         .await?;
     st.published(version);
     tracing::info!(%actor, service_id = %rec.id, version, "service disabled");
-    Ok(Json(ServiceView::of(rec, now)))
+    Ok(Json(Written::new(ServiceView::of(rec, now), version)))
 }
 
-/// Validates the optional rotate body and returns the grace period in seconds.
-fn grace_of(st: &AppState, body: Option<Rotate>) -> Result<u64, ApiError> {
-    let grace = body
-        .unwrap_or_default()
-        .grace_seconds
-        .unwrap_or(st.cfg.rotation_grace.as_secs());
+/// Validates the optional rotate body: the grace period in seconds, and the new
+/// credential's own expiry.
+fn grace_of(st: &AppState, body: Option<Rotate>) -> Result<(u64, Option<i64>), ApiError> {
+    let body = body.unwrap_or_default();
+    let grace = body.grace_seconds.unwrap_or(st.cfg.rotation_grace.as_secs());
     if grace > 365 * 24 * 3600 {
         return Err(ApiError::bad_request("grace_seconds must be at most one year"));
     }
-    Ok(grace)
+    let ends = expiry(body.expires_at.as_deref(), body.ttl_seconds, st.clock.now_secs())?;
+    Ok((grace, ends))
 }
 
 /// Issues a new credential of `kind` and ends the active ones after the grace period.
@@ -176,9 +191,9 @@ async fn rotate_credential(
     st: &AppState,
     id: String,
     kind: CredentialKind,
-    grace: u64,
+    (grace, ends): (u64, Option<i64>),
     who: crate::admin::storage::Audit,
-) -> Result<(crate::admin::storage::Rotation, key::NewKey, String), ApiError> {
+) -> Result<(crate::admin::storage::Rotation, key::NewKey, String, u64), ApiError> {
     let now = st.clock.now_secs();
     let (new, new_id) = match kind {
         CredentialKind::ApiKey => {
@@ -191,7 +206,7 @@ async fn rotate_credential(
         CredentialKind::ClientSecret => (key::generate_client_secret(), ids::new_secret_id()),
     };
     let max_active = st.cfg.max_active_keys_per_service;
-    let stored = StoredKey::of(&new);
+    let stored = StoredKey::of(&new).expiring(ends);
     let (rotation, version) = {
         let new_id = new_id.clone();
         st.db_named(
@@ -202,7 +217,7 @@ async fn rotate_credential(
         .await?
     };
     st.published(version);
-    Ok((rotation, new, new_id))
+    Ok((rotation, new, new_id, version))
 }
 
 fn ended(rotation: &crate::admin::storage::Rotation) -> (Option<String>, Vec<EndedKey>) {
@@ -224,20 +239,28 @@ pub async fn rotate(
     Admin(actor): Admin,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<Rotate, true>,
-) -> Result<Json<Rotated>, ApiError> {
+) -> Result<Json<Written<Rotated>>, ApiError> {
     let id = service_id(id)?;
-    let grace = grace_of(&st, body)?;
-    let (rotation, key, key_id) =
-        rotate_credential(&st, id.clone(), CredentialKind::ApiKey, grace, actor.audit()).await?;
-    tracing::info!(%actor, service_id = %id, key_id = %key_id, key_prefix = %key.display_prefix, grace, "service key rotated");
+    let (grace, ends) = grace_of(&st, body)?;
+    let (rotation, key, key_id, version) = rotate_credential(
+        &st,
+        id.clone(),
+        CredentialKind::ApiKey,
+        (grace, ends),
+        actor.audit(),
+    )
+    .await?;
+    tracing::info!(%actor, service_id = %id, key_id = %key_id, key_prefix = %key.display_prefix, grace, version, "service key rotated");
     let (old_keys_expire_at, old_keys) = ended(&rotation);
-    Ok(Json(Rotated {
+    let rotated = Rotated {
         service_id: rotation.service.id,
         api_key: key.secret.expose().to_string(),
         key_id,
+        expires_at: ends.map(rfc3339),
         old_keys_expire_at,
         old_keys,
-    }))
+    };
+    Ok(Json(Written::new(rotated, version)))
 }
 
 pub async fn rotate_secret(
@@ -245,34 +268,36 @@ pub async fn rotate_secret(
     Admin(actor): Admin,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<Rotate, true>,
-) -> Result<Json<SecretRotated>, ApiError> {
+) -> Result<Json<Written<SecretRotated>>, ApiError> {
     let id = service_id(id)?;
-    let grace = grace_of(&st, body)?;
-    let (rotation, secret, secret_id) = rotate_credential(
+    let (grace, ends) = grace_of(&st, body)?;
+    let (rotation, secret, secret_id, version) = rotate_credential(
         &st,
         id.clone(),
         CredentialKind::ClientSecret,
-        grace,
+        (grace, ends),
         actor.audit(),
     )
     .await?;
     tracing::info!(%actor, service_id = %id, secret_id = %secret_id, grace, "client secret rotated");
     let (old_secrets_expire_at, old_secrets) = ended(&rotation);
-    Ok(Json(SecretRotated {
+    let rotated = SecretRotated {
         client_id: rotation.service.id.clone(),
         service_id: rotation.service.id,
         client_secret: secret.secret.expose().to_string(),
         client_secret_id: secret_id,
+        expires_at: ends.map(rfc3339),
         old_secrets_expire_at,
         old_secrets,
-    }))
+    };
+    Ok(Json(Written::new(rotated, version)))
 }
 
 pub async fn revoke(
     State(st): State<AppState>,
     Admin(actor): Admin,
     Path((id, key_id)): Path<(String, String)>,
-) -> Result<Json<KeyView>, ApiError> {
+) -> Result<Json<Written<KeyView>>, ApiError> {
     let id = service_id(id)?;
     if !ids::looks_like_id(&key_id, KEY_ID_PREFIX) {
         return Err(ApiError::not_found("key"));
@@ -286,5 +311,42 @@ pub async fn revoke(
     };
     st.published(version);
     tracing::info!(%actor, service_id = %id, key_id = %key_id, version, "key revoked");
-    Ok(Json(KeyView::of(&rec, now)))
+    Ok(Json(Written::new(KeyView::of(&rec, now), version)))
+}
+
+/// `PATCH /auth/admin/services/{id}/keys/{key_id}`: sets (or removes, with null) the own
+/// expiry of an API key (`key_…`) or client secret (`sec_…`). The sidecars judge it by their
+/// own clocks, so it holds while the admin plane is down.
+pub async fn patch_key(
+    State(st): State<AppState>,
+    Admin(actor): Admin,
+    Path((id, key_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody<PatchKey>,
+) -> Result<Json<Written<KeyView>>, ApiError> {
+    let id = service_id(id)?;
+    let kind = if ids::looks_like_id(&key_id, KEY_ID_PREFIX) {
+        CredentialKind::ApiKey
+    } else if ids::looks_like_id(&key_id, ids::SECRET_ID_PREFIX) {
+        CredentialKind::ClientSecret
+    } else {
+        return Err(ApiError::not_found("key"));
+    };
+    let body = body.expect("required body");
+    let now = st.clock.now_secs();
+    let own = match (&body.expires_at, body.ttl_seconds) {
+        (None, None) => return Err(ApiError::bad_request("set expires_at (or null) or ttl_seconds")),
+        (Some(None), None) => None,
+        (Some(Some(at)), ttl) => expiry(Some(at), ttl, now)?,
+        (Some(None), Some(_)) => {
+            return Err(ApiError::bad_request("set expires_at or ttl_seconds, not both"))
+        }
+        (None, Some(ttl)) => expiry(None, Some(ttl), now)?,
+    };
+    let who = actor.audit();
+    let (rec, version) = st
+        .db_named("key", st.store.set_expiry(&id, kind, &key_id, own, now, &who))
+        .await?;
+    st.published(version);
+    tracing::info!(%actor, service_id = %id, key_id = %key_id, expires_at = own, version, "credential expiry set");
+    Ok(Json(Written::new(KeyView::of(&rec, now), version)))
 }

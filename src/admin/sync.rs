@@ -92,9 +92,11 @@ async fn build(
 pub async fn sync(
     State(st): State<AppState>,
     SyncReader(actor): SyncReader,
+    headers: axum::http::HeaderMap,
     q: Result<Query<SyncParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let report = crate::admin::fleet::report_of(&headers)?;
     let credential = match &actor.actor {
         crate::admin::auth::Actor::AdminKey => "admin-key".to_string(),
         crate::admin::auth::Actor::Service { key_id, .. } => key_id.clone(),
@@ -102,6 +104,11 @@ pub async fn sync(
     let Some(_slot) = st.sync_slots.acquire(credential) else {
         tracing::warn!(%actor, "too many concurrent syncs for one credential");
         return Err(ApiError::rate_limited(1));
+    };
+    // Marks the sidecar polling (live) until this request ends; it holds `after`.
+    let _polling = match &report {
+        Some(r) => Some(crate::admin::fleet::seen(&st, r, &actor.actor, q.epoch.as_deref(), q.after).await),
+        None => None,
     };
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(st.cfg.sync_max_wait);
     let same_epoch = q.epoch.as_deref() == Some(st.store.epoch());
@@ -152,6 +159,10 @@ pub async fn sync(
             }
         }
     };
+    if let Some(r) = &report {
+        // Seen again at the end of a long poll, for replicas that only read the store.
+        crate::admin::fleet::record(&st, r, &actor.actor, q.epoch.as_deref(), q.after).await;
+    }
     tracing::debug!(%actor, bytes = body.len(), "sync served");
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }

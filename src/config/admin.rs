@@ -25,6 +25,13 @@ impl AdminConfig {
         if f.sync_max_wait_seconds == 0 || f.sync_max_wait_seconds > 300 {
             return Err(invalid("admin_plane.sync_max_wait_seconds", "must be 1..=300"));
         }
+        if f.sidecar_stale_after_seconds <= f.sync_max_wait_seconds || f.sidecar_stale_after_seconds > 86_400
+        {
+            return Err(invalid(
+                "admin_plane.sidecar_stale_after_seconds",
+                "must exceed sync_max_wait_seconds and be at most 86400",
+            ));
+        }
         if f.max_active_keys_per_service == 0 {
             return Err(invalid(
                 "admin_plane.max_active_keys_per_service",
@@ -119,6 +126,7 @@ impl AdminConfig {
             max_requests_per_connection: f.max_requests_per_connection,
             max_connections: f.max_connections,
             sync_max_wait: Duration::from_secs(f.sync_max_wait_seconds),
+            sidecar_stale_after: Duration::from_secs(f.sidecar_stale_after_seconds),
             sync_max_concurrent_per_credential: match f.sync_max_concurrent_per_credential {
                 0 => {
                     return Err(invalid(

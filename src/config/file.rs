@@ -91,6 +91,10 @@ pub struct AdminPlane {
     pub max_connections: usize,
     /// Upper bound on `wait` for `/v1/sync` long polls. Default 30.
     pub sync_max_wait_seconds: u64,
+    /// A sidecar that has not polled for this long is listed as stale and no longer counted
+    /// when a change's propagation is checked. Must exceed `sync_max_wait_seconds` (a parked
+    /// long poll is only seen at its start and end by other replicas). Default 120.
+    pub sidecar_stale_after_seconds: u64,
     /// Sync requests (long polls included) one sync credential may have open at once;
     /// past it, 429 with Retry-After. Give each service's sidecars their own sync key, or
     /// raise this when many sidecars share one. Default 256.
@@ -141,6 +145,7 @@ impl Default for AdminPlane {
             max_requests_per_connection: 1000,
             max_connections: 10_000,
             sync_max_wait_seconds: 30,
+            sidecar_stale_after_seconds: 120,
             sync_max_concurrent_per_credential: 256,
             max_active_keys_per_service: 10,
             issuer: None,
@@ -205,6 +210,10 @@ pub struct Sidecar {
     /// be reached under a less protected spelling. Paths are forwarded as sent either way.
     #[serde(default)]
     pub case_sensitive_routes: bool,
+    /// "enforce" (default) or "shadow": every route without its own `mode` forwards what it
+    /// would deny (with `X-Permiso-Shadow-Denial`), and so does a request no route matches.
+    #[serde(default = "default_mode")]
+    pub mode: String,
     /// `X-Forwarded-For` and `Forwarded` sent upstream: "overwrite" (the TCP peer only;
     /// whatever the caller sent is dropped) or "append" (the caller's chain, then the TCP
     /// peer; only behind a proxy you trust to set them). Default "overwrite".
@@ -376,6 +385,17 @@ pub struct Route {
     /// Default false: it is removed, so a credential sent to the wrong route never leaks.
     #[serde(default)]
     pub forward_authorization: bool,
+    /// Only a trusted service (`is_trusted`) may call; others get 403 access_denied.
+    /// Default false. Protected routes only.
+    #[serde(default)]
+    pub trusted: bool,
+    /// "enforce" or "shadow" (would-be denials forwarded, flagged, counted). Default: the
+    /// sidecar's `mode`.
+    pub mode: Option<String>,
+}
+
+fn default_mode() -> String {
+    "enforce".into()
 }
 
 pub(crate) fn default_header_read_timeout() -> u64 {

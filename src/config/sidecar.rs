@@ -25,7 +25,17 @@ pub fn read_sync_credential(s: &file::Sync) -> Result<Secret, ConfigError> {
     Ok(Secret::new(value))
 }
 
-fn build_routes(routes: &[file::Route], case_sensitive: bool) -> Result<RouteTable, ConfigError> {
+/// `mode = "enforce" | "shadow"`: true for shadow.
+fn shadow_mode(field: &str, mode: &str) -> Result<bool, ConfigError> {
+    match mode {
+        "enforce" => Ok(false),
+        "shadow" => Ok(true),
+        _ => Err(invalid(field, "mode must be \"enforce\" or \"shadow\"")),
+    }
+}
+
+fn build_routes(routes: &[file::Route], case_sensitive: bool, mode: &str) -> Result<RouteTable, ConfigError> {
+    let shadow_all = shadow_mode("sidecar.mode", mode)?;
     let mut out = Vec::with_capacity(routes.len());
     for (i, r) in routes.iter().enumerate() {
         let field = format!("sidecar.routes[{i}]");
@@ -84,11 +94,19 @@ fn build_routes(routes: &[file::Route], case_sensitive: bool) -> Result<RouteTab
                 "forward_authorization applies to public routes only (protected routes never forward the credential)",
             ));
         }
+        if r.trusted && access == Access::Public {
+            return Err(invalid(field, "trusted applies to protected routes only"));
+        }
         let mut route = Route::new(methods, r.prefix.clone(), access);
         route.forward_authorization = r.forward_authorization;
+        route.trusted = r.trusted;
+        route.shadow = match &r.mode {
+            Some(m) => shadow_mode(&field, m)?,
+            None => shadow_all,
+        };
         out.push(route);
     }
-    Ok(RouteTable::with_case(out, case_sensitive))
+    Ok(RouteTable::with_case(out, case_sensitive).shadowing_unmatched(shadow_all))
 }
 
 fn read_secret(
@@ -290,7 +308,7 @@ impl SidecarConfig {
             )?,
             sync_credential: credential,
             sync_wait: Duration::from_secs(f.sync.wait_seconds),
-            routes: build_routes(&f.routes, f.case_sensitive_routes)?,
+            routes: build_routes(&f.routes, f.case_sensitive_routes, &f.mode)?,
             forwarded_for: match f.forwarded_for.as_str() {
                 "overwrite" => ForwardedFor::Overwrite,
                 "append" => ForwardedFor::Append,

@@ -17,7 +17,7 @@ use http::HeaderValue;
 use pingora::{Error, ErrorType, Result};
 
 use crate::config::ForwardedFor;
-use crate::core::decision::{Credential, Verdict};
+use crate::core::decision::{Credential, Pass, Verdict};
 use crate::core::denial::DenialResponse;
 use crate::core::headers;
 
@@ -32,6 +32,8 @@ const KEY_ID: HeaderName = HeaderName::from_static("x-permiso-key-id");
 const TOKEN_ID: HeaderName = HeaderName::from_static("x-permiso-token-id");
 const CERT_IDENTITY: HeaderName = HeaderName::from_static("x-permiso-client-cert-identity");
 const ENVIRONMENT: HeaderName = HeaderName::from_static("x-permiso-environment");
+const TRUSTED: HeaderName = HeaderName::from_static("x-permiso-trusted");
+const SHADOW_DENIAL: HeaderName = HeaderName::from_static("x-permiso-shadow-denial");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
@@ -255,6 +257,10 @@ pub fn set_identity(upstream: &mut ReqParts, verdict: &Verdict) -> Result<()> {
                 Credential::ClientCert { .. } => {}
             }
             h.insert(ENVIRONMENT, HeaderValue::from_static(s.environment.as_str()));
+            h.insert(
+                TRUSTED,
+                HeaderValue::from_static(if principal.trusted() { "true" } else { "false" }),
+            );
         }
         Verdict::Public {
             forward_authorization: true,
@@ -270,19 +276,24 @@ pub fn set_identity(upstream: &mut ReqParts, verdict: &Verdict) -> Result<()> {
 /// caller's hop-by-hop and reserved headers dropped, then the sidecar's own set.
 pub fn rewrite_request(
     upstream: &mut ReqParts,
-    rewritten_path: Option<&str>,
-    verdict: &Verdict,
+    pass: &Pass,
     request_id: &HeaderValue,
     peer: Option<std::net::IpAddr>,
     mode: ForwardedFor,
     upgrade: bool,
 ) -> Result<()> {
-    set_canonical_target(upstream, rewritten_path)?;
+    set_canonical_target(upstream, pass.rewritten_path.as_deref())?;
     frame_body(upstream)?;
     strip_hop_by_hop(upstream, upgrade);
     set_forwarding(upstream, peer, mode)?;
     upstream.headers.insert(REQUEST_ID, request_id.clone());
-    set_identity(upstream, verdict)
+    if let Some(d) = &pass.shadow {
+        // A reason is a static lower-case token, always a valid header value.
+        upstream
+            .headers
+            .insert(SHADOW_DENIAL, HeaderValue::from_static(d.reason()));
+    }
+    set_identity(upstream, &pass.verdict)
 }
 
 /// The request id, and the caller's RateLimit state when its service has limits.

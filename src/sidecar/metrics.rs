@@ -69,6 +69,10 @@ pub struct SidecarMetrics {
     allowed: IntCounter,
     public: IntCounter,
     denials: HashMap<&'static str, IntCounter>,
+    /// Would-be denials forwarded in shadow mode, by reason.
+    shadow_denials: HashMap<&'static str, IntCounter>,
+    /// Requests allowed with an API key in its rotation grace window.
+    grace_key_requests: IntCounter,
     latency: [Histogram; 3],
     upstream_errors: HashMap<&'static str, IntCounter>,
     sync_ok: IntCounter,
@@ -146,10 +150,28 @@ impl SidecarMetrics {
             .register(Box::new(latency_vec.clone()))
             .expect("unique metric");
         let latency = ["allowed", "public", "denied"].map(|d| latency_vec.with_label_values(&[d]));
+        let shadow_denials = {
+            let vec = counter_vec(
+                &registry,
+                "permiso_sidecar_shadow_denials_total",
+                "Requests forwarded in shadow mode that enforce mode would have denied, by reason (as in permiso_sidecar_decisions_total).",
+                &["reason"],
+            );
+            Denial::every_kind()
+                .iter()
+                .map(|d| (d.reason(), vec.with_label_values(&[d.reason()])))
+                .collect()
+        };
         SidecarMetrics {
             allowed,
             public,
             denials,
+            shadow_denials,
+            grace_key_requests: counter(
+                &registry,
+                "permiso_sidecar_grace_key_requests_total",
+                "Requests allowed with an API key that was rotated out and is in its grace window: callers still to move to the new key.",
+            ),
             latency,
             upstream_errors: {
                 let vec = counter_vec(
@@ -270,6 +292,17 @@ impl SidecarMetrics {
 
     pub fn public(&self) {
         self.public.inc();
+    }
+
+    /// A would-be denial forwarded in shadow mode.
+    pub fn shadow_denied(&self, d: &Denial) {
+        if let Some(c) = self.shadow_denials.get(d.reason()) {
+            c.inc();
+        }
+    }
+
+    pub fn grace_key_request(&self) {
+        self.grace_key_requests.inc();
     }
 
     pub fn denied(&self, d: &Denial) {

@@ -3,6 +3,7 @@
 //! dev`); `run` runs it in the foreground with pingora's signal handling.
 
 pub mod egress;
+pub mod fleet_report;
 pub mod forward;
 pub mod h1;
 pub mod health;
@@ -36,11 +37,14 @@ use sync_client::{EarlySync, SyncClient};
 /// Loads the snapshot file, if any. A bad file (one that does not verify under this sync
 /// credential included) is refused with a log line and the sidecar starts without a snapshot
 /// (failing closed until the first sync) rather than trusting it.
-fn initial_snapshot(cfg: &SidecarConfig, key: &snapshot_file::FileKey) -> Option<(Arc<Snapshot>, i64)> {
-    match snapshot_file::load(&cfg.snapshot_file, cfg.environment, key) {
-        Ok(Some((s, written_at))) => {
+fn initial_snapshot(
+    cfg: &SidecarConfig,
+    key: &snapshot_file::FileKey,
+) -> Option<(Arc<Snapshot>, i64, Option<String>)> {
+    match snapshot_file::load_with_instance(&cfg.snapshot_file, cfg.environment, key) {
+        Ok(Some((s, written_at, instance))) => {
             tracing::info!(path = %cfg.snapshot_file.display(), version = s.version, keys = s.key_count(), written_at, "loaded snapshot file");
-            Some((Arc::new(s), written_at))
+            Some((Arc::new(s), written_at, instance))
         }
         Ok(None) => {
             tracing::warn!(path = %cfg.snapshot_file.display(), "no snapshot file; protected routes answer 503 until the first sync");
@@ -234,10 +238,13 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     let file_key = snapshot_file::FileKey::from_credential(&cfg.sync_credential);
     // A snapshot from the file is as old as its authenticated write time (not the file's
     // mtime, which anyone who can write the file can set).
-    let (initial, loaded_at) = match initial_snapshot(cfg, &file_key) {
-        Some((s, written_at)) => (Some(s), written_at),
-        None => (None, 0),
+    let (initial, loaded_at, instance) = match initial_snapshot(cfg, &file_key) {
+        Some((s, written_at, instance)) => (Some(s), written_at, instance),
+        None => (None, 0, None),
     };
+    let instance_id: Arc<str> = Arc::from(instance.unwrap_or_else(fleet_report::new_instance_id));
+    tracing::info!(instance_id = %instance_id, "sidecar instance");
+    let departed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let last_sync = Arc::new(std::sync::atomic::AtomicI64::new(loaded_at));
     let write_failing_since = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let current = Arc::new(ArcSwapOption::new(initial));
@@ -289,7 +296,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
     let mut service = pingora::services::listening::Service::new(
         "permiso sidecar".to_string(),
         h1::H1Sidecar {
-            gate: h1::Gate::Policy(shared),
+            gate: h1::Gate::Policy(shared.clone()),
             metrics: metrics.clone(),
             table: connections.clone(),
             limits: h1::ConnLimits {
@@ -353,6 +360,9 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         file_key,
         write_failing_since: write_failing_since.clone(),
         need_full: std::sync::atomic::AtomicBool::new(true),
+        instance_id,
+        shared,
+        departed: departed.clone(),
     };
     let usage = usage_report::UsageReporter {
         admin_url: cfg.admin_url.clone(),
@@ -361,6 +371,7 @@ fn build(cfg: &SidecarConfig, clock: SharedClock) -> anyhow::Result<Parts> {
         current: current.clone(),
         interval: cfg.usage_report_interval,
         metrics: metrics.clone(),
+        departed,
     };
     let health = health::Health {
         current,

@@ -77,19 +77,31 @@ pub async fn judge(
     let decision = match admission {
         Ok(Admission::Pass(pass)) => Ok(pass),
         Ok(Admission::Limit(pending)) => {
-            let outcome = shared.limiter.check(pending.service(), now_nanos).outcome().await;
+            let outcome = if pending.is_shadow() {
+                crate::core::limiter::Local::shadow_outcome(pending.service(), now_nanos)
+            } else {
+                shared.limiter.check(pending.service(), now_nanos).outcome().await
+            };
             pending.finish(outcome)
         }
         Err(d) => Err(d),
     };
     match &decision {
-        Ok(pass) => match &pass.verdict {
-            Verdict::Allowed { principal, .. } => {
-                principal.record_use((now_nanos / 1_000_000_000) as i64);
-                shared.metrics.allowed();
+        Ok(pass) => {
+            match &pass.verdict {
+                Verdict::Allowed { principal, .. } => {
+                    principal.record_use((now_nanos / 1_000_000_000) as i64);
+                    if principal.grace_key() {
+                        shared.metrics.grace_key_request();
+                    }
+                    shared.metrics.allowed();
+                }
+                Verdict::Public { .. } => shared.metrics.public(),
             }
-            Verdict::Public { .. } => shared.metrics.public(),
-        },
+            if let Some(d) = &pass.shadow {
+                shared.metrics.shadow_denied(d);
+            }
+        }
         Err(denial) => {
             if *denial == Denial::InvalidToken(InvalidToken::Jwt(JwtError::UnknownKid)) {
                 // Maybe a key published since our last sync: fetch now (rate-limited).

@@ -63,6 +63,15 @@ pub fn load(
     environment: Environment,
     key: &FileKey,
 ) -> Result<Option<(Snapshot, i64)>, SnapshotFileError> {
+    Ok(load_with_instance(path, environment, key)?.map(|(s, at, _)| (s, at)))
+}
+
+/// As `load`, with the instance id the file keeps (see `SyncPayload::instance_id`).
+pub fn load_with_instance(
+    path: &Path,
+    environment: Environment,
+    key: &FileKey,
+) -> Result<Option<(Snapshot, i64, Option<String>)>, SnapshotFileError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -91,17 +100,31 @@ pub fn load(
     Ok(Some((
         Snapshot::from_full(&payload, environment, None)?,
         written_at,
+        payload.instance_id,
     )))
 }
 
 /// `written_at`: unix seconds by the sidecar's clock, the snapshot's age after a restart.
 pub fn write(path: &Path, snapshot: &Snapshot, key: &FileKey, written_at: i64) -> std::io::Result<()> {
+    write_with_instance(path, snapshot, key, written_at, None)
+}
+
+/// As `write`, keeping the sidecar's instance id in the file.
+pub fn write_with_instance(
+    path: &Path,
+    snapshot: &Snapshot,
+    key: &FileKey,
+    written_at: i64,
+    instance_id: Option<&str>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let body = serde_json::to_vec(&snapshot.to_payload())?;
+    let mut payload = snapshot.to_payload();
+    payload.instance_id = instance_id.map(str::to_string);
+    let body = serde_json::to_vec(&payload)?;
     let header = format!("{MAGIC}{} {written_at}\n", key.mac(written_at, &body).to_hex());
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("snapshot");
     // A name nobody can guess, created exclusively (O_CREAT|O_EXCL fails on an existing name,

@@ -79,6 +79,12 @@ pub struct SyncClient {
     /// Until the first sync succeeds, ask for a full snapshot: a snapshot loaded from the file
     /// is served meanwhile, but never trusted as the base of a delta.
     pub need_full: std::sync::atomic::AtomicBool,
+    /// This sidecar's instance id (kept in the snapshot file).
+    pub instance_id: Arc<str>,
+    /// The live config, reported on every request (`fleet_report`).
+    pub shared: Arc<crate::sidecar::state::Shared>,
+    /// Use marks of keys that left the snapshot, for the usage reporter.
+    pub departed: Arc<std::sync::Mutex<Vec<(String, i64)>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,9 +126,16 @@ impl SyncClient {
         if let (false, Some(s)) = (full, self.current.load().as_ref()) {
             url.push_str(&format!("&after={}&epoch={}", s.version, s.epoch));
         }
-        let resp = http
-            .get(url)
-            .bearer_auth(self.credential.expose())
+        let report = crate::sidecar::fleet_report::report(
+            &self.instance_id,
+            self.environment,
+            &self.shared.live.load(),
+        );
+        let mut req = http.get(url).bearer_auth(self.credential.expose());
+        if let Some(h) = crate::sidecar::fleet_report::header(report) {
+            req = req.header(crate::core::sync::SIDECAR_HEADER, h);
+        }
+        let resp = req
             .timeout(wait + Duration::from_secs(10))
             .send()
             .await
@@ -166,7 +179,24 @@ impl SyncClient {
         if revoked_changed {
             self.token_cache.evict_revoked(&next.tokens.revoked);
         }
-        self.current.store(Some(Arc::new(next)));
+        let next = Arc::new(next);
+        self.current.store(Some(next.clone()));
+        // After the swap, so no request marks the old entries for long; a use racing it is
+        // marked on an entry nobody reads again, and lost.
+        if let Some(cur) = &current {
+            let touched: Vec<&str> = payload.services.iter().map(|s| s.service_id.as_str()).collect();
+            let marks = cur.departed_marks(&next, (!payload.full).then_some(&touched[..]));
+            if !marks.is_empty() {
+                tracing::debug!(
+                    keys = marks.len(),
+                    "use marks of keys that left the snapshot kept for the next report"
+                );
+                self.departed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(marks);
+            }
+        }
         Ok(true)
     }
 
@@ -182,6 +212,7 @@ impl SyncClient {
         let (current, path) = (self.current.clone(), self.snapshot_file.clone());
         let (key, failing_since) = (self.file_key.clone(), self.write_failing_since.clone());
         let (metrics, clock) = (self.metrics.clone(), self.clock.clone());
+        let instance = self.instance_id.clone();
         let handle = std::thread::Builder::new()
             .name("permiso-snapshot-writer".into())
             .spawn(move || {
@@ -189,7 +220,7 @@ impl SyncClient {
                 for () in rx {
                     if let Some(s) = current.load_full() {
                         let started = std::time::Instant::now();
-                        match snapshot_file::write(&path, &s, &key, clock.now_secs()) {
+                        match snapshot_file::write_with_instance(&path, &s, &key, clock.now_secs(), Some(&instance)) {
                             Ok(()) => {
                                 failing_since.store(0, Ordering::Relaxed);
                                 metrics.snapshot_written(true);

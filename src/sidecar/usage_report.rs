@@ -24,6 +24,8 @@ pub struct UsageReporter {
     pub current: Arc<ArcSwapOption<Snapshot>>,
     pub interval: Duration,
     pub metrics: Arc<SidecarMetrics>,
+    /// Marks of keys that left the snapshot (the sync client fills it).
+    pub departed: Arc<std::sync::Mutex<Vec<(String, i64)>>>,
 }
 
 #[derive(serde::Serialize)]
@@ -55,6 +57,10 @@ impl UsageReporter {
     }
 
     fn collect(&self, pending: &mut HashMap<Arc<str>, i64>) {
+        for (key_id, at) in std::mem::take(&mut *self.departed.lock().unwrap_or_else(|p| p.into_inner())) {
+            let e = pending.entry(Arc::from(key_id)).or_insert(at);
+            *e = (*e).max(at);
+        }
         let Some(snapshot) = self.current.load_full() else {
             return;
         };

@@ -1466,6 +1466,7 @@ mod tests {
                     })
                     .collect(),
                 generated_at_ms: None,
+                instance_id: None,
             };
             Snapshot::from_full(&payload, Environment::Live, None).unwrap()
         }

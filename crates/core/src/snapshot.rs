@@ -462,6 +462,33 @@ impl Snapshot {
         Ok(())
     }
 
+    /// Unreported use marks of keys this snapshot has and `next` does not (revoked, grace
+    /// ended, expired, rotated away), as `(key id, last used)`: their last uses are the ones
+    /// an admin most needs to see, and `next` has no slot to carry them. Only `services`
+    /// (the ones a delta replaced) are looked at; `None` looks at every service.
+    pub fn departed_marks(&self, next: &Snapshot, services: Option<&[&str]>) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        let mut visit = |s: &ServiceEntry| {
+            for (slot, h) in s.keys.iter().enumerate() {
+                // A hash names one key: present in `next` means still there.
+                if next.lookup(h).is_some() {
+                    continue;
+                }
+                if let (Some(at), Some(k)) = (s.usage.take_unreported_slot(slot), self.keys.get(h)) {
+                    out.push((k.key_id.to_string(), at));
+                }
+            }
+        };
+        match services {
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| self.services.get(*id))
+                .for_each(|s| visit(s)),
+            None => self.services.values().for_each(|s| visit(s)),
+        }
+        out
+    }
+
     pub fn lookup(&self, hash: &KeyHash) -> Option<&KeyEntry> {
         self.keys.get(hash)
     }
@@ -530,6 +557,7 @@ impl Snapshot {
             signing_keys: self.tokens.signing_keys.clone(),
             revoked_tokens: self.tokens.revoked_list.clone(),
             generated_at_ms: None,
+            instance_id: None,
         }
     }
 }

@@ -29,7 +29,91 @@ pub struct SyncPayload {
     /// change it carries; the sidecar reports the difference as its sync lag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generated_at_ms: Option<i64>,
+    /// Only in a sidecar's snapshot file: the instance id it reports to the admin plane,
+    /// kept across restarts. Ignored in what the admin plane sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
 }
+
+/// Header a sidecar sends on every sync request: `SidecarReport` as compact JSON.
+pub const SIDECAR_HEADER: &str = "permiso-sidecar";
+
+/// Who a sidecar is, as it tells the admin plane on every sync request: the fleet view,
+/// propagation checks and the scope catalog are built from these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarReport {
+    /// Generated once, kept in the snapshot file.
+    pub instance_id: String,
+    /// The permiso build (`CARGO_PKG_VERSION`).
+    pub build: String,
+    pub environment: Environment,
+    /// The service it protects (host:port).
+    pub upstream: String,
+    /// "enforce" or "shadow" (the sidecar-wide mode).
+    pub mode: String,
+    pub routes: Vec<RouteReport>,
+    /// Routes left out to keep the header small.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub routes_truncated: bool,
+}
+
+/// One protected route as reported (public routes are left out: they require nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteReport {
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub trusted: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow: bool,
+}
+
+impl SidecarReport {
+    /// Checks what the admin plane stores and shows: bounded sizes, plain characters, scopes
+    /// that parse.
+    pub fn validate(&self) -> Result<(), String> {
+        let plain = |s: &str, max: usize| {
+            !s.is_empty() && s.len() <= max && s.bytes().all(|b| (0x21..0x7f).contains(&b))
+        };
+        if !plain(&self.instance_id, 64)
+            || !self
+                .instance_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err("instance_id must be 1 to 64 letters, digits, '_' or '-'".into());
+        }
+        if !plain(&self.build, 64) || !plain(&self.upstream, 255) {
+            return Err("build and upstream must be short printable strings".into());
+        }
+        if self.mode != "enforce" && self.mode != "shadow" {
+            return Err("mode must be enforce or shadow".into());
+        }
+        if self.routes.len() > MAX_REPORTED_ROUTES {
+            return Err(format!("at most {MAX_REPORTED_ROUTES} routes"));
+        }
+        for r in &self.routes {
+            if !plain(&r.prefix, 1024) || !r.prefix.starts_with('/') {
+                return Err("a route prefix must start with '/'".into());
+            }
+            if r.methods.len() > 16 || r.methods.iter().any(|m| !plain(m, 32)) {
+                return Err("route methods are short tokens".into());
+            }
+            if r.scopes.is_empty() || r.scopes.len() > 32 {
+                return Err("a reported route requires 1 to 32 scopes".into());
+            }
+            crate::scope::ScopeSet::parse(&r.scopes).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Routes a report carries at most.
+pub const MAX_REPORTED_ROUTES: usize = 256;
 
 /// An Ed25519 verification key, as in its JWK.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -74,6 +74,17 @@ impl ServiceUsage {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// The one slot's unreported mark, taken (a key leaving the snapshot).
+    pub fn take_unreported_slot(&self, slot: usize) -> Option<i64> {
+        let s = self.keys.get(slot)?;
+        let used = s.last_used.load(Ordering::Relaxed);
+        if used > s.reported.load(Ordering::Relaxed) {
+            s.reported.store(used, Ordering::Relaxed);
+            return Some(used);
+        }
+        None
+    }
+
     /// Appends `(slot, last_used)` for every key used since the last call, and counts them as
     /// reported: the caller keeps them until the admin plane has them.
     pub fn take_unreported(&self, out: &mut Vec<(usize, i64)>) {

@@ -12,14 +12,18 @@ use refinery::{Migration, Runner};
 
 use super::{StoreError, StoreResult};
 
-const SQLITE: [(&str, &str); 2] = [
+const SQLITE: [(&str, &str); 3] = [
     ("V1__initial", include_str!("../../../schema.sql")),
     (
         "V2__rate_limit_scope",
         include_str!("../../../migrations/sqlite/V2__rate_limit_scope.sql"),
     ),
+    (
+        "V3__key_lifecycle",
+        include_str!("../../../migrations/sqlite/V3__key_lifecycle.sql"),
+    ),
 ];
-const POSTGRES: [(&str, &str); 2] = [
+const POSTGRES: [(&str, &str); 3] = [
     (
         "V1__initial",
         include_str!("../../../migrations/postgres/V1__initial.sql"),
@@ -27,6 +31,10 @@ const POSTGRES: [(&str, &str); 2] = [
     (
         "V2__rate_limit_scope",
         include_str!("../../../migrations/postgres/V2__rate_limit_scope.sql"),
+    ),
+    (
+        "V3__key_lifecycle",
+        include_str!("../../../migrations/postgres/V3__key_lifecycle.sql"),
     ),
 ];
 

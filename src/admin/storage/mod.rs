@@ -145,7 +145,12 @@ pub struct KeyRecord {
     pub id: String,
     pub display_prefix: String,
     pub created_at: i64,
+    /// When it stops working: the earlier of `grace_ends_at` and its own expiry.
     pub expires_at: Option<i64>,
+    /// Set by a rotation: the end of its grace window.
+    pub grace_ends_at: Option<i64>,
+    /// Its own expiry (`expires_at`/`ttl_seconds` on create or rotate, or a PATCH).
+    pub own_expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub last_used_at: Option<i64>,
 }
@@ -185,6 +190,8 @@ pub struct ServiceRecord {
 pub struct StoredKey {
     pub hash: KeyHash,
     pub display_prefix: String,
+    /// Its own expiry (Unix seconds), if it has one.
+    pub expires_at: Option<i64>,
 }
 
 impl StoredKey {
@@ -192,8 +199,39 @@ impl StoredKey {
         StoredKey {
             hash: k.hash,
             display_prefix: k.display_prefix.clone(),
+            expires_at: None,
         }
     }
+
+    pub fn expiring(mut self, at: Option<i64>) -> StoredKey {
+        self.expires_at = at;
+        self
+    }
+}
+
+/// Where a credential ends once its own expiry is `own` and its grace window `grace`: the
+/// earlier of the two.
+pub fn effective_end(own: Option<i64>, grace: Option<i64>) -> Option<i64> {
+    match (own, grace) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The grace end a rotation gives `k` at `end`: an earlier one it already has stays.
+pub fn rotated_grace(k: &KeyRecord, end: i64) -> i64 {
+    k.grace_ends_at.map_or(end, |g| g.min(end))
+}
+
+/// A change of one credential's own expiry, checked against the credential as it is.
+pub fn expiry_plan(k: &KeyRecord, own: Option<i64>, now: i64) -> StoreResult<Option<i64>> {
+    if k.revoked_at.is_some() {
+        return Err(StoreError::Conflict("the credential is revoked".into()));
+    }
+    if k.expires_at.is_some_and(|e| e <= now) {
+        return Err(StoreError::Conflict("the credential has already ended".into()));
+    }
+    Ok(effective_end(own, k.grace_ends_at))
 }
 
 /// What admin and sync authentication need to know about a presented key.
@@ -225,6 +263,8 @@ pub struct Rotation {
 #[derive(Debug, Clone)]
 pub struct ClientRecord {
     pub service_id: String,
+    /// Goes into the token's `is_trusted` claim.
+    pub is_trusted: bool,
     pub scopes: Vec<String>,
     pub disabled: bool,
     pub allowed_ips: Vec<String>,
@@ -300,6 +340,17 @@ pub trait CredentialStore: Send + Sync {
         &self,
         id: &str,
         key_id: &str,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(KeyRecord, u64)>;
+    /// Sets a credential's own expiry (None: it has none) and recomputes when it ends.
+    #[allow(clippy::too_many_arguments)]
+    async fn set_expiry(
+        &self,
+        id: &str,
+        kind: CredentialKind,
+        key_id: &str,
+        expires_at: Option<i64>,
         now: i64,
         who: &Audit,
     ) -> StoreResult<(KeyRecord, u64)>;
@@ -385,8 +436,62 @@ pub trait SyncStore: Send + Sync {
     }
 }
 
+/// A sidecar as last reported (issue 16's fleet view).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarRecord {
+    pub instance_id: String,
+    /// The key id (or "admin-key") it syncs with.
+    pub credential: String,
+    pub service_id: Option<String>,
+    /// The epoch of the version it reports applied.
+    pub epoch: String,
+    /// The version it holds (its `after`), when it asked for a delta of this database.
+    pub applied_version: Option<u64>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    /// `core::sync::SidecarReport` as JSON.
+    pub report: String,
+}
+
+/// An API key or client secret in its rotation grace window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraceKey {
+    pub service_id: String,
+    pub service_name: String,
+    pub key_id: String,
+    pub kind: CredentialKind,
+    pub display_prefix: String,
+    pub grace_ends_at: i64,
+    pub expires_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// What the fleet and key-lifecycle views read and write: sidecars' reports, keys in grace.
+#[async_trait]
+pub trait LifecycleStore: Send + Sync {
+    /// Inserts or refreshes a sidecar; an older report (by `last_seen`) never overwrites a
+    /// newer one, so replicas may write in any order.
+    async fn record_sidecar(&self, s: &SidecarRecord) -> StoreResult<()>;
+    /// Every sidecar seen since `since` (Unix seconds); older ones are forgotten.
+    async fn sidecars(&self, since: i64) -> StoreResult<Vec<SidecarRecord>>;
+    /// Every unrevoked credential still in its grace window at `now` and, with `used_since`,
+    /// used at or after it; across all services, soonest end first.
+    async fn grace_keys(&self, now: i64, used_since: Option<i64>) -> StoreResult<Vec<GraceKey>>;
+}
+
+/// The kind stored in `credentials.kind`.
+pub fn credential_kind(s: &str) -> StoreResult<CredentialKind> {
+    match s {
+        "api_key" => Ok(CredentialKind::ApiKey),
+        "client_secret" => Ok(CredentialKind::ClientSecret),
+        other => Err(StoreError::Corrupt(format!("credential kind {other:?}"))),
+    }
+}
+
 /// Everything the admin plane needs from its database.
-pub trait Storage: ServiceStore + CredentialStore + TokenStore + AuditStore + SyncStore {
+pub trait Storage:
+    ServiceStore + CredentialStore + TokenStore + AuditStore + SyncStore + LifecycleStore
+{
     /// "sqlite" or "postgres", for logs.
     fn backend(&self) -> &'static str;
 }
@@ -399,6 +504,9 @@ pub fn create_change(s: &NewService, key: (&str, &StoredKey), secret_id: &str) -
     change["key_id"] = key.0.into();
     change["key_prefix"] = key.1.display_prefix.clone().into();
     change["client_secret_id"] = secret_id.into();
+    if let Some(at) = key.1.expires_at {
+        change["expires_at"] = at.into();
+    }
     change
 }
 
@@ -436,6 +544,11 @@ pub fn rotation_plan(
         .collect())
 }
 
+/// The grace end of a rotation at `now` (what `rotated_grace` is given).
+pub fn grace_end(now: i64, grace_secs: u64) -> i64 {
+    now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX))
+}
+
 /// The audit action and `change` of a rotation.
 pub fn rotate_change(
     kind: CredentialKind,
@@ -452,9 +565,27 @@ pub fn rotate_change(
         "new_id": new_id,
         "new_prefix": key.display_prefix,
         "grace_seconds": grace_secs,
+        "expires_at": key.expires_at,
         "ended": ended.iter().map(|(id, end)| serde_json::json!({"id": id, "expires_at": end})).collect::<Vec<_>>(),
     });
     (action, change)
+}
+
+/// The audit action and `change` of an expiry change.
+pub fn expiry_change(
+    kind: CredentialKind,
+    key_id: &str,
+    own: Option<i64>,
+    end: Option<i64>,
+) -> (&'static str, serde_json::Value) {
+    let action = match kind {
+        CredentialKind::ApiKey => "key.expiry",
+        CredentialKind::ClientSecret => "secret.expiry",
+    };
+    (
+        action,
+        serde_json::json!({ "key_id": key_id, "expires_at": own, "ends_at": end }),
+    )
 }
 
 /// The audit `change` of a failed admin authentication.
@@ -525,6 +656,7 @@ pub fn sync_service(
         allowed_ips: rec.allowed_ips,
         tokens_not_before: rec.tokens_not_before,
         tls_identities: rec.tls_identities,
+        is_trusted: rec.is_trusted,
         keys,
     }
 }
@@ -555,6 +687,7 @@ pub fn sync_payload(
         signing_keys: vec![],
         revoked_tokens,
         generated_at_ms: None,
+        instance_id: None,
     }
 }
 
@@ -608,12 +741,14 @@ pub fn sync_key(
     key_id: String,
     hash: Vec<u8>,
     expires_at: Option<i64>,
+    grace_ends_at: Option<i64>,
 ) -> StoreResult<crate::core::sync::SyncKey> {
     let hash = hash32(hash, &format!("hash of key {key_id}"))?;
     Ok(crate::core::sync::SyncKey {
         key_id,
         hash: KeyHash(hash).to_hex(),
         expires_at,
+        grace_ends_at,
     })
 }
 

@@ -191,6 +191,7 @@ impl Client<'_> {
                         forward_authorization: true,
                     },
                     rewritten_path: None,
+                    shadow: None,
                 };
                 (HeaderValue::from_static(""), Ok(pass), Target::Bare(*upstream))
             }
@@ -336,8 +337,7 @@ impl Client<'_> {
         match target {
             Target::Policy(live) => forward::rewrite_request(
                 &mut req,
-                pass.rewritten_path.as_deref(),
-                &pass.verdict,
+                pass,
                 request_id,
                 client_ip(d),
                 live.forwarded_for,
@@ -589,20 +589,24 @@ impl Client<'_> {
             return;
         }
         let req = d.req_header();
-        let (decision, service_id, key_id) = match decision {
-            Err(denial) => (denial.reason(), None, None),
+        let (decision, service_id, key_id, grace_key, shadow_denial) = match decision {
+            Err(denial) => (denial.reason(), None, None, false, None),
             Ok(Pass {
                 verdict: Verdict::Allowed { principal, .. },
+                shadow,
                 ..
             }) => (
                 "allowed",
                 Some(principal.service.id.clone()),
                 Some(principal.credential_id().to_string()),
+                principal.grace_key(),
+                shadow.as_ref().map(Denial::reason),
             ),
             Ok(Pass {
                 verdict: Verdict::Public { .. },
+                shadow,
                 ..
-            }) => ("public", None, None),
+            }) => ("public", None, None, false, shadow.as_ref().map(Denial::reason)),
         };
         tracing::info!(
             target: "permiso::access",
@@ -613,6 +617,8 @@ impl Client<'_> {
             decision,
             service_id = service_id.as_deref(),
             key_id = key_id.as_deref(),
+            grace_key = grace_key.then_some(true),
+            shadow_denial,
             latency_us = start.elapsed().as_micros() as u64,
             error = outcome.error.as_ref().map(|e| e.to_string()),
         );

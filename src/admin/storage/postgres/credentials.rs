@@ -28,10 +28,19 @@ impl CredentialStore for Postgres {
         let v = bump_version(&tx).await?;
         let cur = load_service(&tx, id).await?;
         let ended = rotation_plan(&cur, kind, grace_secs, max_active, now)?;
+        let grace_end = super::super::grace_end(now, grace_secs);
+        let existing = match kind {
+            CredentialKind::ApiKey => &cur.keys,
+            CredentialKind::ClientSecret => &cur.secrets,
+        };
         for (key_id, end) in &ended {
+            let grace = existing
+                .iter()
+                .find(|k| &k.id == key_id)
+                .map_or(grace_end, |k| super::super::rotated_grace(k, grace_end));
             tx.execute(
-                "UPDATE credentials SET expires_at = $1 WHERE id = $2",
-                &[end, key_id],
+                "UPDATE credentials SET expires_at = $1, grace_ends_at = $3 WHERE id = $2",
+                &[end, key_id, &grace],
             )
             .await?;
         }
@@ -72,6 +81,48 @@ impl CredentialStore for Postgres {
             .ok_or(StoreError::NotFound)?;
         let change = serde_json::json!({ "key_id": key_id });
         append_audit(&tx, now, who, "key.revoke", Some(id), change).await?;
+        tx.commit().await?;
+        Ok((key, v))
+    }
+
+    async fn set_expiry(
+        &self,
+        id: &str,
+        kind: CredentialKind,
+        key_id: &str,
+        own: Option<i64>,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(KeyRecord, u64)> {
+        let mut c = self.client().await?;
+        let tx = (**c).transaction().await?;
+        let v = bump_version(&tx).await?;
+        // Locks the row: two changes of one credential apply one after the other.
+        let locked = tx
+            .execute(
+                "SELECT 1 FROM credentials WHERE id = $1 AND service_id = $2 AND kind = $3 FOR UPDATE",
+                &[&key_id, &id, &kind.as_str()],
+            )
+            .await?;
+        if locked == 0 {
+            return Err(StoreError::NotFound);
+        }
+        let find = |keys: Vec<KeyRecord>| {
+            keys.into_iter()
+                .find(|k| k.id == key_id)
+                .ok_or(StoreError::NotFound)
+        };
+        let cur = find(load_keys(&tx, id, kind).await?)?;
+        let end = super::super::expiry_plan(&cur, own, now)?;
+        tx.execute(
+            "UPDATE credentials SET key_expires_at = $1, expires_at = $2 WHERE id = $3",
+            &[&own, &end, &key_id],
+        )
+        .await?;
+        touch_service(&tx, id, v, now).await?;
+        let key = find(load_keys(&tx, id, kind).await?)?;
+        let (action, change) = super::super::expiry_change(kind, key_id, own, end);
+        append_audit(&tx, now, who, action, Some(id), change).await?;
         tx.commit().await?;
         Ok((key, v))
     }
@@ -186,6 +237,7 @@ impl CredentialStore for Postgres {
         .await?;
         let rec = load_service(&**c, client_id).await?;
         Ok(Some(ClientRecord {
+            is_trusted: rec.is_trusted,
             service_id: rec.id,
             scopes: rec.scopes,
             disabled: rec.disabled,

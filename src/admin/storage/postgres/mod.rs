@@ -23,6 +23,7 @@ use super::{
 use crate::core::sync::{SyncPayload, SyncRevokedToken};
 
 mod credentials;
+mod lifecycle;
 mod listen;
 mod rows;
 use listen::listen;
@@ -488,7 +489,7 @@ impl SyncStore for Postgres {
             .collect();
         let keys_of = tx
             .prepare(
-                "SELECT id, hash, expires_at FROM credentials
+                "SELECT id, hash, expires_at, grace_ends_at FROM credentials
                  WHERE service_id = $1 AND kind = 'api_key' AND revoked_at IS NULL
                    AND (expires_at IS NULL OR expires_at > $2)
                  ORDER BY seq",
@@ -499,7 +500,7 @@ impl SyncStore for Postgres {
             let rec = load_service(&tx, &id).await?;
             let mut keys = Vec::new();
             for r in tx.query(&keys_of, &[&rec.id, &now]).await? {
-                keys.push(sync_key(r.get(0), r.get(1), r.get(2))?);
+                keys.push(sync_key(r.get(0), r.get(1), r.get(2), r.get(3))?);
             }
             services.push(sync_service(rec, keys));
         }

@@ -67,7 +67,7 @@ pub(super) async fn load_keys<C: GenericClient>(
 ) -> StoreResult<Vec<KeyRecord>> {
     let rows = c
         .query(
-            "SELECT id, display_prefix, created_at, expires_at, revoked_at, last_used_at
+            "SELECT id, display_prefix, created_at, expires_at, revoked_at, last_used_at, grace_ends_at, key_expires_at
              FROM credentials WHERE service_id = $1 AND kind = $2 ORDER BY created_at, seq",
             &[&service_id, &kind.as_str()],
         )
@@ -81,6 +81,8 @@ pub(super) async fn load_keys<C: GenericClient>(
             expires_at: r.get(3),
             revoked_at: r.get(4),
             last_used_at: r.get(5),
+            grace_ends_at: r.get(6),
+            own_expires_at: r.get(7),
         })
         .collect())
 }
@@ -220,8 +222,9 @@ pub(super) async fn insert_credential(
     now: i64,
 ) -> StoreResult<()> {
     tx.execute(
-        "INSERT INTO credentials (id, service_id, kind, hash, display_prefix, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&id, &service_id, &kind.as_str(), &&key.hash.0[..], &key.display_prefix, &now],
+        "INSERT INTO credentials (id, service_id, kind, hash, display_prefix, created_at, expires_at, key_expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+        &[&id, &service_id, &kind.as_str(), &&key.hash.0[..], &key.display_prefix, &now, &key.expires_at],
     )
     .await?;
     Ok(())

@@ -3,6 +3,7 @@
 //! behind the storage traits. SQLite serializes writers itself, so the version bump and the
 //! audit append need no extra lock.
 
+mod lifecycle;
 mod rows;
 mod traits;
 use rows::*;
@@ -235,10 +236,19 @@ impl Store {
         let tx = conn.transaction()?;
         let cur = load_service(&tx, id)?;
         let ended = rotation_plan(&cur, kind, grace_secs, max_active, now)?;
+        let end = super::grace_end(now, grace_secs);
+        let existing = match kind {
+            CredentialKind::ApiKey => &cur.keys,
+            CredentialKind::ClientSecret => &cur.secrets,
+        };
         for (key_id, new_end) in &ended {
+            let grace = existing
+                .iter()
+                .find(|k| &k.id == key_id)
+                .map_or(end, |k| super::rotated_grace(k, end));
             tx.execute(
-                "UPDATE credentials SET expires_at = ?1 WHERE id = ?2",
-                params![new_end, key_id],
+                "UPDATE credentials SET expires_at = ?1, grace_ends_at = ?3 WHERE id = ?2",
+                params![new_end, key_id, grace],
             )?;
         }
         insert_credential(&tx, id, kind, new_id, key, now)?;
@@ -274,6 +284,37 @@ impl Store {
             Some(id),
             serde_json::json!({ "key_id": key_id }),
         )?;
+        tx.commit()?;
+        Ok((key, v))
+    }
+
+    pub fn set_expiry(
+        &self,
+        id: &str,
+        kind: CredentialKind,
+        key_id: &str,
+        own: Option<i64>,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(KeyRecord, u64)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let cur = load_keys(&tx, id, kind)?
+            .into_iter()
+            .find(|k| k.id == key_id)
+            .ok_or(StoreError::NotFound)?;
+        let end = super::expiry_plan(&cur, own, now)?;
+        tx.execute(
+            "UPDATE credentials SET key_expires_at = ?1, expires_at = ?2 WHERE id = ?3",
+            params![own, end, key_id],
+        )?;
+        let v = touch_service(&tx, id, now)?;
+        let key = load_keys(&tx, id, kind)?
+            .into_iter()
+            .find(|k| k.id == key_id)
+            .ok_or(StoreError::NotFound)?;
+        let (action, change) = super::expiry_change(kind, key_id, own, end);
+        append_audit(&tx, now, who, action, Some(id), change)?;
         tx.commit()?;
         Ok((key, v))
     }
@@ -383,6 +424,7 @@ impl Store {
         )?;
         let rec = load_service(&conn, client_id)?;
         Ok(Some(ClientRecord {
+            is_trusted: rec.is_trusted,
             service_id: rec.id,
             scopes: rec.scopes,
             disabled: rec.disabled,
@@ -571,7 +613,7 @@ impl Store {
                 .query_map([since.unwrap_or(0) as i64], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             let mut kst = tx.prepare_cached(
-                "SELECT id, hash, expires_at FROM credentials
+                "SELECT id, hash, expires_at, grace_ends_at FROM credentials
                  WHERE service_id = ?1 AND kind = 'api_key' AND revoked_at IS NULL
                    AND (expires_at IS NULL OR expires_at > ?2)
                  ORDER BY rowid",
@@ -579,10 +621,12 @@ impl Store {
             for id in ids {
                 let rec = load_service(&tx, &id)?;
                 let keys = kst
-                    .query_map(params![rec.id, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .query_map(params![rec.id, now], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
                     .map(|row| {
-                        let (key_id, hash, expires_at) = row?;
-                        super::sync_key(key_id, hash, expires_at)
+                        let (key_id, hash, expires_at, grace) = row?;
+                        super::sync_key(key_id, hash, expires_at, grace)
                     })
                     .collect::<StoreResult<Vec<_>>>()?;
                 services.push(super::sync_service(rec, keys));

@@ -130,7 +130,7 @@ pub(super) fn load_keys(
     kind: CredentialKind,
 ) -> StoreResult<Vec<KeyRecord>> {
     let mut st = conn.prepare_cached(
-        "SELECT id, display_prefix, created_at, expires_at, revoked_at, last_used_at
+        "SELECT id, display_prefix, created_at, expires_at, revoked_at, last_used_at, grace_ends_at, key_expires_at
          FROM credentials WHERE service_id = ?1 AND kind = ?2 ORDER BY created_at, rowid",
     )?;
     let rows = st.query_map([service_id, kind.as_str()], |r| {
@@ -141,6 +141,8 @@ pub(super) fn load_keys(
             expires_at: r.get(3)?,
             revoked_at: r.get(4)?,
             last_used_at: r.get(5)?,
+            grace_ends_at: r.get(6)?,
+            own_expires_at: r.get(7)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -250,15 +252,16 @@ pub(super) fn insert_credential(
     now: i64,
 ) -> StoreResult<()> {
     tx.execute(
-        "INSERT INTO credentials (id, service_id, kind, hash, display_prefix, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO credentials (id, service_id, kind, hash, display_prefix, created_at, expires_at, key_expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
         params![
             id,
             service_id,
             kind.as_str(),
             &key.hash.0[..],
             key.display_prefix,
-            now
+            now,
+            key.expires_at
         ],
     )?;
     Ok(())

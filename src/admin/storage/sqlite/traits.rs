@@ -29,7 +29,7 @@ impl Sqlite {
         })
     }
 
-    async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    pub(super) async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Store) -> StoreResult<T> + Send + 'static,
@@ -120,6 +120,20 @@ impl CredentialStore for Sqlite {
     ) -> StoreResult<(KeyRecord, u64)> {
         let (id, key_id, who) = (id.to_string(), key_id.to_string(), who.clone());
         self.run(move |st| st.revoke_key(&id, &key_id, now, &who)).await
+    }
+
+    async fn set_expiry(
+        &self,
+        id: &str,
+        kind: CredentialKind,
+        key_id: &str,
+        expires_at: Option<i64>,
+        now: i64,
+        who: &Audit,
+    ) -> StoreResult<(KeyRecord, u64)> {
+        let (id, key_id, who) = (id.to_string(), key_id.to_string(), who.clone());
+        self.run(move |st| st.set_expiry(&id, kind, &key_id, expires_at, now, &who))
+            .await
     }
 
     async fn revoke_key_by_hash(
