@@ -86,6 +86,18 @@ enum Command {
         #[command(subcommand)]
         cmd: Option<cli::AuditCmd>,
     },
+    /// The sidecars syncing from the admin plane: version applied, lag, last seen, routes' scopes.
+    Sidecars {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
+    /// Credentials across every service (`keys list --status grace --used-since 1h`).
+    Keys {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(subcommand)]
+        cmd: cli::KeysCmd,
+    },
     /// Manage the access-token signing keys through the admin API.
     SigningKeys {
         #[command(flatten)]
@@ -216,6 +228,8 @@ fn main() -> anyhow::Result<()> {
         Command::Services { admin, cmd } => finish(cli::services(&admin, &cmd)),
         Command::Audit { admin, filter, cmd } => finish(cli::audit(&admin, &filter, cmd.as_ref())),
         Command::SigningKeys { admin, cmd } => finish(cli::signing_keys(&admin, &cmd)),
+        Command::Sidecars { admin } => finish(cli::sidecars(&admin)),
+        Command::Keys { admin, cmd } => finish(cli::keys(&admin, &cmd)),
     }
 }
 

@@ -217,6 +217,30 @@ impl Harness {
         SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new(self.sync_key.clone())).unwrap()
     }
 
+    /// Another in-process sidecar in front of this harness's upstream: its own port and
+    /// snapshot file, `sidecar_keys` added to its `[sidecar]` table (`mode = "shadow"`, say),
+    /// a 1 s long-poll wait. The one clock of the harness.
+    pub fn start_extra_sidecar(&self, name: &str, sidecar_keys: &str, routes: &str) -> SidecarHandle {
+        let listen = free_port();
+        let text = format!(
+            "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{}\"\nsnapshot_file = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\nusage_report_interval_ms = 50\n{sidecar_keys}\n[sidecar.sync]\nadmin_url = \"http://{}\"\nwait_seconds = 1\n{routes}",
+            self.upstream.addr,
+            self.dir.path().join(format!("{name}-snapshot.json")).display(),
+            self.admin_addr,
+        );
+        let f = config::parse_file(&text, std::path::Path::new("test.toml")).unwrap();
+        let cfg = SidecarConfig::from_file(f.sidecar.as_ref().unwrap(), Secret::new(self.sync_key.clone()))
+            .unwrap();
+        let clock: SharedClock = Arc::new(self.clock.clone());
+        let s = sidecar::start(cfg, clock).expect("sidecar starts");
+        let started = Instant::now();
+        while !self.dir.path().join(format!("{name}-snapshot.json")).exists() {
+            assert!(started.elapsed() < Duration::from_secs(5), "{name} never synced");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        s
+    }
+
     pub fn start_sidecar(&mut self, routes: &str) {
         // A fresh port each time: a port given back by a stopped sidecar can be taken by a
         // test running in parallel before the restart binds it again.

@@ -9,6 +9,7 @@ mod e2e;
 mod egress;
 mod h1;
 mod hardening;
+mod lifecycle;
 mod oauth;
 mod observability;
 mod operations;

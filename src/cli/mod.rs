@@ -8,6 +8,9 @@ use serde_json::{json, Value};
 
 use crate::core::audit::{AuditEntry, Verifier};
 
+mod fleet;
+pub use fleet::{keys, sidecars, KeysCmd, WaitArgs};
+
 /// Exit codes; 2 is clap's own for bad usage.
 pub mod exit {
     pub const UNREACHABLE: u8 = 3;
@@ -18,6 +21,8 @@ pub mod exit {
     pub const RATE_LIMITED: u8 = 8;
     pub const SERVER: u8 = 9;
     pub const CHAIN_BROKEN: u8 = 10;
+    /// `--wait-applied` timed out: some live sidecar does not hold the change yet.
+    pub const NOT_APPLIED: u8 = 11;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +85,15 @@ pub enum ServicesCmd {
         description: Option<String>,
         #[arg(long)]
         contact_email: Option<String>,
+        /// Routes marked `trusted = true` admit it.
+        #[arg(long)]
+        trusted: bool,
+        /// The first key and client secret stop working after this many seconds.
+        #[arg(long, conflicts_with = "expires_at")]
+        ttl_seconds: Option<u64>,
+        /// ... or at this time (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<String>,
     },
     /// All services, in creation order.
     List,
@@ -115,6 +129,11 @@ pub enum ServicesCmd {
         enable: bool,
         #[arg(long)]
         disable: bool,
+        /// "true" or "false": routes marked `trusted = true` admit it or not.
+        #[arg(long)]
+        trusted: Option<bool>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Issue a new API key (or client secret); the old ones work for the grace period.
     Rotate {
@@ -125,9 +144,37 @@ pub enum ServicesCmd {
         /// Rotate the OAuth2 client secret instead of the API key.
         #[arg(long)]
         secret: bool,
+        /// The new credential stops working after this many seconds.
+        #[arg(long, conflicts_with = "expires_at")]
+        ttl_seconds: Option<u64>,
+        /// ... or at this time (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Revoke one API key at once.
-    Revoke { service_id: String, key_id: String },
+    Revoke {
+        service_id: String,
+        key_id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Set when one API key (`key_…`) or client secret (`sec_…`) stops working by itself.
+    Expire {
+        service_id: String,
+        key_id: String,
+        #[arg(long, conflicts_with_all = ["expires_at", "never"])]
+        ttl_seconds: Option<u64>,
+        /// RFC 3339.
+        #[arg(long, conflicts_with = "never")]
+        expires_at: Option<String>,
+        /// Remove its own expiry (a rotation's grace end still applies).
+        #[arg(long)]
+        never: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Disable the service: every key stops working; the record stays for the audit trail.
     Delete { service_id: String },
 }
@@ -384,6 +431,7 @@ fn patch_body(cmd: &ServicesCmd) -> Result<Value, CliError> {
         description,
         enable,
         disable,
+        trusted,
         ..
     } = cmd
     else {
@@ -410,6 +458,9 @@ fn patch_body(cmd: &ServicesCmd) -> Result<Value, CliError> {
     }
     if *enable || *disable {
         body.insert("disabled".into(), json!(*disable));
+    }
+    if let Some(t) = trusted {
+        body.insert("is_trusted".into(), json!(t));
     }
     if body.is_empty() {
         return Err(CliError::new(
@@ -450,8 +501,14 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                 allowed_ips,
                 description,
                 contact_email,
+                trusted,
+                ttl_seconds,
+                expires_at,
             } => {
                 let mut body = json!({"service_name": name, "environment": environment, "scopes": scopes});
+                if *trusted {
+                    body["is_trusted"] = json!(true);
+                }
                 for (k, v) in [
                     ("rate_limit_per_minute", rate_limit_per_minute.map(|n| json!(n))),
                     ("rate_limit_per_hour", rate_limit_per_hour.map(|n| json!(n))),
@@ -462,6 +519,8 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                     ),
                     ("description", description.as_ref().map(|d| json!(d))),
                     ("contact_email", contact_email.as_ref().map(|d| json!(d))),
+                    ("ttl_seconds", ttl_seconds.map(|n| json!(n))),
+                    ("expires_at", expires_at.as_ref().map(|d| json!(d))),
                 ] {
                     if let Some(v) = v {
                         body[k] = v;
@@ -472,7 +531,8 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                     return Ok(pretty(&v));
                 }
                 Ok(format!(
-                    "{}\nAPI key ({}): {}\nClient secret ({}): {}\nThese are shown once; store them now.\n",
+                    "{}{}\nAPI key ({}): {}\nClient secret ({}): {}\nThese are shown once; store them now.\n",
+                    fleet::warnings(&v),
                     show_service(&v),
                     text(&v["key_id"]),
                     text(&v["api_key"]),
@@ -511,7 +571,7 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                     .await?;
                 Ok(if args.json { pretty(&v) } else { show_service(&v) })
             }
-            ServicesCmd::Patch { service_id, .. } => {
+            ServicesCmd::Patch { service_id, wait, .. } => {
                 let body = patch_body(cmd)?;
                 let v = api
                     .call(
@@ -520,15 +580,75 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                         Some(body),
                     )
                     .await?;
-                Ok(if args.json { pretty(&v) } else { show_service(&v) })
+                let out = if args.json {
+                    pretty(&v)
+                } else {
+                    fleet::warnings(&v) + &show_service(&v)
+                };
+                fleet::after_write(&api, wait, &v, "patch", out).await
+            }
+            ServicesCmd::Expire {
+                service_id,
+                key_id,
+                ttl_seconds,
+                expires_at,
+                never,
+                wait,
+            } => {
+                let body = match (ttl_seconds, expires_at, never) {
+                    (Some(t), None, false) => json!({ "ttl_seconds": t }),
+                    (None, Some(at), false) => json!({ "expires_at": at }),
+                    (None, None, true) => json!({ "expires_at": null }),
+                    _ => {
+                        return Err(CliError::new(
+                            exit::INVALID,
+                            "give one of --ttl-seconds, --expires-at, --never",
+                        ))
+                    }
+                };
+                let v = api
+                    .call(
+                        Method::PATCH,
+                        &format!(
+                            "/auth/admin/services/{}/keys/{}",
+                            path_id(service_id)?,
+                            path_id(key_id)?
+                        ),
+                        Some(body),
+                    )
+                    .await?;
+                let out = if args.json {
+                    pretty(&v)
+                } else {
+                    format!(
+                        "{} ({}) stops working at {}.\n",
+                        text(&v["key_id"]),
+                        text(&v["status"]),
+                        text(&v["expires_at"])
+                    )
+                };
+                fleet::after_write(&api, wait, &v, "expiry change", out).await
             }
             ServicesCmd::Rotate {
                 service_id,
                 grace_seconds,
                 secret,
+                ttl_seconds,
+                expires_at,
+                wait,
             } => {
                 let what = if *secret { "secret/rotate" } else { "rotate" };
-                let body = grace_seconds.map(|g| json!({ "grace_seconds": g }));
+                let mut body = serde_json::Map::new();
+                for (k, v) in [
+                    ("grace_seconds", grace_seconds.map(|g| json!(g))),
+                    ("ttl_seconds", ttl_seconds.map(|g| json!(g))),
+                    ("expires_at", expires_at.as_ref().map(|g| json!(g))),
+                ] {
+                    if let Some(v) = v {
+                        body.insert(k.into(), v);
+                    }
+                }
+                let body = (!body.is_empty()).then_some(Value::Object(body));
                 let v = api
                     .call(
                         Method::POST,
@@ -537,7 +657,7 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                     )
                     .await?;
                 if args.json {
-                    return Ok(pretty(&v));
+                    return fleet::after_write(&api, wait, &v, "rotation", pretty(&v)).await;
                 }
                 let (new_id, new, ends) = if *secret {
                     (
@@ -548,15 +668,20 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                 } else {
                     (&v["key_id"], &v["api_key"], &v["old_keys_expire_at"])
                 };
-                Ok(format!(
+                let out = format!(
                     "New {} ({}): {}\nShown once; store it now. Old ones stop working at {}.\n",
                     if *secret { "client secret" } else { "API key" },
                     text(new_id),
                     text(new),
                     text(ends)
-                ))
+                );
+                fleet::after_write(&api, wait, &v, "rotation", out).await
             }
-            ServicesCmd::Revoke { service_id, key_id } => {
+            ServicesCmd::Revoke {
+                service_id,
+                key_id,
+                wait,
+            } => {
                 let v = api
                     .call(
                         Method::POST,
@@ -568,11 +693,12 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                         None,
                     )
                     .await?;
-                Ok(if args.json {
+                let out = if args.json {
                     pretty(&v)
                 } else {
                     format!("Revoked {} at {}.\n", text(&v["key_id"]), text(&v["revoked_at"]))
-                })
+                };
+                fleet::after_write(&api, wait, &v, "revocation", out).await
             }
             ServicesCmd::Delete { service_id } => {
                 let v = api
