@@ -222,8 +222,13 @@ impl Harness {
     /// a 1 s long-poll wait. The one clock of the harness.
     pub fn start_extra_sidecar(&self, name: &str, sidecar_keys: &str, routes: &str) -> SidecarHandle {
         let listen = free_port();
+        let report = if sidecar_keys.contains("usage_report_interval_ms") {
+            ""
+        } else {
+            "usage_report_interval_ms = 50"
+        };
         let text = format!(
-            "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{}\"\nsnapshot_file = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\nusage_report_interval_ms = 50\n{sidecar_keys}\n[sidecar.sync]\nadmin_url = \"http://{}\"\nwait_seconds = 1\n{routes}",
+            "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{}\"\nsnapshot_file = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\n{report}\n{sidecar_keys}\n[sidecar.sync]\nadmin_url = \"http://{}\"\nwait_seconds = 1\n{routes}",
             self.upstream.addr,
             self.dir.path().join(format!("{name}-snapshot.json")).display(),
             self.admin_addr,

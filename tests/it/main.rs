@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod e2e;
 mod egress;
+mod fleet;
 mod h1;
 mod hardening;
 mod lifecycle;

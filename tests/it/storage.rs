@@ -341,7 +341,123 @@ async fn conformance(s: SharedStorage) {
         .unwrap()
         .0;
     assert_eq!(only.len(), 2);
+    lifecycle(&s).await;
     s.check_writable().await.unwrap();
+}
+
+/// Issue 16: a credential's own expiry beside its grace end, keys in grace across services,
+/// and sidecar reports that never go back in time.
+async fn lifecycle(s: &SharedStorage) {
+    let (id, kid, _) = create(s, "lifecycle", &[]).await.unwrap();
+    // Its own expiry: the end, and what sidecars get; status stays active (not grace).
+    let (k, v1) = s
+        .set_expiry(&id, CredentialKind::ApiKey, &kid, Some(20_000), 10_000, &who())
+        .await
+        .unwrap();
+    assert_eq!(
+        (k.expires_at, k.grace_ends_at, k.own_expires_at),
+        (Some(20_000), None, Some(20_000))
+    );
+    let (p, _) = s.sync_payload(None, None, 10_000).await.unwrap();
+    let sk = p.services.iter().find(|x| x.service_id == id).unwrap().keys[0].clone();
+    assert_eq!((sk.expires_at, sk.grace_ends_at), (Some(20_000), None));
+    // Rotated with a grace end before it: the grace end applies and is named.
+    let nk = key::generate(Environment::Live);
+    let new_id = permiso::core::ids::new_key_id();
+    let (rot, v2) = s
+        .rotate(
+            &id,
+            CredentialKind::ApiKey,
+            &new_id,
+            &StoredKey::of(&nk).expiring(Some(90_000)),
+            500,
+            10,
+            10_000,
+            &who(),
+        )
+        .await
+        .unwrap();
+    assert!(v2 > v1);
+    let old = rot.service.keys.iter().find(|k| k.id == kid).unwrap();
+    assert_eq!((old.expires_at, old.grace_ends_at), (Some(10_500), Some(10_500)));
+    let new = rot.service.keys.iter().find(|k| k.id == new_id).unwrap();
+    assert_eq!((new.expires_at, new.own_expires_at), (Some(90_000), Some(90_000)));
+    // Its own expiry removed: the grace end still holds.
+    let (k, _) = s
+        .set_expiry(&id, CredentialKind::ApiKey, &kid, None, 10_001, &who())
+        .await
+        .unwrap();
+    assert_eq!((k.expires_at, k.own_expires_at), (Some(10_500), None));
+    // Keys in grace across services, filtered by use.
+    let grace = s.grace_keys(10_100, None).await.unwrap();
+    assert!(
+        grace.iter().any(|g| g.key_id == kid && g.grace_ends_at == 10_500),
+        "{grace:?}"
+    );
+    assert!(
+        s.grace_keys(10_600, None)
+            .await
+            .unwrap()
+            .iter()
+            .all(|g| g.key_id != kid),
+        "ended"
+    );
+    s.record_usage(&[(kid.clone(), 10_200)]).await.unwrap();
+    let used = s.grace_keys(10_300, Some(10_200)).await.unwrap();
+    assert!(used
+        .iter()
+        .any(|g| g.key_id == kid && g.last_used_at == Some(10_200)));
+    assert!(s
+        .grace_keys(10_300, Some(10_201))
+        .await
+        .unwrap()
+        .iter()
+        .all(|g| g.key_id != kid));
+    // An ended or unknown credential cannot be changed.
+    assert!(matches!(
+        s.set_expiry(&id, CredentialKind::ApiKey, &kid, Some(99_999), 10_600, &who())
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.set_expiry(&id, CredentialKind::ClientSecret, &kid, None, 10_000, &who())
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    // Sidecar reports: upserted, never overwritten by an older one, forgotten when old.
+    let rec = |seen: i64, applied: u64| storage::SidecarRecord {
+        instance_id: "sc_conformance".into(),
+        credential: "key_x".into(),
+        service_id: Some(id.clone()),
+        epoch: s.epoch().to_string(),
+        applied_version: Some(applied),
+        first_seen: seen,
+        last_seen: seen,
+        report: "{}".into(),
+    };
+    s.record_sidecar(&rec(100, 3)).await.unwrap();
+    s.record_sidecar(&rec(200, 5)).await.unwrap();
+    s.record_sidecar(&rec(150, 4)).await.unwrap();
+    let all = s.sidecars(0).await.unwrap();
+    let got = all.iter().find(|r| r.instance_id == "sc_conformance").unwrap();
+    assert_eq!(
+        (got.first_seen, got.last_seen, got.applied_version),
+        (100, 200, Some(5))
+    );
+    assert!(s
+        .sidecars(201)
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.instance_id != "sc_conformance"));
+    assert!(
+        s.sidecars(0)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.instance_id != "sc_conformance"),
+        "deleted"
+    );
 }
 
 #[test]
