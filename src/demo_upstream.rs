@@ -20,6 +20,7 @@ pub fn caller(h: &HeaderMap) -> Value {
         "environment": get("x-permiso-environment"),
         "token_id": get("x-permiso-token-id"),
         "client_cert_identity": get("x-permiso-client-cert-identity"),
+        "trusted": get("x-permiso-trusted"),
         "credential_reached_service": h.contains_key("authorization"),
     })
 }
@@ -58,6 +59,13 @@ pub fn router() -> Router {
             "/api/v1/account/balance",
             get(|h: HeaderMap| async move {
                 Json(json!({"balance": 10250.75, "equity": 10311.20, "margin": 512.0, "caller": caller(&h)}))
+            }),
+        )
+        // Seed 002's admin endpoint: the sidecar admits trusted service clients only.
+        .route(
+            "/api/v1/admin/stats",
+            get(|h: HeaderMap| async move {
+                Json(json!({"open_positions": 2, "accounts": 1, "caller": caller(&h)}))
             }),
         )
         .route(

@@ -346,6 +346,34 @@ async fn self_test(
         403,
     )
     .await?;
+    // Seed 002's admin endpoint: trusted service clients only.
+    let admin_stats = format!("{sidecar}/api/v1/admin/stats");
+    expect(
+        "untrusted caller on a trusted route",
+        http.get(&admin_stats).bearer_auth(&key).send().await?,
+        403,
+    )
+    .await?;
+    let ops = expect(
+        "create a trusted service",
+        http.post(format!("{admin}/auth/admin/services"))
+            .header("X-Admin-Api-Key", admin_key)
+            .json(&json!({"service_name": "ops-console", "scopes": ["admin:system"], "is_trusted": true}))
+            .send()
+            .await?,
+        201,
+    )
+    .await?;
+    let ops_key = ops["api_key"].as_str().context("api_key")?.to_string();
+    wait_for(
+        http,
+        &admin_stats,
+        &ops_key,
+        200,
+        Duration::from_secs(2),
+        "trusted caller on a trusted route",
+    )
+    .await?;
     let rotated = expect(
         "rotate",
         http.post(format!("{admin}/auth/admin/services/{sid}/rotate"))
