@@ -28,6 +28,7 @@ fn snapshot(n: usize) -> (Snapshot, String) {
                         key_id: format!("key_{s}_{k}"),
                         hash: nk.hash.to_hex(),
                         expires_at: None,
+                        grace_ends_at: None,
                     }
                 })
                 .collect();
@@ -43,6 +44,7 @@ fn snapshot(n: usize) -> (Snapshot, String) {
                 rate_limit_scope: Default::default(),
                 allowed_ips: vec![],
                 tokens_not_before: 0,
+                is_trusted: false,
                 keys,
             }
         })
@@ -107,6 +109,7 @@ fn benches(c: &mut Criterion) {
     let signer = permiso::core::jwt::Signer::new("k1".into(), &der);
     let now = 1_800_000_000i64;
     let claims = permiso::core::jwt::AccessClaims {
+        is_trusted: false,
         iss: "https://auth".into(),
         sub: "srv_0".into(),
         aud: "permiso".into(),

@@ -36,6 +36,7 @@ fn service(i: usize, keys: Vec<SyncKey>) -> SyncService {
         rate_limit_scope: Default::default(),
         allowed_ips: vec![],
         tokens_not_before: 0,
+        is_trusted: false,
         keys,
     }
 }
@@ -45,6 +46,7 @@ fn sync_key(i: usize, k: &key::NewKey) -> SyncKey {
         key_id: format!("key_{i:016}"),
         hash: k.hash.to_hex(),
         expires_at: None,
+        grace_ends_at: None,
     }
 }
 

@@ -52,6 +52,8 @@ fn sync_key(id: &str, secret: &str, expires_at: Option<i64>) -> SyncKey {
         key_id: id.into(),
         hash: KeyHash::of(secret).to_hex(),
         expires_at,
+        // A key with an end here is a rotated one in its grace window.
+        grace_ends_at: expires_at,
     }
 }
 
@@ -68,6 +70,7 @@ fn service(id: &str, env: Environment, scopes: &[&str], keys: Vec<SyncKey>) -> S
         rate_limit_scope: Default::default(),
         allowed_ips: vec![],
         tokens_not_before: 0,
+        is_trusted: false,
         keys,
     }
 }

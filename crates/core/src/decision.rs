@@ -537,6 +537,9 @@ fn judge(
     })
 }
 
+/// The service a client certificate maps to, with the index of its matching identity.
+type CertService = (Arc<ServiceEntry>, usize);
+
 /// Who calls: the bearer credential, else a client certificate mapped to a service; with the
 /// certificate's service when there is one.
 fn identify(
@@ -545,7 +548,7 @@ fn identify(
     req: &RequestFacts<'_>,
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
-) -> Result<(Principal, Option<(Arc<ServiceEntry>, usize)>), Denial> {
+) -> Result<(Principal, Option<CertService>), Denial> {
     let token = bearer_token(req.authorization)?;
     if token.is_none() && req.peer.is_none() {
         return Err(Denial::MissingCredential);
