@@ -162,6 +162,40 @@ mod tests {
         assert!(bad.is_err(), "the column only takes the two scopes");
     }
 
+    /// Every end recorded before version 3 was a rotation's grace end: it stays one.
+    #[test]
+    fn a_version_2_sqlite_database_keeps_its_grace_ends() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        runner(&SQLITE[..2]).run(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO services (id, name, environment, scopes, allowed_ips, created_at, updated_at, version)
+               VALUES ('srv_old', 'old', 'live', '[]', '[]', 1, 1, 1);
+             INSERT INTO credentials (id, service_id, kind, hash, display_prefix, created_at, expires_at)
+               VALUES ('key_rotated', 'srv_old', 'api_key', zeroblob(32), 'svc_live_AAAA', 1, 500),
+                      ('key_plain', 'srv_old', 'api_key', randomblob(32), 'svc_live_BBBB', 1, NULL);",
+        )
+        .unwrap();
+        sqlite(&mut conn).unwrap();
+        let ends: Vec<(String, Option<i64>, Option<i64>)> = conn
+            .prepare("SELECT id, grace_ends_at, key_expires_at FROM credentials ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            ends,
+            [
+                ("key_plain".into(), None, None),
+                ("key_rotated".into(), Some(500), None)
+            ]
+        );
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM sidecars", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
     #[test]
     fn sqlite_migrates_once_and_refuses_a_newer_database() {
         let mut conn = rusqlite::Connection::open_in_memory().unwrap();
