@@ -27,6 +27,10 @@ use crate::core::sync::{SidecarReport, SIDECAR_HEADER};
 const WRITE_EVERY: i64 = 5;
 /// Sidecars unseen for this long are forgotten (the row is deleted on the next listing).
 const FORGET_AFTER: i64 = 7 * 24 * 3600;
+/// Instances one replica records at most: a leaked sync key inventing a new instance id per
+/// request cannot grow the table (or this map) without bound. Far above real fleets; past
+/// it, new instances are logged and not recorded until the replica restarts.
+const MAX_TRACKED: usize = 10_000;
 
 /// What this replica knows beyond the store: open polls, and what it last wrote.
 #[derive(Default)]
@@ -79,6 +83,10 @@ impl Fleet {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let due = match written.get(instance) {
             Some((at, v)) => *v != applied || now - at >= WRITE_EVERY,
+            None if written.len() >= MAX_TRACKED => {
+                tracing::warn!(instance, "too many sidecar instances recorded; this one is not");
+                return false;
+            }
             None => true,
         };
         if due {

@@ -58,5 +58,6 @@ pub async fn rotate(State(st): State<AppState>, Admin(actor): Admin) -> Result<J
     let mut v = describe(&st.keyring.load(), now);
     v["new_kid"] = json!(kid);
     v["new_key_signs_from"] = json!(rfc3339(activates_at));
+    v["version"] = json!(version);
     Ok(Json(v))
 }

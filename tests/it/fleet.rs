@@ -351,6 +351,16 @@ fn the_last_uses_of_a_key_leaving_the_snapshot_are_reported() {
         .unwrap();
     assert_eq!(k["service_id"], svc.service_id.as_str());
     assert!(k["last_used_at"].is_string());
+    let health_a = h.sidecar.as_ref().unwrap().health_addr.unwrap();
+    assert_eq!(
+        crate::common::scrape(
+            &h.http,
+            &format!("http://{health_a}/metrics"),
+            "permiso_sidecar_grace_key_requests_total"
+        ),
+        Some(1),
+        "the grace key's request is flagged"
+    );
     let out = permiso(&h, &["keys", "list", "--status", "grace", "--used-since", "1h"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&svc.key_id));
     for bad in [

@@ -438,6 +438,10 @@ async fn lifecycle(s: &SharedStorage) {
     s.record_sidecar(&rec(100, 3)).await.unwrap();
     s.record_sidecar(&rec(200, 5)).await.unwrap();
     s.record_sidecar(&rec(150, 4)).await.unwrap();
+    // Another service's sync key cannot speak for this sidecar.
+    let mut spoof = rec(300, 99);
+    spoof.service_id = Some("srv_someone_else".into());
+    s.record_sidecar(&spoof).await.unwrap();
     let all = s.sidecars(0).await.unwrap();
     let got = all.iter().find(|r| r.instance_id == "sc_conformance").unwrap();
     assert_eq!(

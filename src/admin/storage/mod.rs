@@ -470,7 +470,9 @@ pub struct GraceKey {
 #[async_trait]
 pub trait LifecycleStore: Send + Sync {
     /// Inserts or refreshes a sidecar; an older report (by `last_seen`) never overwrites a
-    /// newer one, so replicas may write in any order.
+    /// newer one, so replicas may write in any order, and a report under another service's
+    /// sync key never overwrites it (one sync key cannot speak for another service's sidecar,
+    /// marking a straggler as applied).
     async fn record_sidecar(&self, s: &SidecarRecord) -> StoreResult<()>;
     /// Every sidecar seen since `since` (Unix seconds); older ones are forgotten.
     async fn sidecars(&self, since: i64) -> StoreResult<Vec<SidecarRecord>>;

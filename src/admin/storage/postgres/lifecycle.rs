@@ -16,7 +16,8 @@ impl LifecycleStore for Postgres {
                 credential = EXCLUDED.credential, service_id = EXCLUDED.service_id,
                 epoch = EXCLUDED.epoch, applied_version = EXCLUDED.applied_version,
                 last_seen = EXCLUDED.last_seen, report = EXCLUDED.report
-             WHERE EXCLUDED.last_seen >= sidecars.last_seen",
+             WHERE EXCLUDED.last_seen >= sidecars.last_seen
+               AND EXCLUDED.service_id IS NOT DISTINCT FROM sidecars.service_id",
             &[
                 &s.instance_id,
                 &s.credential,

@@ -16,7 +16,8 @@ impl Store {
                 credential = excluded.credential, service_id = excluded.service_id,
                 epoch = excluded.epoch, applied_version = excluded.applied_version,
                 last_seen = excluded.last_seen, report = excluded.report
-             WHERE excluded.last_seen >= sidecars.last_seen",
+             WHERE excluded.last_seen >= sidecars.last_seen
+               AND excluded.service_id IS sidecars.service_id",
             params![
                 s.instance_id,
                 s.credential,
