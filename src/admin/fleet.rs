@@ -6,6 +6,12 @@
 //! long polls in memory: a sidecar parked in a poll on this replica is live whatever the
 //! store says. The version a sidecar holds is the `after` it asks from: it asks for the next
 //! delta only once the last one is applied.
+//!
+//! Records are written by one background task (`writer`), never on the sync path: a change
+//! wakes the whole fleet at once, and a database write per woken sidecar before its answer
+//! would slow every change's fan-out. The task writes the newest record of each instance, in
+//! the order they were made; until it has, this replica reads its own pending records over
+//! the store's.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -37,6 +43,9 @@ const MAX_TRACKED: usize = 10_000;
 pub struct Fleet {
     open: Mutex<HashMap<String, usize>>,
     written: Mutex<HashMap<String, (i64, Option<u64>)>>,
+    /// Records made and not yet written, newest per instance.
+    pending: Mutex<HashMap<String, SidecarRecord>>,
+    wake: tokio::sync::Notify,
 }
 
 /// Held for the length of one sync request of an identified sidecar.
@@ -114,8 +123,8 @@ pub fn report_of(headers: &HeaderMap) -> Result<Option<SidecarReport>, ApiError>
 }
 
 /// Records one sync request of a sidecar (at its start and again at its end) and returns the
-/// guard that marks it polling meanwhile. Store failures are logged, never fail the sync.
-pub async fn seen<'a>(
+/// guard that marks it polling meanwhile. Never waits for the store.
+pub fn seen<'a>(
     st: &'a AppState,
     report: &SidecarReport,
     actor: &Actor,
@@ -123,17 +132,12 @@ pub async fn seen<'a>(
     after: Option<u64>,
 ) -> Polling<'a> {
     let guard = st.fleet.polling(&report.instance_id);
-    record(st, report, actor, epoch, after).await;
+    record(st, report, actor, epoch, after);
     guard
 }
 
-pub async fn record(
-    st: &AppState,
-    report: &SidecarReport,
-    actor: &Actor,
-    epoch: Option<&str>,
-    after: Option<u64>,
-) {
+/// Queues a record of this request for the writer, when one is due.
+pub fn record(st: &AppState, report: &SidecarReport, actor: &Actor, epoch: Option<&str>, after: Option<u64>) {
     let now = st.clock.now_secs();
     let ours = st.store.epoch();
     let applied = after.filter(|_| epoch == Some(ours));
@@ -154,8 +158,39 @@ pub async fn record(
         last_seen: now,
         report: serde_json::to_string(report).unwrap_or_default(),
     };
-    if let Err(e) = st.store.record_sidecar(&rec).await {
-        tracing::warn!(instance = %report.instance_id, error = %e, "could not record the sidecar's report");
+    st.fleet
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(rec.instance_id.clone(), rec);
+    st.fleet.wake.notify_one();
+}
+
+/// Writes queued records until shutdown, then what is left once. Failures are logged and the
+/// record dropped: the sidecar's next poll makes a new one.
+pub async fn writer(st: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let stopping = tokio::select! {
+            _ = st.fleet.wake.notified() => false,
+            _ = shutdown.wait_for(|s| *s) => true,
+        };
+        let batch: Vec<SidecarRecord> = {
+            let pending = st.fleet.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.values().cloned().collect()
+        };
+        for rec in batch {
+            if let Err(e) = st.store.record_sidecar(&rec).await {
+                tracing::warn!(instance = %rec.instance_id, error = %e, "could not record the sidecar's report");
+            }
+            // Written: drop it from the queue unless a newer one came meanwhile.
+            let mut pending = st.fleet.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.get(&rec.instance_id) == Some(&rec) {
+                pending.remove(&rec.instance_id);
+            }
+        }
+        if stopping {
+            return;
+        }
     }
 }
 
@@ -193,7 +228,26 @@ async fn known(st: &AppState) -> Result<(u64, Vec<Known>), ApiError> {
     let now = st.clock.now_secs();
     let current = *st.versions.borrow();
     let stale_after = st.cfg.sidecar_stale_after.as_secs() as i64;
-    let rows = st.db(st.store.sidecars(now - FORGET_AFTER)).await?;
+    let mut rows = st.db(st.store.sidecars(now - FORGET_AFTER)).await?;
+    // This replica's records not written yet are newer than what the store has.
+    {
+        let pending = st.fleet.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for r in rows.iter_mut() {
+            if let Some(p) = pending.get(&r.instance_id) {
+                if p.last_seen >= r.last_seen && p.service_id == r.service_id {
+                    *r = SidecarRecord {
+                        first_seen: r.first_seen,
+                        ..p.clone()
+                    };
+                }
+            }
+        }
+        for (id, p) in pending.iter() {
+            if !rows.iter().any(|r| &r.instance_id == id) {
+                rows.push(p.clone());
+            }
+        }
+    }
     let ours = st.store.epoch();
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
@@ -274,7 +328,12 @@ pub async fn change(
     let version: u64 = version
         .parse()
         .map_err(|_| ApiError::bad_request("version must be a non-negative integer"))?;
-    let (current, known) = known(&st).await?;
+    let (mut current, known) = known(&st).await?;
+    if version > current {
+        // Written on another replica whose notification has not arrived here yet: the
+        // database has the last word.
+        current = current.max(st.db(st.store.version()).await?);
+    }
     if version > current {
         return Err(ApiError::not_found("version"));
     }

@@ -366,6 +366,7 @@ async fn serve_prepared(
         "admin plane listening"
     );
     tokio::spawn(prune_throttles(state.clone(), shutdown.clone()));
+    tokio::spawn(fleet::writer(state.clone(), shutdown.clone()));
     tokio::spawn(follow_other_writers(state.clone(), shutdown.clone()));
     let limits = crate::http_server::ConnLimits {
         max_header_bytes: state.cfg.max_header_bytes,

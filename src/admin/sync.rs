@@ -107,7 +107,13 @@ pub async fn sync(
     };
     // Marks the sidecar polling (live) until this request ends; it holds `after`.
     let _polling = match &report {
-        Some(r) => Some(crate::admin::fleet::seen(&st, r, &actor.actor, q.epoch.as_deref(), q.after).await),
+        Some(r) => Some(crate::admin::fleet::seen(
+            &st,
+            r,
+            &actor.actor,
+            q.epoch.as_deref(),
+            q.after,
+        )),
         None => None,
     };
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(st.cfg.sync_max_wait);
@@ -161,7 +167,7 @@ pub async fn sync(
     };
     if let Some(r) = &report {
         // Seen again at the end of a long poll, for replicas that only read the store.
-        crate::admin::fleet::record(&st, r, &actor.actor, q.epoch.as_deref(), q.after).await;
+        crate::admin::fleet::record(&st, r, &actor.actor, q.epoch.as_deref(), q.after);
     }
     tracing::debug!(%actor, bytes = body.len(), "sync served");
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())

@@ -47,6 +47,15 @@ pub fn report(instance_id: &str, environment: Environment, live: &Live) -> Sidec
 /// The report as a header value: compact JSON (ASCII: prefixes are canonical paths, scopes
 /// and the rest are tokens), routes dropped from the end when it would grow too large.
 pub fn header(mut r: SidecarReport) -> Option<HeaderValue> {
+    // A route the admin plane would refuse is left out (and the report says routes are
+    // missing): the sync must never fail over what the sidecar says about itself.
+    let before = r.routes.len();
+    r.routes.retain(|route| route.validate().is_ok());
+    r.routes_truncated |= r.routes.len() < before;
+    if r.validate().is_err() && r.routes.len() <= MAX_REPORTED_ROUTES {
+        tracing::warn!("this sidecar's report would be refused; syncing without one");
+        return None;
+    }
     if r.routes.len() > MAX_REPORTED_ROUTES {
         r.routes.truncate(MAX_REPORTED_ROUTES);
         r.routes_truncated = true;

@@ -507,9 +507,10 @@ fn judge(
             forward_authorization: judgement.public.is_some_and(|r| r.forward_authorization),
         });
     }
-    // Whether a denial of the whole request is enforced; only asked once something is denied,
-    // so an allowed request in enforce mode never walks the table twice.
-    let enforced = || judgement.required(req.method, canonical_path).any(|r| !r.shadow);
+    // Whether a denial of the whole request (or its limit) is enforced. A table without shadow
+    // routes answers at once: the request path in enforce mode never walks the table twice.
+    let enforced =
+        || !routes.any_shadow() || judgement.required(req.method, canonical_path).any(|r| !r.shadow);
     let (principal, by_cert) = match identify(snapshot, environment, req, now_nanos, tokens) {
         Ok(found) => found,
         Err(d) if matches!(d, Denial::BadRequest(_)) || enforced() => return Err(d),
@@ -1303,6 +1304,112 @@ mod tests {
             .unwrap_err(),
             Denial::MissingCredential
         );
+    }
+
+    /// Differential, over random requests: enforce mode and shadow mode judge alike. What
+    /// enforce denies (a malformed request aside) shadow forwards naming that very denial;
+    /// what enforce allows shadow allows unflagged, for the same caller and path.
+    #[test]
+    fn shadow_mode_mirrors_enforce_mode_on_random_requests() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+        let f = fixture(|s| s.allowed_ips = vec!["127.0.0.0/8".into()]);
+        let shadow = shadowed(&f.routes);
+        let stranger = key::generate(Environment::Live);
+        let paths = [
+            "/api/v1/trades",
+            "/api/v1/trades/1",
+            "/api/v1/account",
+            "/api/v1/account.json",
+            "/API/v1/Account",
+            "//api/v1/%74rades",
+            "/health",
+            "/health/x",
+            "/health/../api/v1/account",
+            "/health/..;/x",
+            "/nope",
+            "",
+        ];
+        let auths: Vec<Option<String>> = vec![
+            None,
+            bearer(&f.key),
+            bearer(&f.other_env_key),
+            bearer(&stranger),
+            Some("Bearer ".into()),
+            Some("Basic Zm9vOmJhcg==".into()),
+            Some("bearer svc_live_x".into()),
+            Some("Bearer \u{e9}".into()),
+        ];
+        let methods = ["GET", "POST", "HEAD", "DELETE", "get"];
+        let ips = ["127.0.0.1", "10.1.1.1", "::1"];
+        let who = |p: &Pass| match &p.verdict {
+            Verdict::Allowed { principal, .. } => Some(principal.credential_id().to_string()),
+            Verdict::Public { .. } => None,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4000 {
+            let auth = auths[rng.random_range(0..auths.len())]
+                .clone()
+                .map(String::into_bytes);
+            let authorization = match (rng.random_range(0..8), &auth) {
+                (0, _) => Authorization::Several,
+                (_, Some(a)) => Authorization::One(a),
+                (_, None) => Authorization::Absent,
+            };
+            let facts = RequestFacts {
+                method: methods[rng.random_range(0..methods.len())],
+                path: paths[rng.random_range(0..paths.len())],
+                authorization,
+                client_ip: Some(ips[rng.random_range(0..ips.len())].parse().unwrap()),
+                peer: None,
+            };
+            let snap = (rng.random_range(0..10) > 0).then_some(&f.snap);
+            let enforced = decide(&f.routes, snap, Environment::Live, &facts, NOW, &NO_TOKENS);
+            let shadowed = decide(&shadow, snap, Environment::Live, &facts, NOW, &NO_TOKENS);
+            match (enforced, shadowed) {
+                (Ok(e), Ok(s)) => {
+                    assert!(s.shadow.is_none(), "{facts:?}");
+                    assert_eq!(
+                        (who(&e), e.rewritten_path),
+                        (who(&s), s.rewritten_path),
+                        "{facts:?}"
+                    );
+                    seen.insert("allowed");
+                }
+                (Err(d), Ok(s)) => {
+                    assert!(
+                        !matches!(d, Denial::BadRequest(_)),
+                        "{facts:?}: malformed forwarded"
+                    );
+                    seen.insert(d.reason());
+                    assert_eq!(s.shadow, Some(d), "{facts:?}");
+                }
+                (Err(d), Err(d2)) => {
+                    assert!(
+                        matches!(d, Denial::BadRequest(_)),
+                        "{facts:?}: {d:?} refused in shadow mode"
+                    );
+                    assert_eq!(d, d2);
+                    seen.insert("bad_request");
+                }
+                (Ok(_), Err(d)) => panic!("{facts:?}: allowed in enforce mode, {d:?} in shadow mode"),
+            }
+        }
+        // The walk reached every kind it can (a check on the generator, not on the code).
+        for kind in [
+            "allowed",
+            "bad_request",
+            "no_route",
+            "missing_credential",
+            "malformed_key",
+            "wrong_environment",
+            "unknown_or_revoked_key",
+            "insufficient_scope",
+            "ip_not_allowed",
+            "no_snapshot",
+        ] {
+            assert!(seen.contains(kind), "{kind} never reached: {seen:?}");
+        }
     }
 
     fn run_pass(f: &Fixture, path: &str, now: u64) -> Result<Pass, Denial> {

@@ -142,6 +142,9 @@ pub struct RouteTable {
     /// The sidecar as a whole is in shadow mode: a request no route matches is forwarded
     /// (flagged `no_route`) instead of denied.
     shadow: bool,
+    /// Some route is in shadow mode; when none is, every request is enforced without looking
+    /// at its routes again.
+    any_shadow: bool,
 }
 
 impl Default for RouteTable {
@@ -168,6 +171,7 @@ impl RouteTable {
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
         RouteTable {
+            any_shadow: routes.iter().any(|r| r.shadow),
             routes,
             case_sensitive,
             shadow: false,
@@ -182,6 +186,11 @@ impl RouteTable {
 
     pub fn shadow(&self) -> bool {
         self.shadow
+    }
+
+    /// Whether any route is in shadow mode.
+    pub fn any_shadow(&self) -> bool {
+        self.any_shadow
     }
 
     /// Every route, most specific first (the fleet report lists them).

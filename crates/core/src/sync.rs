@@ -96,18 +96,27 @@ impl SidecarReport {
         if self.routes.len() > MAX_REPORTED_ROUTES {
             return Err(format!("at most {MAX_REPORTED_ROUTES} routes"));
         }
-        for r in &self.routes {
-            if !plain(&r.prefix, 1024) || !r.prefix.starts_with('/') {
-                return Err("a route prefix must start with '/'".into());
-            }
-            if r.methods.len() > 16 || r.methods.iter().any(|m| !plain(m, 32)) {
-                return Err("route methods are short tokens".into());
-            }
-            if r.scopes.is_empty() || r.scopes.len() > 32 {
-                return Err("a reported route requires 1 to 32 scopes".into());
-            }
-            crate::scope::ScopeSet::parse(&r.scopes).map_err(|e| e.to_string())?;
+        self.routes.iter().try_for_each(RouteReport::validate)
+    }
+}
+
+impl RouteReport {
+    /// One route's share of `SidecarReport::validate`; a sidecar leaves out the routes that
+    /// fail it rather than have its sync refused.
+    pub fn validate(&self) -> Result<(), String> {
+        let plain = |s: &str, max: usize| {
+            !s.is_empty() && s.len() <= max && s.bytes().all(|b| (0x21..0x7f).contains(&b))
+        };
+        if !plain(&self.prefix, 1024) || !self.prefix.starts_with('/') {
+            return Err("a route prefix is 1 to 1024 visible characters starting with '/'".into());
         }
+        if self.methods.len() > 32 || self.methods.iter().any(|m| !plain(m, 32)) {
+            return Err("route methods are short tokens".into());
+        }
+        if self.scopes.is_empty() || self.scopes.len() > 64 {
+            return Err("a reported route requires 1 to 64 scopes".into());
+        }
+        crate::scope::ScopeSet::parse(&self.scopes).map_err(|e| e.to_string())?;
         Ok(())
     }
 }
