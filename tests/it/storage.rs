@@ -435,13 +435,13 @@ async fn lifecycle(s: &SharedStorage) {
         last_seen: seen,
         report: "{}".into(),
     };
-    s.record_sidecar(&rec(100, 3)).await.unwrap();
-    s.record_sidecar(&rec(200, 5)).await.unwrap();
-    s.record_sidecar(&rec(150, 4)).await.unwrap();
+    s.record_sidecars(&[rec(100, 3)]).await.unwrap();
+    // In one batch, in order: the older one after the newer one changes nothing.
+    s.record_sidecars(&[rec(200, 5), rec(150, 4)]).await.unwrap();
     // Another service's sync key cannot speak for this sidecar.
     let mut spoof = rec(300, 99);
     spoof.service_id = Some("srv_someone_else".into());
-    s.record_sidecar(&spoof).await.unwrap();
+    s.record_sidecars(&[spoof]).await.unwrap();
     let all = s.sidecars(0).await.unwrap();
     let got = all.iter().find(|r| r.instance_id == "sc_conformance").unwrap();
     assert_eq!(

@@ -473,7 +473,8 @@ pub trait LifecycleStore: Send + Sync {
     /// newer one, so replicas may write in any order, and a report under another service's
     /// sync key never overwrites it (one sync key cannot speak for another service's sidecar,
     /// marking a straggler as applied).
-    async fn record_sidecar(&self, s: &SidecarRecord) -> StoreResult<()>;
+    /// Several in one transaction (a change wakes the whole fleet at once).
+    async fn record_sidecars(&self, s: &[SidecarRecord]) -> StoreResult<()>;
     /// Every sidecar seen since `since` (Unix seconds); older ones are forgotten.
     async fn sidecars(&self, since: i64) -> StoreResult<Vec<SidecarRecord>>;
     /// Every unrevoked credential still in its grace window at `now` and, with `used_since`,

@@ -7,9 +7,11 @@ use super::Postgres;
 
 #[async_trait]
 impl LifecycleStore for Postgres {
-    async fn record_sidecar(&self, s: &SidecarRecord) -> StoreResult<()> {
-        let c = self.client().await?;
-        c.execute(
+    async fn record_sidecars(&self, all: &[SidecarRecord]) -> StoreResult<()> {
+        let mut c = self.client().await?;
+        let tx = (**c).transaction().await?;
+        let st = tx
+            .prepare(
             "INSERT INTO sidecars (instance_id, credential, service_id, epoch, applied_version, first_seen, last_seen, report)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (instance_id) DO UPDATE SET
@@ -18,18 +20,25 @@ impl LifecycleStore for Postgres {
                 last_seen = EXCLUDED.last_seen, report = EXCLUDED.report
              WHERE EXCLUDED.last_seen >= sidecars.last_seen
                AND EXCLUDED.service_id IS NOT DISTINCT FROM sidecars.service_id",
-            &[
-                &s.instance_id,
-                &s.credential,
-                &s.service_id,
-                &s.epoch,
-                &s.applied_version.map(|v| v as i64),
-                &s.first_seen,
-                &s.last_seen,
-                &s.report,
-            ],
-        )
-        .await?;
+            )
+            .await?;
+        for s in all {
+            tx.execute(
+                &st,
+                &[
+                    &s.instance_id,
+                    &s.credential,
+                    &s.service_id,
+                    &s.epoch,
+                    &s.applied_version.map(|v| v as i64),
+                    &s.first_seen,
+                    &s.last_seen,
+                    &s.report,
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

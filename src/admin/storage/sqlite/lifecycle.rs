@@ -8,8 +8,11 @@ use super::traits::Sqlite;
 use super::Store;
 
 impl Store {
-    fn record_sidecar(&self, s: &SidecarRecord) -> StoreResult<()> {
-        self.conn().execute(
+    fn record_sidecars(&self, all: &[SidecarRecord]) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
             "INSERT INTO sidecars (instance_id, credential, service_id, epoch, applied_version, first_seen, last_seen, report)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (instance_id) DO UPDATE SET
@@ -18,17 +21,21 @@ impl Store {
                 last_seen = excluded.last_seen, report = excluded.report
              WHERE excluded.last_seen >= sidecars.last_seen
                AND excluded.service_id IS sidecars.service_id",
-            params![
-                s.instance_id,
-                s.credential,
-                s.service_id,
-                s.epoch,
-                s.applied_version.map(|v| v as i64),
-                s.first_seen,
-                s.last_seen,
-                s.report
-            ],
-        )?;
+            )?;
+            for s in all {
+                st.execute(params![
+                    s.instance_id,
+                    s.credential,
+                    s.service_id,
+                    s.epoch,
+                    s.applied_version.map(|v| v as i64),
+                    s.first_seen,
+                    s.last_seen,
+                    s.report
+                ])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -103,9 +110,9 @@ impl Store {
 
 #[async_trait]
 impl LifecycleStore for Sqlite {
-    async fn record_sidecar(&self, s: &SidecarRecord) -> StoreResult<()> {
-        let s = s.clone();
-        self.run(move |st| st.record_sidecar(&s)).await
+    async fn record_sidecars(&self, s: &[SidecarRecord]) -> StoreResult<()> {
+        let s = s.to_vec();
+        self.run(move |st| st.record_sidecars(&s)).await
     }
 
     async fn sidecars(&self, since: i64) -> StoreResult<Vec<SidecarRecord>> {
