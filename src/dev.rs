@@ -226,34 +226,38 @@ fn print_banner(admin: &str, sidecar: &str, admin_key: &str, upstream: SocketAdd
 Permiso dev is running (Ctrl-C stops it; all state is temporary).
 
   admin plane   {admin}
-  demo MT5 API  http://{upstream}   (protected; call it through the sidecar)
   sidecar       {sidecar}
+  demo MT5 API  http://{upstream}   (on loopback and unprotected itself: callers go through
+                the sidecar; in a deployment, bind the service where only its sidecar reaches it)
 
-export ADMIN_KEY='{admin_key}'
+export ADMIN={admin} SIDECAR={sidecar} ADMIN_KEY='{admin_key}'
 
-# 1. Create a service account; the key is shown only in this response.
-{curl} -s -X POST {admin}/auth/admin/services -H "X-Admin-Api-Key: $ADMIN_KEY" \
+# 1. Create a service account; its key and client secret are shown only in this response
+#    (with jq, the line below exports them; else copy api_key, service_id, client_secret).
+eval "$({curl} -s -X POST $ADMIN/auth/admin/services -H "X-Admin-Api-Key: $ADMIN_KEY" \
   -H 'Content-Type: application/json' \
-  -d '{{"service_name":"trading-dashboard","scopes":["trade:read","account:read","market:data"]}}'
-export KEY=<api_key from the response>; export SID=<service_id from the response>
+  -d '{{"service_name":"trading-dashboard","scopes":["trade:read","account:read","market:data"]}}' \
+  | jq -r '"export KEY=\(.api_key) SID=\(.service_id) SECRET=\(.client_secret)"')"
 
 # 2. Call the MT5 API through the sidecar: 200, with the caller identified upstream.
-{curl} -s {sidecar}/api/v1/trades -H "Authorization: Bearer $KEY"
+{curl} -s $SIDECAR/api/v1/trades -H "Authorization: Bearer $KEY"
 
 # 3. Denials: no key -> 401; missing scope trade:open -> 403; unknown route -> 403.
-{curl} -si {sidecar}/api/v1/trades
-{curl} -si -X POST {sidecar}/api/v1/trades -H "Authorization: Bearer $KEY"
+{curl} -si $SIDECAR/api/v1/trades
+{curl} -si -X POST $SIDECAR/api/v1/trades -H "Authorization: Bearer $KEY"
+{curl} -si $SIDECAR/internal -H "Authorization: Bearer $KEY"
 
 # 4. Rotate: a new key; the old one keeps working for the grace window (7 days by default).
-{curl} -s -X POST {admin}/auth/admin/services/$SID/rotate -H "X-Admin-Api-Key: $ADMIN_KEY"
+{curl} -s -X POST $ADMIN/auth/admin/services/$SID/rotate -H "X-Admin-Api-Key: $ADMIN_KEY"
 
-# 5. OAuth2 client credentials: the create response also holds client_id and client_secret.
-{curl} -s -X POST {admin}/oauth/token -u "$SID:<client_secret>" \
-  -d grant_type=client_credentials -d scope=trade:read
-{curl} -s {sidecar}/api/v1/trades -H "Authorization: Bearer <access_token>"
+# 5. OAuth2 client credentials (client_id is the service id): GET /api/v1/trades needs
+#    trade:read and account:read, so ask for both (space-separated).
+TOKEN=$({curl} -s -X POST $ADMIN/oauth/token -u "$SID:$SECRET" \
+  -d grant_type=client_credentials -d 'scope=trade:read account:read' | jq -r .access_token)
+{curl} -s $SIDECAR/api/v1/trades -H "Authorization: Bearer $TOKEN"
 
-# 6. Revoke a key by id (GET {admin}/auth/admin/services/$SID lists them): it stops at once.
-{curl} -s -X POST {admin}/auth/admin/services/$SID/keys/<key_id>/revoke -H "X-Admin-Api-Key: $ADMIN_KEY"
+# 6. Revoke a key by id (GET $ADMIN/auth/admin/services/$SID lists them): it stops at once.
+{curl} -s -X POST $ADMIN/auth/admin/services/$SID/keys/<key_id>/revoke -H "X-Admin-Api-Key: $ADMIN_KEY"
 
 # 7. What happened: the hash-chained audit log, checked client-side, and the metrics.
 export PERMISO_ADMIN_URL={admin} PERMISO_ADMIN_API_KEY=$ADMIN_KEY

@@ -73,7 +73,10 @@ pub async fn authenticate(
     // random bits behind a checksum. So only admin-key attempts are throttled: throttling
     // Bearer keys too would let anyone sharing an address (a NAT, a proxy, the same host) lock
     // sidecars out of sync, and revocations would stop reaching them.
-    let admin_key_attempt = headers.contains_key(ADMIN_KEY_HEADER);
+    // A Bearer credential that is no service key may be the admin key sent the wrong way
+    // (recognised below, and told so): it is throttled like an admin-key attempt, or the
+    // difference in answers would let it be guessed unthrottled.
+    let admin_key_attempt = headers.contains_key(ADMIN_KEY_HEADER) || bearer_not_a_service_key(headers);
     if let (true, Some(ip)) = (admin_key_attempt, source) {
         // Refused before the key is even looked at.
         if let Some(retry) = state
@@ -94,7 +97,11 @@ pub async fn authenticate(
                 state.auth_failures.record(throttle::bucket(ip), now);
             }
             audit_failure(state, source, reason, None).await;
-            Err(ApiError::unauthorized("missing or invalid admin credential"))
+            Err(ApiError::unauthorized(if reason == ADMIN_KEY_AS_BEARER {
+                "this is the admin key: send it in the X-Admin-Api-Key header, not as Authorization: Bearer"
+            } else {
+                "missing or invalid credential: send the admin key in the X-Admin-Api-Key header, or a service key holding the endpoint's scope as Authorization: Bearer"
+            }))
         }
         Err(Failure::Error(e)) => Err(e),
     }
@@ -124,6 +131,20 @@ pub async fn audit_failure(
         .await;
     if let Err(e) = audited {
         tracing::error!(error = ?e, "could not audit a failed authentication");
+    }
+}
+
+const ADMIN_KEY_AS_BEARER: &str = "admin key sent as Bearer";
+
+/// A single Bearer credential that does not parse as a service key.
+fn bearer_not_a_service_key(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => matches!(
+            bearer_token(Authorization::One(v.as_bytes())),
+            Ok(Some(t)) if key::parse(t).is_err()
+        ),
+        _ => false,
     }
 }
 
@@ -169,7 +190,13 @@ async fn check_credential(
         Ok(None) => return Err(Failure::Denied("no credential")),
         Err(_) => return Err(Failure::Denied("malformed Authorization header")),
     };
-    let parsed = key::parse(token).map_err(|_| Failure::Denied("malformed service key"))?;
+    let Ok(parsed) = key::parse(token) else {
+        // blake3::Hash equality is constant-time.
+        if blake3::hash(token.as_bytes()) == state.admin_key_hash {
+            return Err(Failure::Denied(ADMIN_KEY_AS_BEARER));
+        }
+        return Err(Failure::Denied("malformed service key"));
+    };
     let hash = parsed.hash();
     let now = state.clock.now_secs();
     let owner = state

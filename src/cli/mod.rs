@@ -201,11 +201,11 @@ pub struct AuditFilter {
     /// A service id or signing key id.
     #[arg(long)]
     pub target: Option<String>,
-    /// Unix seconds.
-    #[arg(long)]
+    /// RFC 3339 (as every output prints times) or Unix seconds.
+    #[arg(long, value_parser = time_arg)]
     pub since: Option<i64>,
-    /// Unix seconds.
-    #[arg(long)]
+    /// RFC 3339 or Unix seconds.
+    #[arg(long, value_parser = time_arg)]
     pub until: Option<i64>,
     /// At most this many entries, oldest first.
     #[arg(long, default_value_t = 100)]
@@ -231,6 +231,16 @@ struct Api {
 
 impl Api {
     fn new(a: &AdminArgs) -> Result<Api, CliError> {
+        // reqwest's own message for a URL without a scheme is "builder error".
+        if !(a.admin_url.starts_with("http://") || a.admin_url.starts_with("https://")) {
+            return Err(CliError::new(
+                exit::INVALID,
+                format!(
+                    "--admin-url / PERMISO_ADMIN_URL {:?} needs a scheme: http://{} or https://{}",
+                    a.admin_url, a.admin_url, a.admin_url
+                ),
+            ));
+        }
         let tls = crate::tls::ClientTls {
             ca_file: a.ca_file.clone(),
             ..Default::default()
@@ -867,8 +877,41 @@ pub fn signing_keys(args: &AdminArgs, cmd: &SigningKeysCmd) -> Result<String, Cl
     };
     block_on(async {
         let v = api.call(method, path, None).await?;
-        Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
+        if args.json {
+            return Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n");
+        }
+        let rows: Vec<Vec<String>> = v["keys"]
+            .as_array()
+            .map(|keys| {
+                keys.iter()
+                    .map(|k| {
+                        ["kid", "status", "created_at", "activates_at"]
+                            .iter()
+                            .map(|f| text(&k[*f]))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = table(&["KID", "STATUS", "CREATED", "SIGNS FROM"], &rows);
+        if let Some(kid) = v["new_kid"].as_str() {
+            out.push_str(&format!(
+                "New key {kid} is published now and signs from {}.\n",
+                text(&v["new_key_signs_from"])
+            ));
+        }
+        Ok(out)
     })
+}
+
+/// `--since` / `--until`: RFC 3339 or Unix seconds.
+fn time_arg(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp())
+        .map_err(|_| format!("{s:?} is neither RFC 3339 (2026-12-02T10:00:00Z) nor Unix seconds"))
 }
 
 #[cfg(test)]
@@ -882,6 +925,14 @@ mod tests {
             &[vec!["wide-cell".into(), "x".into()], vec!["b".into(), "y".into()]],
         );
         assert_eq!(t, "A          LONGER\nwide-cell  x\nb          y\n");
+    }
+
+    #[test]
+    fn times_are_rfc3339_or_unix_seconds() {
+        assert_eq!(time_arg("1800000000"), Ok(1_800_000_000));
+        assert_eq!(time_arg("2027-01-15T08:00:00Z"), Ok(1_800_000_000));
+        assert_eq!(time_arg("2027-01-15T09:00:00+01:00"), Ok(1_800_000_000));
+        assert!(time_arg("yesterday").is_err());
     }
 
     #[test]

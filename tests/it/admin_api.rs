@@ -699,3 +699,43 @@ fn a_sync_credential_has_a_bounded_number_of_concurrent_syncs() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A refused admin request says what to send; the admin key sent as Bearer is recognised and
+/// told so, and such attempts are throttled like X-Admin-Api-Key ones (else the different
+/// answer would let the admin key be guessed without the throttle).
+#[test]
+fn a_refused_admin_request_says_what_to_send() {
+    let h = Harness::start_custom(crate::common::ROUTES, |a| a.auth_failures_per_minute_per_ip = 3);
+    let get = |auth: Option<&str>| {
+        let mut rb = h.http.get(h.admin_url("/auth/admin/services"));
+        if let Some(a) = auth {
+            rb = rb.header("Authorization", a);
+        }
+        let r = rb.send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap_or(Value::Null))
+    };
+    let (s, v) = get(None);
+    assert_eq!(s, 401);
+    assert!(v["error_description"].as_str().unwrap().contains("X-Admin-Api-Key"), "{v}");
+    let (s, v) = get(Some(&format!("Bearer {ADMIN_KEY}")));
+    assert_eq!(s, 401);
+    assert!(
+        v["error_description"].as_str().unwrap().contains("this is the admin key"),
+        "{v}"
+    );
+    // Wrong guesses sent as Bearer count like admin-key attempts: a few more reach the limit
+    // of 3 from this address, and then even the right key is refused before it is looked at.
+    let mut throttled = false;
+    for i in 0..5 {
+        let (s, v) = get(Some(&format!("Bearer not-the-admin-key-{i}")));
+        if s == 429 {
+            throttled = true;
+            break;
+        }
+        assert_eq!(s, 401, "{v}");
+        assert!(!v["error_description"].as_str().unwrap().contains("this is the admin key"));
+    }
+    assert!(throttled, "Bearer guesses were never throttled");
+    let (s, v) = get(Some(&format!("Bearer {ADMIN_KEY}")));
+    assert_eq!(s, 429, "{v}");
+}

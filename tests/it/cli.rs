@@ -327,3 +327,32 @@ fn every_api_failure_has_its_exit_code_and_message() {
     ));
     assert_eq!(audited["entries"].as_array().unwrap().len(), 2);
 }
+
+/// Issue 17's first-hour fixes in the CLI: a URL without a scheme is named, signing keys list
+/// as a table, and audit times read RFC 3339 as every output prints them.
+#[test]
+fn first_hour_rough_edges_of_the_cli() {
+    let h = Harness::start_with(ROUTES);
+    let out = Command::new(env!("CARGO_BIN_EXE_permiso"))
+        .args(["services", "list"])
+        .env("PERMISO_ADMIN_URL", h.admin_addr.to_string())
+        .env("PERMISO_ADMIN_API_KEY", ADMIN_KEY)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    failed(&out, 7, "needs a scheme: http://");
+    let table = ok(&permiso(&h, ADMIN_KEY, &["signing-keys", "list"]));
+    assert!(table.starts_with("KID") && table.contains("signing"), "{table}");
+    let v = json_of(&permiso(&h, ADMIN_KEY, &["signing-keys", "list", "--json"]));
+    assert!(v["signing_kid"].is_string());
+    let rotated = ok(&permiso(&h, ADMIN_KEY, &["signing-keys", "rotate"]));
+    assert!(rotated.contains("pending") && rotated.contains("signs from"), "{rotated}");
+    // Audit times: RFC 3339 as printed, or Unix seconds; anything else is a usage error.
+    let all = json_of(&permiso(&h, ADMIN_KEY, &["audit", "--json", "--since", "2000-01-01T00:00:00Z"]));
+    assert!(!all["entries"].as_array().unwrap().is_empty(), "{all}");
+    let none = json_of(&permiso(&h, ADMIN_KEY, &["audit", "--json", "--until", "2000-01-01T00:00:00+02:00"]));
+    assert!(none["entries"].as_array().unwrap().is_empty(), "{none}");
+    let bad = permiso(&h, ADMIN_KEY, &["audit", "--since", "yesterday"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("neither RFC 3339"));
+}

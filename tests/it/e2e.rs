@@ -407,3 +407,71 @@ fn mt5_and_account_services_behind_sidecars() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// The `permiso dev` banner's steps 1 to 5, pasted into bash as a newcomer would (with curl
+/// and jq): each call answers what its comment promises (issue 17: step 5 used to ask for a
+/// token too narrow for the route it then called, step 3 promised a line it did not give).
+#[test]
+fn the_dev_banner_steps_do_what_they_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, upstream, sidecar) = (free_port(), free_port(), free_port());
+    let p = spawn(
+        dir.path(),
+        "dev",
+        env!("CARGO_BIN_EXE_permiso"),
+        &[
+            "dev",
+            "--admin-port",
+            &admin.port().to_string(),
+            "--upstream-port",
+            &upstream.port().to_string(),
+            "--sidecar-port",
+            &sidecar.port().to_string(),
+        ],
+    );
+    let log = dir.path().join("dev.log");
+    let started = Instant::now();
+    let banner = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("# 7.") {
+            break text;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no banner: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let from = banner.find("export ADMIN=").expect("the export line");
+    let to = banner.find("# 6.").expect("step 6");
+    // Print each call's status instead of its body. The first call through the sidecar is
+    // repeated until the new key has arrived there by long poll (milliseconds; a script pasted
+    // by hand never wins that race).
+    let mut first_call = true;
+    let steps: String = banner[from..to]
+        .lines()
+        .map(|l| {
+            if let (true, Some(rest)) = (first_call, l.strip_prefix("curl -s $SIDECAR")) {
+                first_call = false;
+                format!(
+                    "for _ in $(seq 250); do c=$(curl -s -o /dev/null -w '%{{http_code}}' $SIDECAR{rest}); [ \"$c\" = 200 ] && break; sleep 0.02; done; echo \"$c\""
+                )
+            } else if let Some(rest) = l.strip_prefix("curl -si ") {
+                format!("curl -s -o /dev/null -w '%{{http_code}}\\n' {rest}")
+            } else if let Some(rest) = l.strip_prefix("curl -s $SIDECAR") {
+                format!("curl -s -o /dev/null -w '%{{http_code}}\\n' $SIDECAR{rest}")
+            } else if l.starts_with("curl -s -X POST $ADMIN/auth/admin/services/$SID/rotate") {
+                format!("{l} -o /dev/null")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &steps])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{steps}\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let codes: Vec<&str> = stdout.lines().collect();
+    assert_eq!(codes, ["200", "401", "403", "403", "200"], "{steps}");
+    drop(p);
+}
