@@ -189,14 +189,20 @@ fn granted_scope(requested: Option<&String>, held: &ScopeSet) -> Result<String, 
             oauth_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_scope",
-                format!("{s:?} is not a valid scope"),
+                format!(
+                    "{s:?} is not a valid scope; scopes are space-separated, as in \"trade:read account:read\""
+                ),
             )
         })?;
         if !held.allows(scope.as_str()) {
             return Err(oauth_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_scope",
-                format!("the client may not request {s:?}"),
+                // The client is authenticated here: naming its own scopes tells it nothing new.
+                format!(
+                    "the client may not request {s:?}; it may request: {}",
+                    held.joined()
+                ),
             ));
         }
         if !out.contains(&scope) {

@@ -716,11 +716,20 @@ fn a_refused_admin_request_says_what_to_send() {
     };
     let (s, v) = get(None);
     assert_eq!(s, 401);
-    assert!(v["error_description"].as_str().unwrap().contains("X-Admin-Api-Key"), "{v}");
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("X-Admin-Api-Key"),
+        "{v}"
+    );
     let (s, v) = get(Some(&format!("Bearer {ADMIN_KEY}")));
     assert_eq!(s, 401);
     assert!(
-        v["error_description"].as_str().unwrap().contains("this is the admin key"),
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("this is the admin key"),
         "{v}"
     );
     // Wrong guesses sent as Bearer count like admin-key attempts: a few more reach the limit
@@ -733,7 +742,10 @@ fn a_refused_admin_request_says_what_to_send() {
             break;
         }
         assert_eq!(s, 401, "{v}");
-        assert!(!v["error_description"].as_str().unwrap().contains("this is the admin key"));
+        assert!(!v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("this is the admin key"));
     }
     assert!(throttled, "Bearer guesses were never throttled");
     let (s, v) = get(Some(&format!("Bearer {ADMIN_KEY}")));

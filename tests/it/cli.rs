@@ -346,11 +346,22 @@ fn first_hour_rough_edges_of_the_cli() {
     let v = json_of(&permiso(&h, ADMIN_KEY, &["signing-keys", "list", "--json"]));
     assert!(v["signing_kid"].is_string());
     let rotated = ok(&permiso(&h, ADMIN_KEY, &["signing-keys", "rotate"]));
-    assert!(rotated.contains("pending") && rotated.contains("signs from"), "{rotated}");
+    assert!(
+        rotated.contains("pending") && rotated.contains("signs from"),
+        "{rotated}"
+    );
     // Audit times: RFC 3339 as printed, or Unix seconds; anything else is a usage error.
-    let all = json_of(&permiso(&h, ADMIN_KEY, &["audit", "--json", "--since", "2000-01-01T00:00:00Z"]));
+    let all = json_of(&permiso(
+        &h,
+        ADMIN_KEY,
+        &["audit", "--json", "--since", "2000-01-01T00:00:00Z"],
+    ));
     assert!(!all["entries"].as_array().unwrap().is_empty(), "{all}");
-    let none = json_of(&permiso(&h, ADMIN_KEY, &["audit", "--json", "--until", "2000-01-01T00:00:00+02:00"]));
+    let none = json_of(&permiso(
+        &h,
+        ADMIN_KEY,
+        &["audit", "--json", "--until", "2000-01-01T00:00:00+02:00"],
+    ));
     assert!(none["entries"].as_array().unwrap().is_empty(), "{none}");
     let bad = permiso(&h, ADMIN_KEY, &["audit", "--since", "yesterday"]);
     assert_eq!(bad.status.code(), Some(2));

@@ -470,7 +470,11 @@ fn the_dev_banner_steps_do_what_they_say() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{steps}\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{steps}\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let codes: Vec<&str> = stdout.lines().collect();
     assert_eq!(codes, ["200", "401", "403", "403", "200"], "{steps}");
     drop(p);

@@ -636,6 +636,40 @@ fn every_token_endpoint_error() {
         "invalid_scope",
         "malformed scope",
     );
+    // The descriptions say what to do: the scopes the client holds, and the separator.
+    let v: Value = token_request(&h, Some((id, secret)), &[cc, ("scope", "admin:*")])
+        .json()
+        .unwrap();
+    let held = h
+        .admin_req(Method::GET, &format!("/auth/admin/services/{id}"), None)
+        .1["scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("it may request: {held}")),
+        "{v}"
+    );
+    let v: Value = token_request(
+        &h,
+        Some((id, secret)),
+        &[cc, ("scope", "trade:read,account:read")],
+    )
+    .json()
+    .unwrap();
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("space-separated"),
+        "{v}"
+    );
 
     // Disabled client, and a client calling from outside its allowed_ips.
     let (s, _) = h.admin_req(

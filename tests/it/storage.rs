@@ -424,6 +424,23 @@ async fn lifecycle(s: &SharedStorage) {
             .await,
         Err(StoreError::NotFound)
     ));
+    // Revoking a revoked key writes nothing: same version, one audit entry (issue 17).
+    let (rid, rkid, _) = create(s, "revoke-twice", &[]).await.unwrap();
+    let (k1, v1) = s.revoke_key(&rid, &rkid, 11_000, &who()).await.unwrap();
+    let (k2, v2) = s.revoke_key(&rid, &rkid, 11_500, &who()).await.unwrap();
+    assert_eq!((k1.revoked_at, v1), (k2.revoked_at, v2));
+    assert_eq!(s.version().await.unwrap(), v1);
+    let revokes = s
+        .audit_page(&AuditQuery {
+            action: Some("key.revoke".into()),
+            target: Some(rid.clone()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(revokes.len(), 1);
     // Sidecar reports: upserted, never overwritten by an older one, forgotten when old.
     let rec = |seen: i64, applied: u64| storage::SidecarRecord {
         instance_id: "sc_conformance".into(),

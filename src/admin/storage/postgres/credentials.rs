@@ -63,6 +63,16 @@ impl CredentialStore for Postgres {
         let mut c = self.client().await?;
         let tx = (**c).transaction().await?;
         let v = bump_version(&tx).await?;
+        // Revoking a revoked key changes nothing: no new version, no second audit entry. The
+        // version lock is held, so the one before ours is the current one; dropping the
+        // transaction undoes the bump.
+        if let Some(k) = load_keys(&tx, id, CredentialKind::ApiKey)
+            .await?
+            .into_iter()
+            .find(|k| k.id == key_id && k.revoked_at.is_some())
+        {
+            return Ok((k, v - 1));
+        }
         let n = tx
             .execute(
                 "UPDATE credentials SET revoked_at = COALESCE(revoked_at, $1)

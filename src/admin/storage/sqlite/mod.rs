@@ -263,6 +263,13 @@ impl Store {
     pub fn revoke_key(&self, id: &str, key_id: &str, now: i64, who: &Audit) -> StoreResult<(KeyRecord, u64)> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        // Revoking a revoked key changes nothing: no new version, no second audit entry.
+        if let Some(k) = load_keys(&tx, id, CredentialKind::ApiKey)?
+            .into_iter()
+            .find(|k| k.id == key_id && k.revoked_at.is_some())
+        {
+            return Ok((k, read_version(&tx)?));
+        }
         let n = tx.execute(
             "UPDATE credentials SET revoked_at = COALESCE(revoked_at, ?1)
              WHERE id = ?2 AND service_id = ?3 AND kind = 'api_key'",
