@@ -168,6 +168,30 @@ fn deploy() -> Deployment {
             ("PERMISO_SECRETS_DIR", d.display().to_string()),
         ],
     );
+    // Run again (docker compose runs it on every `up`): everything kept as it was. With one
+    // file lost, that account gets new credentials and the rest stay.
+    let setup_env = [
+        ("ADMIN_URL", admin_url.clone()),
+        ("PERMISO_ADMIN_API_KEY", ADMIN_KEY.to_string()),
+        ("PERMISO_SECRETS_DIR", d.display().to_string()),
+    ];
+    let files = [
+        "mt5-sidecar.sync",
+        "account-sidecar.sync",
+        "mt5-api-service.key",
+        "mt5-api-service.secret",
+        "mt5-api-service.client_id",
+        "trading-dashboard.key",
+    ];
+    let snapshot = || files.map(|f| std::fs::read_to_string(d.join(f)).unwrap());
+    let first = snapshot();
+    run_script("setup.sh", &[], &setup_env);
+    assert_eq!(snapshot(), first, "a second run keeps every credential");
+    std::fs::remove_file(d.join("mt5-sidecar.sync")).unwrap();
+    run_script("setup.sh", &[], &setup_env);
+    let third = snapshot();
+    assert!(third[0].starts_with("svc_live_") && third[0] != first[0], "{}", third[0]);
+    assert_eq!(third[1..], first[1..]);
     let list: Value = http
         .get(format!("{admin_url}/auth/admin/services?limit=200"))
         .header("X-Admin-Api-Key", ADMIN_KEY)
