@@ -27,6 +27,9 @@ pub struct DevArgs {
     /// Sidecar port.
     #[arg(long, default_value_t = 9001)]
     pub sidecar_port: u16,
+    /// The sidecar's /readyz, /healthz and /metrics port (0: any free one, printed).
+    #[arg(long, default_value_t = 0)]
+    pub health_port: u16,
     /// Run the walkthrough (create, call, 401/403, rotate, revoke) and exit.
     #[arg(long)]
     pub self_test: bool,
@@ -99,8 +102,8 @@ fn sidecar_config(
     sc.listen = local(args.sidecar_port).to_string();
     sc.upstream = local(args.upstream_port).to_string();
     sc.snapshot_file = dir.join("snapshot.json").display().to_string();
-    // The demo binds only the three ports it prints.
-    sc.admin_listen = None;
+    // Health and metrics too, on the port the banner prints.
+    sc.admin_listen = Some(local(args.health_port).to_string());
     sc.sync.admin_url = admin_url.to_string();
     if let Some(pki) = pki {
         sc.tls = Some(server_tls(pki));
@@ -163,12 +166,23 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let sidecar_cfg = sidecar_config(&dir.0, &args, &admin_url, pki.as_ref(), Secret::new(sync_key))?;
     let sidecar = crate::sidecar::start(sidecar_cfg, clock)?;
     let sidecar_url = format!("{scheme}://{}", sidecar.addr);
+    let health_url = sidecar
+        .health_addr
+        .map(|a| format!("http://{a}"))
+        .context("the sidecar's health listener")?;
 
     let curl = match &pki {
         Some(p) => format!("curl --cacert {}", p.ca.display()),
         None => "curl".to_string(),
     };
-    print_banner(&admin_url, &sidecar_url, &admin_key, upstream_addr, &curl);
+    print_banner(
+        &admin_url,
+        &sidecar_url,
+        &health_url,
+        &admin_key,
+        upstream_addr,
+        &curl,
+    );
     if let Some(p) = &pki {
         print_tls_banner(&admin_url, &sidecar_url, &curl, p);
     }
@@ -176,6 +190,24 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let result = if args.self_test {
         rt.block_on(async {
             self_test(&http, &admin_url, &sidecar_url, &admin_key).await?;
+            // The sidecar's own health and metrics (plain HTTP, on loopback).
+            let plain = reqwest::Client::new();
+            expect(
+                "sidecar /readyz",
+                plain.get(format!("{health_url}/readyz")).send().await?,
+                200,
+            )
+            .await?;
+            let metrics = plain
+                .get(format!("{health_url}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            if !metrics.contains("permiso_sidecar_decisions_total{outcome=\"allowed\"") {
+                bail!("sidecar /metrics has no decisions");
+            }
+            println!("ok  sidecar /metrics: {} bytes", metrics.len());
             if pki.is_some() {
                 mtls_self_test(&http, &with_cert, &admin_url, &sidecar_url, &admin_key).await?;
             }
@@ -216,7 +248,7 @@ fn print_tls_banner(admin: &str, sidecar: &str, curl: &str, p: &crate::tls::dev_
     );
 }
 
-fn print_banner(admin: &str, sidecar: &str, admin_key: &str, upstream: SocketAddr, curl: &str) {
+fn print_banner(admin: &str, sidecar: &str, health: &str, admin_key: &str, upstream: SocketAddr, curl: &str) {
     let ca_arg = curl
         .strip_prefix("curl --cacert ")
         .map(|ca| format!(" --ca-file {ca}"))
@@ -226,7 +258,7 @@ fn print_banner(admin: &str, sidecar: &str, admin_key: &str, upstream: SocketAdd
 Permiso dev is running (Ctrl-C stops it; all state is temporary).
 
   admin plane   {admin}
-  sidecar       {sidecar}
+  sidecar       {sidecar}   (its /readyz and /metrics: {health})
   demo MT5 API  http://{upstream}   (on loopback and unprotected itself: callers go through
                 the sidecar; in a deployment, bind the service where only its sidecar reaches it)
 

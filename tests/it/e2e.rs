@@ -132,7 +132,8 @@ fn deploy() -> Deployment {
     // The example PKI, made by the shipped script (openssl CLI).
     run_script("certs.sh", &[&d.display().to_string()], &[]);
     let http = client(d, None);
-    let [admin, mt5_svc, mt5_sc, egress, acct_svc, acct_sc] = [(); 6].map(|_| free_port().to_string());
+    let [admin, mt5_svc, mt5_sc, egress, acct_svc, acct_sc, mt5_health, acct_health] =
+        [(); 8].map(|_| free_port().to_string());
     let ports: Vec<(&str, String)> = vec![
         ("127.0.0.1:8000", admin.clone()),
         ("127.0.0.1:8001", mt5_svc.clone()),
@@ -140,6 +141,8 @@ fn deploy() -> Deployment {
         ("127.0.0.1:9100", egress.clone()),
         ("127.0.0.1:8002", acct_svc.clone()),
         ("127.0.0.1:9002", acct_sc.clone()),
+        ("127.0.0.1:9191", mt5_health.clone()),
+        ("127.0.0.1:9192", acct_health.clone()),
     ];
     let permiso = env!("CARGO_BIN_EXE_permiso");
     let admin_cfg = example_config("admin.toml", &ports, d);
@@ -190,7 +193,11 @@ fn deploy() -> Deployment {
     std::fs::remove_file(d.join("mt5-sidecar.sync")).unwrap();
     run_script("setup.sh", &[], &setup_env);
     let third = snapshot();
-    assert!(third[0].starts_with("svc_live_") && third[0] != first[0], "{}", third[0]);
+    assert!(
+        third[0].starts_with("svc_live_") && third[0] != first[0],
+        "{}",
+        third[0]
+    );
     assert_eq!(third[1..], first[1..]);
     let list: Value = http
         .get(format!("{admin_url}/auth/admin/services?limit=200"))
@@ -243,6 +250,18 @@ fn deploy() -> Deployment {
     let as_mt5 = client(d, Some("mt5-api-service-cert"));
     wait_ok(&as_mt5, &format!("https://{acct_sc}/health"), "account sidecar");
     wait_ok(&http, &format!("https://{mt5_sc}/health"), "MT5 sidecar");
+    // Both sidecars serve their health and metrics where the example configs say.
+    let plain = reqwest::blocking::Client::new();
+    for health in [&mt5_health, &acct_health] {
+        crate::common::wait_ready(&plain, health.parse().unwrap());
+        let m = plain
+            .get(format!("http://{health}/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        assert!(m.contains("permiso_sidecar_snapshot_version"), "{health}");
+    }
     assert_eq!(procs.len(), MT5_SIDECAR + 1);
     let dep = Deployment {
         procs,
