@@ -98,6 +98,11 @@ enum Command {
         #[command(subcommand)]
         cmd: cli::KeysCmd,
     },
+    /// Print shell completions: `permiso completions bash > /etc/bash_completion.d/permiso`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Manage the access-token signing keys through the admin API.
     SigningKeys {
         #[command(flatten)]
@@ -229,6 +234,17 @@ fn main() -> anyhow::Result<()> {
         Command::Audit { admin, filter, cmd } => finish(cli::audit(&admin, &filter, cmd.as_ref())),
         Command::SigningKeys { admin, cmd } => finish(cli::signing_keys(&admin, &cmd)),
         Command::Sidecars { admin } => finish(cli::sidecars(&admin)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "permiso", &mut script);
+            // `permiso completions bash | head` closing the pipe early is not an error.
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => Ok(r?),
+            }
+        }
         Command::Keys { admin, cmd } => finish(cli::keys(&admin, &cmd)),
     }
 }

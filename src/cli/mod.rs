@@ -43,12 +43,18 @@ impl CliError {
 
 #[derive(Debug, Clone, Args)]
 pub struct AdminArgs {
-    /// Admin plane base URL.
-    #[arg(long, env = "PERMISO_ADMIN_URL", default_value = "http://127.0.0.1:8000")]
+    /// Admin plane base URL (before or after the subcommand).
+    #[arg(
+        long,
+        env = "PERMISO_ADMIN_URL",
+        default_value = "http://127.0.0.1:8000",
+        global = true
+    )]
     pub admin_url: String,
-    /// The admin key. Prefer the environment variable: arguments show in `ps`.
-    #[arg(long, env = "PERMISO_ADMIN_API_KEY", hide_env_values = true)]
-    pub admin_key: String,
+    /// The admin key. Prefer the environment variable: arguments show in `ps`. (Optional
+    /// here so it may follow the subcommand; every command needs it.)
+    #[arg(long, env = "PERMISO_ADMIN_API_KEY", hide_env_values = true, global = true)]
+    pub admin_key: Option<String>,
     /// PEM CA bundle the admin plane's certificate must chain to (https:// admin URLs).
     /// Default: the system roots.
     #[arg(long, env = "PERMISO_CA_FILE", global = true)]
@@ -252,7 +258,12 @@ impl Api {
         .map_err(|e| CliError::new(1, e.to_string()))?;
         Ok(Api {
             base: a.admin_url.trim_end_matches('/').to_string(),
-            key: a.admin_key.clone(),
+            key: a.admin_key.clone().ok_or_else(|| {
+                CliError::new(
+                    exit::INVALID,
+                    "no admin key: set PERMISO_ADMIN_API_KEY (or pass --admin-key)",
+                )
+            })?,
             http,
         })
     }

@@ -367,3 +367,65 @@ fn first_hour_rough_edges_of_the_cli() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("neither RFC 3339"));
 }
+
+/// `--admin-url` and `--admin-key` go before or after the subcommand; without a key the
+/// message says how to give one.
+#[test]
+fn admin_flags_go_before_or_after_the_subcommand() {
+    let h = Harness::start_with(ROUTES);
+    let url = format!("http://{}", h.admin_addr);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_permiso"))
+            .args(args)
+            .env_remove("PERMISO_ADMIN_URL")
+            .env_remove("PERMISO_ADMIN_API_KEY")
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap()
+    };
+    for args in [
+        vec!["services", "--admin-url", &url, "--admin-key", ADMIN_KEY, "list"],
+        vec!["services", "list", "--admin-url", &url, "--admin-key", ADMIN_KEY],
+        vec!["sidecars", "--admin-key", ADMIN_KEY, "--admin-url", &url],
+    ] {
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    failed(
+        &run(&["services", "list", "--admin-url", &url]),
+        7,
+        "set PERMISO_ADMIN_API_KEY",
+    );
+}
+
+/// `permiso completions bash|zsh|fish` prints a completion script naming the commands.
+#[test]
+fn shell_completions_name_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_permiso"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}");
+        for word in ["services", "sidecars", "wait-applied", "signing-keys"] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+        if shell == "bash" {
+            // bash itself parses it.
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("permiso.bash");
+            std::fs::write(&file, script.as_bytes()).unwrap();
+            let check = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+            assert!(
+                check.status.success(),
+                "{}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+}
