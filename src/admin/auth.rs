@@ -84,7 +84,12 @@ pub async fn authenticate(
             .blocked(&throttle::bucket(ip), state.clock.now_secs())
         {
             state.metrics.auth_throttled();
-            return Err(ApiError::rate_limited(retry));
+            let mut e = ApiError::rate_limited(retry);
+            e.description = format!(
+                "too many failed admin-key attempts from this address; retry after {} s",
+                retry.max(1)
+            );
+            return Err(e);
         }
     }
     match check_credential(headers, source, state, needed_scope).await {

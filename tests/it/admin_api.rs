@@ -750,4 +750,10 @@ fn a_refused_admin_request_says_what_to_send() {
     assert!(throttled, "Bearer guesses were never throttled");
     let (s, v) = get(Some(&format!("Bearer {ADMIN_KEY}")));
     assert_eq!(s, 429, "{v}");
+    // The refusal says why and for how long.
+    let d = v["error_description"].as_str().unwrap();
+    assert!(
+        d.contains("failed admin-key attempts") && d.contains("retry after"),
+        "{v}"
+    );
 }
