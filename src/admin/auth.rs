@@ -141,13 +141,20 @@ pub async fn audit_failure(
 
 const ADMIN_KEY_AS_BEARER: &str = "admin key sent as Bearer";
 
-/// A single Bearer credential that does not parse as a service key.
+/// A Bearer credential without a service key's prefix: maybe the admin key. (A mistyped
+/// service key keeps its prefix and stays a service-key failure: those are not throttled, so
+/// a sidecar sharing an address keeps syncing.)
+fn looks_like_admin_key(token: &str) -> bool {
+    !(token.starts_with("svc_live_") || token.starts_with("svc_test_"))
+}
+
+/// A single Bearer credential that may be the admin key sent the wrong way.
 fn bearer_not_a_service_key(headers: &HeaderMap) -> bool {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     match (values.next(), values.next()) {
         (Some(v), None) => matches!(
             bearer_token(Authorization::One(v.as_bytes())),
-            Ok(Some(t)) if key::parse(t).is_err()
+            Ok(Some(t)) if looks_like_admin_key(t)
         ),
         _ => false,
     }
@@ -197,7 +204,7 @@ async fn check_credential(
     };
     let Ok(parsed) = key::parse(token) else {
         // blake3::Hash equality is constant-time.
-        if blake3::hash(token.as_bytes()) == state.admin_key_hash {
+        if looks_like_admin_key(token) && blake3::hash(token.as_bytes()) == state.admin_key_hash {
             return Err(Failure::Denied(ADMIN_KEY_AS_BEARER));
         }
         return Err(Failure::Denied("malformed service key"));
