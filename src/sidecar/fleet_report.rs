@@ -51,14 +51,11 @@ pub fn header(mut r: SidecarReport) -> Option<HeaderValue> {
     // missing): the sync must never fail over what the sidecar says about itself.
     let before = r.routes.len();
     r.routes.retain(|route| route.validate().is_ok());
+    r.routes.truncate(MAX_REPORTED_ROUTES);
     r.routes_truncated |= r.routes.len() < before;
-    if r.validate().is_err() && r.routes.len() <= MAX_REPORTED_ROUTES {
+    if r.validate().is_err() {
         tracing::warn!("this sidecar's report would be refused; syncing without one");
         return None;
-    }
-    if r.routes.len() > MAX_REPORTED_ROUTES {
-        r.routes.truncate(MAX_REPORTED_ROUTES);
-        r.routes_truncated = true;
     }
     loop {
         let json = serde_json::to_string(&r).ok()?;

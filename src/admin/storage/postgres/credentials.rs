@@ -106,17 +106,9 @@ impl CredentialStore for Postgres {
     ) -> StoreResult<(KeyRecord, u64)> {
         let mut c = self.client().await?;
         let tx = (**c).transaction().await?;
+        // The version row's lock (taken here) orders every write: two changes of one
+        // credential apply one after the other without a lock of their own.
         let v = bump_version(&tx).await?;
-        // Locks the row: two changes of one credential apply one after the other.
-        let locked = tx
-            .execute(
-                "SELECT 1 FROM credentials WHERE id = $1 AND service_id = $2 AND kind = $3 FOR UPDATE",
-                &[&key_id, &id, &kind.as_str()],
-            )
-            .await?;
-        if locked == 0 {
-            return Err(StoreError::NotFound);
-        }
         let find = |keys: Vec<KeyRecord>| {
             keys.into_iter()
                 .find(|k| k.id == key_id)
