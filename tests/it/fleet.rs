@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::common::{free_port, signal, wait_ready, Harness, Proc, ADMIN_KEY, ROUTES};
+use crate::common::{free_port, signal, Harness, Proc, ADMIN_KEY, ROUTES};
 
 fn permiso(h: &Harness, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_permiso"))
@@ -40,32 +40,49 @@ fn until(within: Duration, what: impl Fn() -> Value, done: impl Fn(&Value) -> bo
     }
 }
 
-/// A `permiso sidecar` process for this harness: (process, instance id once reported).
+/// A `permiso sidecar` process for this harness. A port picked free can be taken by a test
+/// running in parallel before the process binds it (it then exits, and another process may
+/// answer on its health port): started again on new ports until it runs and is ready.
 fn sidecar_process(h: &Harness) -> Proc {
-    let listen = free_port();
-    let health = free_port();
     let key_file = h.dir.path().join("proc-sync.key");
     std::fs::write(&key_file, &h.sync_key).unwrap();
     let config = h.dir.path().join("proc-sidecar.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{}\"\nadmin_listen = \"{health}\"\nsnapshot_file = \"{}\"\n[sidecar.sync]\nadmin_url = \"http://{}\"\ncredential_file = \"{}\"\nwait_seconds = 1\n{ROUTES}",
-            h.upstream.addr,
-            h.dir.path().join("proc-snapshot.json").display(),
-            h.admin_addr,
-            key_file.display(),
-        ),
-    )
-    .unwrap();
-    let p = crate::common::spawn(
-        h.dir.path(),
-        "proc-sidecar",
-        env!("CARGO_BIN_EXE_permiso"),
-        &["sidecar", "--config", config.to_str().unwrap()],
-    );
-    wait_ready(&h.http, health);
-    p
+    for _ in 0..3 {
+        let (listen, health) = (free_port(), free_port());
+        std::fs::write(
+            &config,
+            format!(
+                "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{}\"\nadmin_listen = \"{health}\"\nsnapshot_file = \"{}\"\n[sidecar.sync]\nadmin_url = \"http://{}\"\ncredential_file = \"{}\"\nwait_seconds = 1\n{ROUTES}",
+                h.upstream.addr,
+                h.dir.path().join("proc-snapshot.json").display(),
+                h.admin_addr,
+                key_file.display(),
+            ),
+        )
+        .unwrap();
+        let mut p = crate::common::spawn(
+            h.dir.path(),
+            "proc-sidecar",
+            env!("CARGO_BIN_EXE_permiso"),
+            &["sidecar", "--config", config.to_str().unwrap()],
+        );
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if p.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            let ready = h
+                .http
+                .get(format!("http://{health}/readyz"))
+                .send()
+                .is_ok_and(|r| r.status() == 200);
+            if ready && p.0.try_wait().unwrap().is_none() {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    panic!("the sidecar process never became ready");
 }
 
 #[test]
