@@ -2,6 +2,7 @@
 //! that `sync_client` keeps current. `start` runs it on background threads (tests, `permiso
 //! dev`); `run` runs it in the foreground with pingora's signal handling.
 
+pub mod drain;
 pub mod egress;
 pub mod fleet_report;
 pub mod forward;
@@ -525,9 +526,34 @@ pub fn run(
     } = build(&cfg, clock)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let reload_thread = spawn_reload_on_sighup(reloader, reload, stop_rx.clone())?;
+    let connections = health.connections.clone();
     let side = spawn_side_jobs(&cfg, egress, sync, usage, health, stop_rx)?;
     tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, environment = %cfg.environment, routes = cfg.routes.len(), "sidecar starting");
-    server.run(RunArgs::default());
+    // The server on its own thread, so that a drained SIGTERM can end the process while
+    // pingora still sleeps out its grace period (`drain`).
+    let (ended_tx, ended) = std::sync::mpsc::channel::<bool>();
+    if let Some(connections) = connections {
+        let phases = server.watch_execution_phase();
+        let tx = ended_tx.clone();
+        std::thread::Builder::new()
+            .name("permiso-drain".into())
+            .spawn(move || {
+                if drain::drained_after_term(phases, connections) {
+                    let _ = tx.send(true);
+                }
+            })?;
+    }
+    std::thread::Builder::new()
+        .name("permiso-sidecar".into())
+        .spawn(move || {
+            server.run(RunArgs::default());
+            let _ = ended_tx.send(false);
+        })?;
+    if ended.recv().unwrap_or(false) {
+        tracing::info!(
+            "SIGTERM: every connection has closed; exiting without waiting out shutdown_grace_seconds"
+        );
+    }
     let _ = stop_tx.send(true);
     for t in side.threads.into_iter().chain([reload_thread]) {
         let _ = t.join();

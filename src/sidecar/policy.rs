@@ -6,7 +6,9 @@
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 
-use crate::core::decision::{admit, Admission, Authorization, Pass, RequestFacts, TokenPolicy, Verdict};
+use crate::core::decision::{
+    admit, Admission, Authorization, Pass, Refusal, RequestFacts, TokenPolicy, Verdict,
+};
 use crate::core::denial::{BadRequest, Denial, InvalidToken};
 use crate::core::jwt::JwtError;
 use crate::core::limiter::RateLimiter;
@@ -28,7 +30,7 @@ pub async fn judge(
     live: &Live,
     req: &RequestHeader,
     peer: Peer<'_>,
-) -> (HeaderValue, Result<Pass, Denial>) {
+) -> (HeaderValue, Result<Pass, Refusal>) {
     let now_nanos = shared.clock.now_nanos();
     let mut incoming_ids = req.headers.get_all(REQUEST_ID).iter();
     let incoming = match (incoming_ids.next(), incoming_ids.next()) {
@@ -41,7 +43,7 @@ pub async fn judge(
         // pingora keeps a target that is not UTF-8 verbatim for the wire and routes a lossy
         // copy: never forward bytes other than the ones judged.
         if !req.raw_path_is_utf8() {
-            Err(Denial::BadRequest(BadRequest::Path(PathError::NotUtf8)))
+            Err(Denial::BadRequest(BadRequest::Path(PathError::NotUtf8)).into())
         } else {
             let mut auth_values = req.headers.get_all(http::header::AUTHORIZATION).iter();
             let authorization = match (auth_values.next(), auth_values.next()) {
@@ -102,7 +104,7 @@ pub async fn judge(
                 shared.metrics.shadow_denied(d);
             }
         }
-        Err(denial) => {
+        Err(Refusal { denial, .. }) => {
             if *denial == Denial::InvalidToken(InvalidToken::Jwt(JwtError::UnknownKid)) {
                 // Maybe a key published since our last sync: fetch now (rate-limited).
                 shared.early_sync.request();

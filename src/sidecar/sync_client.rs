@@ -97,6 +97,14 @@ enum SyncError {
     Tls { url: String, reason: String },
     #[error("admin plane answered {0}")]
     Status(reqwest::StatusCode),
+    /// The admin plane refused our credential (401/403): retrying will not fix it, so the log
+    /// says what the admin plane said and what to do.
+    #[error("admin plane refused the sync credential ({status}): {description}; {hint}")]
+    Refused {
+        status: reqwest::StatusCode,
+        description: String,
+        hint: &'static str,
+    },
     #[error("payload refused: {0}")]
     Invalid(#[from] SnapshotError),
 }
@@ -107,10 +115,37 @@ impl SyncError {
         match self {
             SyncError::Http(e) if e.is_decode() => "invalid",
             SyncError::Http(_) => "request",
-            SyncError::Status(_) => "status",
+            SyncError::Status(_) | SyncError::Refused { .. } => "status",
             SyncError::Invalid(_) => "invalid",
             SyncError::Tls { .. } => "tls",
         }
+    }
+}
+
+/// A 401 or 403 from `/v1/sync`, with the admin plane's `error_description` (cut short: the
+/// body is the admin plane's, not ours) and the fix for the usual causes.
+fn refused(status: reqwest::StatusCode, body: &[u8]) -> SyncError {
+    let description = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error_description")?.as_str().map(str::to_owned))
+        .map(|d| {
+            d.chars()
+                .filter(|c| !c.is_control())
+                .take(300)
+                .collect::<String>()
+        })
+        .unwrap_or_else(|| "no error description".to_owned());
+    let hint = if status == reqwest::StatusCode::FORBIDDEN && description.contains("sync:read") {
+        "give the sync key's service the sync:read scope (permiso services patch <service_id> --scopes \"sync:read ...\"), or use a key of a service that has it"
+    } else if status == reqwest::StatusCode::FORBIDDEN {
+        "check the sync key's allowed_ips and scopes on the admin plane"
+    } else {
+        "the sync credential is unknown, revoked or expired: create or rotate a key for a service with sync:read and point sync_credential_file at it"
+    };
+    SyncError::Refused {
+        status,
+        description,
+        hint,
     }
 }
 
@@ -146,8 +181,12 @@ impl SyncClient {
                 },
                 None => SyncError::Http(e),
             })?;
-        if !resp.status().is_success() {
-            return Err(SyncError::Status(resp.status()));
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(refused(status, resp.bytes().await.unwrap_or_default().as_ref()));
+        }
+        if !status.is_success() {
+            return Err(SyncError::Status(status));
         }
         Ok(resp.json::<SyncPayload>().await?)
     }
@@ -309,6 +348,42 @@ impl SyncClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_sync_says_what_the_admin_plane_said_and_what_to_do() {
+        let forbidden = reqwest::StatusCode::FORBIDDEN;
+        let scope = refused(
+            forbidden,
+            br#"{"error":"insufficient_scope","error_description":"this endpoint requires the sync:read scope"}"#,
+        )
+        .to_string();
+        assert!(
+            scope.contains("(403 Forbidden): this endpoint requires the sync:read scope"),
+            "{scope}"
+        );
+        assert!(
+            scope.contains("give the sync key's service the sync:read scope"),
+            "{scope}"
+        );
+        let addr = refused(
+            forbidden,
+            br#"{"error":"access_denied","error_description":"not from here"}"#,
+        )
+        .to_string();
+        assert!(addr.contains("allowed_ips"), "{addr}");
+        let unknown = refused(reqwest::StatusCode::UNAUTHORIZED, b"<html>").to_string();
+        assert!(
+            unknown.contains("no error description") && unknown.contains("unknown, revoked or expired"),
+            "{unknown}"
+        );
+        // The admin plane's text is cut and cannot forge log lines.
+        let long = format!(r#"{{"error_description":"a\nb{}"}}"#, "x".repeat(1000));
+        let cut = refused(forbidden, long.as_bytes()).to_string();
+        assert!(
+            !cut.contains('\n') && cut.contains("ab") && cut.len() < 700,
+            "{cut}"
+        );
+    }
 
     #[test]
     fn early_sync_requests_are_rate_limited() {

@@ -32,7 +32,7 @@ struct SidecarProc {
 
 fn proc_config(h: &Harness, listen: &str, health: &str, upstream: &str, routes: &str) -> String {
     format!(
-        "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\nadmin_listen = \"{health}\"\nsnapshot_file = \"{}\"\nshutdown_grace_seconds = 1\nmax_requests_per_connection = 5\n[sidecar.sync]\nadmin_url = \"http://{}\"\ncredential_file = \"{}\"\nwait_seconds = 5\n{routes}",
+        "[sidecar]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\nadmin_listen = \"{health}\"\nsnapshot_file = \"{}\"\nshutdown_grace_seconds = 60\nmax_requests_per_connection = 5\n[sidecar.sync]\nadmin_url = \"http://{}\"\ncredential_file = \"{}\"\nwait_seconds = 5\n{routes}",
         h.dir.path().join("proc-snapshot.json").display(),
         h.admin_addr,
         h.dir.path().join("sync.key").display(),
@@ -234,8 +234,142 @@ fn sigterm_lets_in_flight_requests_finish() {
     signal(&sc.proc, "-TERM");
     let (s, v) = slow.join().unwrap();
     assert_eq!(s, 200, "in flight at SIGTERM, answered anyway: {v}");
+    // The grace is 60 s; `exit_status` waits 10 s at most: the process left once drained.
     let status = exit_status(&mut sc.proc, "after SIGTERM");
     assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&sc.log).unwrap();
+    assert!(log.contains("every connection has closed"), "{log}");
+}
+
+#[test]
+fn refusals_after_authentication_name_the_service_and_key_in_the_access_line() {
+    let h = Harness::start();
+    let narrow = h.create(json!({"service_name": "narrow", "scopes": ["trade:read"]}));
+    let limited =
+        h.create(json!({"service_name": "limited", "scopes": ["trade:read"], "rate_limit_per_minute": 1}));
+    let (listen, health) = (free_port().to_string(), free_port().to_string());
+    let config = h.dir.path().join("sidecar.toml");
+    let cfg = proc_config(&h, &listen, &health, &h.upstream.addr.to_string(), ROUTES);
+    std::fs::write(&config, format!("[log]\nformat = \"json\"\n{cfg}")).unwrap();
+    std::fs::write(h.dir.path().join("sync.key"), &h.sync_key).unwrap();
+    let _p = spawn(
+        h.dir.path(),
+        "sidecar",
+        env!("CARGO_BIN_EXE_permiso"),
+        &["sidecar", "--config", config.to_str().unwrap()],
+    );
+    wait_ok(&h.http, &format!("http://{health}/readyz"), "sidecar process");
+    let trades = format!("http://{listen}/api/v1/trades");
+    until("both keys reach the sidecar", Duration::from_secs(5), || {
+        get(&h.http, &trades, &narrow.api_key).0 == 200
+    });
+    assert_eq!(
+        get(
+            &h.http,
+            &format!("http://{listen}/api/v1/account"),
+            &narrow.api_key
+        )
+        .0,
+        403
+    );
+    assert_eq!(get(&h.http, &trades, &limited.api_key).0, 200);
+    assert_eq!(get(&h.http, &trades, &limited.api_key).0, 429);
+    assert_eq!(get(&h.http, &trades, "svc_live_not-a-key").0, 401);
+    let log_path = h.dir.path().join("sidecar.log");
+    let access = || -> Vec<Value> {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["target"] == "permiso::access")
+            .map(|l| l["fields"].clone())
+            .collect()
+    };
+    until("the access lines are written", Duration::from_secs(5), || {
+        access().iter().filter(|f| f["status"] != 200).count() >= 3
+    });
+    let lines = access();
+    let line = |status: u64| {
+        lines
+            .iter()
+            .find(|f| f["status"] == status)
+            .unwrap_or_else(|| panic!("no {status} line in {lines:?}"))
+            .clone()
+    };
+    let scope = line(403);
+    assert_eq!(scope["decision"], "insufficient_scope", "{scope}");
+    assert_eq!(
+        (scope["service_id"].as_str(), scope["key_id"].as_str()),
+        (Some(narrow.service_id.as_str()), Some(narrow.key_id.as_str())),
+        "{scope}"
+    );
+    let limit = line(429);
+    assert_eq!(
+        (limit["service_id"].as_str(), limit["key_id"].as_str()),
+        (Some(limited.service_id.as_str()), Some(limited.key_id.as_str())),
+        "{limit}"
+    );
+    // Nobody was identified: nobody is named.
+    let unknown = line(401);
+    assert_eq!(unknown["decision"], "malformed_key", "{unknown}");
+    assert!(
+        unknown.get("service_id").is_none() && unknown.get("key_id").is_none(),
+        "{unknown}"
+    );
+}
+
+#[test]
+fn sigterm_with_nothing_in_flight_exits_at_once_not_after_the_grace() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "idle-exit", "scopes": ["trade:read"]}));
+    let mut sc = start_sidecar_proc(&h, ROUTES);
+    // A kept-alive connection stays open and idle in the client's pool meanwhile.
+    until(
+        "the key reaches the sidecar process",
+        Duration::from_secs(5),
+        || get(&h.http, &format!("{}/api/v1/trades", sc.url), &svc.api_key).0 == 200,
+    );
+    signal(&sc.proc, "-TERM");
+    let status = exit_status(&mut sc.proc, "after SIGTERM while idle (grace 60 s)");
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&sc.log).unwrap();
+    assert!(log.contains("every connection has closed"), "{log}");
+}
+
+#[test]
+fn a_sync_key_without_sync_read_is_told_what_to_do_in_the_log() {
+    let h = Harness::start();
+    let svc = h.create(json!({"service_name": "no-sync-scope", "scopes": ["trade:read"]}));
+    let (listen, health) = (free_port().to_string(), free_port().to_string());
+    let config = h.dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        proc_config(&h, &listen, &health, &h.upstream.addr.to_string(), ROUTES),
+    )
+    .unwrap();
+    std::fs::write(h.dir.path().join("sync.key"), &svc.api_key).unwrap();
+    let _p = spawn(
+        h.dir.path(),
+        "sidecar",
+        env!("CARGO_BIN_EXE_permiso"),
+        &["sidecar", "--config", config.to_str().unwrap()],
+    );
+    let log_path = h.dir.path().join("sidecar.log");
+    let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    until("the sidecar logs the refusal", Duration::from_secs(20), || {
+        read().contains("refused the sync credential")
+    });
+    let log = read();
+    assert!(
+        log.contains("403")
+            && log.contains("requires the sync:read scope")
+            && log.contains("give the sync key's service the sync:read scope"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&svc.api_key) && !log.contains(&svc.api_key[..20]),
+        "the key reached the log"
+    );
 }
 
 #[test]

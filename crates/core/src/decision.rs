@@ -329,6 +329,29 @@ pub enum Admission {
     Limit(Pending),
 }
 
+/// A denial, with the caller when it was identified before it (scope, address, trusted, rate
+/// limit): the access log names who was refused. Pre-authentication denials carry nobody.
+#[derive(Debug)]
+pub struct Refusal {
+    pub denial: Denial,
+    pub caller: Option<Box<Principal>>,
+}
+
+impl Refusal {
+    fn of(denial: Denial, caller: Principal) -> Refusal {
+        Refusal {
+            denial,
+            caller: Some(Box::new(caller)),
+        }
+    }
+}
+
+impl From<Denial> for Refusal {
+    fn from(denial: Denial) -> Refusal {
+        Refusal { denial, caller: None }
+    }
+}
+
 /// An authenticated, authorized request waiting for a limiter's answer.
 #[derive(Debug)]
 pub struct Pending {
@@ -354,7 +377,7 @@ impl Pending {
     }
 
     /// The last step: the limiter's answer decides.
-    pub fn finish(self, outcome: Outcome) -> Result<Pass, Denial> {
+    pub fn finish(self, outcome: Outcome) -> Result<Pass, Refusal> {
         let mut shadow = self.shadow;
         let rate = match outcome {
             Ok(rate) => rate,
@@ -364,7 +387,7 @@ impl Pending {
                     Refused::Unavailable => Denial::LimiterUnavailable,
                 };
                 if self.enforced {
-                    return Err(denial);
+                    return Err(Refusal::of(denial, self.principal));
                 }
                 shadow.get_or_insert(denial);
                 RateStatus::default()
@@ -391,9 +414,9 @@ pub fn admit(
     req: &RequestFacts<'_>,
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
-) -> Result<Admission, Denial> {
+) -> Result<Admission, Refusal> {
     if req.method.bytes().any(|b| b.is_ascii_lowercase()) {
-        return Err(Denial::BadRequest(BadRequest::MethodCase));
+        return Err(Denial::BadRequest(BadRequest::MethodCase).into());
     }
     let canonical = path::canonicalize(req.path).map_err(|e| Denial::BadRequest(BadRequest::Path(e)))?;
     let judged = judge(routes, snapshot, environment, req, &canonical, now_nanos, tokens)?;
@@ -449,7 +472,8 @@ pub fn admit(
     })
 }
 
-/// The whole checklist, with this sidecar's own count as the limiter.
+/// The whole checklist, with this sidecar's own count as the limiter (the denial alone; the
+/// sidecar itself goes through `admit` to log who was refused).
 pub fn decide(
     routes: &RouteTable,
     snapshot: Option<&Snapshot>,
@@ -458,7 +482,7 @@ pub fn decide(
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
 ) -> Result<Pass, Denial> {
-    match admit(routes, snapshot, environment, req, now_nanos, tokens)? {
+    match admit(routes, snapshot, environment, req, now_nanos, tokens).map_err(|r| r.denial)? {
         Admission::Pass(p) => Ok(p),
         Admission::Limit(p) => {
             let outcome = if p.is_shadow() {
@@ -466,7 +490,7 @@ pub fn decide(
             } else {
                 Local::outcome(p.service(), now_nanos)
             };
-            p.finish(outcome)
+            p.finish(outcome).map_err(|r| r.denial)
         }
     }
 }
@@ -494,11 +518,11 @@ fn judge(
     canonical_path: &str,
     now_nanos: u64,
     tokens: &TokenPolicy<'_>,
-) -> Result<Judged, Denial> {
+) -> Result<Judged, Refusal> {
     let Some(judgement) = routes.judge(req.method, canonical_path) else {
         return match routes.shadow() {
             true => Ok(Judged::Shadowed(Denial::NoRoute)),
-            false => Err(Denial::NoRoute),
+            false => Err(Denial::NoRoute.into()),
         };
     };
     let mut required = judgement.required(req.method, canonical_path).peekable();
@@ -513,7 +537,7 @@ fn judge(
         || !routes.any_shadow() || judgement.required(req.method, canonical_path).any(|r| !r.shadow);
     let (principal, by_cert) = match identify(snapshot, environment, req, now_nanos, tokens) {
         Ok(found) => found,
-        Err(d) if matches!(d, Denial::BadRequest(_)) || enforced() => return Err(d),
+        Err(d) if matches!(d, Denial::BadRequest(_)) || enforced() => return Err(d.into()),
         Err(d) => return Ok(Judged::Shadowed(d)),
     };
     let mut shadow = None;
@@ -521,8 +545,8 @@ fn judge(
         match authorize(&principal, route, req.client_ip) {
             Ok(()) => {}
             // The source address is the service's rule, not the route's.
-            Err(d @ Denial::IpNotAllowed) if enforced() => return Err(d),
-            Err(d) if d != Denial::IpNotAllowed && !route.shadow => return Err(d),
+            Err(d @ Denial::IpNotAllowed) if enforced() => return Err(Refusal::of(d, principal)),
+            Err(d) if d != Denial::IpNotAllowed && !route.shadow => return Err(Refusal::of(d, principal)),
             Err(d) => {
                 shadow.get_or_insert(d);
             }
@@ -921,6 +945,45 @@ mod tests {
             d("/health/../api/v1/trades", None),
             Denial::BadRequest(_)
         ));
+    }
+
+    #[test]
+    fn a_refusal_names_the_caller_only_once_identified() {
+        let f = fixture(|_| {});
+        let refuse = |p: &str, a: Option<String>| {
+            let h = a.map(|a| a.into_bytes());
+            let facts = get_facts(p, h.as_deref(), "127.0.0.1");
+            match admit(
+                &f.routes,
+                Some(&f.snap),
+                Environment::Live,
+                &facts,
+                NOW,
+                &NO_TOKENS,
+            ) {
+                Err(r) => r,
+                Ok(_) => panic!("{p} admitted"),
+            }
+        };
+        assert!(refuse("/api/v1/trades", None).caller.is_none());
+        assert!(
+            refuse("/nope", bearer(&f.key)).caller.is_none(),
+            "routing comes first"
+        );
+        let stranger = key::generate(Environment::Live);
+        assert!(refuse("/api/v1/trades", bearer(&stranger)).caller.is_none());
+        let refusal = refuse("/api/v1/account", bearer(&f.key));
+        assert!(matches!(refusal.denial, Denial::InsufficientScope { .. }));
+        let caller = refusal.caller.expect("identified before the scope check");
+        let Verdict::Allowed { principal, .. } =
+            run(&f, "/api/v1/trades", bearer(&f.key), "127.0.0.1", NOW).unwrap()
+        else {
+            panic!("the key passes where it has the scope")
+        };
+        assert_eq!(
+            (caller.service.id.clone(), caller.credential_id()),
+            (principal.service.id.clone(), principal.credential_id())
+        );
     }
 
     #[test]
@@ -1496,7 +1559,11 @@ mod tests {
             let Admission::Limit(p) = admit_one(&f) else {
                 panic!()
             };
-            assert_eq!(p.finish(outcome).unwrap_err(), denial);
+            let service = p.service().id.clone();
+            let refusal = p.finish(outcome).unwrap_err();
+            assert_eq!(refusal.denial, denial);
+            // The log names who was refused.
+            assert_eq!(refusal.caller.map(|c| c.service.id.clone()), Some(service));
         }
         let Admission::Limit(p) = admit_one(&f) else {
             panic!()

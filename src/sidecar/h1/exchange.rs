@@ -17,7 +17,7 @@ use pingora::{Error, ErrorType};
 
 use super::upstream;
 use super::{Client, Gate};
-use crate::core::decision::{Pass, Verdict};
+use crate::core::decision::{Pass, Refusal, Verdict};
 use crate::core::denial::{Denial, DenialResponse};
 use crate::core::peer::PeerCert;
 use crate::sidecar::forward;
@@ -197,7 +197,10 @@ impl Client<'_> {
             }
         };
         let (decided, outcome) = match &decision {
-            Err(denial) => (Decided::Denied, self.deny(&mut d, denial, &request_id).await),
+            Err(refusal) => (
+                Decided::Denied,
+                self.deny(&mut d, &refusal.denial, &request_id).await,
+            ),
             Ok(pass) => {
                 let decided = match pass.verdict {
                     Verdict::Allowed { .. } => Decided::Allowed,
@@ -582,7 +585,7 @@ impl Client<'_> {
         d: &Downstream,
         start: Instant,
         request_id: &HeaderValue,
-        decision: &Result<Pass, Denial>,
+        decision: &Result<Pass, Refusal>,
         outcome: &Forwarded,
     ) {
         if !tracing::enabled!(target: "permiso::access", tracing::Level::INFO) {
@@ -590,7 +593,13 @@ impl Client<'_> {
         }
         let req = d.req_header();
         let (decision, service_id, key_id, grace_key, shadow_denial) = match decision {
-            Err(denial) => (denial.reason(), None, None, false, None),
+            Err(Refusal { denial, caller }) => (
+                denial.reason(),
+                caller.as_ref().map(|p| p.service.id.clone()),
+                caller.as_ref().map(|p| p.credential_id().to_string()),
+                caller.as_ref().is_some_and(|p| p.grace_key()),
+                None,
+            ),
             Ok(Pass {
                 verdict: Verdict::Allowed { principal, .. },
                 shadow,
