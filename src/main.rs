@@ -1,116 +1,19 @@
 //! The `permiso` binary: `admin`, `sidecar` and `dev`.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 use permiso::cli;
+use permiso::cli::args::{Cli, Command};
 use permiso::config::{self, AdminConfig, SidecarConfig};
 use permiso::core::clock::SystemClock;
 
 /// mimalloc for the whole process (see Cargo.toml for why).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[derive(Parser)]
-#[command(name = "permiso", version, about = "Service-to-service auth gateway")]
-struct Cli {
-    /// Log as JSON lines instead of human-readable text (overrides `[log] format`).
-    #[arg(long, global = true)]
-    log_json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the admin plane (needs PERMISO_ADMIN_API_KEY).
-    Admin {
-        /// Config file; its [admin_plane] section is used. Defaults apply without one.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Overrides admin_plane.listen.
-        #[arg(long)]
-        listen: Option<String>,
-        /// Overrides admin_plane.database.
-        #[arg(long)]
-        database: Option<String>,
-    },
-    /// Apply the database's schema migrations (PostgreSQL replicas never migrate on their own;
-    /// a SQLite database is migrated by `permiso admin` at start too).
-    Migrate {
-        /// Config file; its [admin_plane] database is used.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Overrides admin_plane.database.
-        #[arg(long)]
-        database: Option<String>,
-    },
-    /// Run a sidecar in front of one service.
-    Sidecar {
-        #[arg(long, default_value = "config.toml")]
-        config: PathBuf,
-    },
-    /// Admin plane + demo MT5 service + sidecar in one process, with a walkthrough.
-    Dev(permiso::dev::DevArgs),
-    /// Forwarding without auth on the sidecar's HTTP/1 path (the load bench's baseline).
-    #[command(hide = true)]
-    Passthrough {
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        #[arg(long)]
-        upstream: std::net::SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// pingora's own reverse proxy (pingora-proxy, a shared upstream pool) instead: the
-        /// sidecar's path before issue 15.
-        #[arg(long)]
-        pingora_proxy: bool,
-    },
-    /// Manage service accounts through the admin API (tables, or --json).
-    Services {
-        #[command(flatten)]
-        admin: cli::AdminArgs,
-        #[command(subcommand)]
-        cmd: cli::ServicesCmd,
-    },
-    /// Read the audit log (filters below), or `audit verify` its hash chain.
-    Audit {
-        #[command(flatten)]
-        admin: cli::AdminArgs,
-        #[command(flatten)]
-        filter: cli::AuditFilter,
-        #[command(subcommand)]
-        cmd: Option<cli::AuditCmd>,
-    },
-    /// The sidecars syncing from the admin plane: version applied, lag, last seen, routes' scopes.
-    Sidecars {
-        #[command(flatten)]
-        admin: cli::AdminArgs,
-    },
-    /// Credentials across every service (`keys list --status grace --used-since 1h`).
-    Keys {
-        #[command(flatten)]
-        admin: cli::AdminArgs,
-        #[command(subcommand)]
-        cmd: cli::KeysCmd,
-    },
-    /// Print shell completions: `permiso completions bash > /etc/bash_completion.d/permiso`.
-    Completions {
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-    /// Manage the access-token signing keys through the admin API.
-    SigningKeys {
-        #[command(flatten)]
-        admin: cli::AdminArgs,
-        #[command(subcommand)]
-        cmd: cli::SigningKeysCmd,
-    },
-}
 
 /// Prints a CLI command's output, or its error on stderr with its exit code.
 fn finish(r: Result<String, cli::CliError>) -> anyhow::Result<()> {

@@ -23,6 +23,7 @@ pub struct WaitArgs {
 #[derive(Debug, Subcommand)]
 pub enum KeysCmd {
     /// Credentials across every service by lifecycle state.
+    #[command(after_help = "Example:\n  permiso keys list --status grace --used-since 1h")]
     List {
         /// Only "grace": rotated-out keys still working.
         #[arg(long, value_parser = ["grace"])]

@@ -3,12 +3,13 @@
 //! scripts get `--json` (the API's own JSON). Every failure the API can return maps to one exit
 //! code and a one-line message on stderr, so scripts can branch on it.
 
-use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::core::audit::{AuditEntry, Verifier};
 
+pub mod args;
 mod fleet;
+pub use args::{AdminArgs, AuditCmd, AuditFilter, ServicesCmd, SigningKeysCmd};
 pub use fleet::{keys, sidecars, KeysCmd, WaitArgs};
 
 /// Exit codes; 2 is clap's own for bad usage.
@@ -39,194 +40,6 @@ impl CliError {
             message: message.into(),
         }
     }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct AdminArgs {
-    /// Admin plane base URL (before or after the subcommand).
-    #[arg(
-        long,
-        env = "PERMISO_ADMIN_URL",
-        default_value = "http://127.0.0.1:8000",
-        global = true
-    )]
-    pub admin_url: String,
-    /// The admin key. Prefer the environment variable: arguments show in `ps`. (Optional
-    /// here so it may follow the subcommand; every command needs it.)
-    #[arg(long, env = "PERMISO_ADMIN_API_KEY", hide_env_values = true, global = true)]
-    pub admin_key: Option<String>,
-    /// PEM CA bundle the admin plane's certificate must chain to (https:// admin URLs).
-    /// Default: the system roots.
-    #[arg(long, env = "PERMISO_CA_FILE", global = true)]
-    pub ca_file: Option<std::path::PathBuf>,
-    /// Print the API's JSON instead of a table.
-    #[arg(long, global = true)]
-    pub json: bool,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ServicesCmd {
-    /// Register a service; prints its API key and client secret once.
-    Create {
-        #[arg(long)]
-        name: String,
-        /// "live" or "test".
-        #[arg(long, default_value = "live")]
-        environment: String,
-        /// A scope to grant (repeat for several).
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-        #[arg(long)]
-        rate_limit_per_minute: Option<u32>,
-        #[arg(long)]
-        rate_limit_per_hour: Option<u32>,
-        /// Where the limits are counted: "sidecar" (each sidecar alone, the default) or
-        /// "cluster" (one count shared by every sidecar with the Redis limiter).
-        #[arg(long, value_parser = ["sidecar", "cluster"])]
-        rate_limit_scope: Option<String>,
-        /// A CIDR the service may call from (repeat for several; none means anywhere).
-        #[arg(long = "allowed-ip")]
-        allowed_ips: Vec<String>,
-        #[arg(long)]
-        description: Option<String>,
-        #[arg(long)]
-        contact_email: Option<String>,
-        /// Routes marked `trusted = true` admit it.
-        #[arg(long)]
-        trusted: bool,
-        /// The first key and client secret stop working after this many seconds.
-        #[arg(long, conflicts_with = "expires_at")]
-        ttl_seconds: Option<u64>,
-        /// ... or at this time (RFC 3339).
-        #[arg(long)]
-        expires_at: Option<String>,
-    },
-    /// All services, in creation order.
-    List,
-    /// One service with its keys and client secrets.
-    Show { service_id: String },
-    /// Change some fields; the rest stay as they are.
-    Patch {
-        service_id: String,
-        /// Replaces the scopes (repeat for several).
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-        /// Removes every scope.
-        #[arg(long, conflicts_with = "scopes")]
-        clear_scopes: bool,
-        /// A number, or "none" for unlimited.
-        #[arg(long)]
-        rate_limit_per_minute: Option<String>,
-        /// A number, or "none" for unlimited.
-        #[arg(long)]
-        rate_limit_per_hour: Option<String>,
-        /// "sidecar" or "cluster".
-        #[arg(long, value_parser = ["sidecar", "cluster"])]
-        rate_limit_scope: Option<String>,
-        /// Replaces the allowed source ranges (repeat for several).
-        #[arg(long = "allowed-ip")]
-        allowed_ips: Vec<String>,
-        /// Allows every source address again.
-        #[arg(long, conflicts_with = "allowed_ips")]
-        any_ip: bool,
-        #[arg(long)]
-        description: Option<String>,
-        #[arg(long, conflicts_with = "disable")]
-        enable: bool,
-        #[arg(long)]
-        disable: bool,
-        /// "true" or "false": routes marked `trusted = true` admit it or not.
-        #[arg(long)]
-        trusted: Option<bool>,
-        #[command(flatten)]
-        wait: WaitArgs,
-    },
-    /// Issue a new API key (or client secret); the old ones work for the grace period.
-    Rotate {
-        service_id: String,
-        /// Seconds the old credentials keep working (default: the admin plane's, 7 days).
-        #[arg(long)]
-        grace_seconds: Option<u64>,
-        /// Rotate the OAuth2 client secret instead of the API key.
-        #[arg(long)]
-        secret: bool,
-        /// The new credential stops working after this many seconds.
-        #[arg(long, conflicts_with = "expires_at")]
-        ttl_seconds: Option<u64>,
-        /// ... or at this time (RFC 3339).
-        #[arg(long)]
-        expires_at: Option<String>,
-        #[command(flatten)]
-        wait: WaitArgs,
-    },
-    /// Revoke one API key at once.
-    Revoke {
-        service_id: String,
-        key_id: String,
-        #[command(flatten)]
-        wait: WaitArgs,
-    },
-    /// Set when one API key (`key_…`) or client secret (`sec_…`) stops working by itself.
-    Expire {
-        service_id: String,
-        key_id: String,
-        #[arg(long, conflicts_with_all = ["expires_at", "never"])]
-        ttl_seconds: Option<u64>,
-        /// RFC 3339.
-        #[arg(long, conflicts_with = "never")]
-        expires_at: Option<String>,
-        /// Remove its own expiry (a rotation's grace end still applies).
-        #[arg(long)]
-        never: bool,
-        #[command(flatten)]
-        wait: WaitArgs,
-    },
-    /// Disable the service: every key stops working; the record stays for the audit trail.
-    Delete { service_id: String },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum AuditCmd {
-    /// Check the whole hash chain from the first entry; prints the head to keep elsewhere.
-    Verify {
-        /// A head printed by an earlier verify ("SEQ:HASH"); fails unless it is still in the chain.
-        #[arg(long)]
-        expect_head: Option<String>,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct AuditFilter {
-    /// "admin-key", "service:<id>/<key_id>", "client:<id>", "unauthenticated" or "system".
-    #[arg(long)]
-    pub actor: Option<String>,
-    /// e.g. service.create, service.patch, service.disable, key.rotate, key.revoke,
-    /// secret.rotate, token.revoke, signing_key.rotate, auth.failed.
-    #[arg(long)]
-    pub action: Option<String>,
-    /// A service id or signing key id.
-    #[arg(long)]
-    pub target: Option<String>,
-    /// RFC 3339 (as every output prints times) or Unix seconds.
-    #[arg(long, value_parser = time_arg)]
-    pub since: Option<i64>,
-    /// RFC 3339 or Unix seconds.
-    #[arg(long, value_parser = time_arg)]
-    pub until: Option<i64>,
-    /// At most this many entries, oldest first.
-    #[arg(long, default_value_t = 100)]
-    pub limit: usize,
-    /// Start after this sequence number (the last SEQ of the previous listing).
-    #[arg(long, default_value_t = 0)]
-    pub after: u64,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SigningKeysCmd {
-    /// List keys: which signs, which are published.
-    List,
-    /// Publish a new key now; it signs after admin_plane.signing_key_publish_delay_seconds.
-    Rotate,
 }
 
 struct Api {
@@ -326,6 +139,24 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, CliError>>) -> Res
 }
 
 /// Left-aligned columns, two spaces apart.
+/// One-time secrets, set apart so they are not missed in a scrollback (and in bold yellow on
+/// a terminal): the API never shows them again.
+fn shown_once(lines: &[String]) -> String {
+    use std::io::IsTerminal;
+    let head = "=== SHOWN ONCE: copy now, it cannot be shown again ===";
+    let (on, off) = match std::io::stdout().is_terminal() {
+        true => ("\x1b[1;33m", "\x1b[0m"),
+        false => ("", ""),
+    };
+    let mut out = format!("{on}{head}{off}\n");
+    for l in lines {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out.push_str(&format!("{on}{}{off}\n", "=".repeat(head.len())));
+    out
+}
+
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
@@ -552,13 +383,23 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                     return Ok(pretty(&v));
                 }
                 Ok(format!(
-                    "{}{}\nAPI key ({}): {}\nClient secret ({}): {}\nThese are shown once; store them now.\n",
+                    "{}{}\n{}",
                     fleet::warnings(&v),
                     show_service(&v),
-                    text(&v["key_id"]),
-                    text(&v["api_key"]),
-                    text(&v["client_secret_id"]),
-                    text(&v["client_secret"]),
+                    shown_once(&[
+                        format!("API key ({}): {}", text(&v["key_id"]), text(&v["api_key"])),
+                        format!(
+                            "Client secret ({}): {}",
+                            text(&v["client_secret_id"]),
+                            text(&v["client_secret"])
+                        ),
+                        format!(
+                            "export KEY={} SID={} SECRET={}",
+                            text(&v["api_key"]),
+                            text(&v["service_id"]),
+                            text(&v["client_secret"])
+                        ),
+                    ]),
                 ))
             }
             ServicesCmd::List => {
@@ -690,10 +531,15 @@ pub fn services(args: &AdminArgs, cmd: &ServicesCmd) -> Result<String, CliError>
                     (&v["key_id"], &v["api_key"], &v["old_keys_expire_at"])
                 };
                 let out = format!(
-                    "New {} ({}): {}\nShown once; store it now. Old ones stop working at {}.\n",
+                    "New {} ({}): {}\n{}Old ones stop working at {}.\n",
                     if *secret { "client secret" } else { "API key" },
                     text(new_id),
                     text(new),
+                    shown_once(&[format!(
+                        "export {}={}",
+                        if *secret { "SECRET" } else { "KEY" },
+                        text(new)
+                    )]),
                     text(ends)
                 );
                 fleet::after_write(&api, wait, &v, "rotation", out).await
@@ -915,16 +761,6 @@ pub fn signing_keys(args: &AdminArgs, cmd: &SigningKeysCmd) -> Result<String, Cl
     })
 }
 
-/// `--since` / `--until`: RFC 3339 or Unix seconds.
-fn time_arg(s: &str) -> Result<i64, String> {
-    if let Ok(n) = s.parse::<i64>() {
-        return Ok(n);
-    }
-    chrono::DateTime::parse_from_rfc3339(s)
-        .map(|t| t.timestamp())
-        .map_err(|_| format!("{s:?} is neither RFC 3339 (2026-12-02T10:00:00Z) nor Unix seconds"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,14 +772,6 @@ mod tests {
             &[vec!["wide-cell".into(), "x".into()], vec!["b".into(), "y".into()]],
         );
         assert_eq!(t, "A          LONGER\nwide-cell  x\nb          y\n");
-    }
-
-    #[test]
-    fn times_are_rfc3339_or_unix_seconds() {
-        assert_eq!(time_arg("1800000000"), Ok(1_800_000_000));
-        assert_eq!(time_arg("2027-01-15T08:00:00Z"), Ok(1_800_000_000));
-        assert_eq!(time_arg("2027-01-15T09:00:00+01:00"), Ok(1_800_000_000));
-        assert!(time_arg("yesterday").is_err());
     }
 
     #[test]

@@ -252,6 +252,40 @@ fn a_throttled_address_gets_the_rate_limited_exit_code() {
 #[test]
 fn every_api_failure_has_its_exit_code_and_message() {
     let h = Harness::start_with(ROUTES);
+    // The table output sets the one-time secrets apart, with a paste-ready line.
+    let plain = ok(&permiso(
+        &h,
+        ADMIN_KEY,
+        &["services", "create", "--name", "pasted"],
+    ));
+    let export = plain
+        .lines()
+        .find(|l| l.starts_with("export KEY="))
+        .unwrap_or_else(|| panic!("{plain}"));
+    let vars: std::collections::HashMap<&str, &str> = export["export ".len()..]
+        .split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    assert!(plain.contains("=== SHOWN ONCE"), "{plain}");
+    assert!(
+        vars["KEY"].starts_with("svc_live_") && vars["SECRET"].starts_with("pcs_"),
+        "{export}"
+    );
+    let shown = json_of(&permiso(
+        &h,
+        ADMIN_KEY,
+        &["services", "--json", "show", vars["SID"]],
+    ));
+    assert_eq!(shown["service_name"], "pasted", "SID is the service's id");
+    assert!(
+        plain.contains(&format!(
+            "API key ({}): {}",
+            shown["keys"][0]["key_id"].as_str().unwrap(),
+            vars["KEY"]
+        )),
+        "{plain}"
+    );
+
     let a = json_of(&permiso(
         &h,
         ADMIN_KEY,
@@ -319,13 +353,14 @@ fn every_api_failure_has_its_exit_code_and_message() {
         permiso(&h, ADMIN_KEY, &["services", "rotate"]).status.code(),
         Some(2)
     );
-    // None of the refused commands wrote anything: only the harness's and "dup"'s creates.
+    // None of the refused commands wrote anything: only the harness's, "pasted"'s and "dup"'s
+    // creates.
     let audited = json_of(&permiso(
         &h,
         ADMIN_KEY,
         &["audit", "--json", "--action", "service.create"],
     ));
-    assert_eq!(audited["entries"].as_array().unwrap().len(), 2);
+    assert_eq!(audited["entries"].as_array().unwrap().len(), 3);
 }
 
 /// Issue 17's first-hour fixes in the CLI: a URL without a scheme is named, signing keys list
