@@ -137,6 +137,18 @@ fn main() -> anyhow::Result<()> {
         Command::Audit { admin, filter, cmd } => finish(cli::audit(&admin, &filter, cmd.as_ref())),
         Command::SigningKeys { admin, cmd } => finish(cli::signing_keys(&admin, &cmd)),
         Command::Sidecars { admin } => finish(cli::sidecars(&admin)),
+        Command::Openapi { out } => {
+            let doc = permiso::admin::openapi::document();
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))
+                }
+                None => {
+                    print!("{doc}");
+                    Ok(())
+                }
+            }
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             use std::io::Write;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin::auth::Admin;
 use crate::admin::error::ApiError;
+use crate::admin::openapi::ReadErrors;
 use crate::admin::storage::AuditQuery;
 use crate::admin::AppState;
 use crate::core::audit::AuditEntry;
@@ -14,27 +15,41 @@ use crate::core::audit::AuditEntry;
 pub const DEFAULT_LIMIT: u32 = 100;
 pub const MAX_LIMIT: u32 = 1000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditParams {
+    /// "admin-key", "service:<id>/<key_id>", "client:<id>", "unauthenticated" or "system".
     pub actor: Option<String>,
+    /// e.g. service.create, key.rotate, key.revoke, auth.failed.
     pub action: Option<String>,
+    /// A service id or signing key id.
     pub target: Option<String>,
     /// Unix seconds, inclusive.
     pub since: Option<i64>,
+    /// Unix seconds, inclusive.
     pub until: Option<i64>,
     /// Sequence number to continue after (the previous page's `next_after`).
     pub after: Option<u64>,
+    /// Entries per page, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditPage {
     pub entries: Vec<AuditEntry>,
     /// Pass as `after` for the next page; null on the last page.
     pub next_after: Option<u64>,
 }
 
+/// The audit log, oldest first, served exactly as hashed so a client can verify the chain.
+#[utoipa::path(
+    get, path = "/auth/admin/audit", tag = "audit",
+    params(AuditParams),
+    responses((status = 200, body = AuditPage), ReadErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn list(
     State(st): State<AppState>,
     Admin(_caller): Admin,

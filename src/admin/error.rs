@@ -5,6 +5,16 @@ use axum::response::{IntoResponse, Response};
 
 use crate::admin::storage::StoreError;
 
+/// The body of every refusal, on every plane (RFC 6749 §5.2's shape).
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A machine-readable code: `invalid_request`, `unauthorized`, `not_found`, `conflict`,
+    /// `rate_limited`, `invalid_client`, `invalid_scope`, …
+    pub error: String,
+    /// What went wrong and, where it helps, what to do about it.
+    pub error_description: String,
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -97,7 +107,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": self.code, "error_description": self.description });
+        let body = ErrorBody {
+            error: self.code.to_owned(),
+            error_description: self.description,
+        };
         let mut resp = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             let challenge = self.challenge.unwrap_or("Bearer realm=\"permiso-admin\"");

@@ -67,7 +67,8 @@ async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     })
 }
 
-/// A JSON body. With `OPTIONAL = true` an empty body without a content type yields `None`.
+/// A JSON body. With `OPTIONAL = true` an empty body without a content type, or `null`, yields
+/// `None`.
 pub struct JsonBody<T, const OPTIONAL: bool = false>(pub Option<T>);
 
 impl<T: DeserializeOwned, const OPTIONAL: bool> FromRequest<AppState> for JsonBody<T, OPTIONAL> {
@@ -85,6 +86,11 @@ impl<T: DeserializeOwned, const OPTIONAL: bool> FromRequest<AppState> for JsonBo
                 "unsupported_media_type",
                 "Content-Type must be application/json",
             ));
+        }
+        // An optional body may also be sent as JSON `null` (what a generated client sends for
+        // "no options").
+        if OPTIONAL && bytes.trim_ascii() == b"null" {
+            return Ok(JsonBody(None));
         }
         serde_json::from_slice::<T>(&bytes)
             .map(|v| JsonBody(Some(v)))

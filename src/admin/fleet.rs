@@ -205,7 +205,7 @@ pub async fn writer(st: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
 }
 
 /// One sidecar as listed.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SidecarView {
     pub instance_id: String,
     /// The key id it syncs with ("admin-key" for the admin key).
@@ -216,8 +216,11 @@ pub struct SidecarView {
     pub build: String,
     pub mode: String,
     /// "live", or "stale" when it has not polled for `sidecar_stale_after_seconds`.
+    #[schema(value_type = String, pattern = "^(live|stale)$")]
     pub status: &'static str,
+    #[schema(format = DateTime)]
     pub first_seen: String,
+    #[schema(format = DateTime)]
     pub last_seen: String,
     pub seconds_since_seen: i64,
     /// The version it holds; null before its first delta of this database.
@@ -310,7 +313,7 @@ async fn known(st: &AppState, reports: bool) -> Result<(u64, Vec<Known>), ApiErr
     Ok((current, out))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SidecarList {
     pub current_version: u64,
     pub live: usize,
@@ -319,6 +322,11 @@ pub struct SidecarList {
 }
 
 /// `GET /auth/admin/sidecars`.
+#[utoipa::path(
+    get, path = "/auth/admin/sidecars", tag = "fleet",
+    responses((status = 200, description = "Every sidecar seen, live or stale", body = SidecarList), crate::admin::openapi::ReadErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn list(State(st): State<AppState>, Admin(_): Admin) -> Result<Json<SidecarList>, ApiError> {
     let (current, known) = known(&st, true).await?;
     let live = known.iter().filter(|k| k.live).count();
@@ -330,7 +338,7 @@ pub async fn list(State(st): State<AppState>, Admin(_): Admin) -> Result<Json<Si
     }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Propagation {
     pub version: u64,
     pub current_version: u64,
@@ -347,6 +355,12 @@ pub struct Propagation {
 }
 
 /// `GET /auth/admin/changes/{version}`: which sidecars have applied that version.
+#[utoipa::path(
+    get, path = "/auth/admin/changes/{version}", tag = "fleet",
+    params(("version" = u64, Path, description = "A write's `version`")),
+    responses((status = 200, body = Propagation), crate::admin::openapi::ReadErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn change(
     State(st): State<AppState>,
     Admin(_): Admin,
@@ -385,13 +399,13 @@ pub async fn change(
     }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ScopeUse {
     pub scope: String,
     pub routes: Vec<ScopeRoute>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ScopeRoute {
     pub instance_id: String,
     pub upstream: String,
@@ -421,7 +435,7 @@ fn catalog(known: &[Known]) -> Vec<ScopeUse> {
         .collect()
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ScopeCatalog {
     /// Live sidecars the catalog is built from.
     pub sidecars: usize,
@@ -429,6 +443,11 @@ pub struct ScopeCatalog {
 }
 
 /// `GET /auth/admin/scopes`.
+#[utoipa::path(
+    get, path = "/auth/admin/scopes", tag = "fleet",
+    responses((status = 200, description = "Every scope the live sidecars' routes require", body = ScopeCatalog), crate::admin::openapi::ReadErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn scopes(State(st): State<AppState>, Admin(_): Admin) -> Result<Json<ScopeCatalog>, ApiError> {
     let (_, known) = known(&st, true).await?;
     Ok(Json(ScopeCatalog {

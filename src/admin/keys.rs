@@ -9,18 +9,21 @@ use serde::{Deserialize, Serialize};
 use crate::admin::auth::Admin;
 use crate::admin::error::ApiError;
 use crate::admin::model::rfc3339;
+use crate::admin::openapi::ReadErrors;
 use crate::admin::AppState;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct KeyListParams {
     /// Only "grace" for now: anything else is refused rather than ignored.
+    #[param(pattern = "^grace$")]
     pub status: String,
     /// RFC 3339, or a duration back from now: `90s`, `15m`, `1h`, `7d`.
     pub used_since: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct GraceKeyView {
     pub service_id: String,
     pub service_name: String,
@@ -29,12 +32,15 @@ pub struct GraceKeyView {
     pub kind: &'static str,
     pub prefix: String,
     pub status: &'static str,
+    #[schema(format = DateTime)]
     pub grace_ends_at: String,
+    #[schema(format = DateTime)]
     pub expires_at: String,
+    #[schema(format = DateTime)]
     pub last_used_at: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct KeyList {
     pub keys: Vec<GraceKeyView>,
 }
@@ -61,6 +67,13 @@ pub fn since(s: &str, now: i64) -> Result<i64, ApiError> {
     Ok(now - n * mult)
 }
 
+/// Credentials across every service by lifecycle state: rotated-out keys still working.
+#[utoipa::path(
+    get, path = "/auth/admin/keys", tag = "services",
+    params(KeyListParams),
+    responses((status = 200, body = KeyList), ReadErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn list(
     State(st): State<AppState>,
     Admin(_): Admin,

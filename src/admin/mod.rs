@@ -11,6 +11,7 @@ pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod oauth;
+pub mod openapi;
 pub mod services;
 pub mod signing;
 pub mod signing_keys;
@@ -136,10 +137,8 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(oauth::jwks))
         .route("/.well-known/oauth-authorization-server", get(oauth::metadata))
         .route("/v1/sync", get(sync::sync))
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi_json))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -157,7 +156,29 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Alive: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = openapi::Health)), security(()))]
+async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// The OpenAPI 3.1 document of this API (`openapi`), built once.
+async fn openapi_json() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(openapi::document).clone();
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], doc).into_response()
+}
+
 /// Ready when the database accepts a write transaction.
+#[utoipa::path(
+    get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, body = openapi::Ready),
+        (status = 503, description = "The database does not accept writes", body = openapi::Ready),
+    ),
+    security(())
+)]
 async fn readyz(axum::extract::State(st): axum::extract::State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     match st.store.check_writable().await {

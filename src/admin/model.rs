@@ -2,6 +2,7 @@
 //! store command. Validation completes before anything is written.
 
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::admin::error::ApiError;
 use crate::admin::storage::{KeyRecord, NewService, ServicePatch, ServiceRecord};
@@ -24,68 +25,95 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateService {
+    /// Unique (without regard to case); leading and trailing spaces are trimmed.
+    #[schema(min_length = 1, max_length = 100, example = "mt5-api")]
     pub service_name: String,
+    /// `resource:action` scopes (`trade:read`, `account:*`).
     #[serde(default)]
+    #[schema(example = json!(["trade:read", "account:read"]))]
     pub scopes: Vec<String>,
     #[serde(default)]
     pub environment: Option<Environment>,
+    #[schema(max_length = 1000)]
     pub description: Option<String>,
+    /// Routes marked `trusted = true` admit it.
     pub is_trusted: Option<bool>,
+    #[schema(minimum = 1, maximum = 10000000)]
     pub rate_limit_per_minute: Option<u32>,
+    #[schema(minimum = 1, maximum = 10000000)]
     pub rate_limit_per_hour: Option<u32>,
     /// `sidecar` (default): each sidecar counts alone; `cluster`: one count shared by every
     /// sidecar with the Redis limiter.
     pub rate_limit_scope: Option<LimitScope>,
+    /// CIDRs the service may call from (none: anywhere).
+    #[schema(max_items = 100, example = json!(["10.0.0.0/8"]))]
     pub allowed_ips: Option<Vec<String>>,
     pub contact_email: Option<String>,
     /// Seconds; default 3600, 60..=86400.
+    #[schema(minimum = 60, maximum = 86400)]
     pub access_token_lifetime: Option<u32>,
     /// Client-certificate identities (`spiffe://…` URI SANs, `dns:<name>` DNS SANs).
     pub tls_identities: Option<Vec<String>>,
     /// When the first API key and client secret stop working (RFC 3339); or `ttl_seconds`.
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
+    #[schema(minimum = 1, maximum = 315360000)]
     pub ttl_seconds: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Only the fields present change; `null` clears a limit, the description or the contact.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchService {
     pub scopes: Option<Vec<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10000000)]
     pub rate_limit_per_minute: Option<Option<u32>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10000000)]
     pub rate_limit_per_hour: Option<Option<u32>>,
     pub rate_limit_scope: Option<LimitScope>,
+    #[schema(max_items = 100)]
     pub allowed_ips: Option<Vec<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 1000)]
     pub description: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
     pub contact_email: Option<Option<String>>,
     pub is_trusted: Option<bool>,
     pub disabled: Option<bool>,
+    #[schema(minimum = 60, maximum = 86400)]
     pub access_token_lifetime: Option<u32>,
     pub tls_identities: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Body of a rotation (optional: an empty body takes the defaults).
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rotate {
+    /// Seconds the old credentials keep working (default: `admin_plane.rotation_grace_seconds`,
+    /// 7 days).
     pub grace_seconds: Option<u64>,
     /// When the new credential stops working (RFC 3339); or `ttl_seconds`.
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
+    #[schema(minimum = 1, maximum = 315360000)]
     pub ttl_seconds: Option<u64>,
 }
 
 /// `PATCH /auth/admin/services/{id}/keys/{key_id}`: a credential's own expiry. Exactly one
 /// of `expires_at` (RFC 3339, or null to remove it) and `ttl_seconds`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchKey {
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Option<String>>,
+    #[schema(minimum = 1, maximum = 315360000)]
     pub ttl_seconds: Option<u64>,
 }
 
@@ -127,7 +155,7 @@ pub fn expiry(expires_at: Option<&str>, ttl_seconds: Option<u64>, now: i64) -> R
 
 /// A write's answer: its body, the sync `version` it created (to check with
 /// `GET /auth/admin/changes/{version}` that every sidecar has it) and any warnings.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Written<T: Serialize> {
     #[serde(flatten)]
     pub body: T,
@@ -335,15 +363,23 @@ pub fn rfc3339(secs: i64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct KeyView {
     pub key_id: String,
+    /// The first characters of the key, to recognise it (never enough to use it).
     pub prefix: String,
     /// active | grace | expired | revoked
+    #[schema(value_type = String, pattern = "^(active|grace|expired|revoked)$")]
     pub status: &'static str,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    /// When it stops working: the earlier of its own expiry and a rotation's grace end.
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
+    #[schema(format = DateTime)]
     pub revoked_at: Option<String>,
+    /// Last use reported by a sidecar (minute precision).
+    #[schema(format = DateTime)]
     pub last_used_at: Option<String>,
 }
 
@@ -367,7 +403,7 @@ impl KeyView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ServiceView {
     pub service_id: String,
     pub service_name: String,
@@ -385,7 +421,9 @@ pub struct ServiceView {
     /// The OAuth2 client id: the service id.
     pub client_id: String,
     pub access_token_lifetime: u32,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub updated_at: String,
     pub keys: Vec<KeyView>,
     pub client_secrets: Vec<KeyView>,
@@ -418,7 +456,7 @@ impl ServiceView {
 }
 
 /// 201 body of a create: the service plus its first key and client secret, shown this once.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Created {
     #[serde(flatten)]
     pub service: ServiceView,
@@ -428,55 +466,72 @@ pub struct Created {
     pub client_secret_id: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EndedKey {
     pub key_id: String,
+    #[schema(format = DateTime)]
     pub expires_at: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Rotated {
     pub service_id: String,
     pub api_key: String,
     pub key_id: String,
     /// The new key's own expiry, when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
     /// When the previously active keys stop working (the latest of them).
+    #[schema(format = DateTime)]
     pub old_keys_expire_at: Option<String>,
     pub old_keys: Vec<EndedKey>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SecretRotated {
     pub service_id: String,
     pub client_id: String,
     pub client_secret: String,
     pub client_secret_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
+    #[schema(format = DateTime)]
     pub old_secrets_expire_at: Option<String>,
     pub old_secrets: Vec<EndedKey>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Page {
     pub services: Vec<ServiceView>,
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Services per page, 1..=200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
+    /// The previous page's `next_cursor`.
     pub cursor: Option<String>,
+    /// Only services whose id is this, or whose name holds it (ASCII letters compared
+    /// without case).
+    #[param(max_length = 200)]
+    pub search: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct SyncParams {
+    /// The version the sidecar holds: answer with the changes since (a delta).
     pub after: Option<u64>,
+    /// The epoch of the version in `after`; another epoch gets a full snapshot.
     pub epoch: Option<String>,
+    /// Seconds to hold the request open until something changes (long poll).
     pub wait: Option<u64>,
 }
 

@@ -370,7 +370,17 @@ async fn issue(
     Ok(resp)
 }
 
-/// `POST /oauth/token`.
+/// `POST /oauth/token`: the client credentials grant (RFC 6749 §4.4).
+#[utoipa::path(
+    post, path = "/oauth/token", tag = "oauth",
+    request_body(content = crate::admin::openapi::TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, body = crate::admin::openapi::TokenResponse,
+         headers(("Cache-Control" = String, description = "no-store"))),
+        crate::admin::openapi::OAuthErrors
+    ),
+    security((), ("client_basic" = []))
+)]
 pub async fn token(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -383,6 +393,16 @@ pub async fn token(
 
 /// `POST /auth/service-token`: the same grant for clients written against the seed documents,
 /// where `grant_type` may be omitted.
+#[utoipa::path(
+    post, path = "/auth/service-token", tag = "oauth",
+    request_body(content = crate::admin::openapi::TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, body = crate::admin::openapi::TokenResponse,
+         headers(("Cache-Control" = String, description = "no-store"))),
+        crate::admin::openapi::OAuthErrors
+    ),
+    security((), ("client_basic" = []))
+)]
 pub async fn service_token(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -393,7 +413,12 @@ pub async fn service_token(
     issue(st, peer, cert.map(|c| c.0), headers, form, false).await
 }
 
-/// `GET /.well-known/jwks.json`.
+/// `GET /.well-known/jwks.json`: every published token-verification key.
+#[utoipa::path(
+    get, path = "/.well-known/jwks.json", tag = "oauth",
+    responses((status = 200, body = crate::admin::openapi::Jwks)),
+    security(())
+)]
 pub async fn jwks(State(st): State<AppState>) -> Response {
     let now = st.clock.now_secs();
     let keys: Vec<Value> = st
@@ -414,7 +439,12 @@ pub async fn jwks(State(st): State<AppState>) -> Response {
     resp
 }
 
-/// `GET /.well-known/oauth-authorization-server`.
+/// `GET /.well-known/oauth-authorization-server` (RFC 8414).
+#[utoipa::path(
+    get, path = "/.well-known/oauth-authorization-server", tag = "oauth",
+    responses((status = 200, body = crate::admin::openapi::ServerMetadata)),
+    security(())
+)]
 pub async fn metadata(State(st): State<AppState>) -> Json<Value> {
     let iss = &st.issuer;
     let methods = ["client_secret_basic", "client_secret_post"];
@@ -542,6 +572,12 @@ fn inactive() -> Json<Value> {
 }
 
 /// `POST /oauth/introspect` (RFC 7662).
+#[utoipa::path(
+    post, path = "/oauth/introspect", tag = "oauth",
+    request_body(content = crate::admin::openapi::TokenParam, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = crate::admin::openapi::Introspection), crate::admin::openapi::OAuthErrors),
+    security(("admin_key" = []), ("service_key" = []), ("client_basic" = []))
+)]
 pub async fn introspect(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -603,6 +639,12 @@ pub async fn introspect(
 /// `POST /oauth/revoke` (RFC 7009). A client may revoke its own tokens and keys; the admin key
 /// any. Unknown, invalid or someone else's tokens get the same 200, so the endpoint cannot be
 /// used to probe tokens.
+#[utoipa::path(
+    post, path = "/oauth/revoke", tag = "oauth",
+    request_body(content = crate::admin::openapi::TokenParam, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, description = "Revoked, or nothing to revoke (the same answer)"), crate::admin::openapi::OAuthErrors),
+    security(("admin_key" = []), ("service_key" = []), ("client_basic" = []))
+)]
 pub async fn revoke(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

@@ -8,6 +8,7 @@ use crate::admin::auth::Admin;
 use crate::admin::error::ApiError;
 use crate::admin::extract::JsonBody;
 use crate::admin::model::*;
+use crate::admin::openapi::{ReadErrors, WriteErrors};
 use crate::admin::storage::{CredentialKind, StoredKey};
 use crate::admin::AppState;
 use crate::core::ids::{self, KEY_ID_PREFIX, SERVICE_ID_PREFIX};
@@ -21,6 +22,13 @@ fn service_id(id: String) -> Result<String, ApiError> {
     }
 }
 
+/// Register a service: its first API key and client secret are in the answer, once.
+#[utoipa::path(
+    post, path = "/auth/admin/services", tag = "services",
+    request_body = CreateService,
+    responses((status = 201, description = "Created; `api_key` and `client_secret` are shown this once", body = Written<Created>), WriteErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn create(
     State(st): State<AppState>,
     Admin(actor): Admin,
@@ -72,6 +80,13 @@ pub async fn create(
     ))
 }
 
+/// A page of services in creation order, optionally searched.
+#[utoipa::path(
+    get, path = "/auth/admin/services", tag = "services",
+    params(ListParams),
+    responses((status = 200, description = "A page; `next_cursor` continues it", body = Page), ReadErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn list(
     State(st): State<AppState>,
     Admin(_): Admin,
@@ -87,10 +102,18 @@ pub async fn list(
             return Err(ApiError::bad_request("cursor is not a service id"));
         }
     }
+    let search = q.search.as_deref().filter(|s| !s.is_empty());
+    if let Some(s) = search {
+        if s.chars().count() > 200 || s.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(
+                "search must be at most 200 characters, without control characters",
+            ));
+        }
+    }
     let now = st.clock.now_secs();
     let cursor = q.cursor.clone();
     let (recs, more) = st
-        .db(st.store.list_services(limit, cursor.as_deref()))
+        .db(st.store.list_services(limit, cursor.as_deref(), search))
         .await
         .map_err(|e| {
             if e.code == "not_found" {
@@ -110,6 +133,13 @@ pub async fn list(
     }))
 }
 
+/// One service with its keys and client secrets.
+#[utoipa::path(
+    get, path = "/auth/admin/services/{id}", tag = "services",
+    params(("id" = String, Path, description = "The service's id")),
+    responses((status = 200, body = ServiceView), ReadErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn show(
     State(st): State<AppState>,
     Admin(_): Admin,
@@ -121,6 +151,14 @@ pub async fn show(
     Ok(Json(ServiceView::of(rec, now)))
 }
 
+/// Change some fields of a service; the rest stay.
+#[utoipa::path(
+    patch, path = "/auth/admin/services/{id}", tag = "services",
+    params(("id" = String, Path, description = "The service's id")),
+    request_body = PatchService,
+    responses((status = 200, description = "The service as it is now", body = Written<ServiceView>), WriteErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn patch(
     State(st): State<AppState>,
     Admin(actor): Admin,
@@ -151,6 +189,13 @@ pub async fn patch(
 }
 
 /// Disables the service: every key stops working. The record stays for the audit trail.
+/// Disable a service: its keys and tokens stop working; the record stays.
+#[utoipa::path(
+    delete, path = "/auth/admin/services/{id}", tag = "services",
+    params(("id" = String, Path, description = "The service's id")),
+    responses((status = 200, description = "The disabled service", body = Written<ServiceView>), WriteErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn disable(
     State(st): State<AppState>,
     Admin(actor): Admin,
@@ -234,6 +279,14 @@ fn ended(rotation: &crate::admin::storage::Rotation) -> (Option<String>, Vec<End
     )
 }
 
+/// Issue a new API key; the active ones keep working for the grace period.
+#[utoipa::path(
+    post, path = "/auth/admin/services/{id}/rotate", tag = "services",
+    params(("id" = String, Path, description = "The service's id")),
+    request_body(content = Option<Rotate>, description = "Optional; an empty body takes the defaults"),
+    responses((status = 200, description = "The new key, shown this once", body = Written<Rotated>), WriteErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn rotate(
     State(st): State<AppState>,
     Admin(actor): Admin,
@@ -263,6 +316,14 @@ pub async fn rotate(
     Ok(Json(Written::new(rotated, version)))
 }
 
+/// Issue a new OAuth2 client secret; the active ones keep working for the grace period.
+#[utoipa::path(
+    post, path = "/auth/admin/services/{id}/secret/rotate", tag = "services",
+    params(("id" = String, Path, description = "The service's id")),
+    request_body(content = Option<Rotate>, description = "Optional; an empty body takes the defaults"),
+    responses((status = 200, description = "The new secret, shown this once", body = Written<SecretRotated>), WriteErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn rotate_secret(
     State(st): State<AppState>,
     Admin(actor): Admin,
@@ -293,6 +354,16 @@ pub async fn rotate_secret(
     Ok(Json(Written::new(rotated, version)))
 }
 
+/// Revoke one API key at once.
+#[utoipa::path(
+    post, path = "/auth/admin/services/{id}/keys/{key_id}/revoke", tag = "services",
+    params(
+        ("id" = String, Path, description = "The service's id"),
+        ("key_id" = String, Path, description = "The key's id (`key_…`)"),
+    ),
+    responses((status = 200, description = "The revoked key (revoking a revoked key changes nothing)", body = Written<KeyView>), WriteErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn revoke(
     State(st): State<AppState>,
     Admin(actor): Admin,
@@ -317,6 +388,17 @@ pub async fn revoke(
 /// `PATCH /auth/admin/services/{id}/keys/{key_id}`: sets (or removes, with null) the own
 /// expiry of an API key (`key_…`) or client secret (`sec_…`). The sidecars judge it by their
 /// own clocks, so it holds while the admin plane is down.
+/// Set or remove when one API key or client secret stops working by itself.
+#[utoipa::path(
+    patch, path = "/auth/admin/services/{id}/keys/{key_id}", tag = "services",
+    params(
+        ("id" = String, Path, description = "The service's id"),
+        ("key_id" = String, Path, description = "The key's (`key_…`) or client secret's (`sec_…`) id"),
+    ),
+    request_body = PatchKey,
+    responses((status = 200, body = Written<KeyView>), WriteErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn patch_key(
     State(st): State<AppState>,
     Admin(actor): Admin,

@@ -36,11 +36,22 @@ fn describe(ring: &KeyRing, now: i64) -> Value {
     json!({ "signing_kid": signing, "published_kids": published, "keys": keys })
 }
 
+/// The access-token signing keys: which signs, which are published.
+#[utoipa::path(
+    get, path = "/auth/admin/signing-keys", tag = "oauth",
+    responses((status = 200, body = crate::admin::openapi::SigningKeys), crate::admin::openapi::ReadErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn list(State(st): State<AppState>, Admin(_): Admin) -> Json<Value> {
     Json(describe(&st.keyring.load(), st.clock.now_secs()))
 }
 
 /// Adds a key that is published now and signs after `signing_key_publish_delay_seconds`.
+#[utoipa::path(
+    post, path = "/auth/admin/signing-keys/rotate", tag = "oauth",
+    responses((status = 200, body = crate::admin::openapi::SigningKeys), crate::admin::openapi::WriteErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn rotate(State(st): State<AppState>, Admin(actor): Admin) -> Result<Json<Value>, ApiError> {
     let now = st.clock.now_secs();
     let activates_at = now + st.cfg.signing_key_publish_delay.as_secs() as i64;

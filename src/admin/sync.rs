@@ -89,6 +89,17 @@ async fn build(
     Ok((payload.version, Bytes::from(body)))
 }
 
+/// What a sidecar pulls: a full snapshot, or the changes since `after`, waiting up to `wait`
+/// seconds for one (long poll).
+#[utoipa::path(
+    get, path = "/v1/sync", tag = "sync",
+    params(
+        SyncParams,
+        ("permiso-sidecar" = Option<String>, Header, description = "The sidecar's report (compact JSON of its instance id, build, upstream and routes)"),
+    ),
+    responses((status = 200, body = crate::core::sync::SyncPayload), crate::admin::openapi::ReadErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn sync(
     State(st): State<AppState>,
     SyncReader(actor): SyncReader,

@@ -17,13 +17,13 @@ const MAX_MARKS: usize = 1000;
 /// How far ahead of ours a sidecar's clock may be; later marks are refused whole.
 pub const MAX_CLOCK_SKEW_SECS: i64 = 60;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UsageReport {
     pub keys: Vec<UsageMark>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UsageMark {
     pub key_id: String,
@@ -31,6 +31,13 @@ pub struct UsageMark {
     pub last_used_at: i64,
 }
 
+/// A sidecar's report of when keys were last used (moves `last_used_at` forward only).
+#[utoipa::path(
+    post, path = "/v1/usage", tag = "sync",
+    request_body = UsageReport,
+    responses((status = 200, body = crate::admin::openapi::UsageRecorded), crate::admin::openapi::WriteErrors),
+    security(("admin_key" = []), ("service_key" = []))
+)]
 pub async fn report(
     State(st): State<AppState>,
     SyncReader(caller): SyncReader,

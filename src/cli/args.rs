@@ -120,6 +120,13 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print the admin API's OpenAPI 3.1 document (the one served at /openapi.json).
+    #[command(after_help = "Example:\n  permiso openapi --out docs/openapi.json")]
+    Openapi {
+        /// Write it to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Manage the access-token signing keys through the admin API.
     #[command(after_help = "Example:\n  permiso signing-keys list\n  permiso signing-keys rotate")]
     SigningKeys {

@@ -104,14 +104,49 @@ async fn conformance(s: SharedStorage) {
     ));
 
     // Pages in creation order, with a cursor.
-    let (page, more) = s.list_services(1, None).await.unwrap();
+    let (page, more) = s.list_services(1, None, None).await.unwrap();
     assert_eq!((page[0].id.as_str(), more), (a.as_str(), true));
-    let (page, more) = s.list_services(5, Some(&a)).await.unwrap();
+    let (page, more) = s.list_services(5, Some(&a), None).await.unwrap();
     assert_eq!((page.len(), page[0].id.as_str(), more), (1, b.as_str(), false));
     assert!(matches!(
-        s.list_services(5, Some("svc_nope")).await,
+        s.list_services(5, Some("svc_nope"), None).await,
         Err(StoreError::NotFound)
     ));
+    // Search: a part of the name without regard to ASCII case, or the exact id; paged alike.
+    let names = |r: StoreResult<(Vec<ServiceRecord>, bool)>| {
+        let (page, more) = r.unwrap();
+        (page.into_iter().map(|s| s.name).collect::<Vec<_>>(), more)
+    };
+    assert_eq!(
+        names(s.list_services(5, None, Some("LPH")).await),
+        (vec!["alpha".to_string()], false)
+    );
+    assert_eq!(
+        names(s.list_services(5, None, Some(&b)).await),
+        (vec!["beta".to_string()], false)
+    );
+    assert_eq!(
+        names(s.list_services(5, None, Some("a")).await),
+        (vec!["alpha".to_string(), "beta".to_string()], false)
+    );
+    assert_eq!(
+        names(s.list_services(1, None, Some("a")).await),
+        (vec!["alpha".to_string()], true)
+    );
+    assert_eq!(
+        names(s.list_services(5, Some(&a), Some("a")).await),
+        (vec!["beta".to_string()], false)
+    );
+    assert_eq!(
+        names(s.list_services(5, None, Some("%")).await),
+        (vec![], false),
+        "no pattern characters"
+    );
+    assert_eq!(
+        names(s.list_services(5, None, Some(&b[..b.len() - 1])).await),
+        (vec![], false),
+        "ids match whole"
+    );
 
     // Key lookups, usage marks only forward.
     let hash = key::parse(&a_key).unwrap().hash();

@@ -13,6 +13,7 @@ pub const GENESIS: [u8; 32] = [0; 32];
 
 /// One entry as stored and served. `change` is a JSON object: what the action changed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     pub seq: u64,
     /// Unix seconds.

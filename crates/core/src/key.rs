@@ -28,6 +28,7 @@ const DISPLAY_BODY_CHARS: usize = 4;
 const CHECKSUM_CONTEXT: &str = "permiso 2026-11 api key checksum v1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {
     Live,

@@ -41,6 +41,7 @@ impl Window {
 /// Where a service's limits are counted, set per service on the admin plane (not to be
 /// confused with `scope::Scope`, what a caller may do).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum LimitScope {
     /// Each sidecar counts alone (n replicas admit up to n times the limit).

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::key::Environment;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SyncPayload {
     /// Identifies the admin plane's database; versions are only comparable within one epoch.
@@ -41,6 +42,7 @@ pub const SIDECAR_HEADER: &str = "permiso-sidecar";
 /// Who a sidecar is, as it tells the admin plane on every sync request: the fleet view,
 /// propagation checks and the scope catalog are built from these.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SidecarReport {
     /// Generated once, kept in the snapshot file.
@@ -60,6 +62,7 @@ pub struct SidecarReport {
 
 /// One protected route as reported (public routes are left out: they require nothing).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RouteReport {
     pub prefix: String,
@@ -126,6 +129,7 @@ pub const MAX_REPORTED_ROUTES: usize = 256;
 
 /// An Ed25519 verification key, as in its JWK.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SyncSigningKey {
     pub kid: String,
@@ -134,6 +138,7 @@ pub struct SyncSigningKey {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SyncRevokedToken {
     pub jti: String,
@@ -143,6 +148,7 @@ pub struct SyncRevokedToken {
 
 /// One service with its whole policy and every key that may still authenticate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SyncService {
     pub service_id: String,
@@ -179,6 +185,7 @@ fn is_zero(v: &i64) -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SyncKey {
     pub key_id: String,

@@ -27,7 +27,8 @@
  *   audit        #audit-actor, #audit-action, #audit-target, #audit-since, #audit-until,
  *                #audit-limit, #audit-apply, #audit-reset, tr.audit-row[data-seq][data-action]
  *                (tr.chain-broken on a failed entry), #audit-prev, #audit-next, #verify-chain,
- *                #expect-head, #chain-status[data-state=idle|running|ok|broken|error], #show-broken
+ *                #expect-head, #chain-status[data-state=idle|running|ok|broken|error], #chain-head,
+ *                #copy-head, #show-broken
  *   fleet        #fleet-summary, #propagation[data-complete], tr.sidecar-row[data-instance-id]
  *                [data-status], #fleet-empty, #fleet-refresh, #change-version, #change-check,
  *                #change-result
@@ -180,9 +181,9 @@ function makeVerifier() {
     push(e) {
       if (e.seq !== next) return { seq: e.seq, what: 'sequence gap', expected: `seq ${next}`, got: `seq ${e.seq}` };
       const link = String(e.prev_hash).toLowerCase();
-      if (link !== prev) return { seq: e.seq, what: 'prev_hash does not link to the previous entry', expected: prev, got: link };
+      if (link !== prev) return { seq: e.seq, what: 'its prev_hash is not the previous entry\'s hash (expected: previous hash; got: its prev_hash)', expected: prev, got: link };
       const h = auditEntryHash(prev, e), got = String(e.hash).toLowerCase();
-      if (h !== got) return { seq: e.seq, what: 'hash does not match the entry', expected: h, got };
+      if (h !== got) return { seq: e.seq, what: 'its fields do not hash to its stored hash (expected: recomputed here; got: stored)', expected: h, got };
       prev = h; next += 1;
       return null;
     },
@@ -216,13 +217,13 @@ function toDate(v) {
   const d = typeof v === 'number' ? new Date(v * 1000) : new Date(v);
   return Number.isNaN(d.getTime()) ? null : d;
 }
-const fmtTime = (v) => { const d = toDate(v); return d ? d.toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' UTC') : (v == null ? '—' : String(v)); };
+const fmtTime = (v) => { const d = toDate(v); return d ? d.toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z') : (v == null ? '—' : String(v)); };
 function ago(v) {
   const d = toDate(v);
   if (!d) return '';
   let s = Math.round((Date.now() - d.getTime()) / 1000);
   const future = s < 0; s = Math.abs(s);
-  const t = s < 60 ? `${s}s` : s < 3600 ? `${Math.floor(s / 60)}m` : s < 86400 ? `${Math.floor(s / 3600)}h` : `${Math.floor(s / 86400)}d`;
+  const t = s < 60 ? `${s}s` : s < 3600 ? `${Math.round(s / 60)}m` : s < 86400 ? `${Math.round(s / 3600)}h` : `${Math.round(s / 86400)}d`;
   return future ? `in ${t}` : `${t} ago`;
 }
 const timeCell = (v) => h('td', { class: 'time' }, v == null ? h('span', { class: 'muted' }, '—')
@@ -355,6 +356,7 @@ function viewLogin(view) {
     ev.preventDefault();
     const key = input.value.trim();
     if (!key) return fail('Type the admin key.');
+    if (/[^\x21-\x7e]/.test(key)) return fail('The admin key holds a character an HTTP header cannot carry (spaces or non-ASCII): check what was pasted.');
     btn.disabled = true; btn.textContent = 'Checking…';
     try {
       await api('GET', '/auth/admin/services?limit=1', undefined, { key, login: true });
@@ -404,6 +406,7 @@ function viewServices(view, gen) {
     const q = new URLSearchParams({ limit: String(L.limit) });
     if (L.cursor) q.set('cursor', L.cursor);
     if (L.search) q.set('search', L.search);
+    prev.disabled = next.disabled = true;
     tbody.replaceChildren(h('tr', {}, h('td', { colspan: 6, class: 'muted' }, 'Loading…')));
     const page = await api('GET', `/auth/admin/services?${q}`);
     if (my !== seq || gen !== S.gen) return;
@@ -619,7 +622,7 @@ function viewService(view, gen, id) {
   function render(svc, graceEnds) {
     head.replaceChildren(h('h1', {}, svc.service_name, ' ', badge(svc.environment, `env-${svc.environment}`), ' ',
       svc.disabled ? badge('disabled', 'status-revoked') : badge('enabled', 'status-active'), svc.is_trusted ? badge('trusted', 'badge-trusted') : null));
-    const dl = [['Service id / client id', h('code', {}, svc.service_id)], ['Description', svc.description || '—'], ['Contact', svc.contact_email || '—'],
+    const dl = [['Service id / client id', h('code', {}, svc.service_id)], ['Description', h('span', { class: 'prewrap' }, svc.description || '—')], ['Contact', svc.contact_email || '—'],
       ['Scopes', chips(svc.scopes)], ['Rate limits', `${svc.rate_limit_per_minute ?? '∞'} / min, ${svc.rate_limit_per_hour ?? '∞'} / hour (counted per ${svc.rate_limit_scope})`],
       ['Allowed IPs', svc.allowed_ips.length ? chips(svc.allowed_ips) : 'any address'], ['TLS identities', chips(svc.tls_identities)],
       ['Access token lifetime', `${svc.access_token_lifetime} s`], ['Created', fmtTime(svc.created_at)], ['Updated', `${fmtTime(svc.updated_at)} (${ago(svc.updated_at)})`]];
@@ -638,15 +641,16 @@ function viewService(view, gen, id) {
           const r = await api('DELETE', base); writeStatus(status, 'Service disabled', r); await load();
         }) }, 'Disable service');
 
-    body.replaceChildren(
+    body.replaceChildren(...[
       h('div', { class: 'card' }, h('dl', { class: 'fields' }, dl.map(([k, v]) => [h('dt', {}, k), h('dd', { class: 'chips' }, v)]))),
       h('div', { class: 'card actions-card' }, h('h2', {}, 'Credentials'),
         h('div', { class: 'toolbar' }, h('label', { for: 'rotate-grace' }, 'Old credential keeps working for'), grace, rk, rs, h('span', { class: 'spacer' }), toggle)),
+      svc.disabled ? h('p', { class: 'notice warn' }, 'This service is disabled: none of its keys or client secrets works, whatever the status below says.') : null,
       inUse ? h('p', { class: 'notice warn' }, `${inUse} rotated-out credential(s) are still being used: move those callers to the new key before the grace window ends.`) : null,
       h('h2', {}, 'API keys'), keyTable('key', svc.keys, graceEnds),
       h('h2', {}, 'Client secrets'), keyTable('secret', svc.client_secrets, graceEnds),
       h('p', { class: 'muted small' }, 'A client secret ends by rotating it (grace “none” ends the old one now); the API revokes API keys one by one.'),
-      patchForm(svc));
+      patchForm(svc)].filter(Boolean));
   }
 
   function patchForm(svc) {
@@ -658,7 +662,7 @@ function viewService(view, gen, id) {
     };
     const err = h('p', { id: 'patch-error', class: 'form-error', role: 'alert', hidden: true });
     const submit = h('button', { id: 'patch-submit', type: 'submit', class: 'primary' }, 'Save changes');
-    const field = (label, el, help) => h('div', { class: 'field' }, h('label', { for: el.id }, label), el, help ? h('small', { class: 'muted' }, help) : null);
+    const field = (label, el, help, wide) => h('div', { class: `field${wide ? ' wide' : ''}` }, h('label', { for: el.id }, label), el, help ? h('small', { class: 'muted' }, help) : null);
     return h('form', { id: 'patch-form', class: 'card form-grid', novalidate: true, onsubmit: (ev) => {
       ev.preventDefault();
       err.hidden = true;
@@ -679,7 +683,7 @@ function viewService(view, gen, id) {
       });
     } },
     h('h2', { class: 'span' }, 'Change settings'),
-    field('Scopes', f.scopes, 'Space or comma separated'), field('Allowed IPs / CIDRs', f.ips, 'Empty: any address'),
+    field('Scopes', f.scopes, 'Space or comma separated', true), field('Allowed IPs / CIDRs', f.ips, 'Space or comma separated; empty: any address', true),
     field('Requests per minute', f.rpm, 'Empty: no limit'), field('Requests per hour', f.rph, 'Empty: no limit'),
     err, h('div', { class: 'actions' }, submit));
   }
@@ -707,7 +711,7 @@ function viewAudit(view, gen) {
     target: h('input', { id: 'audit-target', value: A.filters.target || '', placeholder: 'srv_…, key_…', autocomplete: 'off' }),
     since: h('input', { id: 'audit-since', type: 'datetime-local', value: unixToLocal(A.filters.since) }),
     until: h('input', { id: 'audit-until', type: 'datetime-local', value: unixToLocal(A.filters.until) }),
-    limit: h('select', { id: 'audit-limit' }, [50, 100, 500, 1000].map((n) => h('option', { value: n, selected: n === A.limit }, `${n} per page`))),
+    limit: h('select', { id: 'audit-limit' }, [25, 50, 100, 500, 1000].map((n) => h('option', { value: n, selected: n === A.limit }, `${n} per page`))),
   };
   const tbody = h('tbody');
   const prev = h('button', { id: 'audit-prev', type: 'button' }, '← Previous');
@@ -756,7 +760,8 @@ function viewAudit(view, gen) {
       return h('tr', { class: `audit-row${e.seq === broken ? ' chain-broken' : ''}${e.action === 'auth.failed' ? ' failed' : ''}`, 'data-seq': e.seq, 'data-action': e.action },
         h('td', { class: 'num' }, String(e.seq)), timeCell(e.at), h('td', {}, h('code', {}, e.actor)), h('td', {}, badge(e.action, 'action')),
         h('td', {}, e.target ? h('code', {}, e.target) : '—'), h('td', {}, e.source_ip || '—'),
-        h('td', { class: 'change' }, h('code', { title: change }, change.length > 240 ? change.slice(0, 240) + '…' : change)),
+        h('td', { class: 'change' }, change.length <= 120 ? h('code', {}, change)
+          : h('details', {}, h('summary', {}, h('code', {}, change.slice(0, 100) + '…')), h('pre', {}, JSON.stringify(e.change, null, 2)))),
         h('td', {}, h('code', { title: `${e.hash}\nprev ${e.prev_hash}` }, String(e.hash).slice(0, 12) + '…')));
     });
     tbody.replaceChildren(...(rows.length ? rows : [h('tr', {}, h('td', { colspan: 8, class: 'empty' }, 'No entry matches.'))]));
@@ -885,6 +890,8 @@ function start() {
   // A click on the current page's link reloads it (no hashchange fires).
   for (const a of document.querySelectorAll('#nav a')) a.addEventListener('click', (ev) => { if (a.getAttribute('href') === location.hash) { ev.preventDefault(); route(); } });
   window.addEventListener('hashchange', route);
+  // Leaving the page (or entering the back/forward cache) drops any secret still shown.
+  window.addEventListener('pagehide', () => { for (const el of document.querySelectorAll('#one-time')) el.remove(); });
   route();
 }
 

@@ -307,9 +307,15 @@ pub trait ServiceStore: Send + Sync {
     /// Many services with their keys in one transaction (load tests and benchmarks).
     async fn bulk_create(&self, services: &[BulkService], now: i64, who: &Audit) -> StoreResult<u64>;
     async fn get_service(&self, id: &str) -> StoreResult<ServiceRecord>;
-    /// A page of services in creation order, after the service `after` (a cursor).
-    async fn list_services(&self, limit: u32, after: Option<&str>)
-        -> StoreResult<(Vec<ServiceRecord>, bool)>;
+    /// A page of services in creation order, after the service `after` (a cursor); with
+    /// `search`, only those whose id is it or whose name holds it (ASCII letters compared
+    /// without case).
+    async fn list_services(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+        search: Option<&str>,
+    ) -> StoreResult<(Vec<ServiceRecord>, bool)>;
     async fn patch_service(
         &self,
         id: &str,

@@ -201,6 +201,7 @@ impl ServiceStore for Postgres {
         &self,
         limit: u32,
         after: Option<&str>,
+        search: Option<&str>,
     ) -> StoreResult<(Vec<ServiceRecord>, bool)> {
         let c = self.client().await?;
         let after_seq: i64 = match after {
@@ -213,8 +214,13 @@ impl ServiceStore for Postgres {
         };
         let ids: Vec<String> = c
             .query(
-                "SELECT id FROM services WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&after_seq, &(limit as i64 + 1)],
+                // ASCII-only lowering, as SQLite's lower(): both backends find the same rows.
+                "SELECT id FROM services WHERE seq > $1 \
+                 AND ($3::text IS NULL OR id = $3 \
+                      OR strpos(translate(name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz'), \
+                                translate($3, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')) > 0) \
+                 ORDER BY seq LIMIT $2",
+                &[&after_seq, &(limit as i64 + 1), &search],
             )
             .await?
             .iter()

@@ -140,7 +140,12 @@ impl Store {
     }
 
     /// A page of services in creation order, after the service `after` (a cursor).
-    pub fn list_services(&self, limit: u32, after: Option<&str>) -> StoreResult<(Vec<ServiceRecord>, bool)> {
+    pub fn list_services(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+        search: Option<&str>,
+    ) -> StoreResult<(Vec<ServiceRecord>, bool)> {
         let conn = self.conn();
         let after_rowid: i64 = match after {
             None => 0,
@@ -150,8 +155,12 @@ impl Store {
                 .ok_or(StoreError::NotFound)?,
         };
         let ids: Vec<String> = conn
-            .prepare_cached("SELECT id FROM services WHERE rowid > ?1 ORDER BY rowid LIMIT ?2")?
-            .query_map(params![after_rowid, limit as i64 + 1], |r| r.get(0))?
+            .prepare_cached(
+                "SELECT id FROM services WHERE rowid > ?1 \
+                 AND (?3 IS NULL OR id = ?3 OR instr(lower(name), lower(?3)) > 0) \
+                 ORDER BY rowid LIMIT ?2",
+            )?
+            .query_map(params![after_rowid, limit as i64 + 1, search], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         let more = ids.len() > limit as usize;
         let out = ids

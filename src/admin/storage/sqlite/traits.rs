@@ -73,9 +73,10 @@ impl ServiceStore for Sqlite {
         &self,
         limit: u32,
         after: Option<&str>,
+        search: Option<&str>,
     ) -> StoreResult<(Vec<ServiceRecord>, bool)> {
-        let after = after.map(str::to_string);
-        self.run(move |st| st.list_services(limit, after.as_deref()))
+        let (after, search) = (after.map(str::to_string), search.map(str::to_string));
+        self.run(move |st| st.list_services(limit, after.as_deref(), search.as_deref()))
             .await
     }
 
