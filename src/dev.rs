@@ -126,6 +126,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut admin_file = file.admin_plane;
     admin_file.listen = local(args.admin_port).to_string();
     admin_file.database = dir.0.join("permiso.db").display().to_string();
+    // The walkthrough shows the console too.
+    admin_file.console = true;
     admin_file.tls = pki.as_ref().map(server_tls);
     let admin_cfg = AdminConfig::from_file(&admin_file, Some(admin_key.clone()))?;
     let admin = crate::admin::start(admin_cfg, clock.clone())

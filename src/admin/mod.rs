@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod fleet;
@@ -101,7 +102,8 @@ impl Inner {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let console = state.cfg.console;
+    let router = Router::new()
         .route("/auth/admin/audit", get(audit::list))
         .route("/v1/usage", post(usage::report))
         .route("/auth/admin/services", post(services::create).get(services::list))
@@ -140,7 +142,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi_json))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics::metrics))
+        .route("/metrics", get(metrics::metrics));
+    let router = if console { console::routes(router) } else { router };
+    router
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,

@@ -127,6 +127,7 @@ impl AdminConfig {
             max_connections: f.max_connections,
             sync_max_wait: Duration::from_secs(f.sync_max_wait_seconds),
             sidecar_stale_after: Duration::from_secs(f.sidecar_stale_after_seconds),
+            console: f.console,
             sync_max_concurrent_per_credential: match f.sync_max_concurrent_per_credential {
                 0 => {
                     return Err(invalid(

@@ -126,6 +126,9 @@ pub struct AdminPlane {
     /// Failed authentications written to the audit log per minute, all addresses
     /// together; the rest are counted in the next entry written. Default 600.
     pub audited_auth_failures_per_minute: u32,
+    /// Serve the web console at `/console` (static pages that call this API with the admin
+    /// key the operator types in). Default false; `permiso dev` turns it on.
+    pub console: bool,
 }
 
 impl Default for AdminPlane {
@@ -146,6 +149,7 @@ impl Default for AdminPlane {
             max_connections: 10_000,
             sync_max_wait_seconds: 30,
             sidecar_stale_after_seconds: 120,
+            console: false,
             sync_max_concurrent_per_credential: 256,
             max_active_keys_per_service: 10,
             issuer: None,

@@ -60,6 +60,8 @@ pub struct AdminConfig {
     pub max_connections: usize,
     pub sync_max_wait: Duration,
     pub sidecar_stale_after: Duration,
+    /// `/console` is served.
+    pub console: bool,
     pub sync_max_concurrent_per_credential: usize,
     pub max_active_keys_per_service: u32,
     pub admin_api_key: Secret,
