@@ -74,7 +74,9 @@ mod tests {
             }
         }
         assert!(
-            !APP_JS.contains("localStorage.") && !APP_JS.contains("localStorage["),
+            ["localStorage.setItem", "localStorage.getItem", "localStorage[", "window.localStorage"]
+                .iter()
+                .all(|use_| !APP_JS.contains(use_)),
             "the key must not outlive the tab"
         );
         assert!(!APP_JS.contains("document.cookie"), "no cookies");
