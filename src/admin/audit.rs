@@ -56,6 +56,7 @@ pub async fn list(
     q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
     let Query(p) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    ApiError::int64("after", p.after)?;
     let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request(format!("limit must be 1..={MAX_LIMIT}")));

@@ -26,7 +26,10 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         (header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP)),
         (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
         (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
         (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
     ];
     (StatusCode::OK, headers, body).into_response()
@@ -35,8 +38,14 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 /// The console's routes, added to the admin router when it is switched on.
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     router
-        .route("/console", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
-        .route("/console/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
+        .route(
+            "/console",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
+        .route(
+            "/console/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
         .route(
             "/console/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
@@ -58,15 +67,24 @@ mod tests {
         let lower = INDEX.to_ascii_lowercase();
         for script in lower.split("<script").skip(1) {
             let tag = &script[..script.find('>').unwrap()];
-            assert!(tag.contains("src=\"/console/app.js\""), "inline or foreign script: <script{tag}>");
+            assert!(
+                tag.contains("src=\"/console/app.js\""),
+                "inline or foreign script: <script{tag}>"
+            );
         }
         assert!(!lower.contains("<style"), "inline style element");
         assert!(!lower.contains(" style="), "inline style attribute");
         // No `on…=` event-handler attribute.
         for (i, _) in lower.match_indices(" on") {
-            let name: String = lower[i + 3..].chars().take_while(|c| c.is_ascii_lowercase()).collect();
+            let name: String = lower[i + 3..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase())
+                .collect();
             let after = lower[i + 3 + name.len()..].trim_start();
-            assert!(name.is_empty() || !after.starts_with('='), "inline handler on{name}=");
+            assert!(
+                name.is_empty() || !after.starts_with('='),
+                "inline handler on{name}="
+            );
         }
         for file in [INDEX, APP_JS, APP_CSS] {
             for foreign in ["http://", "https://", "//cdn", "@import"] {
@@ -74,9 +92,14 @@ mod tests {
             }
         }
         assert!(
-            ["localStorage.setItem", "localStorage.getItem", "localStorage[", "window.localStorage"]
-                .iter()
-                .all(|use_| !APP_JS.contains(use_)),
+            [
+                "localStorage.setItem",
+                "localStorage.getItem",
+                "localStorage[",
+                "window.localStorage"
+            ]
+            .iter()
+            .all(|use_| !APP_JS.contains(use_)),
             "the key must not outlive the tab"
         );
         assert!(!APP_JS.contains("document.cookie"), "no cookies");

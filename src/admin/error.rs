@@ -55,6 +55,17 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", description)
     }
 
+    /// Unsigned counters in queries are int64 in the API (the OpenAPI document, the
+    /// databases): a larger value is refused rather than wrapped or clamped.
+    pub fn int64(name: &str, v: Option<u64>) -> Result<(), Self> {
+        match v {
+            Some(n) if n > i64::MAX as u64 => {
+                Err(Self::bad_request(format!("{name} must be at most {}", i64::MAX)))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn not_found(what: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
     }

@@ -33,7 +33,7 @@ pub struct CreateService {
     pub service_name: String,
     /// `resource:action` scopes (`trade:read`, `account:*`).
     #[serde(default)]
-    #[schema(example = json!(["trade:read", "account:read"]))]
+    #[schema(value_type = Vec<crate::admin::openapi::ScopeName>, max_items = 64, example = json!(["trade:read", "account:read"]))]
     pub scopes: Vec<String>,
     #[serde(default)]
     pub environment: Option<Environment>,
@@ -68,6 +68,7 @@ pub struct CreateService {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchService {
+    #[schema(value_type = Option<Vec<crate::admin::openapi::ScopeName>>, max_items = 64)]
     pub scopes: Option<Vec<String>>,
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<u32>, minimum = 1, maximum = 10000000)]
@@ -96,7 +97,8 @@ pub struct PatchService {
 #[serde(deny_unknown_fields)]
 pub struct Rotate {
     /// Seconds the old credentials keep working (default: `admin_plane.rotation_grace_seconds`,
-    /// 7 days).
+    /// 7 days); at most a year.
+    #[schema(maximum = 31536000)]
     pub grace_seconds: Option<u64>,
     /// When the new credential stops working (RFC 3339); or `ttl_seconds`.
     #[schema(format = DateTime)]
@@ -376,6 +378,9 @@ pub struct KeyView {
     /// When it stops working: the earlier of its own expiry and a rotation's grace end.
     #[schema(format = DateTime)]
     pub expires_at: Option<String>,
+    /// When its rotation's grace window ends (rotated-out credentials only).
+    #[schema(format = DateTime)]
+    pub grace_ends_at: Option<String>,
     #[schema(format = DateTime)]
     pub revoked_at: Option<String>,
     /// Last use reported by a sidecar (minute precision).
@@ -397,6 +402,7 @@ impl KeyView {
             status,
             created_at: rfc3339(k.created_at),
             expires_at: k.expires_at.map(rfc3339),
+            grace_ends_at: k.grace_ends_at.map(rfc3339),
             revoked_at: k.revoked_at.map(rfc3339),
             last_used_at: k.last_used_at.map(rfc3339),
         }

@@ -145,6 +145,14 @@ pub enum OAuthErrors {
     Unavailable(ErrorBody),
 }
 
+/// A scope as the admin API takes it (`core::scope::Scope::parse`): segments of letters,
+/// digits, `_`, `.` and `-` separated by `:`; a last `*` grants every action under the rest.
+/// At most 128 characters.
+#[derive(ToSchema)]
+#[schema(pattern = "^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*(:[*])?$")]
+#[allow(dead_code)]
+pub struct ScopeName(String);
+
 /// The form of `POST /oauth/token` (RFC 6749 §4.4). Client credentials go in HTTP Basic
 /// (preferred) or in the form; a client certificate may stand in for the secret
 /// (`tls_client_auth`, RFC 8705).

@@ -107,6 +107,8 @@ pub async fn sync(
     q: Result<Query<SyncParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    ApiError::int64("after", q.after)?;
+    ApiError::int64("wait", q.wait)?;
     let report = crate::admin::fleet::report_of(&headers)?;
     let credential = match &actor.actor {
         crate::admin::auth::Actor::AdminKey => "admin-key".to_string(),

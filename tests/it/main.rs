@@ -5,6 +5,8 @@ mod admin_api;
 mod certs;
 mod cli;
 mod common;
+mod console;
+mod contract;
 mod e2e;
 mod egress;
 mod fleet;

@@ -113,10 +113,11 @@ async fn conformance(s: SharedStorage) {
         Err(StoreError::NotFound)
     ));
     // Search: a part of the name without regard to ASCII case, or the exact id; paged alike.
-    let names = |r: StoreResult<(Vec<ServiceRecord>, bool)>| {
-        let (page, more) = r.unwrap();
-        (page.into_iter().map(|s| s.name).collect::<Vec<_>>(), more)
-    };
+    let names =
+        |r: permiso::admin::storage::StoreResult<(Vec<permiso::admin::storage::ServiceRecord>, bool)>| {
+            let (page, more) = r.unwrap();
+            (page.into_iter().map(|s| s.name).collect::<Vec<_>>(), more)
+        };
     assert_eq!(
         names(s.list_services(5, None, Some("LPH")).await),
         (vec!["alpha".to_string()], false)
