@@ -260,6 +260,7 @@ fn print_banner(admin: &str, sidecar: &str, health: &str, admin_key: &str, upstr
 Permiso dev is running (Ctrl-C stops it; all state is temporary).
 
   admin plane   {admin}
+  web console   {admin}/console   (sign in with the admin key below)
   sidecar       {sidecar}   (its /readyz and /metrics: {health})
   demo MT5 API  http://{upstream}   (on loopback and unprotected itself: callers go through
                 the sidecar; in a deployment, bind the service where only its sidecar reaches it)

@@ -67,6 +67,28 @@ async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     })
 }
 
+/// Path parameters, refused as JSON like everything else (axum's own rejection is plain
+/// text, e.g. for `%FF` in a path segment).
+pub struct PathParams<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for PathParams<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| PathParams(v))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
 /// A JSON body. With `OPTIONAL = true` an empty body without a content type, or `null`, yields
 /// `None`.
 pub struct JsonBody<T, const OPTIONAL: bool = false>(pub Option<T>);

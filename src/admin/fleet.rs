@@ -16,13 +16,14 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::Serialize;
 
 use crate::admin::auth::{Actor, Admin};
 use crate::admin::error::ApiError;
+use crate::admin::extract::PathParams;
 use crate::admin::model::rfc3339;
 use crate::admin::storage::SidecarRecord;
 use crate::admin::AppState;
@@ -364,7 +365,7 @@ pub struct Propagation {
 pub async fn change(
     State(st): State<AppState>,
     Admin(_): Admin,
-    Path(version): Path<String>,
+    PathParams(version): PathParams<String>,
 ) -> Result<Json<Propagation>, ApiError> {
     let version: u64 = version
         .parse()

@@ -36,7 +36,7 @@ pub enum ReadErrors {
     NotFound(ErrorBody),
     #[response(
         status = 429,
-        description = "Too many failed admin-key attempts from this address",
+        description = "Too many failed admin-key attempts from this address; on /v1/sync also too many syncs open for one credential",
         headers(("Retry-After" = u64, description = "Seconds to wait"))
     )]
     TooMany(ErrorBody),
@@ -254,7 +254,9 @@ pub struct ServerMetadata {
 #[allow(dead_code)]
 pub struct SigningKeyView {
     pub kid: String,
-    /// signing | published | retired
+    /// signing (signs new tokens), pending (published, signs from `activates_at`),
+    /// retired_published (no longer signs; published while its tokens live), retired.
+    #[schema(pattern = "^(signing|pending|retired_published|retired)$")]
     pub status: String,
     #[schema(format = DateTime)]
     pub created_at: String,

@@ -1,12 +1,12 @@
 //! `/auth/admin/services*`: create, list, show, patch, disable, rotate, revoke.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 
 use crate::admin::auth::Admin;
 use crate::admin::error::ApiError;
-use crate::admin::extract::JsonBody;
+use crate::admin::extract::{JsonBody, PathParams};
 use crate::admin::model::*;
 use crate::admin::openapi::{ReadErrors, WriteErrors};
 use crate::admin::storage::{CredentialKind, StoredKey};
@@ -143,7 +143,7 @@ pub async fn list(
 pub async fn show(
     State(st): State<AppState>,
     Admin(_): Admin,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<ServiceView>, ApiError> {
     let id = service_id(id)?;
     let now = st.clock.now_secs();
@@ -162,7 +162,7 @@ pub async fn show(
 pub async fn patch(
     State(st): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(body): JsonBody<PatchService>,
 ) -> Result<Json<Written<ServiceView>>, ApiError> {
     let id = service_id(id)?;
@@ -199,7 +199,7 @@ pub async fn patch(
 pub async fn disable(
     State(st): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<Written<ServiceView>>, ApiError> {
     let id = service_id(id)?;
     let now = st.clock.now_secs();
@@ -290,7 +290,7 @@ fn ended(rotation: &crate::admin::storage::Rotation) -> (Option<String>, Vec<End
 pub async fn rotate(
     State(st): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(body): JsonBody<Rotate, true>,
 ) -> Result<Json<Written<Rotated>>, ApiError> {
     let id = service_id(id)?;
@@ -327,7 +327,7 @@ pub async fn rotate(
 pub async fn rotate_secret(
     State(st): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     JsonBody(body): JsonBody<Rotate, true>,
 ) -> Result<Json<Written<SecretRotated>>, ApiError> {
     let id = service_id(id)?;
@@ -367,7 +367,7 @@ pub async fn rotate_secret(
 pub async fn revoke(
     State(st): State<AppState>,
     Admin(actor): Admin,
-    Path((id, key_id)): Path<(String, String)>,
+    PathParams((id, key_id)): PathParams<(String, String)>,
 ) -> Result<Json<Written<KeyView>>, ApiError> {
     let id = service_id(id)?;
     if !ids::looks_like_id(&key_id, KEY_ID_PREFIX) {
@@ -402,7 +402,7 @@ pub async fn revoke(
 pub async fn patch_key(
     State(st): State<AppState>,
     Admin(actor): Admin,
-    Path((id, key_id)): Path<(String, String)>,
+    PathParams((id, key_id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<PatchKey>,
 ) -> Result<Json<Written<KeyView>>, ApiError> {
     let id = service_id(id)?;

@@ -3,6 +3,10 @@
 //! is left in flight. This watches the proxy's connection table from that point and says when
 //! the last connection has closed, so the process exits as soon as it is drained: at once when
 //! idle, after the slowest in-flight request otherwise, and never later than the grace.
+//!
+//! With an egress listener the local service may still be calling out while it shuts down
+//! (it got the same SIGTERM): the process then also waits until no egress call is in flight
+//! and none has ended for `EGRESS_QUIET`, so those calls are not refused early.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +15,11 @@ use pingora::server::ExecutionPhase;
 use tokio::sync::broadcast;
 
 use crate::conn_limit::ConnTable;
+use crate::sidecar::egress::Egress;
+
+/// How long the egress listener must have been quiet before a drained SIGTERM ends the
+/// process.
+pub const EGRESS_QUIET: Duration = Duration::from_secs(1);
 
 /// How often the table is looked at during the grace period (a 20 ms late exit is nothing
 /// next to a grace of seconds).
@@ -21,6 +30,7 @@ const POLL: Duration = Duration::from_millis(20);
 pub fn drained_after_term(
     mut phases: broadcast::Receiver<ExecutionPhase>,
     connections: Arc<ConnTable>,
+    egress: Option<Arc<Egress>>,
 ) -> bool {
     loop {
         match phases.blocking_recv() {
@@ -32,7 +42,7 @@ pub fn drained_after_term(
     }
     // Idle keep-alive connections close on the shutdown broadcast; busy ones after their
     // current exchange.
-    while !connections.is_empty() {
+    while !connections.is_empty() || egress.as_ref().is_some_and(|e| !e.idle_for(EGRESS_QUIET)) {
         std::thread::sleep(POLL);
     }
     true

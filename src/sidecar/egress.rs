@@ -241,6 +241,24 @@ pub struct Egress {
     http: crate::tls::client::RotatingClient,
     retry_deadline: Duration,
     max_body_bytes: usize,
+    /// Calls being relayed, and when the last one ended (`telemetry::monotonic_ms`): a
+    /// SIGTERM ends the process early only once the local service has stopped calling out
+    /// (`drain`).
+    in_flight: std::sync::atomic::AtomicUsize,
+    last_done_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Counts one relayed call for as long as it lasts.
+struct Relaying<'a>(&'a Egress);
+
+impl Drop for Relaying<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.0
+            .last_done_ms
+            .store(crate::telemetry::monotonic_ms(), Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn error(status: StatusCode, code: &str, description: &str) -> Response {
@@ -317,7 +335,17 @@ impl Egress {
             http,
             retry_deadline: cfg.retry_deadline,
             max_body_bytes: cfg.max_body_bytes,
+            in_flight: Default::default(),
+            last_done_ms: Default::default(),
         })
+    }
+
+    /// Nothing relayed now, and nothing ended within `quiet`.
+    pub fn idle_for(&self, quiet: Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        self.in_flight.load(Ordering::SeqCst) == 0
+            && crate::telemetry::monotonic_ms().saturating_sub(self.last_done_ms.load(Ordering::SeqCst))
+                >= quiet.as_millis() as u64
     }
 
     pub fn client_certs(&self) -> &[Arc<crate::tls::ReloadingCert>] {
@@ -600,6 +628,8 @@ impl Drop for TrialGuard<'_> {
 }
 
 async fn handle(State(eg): State<Arc<Egress>>, req: Request) -> Response {
+    eg.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let _relaying = Relaying(&eg);
     eg.forward(req).await
 }
 

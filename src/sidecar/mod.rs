@@ -527,6 +527,7 @@ pub fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let reload_thread = spawn_reload_on_sighup(reloader, reload, stop_rx.clone())?;
     let connections = health.connections.clone();
+    let egress_idle = egress.clone();
     let side = spawn_side_jobs(&cfg, egress, sync, usage, health, stop_rx)?;
     tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, environment = %cfg.environment, routes = cfg.routes.len(), "sidecar starting");
     // The server on its own thread, so that a drained SIGTERM can end the process while
@@ -538,7 +539,7 @@ pub fn run(
         std::thread::Builder::new()
             .name("permiso-drain".into())
             .spawn(move || {
-                if drain::drained_after_term(phases, connections) {
+                if drain::drained_after_term(phases, connections, egress_idle) {
                     let _ = tx.send(true);
                 }
             })?;

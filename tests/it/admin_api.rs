@@ -279,6 +279,31 @@ fn bad_input_gets_its_4xx_and_writes_nothing() {
             vec![],
             400,
         ),
+        // Found in review: a path segment that is not UTF-8 got axum's plain-text 400.
+        (
+            "service id not UTF-8",
+            Method::GET,
+            "/auth/admin/services/%FF".into(),
+            None,
+            vec![],
+            400,
+        ),
+        (
+            "key id not UTF-8",
+            Method::POST,
+            "/auth/admin/services/%FF/keys/%FE/revoke".into(),
+            None,
+            vec![],
+            400,
+        ),
+        (
+            "change version not UTF-8",
+            Method::GET,
+            "/auth/admin/changes/%FF".into(),
+            None,
+            vec![],
+            400,
+        ),
         (
             "unknown endpoint",
             Method::GET,

@@ -255,6 +255,42 @@ impl WebDriverCompatibleCommand for BrowserLog {
     }
 }
 
+/// `admin_plane.console` is off by default (a 404 like any unknown path), and when on every
+/// file comes with the headers the page relies on.
+#[test]
+fn the_console_is_off_unless_configured_and_its_files_carry_their_headers() {
+    let off = Harness::start();
+    let r = off.http.get(off.admin_url("/console")).send().unwrap();
+    assert_eq!(r.status(), 404);
+    let on = Harness::start_custom(ROUTES, |a| a.console = true);
+    for (path, media) in [
+        ("/console", "text/html"),
+        ("/console/", "text/html"),
+        ("/console/app.js", "text/javascript"),
+        ("/console/app.css", "text/css"),
+    ] {
+        let r = on.http.get(on.admin_url(path)).send().unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(header(&r, "content-type").unwrap().starts_with(media), "{path}");
+        assert_eq!(
+            header(&r, "content-security-policy"),
+            Some(permiso::admin::console::CSP)
+        );
+        assert_eq!(header(&r, "x-frame-options"), Some("DENY"));
+        assert_eq!(header(&r, "cache-control"), Some("no-store"));
+        assert_eq!(header(&r, "x-content-type-options"), Some("nosniff"));
+        assert_eq!(header(&r, "referrer-policy"), Some("no-referrer"));
+    }
+    assert_eq!(
+        on.http
+            .get(on.admin_url("/console/other.js"))
+            .send()
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
 #[test]
 fn the_console_walks_an_operator_through_a_key_lifecycle_in_a_real_browser() {
     let h = Harness::start_custom(ROUTES, |a| a.console = true);
@@ -271,13 +307,14 @@ fn the_console_walks_an_operator_through_a_key_lifecycle_in_a_real_browser() {
     assert!(refused.starts_with(REFUSED), "{refused}");
     let at = b.js("return location.hash + ' ' + sessionStorage.length;", &[]);
     assert_eq!(at, "#/login 0", "a refused key is not kept");
-    // The right key opens the services; it is kept in sessionStorage, nowhere else.
+    // The right key opens the services; by default it is kept in the page's memory only
+    // ("keep it for this tab" is opt-in), never in localStorage, a cookie or the URL.
     b.type_into("#admin-key", ADMIN_KEY);
     b.click("#login");
     b.shown("tr.service-row", "data-service-id");
     let kept = "return [sessionStorage.getItem('permiso.console.admin-key'), localStorage.length, \
                 document.cookie, location.href.includes(arguments[0])];";
-    assert_eq!(b.js(kept, &[json!(ADMIN_KEY)]), json!([ADMIN_KEY, 0, "", false]));
+    assert_eq!(b.js(kept, &[json!(ADMIN_KEY)]), json!([null, 0, "", false]));
     b.shot("console-services.png");
 
     // Create a service: its key is shown once, can be copied, and works at the sidecar.
@@ -322,6 +359,24 @@ fn the_console_walks_an_operator_through_a_key_lifecycle_in_a_real_browser() {
     b.shot("console-service.png");
     h.wait_for_status(TRADES, Some(&new_key), 200, FIVE_S);
     assert_eq!(h.get(TRADES, Some(&key)).status(), 200, "old key in grace");
+
+    // A secret hidden once stays hidden: rotating the client secret next shows that secret
+    // alone (found in review: the hidden key came back with the next rotation).
+    b.click("#one-time-done");
+    assert_eq!(
+        b.js(IN_PAGE, &[json!(new_key)]),
+        false,
+        "hidden, yet still in the page"
+    );
+    b.click("#rotate-secret");
+    let secret = b.shown("#one-time-secret", "text");
+    assert!(secret.starts_with("pcs_"), "{secret}");
+    assert_eq!(
+        b.js(IN_PAGE, &[json!(new_key)]),
+        false,
+        "the hidden key came back"
+    );
+    b.click("#one-time-done");
 
     // Revoke the old key behind the confirm: the sidecar refuses it, the new key still works.
     b.click(&format!("button.revoke-key[data-key-id=\"{old_id}\"]"));

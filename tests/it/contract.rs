@@ -81,6 +81,7 @@ fn the_admin_api_keeps_its_openapi_contract_under_schemathesis() {
         .env("SCHEMATHESIS_HOOKS", hooks)
         .env("PERMISO_CONTRACT_BASE", &base)
         .env("PERMISO_CONTRACT_ADMIN_KEY", ADMIN_KEY)
+        .env("PERMISO_CONTRACT_JUDGED_FILE", out.join("judged"))
         .env("HYPOTHESIS_STORAGE_DIRECTORY", out.join("hypothesis"))
         .args(["--config-file", config.to_str().unwrap(), "--no-color", "run"])
         .arg(format!("{base}/openapi.json"))
@@ -135,4 +136,14 @@ fn the_admin_api_keeps_its_openapi_contract_under_schemathesis() {
         })
         .unwrap_or_else(|| panic!("no \"N generated, N passed\" line:\n{log}"));
     assert!(cases >= 10 * operations as u64, "only {cases} cases:\n{log}");
+    // The write check really judged refusals (hooks loaded, hooks called).
+    let judged: u64 = std::fs::read_to_string(out.join("judged"))
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        judged > operations as u64,
+        "refused_request_writes_nothing judged {judged} refusals"
+    );
 }

@@ -336,6 +336,79 @@ fn sigterm_with_nothing_in_flight_exits_at_once_not_after_the_grace() {
     assert!(log.contains("every connection has closed"), "{log}");
 }
 
+/// Found in review: the early exit also stopped the egress listener while the local service
+/// (which got the same SIGTERM) might still be calling out. With egress configured, a drained
+/// SIGTERM also waits for egress to be quiet: a call in flight at SIGTERM is relayed to its
+/// end, and the process still leaves long before the grace.
+#[test]
+fn sigterm_waits_for_egress_calls_in_flight_then_exits_before_the_grace() {
+    let h = Harness::start();
+    let client = h.create(json!({"service_name": "calls-out", "scopes": ["trade:read"]}));
+    let secret = h.dir.path().join("client.secret");
+    std::fs::write(&secret, &client.client_secret).unwrap();
+    let (listen, health, egress) = (free_port(), free_port(), free_port());
+    let config = h.dir.path().join("sidecar.toml");
+    let routes = format!(
+        "{ROUTES}[sidecar.egress]\nlisten = \"{egress}\"\n[sidecar.egress.destinations.echo]\n\
+         url = \"http://{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\nscopes = [\"trade:read\"]\n",
+        h.upstream.addr,
+        client.service_id,
+        secret.display()
+    );
+    std::fs::write(
+        &config,
+        proc_config(
+            &h,
+            &listen.to_string(),
+            &health.to_string(),
+            &h.upstream.addr.to_string(),
+            &routes,
+        ),
+    )
+    .unwrap();
+    std::fs::write(h.dir.path().join("sync.key"), &h.sync_key).unwrap();
+    let mut p = spawn(
+        h.dir.path(),
+        "sidecar",
+        env!("CARGO_BIN_EXE_permiso"),
+        &["sidecar", "--config", config.to_str().unwrap()],
+    );
+    wait_ok(&h.http, &format!("http://{health}/readyz"), "sidecar process");
+    let out = format!("http://{egress}/echo");
+    assert_eq!(h.http.get(format!("{out}/warm")).send().unwrap().status(), 200);
+    // A call out that the destination holds for a second, in flight at SIGTERM.
+    let slow = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .get(format!("{out}/slow"))
+            .send()
+            .map(|r| r.status().as_u16())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let signalled = Instant::now();
+    signal(&p, "-TERM");
+    // The local service, shutting down too, still calls out: egress still answers (before
+    // the fix the process had left within milliseconds and this was refused).
+    std::thread::sleep(Duration::from_millis(300));
+    let late = reqwest::blocking::Client::new()
+        .get(format!("http://{egress}/echo/late"))
+        .send()
+        .map(|r| r.status().as_u16());
+    assert_eq!(late.ok(), Some(200), "an egress call after SIGTERM was refused");
+    assert_eq!(
+        slow.join().unwrap().ok(),
+        Some(200),
+        "the egress call in flight was cut"
+    );
+    let status = exit_status(&mut p, "after SIGTERM with an egress call in flight (grace 60 s)");
+    assert!(status.success(), "{status:?}");
+    // The call took about a second, then egress had to stay quiet for EGRESS_QUIET.
+    assert!(
+        signalled.elapsed() >= permiso::sidecar::drain::EGRESS_QUIET,
+        "left before egress was quiet: {:?}",
+        signalled.elapsed()
+    );
+}
+
 #[test]
 fn a_sync_key_without_sync_read_is_told_what_to_do_in_the_log() {
     let h = Harness::start();

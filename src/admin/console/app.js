@@ -267,6 +267,8 @@ function setKey(key, keep) {
 }
 function clearKey() {
   S.key = null;
+  // A chain verified in this session says nothing about the log later on.
+  S.audit.chain = null;
   try { sessionStorage.removeItem(KEY_SLOT); } catch (_) { /* nothing stored */ }
 }
 
@@ -276,7 +278,11 @@ class ApiError extends Error {
 
 // One call to the admin API. A 401 (other than the login check) ends the session.
 async function api(method, path, body, opts = {}) {
-  const headers = { 'X-Admin-Api-Key': opts.key || S.key || '', Accept: 'application/json' };
+  const key = opts.key || S.key;
+  // Signed out (a view still finishing, a chain check still paging): send nothing rather
+  // than an empty key, which would be a failed login audited against this address.
+  if (!key) throw new ApiError(401, 'signed_out', 'signed out: sign in again');
+  const headers = { 'X-Admin-Api-Key': key, Accept: 'application/json' };
   const init = { method, headers, credentials: 'omit', cache: 'no-store', redirect: 'error', referrerPolicy: 'no-referrer' };
   if (body !== undefined) { headers['Content-Type'] = 'application/json'; init.body = JSON.stringify(body); }
   let resp;
@@ -347,7 +353,7 @@ function route() {
 // ---------------------------------------------------------------- login
 function viewLogin(view) {
   const input = h('input', { id: 'admin-key', type: 'password', autocomplete: 'off', spellcheck: 'false', placeholder: 'adm_…', 'aria-describedby': 'login-error' });
-  const keep = h('input', { id: 'remember-key', type: 'checkbox', checked: true });
+  const keep = h('input', { id: 'remember-key', type: 'checkbox', checked: false });
   const err = h('p', { id: 'login-error', class: 'form-error', role: 'alert', hidden: !S.loginMessage }, S.loginMessage);
   S.loginMessage = '';
   const btn = h('button', { id: 'login', type: 'submit', class: 'primary' }, 'Sign in');
@@ -435,7 +441,7 @@ function viewServices(view, gen) {
 // ---------------------------------------------------------------- one-time secrets panel
 // Holds the API key and/or client secret just issued; they live only in this panel's DOM.
 function oneTimePanel(slot, serviceId) {
-  const items = {};
+  let items = {};
   const render = () => {
     const rows = [];
     for (const [kind, label] of [['key', 'API key'], ['secret', 'Client secret']]) {
@@ -451,21 +457,30 @@ function oneTimePanel(slot, serviceId) {
     if (items.key) vars.push(`KEY=${items.key.value}`);
     vars.push(`SID=${serviceId}`);
     if (items.secret) vars.push(`SECRET=${items.secret.value}`);
-    const exp = h('code', { id: 'one-time-export', class: 'secret' }, `export ${vars.map((v) => (/^[\w=.:-]+$/.test(v) ? v : v.replace(/=(.*)$/, "='$1'"))).join(' ')}`);
+    // Single-quoted for the shell, a quote inside written as '\'' (ids and keys hold none today).
+    const quote = (v) => (/^[\w=.:-]+$/.test(v) ? v : v.replace(/=(.*)$/, (_, x) => `='${x.replace(/'/g, "'\\''")}'`));
+    const exp = h('code', { id: 'one-time-export', class: 'secret' }, `export ${vars.map(quote).join(' ')}`);
     const hint = h('p', { class: 'copy-hint', hidden: true, role: 'status' });
     slot.replaceChildren(h('section', { id: 'one-time', class: 'one-time', role: 'region', 'aria-label': 'Secrets shown once' },
       h('h2', {}, '⚠ Shown once: copy it now — it cannot be shown again'),
       h('p', {}, 'Permiso keeps only a hash. When you leave this page these values are gone; a lost key means another rotation.'),
       rows,
       h('div', { class: 'secret-row-item' }, h('div', { class: 'secret-label' }, 'Shell'), h('div', { class: 'secret-value' }, exp, copyButton('copy-export', exp, hint)), hint),
-      h('div', { class: 'actions' }, h('button', { id: 'one-time-done', type: 'button', onclick: () => slot.replaceChildren() }, 'I have stored them — hide'))));
+      h('div', { class: 'actions' }, h('button', { id: 'one-time-done', type: 'button', onclick: () => { items = {}; slot.replaceChildren(); } }, 'I have stored them — hide'))));
     slot.scrollIntoView({ block: 'nearest' });
   };
-  return { set(kind, item) { items[kind] = item; render(); } };
+  // Only what one write issued: a credential hidden or shown by an earlier write is not
+  // brought back (`add` puts a second credential of the same write beside the first).
+  return {
+    set(kind, item) { items = { [kind]: item }; render(); },
+    add(kind, item) { items[kind] = item; render(); },
+  };
 }
 
 // After a write: its sync version, warnings, and a check of which sidecars hold it.
-function writeStatus(slot, what, resp) {
+function writeStatus(slot, what, full) {
+  // Only what the status line needs: never the one-time secrets a create or rotate returned.
+  const resp = { version: full.version, warnings: full.warnings };
   const result = h('span', { id: 'propagation-result', class: 'muted' });
   const check = h('button', { id: 'check-propagation', type: 'button', class: 'small', onclick: () => busy(check, async () => {
     const c = await api('GET', `/auth/admin/changes/${enc(resp.version)}`);
@@ -539,7 +554,7 @@ function showCreated(view, r) {
       h('a', { class: 'button', href: '#/services' }, 'Back to services'))));
   const panel = oneTimePanel(slot, r.service_id);
   panel.set('key', { value: r.api_key, id: r.key_id });
-  panel.set('secret', { value: r.client_secret, id: r.client_secret_id, note: `OAuth2 client id: ${r.client_id}` });
+  panel.add('secret', { value: r.client_secret, id: r.client_secret_id, note: `OAuth2 client id: ${r.client_id}` });
   writeStatus(status, 'Service created', r);
 }
 
@@ -557,6 +572,7 @@ function stillInUse(k, all) {
 }
 
 function viewService(view, gen, id) {
+  if (!/^srv_[A-Za-z0-9_-]{1,64}$/.test(id)) { go('#/services'); showError(new ApiError(404, 'not_found', `no service id: ${id}`)); return; }
   const head = h('div', { class: 'page-head' }), oneTime = h('div'), status = h('div'), confirmSlot = h('div'), body = h('div');
   const root = h('section', { id: 'service-detail', 'data-service-id': id }, head, oneTime, status, confirmSlot, body);
   view.append(h('p', {}, h('a', { href: '#/services' }, '← Services')), root);
@@ -705,6 +721,8 @@ function unixToLocal(s) {
 
 function viewAudit(view, gen) {
   const A = S.audit;
+  // Verified results are not carried over from an earlier visit: the log may have changed.
+  A.chain = null;
   const F = {
     actor: h('input', { id: 'audit-actor', value: A.filters.actor || '', placeholder: 'admin-key, service:…, unauthenticated', autocomplete: 'off' }),
     action: h('input', { id: 'audit-action', value: A.filters.action || '', list: 'audit-actions', placeholder: 'any', autocomplete: 'off' }),
@@ -786,6 +804,8 @@ async function verifyChain(el, expectHead, gen, reload) {
   showChain(el, { state: 'running', message: 'Verifying…' });
   try {
     for (;;) {
+      // Left the page or signed out: stop paging.
+      if (gen !== S.gen || !S.key) return;
       const page = await api('GET', `/auth/admin/audit?limit=1000${after ? `&after=${after}` : ''}`);
       for (const e of page.entries || []) {
         const br = v.push(e);

@@ -15,8 +15,12 @@ import schemathesis
 
 BASE = os.environ["PERMISO_CONTRACT_BASE"]
 KEY = os.environ["PERMISO_CONTRACT_ADMIN_KEY"]
+# How many refusals the check judged, written for the Rust test: a check that never ran (hooks
+# not loaded, a renamed hook) must not pass as a check that found nothing.
+JUDGED = os.environ["PERMISO_CONTRACT_JUDGED_FILE"]
 _before = {}
 _after = {}
+_judged = 0
 
 
 def _get(path):
@@ -68,8 +72,12 @@ def refused_request_writes_nothing(ctx, response, case):
     failed login's."""
     if response.status_code < 400 or case.id not in _after:
         return None
+    global _judged
     before, after, written = _after.pop(case.id)
     _before.pop(case.id, None)
+    _judged += 1
+    with open(JUDGED, "w") as f:
+        f.write(str(_judged))
     if after != before or written:
         raise AssertionError(
             f"{case.method} {case.formatted_path} answered {response.status_code} and wrote: "
