@@ -243,7 +243,7 @@ pub fn set_identity(upstream: &mut ReqParts, verdict: &Verdict) -> Result<()> {
             // Prebuilt values: each insert clones a reference count.
             h.insert(SERVICE_ID, s.id_header.clone());
             h.insert(SERVICE_NAME, s.name_header.clone());
-            h.insert(SCOPES, principal.scopes_header().clone());
+            h.insert(SCOPES, principal.scopes_header().into_owned());
             match &principal.credential {
                 Credential::ApiKey { key_id, .. } => {
                     let v = HeaderValue::from_str(key_id)

@@ -1074,3 +1074,49 @@ fn signing_keys_are_published_before_they_sign_and_after_they_stop() {
     h.clock.advance(Duration::from_secs(1));
     assert_eq!(published(), [new.as_str()]);
 }
+
+/// Found while building the Python client (issue 18): behind the sidecar, `X-Permiso-Scopes`
+/// of a token carried every scope the token was granted, including one the admin removed from
+/// the service since; the sidecar's own route checks no longer honoured it, but an upstream
+/// checking scopes itself would have. Now the header holds what the service still holds.
+#[test]
+fn a_token_passes_on_only_the_scopes_its_service_still_holds() {
+    let h = Harness::start();
+    let scopes_upstream = |jwt: &str| -> String {
+        let r = h.get("/api/v1/trades", Some(jwt));
+        assert_eq!(r.status(), 200);
+        let echo: Value = r.json().unwrap();
+        echo["headers"]["x-permiso-scopes"].as_str().unwrap().to_string()
+    };
+    let narrowed = |svc: &crate::common::Created, scopes: Value| {
+        let (s, v) = h.admin_req(
+            reqwest::Method::PATCH,
+            &format!("/auth/admin/services/{}", svc.service_id),
+            Some(json!({ "scopes": scopes })),
+        );
+        assert_eq!(s, 200, "{v}");
+    };
+    let both = h.create(json!({"service_name": "narrowed", "scopes": ["trade:read", "account:read"]}));
+    h.wait_synced();
+    let jwt = h.token(&both, Some("trade:read account:read"));
+    assert_eq!(scopes_upstream(&jwt), "trade:read account:read");
+    narrowed(&both, json!(["trade:read"]));
+    h.wait_for_status("/api/v1/account", Some(&jwt), 403, Duration::from_secs(2));
+    assert_eq!(scopes_upstream(&jwt), "trade:read");
+
+    // A granted wildcard narrows to what is held under it.
+    let wide = h.create(json!({"service_name": "wildcard", "scopes": ["trade:*"]}));
+    h.wait_synced();
+    let jwt = h.token(&wide, Some("trade:*"));
+    assert_eq!(scopes_upstream(&jwt), "trade:*");
+    narrowed(&wide, json!(["trade:read", "market:data"]));
+    let started = std::time::Instant::now();
+    while scopes_upstream(&jwt) != "trade:read" {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{}",
+            scopes_upstream(&jwt)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -75,11 +75,38 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// An API key acts with its service's scopes; a token with the scopes it was granted.
-    pub fn scopes_header(&self) -> &http::HeaderValue {
+    /// An API key acts with its service's scopes; a token with the scopes it was granted that
+    /// its service still holds. A scope the admin removed after the token was issued is not
+    /// passed on: the route checks no longer honour it, and an upstream checking scopes itself
+    /// must not either. The common case (nothing removed) is the header built at verification.
+    pub fn scopes_header(&self) -> std::borrow::Cow<'_, http::HeaderValue> {
+        use std::borrow::Cow;
         match &self.credential {
-            Credential::ApiKey { .. } | Credential::ClientCert { .. } => &self.service.scopes_header,
-            Credential::AccessToken(t) => &t.scopes_header,
+            Credential::ApiKey { .. } | Credential::ClientCert { .. } => {
+                Cow::Borrowed(&self.service.scopes_header)
+            }
+            Credential::AccessToken(t) => {
+                let held = &self.service.scopes;
+                if t.scopes.iter().all(|s| held.allows(s.as_str())) {
+                    return Cow::Borrowed(&t.scopes_header);
+                }
+                // Each granted scope the service still holds, or the narrower ones it holds
+                // under a granted wildcard (`trade:*` granted, `trade:read` held).
+                let mut kept: Vec<&str> = Vec::new();
+                for g in t.scopes.iter() {
+                    if held.allows(g.as_str()) {
+                        kept.push(g.as_str());
+                    } else {
+                        kept.extend(held.iter().filter(|h| g.grants(h.as_str())).map(|h| h.as_str()));
+                    }
+                }
+                let mut seen = std::collections::HashSet::new();
+                kept.retain(|s| seen.insert(*s));
+                Cow::Owned(
+                    http::HeaderValue::from_str(&kept.join(" "))
+                        .unwrap_or(http::HeaderValue::from_static("")),
+                )
+            }
         }
     }
 

@@ -1,0 +1,475 @@
+"""Establishing the :class:`~permiso.caller.Caller` of a request, framework-free.
+
+- :class:`SidecarGate`: behind a Permiso sidecar, read the ``X-Permiso-*`` headers it sets,
+  but only from a request whose TCP peer is one of the configured sidecar addresses.
+- :class:`JwtVerifier`: standalone, verify Permiso's RFC 9068 access tokens locally against
+  the admin plane's JWKS.
+- :class:`Introspector`: standalone, ask the admin plane (RFC 7662) with a short cache.
+
+Each raises :class:`~permiso.caller.Denial` with the sidecar's answer when it refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import hashlib
+import ipaddress
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote_plus
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .caller import Caller, Denial
+from .client import VerifyTypes, _ssl_context
+
+__all__ = ["Introspector", "JwtVerifier", "SidecarGate", "bearer_token"]
+
+log = logging.getLogger("permiso.verify")
+
+ALGORITHM = "EdDSA"
+_TYPES = ("at+jwt", "application/at+jwt")
+
+
+def bearer_token(authorization: Sequence[str]) -> str:
+    """The credential of the request's ``Authorization`` header values, as the sidecar reads
+    them: none or another scheme → 401 without error code; two headers → 400."""
+    if not authorization:
+        raise Denial.missing_credential()
+    if len(authorization) > 1:
+        raise Denial.bad_request("duplicate_authorization")
+    scheme, _, token = authorization[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise Denial.missing_credential("not_bearer")
+    token = token.strip()
+    if not token or not token.isascii():
+        raise Denial.invalid_token("malformed")
+    return token
+
+
+# Behind a sidecar.
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SidecarGate:
+    """Trusts ``X-Permiso-*`` only on requests from ``trusted_proxies`` (addresses or CIDRs).
+
+    A request from anywhere else is refused (401) whatever headers it carries: a service
+    reachable without its sidecar cannot be fooled by a caller who sets them itself. The
+    address checked is the TCP peer as the ASGI server reports it: run uvicorn with
+    ``proxy_headers=False`` (``--no-proxy-headers``), or it replaces the peer with the
+    ``X-Forwarded-For`` the sidecar sends (the original caller's address).
+    """
+
+    HEADERS = (
+        "x-permiso-service-id",
+        "x-permiso-service-name",
+        "x-permiso-scopes",
+        "x-permiso-key-id",
+        "x-permiso-token-id",
+        "x-permiso-environment",
+        "x-permiso-trusted",
+        "x-permiso-client-cert-identity",
+    )
+
+    def __init__(self, trusted_proxies: Iterable[str] = ("127.0.0.1/32", "::1/128")) -> None:
+        self.networks: tuple[_Network, ...] = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
+        if not self.networks:
+            raise ValueError("trusted_proxies is empty: no request could ever be trusted")
+
+    def trusts(self, peer: str | None) -> bool:
+        if not peer:
+            return False
+        try:
+            ip = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in self.networks)
+
+    def caller(self, peer: str | None, headers: Mapping[str, str]) -> Caller:
+        """``headers``: a case-insensitive mapping (Starlette's ``request.headers``) or one
+        with lower-case names."""
+        if not self.trusts(peer):
+            # Identity headers from anyone else are a forgery or a misconfiguration.
+            forged = [h for h in self.HEADERS if h in headers]
+            log.warning("refused a request from %s: not a sidecar address (identity headers: %s)", peer, forged)
+            raise Denial.missing_credential("not_from_sidecar")
+        service_id = headers.get("x-permiso-service-id")
+        if not service_id:
+            # The sidecar forwarded it without identity (a public route there).
+            raise Denial.missing_credential("no_identity_headers")
+        return Caller(
+            service_id=service_id,
+            service_name=headers.get("x-permiso-service-name"),
+            scopes=tuple(headers.get("x-permiso-scopes", "").split()),
+            key_id=headers.get("x-permiso-key-id"),
+            token_id=headers.get("x-permiso-token-id"),
+            environment=headers.get("x-permiso-environment"),
+            trusted=headers.get("x-permiso-trusted") == "true",
+            client_cert_identity=headers.get("x-permiso-client-cert-identity"),
+            via="sidecar",
+        )
+
+
+# Standalone: local JWT verification.
+
+
+def _b64url(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def _ed25519(jwk: Mapping[str, Any]) -> Ed25519PublicKey | None:
+    if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        return None
+    if jwk.get("alg", ALGORITHM) != ALGORITHM or jwk.get("use", "sig") != "sig":
+        return None
+    try:
+        raw = _b64url(str(jwk.get("x", "")))
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != 32:
+        return None
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def looks_like_jwt(token: str) -> bool:
+    return token.startswith("eyJ") and token.count(".") == 2
+
+
+class JwtVerifier:
+    """Verifies Permiso access tokens (RFC 9068) locally, as the sidecar does.
+
+    Accepted only: ``alg`` EdDSA (never ``none``, never HMAC), ``typ`` ``at+jwt``, a ``kid``
+    published in the JWKS, a good signature, ``iss == issuer``, ``aud`` naming ``audience``,
+    ``exp``/``nbf`` within ``leeway`` seconds of ``clock()``.
+
+    The key set is fetched on first use and kept for ``jwks_ttl`` seconds; a token naming a
+    ``kid`` not in it triggers a refetch, at most once per ``refetch_interval`` seconds (so
+    invented kids cannot make it hammer the admin plane). Permiso publishes a rotated-in key
+    ``signing_key_publish_delay_seconds`` (300) before it signs with it.
+
+    A certificate-bound token (``cnf``, RFC 8705) is refused: this verifier cannot see the
+    client certificate; put such callers behind a sidecar.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        jwks_url: str | None = None,
+        *,
+        leeway: float = 30.0,
+        jwks_ttl: float = 300.0,
+        refetch_interval: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        http_client: httpx.AsyncClient | None = None,
+        timeout: float = 5.0,
+        verify: VerifyTypes = True,
+    ) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.jwks_url = jwks_url or f"{issuer.rstrip('/')}/.well-known/jwks.json"
+        self.leeway = leeway
+        self.jwks_ttl = jwks_ttl
+        self.refetch_interval = refetch_interval
+        self.clock = clock
+        self._http = http_client
+        self._timeout = timeout
+        self._verify = _ssl_context(verify, None)
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._fetched_at: float | None = None  # last successful fetch
+        self._tried_at: float | None = None  # last attempt
+        self._generation = 0
+        self._lock: asyncio.Lock | None = None
+        #: How many times the key set was fetched (for metrics and tests).
+        self.fetches = 0
+
+    async def verify(self, token: str) -> Caller:
+        if not looks_like_jwt(token):
+            raise Denial.invalid_token("not_a_jwt")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Denial.invalid_token("jwt_malformed") from None
+        if header.get("alg") != ALGORITHM:
+            raise Denial.invalid_token("jwt_algorithm_not_allowed")
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in _TYPES:
+            raise Denial.invalid_token("jwt_wrong_typ")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise Denial.invalid_token("jwt_missing_kid")
+        key = await self._key(kid)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                # Claims are judged below, on the injected clock.
+                options={
+                    "verify_signature": True,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                    "require": [],
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise Denial.invalid_token("jwt_bad_signature") from None
+        except jwt.PyJWTError:
+            raise Denial.invalid_token("jwt_malformed") from None
+        return self._caller(claims)
+
+    def _caller(self, c: Mapping[str, Any]) -> Caller:
+        if c.get("iss") != self.issuer:
+            raise Denial.invalid_token("jwt_wrong_issuer")
+        aud = c.get("aud")
+        if not (aud == self.audience or (isinstance(aud, list) and self.audience in aud)):
+            raise Denial.invalid_token("jwt_wrong_audience")
+        exp, nbf = c.get("exp"), c.get("nbf")
+        if not isinstance(exp, (int, float)) or (nbf is not None and not isinstance(nbf, (int, float))):
+            raise Denial.invalid_token("jwt_malformed")
+        now = self.clock()
+        if now >= exp + self.leeway:
+            raise Denial.invalid_token("jwt_expired")
+        if nbf is not None and now < nbf - self.leeway:
+            raise Denial.invalid_token("jwt_not_yet_valid")
+        client_id, scope, jti = c.get("client_id", c.get("sub")), c.get("scope", ""), c.get("jti")
+        if not isinstance(client_id, str) or not isinstance(scope, str):
+            raise Denial.invalid_token("jwt_malformed")
+        if c.get("cnf") is not None:
+            raise Denial.invalid_token("certificate_bound_token")
+        return Caller(
+            service_id=client_id,
+            scopes=tuple(scope.split()),
+            trusted=c.get("is_trusted") is True,
+            token_id=jti if isinstance(jti, str) else None,
+            via="jwt",
+            claims=dict(c),
+        )
+
+    # The key set.
+
+    async def _key(self, kid: str) -> Ed25519PublicKey:
+        now = self.clock()
+        stale = self._fetched_at is None or now - self._fetched_at >= self.jwks_ttl
+        # Unknown kid or an old set: fetch again, but never more often than refetch_interval
+        # (invented kids, or an admin plane that is down, must not turn into a flood).
+        if (kid not in self._keys or stale) and (
+            self._tried_at is None or now - self._tried_at >= self.refetch_interval
+        ):
+            await self._refresh(self._generation)
+        key = self._keys.get(kid)
+        if key is None:
+            if self._fetched_at is None:
+                raise Denial.unavailable("jwks_unavailable")
+            raise Denial.invalid_token("jwt_unknown_kid")
+        return key
+
+    async def _refresh(self, seen: int) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._generation != seen:
+                return  # another request fetched while this one waited
+            self._generation += 1
+            self._tried_at = self.clock()
+            try:
+                keys = await self._fetch()
+            except (httpx.HTTPError, ValueError) as e:
+                log.error("JWKS fetch from %s failed: %r (keeping %d keys)", self.jwks_url, e, len(self._keys))
+                return
+            self._keys, self._fetched_at = keys, self.clock()
+            log.info("JWKS fetched from %s: %d keys", self.jwks_url, len(keys))
+
+    async def _fetch(self) -> dict[str, Ed25519PublicKey]:
+        self.fetches += 1
+        if self._http is not None:
+            r = await self._http.get(self.jwks_url)
+        else:
+            async with httpx.AsyncClient(timeout=self._timeout, verify=self._verify) as http:
+                r = await http.get(self.jwks_url)
+        r.raise_for_status()
+        doc = r.json()
+        out: dict[str, Ed25519PublicKey] = {}
+        for jwk in doc.get("keys", []) if isinstance(doc, dict) else []:
+            if isinstance(jwk, dict) and isinstance(jwk.get("kid"), str):
+                key = _ed25519(jwk)
+                if key is not None:
+                    out[jwk["kid"]] = key
+        return out
+
+
+# Standalone: RFC 7662 introspection.
+
+
+class Introspector:
+    """Asks the admin plane's ``/oauth/introspect`` whether a token (a JWT or an API key) is
+    active, and caches the answer for ``cache_ttl`` seconds.
+
+    Credentials, one of: ``client_id`` + ``client_secret`` (the resource server's own OAuth2
+    client; ``auth_method`` basic or post), ``api_key`` (a service key, sent as Bearer), or
+    ``admin_key``. Permiso answers ``{"active": false}`` for another service's token unless
+    that credential's service holds ``token:introspect``: give it that scope.
+
+    Cache semantics: an answer, active or not, is reused for ``cache_ttl`` seconds from when it
+    was received (never past the token's ``exp``). A token revoked meanwhile is therefore still
+    accepted until its cached answer is ``cache_ttl`` old, and refused from then on: revocation
+    takes effect within ``cache_ttl``. ``cache_ttl=0`` asks on every request.
+
+    If the admin plane cannot answer (down, 5xx, our credentials refused), the request is
+    refused with 503 ``temporarily_unavailable`` (fail closed).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        auth_method: str = "client_secret_basic",
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        audience: str | None = None,
+        cache_ttl: float = 10.0,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        http_client: httpx.AsyncClient | None = None,
+        timeout: float = 5.0,
+        verify: VerifyTypes = True,
+    ) -> None:
+        given = [bool(client_id and client_secret), bool(api_key), bool(admin_key)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one credential: client_id + client_secret, api_key or admin_key")
+        if auth_method not in ("client_secret_basic", "client_secret_post"):
+            raise ValueError(f"unknown auth_method {auth_method!r}")
+        self.url = url
+        self.audience = audience
+        self.cache_ttl = cache_ttl
+        self.cache_size = cache_size
+        self.clock = clock
+        self._headers: dict[str, str] = {"Accept": "application/json"}
+        self._form: dict[str, str] = {}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        elif admin_key:
+            self._headers["X-Admin-Api-Key"] = admin_key
+        elif auth_method == "client_secret_post":
+            self._form = {"client_id": client_id or "", "client_secret": client_secret or ""}
+        else:
+            # RFC 6749 §2.3.1: each part form-urlencoded, then base64.
+            raw = f"{quote_plus(client_id or '', safe='')}:{quote_plus(client_secret or '', safe='')}"
+            self._headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode()
+        self._http = http_client
+        self._own: dict[int, httpx.AsyncClient] = {}
+        self._timeout = timeout
+        self._verify = _ssl_context(verify, None)
+        self._cache: OrderedDict[bytes, tuple[float, Caller | None]] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[Caller | None]] = {}  # one event loop
+        #: How many introspection requests were sent (for metrics and tests).
+        self.requests = 0
+
+    async def verify(self, token: str) -> Caller:
+        key = hashlib.sha256(token.encode()).digest()
+        now = self.clock()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < self.cache_ttl:
+            caller = hit[1]
+        else:
+            caller = await self._introspect_once(key, token)
+        if caller is None:
+            raise Denial.invalid_token("inactive")
+        exp = caller.claims.get("exp")
+        if isinstance(exp, (int, float)) and self.clock() >= exp:
+            raise Denial.invalid_token("expired")
+        return caller
+
+    def forget(self, token: str | None = None) -> None:
+        """Drop one token's cached answer, or all of them."""
+        if token is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(hashlib.sha256(token.encode()).digest(), None)
+
+    async def _introspect_once(self, key: bytes, token: str) -> Caller | None:
+        # Concurrent requests with the same uncached token share one introspection, run as a
+        # task of its own so that a request going away does not cancel it for the others.
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._introspect(token))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._done, key))
+        return await asyncio.shield(task)
+
+    def _done(self, key: bytes, task: asyncio.Future[Caller | None]) -> None:
+        self._inflight.pop(key, None)
+        if task.cancelled() or task.exception() is not None:
+            return  # nothing cached: the next request asks again
+        self._cache[key] = (self.clock(), task.result())
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is not None:
+            return self._http
+        loop = id(asyncio.get_running_loop())
+        client = self._own.get(loop)
+        if client is None:
+            client = self._own[loop] = httpx.AsyncClient(timeout=self._timeout, verify=self._verify)
+        return client
+
+    async def _introspect(self, token: str) -> Caller | None:
+        self.requests += 1
+        try:
+            r = await self._client().post(self.url, data={"token": token, **self._form}, headers=self._headers)
+        except httpx.HTTPError as e:
+            log.error("introspection at %s failed: %r", self.url, e)
+            raise Denial.unavailable("introspection_unreachable") from None
+        if r.status_code != 200:
+            log.error("introspection at %s answered %d: %s", self.url, r.status_code, r.text[:200])
+            raise Denial.unavailable(f"introspection_status_{r.status_code}")
+        try:
+            body = r.json()
+        except ValueError:
+            raise Denial.unavailable("introspection_not_json") from None
+        if not isinstance(body, dict) or body.get("active") is not True:
+            return None
+        if str(body.get("token_type", "Bearer")).lower() != "bearer":
+            return None
+        if self.audience is not None:
+            aud = body.get("aud")
+            if not (aud == self.audience or (isinstance(aud, list) and self.audience in aud)):
+                log.info("introspected token for another audience (%r)", aud)
+                return None
+        client_id = body.get("client_id") or body.get("sub")
+        if not isinstance(client_id, str):
+            return None
+        scope = body.get("scope") or ""
+        jti = body.get("jti")
+        return Caller(
+            service_id=client_id,
+            scopes=tuple(str(scope).split()),
+            trusted=body.get("is_trusted") is True,
+            token_id=jti if isinstance(jti, str) else None,
+            via="introspection",
+            claims=body,
+        )
+
+    async def aclose(self) -> None:
+        for client in self._own.values():
+            await client.aclose()
+        self._own.clear()
