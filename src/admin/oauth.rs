@@ -17,6 +17,7 @@ use crate::admin::auth::{self, Actor};
 use crate::admin::error::ApiError;
 use crate::admin::extract::FormBody;
 use crate::admin::model::MAX_TOKEN_LIFETIME;
+use crate::admin::storage::StoreError;
 use crate::admin::throttle;
 use crate::admin::AppState;
 use crate::core::ids;
@@ -591,26 +592,38 @@ pub async fn introspect(
         .get("token")
         .ok_or_else(|| invalid_request("token is required"))?;
     if jwt::looks_like_jwt(token) {
-        return Ok(match active_claims(&st, token).await? {
-            Some(c) if who.may_see(&c.client_id) => Json(json!({
-                "active": true,
-                "scope": c.scope,
-                "client_id": c.client_id,
-                "sub": c.sub,
-                "aud": c.aud,
-                "iss": c.iss,
-                "exp": c.exp,
-                "iat": c.iat,
-                "nbf": c.nbf,
-                "jti": c.jti,
-                "is_trusted": c.is_trusted,
-                "token_type": "Bearer",
-                // RFC 8705 §3.2: a bound token's confirmation.
-                "cnf": c.cnf,
-            }))
-            .pipe_strip_null_cnf(),
-            _ => inactive(),
-        });
+        let c = match active_claims(&st, token).await? {
+            Some(c) if who.may_see(&c.client_id) => c,
+            _ => return Ok(inactive()),
+        };
+        // What the token may do now, as the sidecar judges it: the scopes its service still
+        // holds, trusted only while the service is (RFC 7662 §2.2 leaves "active" and what
+        // it carries to the server; an answer wider than the sidecar's would let a
+        // standalone resource server accept what the sidecar refuses).
+        let svc = match st.store.get_service(&c.client_id).await {
+            Ok(svc) => svc,
+            Err(StoreError::NotFound) => return Ok(inactive()), // deleted since
+            Err(e) => return Err(ApiError::from_store(e, "service")),
+        };
+        let held = ScopeSet::parse(&svc.scopes).unwrap_or_default();
+        let scope = held.still_held(c.scope.split(' ')).join(" ");
+        return Ok(Json(json!({
+            "active": true,
+            "scope": scope,
+            "client_id": c.client_id,
+            "sub": c.sub,
+            "aud": c.aud,
+            "iss": c.iss,
+            "exp": c.exp,
+            "iat": c.iat,
+            "nbf": c.nbf,
+            "jti": c.jti,
+            "is_trusted": c.is_trusted && svc.is_trusted,
+            "token_type": "Bearer",
+            // RFC 8705 §3.2: a bound token's confirmation.
+            "cnf": c.cnf,
+        }))
+        .pipe_strip_null_cnf());
     }
     let Ok(parsed) = key::parse(token) else {
         return Ok(inactive());

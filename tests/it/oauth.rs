@@ -1119,4 +1119,38 @@ fn a_token_passes_on_only_the_scopes_its_service_still_holds() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Introspection answers what the sidecar forwards: the scopes still held, and trust only
+    // while the service has it (a standalone resource server must not accept more).
+    let (_, v) = introspect(
+        &h,
+        Some((wide.service_id.as_str(), wide.client_secret.as_str())),
+        &jwt,
+    );
+    assert_eq!(
+        (v["active"].clone(), v["scope"].clone()),
+        (json!(true), json!("trade:read")),
+        "{v}"
+    );
+    let ops = h.create(json!({"service_name": "ops", "scopes": ["admin:system"], "is_trusted": true}));
+    let me = Some((ops.service_id.as_str(), ops.client_secret.as_str()));
+    let jwt = h.token(&ops, Some("admin:system"));
+    let (_, v) = introspect(&h, me, &jwt);
+    assert_eq!(
+        (v["scope"].clone(), v["is_trusted"].clone()),
+        (json!("admin:system"), json!(true)),
+        "{v}"
+    );
+    let (s, v) = h.admin_req(
+        reqwest::Method::PATCH,
+        &format!("/auth/admin/services/{}", ops.service_id),
+        Some(json!({ "is_trusted": false, "scopes": ["account:read"] })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = introspect(&h, me, &jwt);
+    assert_eq!(v["active"], true, "{v}");
+    assert_eq!(
+        (v["scope"].clone(), v["is_trusted"].clone()),
+        (json!(""), json!(false)),
+        "{v}"
+    );
 }

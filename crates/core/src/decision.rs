@@ -27,7 +27,7 @@ use crate::limiter::{Local, Outcome, Refused};
 use crate::path;
 use crate::ratelimit::RateStatus;
 use crate::routes::{Access, Route, RouteTable};
-use crate::scope::ScopeSet;
+use crate::scope::{Scope, ScopeSet};
 use crate::snapshot::{ServiceEntry, Snapshot};
 use crate::token_cache::{TokenCache, VerifiedToken};
 
@@ -90,18 +90,7 @@ impl Principal {
                 if t.scopes.iter().all(|s| held.allows(s.as_str())) {
                     return Cow::Borrowed(&t.scopes_header);
                 }
-                // Each granted scope the service still holds, or the narrower ones it holds
-                // under a granted wildcard (`trade:*` granted, `trade:read` held).
-                let mut kept: Vec<&str> = Vec::new();
-                for g in t.scopes.iter() {
-                    if held.allows(g.as_str()) {
-                        kept.push(g.as_str());
-                    } else {
-                        kept.extend(held.iter().filter(|h| g.grants(h.as_str())).map(|h| h.as_str()));
-                    }
-                }
-                let mut seen = std::collections::HashSet::new();
-                kept.retain(|s| seen.insert(*s));
+                let kept = held.still_held(t.scopes.iter().map(Scope::as_str));
                 Cow::Owned(
                     http::HeaderValue::from_str(&kept.join(" "))
                         .unwrap_or(http::HeaderValue::from_static("")),

@@ -119,6 +119,30 @@ impl ScopeSet {
     pub fn joined(&self) -> String {
         join(&self.0)
     }
+
+    /// Of the scopes `granted` to a token, what this (the service's current) set still
+    /// holds: each granted scope it allows, or, under a granted wildcard it no longer holds
+    /// whole, the narrower scopes it does (`trade:*` granted, `trade:read` held). In order,
+    /// without repeats. A token never carries more than its service holds now, whether the
+    /// sidecar or introspection reads it.
+    pub fn still_held<'a>(&'a self, granted: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+        let mut kept: Vec<&str> = Vec::new();
+        for g in granted {
+            if self.allows(g) {
+                kept.push(g);
+            } else if let Some(stem) = g.strip_suffix('*').filter(|s| s.ends_with(':')) {
+                kept.extend(
+                    self.0
+                        .iter()
+                        .map(Scope::as_str)
+                        .filter(|h| h.len() > stem.len() && h.starts_with(stem)),
+                );
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        kept.retain(|s| seen.insert(*s));
+        kept
+    }
 }
 
 pub fn join(scopes: &[Scope]) -> String {
@@ -145,6 +169,37 @@ mod tests {
         assert_eq!(ScopeSet::parse(&many).unwrap().iter().count(), MAX_SCOPES);
         let too_many: Vec<String> = (0..=MAX_SCOPES).map(|i| format!("s:{i}")).collect();
         assert_eq!(ScopeSet::parse(&too_many), Err(ScopeError::TooMany));
+    }
+
+    #[test]
+    fn a_token_keeps_only_what_its_service_still_holds() {
+        let held = set(&["trade:read", "trade:open", "account:read", "admin:*"]);
+        let granted = [
+            "trade:*",
+            "account:read",
+            "account:balance",
+            "admin:system",
+            "trade:read",
+            "x:*",
+        ];
+        assert_eq!(
+            held.still_held(granted),
+            ["trade:read", "trade:open", "account:read", "admin:system"]
+        );
+        assert!(held.still_held(["trade", "trade:", "account:*:x"]).is_empty());
+        // Every kept scope is allowed by the service, and was granted (or is under a grant).
+        for g in ["a:*", "a:b", "a:b:*", "*", "a:b:c"] {
+            for h in [&["a:b:c"][..], &["a:*"], &["a:b", "a:b:d"], &[]] {
+                let held = set(h);
+                for k in held.still_held([g]) {
+                    assert!(held.allows(k), "{g} / {h:?}: {k}");
+                    assert!(
+                        g == k || Scope::parse(g).is_ok_and(|g| g.grants(k)),
+                        "{g} / {h:?}: {k}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import datetime
 import logging
+import math
 import random as _random
+import re
 import ssl
 import threading
 import time
@@ -44,6 +47,8 @@ VerifyTypes = bool | str | ssl.SSLContext
 _RETRYABLE = frozenset({429, 500, 502, 503, 504})
 #: Used when a token answer has no ``expires_in`` (Permiso always sends one).
 DEFAULT_EXPIRES_IN = 300.0
+#: Longer than any lifetime Permiso issues; a larger ``expires_in`` is a broken answer.
+MAX_EXPIRES_IN = 86400.0 * 366
 
 
 class TokenError(Exception):
@@ -131,12 +136,14 @@ def _retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,10}", value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:  # an HTTP date is always GMT (RFC 9110 §5.6.7)
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - now)
 
 
@@ -212,8 +219,10 @@ class _Config:
                 expires_in = float(body.get("expires_in", DEFAULT_EXPIRES_IN))
             except (ValueError, KeyError, TypeError) as e:
                 raise TokenError(f"token endpoint answered 200 without a token: {e}", status_code=200) from None
-            if not isinstance(access_token, str) or str(token_type).lower() != "bearer":
+            if not isinstance(access_token, str) or not access_token or str(token_type).lower() != "bearer":
                 raise TokenError("token endpoint answered a non-Bearer token", status_code=200)
+            if not (math.isfinite(expires_in) and 0 < expires_in <= MAX_EXPIRES_IN):
+                raise TokenError(f"token endpoint answered expires_in={expires_in}", status_code=200)
             return Token(access_token, "Bearer", expires_in, body.get("scope"), sent_at)
         error = description = None
         try:
@@ -312,14 +321,21 @@ class TokenClient:
             if self._cfg.fresh(tok):
                 return tok  # type: ignore[return-value]
             if self._generation != generation and self._error is not None:
+                # A fetch ended while this caller waited, and failed: share its error.
                 raise self._error._again()
-            self._generation += 1
+            self._error = None
             try:
                 tok = self._fetch()
             except TokenError as e:
                 self._error = e
                 raise
-            self._token, self._error = tok, None
+            except BaseException as e:
+                self._error = TokenError(f"token fetch failed: {e!r}")
+                raise
+            finally:
+                # Bumped when the fetch ends: every caller that arrived while it ran shares it.
+                self._generation += 1
+            self._token = tok
             self.fetches += 1
             return tok
 
@@ -427,13 +443,21 @@ class AsyncTokenClient:
                 return tok  # type: ignore[return-value]
             if self._generation != generation and self._error is not None:
                 raise self._error._again()
-            self._generation += 1
+            self._error = None
             try:
                 tok = await self._fetch()
             except TokenError as e:
                 self._error = e
                 raise
-            self._token, self._error = tok, None
+            except asyncio.CancelledError:
+                # This caller went away; the others fetch for themselves (no error to share).
+                raise
+            except BaseException as e:
+                self._error = TokenError(f"token fetch failed: {e!r}")
+                raise
+            finally:
+                self._generation += 1
+            self._token = tok
             self.fetches += 1
             return tok
 

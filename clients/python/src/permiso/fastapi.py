@@ -129,9 +129,11 @@ class PermisoAuth:
 
     @staticmethod
     def behind_sidecar(
-        app: FastAPI | None = None, trusted_proxies: Iterable[str] = ("127.0.0.1/32", "::1/128")
+        app: FastAPI | None = None,
+        trusted_proxies: Iterable[str] = ("127.0.0.1/32", "::1/128"),
+        **options: bool,
     ) -> "SidecarIdentity":
-        return SidecarIdentity(trusted_proxies, app=app)
+        return SidecarIdentity(trusted_proxies, app=app, **options)
 
     @staticmethod
     def jwt(app: FastAPI | None = None, *, issuer: str, audience: str, **options: Any) -> "JWTBearer":
@@ -148,10 +150,15 @@ class SidecarIdentity(PermisoAuth):
     serve with uvicorn's ``proxy_headers=False``)."""
 
     def __init__(
-        self, trusted_proxies: Iterable[str] = ("127.0.0.1/32", "::1/128"), *, app: FastAPI | None = None
+        self,
+        trusted_proxies: Iterable[str] = ("127.0.0.1/32", "::1/128"),
+        *,
+        app: FastAPI | None = None,
+        allow_wide: bool = False,
+        allow_forwarded_ips: bool = False,
     ) -> None:
         super().__init__(app)
-        self.gate = SidecarGate(trusted_proxies)
+        self.gate = SidecarGate(trusted_proxies, allow_wide=allow_wide, allow_forwarded_ips=allow_forwarded_ips)
 
     async def authenticate(self, request: Request) -> Caller:
         peer = request.client.host if request.client else None
@@ -209,10 +216,10 @@ class IntrospectionAuth(PermisoAuth):
 
 
 def sidecar_identity(
-    trusted_proxies: Iterable[str] = ("127.0.0.1/32", "::1/128"), *, app: FastAPI | None = None
+    trusted_proxies: Iterable[str] = ("127.0.0.1/32", "::1/128"), *, app: FastAPI | None = None, **options: bool
 ) -> SidecarIdentity:
     """``Depends(sidecar_identity([...]))`` gives the :class:`Caller` the sidecar named."""
-    return SidecarIdentity(trusted_proxies, app=app)
+    return SidecarIdentity(trusted_proxies, app=app, **options)
 
 
 def jwt_bearer(issuer: str, audience: str, jwks_url: str | None = None, **options: Any) -> JWTBearer:

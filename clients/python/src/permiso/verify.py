@@ -18,6 +18,9 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import os
+import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +31,7 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from . import scopes as _scopes
 from .caller import Caller, Denial
 from .client import VerifyTypes, _ssl_context
 
@@ -67,7 +71,18 @@ class SidecarGate:
     reachable without its sidecar cannot be fooled by a caller who sets them itself. The
     address checked is the TCP peer as the ASGI server reports it: run uvicorn with
     ``proxy_headers=False`` (``--no-proxy-headers``), or it replaces the peer with the
-    ``X-Forwarded-For`` the sidecar sends (the original caller's address).
+    ``X-Forwarded-For`` the sidecar sends (the original caller's address). Worse, with
+    ``--forwarded-allow-ips``/``FORWARDED_ALLOW_IPS`` widened, a direct caller's own
+    ``X-Forwarded-For: 127.0.0.1`` would become the peer: the gate refuses to start when it
+    sees either set, unless ``allow_forwarded_ips=True`` says the operator knows why.
+
+    ``trusted_proxies`` entries must be exact networks (``127.0.0.1/32``, not ``127.0.0.5/8``)
+    and no wider than /8 (IPv4) or /32 (IPv6) unless ``allow_wide=True``: trusting half the
+    internet is a typo, not a deployment.
+
+    The headers are judged as the sidecar writes them: each at most once (two of one name is
+    a forgery appended to the sidecar's own: 401), ``X-Permiso-Trusted`` exactly ``true`` or
+    ``false``, ``X-Permiso-Scopes`` well-formed scopes separated by single spaces.
     """
 
     HEADERS = (
@@ -81,10 +96,36 @@ class SidecarGate:
         "x-permiso-client-cert-identity",
     )
 
-    def __init__(self, trusted_proxies: Iterable[str] = ("127.0.0.1/32", "::1/128")) -> None:
-        self.networks: tuple[_Network, ...] = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
-        if not self.networks:
+    def __init__(
+        self,
+        trusted_proxies: Iterable[str] = ("127.0.0.1/32", "::1/128"),
+        *,
+        allow_wide: bool = False,
+        allow_forwarded_ips: bool = False,
+    ) -> None:
+        if isinstance(trusted_proxies, str):
+            trusted_proxies = (trusted_proxies,)
+        networks: list[_Network] = []
+        for p in trusted_proxies:
+            try:
+                n = ipaddress.ip_network(p.strip(), strict=True)
+            except ValueError as e:
+                raise ValueError(f"trusted_proxies entry {p!r} is not an exact address or network: {e}") from None
+            if isinstance(n, ipaddress.IPv6Network) and n.network_address.ipv4_mapped is not None and n.prefixlen >= 96:
+                # ::ffff:a.b.c.d/n is the IPv4 network a.b.c.d/(n-96): peers are compared as IPv4.
+                n = ipaddress.IPv4Network((n.network_address.ipv4_mapped, n.prefixlen - 96))
+            widest = 8 if n.version == 4 else 32
+            if n.prefixlen < widest and not allow_wide:
+                raise ValueError(
+                    f"trusted_proxies entry {p!r} is wider than /{widest}: list the sidecar's "
+                    "addresses (or pass allow_wide=True if that is really meant)"
+                )
+            networks.append(n)
+        if not networks:
             raise ValueError("trusted_proxies is empty: no request could ever be trusted")
+        self.networks: tuple[_Network, ...] = tuple(networks)
+        if not allow_forwarded_ips:
+            _refuse_forwarded_allow_ips()
 
     def trusts(self, peer: str | None) -> bool:
         if not peer:
@@ -98,27 +139,64 @@ class SidecarGate:
         return any(ip in n for n in self.networks)
 
     def caller(self, peer: str | None, headers: Mapping[str, str]) -> Caller:
-        """``headers``: a case-insensitive mapping (Starlette's ``request.headers``) or one
-        with lower-case names."""
+        """``headers``: Starlette's ``request.headers`` (or any case-insensitive mapping with
+        ``getlist``; a plain mapping with lower-case names cannot show duplicates)."""
         if not self.trusts(peer):
             # Identity headers from anyone else are a forgery or a misconfiguration.
             forged = [h for h in self.HEADERS if h in headers]
             log.warning("refused a request from %s: not a sidecar address (identity headers: %s)", peer, forged)
             raise Denial.missing_credential("not_from_sidecar")
-        service_id = headers.get("x-permiso-service-id")
+        values: dict[str, str] = {}
+        getlist = getattr(headers, "getlist", None)
+        for h in self.HEADERS:
+            got = getlist(h) if getlist is not None else ([headers[h]] if h in headers else [])
+            if len(got) > 1:
+                log.warning("refused a request from %s: %s appears %d times", peer, h, len(got))
+                raise Denial.missing_credential("duplicate_identity_header")
+            if got:
+                values[h] = got[0]
+        service_id = values.get("x-permiso-service-id")
         if not service_id:
             # The sidecar forwarded it without identity (a public route there).
             raise Denial.missing_credential("no_identity_headers")
+        trusted = values.get("x-permiso-trusted", "false")
+        if trusted not in ("true", "false"):
+            raise Denial.missing_credential("malformed_identity_header")
+        raw_scopes = values.get("x-permiso-scopes", "")
+        scopes = tuple(raw_scopes.split(" ")) if raw_scopes else ()
+        try:
+            for s in scopes:
+                _scopes.validate(s)
+        except ValueError:
+            raise Denial.missing_credential("malformed_identity_header") from None
         return Caller(
             service_id=service_id,
-            service_name=headers.get("x-permiso-service-name"),
-            scopes=tuple(headers.get("x-permiso-scopes", "").split()),
-            key_id=headers.get("x-permiso-key-id"),
-            token_id=headers.get("x-permiso-token-id"),
-            environment=headers.get("x-permiso-environment"),
-            trusted=headers.get("x-permiso-trusted") == "true",
-            client_cert_identity=headers.get("x-permiso-client-cert-identity"),
+            service_name=values.get("x-permiso-service-name"),
+            scopes=scopes,
+            key_id=values.get("x-permiso-key-id"),
+            token_id=values.get("x-permiso-token-id"),
+            environment=values.get("x-permiso-environment"),
+            trusted=trusted == "true",
+            client_cert_identity=values.get("x-permiso-client-cert-identity"),
             via="sidecar",
+        )
+
+
+def _refuse_forwarded_allow_ips() -> None:
+    """uvicorn (and gunicorn's uvicorn worker) rewrite the peer from ``X-Forwarded-For`` for
+    the addresses in ``FORWARDED_ALLOW_IPS``/``--forwarded-allow-ips``; with those widened a
+    direct caller could name a sidecar address as its own. Refuse to run that way."""
+    set_by = []
+    if os.environ.get("FORWARDED_ALLOW_IPS"):
+        set_by.append("FORWARDED_ALLOW_IPS")
+    if any(a == "--forwarded-allow-ips" or a.startswith("--forwarded-allow-ips=") for a in sys.argv):
+        set_by.append("--forwarded-allow-ips")
+    if set_by:
+        raise ValueError(
+            f"{' and '.join(set_by)} is set: the ASGI server may take the peer address from "
+            "X-Forwarded-For, which a caller can write. Serve with proxy headers off "
+            "(uvicorn --no-proxy-headers) and unset it, or pass allow_forwarded_ips=True if "
+            "the server is only reachable through the sidecar."
         )
 
 
@@ -145,6 +223,21 @@ def _ed25519(jwk: Mapping[str, Any]) -> Ed25519PublicKey | None:
 
 def looks_like_jwt(token: str) -> bool:
     return token.startswith("eyJ") and token.count(".") == 2
+
+
+#: An API key: ``svc_live_``/``svc_test_``, 43 base64url characters, a 6-character checksum.
+_API_KEY = re.compile(r"svc_(?:live|test)_[A-Za-z0-9_-]{49}\Z")
+#: Compact JWS: three base64url parts; Permiso's tokens are far below this size.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")
+MAX_TOKEN_LEN = 8192
+
+
+def looks_like_permiso_credential(token: str) -> bool:
+    """Whether ``token`` has the shape of a Permiso access token or API key (nothing else is
+    worth a round trip to the admin plane)."""
+    if len(token) > MAX_TOKEN_LEN:
+        return False
+    return bool(_API_KEY.match(token) or _JWT.match(token))
 
 
 class JwtVerifier:
@@ -304,8 +397,11 @@ class JwtVerifier:
                 r = await http.get(self.jwks_url)
         r.raise_for_status()
         doc = r.json()
+        keys = doc.get("keys") if isinstance(doc, dict) else None
+        if not isinstance(keys, list):
+            raise ValueError("JWKS document has no \"keys\" list")
         out: dict[str, Ed25519PublicKey] = {}
-        for jwk in doc.get("keys", []) if isinstance(doc, dict) else []:
+        for jwk in keys:
             if isinstance(jwk, dict) and isinstance(jwk.get("kid"), str):
                 key = _ed25519(jwk)
                 if key is not None:
@@ -332,6 +428,12 @@ class Introspector:
 
     If the admin plane cannot answer (down, 5xx, our credentials refused), the request is
     refused with 503 ``temporarily_unavailable`` (fail closed).
+
+    What is never sent to the admin plane: a credential that has neither the shape of a
+    Permiso JWT nor of an API key (401 at once), and more than ``max_inflight`` distinct
+    introspections at a time (503 beyond that), so a flood of invented tokens costs the admin
+    plane a bounded number of requests. A certificate-bound token (``cnf``, RFC 8705) is
+    refused: this process cannot see the caller's certificate.
     """
 
     def __init__(
@@ -346,6 +448,7 @@ class Introspector:
         audience: str | None = None,
         cache_ttl: float = 10.0,
         cache_size: int = 10_000,
+        max_inflight: int = 64,
         clock: Callable[[], float] = time.time,
         http_client: httpx.AsyncClient | None = None,
         timeout: float = 5.0,
@@ -360,6 +463,9 @@ class Introspector:
         self.audience = audience
         self.cache_ttl = cache_ttl
         self.cache_size = cache_size
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
+        self.max_inflight = max_inflight
         self.clock = clock
         self._headers: dict[str, str] = {"Accept": "application/json"}
         self._form: dict[str, str] = {}
@@ -383,6 +489,8 @@ class Introspector:
         self.requests = 0
 
     async def verify(self, token: str) -> Caller:
+        if not looks_like_permiso_credential(token):
+            raise Denial.invalid_token("not_a_permiso_credential")
         key = hashlib.sha256(token.encode()).digest()
         now = self.clock()
         hit = self._cache.get(key)
@@ -409,6 +517,9 @@ class Introspector:
         # task of its own so that a request going away does not cancel it for the others.
         task = self._inflight.get(key)
         if task is None:
+            if len(self._inflight) >= self.max_inflight:
+                log.warning("introspection refused: %d already in flight", len(self._inflight))
+                raise Denial.unavailable("introspection_busy")
             task = asyncio.ensure_future(self._introspect(token))
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._done, key))
@@ -455,6 +566,9 @@ class Introspector:
             if not (aud == self.audience or (isinstance(aud, list) and self.audience in aud)):
                 log.info("introspected token for another audience (%r)", aud)
                 return None
+        if body.get("cnf") is not None:
+            log.info("introspected a certificate-bound token: refused (no client certificate here)")
+            return None
         client_id = body.get("client_id") or body.get("sub")
         if not isinstance(client_id, str):
             return None
