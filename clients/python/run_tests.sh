@@ -3,7 +3,8 @@
 # against real Permiso processes on loopback. Makes a venv under <repo>/target/python-venv the
 # first time (python3 >= 3.10 with venv; PyPI for the packages), installs this package
 # (editable, with its fastapi and test extras) and the example's requirements into it, then
-# runs pytest -q. Arguments go to pytest.
+# runs ruff (lint and format), mypy --strict on the package, then pytest -q. Arguments go to
+# pytest.
 #
 #   PERMISO_BIN   the permiso binary (default <repo>/target/debug/permiso)
 set -euo pipefail
@@ -38,4 +39,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 cd "$here"
+# The package is typed (py.typed) and kept to one style: checked before the tests run.
+"$venv/bin/ruff" check -q src tests "$repo/examples/python"
+"$venv/bin/ruff" format -q --check src tests "$repo/examples/python"
+"$venv/bin/mypy" --strict src/permiso | tail -1
 exec "$venv/bin/python" -m pytest -q "$@"

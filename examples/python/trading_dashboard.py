@@ -29,15 +29,17 @@ def main() -> int:
     parser.add_argument("--api", default="http://127.0.0.1:9101", help="the MT5 API: its sidecar, or the app itself")
     parser.add_argument("--token-url", default=os.environ.get("PERMISO_TOKEN_URL", "http://127.0.0.1:8000/oauth/token"))
     parser.add_argument("--client-id", default=os.environ.get("DASHBOARD_CLIENT_ID"))
-    parser.add_argument("--client-secret", default=os.environ.get("DASHBOARD_CLIENT_SECRET"))
     parser.add_argument(
         "--auth-method", default="client_secret_basic", choices=["client_secret_basic", "client_secret_post"]
     )
     args = parser.parse_args()
-    if not args.client_id or not args.client_secret:
-        parser.error("set DASHBOARD_CLIENT_ID and DASHBOARD_CLIENT_SECRET (or --client-id/--client-secret)")
+    # The secret only from the environment: on the command line it would show in `ps` and in
+    # the shell's history.
+    secret = os.environ.get("DASHBOARD_CLIENT_SECRET")
+    if not args.client_id or not secret:
+        parser.error("set DASHBOARD_CLIENT_ID (or --client-id) and DASHBOARD_CLIENT_SECRET")
 
-    tokens = TokenClient(args.token_url, args.client_id, args.client_secret, auth_method=args.auth_method)
+    tokens = TokenClient(args.token_url, args.client_id, secret, auth_method=args.auth_method)
     steps = [
         ("GET", "/api/v1/market/EURUSD", None, 200),
         ("GET", "/api/v1/account", None, 200),

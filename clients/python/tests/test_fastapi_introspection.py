@@ -154,3 +154,40 @@ def test_introspection_unavailable_fails_closed_with_503(stack: Stack, clock: Fa
     svc = wrong.admin.create_service("dashboard", ["trade:read"])
     r = wrong.get("/api/v1/whoami", wrong.token(svc))
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+def test_invented_tokens_cannot_push_real_answers_out_of_the_cache(stack: Stack, clock: FakeClock) -> None:
+    env = Introspected(stack, clock, cache_ttl=60, cache_size=4, negative_cache_size=2)
+    svc = env.admin.create_service("trading-dashboard", ["trade:read"])
+    token = env.token(svc)
+    assert env.get("/api/v1/whoami", token).status_code == 200
+    # Well-shaped but unknown keys: each asked once (the admin plane's answer is the only
+    # way to know), their refusals kept apart in the small negative cache.
+    invented = [f"svc_live_{i:049d}" for i in range(10)]
+    for junk in invented:
+        assert env.get("/api/v1/whoami", junk).status_code == 401
+    assert env.admin.requests_to(INTROSPECT) == 11
+    assert env.get("/api/v1/whoami", token).status_code == 200
+    assert env.get("/api/v1/whoami", invented[-1]).status_code == 401  # still cached
+    assert env.admin.requests_to(INTROSPECT) == 11  # the real answer was never pushed out
+    # Ill-shaped ones never leave the process.
+    for junk in ["nope", "svc_live_short", "eyJ.only-two", "x" * 100]:
+        assert env.get("/api/v1/whoami", junk).status_code == 401
+    assert env.admin.requests_to(INTROSPECT) == 11
+
+
+def test_trust_or_a_scope_taken_from_the_service_ends_at_the_next_introspection(stack: Stack, clock: FakeClock) -> None:
+    env = Introspected(stack, clock, cache_ttl=10)
+    ops = env.admin.create_service("ops-console", ["admin:system", "trade:read", "account:read"], is_trusted=True)
+    token = env.token(ops)
+    assert env.get("/api/v1/admin/stats", token).status_code == 200
+    assert env.get("/api/v1/trades", token).status_code == 200
+    env.admin.http.patch(
+        f"/auth/admin/services/{ops['service_id']}", json={"is_trusted": False, "scopes": ["trade:read"]}
+    ).raise_for_status()
+    clock.advance(10)
+    r = env.get("/api/v1/admin/stats", token)
+    assert r.status_code == 403 and r.json()["error"] == "access_denied"
+    r = env.get("/api/v1/trades", token)
+    assert r.status_code == 403 and r.headers["www-authenticate"].endswith('scope="trade:read account:read"')
+    assert env.get("/api/v1/whoami", token).json()["scopes"] == ["trade:read"]

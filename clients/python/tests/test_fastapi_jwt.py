@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 import httpx
-from conftest import CALLER_ADDRESS, FakeClock, Stack, client_from, free_port, protected_app
+from conftest import CALLER_ADDRESS, FakeClock, Stack, client_from, free_port, protected_app, wait_until
 
 from permiso import TokenClient
 from permiso.fastapi import PermisoAuth
@@ -211,3 +211,24 @@ def test_key_set_unreachable_fails_closed_with_503(stack: Stack, clock: FakeCloc
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"] == "temporarily_unavailable"
     tc.close()
+
+
+def test_a_stale_key_set_is_renewed_in_the_background_and_kept_when_that_fails(stack: Stack, clock: FakeClock) -> None:
+    env = Jwt(stack, clock, jwks_ttl=60, refetch_interval=5)
+    svc = env.admin.create_service("dashboard", ["trade:read", "account:read"])
+    token = env.token(svc)
+    assert env.get("/api/v1/whoami", token).status_code == 200
+    assert env.admin.requests_to(JWKS) == 1
+    # Past the TTL with the admin plane up: answered from the known key, renewed behind.
+    clock.advance(61)
+    assert env.get("/api/v1/whoami", token).status_code == 200
+    wait_until(lambda: env.admin.requests_to(JWKS) == 2, what="the background JWKS fetch")
+    # Past it again with the admin plane gone: the known key still answers, at once.
+    env.admin.stop()
+    clock.advance(61)
+    for _ in range(3):
+        r = env.get("/api/v1/whoami", token)
+        assert r.status_code == 200, r.text
+    # A refusal still needs a known key: an unknown kid is 401, not a wait.
+    header, payload, sig = parts(token)
+    assert env.get("/api/v1/whoami", encode({**header, "kid": "invented"}, payload, sig)).status_code == 401

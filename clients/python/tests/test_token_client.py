@@ -339,3 +339,29 @@ def test_mtls_client_certificate(stack: Stack, tmp_path: Any) -> None:
     with pytest.raises(TokenError) as e:
         no_cert.get_token()
     assert e.value.error == "invalid_client"
+
+
+def test_a_resource_refusing_every_token_does_not_turn_each_call_into_a_fetch(stack: Stack) -> None:
+    from conftest import protected_app
+
+    from permiso.fastapi import PermisoAuth
+
+    admin = stack.admin()
+    svc = admin.create_service("trading-dashboard", DASHBOARD_SCOPES)
+    # A resource that wants another audience: every Permiso token is a 401 there.
+    app, seen = protected_app(lambda app: PermisoAuth.jwt(app, issuer=admin.url, audience="someone-else"))
+    server = stack.serve(app)
+    clock = FakeClock()
+    tc = TokenClient(admin.token_url, svc["service_id"], svc["client_secret"], clock=clock)
+    with client_from(CALLER_ADDRESS, auth=tc.auth) as http:
+        first = http.get(f"{server.url}/api/v1/whoami")
+        assert first.status_code == 401 and [h.status_code for h in first.history] == [401]
+        for _ in range(20):
+            r = http.get(f"{server.url}/api/v1/whoami")
+            assert r.status_code == 401 and not r.history  # returned as is: no fetch, no resend
+        assert admin.tokens_issued() == 2
+        clock.advance(5)  # retry_401_interval later, one more fresh token is worth a try
+        r = http.get(f"{server.url}/api/v1/whoami")
+        assert [h.status_code for h in r.history] == [401]
+    assert admin.tokens_issued() == 3 and tc.fetches == 3 and not seen
+    tc.close()

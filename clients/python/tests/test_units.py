@@ -150,8 +150,18 @@ def test_only_permiso_shaped_credentials_are_worth_introspecting() -> None:
     key = "svc_live_" + "A" * 43 + "abc-_9"
     assert looks_like_permiso_credential(key) and looks_like_permiso_credential(key.replace("live", "test"))
     assert looks_like_permiso_credential("eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln")
-    for bad in [key[:-1], key + "A", key.replace("live", "prod"), key[:-1] + "=", "eyJ.a", "eyJa.b.c.d",
-                "eyJa.b.c=", "x" * 20, "eyJ" + "a" * 9000 + ".b.c", "svc_live_" + "é" * 49]:
+    for bad in [
+        key[:-1],
+        key + "A",
+        key.replace("live", "prod"),
+        key[:-1] + "=",
+        "eyJ.a",
+        "eyJa.b.c.d",
+        "eyJa.b.c=",
+        "x" * 20,
+        "eyJ" + "a" * 9000 + ".b.c",
+        "svc_live_" + "é" * 49,
+    ]:
         assert not looks_like_permiso_credential(bad), bad
 
 
@@ -167,7 +177,7 @@ def test_retry_after_and_token_answers_are_read_strictly() -> None:
     # An HTTP date is GMT even when the zone is missing or "-0000".
     assert _retry_after("Sun, 09 Sep 2001 01:48:00 GMT", now) == 80.0
     assert _retry_after("Sun, 09 Sep 2001 01:48:00 -0000", now) == 80.0
-    cfg = _Config("http://x/oauth/token", "srv_a", "pcs_x", None, "client_secret_basic", 30, 1, 0.5, 30, 120,
+    cfg = _Config("http://x/oauth/token", "srv_a", "pcs_x", None, "client_secret_basic", 30, 1, 0.5, 30, 120, 5,
                   lambda: now, lambda: 0.5)  # fmt: skip
     ok = {"access_token": "t", "token_type": "Bearer"}
     assert cfg.read(httpx.Response(200, json={**ok, "expires_in": 300}), now).expires_at == now + 300
@@ -213,3 +223,28 @@ def test_introspection_sends_nothing_for_invented_tokens_and_caps_what_is_in_fli
     assert outcomes[:4] == [(401, "not_a_permiso_credential")] * 4
     assert outcomes[4] == (503, "introspection_busy")
     assert intro.requests == 2  # the two in flight; nothing for the invented or the refused
+
+
+def test_non_ascii_authorization_is_a_bad_request_as_at_the_sidecar() -> None:
+    # Starlette hands header bytes over as latin-1 text.
+    for value in ["Bearer caf\u00e9", "B\u00e9arer x", "Bearer x\u0080"]:
+        with pytest.raises(Denial) as e:
+            bearer_token([value])
+        assert (e.value.status, e.value.reason) == (400, "authorization_not_ascii"), value
+
+
+def test_a_jwt_lacking_an_rfc_9068_claim_is_refused() -> None:
+    from permiso.verify import JwtVerifier
+
+    v = JwtVerifier("http://as", "permiso", clock=lambda: 1000.0)
+    full = {"iss": "http://as", "aud": "permiso", "exp": 1300, "iat": 1000, "nbf": 1000, "jti": "tok_1",
+            "sub": "srv_a", "client_id": "srv_a", "scope": "a:b"}  # fmt: skip
+    caller = v._caller(full)
+    assert caller.token_id == "tok_1" and caller.claims == full
+    for claim in ["exp", "iat", "nbf", "jti", "sub", "client_id", "scope", "iss", "aud"]:
+        with pytest.raises(Denial) as e:
+            v._caller({k: x for k, x in full.items() if k != claim})
+        assert e.value.status == 401, claim
+    for claim, bad in [("jti", 5), ("sub", ""), ("iat", "1000"), ("scope", None), ("exp", True)]:
+        with pytest.raises(Denial):
+            v._caller({**full, claim: bad})

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import datetime
+import email.utils
 import logging
 import math
 import random as _random
@@ -163,6 +163,7 @@ class _Config:
         backoff_base: float,
         backoff_max: float,
         max_retry_after: float,
+        retry_401_interval: float,
         clock: Callable[[], float],
         random: Callable[[], float],
     ) -> None:
@@ -182,8 +183,22 @@ class _Config:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.max_retry_after = max_retry_after
+        self.retry_401_interval = retry_401_interval
         self.clock = clock
         self.random = random
+
+    def after_401(self, current: Token | None, refused: str, last: float | None) -> tuple[bool, bool]:
+        """After the resource answered 401 to ``refused``: (drop the cached token, resend).
+
+        A token already replaced: resend with the current one. Otherwise drop it and resend,
+        unless a 401 already caused a fetch less than ``retry_401_interval`` ago: a resource
+        that refuses every token (wrong audience, a scope it wants) must not turn each request
+        into a token request."""
+        if current is None or current.access_token != refused:
+            return False, True
+        if last is not None and self.clock() - last < self.retry_401_interval:
+            return False, False
+        return True, True
 
     def fresh(self, token: Token | None) -> bool:
         """Usable until ``expires_at - margin``; the margin is at most half the lifetime, so
@@ -289,6 +304,7 @@ class TokenClient:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         max_retry_after: float = 120.0,
+        retry_401_interval: float = 5.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         random: Callable[[], float] = _random.random,
@@ -296,7 +312,7 @@ class TokenClient:
     ) -> None:
         self._cfg = _Config(
             token_url, client_id, client_secret, scope, auth_method, refresh_margin,
-            max_attempts, backoff_base, backoff_max, max_retry_after, clock, random,
+            max_attempts, backoff_base, backoff_max, max_retry_after, retry_401_interval, clock, random,
         )  # fmt: skip
         self._sleep = sleep
         self._own_http = http_client is None
@@ -305,6 +321,7 @@ class TokenClient:
         self._token: Token | None = None
         self._generation = 0
         self._error: TokenError | None = None
+        self._last_401_drop: float | None = None
         #: Tokens fetched so far (for metrics and logs).
         self.fetches = 0
 
@@ -349,6 +366,15 @@ class TokenClient:
         with self._lock:
             if access_token is None or (self._token is not None and self._token.access_token == access_token):
                 self._token = None
+
+    def refused(self, access_token: str) -> bool:
+        """The resource answered 401 to ``access_token``: whether to resend the request (the
+        next :meth:`get_token` then gives a fresh token). See ``retry_401_interval``."""
+        with self._lock:
+            drop, resend = self._cfg.after_401(self._token, access_token, self._last_401_drop)
+            if drop:
+                self._token, self._last_401_drop = None, self._cfg.clock()
+            return resend
 
     def _fetch(self) -> Token:
         headers, data = self._cfg.request()
@@ -408,6 +434,7 @@ class AsyncTokenClient:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         max_retry_after: float = 120.0,
+        retry_401_interval: float = 5.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         random: Callable[[], float] = _random.random,
@@ -415,7 +442,7 @@ class AsyncTokenClient:
     ) -> None:
         self._cfg = _Config(
             token_url, client_id, client_secret, scope, auth_method, refresh_margin,
-            max_attempts, backoff_base, backoff_max, max_retry_after, clock, random,
+            max_attempts, backoff_base, backoff_max, max_retry_after, retry_401_interval, clock, random,
         )  # fmt: skip
         self._sleep = sleep
         self._own_http = http_client is None
@@ -424,6 +451,7 @@ class AsyncTokenClient:
         self._token: Token | None = None
         self._generation = 0
         self._error: TokenError | None = None
+        self._last_401_drop: float | None = None
         #: Tokens fetched so far (for metrics and logs).
         self.fetches = 0
 
@@ -469,6 +497,14 @@ class AsyncTokenClient:
             if access_token is None or (self._token is not None and self._token.access_token == access_token):
                 self._token = None
 
+    async def refused(self, access_token: str) -> bool:
+        """See :meth:`TokenClient.refused`."""
+        async with self._get_lock():
+            drop, resend = self._cfg.after_401(self._token, access_token, self._last_401_drop)
+            if drop:
+                self._token, self._last_401_drop = None, self._cfg.clock()
+            return resend
+
     async def _fetch(self) -> Token:
         headers, data = self._cfg.request()
         attempt = 0
@@ -505,7 +541,8 @@ class AsyncTokenClient:
 
 class TokenAuth(httpx.Auth):
     """Sends ``Authorization: Bearer <token>``; on a 401 from the resource, forgets that
-    token, fetches a fresh one and resends the request once (the body is buffered for that).
+    token, fetches a fresh one and resends the request once (the body is buffered for that),
+    but at most once per ``retry_401_interval`` (5 s): after that the 401 is returned as is.
 
     Works with ``httpx.Client`` given a :class:`TokenClient`, and with ``httpx.AsyncClient``
     given an :class:`AsyncTokenClient` (or a :class:`TokenClient`, whose fetch then runs in a
@@ -526,9 +563,8 @@ class TokenAuth(httpx.Auth):
         token = client.get_token()
         request.headers["Authorization"] = f"Bearer {token}"
         response = yield request
-        if response.status_code == 401 and self._retry_on_401:
+        if response.status_code == 401 and self._retry_on_401 and client.refused(token):
             log.info("resource answered 401; retrying once with a fresh token")
-            client.invalidate(token)
             request.headers["Authorization"] = f"Bearer {client.get_token()}"
             yield request
 
@@ -539,13 +575,14 @@ class TokenAuth(httpx.Auth):
         request.headers["Authorization"] = f"Bearer {token}"
         response = yield request
         if response.status_code == 401 and self._retry_on_401:
-            log.info("resource answered 401; retrying once with a fresh token")
             if isinstance(client, AsyncTokenClient):
-                await client.invalidate(token)
+                resend = await client.refused(token)
             else:
-                await asyncio.to_thread(client.invalidate, token)
-            request.headers["Authorization"] = f"Bearer {await self._get(client)}"
-            yield request
+                resend = await asyncio.to_thread(client.refused, token)
+            if resend:
+                log.info("resource answered 401; retrying once with a fresh token")
+                request.headers["Authorization"] = f"Bearer {await self._get(client)}"
+                yield request
 
     @staticmethod
     async def _get(client: TokenClient | AsyncTokenClient) -> str:

@@ -74,6 +74,21 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(PermisoDenied, _render)
 
 
+_warned: set[int] = set()
+
+
+def _check_installed(request: Request) -> None:
+    """Say once per app, loudly, when refusals will not carry the sidecar's body."""
+    app = request.app
+    if PermisoDenied not in getattr(app, "exception_handlers", {PermisoDenied: None}) and id(app) not in _warned:
+        _warned.add(id(app))
+        log.error(
+            'permiso.fastapi.install(app) was not called: refusals carry FastAPI\'s {"detail": ...} '
+            'body instead of {"error", "error_description"} (status and WWW-Authenticate are '
+            "right). Pass app= to the dependency's constructor or call install(app) at start."
+        )
+
+
 def _refuse(request: Request, denial: Denial) -> PermisoDenied:
     log.info("refused %s %s: %d %s", request.method, request.url.path, denial.status, denial.reason)
     return PermisoDenied(denial)
@@ -95,6 +110,7 @@ class PermisoAuth:
         try:
             caller = await self.authenticate(request)
         except Denial as d:
+            _check_installed(request)
             raise _refuse(request, d) from None
         request.state.permiso_caller = caller
         return caller
@@ -108,8 +124,10 @@ class PermisoAuth:
 
         async def guard(request: Request, caller: Caller = Depends(self)) -> Caller:
             if trusted and not caller.trusted:
+                _check_installed(request)
                 raise _refuse(request, Denial.not_trusted())
             if caller.missing_scopes(*scopes):
+                _check_installed(request)
                 raise _refuse(request, Denial.insufficient_scope(required))
             return caller
 
@@ -223,10 +241,13 @@ def sidecar_identity(
 
 
 def jwt_bearer(issuer: str, audience: str, jwks_url: str | None = None, **options: Any) -> JWTBearer:
+    """``jwt_bearer(issuer, audience, app=app)``: see :class:`JWTBearer`."""
     return JWTBearer(issuer, audience, jwks_url, **options)
 
 
 def introspection(url: str, **options: Any) -> IntrospectionAuth:
+    """``introspection(url, client_id=..., client_secret=..., app=app)``: see
+    :class:`IntrospectionAuth`."""
     return IntrospectionAuth(url, **options)
 
 

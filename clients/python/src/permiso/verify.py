@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import functools
 import hashlib
 import ipaddress
@@ -45,11 +46,14 @@ _TYPES = ("at+jwt", "application/at+jwt")
 
 def bearer_token(authorization: Sequence[str]) -> str:
     """The credential of the request's ``Authorization`` header values, as the sidecar reads
-    them: none or another scheme → 401 without error code; two headers → 400."""
+    them: none or another scheme → 401 without error code; two headers, or bytes outside
+    ASCII → 400."""
     if not authorization:
         raise Denial.missing_credential()
     if len(authorization) > 1:
         raise Denial.bad_request("duplicate_authorization")
+    if not authorization[0].isascii():
+        raise Denial.bad_request("authorization_not_ascii")
     scheme, _, token = authorization[0].strip().partition(" ")
     if scheme.lower() != "bearer":
         raise Denial.missing_credential("not_bearer")
@@ -285,6 +289,7 @@ class JwtVerifier:
         self._tried_at: float | None = None  # last attempt
         self._generation = 0
         self._lock: asyncio.Lock | None = None
+        self._background: asyncio.Future[None] | None = None
         #: How many times the key set was fetched (for metrics and tests).
         self.fetches = 0
 
@@ -340,16 +345,27 @@ class JwtVerifier:
             raise Denial.invalid_token("jwt_expired")
         if nbf is not None and now < nbf - self.leeway:
             raise Denial.invalid_token("jwt_not_yet_valid")
-        client_id, scope, jti = c.get("client_id", c.get("sub")), c.get("scope", ""), c.get("jti")
-        if not isinstance(client_id, str) or not isinstance(scope, str):
-            raise Denial.invalid_token("jwt_malformed")
+        # RFC 9068 §2.2: every one of these is required (Permiso always writes them).
+        client_id, scope, jti, sub, iat = (c.get(k) for k in ("client_id", "scope", "jti", "sub", "iat"))
+        if not (
+            isinstance(client_id, str)
+            and client_id
+            and isinstance(jti, str)
+            and jti
+            and isinstance(sub, str)
+            and sub
+            and isinstance(scope, str)
+        ):
+            raise Denial.invalid_token("jwt_missing_claims")
+        if not isinstance(iat, (int, float)) or nbf is None:
+            raise Denial.invalid_token("jwt_missing_claims")
         if c.get("cnf") is not None:
             raise Denial.invalid_token("certificate_bound_token")
         return Caller(
             service_id=client_id,
             scopes=tuple(scope.split()),
             trusted=c.get("is_trusted") is True,
-            token_id=jti if isinstance(jti, str) else None,
+            token_id=jti,
             via="jwt",
             claims=dict(c),
         )
@@ -361,16 +377,25 @@ class JwtVerifier:
         stale = self._fetched_at is None or now - self._fetched_at >= self.jwks_ttl
         # Unknown kid or an old set: fetch again, but never more often than refetch_interval
         # (invented kids, or an admin plane that is down, must not turn into a flood).
-        if (kid not in self._keys or stale) and (
-            self._tried_at is None or now - self._tried_at >= self.refetch_interval
-        ):
+        may_fetch = self._tried_at is None or now - self._tried_at >= self.refetch_interval
+        if kid not in self._keys and may_fetch:
             await self._refresh(self._generation)
+        elif stale and may_fetch and self._background is None:
+            # The key is known: answer with it now and renew the set in the background, so
+            # no request waits on the admin plane (nor on its timeout when it is down).
+            self._background = asyncio.ensure_future(self._refresh(self._generation))
+            self._background.add_done_callback(self._background_done)
         key = self._keys.get(kid)
         if key is None:
             if self._fetched_at is None:
                 raise Denial.unavailable("jwks_unavailable")
             raise Denial.invalid_token("jwt_unknown_kid")
         return key
+
+    def _background_done(self, task: asyncio.Future[None]) -> None:
+        self._background = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("JWKS refresh failed: %r", task.exception())
 
     async def _refresh(self, seen: int) -> None:
         if self._lock is None:
@@ -399,7 +424,7 @@ class JwtVerifier:
         doc = r.json()
         keys = doc.get("keys") if isinstance(doc, dict) else None
         if not isinstance(keys, list):
-            raise ValueError("JWKS document has no \"keys\" list")
+            raise ValueError('JWKS document has no "keys" list')
         out: dict[str, Ed25519PublicKey] = {}
         for jwk in keys:
             if isinstance(jwk, dict) and isinstance(jwk.get("kid"), str):
@@ -410,6 +435,11 @@ class JwtVerifier:
 
 
 # Standalone: RFC 7662 introspection.
+
+
+def _expiry(claims: Mapping[str, Any]) -> float | None:
+    exp = claims.get("exp")
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
 class Introspector:
@@ -448,6 +478,7 @@ class Introspector:
         audience: str | None = None,
         cache_ttl: float = 10.0,
         cache_size: int = 10_000,
+        negative_cache_size: int = 1_000,
         max_inflight: int = 64,
         clock: Callable[[], float] = time.time,
         http_client: httpx.AsyncClient | None = None,
@@ -463,6 +494,7 @@ class Introspector:
         self.audience = audience
         self.cache_ttl = cache_ttl
         self.cache_size = cache_size
+        self.negative_cache_size = negative_cache_size
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self.max_inflight = max_inflight
@@ -483,7 +515,10 @@ class Introspector:
         self._own: dict[int, httpx.AsyncClient] = {}
         self._timeout = timeout
         self._verify = _ssl_context(verify, None)
-        self._cache: OrderedDict[bytes, tuple[float, Caller | None]] = OrderedDict()
+        # Active answers (received at, caller, exp) and inactive ones (received at) apart, so
+        # a flood of invented tokens cannot push the real callers' answers out.
+        self._cache: OrderedDict[bytes, tuple[float, Caller, float | None]] = OrderedDict()
+        self._negative: OrderedDict[bytes, float] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[Caller | None]] = {}  # one event loop
         #: How many introspection requests were sent (for metrics and tests).
         self.requests = 0
@@ -494,23 +529,31 @@ class Introspector:
         key = hashlib.sha256(token.encode()).digest()
         now = self.clock()
         hit = self._cache.get(key)
+        miss = self._negative.get(key)
         if hit is not None and now - hit[0] < self.cache_ttl:
-            caller = hit[1]
-        else:
-            caller = await self._introspect_once(key, token)
-        if caller is None:
+            _, caller, exp = hit
+        elif hit is None and miss is not None and now - miss < self.cache_ttl:
             raise Denial.invalid_token("inactive")
-        exp = caller.claims.get("exp")
-        if isinstance(exp, (int, float)) and self.clock() >= exp:
+        else:
+            got = await self._introspect_once(key, token)
+            if got is None:
+                raise Denial.invalid_token("inactive")
+            caller, exp = got, _expiry(got.claims)
+        # The expiry is the one read when the answer came, not the (shared) claims now.
+        if exp is not None and self.clock() >= exp:
             raise Denial.invalid_token("expired")
-        return caller
+        # Each request its own claims: what one handler changes, no other request sees.
+        return dataclasses.replace(caller, claims=dict(caller.claims))
 
     def forget(self, token: str | None = None) -> None:
         """Drop one token's cached answer, or all of them."""
         if token is None:
             self._cache.clear()
+            self._negative.clear()
         else:
-            self._cache.pop(hashlib.sha256(token.encode()).digest(), None)
+            key = hashlib.sha256(token.encode()).digest()
+            self._cache.pop(key, None)
+            self._negative.pop(key, None)
 
     async def _introspect_once(self, key: bytes, token: str) -> Caller | None:
         # Concurrent requests with the same uncached token share one introspection, run as a
@@ -529,10 +572,19 @@ class Introspector:
         self._inflight.pop(key, None)
         if task.cancelled() or task.exception() is not None:
             return  # nothing cached: the next request asks again
-        self._cache[key] = (self.clock(), task.result())
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        caller, now = task.result(), self.clock()
+        if caller is None:
+            self._cache.pop(key, None)
+            self._negative[key] = now
+            self._negative.move_to_end(key)
+            while len(self._negative) > self.negative_cache_size:
+                self._negative.popitem(last=False)
+        else:
+            self._negative.pop(key, None)
+            self._cache[key] = (now, caller, _expiry(caller.claims))
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is not None:
