@@ -176,3 +176,37 @@ def test_uvicorn_proxy_headers_make_the_gate_refuse_not_accept(stack: Stack) -> 
     with client_from(FORGER_ADDRESS, headers={"X-Forwarded-For": "127.0.0.1", "X-Permiso-Service-Id": "srv_x"}) as http:
         assert http.get(f"{server.url}/api/v1/whoami").status_code == 401
     assert seen == []
+
+
+def test_scope_matching_agrees_with_the_sidecar(stack: Stack) -> None:
+    """Differential: for every (held, needed) pair below, the real sidecar's verdict on a route
+    requiring `needed` and permiso.scopes.allows(held, needed) must agree."""
+    from permiso.scopes import allows
+
+    admin = stack.admin()
+    app, _ = protected_app(lambda app: PermisoAuth.behind_sidecar(app))
+    server = stack.serve(app)
+    needed = [
+        "trade", "trade:read", "trade:*", "trade:read:x", "trade:read:*", "tradex:read", "trade.read",
+        "Trade:read", "admin:system", "admin:*", "a:b", "a:b:c", "a:b:*", "a:bc", "a:b-c", "x_y:z",
+    ]  # fmt: skip
+    held_sets = [
+        ["trade:*"], ["trade"], ["trade:read", "admin:*"], ["a:b:*"], ["a:*", "x_y:z"],
+        ["trade:read:*", "Trade:read"], ["a:b", "trade.read"],
+    ]  # fmt: skip
+    sidecar = stack.sidecar(
+        admin, f"127.0.0.1:{server.port}", [{"prefix": f"/d{i}", "scopes": [n]} for i, n in enumerate(needed)]
+    )
+    disagreements = []
+    for n_set, held in enumerate(held_sets):
+        svc = admin.create_service(f"held-{n_set}", held)
+        key = svc["api_key"]
+        sidecar.wait_accepts(key, "/d0")
+        with client_from(CALLER_ADDRESS, headers={"Authorization": f"Bearer {key}"}) as http:
+            for i, n in enumerate(needed):
+                status = http.get(f"{sidecar.url}/d{i}").status_code
+                # Allowed: forwarded, and the app has no such path (404); refused: 403.
+                assert status in (403, 404), (held, n, status)
+                if (status == 404) != allows(held, n):
+                    disagreements.append((held, n, status))
+    assert not disagreements
