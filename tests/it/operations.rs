@@ -62,6 +62,11 @@ fn start_sidecar_proc(h: &Harness, routes: &str) -> SidecarProc {
         log: h.dir.path().join("sidecar.log"),
     };
     wait_ok(&h.http, &format!("{}/readyz", s.health), "sidecar process");
+    // /readyz speaks for the key state; pingora binds the proxy listener on its own thread and
+    // may not have yet.
+    until("the proxy listener accepts", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&listen).is_ok()
+    });
     s
 }
 

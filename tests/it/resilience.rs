@@ -72,7 +72,8 @@ fn a_corrupt_snapshot_file_is_refused_not_half_applied() {
 fn readiness_follows_the_snapshot_age_and_the_database() {
     let mut h = Harness::start();
     let svc = h.create(json!({"service_name": "ready", "scopes": ["trade:read"]}));
-    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(1));
+    // Generous: with the whole suite running on two cores a sync can take more than a second.
+    h.wait_for_status("/api/v1/trades", Some(&svc.api_key), 200, Duration::from_secs(10));
     let probe = |h: &Harness, path: &str| {
         let addr = h.sidecar.as_ref().unwrap().health_addr.unwrap();
         let r = h.http.get(format!("http://{addr}{path}")).send().unwrap();
