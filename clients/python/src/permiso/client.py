@@ -270,6 +270,57 @@ class _Config:
         return cap / 2 + self.random() * cap / 2
 
 
+class _State:
+    """The cached token and the single-flight bookkeeping both clients share; each client
+    calls these under its own lock (``threading.Lock`` / ``asyncio.Lock``). No I/O."""
+
+    def __init__(self, cfg: _Config) -> None:
+        self.cfg = cfg
+        self.token: Token | None = None
+        #: Bumped when a fetch ends: a caller that saw another value before taking the lock
+        #: waited for that fetch, and shares its result.
+        self.generation = 0
+        self.error: TokenError | None = None
+        self.last_401_drop: float | None = None
+        self.fetches = 0
+
+    def fresh(self) -> Token | None:
+        return self.token if self.cfg.fresh(self.token) else None
+
+    def begin(self, seen: int) -> Token | None:
+        """Under the lock: the token a fetch that ended meanwhile got (or its error, raised),
+        else ``None``: this caller fetches."""
+        tok = self.fresh()
+        if tok is not None:
+            return tok
+        if self.generation != seen and self.error is not None:
+            raise self.error._again()
+        self.error = None
+        return None
+
+    def ended(self, result: Token | BaseException) -> None:
+        """Under the lock, whatever the fetch gave. A cancelled caller leaves no error behind:
+        the callers that waited for it fetch for themselves."""
+        self.generation += 1
+        if isinstance(result, Token):
+            self.token = result
+            self.fetches += 1
+        elif isinstance(result, TokenError):
+            self.error = result
+        elif not isinstance(result, asyncio.CancelledError):
+            self.error = TokenError(f"token fetch failed: {result!r}")
+
+    def invalidate(self, access_token: str | None) -> None:
+        if access_token is None or (self.token is not None and self.token.access_token == access_token):
+            self.token = None
+
+    def refused(self, access_token: str) -> bool:
+        drop, resend = self.cfg.after_401(self.token, access_token, self.last_401_drop)
+        if drop:
+            self.token, self.last_401_drop = None, self.cfg.clock()
+        return resend
+
+
 class TokenClient:
     """Client credentials for threaded code.
 
@@ -318,42 +369,31 @@ class TokenClient:
         self._own_http = http_client is None
         self._http = http_client or httpx.Client(verify=_ssl_context(verify, cert), timeout=timeout)
         self._lock = threading.Lock()
-        self._token: Token | None = None
-        self._generation = 0
-        self._error: TokenError | None = None
-        self._last_401_drop: float | None = None
-        #: Tokens fetched so far (for metrics and logs).
-        self.fetches = 0
+        self._state = _State(self._cfg)
+
+    @property
+    def fetches(self) -> int:
+        """Tokens fetched so far (for metrics and logs)."""
+        return self._state.fetches
 
     # The token.
 
     def token(self) -> Token:
         """The cached token, or a new one (one fetch at a time; waiters share its result)."""
-        tok = self._token
-        if self._cfg.fresh(tok):
-            return tok  # type: ignore[return-value]
-        generation = self._generation
+        tok = self._state.fresh()
+        if tok is not None:
+            return tok
+        seen = self._state.generation
         with self._lock:
-            tok = self._token
-            if self._cfg.fresh(tok):
-                return tok  # type: ignore[return-value]
-            if self._generation != generation and self._error is not None:
-                # A fetch ended while this caller waited, and failed: share its error.
-                raise self._error._again()
-            self._error = None
+            tok = self._state.begin(seen)
+            if tok is not None:
+                return tok
             try:
                 tok = self._fetch()
-            except TokenError as e:
-                self._error = e
-                raise
             except BaseException as e:
-                self._error = TokenError(f"token fetch failed: {e!r}")
+                self._state.ended(e)
                 raise
-            finally:
-                # Bumped when the fetch ends: every caller that arrived while it ran shares it.
-                self._generation += 1
-            self._token = tok
-            self.fetches += 1
+            self._state.ended(tok)
             return tok
 
     def get_token(self) -> str:
@@ -362,19 +402,15 @@ class TokenClient:
 
     def invalidate(self, access_token: str | None = None) -> None:
         """Forget the cached token (only if it is still ``access_token``, when given), so the
-        next call fetches a new one. Used after a 401 from a resource."""
+        next call fetches a new one."""
         with self._lock:
-            if access_token is None or (self._token is not None and self._token.access_token == access_token):
-                self._token = None
+            self._state.invalidate(access_token)
 
     def refused(self, access_token: str) -> bool:
         """The resource answered 401 to ``access_token``: whether to resend the request (the
         next :meth:`get_token` then gives a fresh token). See ``retry_401_interval``."""
         with self._lock:
-            drop, resend = self._cfg.after_401(self._token, access_token, self._last_401_drop)
-            if drop:
-                self._token, self._last_401_drop = None, self._cfg.clock()
-            return resend
+            return self._state.refused(access_token)
 
     def _fetch(self) -> Token:
         headers, data = self._cfg.request()
@@ -448,12 +484,12 @@ class AsyncTokenClient:
         self._own_http = http_client is None
         self._http = http_client or httpx.AsyncClient(verify=_ssl_context(verify, cert), timeout=timeout)
         self._lock: asyncio.Lock | None = None
-        self._token: Token | None = None
-        self._generation = 0
-        self._error: TokenError | None = None
-        self._last_401_drop: float | None = None
-        #: Tokens fetched so far (for metrics and logs).
-        self.fetches = 0
+        self._state = _State(self._cfg)
+
+    @property
+    def fetches(self) -> int:
+        """Tokens fetched so far (for metrics and logs)."""
+        return self._state.fetches
 
     def _get_lock(self) -> asyncio.Lock:
         if self._lock is None:
@@ -461,32 +497,20 @@ class AsyncTokenClient:
         return self._lock
 
     async def token(self) -> Token:
-        tok = self._token
-        if self._cfg.fresh(tok):
-            return tok  # type: ignore[return-value]
-        generation = self._generation
+        tok = self._state.fresh()
+        if tok is not None:
+            return tok
+        seen = self._state.generation
         async with self._get_lock():
-            tok = self._token
-            if self._cfg.fresh(tok):
-                return tok  # type: ignore[return-value]
-            if self._generation != generation and self._error is not None:
-                raise self._error._again()
-            self._error = None
+            tok = self._state.begin(seen)
+            if tok is not None:
+                return tok
             try:
                 tok = await self._fetch()
-            except TokenError as e:
-                self._error = e
-                raise
-            except asyncio.CancelledError:
-                # This caller went away; the others fetch for themselves (no error to share).
-                raise
             except BaseException as e:
-                self._error = TokenError(f"token fetch failed: {e!r}")
+                self._state.ended(e)
                 raise
-            finally:
-                self._generation += 1
-            self._token = tok
-            self.fetches += 1
+            self._state.ended(tok)
             return tok
 
     async def get_token(self) -> str:
@@ -494,16 +518,12 @@ class AsyncTokenClient:
 
     async def invalidate(self, access_token: str | None = None) -> None:
         async with self._get_lock():
-            if access_token is None or (self._token is not None and self._token.access_token == access_token):
-                self._token = None
+            self._state.invalidate(access_token)
 
     async def refused(self, access_token: str) -> bool:
         """See :meth:`TokenClient.refused`."""
         async with self._get_lock():
-            drop, resend = self._cfg.after_401(self._token, access_token, self._last_401_drop)
-            if drop:
-                self._token, self._last_401_drop = None, self._cfg.clock()
-            return resend
+            return self._state.refused(access_token)
 
     async def _fetch(self) -> Token:
         headers, data = self._cfg.request()
