@@ -17,7 +17,7 @@ use crate::admin::auth::{self, Actor};
 use crate::admin::error::ApiError;
 use crate::admin::extract::FormBody;
 use crate::admin::model::MAX_TOKEN_LIFETIME;
-use crate::admin::storage::StoreError;
+use crate::admin::storage::TokenClientNow;
 use crate::admin::throttle;
 use crate::admin::AppState;
 use crate::core::ids;
@@ -544,8 +544,12 @@ async fn caller(
     })
 }
 
-/// Verifies one of our JWTs as the admin plane sees it now (published keys, revocation).
-async fn active_claims(st: &AppState, token: &str) -> Result<Option<AccessClaims>, ApiError> {
+/// Verifies one of our JWTs as the admin plane sees it now (published keys, revocation, its
+/// client enabled), with that client's scopes and trust as they are now.
+async fn active_claims(
+    st: &AppState,
+    token: &str,
+) -> Result<Option<(AccessClaims, TokenClientNow)>, ApiError> {
     let now = st.clock.now_secs();
     let keys = st.keyring.load().verifier(now, i64::from(MAX_TOKEN_LIFETIME));
     let want = Expectations {
@@ -557,15 +561,15 @@ async fn active_claims(st: &AppState, token: &str) -> Result<Option<AccessClaims
         return Ok(None);
     };
     let (jti, client, iat) = (c.jti.clone(), c.client_id.clone(), c.iat);
-    let (revoked, client_ok) = st
+    let (revoked, client_now) = st
         .db(async {
             Ok((
                 st.store.token_revoked(&jti).await?,
-                st.store.token_client_ok(&client, iat).await?,
+                st.store.token_client(&client, iat).await?,
             ))
         })
         .await?;
-    Ok((!revoked && client_ok).then_some(c))
+    Ok(client_now.filter(|_| !revoked).map(|now| (c, now)))
 }
 
 fn inactive() -> Json<Value> {
@@ -592,19 +596,14 @@ pub async fn introspect(
         .get("token")
         .ok_or_else(|| invalid_request("token is required"))?;
     if jwt::looks_like_jwt(token) {
-        let c = match active_claims(&st, token).await? {
-            Some(c) if who.may_see(&c.client_id) => c,
+        let (c, svc) = match active_claims(&st, token).await? {
+            Some((c, svc)) if who.may_see(&c.client_id) => (c, svc),
             _ => return Ok(inactive()),
         };
         // What the token may do now, as the sidecar judges it: the scopes its service still
         // holds, trusted only while the service is (RFC 7662 §2.2 leaves "active" and what
         // it carries to the server; an answer wider than the sidecar's would let a
         // standalone resource server accept what the sidecar refuses).
-        let svc = match st.store.get_service(&c.client_id).await {
-            Ok(svc) => svc,
-            Err(StoreError::NotFound) => return Ok(inactive()), // deleted since
-            Err(e) => return Err(ApiError::from_store(e, "service")),
-        };
         let held = ScopeSet::parse(&svc.scopes).unwrap_or_default();
         let scope = held.still_held(c.scope.split(' ')).join(" ");
         return Ok(Json(json!({
@@ -636,6 +635,8 @@ pub async fn introspect(
                 "active": true,
                 "scope": info.scopes.join(" "),
                 "client_id": info.service_id,
+                // As the sidecar: a key of a trusted service is trusted.
+                "is_trusted": info.is_trusted,
                 "sub": info.service_id,
                 "iat": info.created_at,
                 "token_type": "Bearer",
@@ -676,7 +677,7 @@ pub async fn revoke(
     };
     let now = st.clock.now_secs();
     if jwt::looks_like_jwt(token) {
-        if let Some(c) = active_claims(&st, token).await? {
+        if let Some((c, _)) = active_claims(&st, token).await? {
             if owner.as_deref().is_none_or(|o| o == c.client_id) {
                 let (jti, client) = (c.jti.clone(), c.client_id.clone());
                 let audit = audit.clone();

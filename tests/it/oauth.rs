@@ -1153,4 +1153,18 @@ fn a_token_passes_on_only_the_scopes_its_service_still_holds() {
         (json!(""), json!(false)),
         "{v}"
     );
+    // A key answers its service's trust as the sidecar applies it.
+    let (_, v) = introspect(&h, me, &ops.api_key);
+    assert_eq!(
+        (v["scope"].clone(), v["is_trusted"].clone()),
+        (json!("account:read"), json!(false)),
+        "{v}"
+    );
+    let trusted = h.create(json!({"service_name": "ops2", "scopes": ["admin:system"], "is_trusted": true}));
+    let (_, v) = introspect(
+        &h,
+        Some((trusted.service_id.as_str(), trusted.client_secret.as_str())),
+        &trusted.api_key,
+    );
+    assert_eq!(v["is_trusted"], true, "{v}");
 }

@@ -198,7 +198,10 @@ async fn conformance(s: SharedStorage) {
         permiso::core::ratelimit::LimitScope::Cluster,
         "sidecars get the scope"
     );
-    assert!(s.token_client_ok(&a, 2_999).await.unwrap());
+    // A token's client as it is now: its scopes and trust in the same read.
+    let now = s.token_client(&a, 2_999).await.unwrap().expect("enabled client");
+    assert_eq!((now.scopes, now.is_trusted), (rec.scopes.clone(), rec.is_trusted));
+    assert!(s.token_client("srv_unknown", 2_999).await.unwrap().is_none());
 
     // Rotation ends the old key after the grace; the limit is enforced unless grace is 0.
     let k2 = key::generate(Environment::Live);
@@ -311,7 +314,7 @@ async fn conformance(s: SharedStorage) {
         .await
         .unwrap();
     assert_eq!(rec.tokens_not_before, 6_001);
-    assert!(!s.token_client_ok(&a, 6_000).await.unwrap());
+    assert!(s.token_client(&a, 6_000).await.unwrap().is_none());
 
     // Sync: everything, then only what changed since, and a full one for another epoch.
     let (full, signing) = s.sync_payload(None, None, 6_000).await.unwrap();

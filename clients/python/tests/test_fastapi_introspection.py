@@ -65,10 +65,11 @@ def test_valid_tokens_and_keys_with_scopes_and_trust(stack: Stack, clock: FakeCl
     assert r.status_code == 403 and r.headers["www-authenticate"].endswith('scope="trade:open"')
     assert env.admin.requests_to(INTROSPECT) == 1  # three requests, one introspection
     assert env.get("/api/v1/admin/stats", env.token(ops)).status_code == 200
-    # An API key is introspected too (no is_trusted in that answer: it reads as untrusted).
+    # An API key is introspected too; a trusted service's key is trusted, as at the sidecar.
     r = env.get("/api/v1/trades", dash["api_key"])
     assert r.status_code == 200 and r.json()["caller"]["token_id"] is None
-    assert env.get("/api/v1/admin/ping", ops["api_key"]).status_code == 403
+    assert env.get("/api/v1/admin/ping", ops["api_key"]).status_code == 200
+    assert env.get("/api/v1/admin/ping", dash["api_key"]).status_code == 403
     for junk in ("svc_live_nope", "eyJ.eyJ.x"):
         r = env.get("/api/v1/whoami", junk)
         assert r.status_code == 401 and r.headers["www-authenticate"] == INVALID
@@ -170,9 +171,17 @@ def test_invented_tokens_cannot_push_real_answers_out_of_the_cache(stack: Stack,
     assert env.get("/api/v1/whoami", token).status_code == 200
     assert env.get("/api/v1/whoami", invented[-1]).status_code == 401  # still cached
     assert env.admin.requests_to(INTROSPECT) == 11  # the real answer was never pushed out
-    # Ill-shaped ones never leave the process.
-    for junk in ["nope", "svc_live_short", "eyJ.only-two", "x" * 100]:
-        assert env.get("/api/v1/whoami", junk).status_code == 401
+    # Ill-shaped ones never leave the process; nor do JWTs that fail against the published
+    # keys: an invented kid, a real token with its payload or signature changed.
+    h, p, sig = token.split(".")
+    forged = [
+        "eyJhbGciOiJFZERTQSIsInR5cCI6ImF0K2p3dCIsImtpZCI6Im5vcGUifQ.e30.c2ln",
+        f"{h}.{p[:10]}{'B' if p[10] == 'A' else 'A'}{p[11:]}.{sig}",
+        f"{h}.{p}.{'B' if sig[0] == 'A' else 'A'}{sig[1:]}",
+    ]
+    for junk in ["nope", "svc_live_short", "eyJ.only-two", "x" * 100, *forged]:
+        r = env.get("/api/v1/whoami", junk)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == INVALID, junk
     assert env.admin.requests_to(INTROSPECT) == 11
 
 

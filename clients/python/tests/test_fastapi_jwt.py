@@ -3,6 +3,7 @@ its real JWKS (no sidecar)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -10,7 +11,16 @@ import json
 from typing import Any
 
 import httpx
-from conftest import CALLER_ADDRESS, FakeClock, Stack, client_from, free_port, protected_app, wait_until
+from conftest import (
+    CALLER_ADDRESS,
+    FakeClock,
+    Stack,
+    async_client_from,
+    client_from,
+    free_port,
+    protected_app,
+    wait_until,
+)
 
 from permiso import TokenClient
 from permiso.fastapi import PermisoAuth
@@ -232,3 +242,24 @@ def test_a_stale_key_set_is_renewed_in_the_background_and_kept_when_that_fails(s
     # A refusal still needs a known key: an unknown kid is 401, not a wait.
     header, payload, sig = parts(token)
     assert env.get("/api/v1/whoami", encode({**header, "kid": "invented"}, payload, sig)).status_code == 401
+
+
+def test_requests_arriving_during_a_key_set_fetch_wait_for_it(stack: Stack, clock: FakeClock) -> None:
+    env = Jwt(stack, clock)
+    svc = env.admin.create_service("dashboard", ["trade:read", "account:read"])
+    token = env.token(svc)
+
+    async def burst() -> list[int]:
+        async with async_client_from(CALLER_ADDRESS, headers={"Authorization": f"Bearer {token}"}) as http:
+            rs = await asyncio.gather(*(http.get(env.url + "/api/v1/whoami") for _ in range(20)))
+        return [r.status_code for r in rs]
+
+    # First use: twenty at once, one fetch, all answered from it (none told 503).
+    assert asyncio.run(burst()) == [200] * 20
+    assert env.admin.requests_to(JWKS) == 1
+    # After a rotation the new kid is unknown: the same, one fetch for all of them.
+    env.admin.rotate_signing_key()
+    token = env.token(svc)
+    clock.advance(5)
+    assert asyncio.run(burst()) == [200] * 20
+    assert env.admin.requests_to(JWKS) == 2

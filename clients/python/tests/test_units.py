@@ -106,6 +106,14 @@ def test_forwarded_allow_ips_refused_unless_allowed(monkeypatch: pytest.MonkeyPa
         SidecarGate()
     SidecarGate(allow_forwarded_ips=True)
     monkeypatch.delenv("FORWARDED_ALLOW_IPS")
+    monkeypatch.setenv("UVICORN_FORWARDED_ALLOW_IPS", "*")  # uvicorn's own env prefix
+    with pytest.raises(ValueError, match="UVICORN_FORWARDED_ALLOW_IPS"):
+        SidecarGate()
+    monkeypatch.delenv("UVICORN_FORWARDED_ALLOW_IPS")
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "-k uvicorn.workers.UvicornWorker --forwarded-allow-ips=*")
+    with pytest.raises(ValueError, match="GUNICORN_CMD_ARGS"):
+        SidecarGate()
+    monkeypatch.delenv("GUNICORN_CMD_ARGS")
     monkeypatch.setattr("sys.argv", ["uvicorn", "app:app", "--forwarded-allow-ips=*"])
     with pytest.raises(ValueError, match="--forwarded-allow-ips"):
         SidecarGate()

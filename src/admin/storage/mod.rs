@@ -271,11 +271,20 @@ pub struct ClientRecord {
     pub access_token_lifetime: u32,
 }
 
+/// A token's client as it is now: what introspection may report for the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClientNow {
+    pub scopes: Vec<String>,
+    pub is_trusted: bool,
+}
+
 /// What introspection reports about an API key.
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
     pub service_id: String,
     pub scopes: Vec<String>,
+    /// The service's trust flag now (the sidecar trusts a trusted service's keys).
+    pub is_trusted: bool,
     pub created_at: i64,
     pub expires_at: Option<i64>,
 }
@@ -386,8 +395,10 @@ pub trait CredentialStore: Send + Sync {
 /// Access tokens and the keys that sign them.
 #[async_trait]
 pub trait TokenStore: Send + Sync {
-    /// Whether a token of client `id` issued at `iat` may still be honoured.
-    async fn token_client_ok(&self, id: &str, iat: i64) -> StoreResult<bool>;
+    /// The client `id` as it is now, if a token of it issued at `iat` may still be honoured
+    /// (it exists, is not disabled, and `iat` is not before its `tokens_not_before`). One read,
+    /// so the answer and the scopes and trust it carries belong to the same moment.
+    async fn token_client(&self, id: &str, iat: i64) -> StoreResult<Option<TokenClientNow>>;
     /// Adds `jti` to the deny list; the new version, or None if it was there.
     async fn revoke_token(
         &self,

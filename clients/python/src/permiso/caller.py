@@ -78,6 +78,10 @@ class Denial(Exception):
         self.headers: dict[str, str] = dict(headers or {})
         self.reason = reason or error
 
+    def copy(self) -> Denial:
+        """The same refusal as a new exception (to raise in another task or thread)."""
+        return Denial(self.status, self.error, self.description, self.headers, self.reason)
+
     @property
     def body(self) -> dict[str, str]:
         return {"error": self.error, "error_description": self.description}

@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -187,17 +188,20 @@ class SidecarGate:
 
 
 def _refuse_forwarded_allow_ips() -> None:
-    """uvicorn (and gunicorn's uvicorn worker) rewrite the peer from ``X-Forwarded-For`` for
-    the addresses in ``FORWARDED_ALLOW_IPS``/``--forwarded-allow-ips``; with those widened a
-    direct caller could name a sidecar address as its own. Refuse to run that way."""
-    set_by = []
-    if os.environ.get("FORWARDED_ALLOW_IPS"):
-        set_by.append("FORWARDED_ALLOW_IPS")
+    """uvicorn (and gunicorn with uvicorn workers) rewrite the peer from ``X-Forwarded-For``
+    for the addresses in ``--forwarded-allow-ips``; with those widened a direct caller could
+    name a sidecar address as its own. Refuse to run that way. Seen: the command line,
+    ``FORWARDED_ALLOW_IPS`` (uvicorn and gunicorn), ``UVICORN_FORWARDED_ALLOW_IPS`` (uvicorn's
+    own environment prefix) and ``GUNICORN_CMD_ARGS``. Not seen: a gunicorn config file or
+    ``uvicorn.run(forwarded_allow_ips=...)`` in code."""
+    set_by = [v for v in ("FORWARDED_ALLOW_IPS", "UVICORN_FORWARDED_ALLOW_IPS") if os.environ.get(v)]
+    if "forwarded-allow-ips" in os.environ.get("GUNICORN_CMD_ARGS", ""):
+        set_by.append("GUNICORN_CMD_ARGS --forwarded-allow-ips")
     if any(a == "--forwarded-allow-ips" or a.startswith("--forwarded-allow-ips=") for a in sys.argv):
         set_by.append("--forwarded-allow-ips")
     if set_by:
         raise ValueError(
-            f"{' and '.join(set_by)} is set: the ASGI server may take the peer address from "
+            f"{', '.join(set_by)} is set: the ASGI server may take the peer address from "
             "X-Forwarded-For, which a caller can write. Serve with proxy headers off "
             "(uvicorn --no-proxy-headers) and unset it, or pass allow_forwarded_ips=True if "
             "the server is only reachable through the sidecar."
@@ -287,13 +291,17 @@ class JwtVerifier:
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._fetched_at: float | None = None  # last successful fetch
         self._tried_at: float | None = None  # last attempt
-        self._generation = 0
-        self._lock: asyncio.Lock | None = None
-        self._background: asyncio.Future[None] | None = None
+        # The fetch under way, if any: every request that needs it awaits this one.
+        self._fetching: asyncio.Future[None] | None = None
         #: How many times the key set was fetched (for metrics and tests).
         self.fetches = 0
 
     async def verify(self, token: str) -> Caller:
+        return self._caller(await self.signed_claims(token))
+
+    async def signed_claims(self, token: str) -> dict[str, Any]:
+        """The claims of a token whose header and signature pass (alg, typ, a published kid);
+        nothing about the claims is judged yet."""
         if not looks_like_jwt(token):
             raise Denial.invalid_token("not_a_jwt")
         try:
@@ -329,7 +337,7 @@ class JwtVerifier:
             raise Denial.invalid_token("jwt_bad_signature") from None
         except jwt.PyJWTError:
             raise Denial.invalid_token("jwt_malformed") from None
-        return self._caller(claims)
+        return dict(claims)
 
     def _caller(self, c: Mapping[str, Any]) -> Caller:
         if c.get("iss") != self.issuer:
@@ -375,16 +383,19 @@ class JwtVerifier:
     async def _key(self, kid: str) -> Ed25519PublicKey:
         now = self.clock()
         stale = self._fetched_at is None or now - self._fetched_at >= self.jwks_ttl
-        # Unknown kid or an old set: fetch again, but never more often than refetch_interval
-        # (invented kids, or an admin plane that is down, must not turn into a flood).
-        may_fetch = self._tried_at is None or now - self._tried_at >= self.refetch_interval
-        if kid not in self._keys and may_fetch:
-            await self._refresh(self._generation)
-        elif stale and may_fetch and self._background is None:
+        # A new fetch at most once per refetch_interval (invented kids, or an admin plane that
+        # is down, must not turn into a flood); a fetch under way is joined, never repeated.
+        may_start = self._fetching is None and (self._tried_at is None or now - self._tried_at >= self.refetch_interval)
+        if kid not in self._keys:
+            if may_start:
+                self._start_fetch()
+            if self._fetching is not None:
+                # Shielded: a request that goes away does not cancel the fetch for the others.
+                await asyncio.shield(self._fetching)
+        elif stale and may_start:
             # The key is known: answer with it now and renew the set in the background, so
             # no request waits on the admin plane (nor on its timeout when it is down).
-            self._background = asyncio.ensure_future(self._refresh(self._generation))
-            self._background.add_done_callback(self._background_done)
+            self._start_fetch()
         key = self._keys.get(kid)
         if key is None:
             if self._fetched_at is None:
@@ -392,26 +403,25 @@ class JwtVerifier:
             raise Denial.invalid_token("jwt_unknown_kid")
         return key
 
-    def _background_done(self, task: asyncio.Future[None]) -> None:
-        self._background = None
+    def _start_fetch(self) -> None:
+        self._tried_at = self.clock()
+        task = asyncio.ensure_future(self._refresh())
+        self._fetching = task
+        task.add_done_callback(self._fetch_done)
+
+    def _fetch_done(self, task: asyncio.Future[None]) -> None:
+        self._fetching = None
         if not task.cancelled() and task.exception() is not None:
             log.error("JWKS refresh failed: %r", task.exception())
 
-    async def _refresh(self, seen: int) -> None:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._generation != seen:
-                return  # another request fetched while this one waited
-            self._generation += 1
-            self._tried_at = self.clock()
-            try:
-                keys = await self._fetch()
-            except (httpx.HTTPError, ValueError) as e:
-                log.error("JWKS fetch from %s failed: %r (keeping %d keys)", self.jwks_url, e, len(self._keys))
-                return
-            self._keys, self._fetched_at = keys, self.clock()
-            log.info("JWKS fetched from %s: %d keys", self.jwks_url, len(keys))
+    async def _refresh(self) -> None:
+        try:
+            keys = await self._fetch()
+        except (httpx.HTTPError, ValueError) as e:
+            log.error("JWKS fetch from %s failed: %r (keeping %d keys)", self.jwks_url, e, len(self._keys))
+            return
+        self._keys, self._fetched_at = keys, self.clock()
+        log.info("JWKS fetched from %s: %d keys", self.jwks_url, len(keys))
 
     async def _fetch(self) -> dict[str, Ed25519PublicKey]:
         self.fetches += 1
@@ -460,7 +470,10 @@ class Introspector:
     refused with 503 ``temporarily_unavailable`` (fail closed).
 
     What is never sent to the admin plane: a credential that has neither the shape of a
-    Permiso JWT nor of an API key (401 at once), and more than ``max_inflight`` distinct
+    Permiso JWT nor of an API key (401 at once), a JWT whose header or signature fails against
+    the admin plane's published keys (``prefilter=True``; ``jwks_url`` defaults to the
+    introspection URL's ``/.well-known/jwks.json``; when the key set cannot be fetched the
+    admin plane judges alone), and more than ``max_inflight`` distinct
     introspections at a time (503 beyond that), so a flood of invented tokens costs the admin
     plane a bounded number of requests. A certificate-bound token (``cnf``, RFC 8705) is
     refused: this process cannot see the caller's certificate.
@@ -480,6 +493,8 @@ class Introspector:
         cache_size: int = 10_000,
         negative_cache_size: int = 1_000,
         max_inflight: int = 64,
+        prefilter: bool = True,
+        jwks_url: str | None = None,
         clock: Callable[[], float] = time.time,
         http_client: httpx.AsyncClient | None = None,
         timeout: float = 5.0,
@@ -498,6 +513,20 @@ class Introspector:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self.max_inflight = max_inflight
+        # JWTs are checked against the published keys before a round trip: a forged or
+        # invented token costs no introspection and takes no in-flight slot.
+        self._prefilter: JwtVerifier | None = None
+        base = url[: -len("/oauth/introspect")] if url.endswith("/oauth/introspect") else None
+        if prefilter and (jwks_url or base):
+            self._prefilter = JwtVerifier(
+                base or "",
+                audience or "",
+                jwks_url,
+                clock=clock,
+                http_client=http_client,
+                timeout=timeout,
+                verify=verify,
+            )
         self.clock = clock
         self._headers: dict[str, str] = {"Accept": "application/json"}
         self._form: dict[str, str] = {}
@@ -512,7 +541,8 @@ class Introspector:
             raw = f"{quote_plus(client_id or '', safe='')}:{quote_plus(client_secret or '', safe='')}"
             self._headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode()
         self._http = http_client
-        self._own: dict[int, httpx.AsyncClient] = {}
+        # One client per event loop, forgotten with its loop.
+        self._own: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
         self._timeout = timeout
         self._verify = _ssl_context(verify, None)
         # Active answers (received at, caller, exp) and inactive ones (received at) apart, so
@@ -535,6 +565,7 @@ class Introspector:
         elif hit is None and miss is not None and now - miss < self.cache_ttl:
             raise Denial.invalid_token("inactive")
         else:
+            await self._prefiltered(token)
             got = await self._introspect_once(key, token)
             if got is None:
                 raise Denial.invalid_token("inactive")
@@ -544,6 +575,16 @@ class Introspector:
             raise Denial.invalid_token("expired")
         # Each request its own claims: what one handler changes, no other request sees.
         return dataclasses.replace(caller, claims=dict(caller.claims))
+
+    async def _prefiltered(self, token: str) -> None:
+        if self._prefilter is None or not looks_like_jwt(token):
+            return
+        try:
+            await self._prefilter.signed_claims(token)
+        except Denial as d:
+            if d.status == 503:
+                return  # the key set cannot be had now: the admin plane judges alone
+            raise Denial.invalid_token(d.reason) from None
 
     def forget(self, token: str | None = None) -> None:
         """Drop one token's cached answer, or all of them."""
@@ -566,7 +607,10 @@ class Introspector:
             task = asyncio.ensure_future(self._introspect(token))
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._done, key))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except Denial as d:
+            raise d.copy() from None  # each waiter its own exception object
 
     def _done(self, key: bytes, task: asyncio.Future[Caller | None]) -> None:
         self._inflight.pop(key, None)
@@ -589,7 +633,7 @@ class Introspector:
     def _client(self) -> httpx.AsyncClient:
         if self._http is not None:
             return self._http
-        loop = id(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         client = self._own.get(loop)
         if client is None:
             client = self._own[loop] = httpx.AsyncClient(timeout=self._timeout, verify=self._verify)
@@ -636,6 +680,6 @@ class Introspector:
         )
 
     async def aclose(self) -> None:
-        for client in self._own.values():
+        for client in list(self._own.values()):
             await client.aclose()
         self._own.clear()

@@ -206,11 +206,15 @@ impl CredentialStore for Postgres {
             )
             .await?;
         let s = c
-            .query_one("SELECT scopes FROM services WHERE id = $1", &[&service_id])
+            .query_one(
+                "SELECT scopes, is_trusted FROM services WHERE id = $1",
+                &[&service_id],
+            )
             .await?;
         Ok(Some(KeyInfo {
             service_id,
             scopes: json_list(s.get(0))?,
+            is_trusted: s.get(1),
             created_at: k.get(0),
             expires_at: k.get(1),
         }))

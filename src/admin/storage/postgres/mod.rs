@@ -15,10 +15,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
+use super::json_list;
 use super::{
     create_change, failed_auth_change, patched, sync_key, sync_service, to_json, Audit, AuditQuery,
     AuditStore, BulkService, CredentialKind, NewService, ServicePatch, ServiceRecord, ServiceStore,
-    SigningKeyRow, Storage, StoreError, StoreResult, StoredKey, SyncStore, TokenStore,
+    SigningKeyRow, Storage, StoreError, StoreResult, StoredKey, SyncStore, TokenClientNow, TokenStore,
 };
 use crate::core::sync::{SyncPayload, SyncRevokedToken};
 
@@ -295,16 +296,22 @@ impl ServiceStore for Postgres {
 
 #[async_trait]
 impl TokenStore for Postgres {
-    async fn token_client_ok(&self, id: &str, iat: i64) -> StoreResult<bool> {
-        Ok(self
+    async fn token_client(&self, id: &str, iat: i64) -> StoreResult<Option<TokenClientNow>> {
+        let row = self
             .client()
             .await?
             .query_opt(
-                "SELECT disabled, tokens_not_before FROM services WHERE id = $1",
+                "SELECT disabled, tokens_not_before, scopes, is_trusted FROM services WHERE id = $1",
                 &[&id],
             )
-            .await?
-            .is_some_and(|r| !r.get::<_, bool>(0) && iat >= r.get::<_, i64>(1)))
+            .await?;
+        match row {
+            Some(r) if !r.get::<_, bool>(0) && iat >= r.get::<_, i64>(1) => Ok(Some(TokenClientNow {
+                scopes: json_list(r.get(2))?,
+                is_trusted: r.get(3),
+            })),
+            _ => Ok(None),
+        }
     }
 
     async fn revoke_token(

@@ -17,7 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{
     create_change, failed_auth_change, json_list, patched, rotate_change, rotation_plan, to_json, Audit,
     AuditQuery, BulkService, ClientRecord, CredentialKind, KeyInfo, KeyOwner, KeyRecord, NewService,
-    Rotation, ServicePatch, ServiceRecord, SigningKeyRow, StoreError, StoreResult, StoredKey,
+    Rotation, ServicePatch, ServiceRecord, SigningKeyRow, StoreError, StoreResult, StoredKey, TokenClientNow,
 };
 use crate::core::key::KeyHash;
 use crate::core::sync::{SyncPayload, SyncRevokedToken};
@@ -404,13 +404,15 @@ impl Store {
             [&key_id],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let scopes: String =
-            conn.query_row("SELECT scopes FROM services WHERE id = ?1", [&service_id], |r| {
-                r.get(0)
-            })?;
+        let (scopes, is_trusted): (String, bool) = conn.query_row(
+            "SELECT scopes, is_trusted FROM services WHERE id = ?1",
+            [&service_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         Ok(Some(KeyInfo {
             service_id,
             scopes: json_list(&scopes)?,
+            is_trusted,
             created_at,
             expires_at,
         }))
@@ -452,16 +454,29 @@ impl Store {
     /// Whether the service exists and is enabled (introspection of a JWT checks this).
     /// Whether an access token of client `id` issued at `iat` may still be honoured: the
     /// service exists, is enabled, and was not disabled since the token was issued.
-    pub fn token_client_ok(&self, id: &str, iat: i64) -> StoreResult<bool> {
-        Ok(self
+    pub fn token_client(&self, id: &str, iat: i64) -> StoreResult<Option<TokenClientNow>> {
+        let row = self
             .conn()
             .query_row(
-                "SELECT disabled, tokens_not_before FROM services WHERE id = ?1",
+                "SELECT disabled, tokens_not_before, scopes, is_trusted FROM services WHERE id = ?1",
                 [id],
-                |r| Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, bool>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, bool>(3)?,
+                    ))
+                },
             )
-            .optional()?
-            .is_some_and(|(disabled, floor)| !disabled && iat >= floor))
+            .optional()?;
+        match row {
+            Some((false, floor, scopes, is_trusted)) if iat >= floor => Ok(Some(TokenClientNow {
+                scopes: json_list(&scopes)?,
+                is_trusted,
+            })),
+            _ => Ok(None),
+        }
     }
 
     pub fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>> {

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use super::super::{
     Audit, AuditQuery, AuditStore, BulkService, ClientRecord, CredentialKind, CredentialStore, KeyInfo,
     KeyOwner, KeyRecord, NewService, Rotation, ServicePatch, ServiceRecord, ServiceStore, SigningKeyRow,
-    Storage, StoreError, StoreResult, StoredKey, SyncStore, TokenStore,
+    Storage, StoreError, StoreResult, StoredKey, SyncStore, TokenClientNow, TokenStore,
 };
 use super::Store;
 use crate::core::key::KeyHash;
@@ -178,9 +178,9 @@ impl CredentialStore for Sqlite {
 
 #[async_trait]
 impl TokenStore for Sqlite {
-    async fn token_client_ok(&self, id: &str, iat: i64) -> StoreResult<bool> {
+    async fn token_client(&self, id: &str, iat: i64) -> StoreResult<Option<TokenClientNow>> {
         let id = id.to_string();
-        self.run(move |st| st.token_client_ok(&id, iat)).await
+        self.run(move |st| st.token_client(&id, iat)).await
     }
 
     async fn revoke_token(
