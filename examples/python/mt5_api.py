@@ -148,7 +148,10 @@ def create_app(mode: str | None = None, env: Mapping[str, str] | None = None) ->
         }
 
     @app.get("/api/v1/account/balance")
-    async def balance(caller: Caller = Depends(auth.require_scopes("account:balance"))) -> dict[str, Any]:
+    # Both, as at the sidecar (its /api/v1/account route covers this path too).
+    async def balance(
+        caller: Caller = Depends(auth.require_scopes("account:read", "account:balance")),
+    ) -> dict[str, Any]:
         return {"balance": 10_000.0, "equity": 10_012.5, "margin": 108.4, "free_margin": 9_904.1, "currency": "USD"}
 
     @app.get("/api/v1/market/{symbol}")

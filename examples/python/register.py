@@ -9,8 +9,8 @@ as shell ``export`` lines (``eval "$(python examples/python/register.py)"``).
 - ``ops-console`` (``admin:system account:read``, trusted) → ``OPS_CLIENT_ID``,
   ``OPS_CLIENT_SECRET``
 
-A service registered before gets new credentials (the old ones end at once), so the script can
-run again. The admin key comes from ``PERMISO_ADMIN_API_KEY``.
+A service registered before gets new credentials (the old ones end at once: restart whatever
+runs with them), so the script can run again. The admin key comes from ``PERMISO_ADMIN_API_KEY``.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def test_the_example_end_to_end(stack: Stack, tmp_path: Path) -> None:
         url = start_app(stack, mode, env)
         out = dashboard(url, env)
         assert "6 calls, 1 token fetched; 0 unexpected answers" in out, (mode, out)
-        assert 'scope=\\"account:balance\\"' in out, out  # the app's own refusal names it
+        assert 'scope=\\"account:read account:balance\\"' in out, out  # the app's own refusal names both
         with client_from(CALLER_ADDRESS, auth=ops.auth) as http:
             assert http.get(f"{url}/api/v1/admin/stats").status_code == 200
     ops.close()

@@ -210,3 +210,48 @@ def test_scope_matching_agrees_with_the_sidecar(stack: Stack) -> None:
                 if (status == 404) != allows(held, n):
                     disagreements.append((held, n, status))
     assert not disagreements
+
+
+def test_the_module_level_guards_mean_behind_a_sidecar(stack: Stack) -> None:
+    """The issue's spelling: `Depends(require_scopes("trade:read"))`, `Depends(require_trusted())`."""
+    from typing import Any
+
+    from fastapi import Depends, FastAPI
+
+    from permiso.fastapi import Caller, install, require_scopes, require_trusted
+
+    app = FastAPI()
+    install(app)
+
+    @app.get("/api/v1/trades")
+    async def trades(caller: Caller = Depends(require_scopes("trade:read"))) -> dict[str, Any]:
+        return {"by": caller.service_id}
+
+    @app.get("/api/v1/admin/ping")
+    async def ping(caller: Caller = Depends(require_trusted())) -> dict[str, Any]:
+        return {"by": caller.service_id}
+
+    admin = stack.admin()
+    server = stack.serve(app)
+    sidecar = stack.sidecar(admin, f"127.0.0.1:{server.port}", [{"prefix": "/api", "scopes": ["mt5:call"]}])
+    reader = admin.create_service("reader", ["mt5:call", "trade:read"])
+    other = admin.create_service("other", ["mt5:call"], is_trusted=True)
+    sidecar.wait_accepts(other["api_key"], "/api/v1/admin/ping")
+    with client_from(CALLER_ADDRESS) as http:
+
+        def get(path: str, svc: dict[str, Any]) -> httpx.Response:
+            return http.get(f"{sidecar.url}{path}", headers={"Authorization": f"Bearer {svc['api_key']}"})
+
+        assert get("/api/v1/trades", reader).json() == {"by": reader["service_id"]}
+        r = get("/api/v1/trades", other)
+        assert r.status_code == 403 and body(r)["error"] == "insufficient_scope"
+        assert get("/api/v1/admin/ping", other).status_code == 200
+        r = get("/api/v1/admin/ping", reader)
+        assert r.status_code == 403 and body(r)["error"] == "access_denied"
+    # Straight to the app, not from the sidecar's address: refused whatever it claims.
+    with client_from(FORGER_ADDRESS) as http:
+        r = http.get(
+            f"{server.url}/api/v1/admin/ping",
+            headers={"X-Permiso-Service-Id": other["service_id"], "X-Permiso-Trusted": "true"},
+        )
+        assert r.status_code == 401

@@ -251,10 +251,24 @@ def introspection(url: str, **options: Any) -> IntrospectionAuth:
     return IntrospectionAuth(url, **options)
 
 
-def require_scopes(*scopes: str, auth: PermisoAuth) -> Dependency:
-    """``Depends(require_scopes("trade:read", auth=auth))``, same as ``auth.require_scopes``."""
-    return auth.require_scopes(*scopes)
+_default_sidecar: SidecarIdentity | None = None
 
 
-def require_trusted(*, auth: PermisoAuth) -> Dependency:
-    return auth.require_trusted()
+def _sidecar_default() -> SidecarIdentity:
+    """The :func:`sidecar_identity` of the defaults (127.0.0.1, ::1), made on first use."""
+    global _default_sidecar
+    if _default_sidecar is None:
+        _default_sidecar = SidecarIdentity()
+    return _default_sidecar
+
+
+def require_scopes(*scopes: str, auth: PermisoAuth | None = None) -> Dependency:
+    """``Depends(require_scopes("trade:read"))``: the caller behind a sidecar (the defaults of
+    :func:`sidecar_identity`) holds every scope; with ``auth=`` the same for that mode
+    (``auth.require_scopes``)."""
+    return (auth or _sidecar_default()).require_scopes(*scopes)
+
+
+def require_trusted(*, auth: PermisoAuth | None = None) -> Dependency:
+    """``Depends(require_trusted())``: a trusted caller behind a sidecar, or with ``auth=``."""
+    return (auth or _sidecar_default()).require_trusted()
