@@ -130,13 +130,11 @@ impl ScopeSet {
         for g in granted {
             if self.allows(g) {
                 kept.push(g);
-            } else if let Some(stem) = g.strip_suffix('*').filter(|s| s.ends_with(':')) {
-                kept.extend(
-                    self.0
-                        .iter()
-                        .map(Scope::as_str)
-                        .filter(|h| h.len() > stem.len() && h.starts_with(stem)),
-                );
+            } else if let Ok(g) = Scope::parse(g) {
+                // Only a wildcard grants anything it is not; what it grants is `grants`'s
+                // to say. (Reached only when a scope was taken away: the parse is no cost on
+                // the common path.)
+                kept.extend(self.0.iter().map(Scope::as_str).filter(|h| g.grants(h)));
             }
         }
         let mut seen = std::collections::HashSet::new();
