@@ -351,8 +351,7 @@ fn sigterm_waits_for_egress_calls_in_flight_then_exits_before_the_grace() {
     let client = h.create(json!({"service_name": "calls-out", "scopes": ["trade:read"]}));
     let secret = h.dir.path().join("client.secret");
     std::fs::write(&secret, &client.client_secret).unwrap();
-    let (listen, health, egress) = (free_port(), free_port(), free_port());
-    let config = h.dir.path().join("sidecar.toml");
+    let egress = free_port();
     let routes = format!(
         "{ROUTES}[sidecar.egress]\nlisten = \"{egress}\"\n[sidecar.egress.destinations.echo]\n\
          url = \"http://{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\nscopes = [\"trade:read\"]\n",
@@ -360,25 +359,7 @@ fn sigterm_waits_for_egress_calls_in_flight_then_exits_before_the_grace() {
         client.service_id,
         secret.display()
     );
-    std::fs::write(
-        &config,
-        proc_config(
-            &h,
-            &listen.to_string(),
-            &health.to_string(),
-            &h.upstream.addr.to_string(),
-            &routes,
-        ),
-    )
-    .unwrap();
-    std::fs::write(h.dir.path().join("sync.key"), &h.sync_key).unwrap();
-    let mut p = spawn(
-        h.dir.path(),
-        "sidecar",
-        env!("CARGO_BIN_EXE_permiso"),
-        &["sidecar", "--config", config.to_str().unwrap()],
-    );
-    wait_ok(&h.http, &format!("http://{health}/readyz"), "sidecar process");
+    let mut sc = start_sidecar_proc(&h, &routes);
     let out = format!("http://{egress}/echo");
     assert_eq!(h.http.get(format!("{out}/warm")).send().unwrap().status(), 200);
     // A call out that the destination holds for a second, in flight at SIGTERM.
@@ -390,7 +371,7 @@ fn sigterm_waits_for_egress_calls_in_flight_then_exits_before_the_grace() {
     });
     std::thread::sleep(Duration::from_millis(200));
     let signalled = Instant::now();
-    signal(&p, "-TERM");
+    signal(&sc.proc, "-TERM");
     // The local service, shutting down too, still calls out: egress still answers (before
     // the fix the process had left within milliseconds and this was refused).
     std::thread::sleep(Duration::from_millis(300));
@@ -404,7 +385,10 @@ fn sigterm_waits_for_egress_calls_in_flight_then_exits_before_the_grace() {
         Some(200),
         "the egress call in flight was cut"
     );
-    let status = exit_status(&mut p, "after SIGTERM with an egress call in flight (grace 60 s)");
+    let status = exit_status(
+        &mut sc.proc,
+        "after SIGTERM with an egress call in flight (grace 60 s)",
+    );
     assert!(status.success(), "{status:?}");
     // The call took about a second, then egress had to stay quiet for EGRESS_QUIET.
     assert!(
