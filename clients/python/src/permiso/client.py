@@ -187,19 +187,6 @@ class _Config:
         self.clock = clock
         self.random = random
 
-    def after_401(self, current: Token | None, refused: str, last: float | None) -> tuple[bool, bool]:
-        """After the resource answered 401 to ``refused``: (drop the cached token, resend).
-
-        A token already replaced: resend with the current one. Otherwise drop it and resend,
-        unless a 401 already caused a fetch less than ``retry_401_interval`` ago: a resource
-        that refuses every token (wrong audience, a scope it wants) must not turn each request
-        into a token request."""
-        if current is None or current.access_token != refused:
-            return False, True
-        if last is not None and self.clock() - last < self.retry_401_interval:
-            return False, False
-        return True, True
-
     def fresh(self, token: Token | None) -> bool:
         """Usable until ``expires_at - margin``; the margin is at most half the lifetime, so
         a short-lived token is still reused."""
@@ -315,10 +302,19 @@ class _State:
             self.token = None
 
     def refused(self, access_token: str) -> bool:
-        drop, resend = self.cfg.after_401(self.token, access_token, self.last_401_drop)
-        if drop:
-            self.token, self.last_401_drop = None, self.cfg.clock()
-        return resend
+        """The resource answered 401 to ``access_token``: whether to resend the request.
+
+        A token already replaced: resend with the current one. Otherwise drop it and resend,
+        unless a 401 already dropped one less than ``retry_401_interval`` ago: a resource that
+        refuses every token (wrong audience, a scope it wants) must not turn each request into
+        a token request."""
+        if self.token is None or self.token.access_token != access_token:
+            return True
+        now = self.cfg.clock()
+        if self.last_401_drop is not None and now - self.last_401_drop < self.cfg.retry_401_interval:
+            return False
+        self.token, self.last_401_drop = None, now
+        return True
 
 
 class TokenClient:

@@ -79,7 +79,8 @@ class SidecarGate:
     ``X-Forwarded-For`` the sidecar sends (the original caller's address). Worse, with
     ``--forwarded-allow-ips``/``FORWARDED_ALLOW_IPS`` widened, a direct caller's own
     ``X-Forwarded-For: 127.0.0.1`` would become the peer: the gate refuses to start when it
-    sees either set, unless ``allow_forwarded_ips=True`` says the operator knows why.
+    sees that setting anywhere it can look (:func:`_refuse_forwarded_allow_ips`), unless
+    ``allow_forwarded_ips=True`` says the operator knows why.
 
     ``trusted_proxies`` entries must be exact networks (``127.0.0.1/32``, not ``127.0.0.5/8``)
     and no wider than /8 (IPv4) or /32 (IPv6) unless ``allow_wide=True``: trusting half the
